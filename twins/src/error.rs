@@ -1,0 +1,95 @@
+//! Domain errors. Each maps to exactly one [`ErrorCode`], which the gRPC layer turns into
+//! a status code (DESIGN §9). Messages are lowercase and name the offending value.
+
+use thiserror::Error;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Stable error classes, one per gRPC status code the API uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    NotFound,
+    InvalidArgument,
+    FailedPrecondition,
+    Unavailable,
+    PermissionDenied,
+    Internal,
+}
+
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum Error {
+    #[error("invalid twin id {0:?}: expected {{site}}/{{asset}}, each [a-z0-9][a-z0-9_-]{{0,62}}")]
+    InvalidTwinId(String),
+    #[error("invalid node id {0:?}: expected [a-z0-9][a-z0-9_-]{{0,62}}")]
+    InvalidNodeId(String),
+    #[error("invalid site {0:?}: expected [a-z0-9][a-z0-9_-]{{0,62}}")]
+    InvalidSite(String),
+    #[error("invalid tier {0:?}: expected iot, edge or cloud")]
+    InvalidTier(String),
+    #[error("unknown asset kind {0:?}")]
+    UnknownKind(String),
+    #[error("unknown twin {0}")]
+    UnknownTwin(String),
+    #[error("unknown signal {signal:?} of {kind}")]
+    UnknownSignal { kind: String, signal: String },
+    #[error("unknown property {property:?} of {kind}: settable properties are {allowed}")]
+    UnknownProperty {
+        kind: String,
+        property: String,
+        allowed: String,
+    },
+    #[error("value {value} of property {property} is outside [{min}, {max}]")]
+    ValueOutOfRange {
+        property: String,
+        value: f64,
+        min: f64,
+        max: f64,
+    },
+    #[error("revision mismatch on {twin}: expected {expected}, twin is at {actual}")]
+    RevisionMismatch {
+        twin: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("invalid time range: start_ns {start_ns} must be before end_ns {end_ns}")]
+    InvalidRange { start_ns: i64, end_ns: i64 },
+    #[error("invalid bucket_ns {0}: must be positive")]
+    InvalidBucket(i64),
+    #[error("too many buckets: {buckets} requested, at most {max}")]
+    TooManyBuckets { buckets: u64, max: u64 },
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+}
+
+impl Error {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Error::UnknownTwin(_) => ErrorCode::NotFound,
+            Error::RevisionMismatch { .. } => ErrorCode::FailedPrecondition,
+            _ => ErrorCode::InvalidArgument,
+        }
+    }
+}
+
+impl From<ErrorCode> for crate::proto::ErrorCode {
+    fn from(code: ErrorCode) -> Self {
+        use crate::proto::ErrorCode as P;
+        match code {
+            ErrorCode::NotFound => P::NotFound,
+            ErrorCode::InvalidArgument => P::InvalidArgument,
+            ErrorCode::FailedPrecondition => P::FailedPrecondition,
+            ErrorCode::Unavailable => P::Unavailable,
+            ErrorCode::PermissionDenied => P::PermissionDenied,
+            ErrorCode::Internal => P::Internal,
+        }
+    }
+}
+
+impl From<&Error> for crate::proto::Error {
+    fn from(err: &Error) -> Self {
+        crate::proto::Error {
+            code: crate::proto::ErrorCode::from(err.code()) as i32,
+            message: err.to_string(),
+        }
+    }
+}

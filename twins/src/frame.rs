@@ -1,0 +1,186 @@
+//! Validation of telemetry frames before they reach a twin (DESIGN §9 "bad input").
+
+use std::fmt;
+
+use crate::id::TwinId;
+use crate::kind::AssetKind;
+use crate::proto::TelemetryFrame;
+
+/// Default limit on an encoded frame's size.
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 1 << 20;
+
+/// Why a frame was dropped. `as_str` is the stable label used in metrics and `NodeLoad`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FrameRejection {
+    Oversized {
+        bytes: usize,
+        limit: usize,
+    },
+    Malformed(String),
+    KeyMismatch {
+        key: String,
+        twin_id: String,
+        signal: String,
+    },
+    UnknownSignal {
+        kind: AssetKind,
+        signal: String,
+    },
+    NonFinite {
+        index: usize,
+    },
+    Invalid(&'static str),
+}
+
+impl FrameRejection {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            FrameRejection::Oversized { .. } => "oversized",
+            FrameRejection::Malformed(_) => "malformed",
+            FrameRejection::KeyMismatch { .. } => "key_mismatch",
+            FrameRejection::UnknownSignal { .. } => "unknown_signal",
+            FrameRejection::NonFinite { .. } => "non_finite",
+            FrameRejection::Invalid(_) => "invalid",
+        }
+    }
+}
+
+impl fmt::Display for FrameRejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FrameRejection::Oversized { bytes, limit } => {
+                write!(
+                    f,
+                    "frame of {bytes} bytes exceeds the limit of {limit} bytes"
+                )
+            }
+            FrameRejection::Malformed(e) => write!(f, "malformed frame: {e}"),
+            FrameRejection::KeyMismatch {
+                key,
+                twin_id,
+                signal,
+            } => write!(
+                f,
+                "frame for twin {twin_id:?} signal {signal:?} published on key {key}"
+            ),
+            FrameRejection::UnknownSignal { kind, signal } => {
+                write!(f, "unknown signal {signal:?} of {kind}")
+            }
+            FrameRejection::NonFinite { index } => {
+                write!(f, "sample {index} is not finite (NaN or infinite)")
+            }
+            FrameRejection::Invalid(what) => write!(f, "invalid frame: {what}"),
+        }
+    }
+}
+
+/// Checks a decoded frame received on `twinmesh/telemetry/{twin}/{signal}` (the key's
+/// parts are `key_twin` and `key_signal`) for a twin of `kind`.
+pub fn validate(
+    frame: &TelemetryFrame,
+    key: &str,
+    key_twin: &TwinId,
+    key_signal: &str,
+    kind: AssetKind,
+) -> Result<(), FrameRejection> {
+    if frame.twin_id != key_twin.to_string() || frame.signal != key_signal {
+        return Err(FrameRejection::KeyMismatch {
+            key: key.to_owned(),
+            twin_id: frame.twin_id.clone(),
+            signal: frame.signal.clone(),
+        });
+    }
+    if kind.schema().signal(&frame.signal).is_err() {
+        return Err(FrameRejection::UnknownSignal {
+            kind,
+            signal: frame.signal.clone(),
+        });
+    }
+    if frame.seq == 0 {
+        return Err(FrameRejection::Invalid("seq must start at 1"));
+    }
+    if frame.samples.is_empty() {
+        return Err(FrameRejection::Invalid("no samples"));
+    }
+    if frame.sample_period_ns <= 0 {
+        return Err(FrameRejection::Invalid("sample_period_ns must be positive"));
+    }
+    let span = (frame.samples.len() as i128 - 1) * frame.sample_period_ns as i128;
+    if frame.start_ns as i128 + span > i64::MAX as i128 {
+        return Err(FrameRejection::Invalid("frame ends after the end of time"));
+    }
+    if let Some(index) = frame.samples.iter().position(|x| !x.is_finite()) {
+        return Err(FrameRejection::NonFinite { index });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame() -> TelemetryFrame {
+        TelemetryFrame {
+            twin_id: "site-a/wt-01".into(),
+            signal: "power".into(),
+            seq: 1,
+            start_ns: 1_000,
+            sample_period_ns: 1_000_000_000,
+            samples: vec![1.0, 2.0],
+            spool_base_seq: 1,
+        }
+    }
+
+    fn check(f: &TelemetryFrame) -> Result<(), FrameRejection> {
+        let id: TwinId = "site-a/wt-01".parse().unwrap();
+        validate(
+            f,
+            "twinmesh/telemetry/site-a/wt-01/power",
+            &id,
+            "power",
+            AssetKind::WindTurbine,
+        )
+    }
+
+    #[test]
+    fn accepts_a_good_frame() {
+        assert_eq!(check(&frame()), Ok(()));
+    }
+
+    #[test]
+    fn rejects_each_kind_of_bad_frame() {
+        let mut f = frame();
+        f.twin_id = "site-b/wt-01".into();
+        assert_eq!(check(&f).unwrap_err().as_str(), "key_mismatch");
+        let mut f = frame();
+        f.samples[1] = f64::NAN;
+        assert_eq!(check(&f), Err(FrameRejection::NonFinite { index: 1 }));
+        let mut f = frame();
+        f.samples[0] = f64::INFINITY;
+        assert_eq!(check(&f).unwrap_err().as_str(), "non_finite");
+        let mut f = frame();
+        f.seq = 0;
+        assert_eq!(check(&f).unwrap_err().as_str(), "invalid");
+        let mut f = frame();
+        f.samples.clear();
+        assert_eq!(check(&f).unwrap_err().as_str(), "invalid");
+        let mut f = frame();
+        f.sample_period_ns = 0;
+        assert_eq!(check(&f).unwrap_err().as_str(), "invalid");
+        let mut f = frame();
+        f.start_ns = i64::MAX;
+        assert_eq!(check(&f).unwrap_err().as_str(), "invalid");
+        let id: TwinId = "site-a/wt-01".parse().unwrap();
+        let mut f = frame();
+        f.signal = "flux".into();
+        let err = validate(
+            &f,
+            "twinmesh/telemetry/site-a/wt-01/flux",
+            &id,
+            "flux",
+            AssetKind::WindTurbine,
+        )
+        .unwrap_err();
+        assert_eq!(err.to_string(), "unknown signal \"flux\" of wind_turbine");
+    }
+}

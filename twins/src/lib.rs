@@ -1,0 +1,30 @@
+//! twinmesh domain: everything a twin *is*, with no async and no I/O.
+//!
+//! # Layout
+//!
+//! - [`id`]: [`TwinId`] (`{site}/{asset}`), [`NodeId`], [`Tier`] and their validation.
+//! - [`kind`]: the asset kinds of DESIGN §4 with their signal and set-point schemas.
+//! - [`td`]: W3C WoT Thing Descriptions generated from a kind's schema.
+//! - [`state`]: [`TwinCore`], the twin's state and its transitions — frame admission
+//!   by sequence number, reported values, desired values with delivery status, revision.
+//! - [`stats`]: window statistics (count, min, max, mean, rms) and their mergeable
+//!   accumulator, used for derived features and history buckets.
+//! - [`keys`]: the Zenoh key space of DESIGN §6 as functions.
+//! - [`frame`]: validation of telemetry frames (bad input never reaches a twin).
+//!
+//! Time always comes in as data (`now_ns` arguments); nothing here reads a clock.
+
+pub mod error;
+pub mod frame;
+pub mod id;
+pub mod keys;
+pub mod kind;
+pub mod state;
+pub mod stats;
+pub mod td;
+
+pub use error::{Error, ErrorCode, Result};
+pub use id::{NodeId, Tier, TwinId};
+pub use kind::AssetKind;
+pub use state::TwinCore;
+pub use twinmesh_proto::v1 as proto;

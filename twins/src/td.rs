@@ -1,0 +1,150 @@
+//! W3C Web of Things Thing Descriptions (TD 1.1), generated from a kind's schema.
+//!
+//! Properties are the signals (read-only, observable over Zenoh) and the set-points
+//! (writable through `TwinService.SetDesired`); events are the twin's event stream.
+
+use serde_json::{json, Map, Value};
+
+use crate::id::TwinId;
+use crate::keys;
+use crate::kind::{AssetKind, Sensitivity};
+
+pub const TD_CONTEXT: &str = "https://www.w3.org/2022/wot/td/v1.1";
+
+/// The Thing Description of twin `id` of `kind`.
+pub fn thing_description(id: &TwinId, kind: AssetKind) -> Value {
+    let schema = kind.schema();
+    let state_href = format!("zenoh:{}", keys::twin_state(id));
+    let mut properties = Map::new();
+    for s in schema.signals {
+        properties.insert(
+            s.name.to_owned(),
+            json!({
+                "title": s.name,
+                "description": s.description,
+                "type": "number",
+                "unit": s.unit,
+                "minimum": s.min,
+                "maximum": s.max,
+                "readOnly": true,
+                "observable": true,
+                "twinmesh:sampleRateHz": s.rate_hz,
+                "twinmesh:waveform": s.waveform,
+                "twinmesh:sensitivity": match s.sensitivity {
+                    Sensitivity::Public => "public",
+                    Sensitivity::SiteOnly => "site_only",
+                    Sensitivity::Personal => "personal",
+                },
+                "forms": [
+                    {
+                        "href": format!("zenoh:{}", keys::telemetry(id, s.name)),
+                        "contentType": twinmesh_proto::encoding::TELEMETRY_FRAME,
+                        "op": ["observeproperty"],
+                    },
+                    {
+                        "href": state_href,
+                        "contentType": twinmesh_proto::encoding::TWIN_STATE,
+                        "op": ["readproperty", "observeproperty"],
+                    }
+                ],
+            }),
+        );
+    }
+    for p in schema.properties {
+        properties.insert(
+            p.name.to_owned(),
+            json!({
+                "title": p.name,
+                "description": p.description,
+                "type": "number",
+                "unit": p.unit,
+                "minimum": p.min,
+                "maximum": p.max,
+                "default": p.default,
+                "readOnly": false,
+                "writeOnly": false,
+                "observable": true,
+                "forms": [{
+                    "href": "grpc:twinmesh.v1.TwinService/SetDesired",
+                    "contentType": "application/grpc+proto",
+                    "op": ["writeproperty"],
+                }],
+            }),
+        );
+    }
+    let mut events = Map::new();
+    for e in schema.events {
+        events.insert(
+            (*e).to_owned(),
+            json!({
+                "title": e,
+                "data": {"type": "object"},
+                "forms": [{
+                    "href": format!("zenoh:{}", keys::twin_events(id)),
+                    "contentType": twinmesh_proto::encoding::TWIN_EVENT,
+                    "subprotocol": "zenoh",
+                    "op": ["subscribeevent"],
+                }],
+            }),
+        );
+    }
+    json!({
+        "@context": [TD_CONTEXT, {"twinmesh": "urn:twinmesh:vocab#"}],
+        "@type": format!("twinmesh:{kind}"),
+        "id": format!("urn:twinmesh:twin:{}:{}", id.site(), id.asset()),
+        "title": id.to_string(),
+        "description": schema.description,
+        "twinmesh:kind": kind.as_str(),
+        "securityDefinitions": {"nosec_sc": {"scheme": "nosec"}},
+        "security": ["nosec_sc"],
+        "properties": properties,
+        "actions": {
+            "setDesired": {
+                "title": "Command a set-point",
+                "input": {
+                    "type": "object",
+                    "properties": {
+                        "property": {"type": "string", "enum": schema.properties.iter().map(|p| p.name).collect::<Vec<_>>()},
+                        "value": {"type": "number"},
+                        "expectedRevision": {"type": "integer"},
+                    },
+                    "required": ["property", "value"],
+                },
+                "forms": [{
+                    "href": "grpc:twinmesh.v1.TwinService/SetDesired",
+                    "contentType": "application/grpc+proto",
+                    "op": ["invokeaction"],
+                }],
+            }
+        },
+        "events": events,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn td_lists_every_signal_and_set_point() {
+        for kind in AssetKind::ALL {
+            let id = TwinId::new("site-a", &format!("{}-01", kind.prefix())).unwrap();
+            let td = thing_description(&id, kind);
+            assert_eq!(td["@context"][0], TD_CONTEXT);
+            assert_eq!(td["title"], id.to_string());
+            let props = td["properties"].as_object().unwrap();
+            let schema = kind.schema();
+            assert_eq!(props.len(), schema.signals.len() + schema.properties.len());
+            for s in schema.signals {
+                assert_eq!(props[s.name]["readOnly"], true, "{kind}.{}", s.name);
+                assert_eq!(props[s.name]["unit"], s.unit);
+            }
+            for p in schema.properties {
+                assert_eq!(props[p.name]["readOnly"], false);
+                assert_eq!(props[p.name]["maximum"], p.max);
+            }
+            assert!(td["security"].is_array());
+            assert_eq!(td["events"].as_object().unwrap().len(), schema.events.len());
+        }
+    }
+}

@@ -1,1 +1,29 @@
+//! twinmesh actors: the twin, node and mesh supervisors and the IoT gateway, written
+//! against two ports so they run the same over Zenoh + sled (`nodes`) and in memory
+//! (`sim`).
+//!
+//! # Layout
+//!
+//! - [`ports`]: the [`ports::Fabric`] (pub/sub, queries, liveliness), [`ports::Store`]
+//!   (history, snapshots, placements, gateway spool), [`ports::Clock`] and
+//!   [`ports::Device`] traits. Nothing here knows Zenoh or sled.
+//! - [`context`]: [`context::NodeContext`], what every actor of one node shares
+//!   (ports, counters, config, the task tracker that owns every background task).
+//! - [`twin`]: [`twin::TwinActor`], one per asset: ingest → durable → ack; state;
+//!   set-points; RPCs.
+//! - [`node`]: [`node::NodeSupervisor`], hosts and restarts the twins placed on a node.
+//! - [`mesh`]: [`mesh::MeshSupervisor`], the placement authority on the cloud node.
+//! - [`gateway`]: [`gateway::GatewayActor`], the IoT tier: devices → numbered frames →
+//!   durable spool → fabric; re-sends until acknowledged; forwards set-points.
+//! - [`metrics`]: per-node counters behind `NodeLoad` and `/metrics`.
 
+pub mod context;
+pub mod error;
+pub mod gateway;
+pub mod mesh;
+pub mod metrics;
+pub mod node;
+pub mod ports;
+pub mod twin;
+
+pub use error::{Error, Result};

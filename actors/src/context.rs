@@ -1,0 +1,105 @@
+//! What every actor of a node shares: identity, ports, counters, configuration and the
+//! task tracker that owns every background task of the node.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use twinmesh_twins::proto::TwinSummary;
+use twinmesh_twins::{NodeId, Tier, TwinId};
+
+use crate::metrics::NodeMetrics;
+use crate::ports::{SharedClock, SharedFabric, SharedStore};
+
+/// Tunables of the twins a node hosts.
+#[derive(Debug, Clone)]
+pub struct TwinConfig {
+    /// Frames larger than this (encoded) are dropped as bad input.
+    pub max_frame_bytes: usize,
+    /// Frames waiting for a twin before the fabric applies back-pressure.
+    pub ingest_queue: usize,
+    /// Most frames applied (and made durable) together.
+    pub ingest_batch: usize,
+    /// Least time between two state publications of one twin.
+    pub state_interval: Duration,
+    /// How often a pending set-point is re-sent to the gateway.
+    pub desired_retry: Duration,
+    /// Deadline of a call into a twin actor.
+    pub call_timeout: Duration,
+}
+
+impl Default for TwinConfig {
+    fn default() -> Self {
+        TwinConfig {
+            max_frame_bytes: twinmesh_twins::frame::DEFAULT_MAX_FRAME_BYTES,
+            ingest_queue: 256,
+            ingest_batch: 128,
+            state_interval: Duration::from_millis(50),
+            desired_retry: Duration::from_secs(1),
+            call_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Summaries of the twins running on this node, kept current by the twins themselves so
+/// listing never has to call every actor.
+#[derive(Debug, Default)]
+pub struct Directory {
+    twins: Mutex<BTreeMap<TwinId, TwinSummary>>,
+}
+
+impl Directory {
+    pub fn upsert(&self, id: &TwinId, summary: TwinSummary) {
+        self.twins
+            .lock()
+            .expect("directory lock")
+            .insert(id.clone(), summary);
+    }
+
+    pub fn remove(&self, id: &TwinId) {
+        self.twins.lock().expect("directory lock").remove(id);
+    }
+
+    pub fn len(&self) -> usize {
+        self.twins.lock().expect("directory lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn list(&self) -> Vec<TwinSummary> {
+        self.twins
+            .lock()
+            .expect("directory lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+}
+
+/// Shared by every actor of one node.
+pub struct NodeContext {
+    pub node: NodeId,
+    pub tier: Tier,
+    pub site: String,
+    pub fabric: SharedFabric,
+    pub store: SharedStore,
+    pub clock: SharedClock,
+    pub metrics: Arc<NodeMetrics>,
+    pub directory: Directory,
+    pub twin_config: TwinConfig,
+    /// Owns every task the node's actors start; the node waits for it on shutdown.
+    pub tasks: TaskTracker,
+    /// Cancelled when the node shuts down.
+    pub cancel: CancellationToken,
+}
+
+impl NodeContext {
+    pub fn now_ns(&self) -> i64 {
+        self.clock.now_ns()
+    }
+}

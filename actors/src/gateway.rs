@@ -1,0 +1,486 @@
+//! `GatewayActor`: the IoT tier. It polls its devices, cuts their samples into
+//! `TelemetryFrame`s numbered per (twin, signal) from 1 without gaps, writes each frame to
+//! its durable spool *before* publishing it, truncates the spool when the twin
+//! acknowledges (frames are durable there), and re-sends what stays unacknowledged to
+//! whichever node hosts the twin. It also registers its assets with the placement
+//! authority and forwards set-points to the devices.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use prost::Message;
+use ractor::concurrency::JoinHandle;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tokio_util::sync::CancellationToken;
+
+use twinmesh_proto::encoding;
+use twinmesh_twins::proto::{self, DesiredUpdate, PlacementRequest, TelemetryFrame, Watermark};
+use twinmesh_twins::{keys, TwinId};
+
+use crate::context::NodeContext;
+use crate::metrics::NodeMetrics;
+use crate::ports::{Device, Qos};
+
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// How often devices are polled.
+    pub tick: Duration,
+    /// Most samples in one frame.
+    pub frame_samples: usize,
+    /// Unacknowledged frames are re-sent after this long without progress.
+    pub resend_after: Duration,
+    /// Most frames re-sent per stream at once.
+    pub resend_batch: usize,
+    /// Most frames spooled per stream; beyond it the oldest are dropped (and counted).
+    pub max_spool_frames: u64,
+    /// Sequence numbers reserved durably at a time.
+    pub seq_block: u64,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            tick: Duration::from_millis(100),
+            frame_samples: 1024,
+            resend_after: Duration::from_secs(1),
+            resend_batch: 1024,
+            max_spool_frames: 100_000,
+            seq_block: 4096,
+        }
+    }
+}
+
+pub enum GatewayMsg {
+    Tick,
+    Ack(Watermark),
+    Control(DesiredUpdate),
+    Inspect(RpcReplyPort<Vec<StreamStatus>>),
+}
+
+/// Observable state of one (twin, signal) stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamStatus {
+    pub twin_id: String,
+    pub signal: String,
+    /// Last seq handed out.
+    pub last_seq: u64,
+    /// Highest seq the twin acknowledged as durable.
+    pub acked: u64,
+    /// Frames dropped from a full spool.
+    pub dropped: u64,
+}
+
+struct Stream {
+    next_seq: u64,
+    reserved_end: u64,
+    acked: u64,
+    /// Lowest seq still resendable.
+    base: u64,
+    dropped: u64,
+    last_progress: Instant,
+    last_resend: Option<Instant>,
+}
+
+pub struct GatewayArgs {
+    pub ctx: Arc<NodeContext>,
+    pub devices: Vec<Box<dyn Device>>,
+    pub config: GatewayConfig,
+}
+
+pub struct GatewayActor;
+
+pub struct GatewayState {
+    ctx: Arc<NodeContext>,
+    config: GatewayConfig,
+    devices: BTreeMap<TwinId, Box<dyn Device>>,
+    streams: HashMap<(TwinId, String), Stream>,
+    ticker: Option<JoinHandle<()>>,
+    cancel: CancellationToken,
+}
+
+impl GatewayState {
+    async fn stream(&mut self, twin: &TwinId, signal: &str) -> crate::Result<&mut Stream> {
+        let key = (twin.clone(), signal.to_owned());
+        if !self.streams.contains_key(&key) {
+            let store = &self.ctx.store;
+            let next_seq = store.reserve_seqs(twin, signal, self.config.seq_block)?;
+            store.flush().await?;
+            let base = store.spool_first(twin, signal)?.unwrap_or(next_seq);
+            self.streams.insert(
+                key.clone(),
+                Stream {
+                    next_seq,
+                    reserved_end: next_seq + self.config.seq_block,
+                    acked: base - 1,
+                    base,
+                    dropped: 0,
+                    // Spooled frames from before a restart are re-sent on the first tick.
+                    last_progress: Instant::now()
+                        .checked_sub(self.config.resend_after)
+                        .unwrap_or_else(Instant::now),
+                    last_resend: None,
+                },
+            );
+        }
+        let stream = self.streams.get_mut(&key).expect("inserted above");
+        if stream.next_seq == stream.reserved_end {
+            let first = self
+                .ctx
+                .store
+                .reserve_seqs(twin, signal, self.config.seq_block)?;
+            self.ctx.store.flush().await?;
+            stream.next_seq = first;
+            stream.reserved_end = first + self.config.seq_block;
+        }
+        Ok(stream)
+    }
+
+    async fn publish_frame(&self, frame: &TelemetryFrame, twin: &TwinId) {
+        let payload = frame.encode_to_vec();
+        let len = payload.len() as u64;
+        match self
+            .ctx
+            .fabric
+            .publish(
+                &keys::telemetry(twin, &frame.signal),
+                Bytes::from(payload),
+                encoding::TELEMETRY_FRAME,
+                Qos::Reliable,
+            )
+            .await
+        {
+            Ok(()) => {
+                NodeMetrics::add(&self.ctx.metrics.frames_published, 1);
+                NodeMetrics::add(&self.ctx.metrics.bytes_published, len);
+            }
+            Err(e) => tracing::debug!(twin = %twin, "frame stays spooled, publish failed: {e}"),
+        }
+    }
+
+    async fn poll_devices(&mut self) -> crate::Result<()> {
+        let now = self.ctx.now_ns();
+        let ids: Vec<TwinId> = self.devices.keys().cloned().collect();
+        for id in ids {
+            let blocks = self.devices.get_mut(&id).expect("listed").poll(now);
+            for block in blocks {
+                let n = self.config.frame_samples.max(1);
+                for (i, chunk) in block.samples.chunks(n).enumerate() {
+                    let start_ns = block.start_ns + (i * n) as i64 * block.sample_period_ns;
+                    self.emit(
+                        &id,
+                        block.signal,
+                        start_ns,
+                        block.sample_period_ns,
+                        chunk.to_vec(),
+                    )
+                    .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn emit(
+        &mut self,
+        twin: &TwinId,
+        signal: &str,
+        start_ns: i64,
+        sample_period_ns: i64,
+        samples: Vec<f64>,
+    ) -> crate::Result<()> {
+        let max_spool = self.config.max_spool_frames;
+        let stream = self.stream(twin, signal).await?;
+        let seq = stream.next_seq;
+        stream.next_seq += 1;
+        // A full spool drops its oldest frames: the twin will count them as lost.
+        if seq - stream.base >= max_spool {
+            let upto = seq - max_spool;
+            stream.dropped += upto + 1 - stream.base;
+            stream.base = upto + 1;
+            self.ctx.store.spool_truncate(twin, signal, upto)?;
+        }
+        let stream = &self.streams[&(twin.clone(), signal.to_owned())];
+        let frame = TelemetryFrame {
+            twin_id: twin.to_string(),
+            signal: signal.to_owned(),
+            seq,
+            start_ns,
+            sample_period_ns,
+            samples,
+            spool_base_seq: stream.base,
+        };
+        self.ctx.store.spool_put(&frame)?;
+        self.publish_frame(&frame, twin).await;
+        Ok(())
+    }
+
+    async fn resend(&mut self, twin: &TwinId, signal: &str) -> crate::Result<()> {
+        let Some(stream) = self.streams.get_mut(&(twin.clone(), signal.to_owned())) else {
+            return Ok(());
+        };
+        stream.last_resend = Some(Instant::now());
+        let (from, base) = (stream.acked + 1, stream.base);
+        let frames =
+            self.ctx
+                .store
+                .spool_read(twin, signal, from.max(base), self.config.resend_batch)?;
+        tracing::debug!(twin = %twin, signal, from, frames = frames.len(), "re-sending unacknowledged frames");
+        for mut frame in frames {
+            frame.spool_base_seq = base;
+            self.publish_frame(&frame, twin).await;
+        }
+        Ok(())
+    }
+
+    async fn on_ack(&mut self, wm: Watermark) -> crate::Result<()> {
+        let Ok(twin) = wm.twin_id.parse::<TwinId>() else {
+            return Ok(());
+        };
+        let Some(stream) = self.streams.get_mut(&(twin.clone(), wm.signal.clone())) else {
+            return Ok(());
+        };
+        if wm.seq > stream.acked {
+            stream.acked = wm.seq;
+            stream.base = stream.base.max(wm.seq + 1);
+            stream.last_progress = Instant::now();
+            self.ctx.store.spool_truncate(&twin, &wm.signal, wm.seq)?;
+        } else if stream.acked + 1 < stream.next_seq
+            && stream
+                .last_resend
+                .is_none_or(|t| t.elapsed() >= self.config.resend_after / 4)
+        {
+            // The twin is waiting for frames it missed: send them now.
+            self.resend(&twin, &wm.signal).await?;
+        }
+        Ok(())
+    }
+
+    async fn on_control(&mut self, update: DesiredUpdate) {
+        let Ok(twin) = update.twin_id.parse::<TwinId>() else {
+            return;
+        };
+        let Some(device) = self.devices.get_mut(&twin) else {
+            return;
+        };
+        let (status, reason) = match device.apply_setpoint(&update.property, update.value) {
+            Ok(()) => (proto::DeliveryStatus::Delivered, String::new()),
+            Err(reason) => (proto::DeliveryStatus::Rejected, reason),
+        };
+        tracing::info!(twin = %twin, property = update.property, value = update.value, ?status, "set-point");
+        let report = DesiredUpdate {
+            status: status as i32,
+            reason,
+            timestamp_ns: self.ctx.now_ns(),
+            ..update
+        };
+        if let Err(e) = self
+            .ctx
+            .fabric
+            .publish(
+                &keys::control_delivered(&twin),
+                Bytes::from(report.encode_to_vec()),
+                encoding::DESIRED_UPDATE,
+                Qos::Reliable,
+            )
+            .await
+        {
+            tracing::warn!(twin = %twin, "delivery report not published: {e}");
+        }
+    }
+}
+
+impl Actor for GatewayActor {
+    type Msg = GatewayMsg;
+    type State = GatewayState;
+    type Arguments = GatewayArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: GatewayArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let GatewayArgs {
+            ctx,
+            devices,
+            config,
+        } = args;
+        let cancel = ctx.cancel.child_token();
+        let acks = ctx
+            .fabric
+            .subscribe(&keys::acks_of_site(&ctx.site), 4096)
+            .await?;
+        let control = ctx
+            .fabric
+            .subscribe(&keys::control_of_site(&ctx.site), 256)
+            .await?;
+        let me = myself.clone();
+        let c = cancel.clone();
+        ctx.tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = c.cancelled() => break,
+                    s = acks.rx.recv_async() => {
+                        let Ok(s) = s else { break };
+                        match Watermark::decode(s.payload) {
+                            Ok(wm) => if me.cast(GatewayMsg::Ack(wm)).is_err() { break },
+                            Err(e) => tracing::warn!(key = s.key, "malformed ack: {e}"),
+                        }
+                    }
+                    s = control.rx.recv_async() => {
+                        let Ok(s) = s else { break };
+                        match DesiredUpdate::decode(s.payload) {
+                            Ok(u) => if me.cast(GatewayMsg::Control(u)).is_err() { break },
+                            Err(e) => tracing::warn!(key = s.key, "malformed set-point: {e}"),
+                        }
+                    }
+                }
+            }
+        });
+        let registrations: Vec<PlacementRequest> = devices
+            .iter()
+            .map(|d| PlacementRequest {
+                twin_id: d.twin_id().to_string(),
+                kind: d.kind().to_string(),
+                gateway: ctx.node.to_string(),
+            })
+            .collect();
+        ctx.tasks
+            .spawn(register_assets(ctx.clone(), registrations, cancel.clone()));
+        let devices = devices
+            .into_iter()
+            .map(|d| (d.twin_id().clone(), d))
+            .collect();
+        Ok(GatewayState {
+            ctx,
+            config,
+            devices,
+            streams: HashMap::new(),
+            ticker: None,
+            cancel,
+        })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        state.ticker = Some(myself.send_interval(state.config.tick, || GatewayMsg::Tick));
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        state.cancel.cancel();
+        if let Some(t) = state.ticker.take() {
+            t.abort();
+        }
+        // Clean stop: the next start continues numbering exactly where this one ended.
+        for ((twin, signal), stream) in &state.streams {
+            state
+                .ctx
+                .store
+                .release_seqs(twin, signal, stream.next_seq)?;
+        }
+        state.ctx.store.flush().await?;
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            GatewayMsg::Tick => {
+                state.poll_devices().await?;
+                let due: Vec<(TwinId, String)> = state
+                    .streams
+                    .iter()
+                    .filter(|(_, s)| {
+                        s.acked + 1 < s.next_seq
+                            && s.last_progress.elapsed() >= state.config.resend_after
+                            && s.last_resend
+                                .is_none_or(|t| t.elapsed() >= state.config.resend_after)
+                    })
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for (twin, signal) in due {
+                    state.resend(&twin, &signal).await?;
+                }
+            }
+            GatewayMsg::Ack(wm) => state.on_ack(wm).await?,
+            GatewayMsg::Control(update) => state.on_control(update).await,
+            GatewayMsg::Inspect(reply) => {
+                let mut out: Vec<StreamStatus> = state
+                    .streams
+                    .iter()
+                    .map(|((twin, signal), s)| StreamStatus {
+                        twin_id: twin.to_string(),
+                        signal: signal.clone(),
+                        last_seq: s.next_seq - 1,
+                        acked: s.acked,
+                        dropped: s.dropped,
+                    })
+                    .collect();
+                out.sort_by(|a, b| (&a.twin_id, &a.signal).cmp(&(&b.twin_id, &b.signal)));
+                let _ = reply.send(out);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Announces each asset to the placement authority until it answers (the cloud may be
+/// down when the gateway starts; data is spooled meanwhile).
+async fn register_assets(
+    ctx: Arc<NodeContext>,
+    mut pending: Vec<PlacementRequest>,
+    cancel: CancellationToken,
+) {
+    let mut delay = Duration::from_millis(200);
+    while !pending.is_empty() {
+        let mut still = Vec::new();
+        for req in pending {
+            let Ok(id) = req.twin_id.parse::<TwinId>() else {
+                continue;
+            };
+            let replies = ctx
+                .fabric
+                .query(
+                    &keys::placement(&id),
+                    Some((
+                        Bytes::from(req.encode_to_vec()),
+                        encoding::PLACEMENT_REQUEST,
+                    )),
+                    Duration::from_secs(3),
+                )
+                .await;
+            match replies {
+                Ok(r) if !r.is_empty() => {
+                    tracing::debug!(twin = %id, "asset registered");
+                }
+                _ => still.push(req),
+            }
+        }
+        pending = still;
+        if pending.is_empty() {
+            break;
+        }
+        tracing::debug!(
+            waiting = pending.len(),
+            "placement authority not reachable yet; retrying"
+        );
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,360 @@
+//! `NodeSupervisor`: one per node that hosts twins. It spawns the twins placed on its
+//! node (from its own store at start-up — so an edge restarts its twins while the cloud is
+//! down — and from the placement authority), restarts a crashed twin from its last
+//! persisted state, and publishes `NodeLoad` every second.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use prost::Message;
+use ractor::concurrency::JoinHandle;
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use tokio_util::sync::CancellationToken;
+
+use twinmesh_proto::encoding;
+use twinmesh_twins::proto::{NodeLoad, Placement, PlacementQuery};
+use twinmesh_twins::{keys, TwinId};
+
+use crate::context::NodeContext;
+use crate::metrics::NodeMetrics;
+use crate::ports::{Qos, SampleKind};
+use crate::twin::{TwinActor, TwinArgs, TwinMsg};
+
+/// A twin that fails more often than this within `RESTART_WINDOW` is given up on.
+const MAX_RESTARTS: usize = 5;
+const RESTART_WINDOW: Duration = Duration::from_secs(60);
+
+pub enum NodeMsg {
+    /// Host this twin (no-op when already hosted at this epoch or a newer one).
+    Place(Placement),
+    /// Stop hosting this twin.
+    Unplace(TwinId),
+    /// The actor of a hosted twin.
+    Lookup(TwinId, RpcReplyPort<Option<ActorRef<TwinMsg>>>),
+    /// Placements of the twins this node hosts.
+    Hosted(RpcReplyPort<Vec<Placement>>),
+    PublishLoad,
+}
+
+struct Hosted {
+    actor: Option<ActorRef<TwinMsg>>,
+    placement: Placement,
+    restarts: Vec<Instant>,
+}
+
+pub struct NodeSupervisor;
+
+pub struct NodeSupervisorState {
+    ctx: Arc<NodeContext>,
+    twins: HashMap<TwinId, Hosted>,
+    by_actor: HashMap<ActorId, TwinId>,
+    load_timer: Option<JoinHandle<()>>,
+    cancel: CancellationToken,
+}
+
+impl NodeSupervisorState {
+    async fn spawn_twin(&mut self, myself: &ActorRef<NodeMsg>, id: TwinId) {
+        let Some(hosted) = self.twins.get_mut(&id) else {
+            return;
+        };
+        let args = TwinArgs {
+            ctx: self.ctx.clone(),
+            placement: hosted.placement.clone(),
+        };
+        match Actor::spawn_linked(None, TwinActor, args, myself.get_cell()).await {
+            Ok((actor, _join)) => {
+                self.by_actor.insert(actor.get_id(), id.clone());
+                hosted.actor = Some(actor);
+            }
+            Err(e) => {
+                tracing::error!(twin = %id, "twin failed to start ({e}); retrying in 1 s");
+                let placement = hosted.placement.clone();
+                myself.send_after(Duration::from_secs(1), move || NodeMsg::Place(placement));
+            }
+        }
+    }
+
+    async fn on_exit(&mut self, myself: &ActorRef<NodeMsg>, actor: ActorId, why: String) {
+        let Some(id) = self.by_actor.remove(&actor) else {
+            return;
+        };
+        let Some(hosted) = self.twins.get_mut(&id) else {
+            return;
+        };
+        hosted.actor = None;
+        if self.cancel.is_cancelled() {
+            return;
+        }
+        let now = Instant::now();
+        hosted
+            .restarts
+            .retain(|t| now.duration_since(*t) < RESTART_WINDOW);
+        if hosted.restarts.len() >= MAX_RESTARTS {
+            tracing::error!(twin = %id, "twin failed {MAX_RESTARTS} times within {RESTART_WINDOW:?} ({why}); not restarting");
+            self.twins.remove(&id);
+            self.ctx.directory.remove(&id);
+            return;
+        }
+        hosted.restarts.push(now);
+        NodeMetrics::add(&self.ctx.metrics.twin_restarts, 1);
+        tracing::warn!(twin = %id, "twin stopped unexpectedly ({why}); restarting from its last persisted state");
+        self.spawn_twin(myself, id).await;
+    }
+
+    async fn publish_load(&self) {
+        let m = &self.ctx.metrics;
+        let load = NodeLoad {
+            node: self.ctx.node.to_string(),
+            timestamp_ns: self.ctx.now_ns(),
+            twins: self.twins.len() as u32,
+            frames_in: NodeMetrics::get(&m.frames_in),
+            samples_in: NodeMetrics::get(&m.samples_in),
+            frames_duplicate: NodeMetrics::get(&m.frames_duplicate),
+            frames_rejected: m
+                .rejected()
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect(),
+            frames_published: NodeMetrics::get(&m.frames_published),
+            bytes_published: NodeMetrics::get(&m.bytes_published),
+            spool_frames: self.ctx.store.spool_len(),
+            rpc_served: NodeMetrics::get(&m.rpc_served),
+        };
+        if let Err(e) = self
+            .ctx
+            .fabric
+            .publish(
+                &keys::node_load(&self.ctx.node),
+                Bytes::from(load.encode_to_vec()),
+                encoding::NODE_LOAD,
+                Qos::Latest,
+            )
+            .await
+        {
+            tracing::debug!("load not published: {e}");
+        }
+    }
+}
+
+impl Actor for NodeSupervisor {
+    type Msg = NodeMsg;
+    type State = NodeSupervisorState;
+    type Arguments = Arc<NodeContext>;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        ctx: Arc<NodeContext>,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let cancel = ctx.cancel.child_token();
+        // Placements published by the authority, and a full sync whenever a node (the
+        // cloud among them) appears.
+        let placements = ctx.fabric.subscribe(keys::PLACEMENT_ALL, 1024).await?;
+        let members = ctx.fabric.liveliness_subscribe(keys::NODE_TOKENS).await?;
+        ctx.tasks.spawn(placement_watcher(
+            myself.clone(),
+            ctx.clone(),
+            placements,
+            members,
+            cancel.clone(),
+        ));
+        Ok(NodeSupervisorState {
+            ctx,
+            twins: HashMap::new(),
+            by_actor: HashMap::new(),
+            load_timer: None,
+            cancel,
+        })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        // Twins this node hosted before it stopped come back at once, cloud or not.
+        for placement in state.ctx.store.hosted()? {
+            myself.cast(NodeMsg::Place(placement))?;
+        }
+        state.load_timer =
+            Some(myself.send_interval(Duration::from_secs(1), || NodeMsg::PublishLoad));
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        state.cancel.cancel();
+        if let Some(t) = state.load_timer.take() {
+            t.abort();
+        }
+        myself
+            .stop_children_and_wait(
+                Some("node shutting down".into()),
+                Some(Duration::from_secs(5)),
+            )
+            .await;
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            NodeMsg::Place(placement) => {
+                let id: TwinId = match placement.twin_id.parse() {
+                    Ok(id) => id,
+                    Err(e) => {
+                        tracing::warn!("ignoring placement: {e}");
+                        return Ok(());
+                    }
+                };
+                if placement.node != state.ctx.node.as_str() {
+                    return Ok(());
+                }
+                if let Some(h) = state.twins.get(&id) {
+                    if h.placement.epoch >= placement.epoch && h.actor.is_some() {
+                        return Ok(());
+                    }
+                }
+                state.ctx.store.save_hosted(&placement)?;
+                let restarts = state
+                    .twins
+                    .remove(&id)
+                    .map(|h| {
+                        if let Some(a) = h.actor {
+                            state.by_actor.remove(&a.get_id());
+                            a.stop(Some("re-placed".into()));
+                        }
+                        h.restarts
+                    })
+                    .unwrap_or_default();
+                state.twins.insert(
+                    id.clone(),
+                    Hosted {
+                        actor: None,
+                        placement,
+                        restarts,
+                    },
+                );
+                state.spawn_twin(&myself, id).await;
+            }
+            NodeMsg::Unplace(id) => {
+                if let Some(h) = state.twins.remove(&id) {
+                    if let Some(a) = h.actor {
+                        state.by_actor.remove(&a.get_id());
+                        a.stop(Some("unplaced".into()));
+                    }
+                    state.ctx.store.remove_hosted(&id)?;
+                    state.ctx.directory.remove(&id);
+                }
+            }
+            NodeMsg::Lookup(id, reply) => {
+                let _ = reply.send(state.twins.get(&id).and_then(|h| h.actor.clone()));
+            }
+            NodeMsg::Hosted(reply) => {
+                let _ = reply.send(state.twins.values().map(|h| h.placement.clone()).collect());
+            }
+            NodeMsg::PublishLoad => state.publish_load().await,
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        evt: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        // Never stop the node because a twin ended (ractor's default would).
+        match evt {
+            SupervisionEvent::ActorFailed(cell, err) => {
+                state.on_exit(&myself, cell.get_id(), err.to_string()).await;
+            }
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                state
+                    .on_exit(
+                        &myself,
+                        cell.get_id(),
+                        reason.unwrap_or_else(|| "stopped".into()),
+                    )
+                    .await;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Feeds the supervisor with placements: live publications, and a full pull of this
+/// node's placements whenever a node joins (the authority may be the one that joined).
+async fn placement_watcher(
+    node: ActorRef<NodeMsg>,
+    ctx: Arc<NodeContext>,
+    placements: crate::ports::Subscription,
+    members: crate::ports::Subscription,
+    cancel: CancellationToken,
+) {
+    let pull = || async {
+        let query = PlacementQuery {
+            node: ctx.node.to_string(),
+        };
+        match ctx
+            .fabric
+            .query(
+                keys::PLACEMENT_ALL,
+                Some((
+                    Bytes::from(query.encode_to_vec()),
+                    encoding::PLACEMENT_QUERY,
+                )),
+                Duration::from_secs(5),
+            )
+            .await
+        {
+            Ok(replies) => {
+                for r in replies {
+                    if let Ok(p) = Placement::decode(r.payload) {
+                        let _ = node.cast(NodeMsg::Place(p));
+                    }
+                }
+            }
+            Err(e) => tracing::debug!("placement pull failed: {e}"),
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            s = placements.rx.recv_async() => {
+                let Ok(s) = s else { break };
+                match Placement::decode(s.payload) {
+                    Ok(p) if p.node == ctx.node.as_str() && p.status != "stale" => {
+                        let _ = node.cast(NodeMsg::Place(p));
+                    }
+                    Ok(p) => {
+                        if let Ok(id) = p.twin_id.parse() {
+                            // The twin was placed elsewhere: stop hosting it here.
+                            let hosted_here = ctx.directory.list().iter().any(|t| t.twin_id == p.twin_id);
+                            if hosted_here && p.node != ctx.node.as_str() {
+                                let _ = node.cast(NodeMsg::Unplace(id));
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!(key = s.key, "malformed placement: {e}"),
+                }
+            }
+            s = members.rx.recv_async() => {
+                let Ok(s) = s else { break };
+                if s.kind == SampleKind::Put {
+                    pull().await;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! The ports the actors talk through. Only `nodes` knows the real adapters (a Zenoh
+//! session, a sled database); `sim` provides in-memory ones for deterministic tests.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use twinmesh_twins::proto::{Bucket, Placement, TelemetryFrame, TwinSnapshot};
+use twinmesh_twins::stats::Aggregation;
+use twinmesh_twins::TwinId;
+
+use crate::error::Result;
+
+/// One message received from the fabric.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub key: String,
+    pub payload: Bytes,
+    pub kind: SampleKind,
+}
+
+/// `Delete` only occurs on liveliness subscriptions (a token went away).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SampleKind {
+    Put,
+    Delete,
+}
+
+/// Delivery guarantee of a publication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Qos {
+    /// Never dropped: the publisher waits when the link is congested (telemetry, acks,
+    /// control, events).
+    Reliable,
+    /// May be dropped under congestion; a newer one follows (state, load).
+    Latest,
+}
+
+/// Keeps a declaration (subscriber, queryable, token) alive; dropping it undeclares.
+pub type Guard = Box<dyn std::any::Any + Send + Sync>;
+
+/// A stream of samples matching a key expression.
+pub struct Subscription {
+    pub rx: flume::Receiver<Sample>,
+    pub guard: Guard,
+}
+
+/// Answers one query. Dropping it without replying ends the query with no reply.
+#[async_trait]
+pub trait Responder: Send {
+    async fn reply(self: Box<Self>, key: &str, payload: Bytes, encoding: &'static str);
+    /// For queries that collect several replies (e.g. on `twinmesh/placement/**`).
+    async fn reply_many(self: Box<Self>, replies: Vec<(String, Bytes)>, encoding: &'static str);
+}
+
+/// One query received by a queryable.
+pub struct Query {
+    pub key: String,
+    pub payload: Bytes,
+    pub responder: Box<dyn Responder>,
+}
+
+impl Query {
+    pub async fn reply(self, key: &str, payload: Bytes, encoding: &'static str) {
+        self.responder.reply(key, payload, encoding).await
+    }
+}
+
+impl std::fmt::Debug for Query {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Query").field("key", &self.key).finish()
+    }
+}
+
+pub struct Queryable {
+    pub rx: flume::Receiver<Query>,
+    pub guard: Guard,
+}
+
+/// One reply to a query.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub key: String,
+    pub payload: Bytes,
+}
+
+/// The messaging fabric (DESIGN §6): pub/sub, queries and liveliness over a key space.
+#[async_trait]
+pub trait Fabric: Send + Sync + 'static {
+    async fn publish(
+        &self,
+        key: &str,
+        payload: Bytes,
+        encoding: &'static str,
+        qos: Qos,
+    ) -> Result<()>;
+
+    /// Subscribes to `keyexpr`; at most `capacity` samples wait in the channel, after
+    /// which the fabric applies back-pressure.
+    async fn subscribe(&self, keyexpr: &str, capacity: usize) -> Result<Subscription>;
+
+    /// Serves queries on `keyexpr`.
+    async fn queryable(&self, keyexpr: &str, capacity: usize) -> Result<Queryable>;
+
+    /// Sends a query and collects every reply until all repliers are done or `timeout`.
+    async fn query(
+        &self,
+        keyexpr: &str,
+        payload: Option<(Bytes, &'static str)>,
+        timeout: Duration,
+    ) -> Result<Vec<Reply>>;
+
+    /// Declares a liveliness token, withdrawn when the guard is dropped or the node dies.
+    async fn liveliness_token(&self, key: &str) -> Result<Guard>;
+
+    /// Watches liveliness tokens matching `keyexpr`: `Put` on appearance (including those
+    /// alive at subscription time), `Delete` on loss.
+    async fn liveliness_subscribe(&self, keyexpr: &str) -> Result<Subscription>;
+}
+
+/// A frame as stored in history.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredFrame {
+    pub signal: String,
+    pub seq: u64,
+    pub start_ns: i64,
+    pub sample_period_ns: i64,
+    pub samples: Vec<f64>,
+}
+
+/// Most buckets one history query may produce.
+pub const MAX_HISTORY_BUCKETS: u64 = 100_000;
+
+/// The node's durable storage (DESIGN §8). Methods are synchronous and fast except
+/// `query_history` (scans: call it from a blocking pool) and `flush` (durability).
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    // --- time series ---
+    /// Appends frames of one twin. Idempotent: a frame stored twice (same signal, start
+    /// and seq) occupies one entry.
+    fn append_frames(&self, twin: &TwinId, frames: &[StoredFrame]) -> Result<()>;
+    /// Bucketed aggregation of `signal` over `[start_ns, end_ns)`; empty buckets omitted.
+    fn query_history(
+        &self,
+        twin: &TwinId,
+        signal: &str,
+        start_ns: i64,
+        end_ns: i64,
+        bucket_ns: i64,
+        agg: Aggregation,
+    ) -> Result<Vec<Bucket>>;
+    /// Sequence numbers of every stored frame of `signal`, in time order.
+    fn frame_seqs(&self, twin: &TwinId, signal: &str) -> Result<Vec<u64>>;
+
+    // --- twins hosted on this node ---
+    fn save_snapshot(&self, snapshot: &TwinSnapshot) -> Result<()>;
+    fn load_snapshot(&self, twin: &TwinId) -> Result<Option<TwinSnapshot>>;
+    /// Remembers that this node hosts `placement.twin_id` (to restart it after a crash).
+    fn save_hosted(&self, placement: &Placement) -> Result<()>;
+    fn remove_hosted(&self, twin: &TwinId) -> Result<()>;
+    fn hosted(&self) -> Result<Vec<Placement>>;
+
+    // --- placement table (placement authority) ---
+    fn save_placement(&self, placement: &Placement) -> Result<()>;
+    fn placements(&self) -> Result<Vec<Placement>>;
+
+    // --- gateway spool ---
+    /// Reserves the next `count` sequence numbers of (twin, signal) durably and returns the
+    /// first. Numbering survives restarts; a crash skips at most the unused reservation.
+    fn reserve_seqs(&self, twin: &TwinId, signal: &str, count: u64) -> Result<u64>;
+    /// Gives back the unused part of a reservation on clean shutdown: the next reservation
+    /// of (twin, signal) starts at `next`.
+    fn release_seqs(&self, twin: &TwinId, signal: &str, next: u64) -> Result<()>;
+    fn spool_put(&self, frame: &TelemetryFrame) -> Result<()>;
+    /// Removes every spooled frame of (twin, signal) with seq <= `upto`; returns how many.
+    fn spool_truncate(&self, twin: &TwinId, signal: &str, upto: u64) -> Result<u64>;
+    /// Up to `max` spooled frames of (twin, signal) with seq >= `from`, in seq order.
+    fn spool_read(
+        &self,
+        twin: &TwinId,
+        signal: &str,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<TelemetryFrame>>;
+    /// Lowest spooled seq of (twin, signal), if any.
+    fn spool_first(&self, twin: &TwinId, signal: &str) -> Result<Option<u64>>;
+    fn spool_len(&self) -> u64;
+
+    /// Makes every write made before this call durable. Concurrent callers share flushes.
+    async fn flush(&self) -> Result<()>;
+}
+
+/// Where time comes from (so simulations can run on virtual time).
+pub trait Clock: Send + Sync + 'static {
+    fn now_ns(&self) -> i64;
+}
+
+/// Wall-clock time.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ns(&self) -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i64)
+            .unwrap_or(0)
+    }
+}
+
+/// Samples a device produced for one signal.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Block {
+    pub signal: &'static str,
+    pub start_ns: i64,
+    pub sample_period_ns: i64,
+    pub samples: Vec<f64>,
+}
+
+/// A device behind an IoT gateway: real hardware, an MQTT bridge or a simulator.
+pub trait Device: Send + Sync + 'static {
+    fn twin_id(&self) -> &TwinId;
+    fn kind(&self) -> twinmesh_twins::AssetKind;
+    /// Everything the device measured up to `now_ns` since the last call.
+    fn poll(&mut self, now_ns: i64) -> Vec<Block>;
+    /// Applies a set-point; `Err` says why the device refused it.
+    fn apply_setpoint(&mut self, property: &str, value: f64) -> std::result::Result<(), String>;
+}
+
+pub type SharedFabric = Arc<dyn Fabric>;
+pub type SharedStore = Arc<dyn Store>;
+pub type SharedClock = Arc<dyn Clock>;

@@ -1,0 +1,760 @@
+//! `TwinActor`: one per asset. It ingests telemetry frames (dropping duplicates and
+//! out-of-order frames by `seq`), keeps the twin's state, persists history and snapshots
+//! through the `Store`, acknowledges frames only once they are durable, publishes state
+//! and events through the `Fabric`, and answers the twin's RPCs.
+//!
+//! Three tasks feed the actor, all owned by the node's tracker and cancelled with it:
+//! the *ingest pump* (subscription → validate → batch → apply → flush → ack), the *RPC
+//! pump* (the twin's queryable) and the *control listener* (delivery reports).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use prost::Message;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tokio_util::sync::CancellationToken;
+
+use twinmesh_proto::encoding;
+use twinmesh_twins::proto::{
+    self, twin_reply, twin_request, DesiredUpdate, Placement, SetDesiredResponse, TelemetryFrame,
+    TwinEvent, TwinReply, TwinRequest, TwinSnapshot, TwinSummary, Watermark,
+};
+use twinmesh_twins::state::{Admission, DeliveryStatus};
+use twinmesh_twins::stats::Aggregation;
+use twinmesh_twins::{frame, keys, td, AssetKind, Error as DomainError, TwinCore, TwinId};
+
+use crate::context::NodeContext;
+use crate::error::{Error, Result};
+use crate::metrics::NodeMetrics;
+use crate::ports::{Qos, Sample, StoredFrame, Subscription, MAX_HISTORY_BUCKETS};
+
+pub enum TwinMsg {
+    /// Validated frames, in arrival order. Replies with the watermarks to acknowledge
+    /// once the store has flushed.
+    Ingest(Vec<TelemetryFrame>, RpcReplyPort<IngestAck>),
+    /// A twin RPC (everything but history, which the RPC pump serves from the store).
+    Request(TwinRequest, RpcReplyPort<TwinReply>),
+    /// The gateway's answer to a set-point.
+    DesiredOutcome(DesiredUpdate),
+    /// Publish state if it changed / re-send pending set-points.
+    Tick,
+    /// The current state, for tests and admin.
+    Inspect(RpcReplyPort<proto::Twin>),
+    /// Makes the actor fail (fault injection in tests: the supervisor must restart it).
+    Fail(String),
+}
+
+/// What an ingest batch allows the pump to acknowledge after the next flush.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IngestAck {
+    /// Placement epoch of the twin that applied the frames.
+    pub epoch: u64,
+    /// Last applied seq of each signal the batch touched.
+    pub watermarks: Vec<(String, u64)>,
+}
+
+pub struct TwinArgs {
+    pub ctx: Arc<NodeContext>,
+    pub placement: Placement,
+}
+
+pub struct TwinActor;
+
+pub struct TwinActorState {
+    ctx: Arc<NodeContext>,
+    core: TwinCore,
+    placement: Placement,
+    dirty: bool,
+    last_state_publish: Option<Instant>,
+    tick_armed: bool,
+    last_desired_send: Option<Instant>,
+    /// Cancels this twin's tasks when it stops.
+    cancel: CancellationToken,
+}
+
+impl TwinActorState {
+    fn snapshot(&self) -> TwinSnapshot {
+        TwinSnapshot {
+            twin: Some(self.core.to_proto(Some(self.placement.clone()))),
+            epoch: self.placement.epoch,
+            saved_ns: self.ctx.now_ns(),
+            node: self.ctx.node.to_string(),
+        }
+    }
+
+    fn summary(&self) -> TwinSummary {
+        TwinSummary {
+            twin_id: self.core.id.to_string(),
+            kind: self.core.kind.to_string(),
+            node: self.placement.node.clone(),
+            tier: self.placement.tier.clone(),
+            status: self.core.health.status.clone(),
+            revision: self.core.revision,
+        }
+    }
+
+    async fn publish(&self, key: String, payload: Vec<u8>, encoding: &'static str, qos: Qos) {
+        let len = payload.len() as u64;
+        match self
+            .ctx
+            .fabric
+            .publish(&key, Bytes::from(payload), encoding, qos)
+            .await
+        {
+            Ok(()) => {
+                NodeMetrics::add(&self.ctx.metrics.frames_published, 1);
+                NodeMetrics::add(&self.ctx.metrics.bytes_published, len);
+            }
+            Err(e) => tracing::warn!(twin = %self.core.id, key, "publish failed: {e}"),
+        }
+    }
+
+    async fn publish_state(&mut self) {
+        let state = proto::TwinState {
+            twin: Some(self.core.to_proto(Some(self.placement.clone()))),
+            timestamp_ns: self.ctx.now_ns(),
+        };
+        self.publish(
+            keys::twin_state(&self.core.id),
+            state.encode_to_vec(),
+            encoding::TWIN_STATE,
+            Qos::Latest,
+        )
+        .await;
+        self.ctx.directory.upsert(&self.core.id, self.summary());
+        self.dirty = false;
+        self.last_state_publish = Some(Instant::now());
+    }
+
+    async fn publish_event(&self, kind: &str, message: String, attributes: Vec<(&str, String)>) {
+        let event = TwinEvent {
+            twin_id: self.core.id.to_string(),
+            kind: kind.to_owned(),
+            timestamp_ns: self.ctx.now_ns(),
+            message,
+            attributes: attributes
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect(),
+            epoch: self.placement.epoch,
+        };
+        self.publish(
+            keys::twin_events(&self.core.id),
+            event.encode_to_vec(),
+            encoding::TWIN_EVENT,
+            Qos::Reliable,
+        )
+        .await;
+    }
+
+    async fn send_pending_desired(&mut self) {
+        let updates: Vec<DesiredUpdate> = self
+            .core
+            .pending_desired()
+            .map(|(property, d)| DesiredUpdate {
+                twin_id: self.core.id.to_string(),
+                property: property.to_owned(),
+                value: d.value,
+                revision: d.revision,
+                epoch: self.placement.epoch,
+                status: proto::DeliveryStatus::Pending as i32,
+                timestamp_ns: d.updated_ns,
+                reason: String::new(),
+            })
+            .collect();
+        for update in &updates {
+            self.publish(
+                keys::control(&self.core.id),
+                update.encode_to_vec(),
+                encoding::DESIRED_UPDATE,
+                Qos::Reliable,
+            )
+            .await;
+        }
+        if !updates.is_empty() {
+            self.last_desired_send = Some(Instant::now());
+        }
+    }
+
+    /// Publishes state now if the last publication is old enough, else arms one tick.
+    async fn state_changed(&mut self, myself: &ActorRef<TwinMsg>) {
+        self.dirty = true;
+        let interval = self.ctx.twin_config.state_interval;
+        match self.last_state_publish {
+            Some(t) if t.elapsed() < interval => self.arm_tick(myself, interval - t.elapsed()),
+            _ => self.publish_state().await,
+        }
+    }
+
+    fn arm_tick(&mut self, myself: &ActorRef<TwinMsg>, after: Duration) {
+        if !self.tick_armed {
+            self.tick_armed = true;
+            myself.send_after(after, || TwinMsg::Tick);
+        }
+    }
+
+    fn persist(&self) -> Result<()> {
+        self.ctx.store.save_snapshot(&self.snapshot())
+    }
+
+    fn apply_frames(&mut self, frames: Vec<TelemetryFrame>) -> Result<(Vec<(String, u64)>, u64)> {
+        let mut stored = Vec::with_capacity(frames.len());
+        let mut touched: Vec<String> = Vec::new();
+        let mut lost_total = 0;
+        for f in frames {
+            if !touched.contains(&f.signal) {
+                touched.push(f.signal.clone());
+            }
+            match self.core.admit(&f.signal, f.seq, f.spool_base_seq) {
+                Admission::Apply { lost } => {
+                    self.core.apply_frame(
+                        &f.signal,
+                        f.seq,
+                        f.start_ns,
+                        f.sample_period_ns,
+                        &f.samples,
+                        lost,
+                    );
+                    lost_total += lost;
+                    NodeMetrics::add(&self.ctx.metrics.samples_in, f.samples.len() as u64);
+                    stored.push(StoredFrame {
+                        signal: f.signal,
+                        seq: f.seq,
+                        start_ns: f.start_ns,
+                        sample_period_ns: f.sample_period_ns,
+                        samples: f.samples,
+                    });
+                }
+                Admission::Duplicate => {
+                    NodeMetrics::add(&self.ctx.metrics.frames_duplicate, 1);
+                }
+                Admission::Gap { .. } => {
+                    NodeMetrics::add(&self.ctx.metrics.frames_gap, 1);
+                }
+            }
+        }
+        if !stored.is_empty() {
+            self.ctx.store.append_frames(&self.core.id, &stored)?;
+            self.persist()?;
+        }
+        let acks = touched
+            .into_iter()
+            .map(|s| {
+                let seq = self.core.last_seq(&s);
+                (s, seq)
+            })
+            .collect();
+        Ok((acks, lost_total))
+    }
+
+    fn get_twin(&self) -> proto::Twin {
+        self.core.to_proto(Some(self.placement.clone()))
+    }
+
+    fn check_twin_id(&self, twin_id: &str) -> Result<(), DomainError> {
+        if twin_id == self.core.id.to_string() {
+            Ok(())
+        } else {
+            Err(DomainError::UnknownTwin(twin_id.to_owned()))
+        }
+    }
+
+    async fn handle_request(
+        &mut self,
+        myself: &ActorRef<TwinMsg>,
+        req: TwinRequest,
+    ) -> std::result::Result<twin_reply::Reply, DomainError> {
+        match req.request {
+            Some(twin_request::Request::GetTwin(r)) => {
+                self.check_twin_id(&r.twin_id)?;
+                Ok(twin_reply::Reply::Twin(self.get_twin()))
+            }
+            Some(twin_request::Request::ThingDescription(r)) => {
+                self.check_twin_id(&r.twin_id)?;
+                let json = td::thing_description(&self.core.id, self.core.kind).to_string();
+                Ok(twin_reply::Reply::ThingDescription(
+                    proto::ThingDescription {
+                        twin_id: r.twin_id,
+                        json,
+                    },
+                ))
+            }
+            Some(twin_request::Request::SetDesired(r)) => {
+                self.check_twin_id(&r.twin_id)?;
+                let now = self.ctx.now_ns();
+                let desired: proto::DesiredValue = self
+                    .core
+                    .set_desired(&r.property, r.value, r.expected_revision, now)?
+                    .into();
+                if let Err(e) = self.persist() {
+                    return Err(DomainError::InvalidArgument(format!(
+                        "set-point not stored: {e}"
+                    )));
+                }
+                self.send_pending_desired().await;
+                self.state_changed(myself).await;
+                self.arm_tick(myself, self.ctx.twin_config.desired_retry);
+                Ok(twin_reply::Reply::SetDesired(SetDesiredResponse {
+                    revision: self.core.revision,
+                    desired: Some(desired),
+                }))
+            }
+            Some(twin_request::Request::QueryHistory(_)) => Err(DomainError::InvalidArgument(
+                "history is served by the rpc pump".to_owned(),
+            )),
+            None => Err(DomainError::InvalidArgument(
+                "empty twin request".to_owned(),
+            )),
+        }
+    }
+}
+
+impl Actor for TwinActor {
+    type Msg = TwinMsg;
+    type State = TwinActorState;
+    type Arguments = TwinArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: TwinArgs,
+    ) -> std::result::Result<Self::State, ActorProcessingErr> {
+        let TwinArgs { ctx, placement } = args;
+        let id: TwinId = placement.twin_id.parse()?;
+        let kind: AssetKind = placement.kind.parse()?;
+        let (core, restored) = match ctx.store.load_snapshot(&id)? {
+            Some(snap) => match snap.twin.map(TwinCore::try_from) {
+                Some(Ok(core)) => (core, true),
+                Some(Err(e)) => {
+                    tracing::error!(twin = %id, "stored snapshot is unreadable ({e}); starting empty");
+                    (TwinCore::new(id.clone(), kind), false)
+                }
+                None => (TwinCore::new(id.clone(), kind), false),
+            },
+            None => (TwinCore::new(id.clone(), kind), false),
+        };
+        let cancel = ctx.cancel.child_token();
+        let state = TwinActorState {
+            ctx: ctx.clone(),
+            core,
+            placement,
+            dirty: true,
+            last_state_publish: None,
+            tick_armed: false,
+            last_desired_send: None,
+            cancel: cancel.clone(),
+        };
+        state.persist()?;
+
+        // Declare the fabric side before the actor counts as started, so a twin that is
+        // up is reachable.
+        let telemetry = ctx
+            .fabric
+            .subscribe(&keys::telemetry_of(&id), ctx.twin_config.ingest_queue)
+            .await?;
+        let rpc = ctx
+            .fabric
+            .queryable(&keys::twin_rpc(&id), ctx.twin_config.ingest_queue)
+            .await?;
+        let delivered = ctx
+            .fabric
+            .subscribe(&keys::control_delivered(&id), 64)
+            .await?;
+
+        ctx.tasks.spawn(ingest_pump(
+            myself.clone(),
+            ctx.clone(),
+            id.clone(),
+            kind,
+            telemetry,
+            cancel.clone(),
+        ));
+        ctx.tasks.spawn(rpc_pump(
+            myself.clone(),
+            ctx.clone(),
+            id.clone(),
+            rpc,
+            cancel.clone(),
+        ));
+        ctx.tasks
+            .spawn(control_listener(myself.clone(), delivered, cancel.clone()));
+        tracing::debug!(twin = %id, restored, epoch = state.placement.epoch, "twin started");
+        let _ = restored;
+        Ok(state)
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> std::result::Result<(), ActorProcessingErr> {
+        state.publish_state().await;
+        state
+            .publish_event(
+                "started",
+                format!("twin started on {}", state.ctx.node),
+                vec![
+                    ("node", state.ctx.node.to_string()),
+                    ("revision", state.core.revision.to_string()),
+                ],
+            )
+            .await;
+        if state.core.pending_desired().next().is_some() {
+            state.send_pending_desired().await;
+            state.arm_tick(&myself, state.ctx.twin_config.desired_retry);
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> std::result::Result<(), ActorProcessingErr> {
+        state.cancel.cancel();
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> std::result::Result<(), ActorProcessingErr> {
+        match msg {
+            TwinMsg::Ingest(frames, reply) => {
+                let (watermarks, lost) = state.apply_frames(frames)?;
+                let _ = reply.send(IngestAck {
+                    epoch: state.placement.epoch,
+                    watermarks,
+                });
+                if lost > 0 {
+                    state
+                        .publish_event(
+                            "frames_lost",
+                            format!("{lost} frames could no longer be resent by the gateway"),
+                            vec![("frames", lost.to_string())],
+                        )
+                        .await;
+                }
+                state.state_changed(&myself).await;
+            }
+            TwinMsg::Request(req, reply) => {
+                let out = match state.handle_request(&myself, req).await {
+                    Ok(r) => r,
+                    Err(e) => twin_reply::Reply::Error((&e).into()),
+                };
+                let _ = reply.send(TwinReply { reply: Some(out) });
+            }
+            TwinMsg::DesiredOutcome(update) => {
+                let status = proto::DeliveryStatus::try_from(update.status)
+                    .ok()
+                    .and_then(|s| DeliveryStatus::try_from(s).ok());
+                let Some(status) = status else {
+                    tracing::warn!(twin = %state.core.id, "delivery report without status");
+                    return Ok(());
+                };
+                let now = state.ctx.now_ns();
+                if state.core.desired_outcome(
+                    &update.property,
+                    update.revision,
+                    status,
+                    &update.reason,
+                    now,
+                ) {
+                    state.persist()?;
+                    let kind = match status {
+                        DeliveryStatus::Rejected => "desired_rejected",
+                        _ => "desired_delivered",
+                    };
+                    state
+                        .publish_event(
+                            kind,
+                            format!(
+                                "set-point {}={} {}",
+                                update.property,
+                                update.value,
+                                if status == DeliveryStatus::Rejected {
+                                    format!("rejected: {}", update.reason)
+                                } else {
+                                    "delivered".to_owned()
+                                }
+                            ),
+                            vec![
+                                ("property", update.property.clone()),
+                                ("revision", update.revision.to_string()),
+                            ],
+                        )
+                        .await;
+                    state.state_changed(&myself).await;
+                }
+            }
+            TwinMsg::Tick => {
+                state.tick_armed = false;
+                if state.dirty {
+                    state.publish_state().await;
+                }
+                if state.core.pending_desired().next().is_some() {
+                    let retry = state.ctx.twin_config.desired_retry;
+                    if state.last_desired_send.is_none_or(|t| t.elapsed() >= retry) {
+                        state.send_pending_desired().await;
+                    }
+                    state.arm_tick(&myself, retry);
+                }
+            }
+            TwinMsg::Inspect(reply) => {
+                let _ = reply.send(state.get_twin());
+            }
+            TwinMsg::Fail(reason) => return Err(Error::actor(reason).into()),
+        }
+        Ok(())
+    }
+}
+
+/// Decodes and validates one telemetry sample, counting and logging what it drops.
+fn decode_frame(
+    ctx: &NodeContext,
+    id: &TwinId,
+    kind: AssetKind,
+    sample: &Sample,
+) -> Option<TelemetryFrame> {
+    use twinmesh_twins::frame::FrameRejection;
+    NodeMetrics::add(&ctx.metrics.frames_in, 1);
+    let limit = ctx.twin_config.max_frame_bytes;
+    let rejected = |why: FrameRejection| {
+        ctx.metrics.reject(&sample.key, &why);
+        None
+    };
+    if sample.payload.len() > limit {
+        return rejected(FrameRejection::Oversized {
+            bytes: sample.payload.len(),
+            limit,
+        });
+    }
+    let Some((_, _, key_signal)) = keys::parse_telemetry(&sample.key) else {
+        return rejected(FrameRejection::Invalid("not a telemetry key"));
+    };
+    let f = match TelemetryFrame::decode(sample.payload.clone()) {
+        Ok(f) => f,
+        Err(e) => return rejected(FrameRejection::Malformed(e.to_string())),
+    };
+    match frame::validate(&f, &sample.key, id, key_signal, kind) {
+        Ok(()) => Some(f),
+        Err(why) => rejected(why),
+    }
+}
+
+async fn ingest_pump(
+    actor: ActorRef<TwinMsg>,
+    ctx: Arc<NodeContext>,
+    id: TwinId,
+    kind: AssetKind,
+    sub: Subscription,
+    cancel: CancellationToken,
+) {
+    let batch_max = ctx.twin_config.ingest_batch;
+    loop {
+        let first = tokio::select! {
+            _ = cancel.cancelled() => break,
+            s = sub.rx.recv_async() => match s { Ok(s) => s, Err(_) => break },
+        };
+        let mut batch = Vec::with_capacity(batch_max);
+        batch.extend(decode_frame(&ctx, &id, kind, &first));
+        while batch.len() < batch_max {
+            match sub.rx.try_recv() {
+                Ok(s) => batch.extend(decode_frame(&ctx, &id, kind, &s)),
+                Err(_) => break,
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let acks = match actor
+            .call(
+                |tx| TwinMsg::Ingest(batch, tx),
+                Some(ctx.twin_config.call_timeout),
+            )
+            .await
+        {
+            Ok(ractor::rpc::CallResult::Success(acks)) => acks,
+            // The actor stopped or failed: its supervisor restarts it with a new pump;
+            // the gateway re-sends what was not acknowledged.
+            _ => break,
+        };
+        if let Err(e) = ctx.store.flush().await {
+            tracing::error!(twin = %id, "flush failed, frames stay unacknowledged: {e}");
+            continue;
+        }
+        for (signal, seq) in acks.watermarks {
+            let wm = Watermark {
+                twin_id: id.to_string(),
+                signal,
+                seq,
+                epoch: acks.epoch,
+            };
+            if let Err(e) = ctx
+                .fabric
+                .publish(
+                    &keys::acks(&id),
+                    Bytes::from(wm.encode_to_vec()),
+                    encoding::WATERMARK,
+                    Qos::Reliable,
+                )
+                .await
+            {
+                tracing::warn!(twin = %id, "ack not published: {e}");
+            }
+        }
+    }
+    drop(sub);
+}
+
+async fn rpc_pump(
+    actor: ActorRef<TwinMsg>,
+    ctx: Arc<NodeContext>,
+    id: TwinId,
+    queryable: crate::ports::Queryable,
+    cancel: CancellationToken,
+) {
+    let key = keys::twin_rpc(&id);
+    loop {
+        let query = tokio::select! {
+            _ = cancel.cancelled() => break,
+            q = queryable.rx.recv_async() => match q { Ok(q) => q, Err(_) => break },
+        };
+        NodeMetrics::add(&ctx.metrics.rpc_served, 1);
+        let reply = match TwinRequest::decode(query.payload.clone()) {
+            Err(e) => error_reply(&DomainError::InvalidArgument(format!(
+                "malformed twin request: {e}"
+            ))),
+            Ok(TwinRequest {
+                request: Some(twin_request::Request::QueryHistory(h)),
+            }) => {
+                // Scans can be long: serve them off the actor and off the async workers.
+                let ctx2 = ctx.clone();
+                let id2 = id.clone();
+                let key2 = key.clone();
+                ctx.tasks.spawn(async move {
+                    let reply =
+                        match tokio::task::spawn_blocking(move || query_history(&ctx2, &id2, h))
+                            .await
+                        {
+                            Ok(r) => r,
+                            Err(e) => error_reply(&DomainError::InvalidArgument(format!(
+                                "history query failed: {e}"
+                            ))),
+                        };
+                    query
+                        .reply(
+                            &key2,
+                            Bytes::from(reply.encode_to_vec()),
+                            encoding::TWIN_REPLY,
+                        )
+                        .await;
+                });
+                continue;
+            }
+            Ok(req) => match actor
+                .call(
+                    |tx| TwinMsg::Request(req, tx),
+                    Some(ctx.twin_config.call_timeout),
+                )
+                .await
+            {
+                Ok(ractor::rpc::CallResult::Success(r)) => r,
+                _ => TwinReply {
+                    reply: Some(twin_reply::Reply::Error(proto::Error {
+                        code: proto::ErrorCode::Unavailable as i32,
+                        message: format!("twin {id} is restarting"),
+                    })),
+                },
+            },
+        };
+        query
+            .reply(
+                &key,
+                Bytes::from(reply.encode_to_vec()),
+                encoding::TWIN_REPLY,
+            )
+            .await;
+    }
+}
+
+fn error_reply(e: &DomainError) -> TwinReply {
+    TwinReply {
+        reply: Some(twin_reply::Reply::Error(e.into())),
+    }
+}
+
+fn query_history(ctx: &NodeContext, id: &TwinId, h: proto::QueryHistoryRequest) -> TwinReply {
+    match validate_history(id, &h) {
+        Err(e) => error_reply(&e),
+        Ok(agg) => {
+            match ctx
+                .store
+                .query_history(id, &h.signal, h.start_ns, h.end_ns, h.bucket_ns, agg)
+            {
+                Ok(buckets) => TwinReply {
+                    reply: Some(twin_reply::Reply::QueryHistory(
+                        proto::QueryHistoryResponse { buckets },
+                    )),
+                },
+                Err(e) => TwinReply {
+                    reply: Some(twin_reply::Reply::Error(proto::Error {
+                        code: proto::ErrorCode::Internal as i32,
+                        message: format!("history of {id}: {e}"),
+                    })),
+                },
+            }
+        }
+    }
+}
+
+/// Checks a history request against the twin (DESIGN §9 error rules).
+pub fn validate_history(
+    id: &TwinId,
+    h: &proto::QueryHistoryRequest,
+) -> std::result::Result<Aggregation, DomainError> {
+    if h.twin_id != id.to_string() {
+        return Err(DomainError::UnknownTwin(h.twin_id.clone()));
+    }
+    if h.start_ns >= h.end_ns {
+        return Err(DomainError::InvalidRange {
+            start_ns: h.start_ns,
+            end_ns: h.end_ns,
+        });
+    }
+    if h.bucket_ns <= 0 {
+        return Err(DomainError::InvalidBucket(h.bucket_ns));
+    }
+    let buckets = ((h.end_ns as i128 - h.start_ns as i128 + h.bucket_ns as i128 - 1)
+        / h.bucket_ns as i128) as u64;
+    if buckets > MAX_HISTORY_BUCKETS {
+        return Err(DomainError::TooManyBuckets {
+            buckets,
+            max: MAX_HISTORY_BUCKETS,
+        });
+    }
+    let agg = proto::Aggregation::try_from(h.aggregation).map_err(|_| {
+        DomainError::InvalidArgument(format!("unknown aggregation {}", h.aggregation))
+    })?;
+    Aggregation::try_from(agg)
+}
+
+async fn control_listener(actor: ActorRef<TwinMsg>, sub: Subscription, cancel: CancellationToken) {
+    loop {
+        let sample = tokio::select! {
+            _ = cancel.cancelled() => break,
+            s = sub.rx.recv_async() => match s { Ok(s) => s, Err(_) => break },
+        };
+        match DesiredUpdate::decode(sample.payload) {
+            Ok(update) => {
+                if actor.cast(TwinMsg::DesiredOutcome(update)).is_err() {
+                    break;
+                }
+            }
+            Err(e) => tracing::warn!(key = sample.key, "malformed delivery report: {e}"),
+        }
+    }
+}

@@ -1,1 +1,21 @@
+//! twinmesh simulation: seeded, physically plausible asset simulators with fault
+//! injection, and devices that feed them to an IoT gateway in real time.
+//!
+//! # Layout
+//!
+//! - [`model`]: the [`model::AssetModel`] trait (slow state advanced in time, samples
+//!   computed at any instant) and [`model::new_model`] for each kind.
+//! - [`models`]: one module per asset kind (wind turbine with a rolling-bearing model,
+//!   power meter with harmonics, turnstile gate with a daily pattern).
+//! - [`device`]: [`device::SimDevice`], an [`twinmesh_actors::ports::Device`] that samples
+//!   a model at each signal's rate between polls.
+//!
+//! Everything is deterministic for a given seed: the same seed, asset and times give the
+//! same samples.
 
+pub mod device;
+pub mod model;
+pub mod models;
+
+pub use device::SimDevice;
+pub use model::{new_model, AssetModel, SimError};

@@ -84,8 +84,8 @@ impl AssetModel for PowerMeter {
             "voltage" => Self::waveform(VOLTAGE_RMS, &VOLTAGE_HARMONICS, 0.0, t),
             "current" => {
                 let irms = self.load_kw * 1000.0 / VOLTAGE_RMS;
-                // Lagging power factor of ~0.95.
-                Self::waveform(irms, &CURRENT_HARMONICS, 0.318, t)
+                // Lagging power factor of 0.95.
+                Self::waveform(irms, &CURRENT_HARMONICS, 0.95f64.acos(), t)
             }
             "household_energy" => self.energy_kwh,
             _ => f64::NAN,

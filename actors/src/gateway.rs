@@ -318,6 +318,8 @@ impl Actor for GatewayActor {
         let me = myself.clone();
         let c = cancel.clone();
         ctx.tasks.spawn(async move {
+            // Own the subscriptions whole: their guards keep them declared.
+            let (acks, control) = (acks, control);
             loop {
                 tokio::select! {
                     _ = c.cancelled() => break,

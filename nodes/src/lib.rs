@@ -1,1 +1,30 @@
+//! twinmesh nodes: the adapters that make the actors real, and the `twinmesh` binary.
+//!
+//! # Layout
+//!
+//! - [`config`]: [`config::NodeConfig`] (TOML or flags), validated up front.
+//! - [`fabric`]: [`fabric::ZenohFabric`], the `Fabric` port on a Zenoh 1.x session.
+//! - [`store`]: [`store::SledStore`], the `Store` port on one sled database per node.
+//! - [`runtime`]: [`runtime::RunningNode`] starts/stops one node; [`run`] is what the
+//!   binary calls.
+//! - [`api`]: location-transparent operations (twin RPC over the fabric, listings).
+//! - [`grpc`]: `TwinService` and `MeshService` (tonic), health, reflection.
+//! - [`http`]: dashboard, JSON views and `/metrics` (axum).
+//! - [`up`]: the whole mesh in one process (`twinmesh up`).
+//! - [`ctl`]: the `twinmesh ctl` client.
+//! - [`bench`]: `twinmesh bench`.
+//! - [`cli`]: argument parsing for the binary.
 
+pub mod api;
+pub mod bench;
+pub mod cli;
+pub mod config;
+pub mod ctl;
+pub mod fabric;
+pub mod grpc;
+pub mod http;
+pub mod runtime;
+pub mod store;
+pub mod up;
+
+pub use runtime::{run, RunningNode};

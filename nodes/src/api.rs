@@ -1,0 +1,215 @@
+//! Location-transparent operations on the mesh, shared by the gRPC services and the
+//! dashboard. Every call goes over the fabric: a node never needs to know where a twin
+//! lives (DESIGN §7 "Addressing").
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use prost::Message;
+use tonic::Status;
+
+use twinmesh_actors::ports::SharedFabric;
+use twinmesh_proto::encoding;
+use twinmesh_twins::proto::{
+    self, twin_reply, twin_request, ListTwinsRequest, ListTwinsResponse, NodeInfo, NodeTwins,
+    Placement, TwinReply, TwinRequest, TwinSummary,
+};
+use twinmesh_twins::{keys, ErrorCode, TwinId};
+
+/// Default and largest `ListTwins` page.
+pub const DEFAULT_PAGE_SIZE: u32 = 100;
+pub const MAX_PAGE_SIZE: u32 = 1000;
+
+#[derive(Clone)]
+pub struct Api {
+    fabric: SharedFabric,
+    /// Deadline of one call when the client gives none.
+    pub default_deadline: Duration,
+}
+
+/// The gRPC status of a domain error (DESIGN §9).
+pub fn status_of(code: ErrorCode, message: String) -> Status {
+    match code {
+        ErrorCode::NotFound => Status::not_found(message),
+        ErrorCode::InvalidArgument => Status::invalid_argument(message),
+        ErrorCode::FailedPrecondition => Status::failed_precondition(message),
+        ErrorCode::Unavailable => Status::unavailable(message),
+        ErrorCode::PermissionDenied => Status::permission_denied(message),
+        ErrorCode::Internal => Status::internal(message),
+    }
+}
+
+fn status_of_proto(e: proto::Error) -> Status {
+    use proto::ErrorCode as P;
+    let code = match P::try_from(e.code).unwrap_or(P::Internal) {
+        P::NotFound => ErrorCode::NotFound,
+        P::InvalidArgument => ErrorCode::InvalidArgument,
+        P::FailedPrecondition => ErrorCode::FailedPrecondition,
+        P::Unavailable => ErrorCode::Unavailable,
+        P::PermissionDenied => ErrorCode::PermissionDenied,
+        P::Internal | P::Unspecified => ErrorCode::Internal,
+    };
+    status_of(code, e.message)
+}
+
+pub fn parse_twin_id(s: &str) -> Result<TwinId, Status> {
+    s.parse::<TwinId>()
+        .map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+fn fabric_error(e: impl std::fmt::Display) -> Status {
+    Status::unavailable(format!("fabric: {e}"))
+}
+
+impl Api {
+    pub fn new(fabric: SharedFabric) -> Self {
+        Api {
+            fabric,
+            default_deadline: Duration::from_secs(5),
+        }
+    }
+
+    pub fn fabric(&self) -> &SharedFabric {
+        &self.fabric
+    }
+
+    /// Sends a request to the twin wherever it lives. A twin that is known to the mesh
+    /// but not answering (restarting, moving) is retried until the deadline.
+    pub async fn twin_call(
+        &self,
+        id: &TwinId,
+        request: twin_request::Request,
+        deadline: Option<Duration>,
+    ) -> Result<twin_reply::Reply, Status> {
+        let deadline = deadline.unwrap_or(self.default_deadline);
+        let start = Instant::now();
+        let payload = Bytes::from(
+            TwinRequest {
+                request: Some(request),
+            }
+            .encode_to_vec(),
+        );
+        let mut known: Option<bool> = None;
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let left = deadline.saturating_sub(start.elapsed());
+            let replies = self
+                .fabric
+                .query(
+                    &keys::twin_rpc(id),
+                    Some((payload.clone(), encoding::TWIN_REQUEST)),
+                    left.max(Duration::from_millis(10)),
+                )
+                .await
+                .map_err(fabric_error)?;
+            if let Some(reply) = replies.into_iter().next() {
+                let reply = TwinReply::decode(reply.payload)
+                    .map_err(|e| Status::internal(format!("malformed twin reply: {e}")))?;
+                return match reply.reply {
+                    Some(twin_reply::Reply::Error(e)) => Err(status_of_proto(e)),
+                    Some(r) => Ok(r),
+                    None => Err(Status::internal("empty twin reply")),
+                };
+            }
+            // Nobody answered: unknown twin, or one between two homes.
+            if known.is_none() {
+                known = Some(self.placement(id).await?.is_some());
+            }
+            if known == Some(false) {
+                return Err(Status::not_found(format!("unknown twin {id}")));
+            }
+            if start.elapsed() + backoff >= deadline {
+                return Err(Status::unavailable(format!(
+                    "twin {id} did not answer within {deadline:?}"
+                )));
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    /// The placement record of a twin, from the placement authority.
+    pub async fn placement(&self, id: &TwinId) -> Result<Option<Placement>, Status> {
+        let replies = self
+            .fabric
+            .query(&keys::placement(id), None, Duration::from_secs(2))
+            .await
+            .map_err(fabric_error)?;
+        Ok(replies
+            .into_iter()
+            .find_map(|r| Placement::decode(r.payload).ok()))
+    }
+
+    pub async fn list_nodes(&self) -> Result<Vec<NodeInfo>, Status> {
+        let replies = self
+            .fabric
+            .query(keys::NODE_INFO_ALL, None, Duration::from_secs(2))
+            .await
+            .map_err(fabric_error)?;
+        let mut nodes: Vec<NodeInfo> = replies
+            .into_iter()
+            .filter_map(|r| NodeInfo::decode(r.payload).ok())
+            .collect();
+        nodes.sort_by(|a, b| a.node.cmp(&b.node));
+        nodes.dedup_by(|a, b| a.node == b.node);
+        Ok(nodes)
+    }
+
+    pub async fn list_twins(&self, req: &ListTwinsRequest) -> Result<ListTwinsResponse, Status> {
+        let page_size = match req.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n if n > MAX_PAGE_SIZE => {
+                return Err(Status::invalid_argument(format!(
+                    "page_size {n} exceeds the maximum of {MAX_PAGE_SIZE}"
+                )))
+            }
+            n => n,
+        } as usize;
+        if !req.page_token.is_empty() {
+            parse_twin_id(&req.page_token).map_err(|_| {
+                Status::invalid_argument(format!("invalid page_token {:?}", req.page_token))
+            })?;
+        }
+        if !req.tier.is_empty() {
+            req.tier
+                .parse::<twinmesh_twins::Tier>()
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
+        if !req.kind.is_empty() {
+            req.kind
+                .parse::<twinmesh_twins::AssetKind>()
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
+        let replies = self
+            .fabric
+            .query(keys::NODE_TWINS_ALL, None, Duration::from_secs(2))
+            .await
+            .map_err(fabric_error)?;
+        let mut twins: Vec<TwinSummary> = replies
+            .into_iter()
+            .filter_map(|r| NodeTwins::decode(r.payload).ok())
+            .flat_map(|n| n.twins)
+            .filter(|t| {
+                let site = t.twin_id.split('/').next().unwrap_or_default();
+                (req.site.is_empty() || site == req.site)
+                    && (req.kind.is_empty() || t.kind == req.kind)
+                    && (req.tier.is_empty() || t.tier == req.tier)
+                    && (req.node.is_empty() || t.node == req.node)
+                    && (req.status.is_empty() || t.status == req.status)
+                    && (req.page_token.is_empty() || t.twin_id > req.page_token)
+            })
+            .collect();
+        twins.sort_by(|a, b| a.twin_id.cmp(&b.twin_id));
+        twins.dedup_by(|a, b| a.twin_id == b.twin_id);
+        let next_page_token = if twins.len() > page_size {
+            twins.truncate(page_size);
+            twins.last().map(|t| t.twin_id.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(ListTwinsResponse {
+            twins,
+            next_page_token,
+        })
+    }
+}

@@ -1,0 +1,123 @@
+//! Command-line interface of the `twinmesh` binary (DESIGN §9 "CLI").
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{NodeConfig, SimSpec, ZenohMode};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "twinmesh",
+    version,
+    about = "Distributed digital-twin mesh for industrial SMEs"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a whole mesh on this machine: cloud, two edge sites, one IoT gateway per site.
+    Up(UpArgs),
+    /// Run one node (cloud, edge or iot).
+    Node(NodeArgs),
+    /// Operate a running mesh through gRPC.
+    Ctl(crate::ctl::CtlArgs),
+    /// Measure the mesh (results go to BENCHMARKS.md).
+    Bench(crate::bench::BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Simulated assets of each kind per site.
+    #[arg(long, default_value_t = 2)]
+    pub assets_per_kind: u32,
+    /// gRPC address of the cloud node (edges and gateways take the next ports).
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub grpc: SocketAddr,
+    /// Dashboard and /metrics address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub http: SocketAddr,
+    /// Zenoh endpoint of the cloud node, open to outside clients.
+    #[arg(long, default_value = "tcp/127.0.0.1:7447")]
+    pub zenoh: String,
+    /// Data directory (one database per node below it).
+    #[arg(long, default_value = "twinmesh-data")]
+    pub data: PathBuf,
+    /// Seed of the simulators.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// TOML configuration file (flags are ignored when given).
+    #[arg(long, conflicts_with_all = ["tier", "id", "site"])]
+    pub config: Option<PathBuf>,
+    /// iot, edge or cloud.
+    #[arg(long, required_unless_present = "config")]
+    pub tier: Option<String>,
+    #[arg(long, required_unless_present = "config")]
+    pub id: Option<String>,
+    /// Site of the node (cloud nodes: `cloud`, the default for them).
+    #[arg(long)]
+    pub site: Option<String>,
+    /// Zenoh endpoint to listen on (repeatable), e.g. tcp/127.0.0.1:0.
+    #[arg(long)]
+    pub listen: Vec<String>,
+    /// Zenoh endpoint to connect to (repeatable); retried while unreachable.
+    #[arg(long)]
+    pub connect: Vec<String>,
+    /// peer, client or router.
+    #[arg(long, default_value = "peer")]
+    pub mode: ZenohMode,
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    #[arg(long)]
+    pub grpc: Option<SocketAddr>,
+    #[arg(long)]
+    pub http: Option<SocketAddr>,
+    /// Simulated assets, KIND[:COUNT],... (iot tier).
+    #[arg(long, value_delimiter = ',')]
+    pub simulate: Vec<SimSpec>,
+    /// Liveliness lease in ms.
+    #[arg(long, default_value_t = 2000)]
+    pub lease_ms: u64,
+    /// Largest accepted telemetry frame in bytes.
+    #[arg(long, default_value_t = twinmesh_twins::frame::DEFAULT_MAX_FRAME_BYTES)]
+    pub max_frame_bytes: usize,
+    /// Enable Zenoh multicast scouting (off by default).
+    #[arg(long)]
+    pub multicast: bool,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+impl NodeArgs {
+    pub fn into_config(self) -> anyhow::Result<NodeConfig> {
+        if let Some(path) = self.config {
+            return NodeConfig::from_file(&path);
+        }
+        let tier = self.tier.unwrap_or_default().parse()?;
+        let id = self.id.unwrap_or_default().parse()?;
+        let mut cfg = NodeConfig::new(id, tier, self.site.as_deref().unwrap_or_default());
+        cfg.listen = self.listen;
+        cfg.connect = self.connect;
+        cfg.mode = self.mode;
+        if let Some(d) = self.data {
+            cfg.data = d;
+        }
+        cfg.grpc = self.grpc;
+        cfg.http = self.http;
+        cfg.simulate = self.simulate;
+        cfg.lease_ms = self.lease_ms;
+        cfg.max_frame_bytes = self.max_frame_bytes;
+        cfg.multicast = self.multicast;
+        cfg.seed = self.seed;
+        cfg.normalize()?;
+        Ok(cfg)
+    }
+}

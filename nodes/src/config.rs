@@ -1,0 +1,317 @@
+//! Node configuration: a TOML file or command-line flags, validated before anything starts.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use twinmesh_twins::{id::validate_site, AssetKind, NodeId, Tier};
+
+/// The site every cloud node belongs to.
+pub const CLOUD_SITE: &str = "cloud";
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ZenohMode {
+    #[default]
+    Peer,
+    Client,
+    Router,
+}
+
+impl FromStr for ZenohMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "peer" => Ok(ZenohMode::Peer),
+            "client" => Ok(ZenohMode::Client),
+            "router" => Ok(ZenohMode::Router),
+            _ => Err(format!(
+                "invalid zenoh mode {s:?}: expected peer, client or router"
+            )),
+        }
+    }
+}
+
+/// `KIND[:COUNT]`: simulated assets an IoT gateway drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct SimSpec {
+    pub kind: AssetKind,
+    pub count: u32,
+}
+
+impl FromStr for SimSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (kind, count) = match s.split_once(':') {
+            Some((k, c)) => (
+                k,
+                c.parse::<u32>()
+                    .map_err(|_| format!("invalid asset count in {s:?}: expected KIND[:COUNT]"))?,
+            ),
+            None => (s, 1),
+        };
+        let kind = kind.parse::<AssetKind>().map_err(|e| e.to_string())?;
+        if count == 0 || count > 99_999 {
+            return Err(format!("invalid asset count in {s:?}: expected 1..=99999"));
+        }
+        Ok(SimSpec { kind, count })
+    }
+}
+
+impl TryFrom<String> for SimSpec {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<SimSpec> for String {
+    fn from(s: SimSpec) -> String {
+        s.to_string()
+    }
+}
+
+impl fmt::Display for SimSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.kind, self.count)
+    }
+}
+
+fn default_lease_ms() -> u64 {
+    2000
+}
+fn default_max_frame_bytes() -> usize {
+    twinmesh_twins::frame::DEFAULT_MAX_FRAME_BYTES
+}
+fn default_cache_mb() -> u64 {
+    64
+}
+fn default_capacity() -> u32 {
+    10_000
+}
+fn default_seed() -> u64 {
+    1
+}
+
+/// Everything one `twinmesh node` needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub id: NodeId,
+    pub tier: Tier,
+    /// The node's site; cloud nodes belong to the site `cloud`.
+    #[serde(default)]
+    pub site: String,
+    #[serde(default)]
+    pub mode: ZenohMode,
+    /// Zenoh endpoints to listen on, e.g. `tcp/127.0.0.1:7447` (port 0: any free port).
+    #[serde(default)]
+    pub listen: Vec<String>,
+    /// Zenoh endpoints to connect to; unreachable ones are retried in the background.
+    #[serde(default)]
+    pub connect: Vec<String>,
+    /// Directory of the node's sled database.
+    #[serde(default)]
+    pub data: PathBuf,
+    /// gRPC listen address (port 0: any free port); none: no gRPC server.
+    #[serde(default)]
+    pub grpc: Option<SocketAddr>,
+    /// Dashboard and `/metrics` listen address.
+    #[serde(default)]
+    pub http: Option<SocketAddr>,
+    /// Simulated assets (IoT tier only).
+    #[serde(default)]
+    pub simulate: Vec<SimSpec>,
+    /// Zenoh lease: how fast a frozen or cut-off node is declared gone.
+    #[serde(default = "default_lease_ms")]
+    pub lease_ms: u64,
+    #[serde(default)]
+    pub multicast: bool,
+    #[serde(default = "default_max_frame_bytes")]
+    pub max_frame_bytes: usize,
+    /// sled page cache.
+    #[serde(default = "default_cache_mb")]
+    pub cache_mb: u64,
+    /// Twin slots this node offers.
+    #[serde(default = "default_capacity")]
+    pub capacity: u32,
+    /// Seed of the simulators.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+}
+
+impl NodeConfig {
+    pub fn new(id: NodeId, tier: Tier, site: &str) -> Self {
+        NodeConfig {
+            data: PathBuf::from("data").join(id.as_str()),
+            id,
+            tier,
+            site: site.to_owned(),
+            mode: ZenohMode::Peer,
+            listen: Vec::new(),
+            connect: Vec::new(),
+            grpc: None,
+            http: None,
+            simulate: Vec::new(),
+            lease_ms: default_lease_ms(),
+            multicast: false,
+            max_frame_bytes: default_max_frame_bytes(),
+            cache_mb: default_cache_mb(),
+            capacity: default_capacity(),
+            seed: default_seed(),
+        }
+    }
+
+    /// Reads and validates a TOML file.
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
+        let mut cfg: NodeConfig = toml::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "invalid config {}: {}",
+                path.display(),
+                e.to_string().trim().replace('\n', " ")
+            )
+        })?;
+        cfg.normalize()?;
+        Ok(cfg)
+    }
+
+    /// Fills defaults that depend on other fields and rejects inconsistent settings.
+    pub fn normalize(&mut self) -> anyhow::Result<()> {
+        if self.tier == Tier::Cloud {
+            if self.site.is_empty() {
+                self.site = CLOUD_SITE.to_owned();
+            } else if self.site != CLOUD_SITE {
+                anyhow::bail!(
+                    "invalid site {:?} for cloud node {}: cloud nodes belong to the site {CLOUD_SITE:?}",
+                    self.site,
+                    self.id
+                );
+            }
+        }
+        if self.site.is_empty() {
+            anyhow::bail!("node {} ({}) needs a site", self.id, self.tier);
+        }
+        validate_site(&self.site)?;
+        if !self.simulate.is_empty() && self.tier != Tier::Iot {
+            anyhow::bail!(
+                "node {} is a {} node: only iot gateways drive simulated assets",
+                self.id,
+                self.tier
+            );
+        }
+        for ep in self.listen.iter().chain(&self.connect) {
+            zenoh::config::EndPoint::from_str(ep)
+                .map_err(|e| anyhow::anyhow!("invalid zenoh endpoint {ep:?}: {e}"))?;
+        }
+        if self.mode == ZenohMode::Client && self.connect.is_empty() {
+            anyhow::bail!(
+                "node {} in client mode needs at least one --connect endpoint",
+                self.id
+            );
+        }
+        if self.lease_ms < 100 {
+            anyhow::bail!("invalid lease_ms {}: at least 100", self.lease_ms);
+        }
+        if self.max_frame_bytes < 64 {
+            anyhow::bail!(
+                "invalid max_frame_bytes {}: at least 64",
+                self.max_frame_bytes
+            );
+        }
+        if self.data.as_os_str().is_empty() {
+            self.data = PathBuf::from("data").join(self.id.as_str());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_full_file() {
+        let text = r#"
+            id = "edge-a"
+            tier = "edge"
+            site = "site-a"
+            listen = ["tcp/127.0.0.1:0"]
+            connect = ["tcp/127.0.0.1:7447"]
+            data = "/tmp/x"
+            grpc = "127.0.0.1:0"
+            lease_ms = 1000
+        "#;
+        let mut cfg: NodeConfig = toml::from_str(text).unwrap();
+        cfg.normalize().unwrap();
+        assert_eq!(cfg.id.as_str(), "edge-a");
+        assert_eq!(cfg.tier, Tier::Edge);
+        assert_eq!(cfg.lease_ms, 1000);
+        assert_eq!(cfg.max_frame_bytes, 1 << 20);
+    }
+
+    #[test]
+    fn rejects_bad_settings_with_a_clear_message() {
+        let bad = |text: &str| {
+            let parsed: Result<NodeConfig, _> = toml::from_str(text);
+            match parsed {
+                Err(e) => e.to_string(),
+                Ok(mut c) => c.normalize().unwrap_err().to_string(),
+            }
+        };
+        assert!(bad(r#"id = "Edge A"
+tier = "edge"
+site = "s""#)
+        .contains("invalid node id \"Edge A\""));
+        assert!(bad(r#"id = "e"
+tier = "fog"
+site = "s""#)
+        .contains("unknown variant `fog`"));
+        assert!(bad(r#"id = "e"
+tier = "edge""#)
+        .contains("needs a site"));
+        assert!(bad(r#"id = "c"
+tier = "cloud"
+site = "site-a""#)
+        .contains("cloud nodes belong to the site \"cloud\""));
+        assert!(bad(r#"id = "e"
+tier = "edge"
+site = "s"
+listen = ["carrier-pigeon/1"]"#)
+        .contains("invalid zenoh endpoint \"carrier-pigeon/1\""));
+        assert!(bad(r#"id = "e"
+tier = "edge"
+site = "s"
+simulate = ["wind_turbine:2"]"#)
+        .contains("only iot gateways"));
+        assert!(bad(r#"id = "e"
+tier = "iot"
+site = "s"
+simulate = ["toaster"]"#)
+        .contains("unknown asset kind \"toaster\""));
+        assert!(bad(r#"id = "e"
+tier = "edge"
+site = "s"
+colour = "blue""#)
+        .contains("unknown field `colour`"));
+    }
+
+    #[test]
+    fn sim_specs() {
+        assert_eq!(
+            "wind_turbine:3".parse::<SimSpec>().unwrap(),
+            SimSpec {
+                kind: AssetKind::WindTurbine,
+                count: 3
+            }
+        );
+        assert_eq!("power_meter".parse::<SimSpec>().unwrap().count, 1);
+        assert!("power_meter:0".parse::<SimSpec>().is_err());
+        assert!("power_meter:x".parse::<SimSpec>().is_err());
+    }
+}

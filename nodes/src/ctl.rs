@@ -1,0 +1,462 @@
+//! `twinmesh ctl`: operate a running mesh through the gRPC API of any node.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::{Args, Subcommand};
+use tonic::transport::Channel;
+
+use twinmesh_proto::v1::mesh_service_client::MeshServiceClient;
+use twinmesh_proto::v1::twin_service_client::TwinServiceClient;
+use twinmesh_twins::proto::{
+    self, watch_twin_response, GetPlacementRequest, GetThingDescriptionRequest, GetTwinRequest,
+    ListNodesRequest, ListTwinsRequest, QueryHistoryRequest, SetDesiredRequest, WatchTwinRequest,
+};
+use twinmesh_twins::stats::Aggregation;
+
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// gRPC endpoint of any node.
+    #[arg(
+        long,
+        global = true,
+        default_value = "http://127.0.0.1:50051",
+        env = "TWINMESH_ENDPOINT"
+    )]
+    pub endpoint: String,
+    /// Print proto3 JSON (one document, or one per line for streams).
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Deadline of each call in seconds.
+    #[arg(long, global = true, default_value_t = 10.0)]
+    pub timeout: f64,
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CtlCommand {
+    /// List twins (all pages unless --page-size is given).
+    Twins {
+        #[arg(long, default_value = "")]
+        site: String,
+        #[arg(long, default_value = "")]
+        kind: String,
+        #[arg(long, default_value = "")]
+        tier: String,
+        #[arg(long, default_value = "")]
+        node: String,
+        #[arg(long, default_value = "")]
+        status: String,
+        #[arg(long)]
+        page_size: Option<u32>,
+    },
+    /// Full state of one twin.
+    Twin { id: String },
+    /// W3C WoT Thing Description of one twin.
+    Td { id: String },
+    /// Aggregated history of one signal.
+    History {
+        id: String,
+        signal: String,
+        /// Start: `now`, `-10m` (relative to now) or nanoseconds since the epoch.
+        #[arg(long, default_value = "-10m", allow_hyphen_values = true)]
+        start: String,
+        /// End (exclusive), same forms as --start.
+        #[arg(long, default_value = "now", allow_hyphen_values = true)]
+        end: String,
+        /// Bucket width, e.g. 10s, 500ms, 1m.
+        #[arg(long, default_value = "10s")]
+        bucket: String,
+        /// mean, min, max, rms or count.
+        #[arg(long, default_value = "mean")]
+        agg: Aggregation,
+    },
+    /// Stream a twin's state, features and events.
+    Watch {
+        id: String,
+        /// Stop after this many updates.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// Command a set-point.
+    Desired {
+        id: String,
+        property: String,
+        value: f64,
+        /// Refuse unless the twin is at this revision.
+        #[arg(long)]
+        expected_revision: Option<u64>,
+    },
+    /// Live nodes of the mesh.
+    Nodes,
+    /// Placement of one twin.
+    Placement { id: String },
+}
+
+/// `10s`, `500ms`, `1m`, `2h`, `250us`, `100ns`.
+pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .ok_or_else(|| {
+            anyhow::anyhow!("invalid duration {s:?}: add a unit (ns, us, ms, s, m, h)")
+        })?;
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| anyhow::anyhow!("invalid duration {s:?}"))?;
+    let secs = match unit {
+        "ns" => n * 1e-9,
+        "us" => n * 1e-6,
+        "ms" => n * 1e-3,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => anyhow::bail!("invalid duration {s:?}: unit must be ns, us, ms, s, m or h"),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+/// `now`, `-10m`, `now-10m` or nanoseconds since the epoch.
+pub fn parse_time(s: &str, now: i64) -> anyhow::Result<i64> {
+    let s = s.trim();
+    if s == "now" {
+        return Ok(now);
+    }
+    if let Some(rel) = s.strip_prefix("now-").or_else(|| s.strip_prefix('-')) {
+        if let Ok(d) = parse_duration(rel) {
+            return Ok(now - d.as_nanos() as i64);
+        }
+    }
+    s.parse::<i64>().map_err(|_| {
+        anyhow::anyhow!("invalid time {s:?}: use now, -10m or nanoseconds since the epoch")
+    })
+}
+
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    let code = format!("{:?}", s.code());
+    let mut snake = String::new();
+    for (i, c) in code.chars().enumerate() {
+        if c.is_uppercase() && i > 0 {
+            snake.push('_');
+        }
+        snake.push(c.to_ascii_lowercase());
+    }
+    anyhow::anyhow!("{snake}: {}", s.message())
+}
+
+async fn connect(endpoint: &str, timeout: Duration) -> anyhow::Result<Channel> {
+    Channel::from_shared(endpoint.to_owned())
+        .map_err(|e| anyhow::anyhow!("invalid endpoint {endpoint:?}: {e}"))?
+        .timeout(timeout)
+        .connect_timeout(Duration::from_secs(3))
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to {endpoint}: {e}"))
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string(v)?);
+    Ok(())
+}
+
+fn print_twin(t: &proto::Twin) {
+    let p = t.placement.clone().unwrap_or_default();
+    let h = t.health.clone().unwrap_or_default();
+    println!("{}  ({})  revision {}", t.twin_id, t.kind, t.revision);
+    println!(
+        "  placement  node {} tier {} epoch {}",
+        p.node, p.tier, p.epoch
+    );
+    println!(
+        "  health     {} (anomaly score {:.3})",
+        h.status, h.anomaly_score
+    );
+    let mut reported: Vec<_> = t.reported.iter().collect();
+    reported.sort_by(|a, b| a.0.cmp(b.0));
+    println!("  reported");
+    for (k, v) in reported {
+        println!(
+            "    {k:<24} {:>14.4}   seq {:<8} t {}",
+            v.value, v.seq, v.timestamp_ns
+        );
+    }
+    if !t.desired.is_empty() {
+        println!("  desired");
+        let mut desired: Vec<_> = t.desired.iter().collect();
+        desired.sort_by(|a, b| a.0.cmp(b.0));
+        for (k, d) in desired {
+            let status = proto::DeliveryStatus::try_from(d.status)
+                .map(|s| {
+                    s.as_str_name()
+                        .trim_start_matches("DELIVERY_STATUS_")
+                        .to_lowercase()
+                })
+                .unwrap_or_default();
+            println!("    {k:<24} {:>14.4}   {status} {}", d.value, d.reason);
+        }
+    }
+    if !t.derived.is_empty() {
+        println!("  derived");
+        let mut derived: Vec<_> = t.derived.iter().collect();
+        derived.sort_by(|a, b| a.0.cmp(b.0));
+        for (k, v) in derived {
+            println!("    {k:<32} {v:>14.4}");
+        }
+    }
+}
+
+pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
+    let timeout = Duration::from_secs_f64(args.timeout.max(0.001));
+    let channel = connect(&args.endpoint, timeout).await?;
+    let mut twins = TwinServiceClient::new(channel.clone());
+    let mut mesh = MeshServiceClient::new(channel);
+    let json = args.json;
+    match args.command {
+        CtlCommand::Twins {
+            site,
+            kind,
+            tier,
+            node,
+            status,
+            page_size,
+        } => {
+            let mut req = ListTwinsRequest {
+                site,
+                kind,
+                tier,
+                node,
+                status,
+                page_size: page_size.unwrap_or(0),
+                page_token: String::new(),
+            };
+            let mut all = Vec::new();
+            loop {
+                let resp = twins
+                    .list_twins(req.clone())
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                if json && page_size.is_some() {
+                    return print_json(&resp);
+                }
+                all.extend(resp.twins);
+                if resp.next_page_token.is_empty() || page_size.is_some() {
+                    break;
+                }
+                req.page_token = resp.next_page_token;
+            }
+            if json {
+                return print_json(&proto::ListTwinsResponse {
+                    twins: all,
+                    next_page_token: String::new(),
+                });
+            }
+            println!(
+                "{:<24} {:<16} {:<10} {:<6} {:<7} {:>10}",
+                "TWIN", "KIND", "NODE", "TIER", "STATUS", "REVISION"
+            );
+            for t in &all {
+                println!(
+                    "{:<24} {:<16} {:<10} {:<6} {:<7} {:>10}",
+                    t.twin_id, t.kind, t.node, t.tier, t.status, t.revision
+                );
+            }
+            println!("{} twins", all.len());
+        }
+        CtlCommand::Twin { id } => {
+            let t = twins
+                .get_twin(GetTwinRequest { twin_id: id })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if json {
+                print_json(&t)?;
+            } else {
+                print_twin(&t);
+            }
+        }
+        CtlCommand::Td { id } => {
+            let td = twins
+                .get_thing_description(GetThingDescriptionRequest { twin_id: id })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let doc: serde_json::Value = serde_json::from_str(&td.json)?;
+            println!("{}", serde_json::to_string_pretty(&doc)?);
+        }
+        CtlCommand::History {
+            id,
+            signal,
+            start,
+            end,
+            bucket,
+            agg,
+        } => {
+            let now = now_ns();
+            let req = QueryHistoryRequest {
+                twin_id: id,
+                signal,
+                start_ns: parse_time(&start, now)?,
+                end_ns: parse_time(&end, now)?,
+                bucket_ns: parse_duration(&bucket)?.as_nanos() as i64,
+                aggregation: proto::Aggregation::from(agg) as i32,
+            };
+            let resp = twins
+                .query_history(req)
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if json {
+                return print_json(&resp);
+            }
+            println!(
+                "{:<22} {:>16} {:>10}",
+                "BUCKET_START_NS",
+                agg.as_str().to_uppercase(),
+                "COUNT"
+            );
+            for b in &resp.buckets {
+                println!("{:<22} {:>16.6} {:>10}", b.start_ns, b.value, b.count);
+            }
+        }
+        CtlCommand::Watch { id, count } => {
+            let mut stream = twins
+                .watch_twin(WatchTwinRequest { twin_id: id })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let mut seen = 0;
+            while let Some(update) = stream.message().await.map_err(status_error)? {
+                if json {
+                    print_json(&update)?;
+                } else {
+                    match update.update {
+                        Some(watch_twin_response::Update::State(s)) => {
+                            if let Some(t) = s.twin {
+                                let vals: Vec<String> = {
+                                    let mut r: Vec<_> = t.reported.iter().collect();
+                                    r.sort_by(|a, b| a.0.cmp(b.0));
+                                    r.iter()
+                                        .map(|(k, v)| format!("{k}={:.3}", v.value))
+                                        .collect()
+                                };
+                                println!("state  rev {:<8} {}", t.revision, vals.join(" "));
+                            }
+                        }
+                        Some(watch_twin_response::Update::Features(f)) => {
+                            println!("features {} {:?}", f.signal, f.features);
+                        }
+                        Some(watch_twin_response::Update::Event(e)) => {
+                            println!("event  {:<18} {}", e.kind, e.message);
+                        }
+                        None => {}
+                    }
+                }
+                seen += 1;
+                if count.is_some_and(|c| seen >= c) {
+                    break;
+                }
+            }
+        }
+        CtlCommand::Desired {
+            id,
+            property,
+            value,
+            expected_revision,
+        } => {
+            let resp = twins
+                .set_desired(SetDesiredRequest {
+                    twin_id: id.clone(),
+                    property: property.clone(),
+                    value,
+                    expected_revision,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if json {
+                return print_json(&resp);
+            }
+            println!(
+                "{id}: {property} = {value} commanded at revision {} (pending delivery)",
+                resp.revision
+            );
+        }
+        CtlCommand::Nodes => {
+            let resp = mesh
+                .list_nodes(ListNodesRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if json {
+                return print_json(&resp);
+            }
+            println!(
+                "{:<12} {:<6} {:<8} {:>6} {:<22} ZENOH",
+                "NODE", "TIER", "SITE", "TWINS", "GRPC"
+            );
+            for n in &resp.nodes {
+                println!(
+                    "{:<12} {:<6} {:<8} {:>6} {:<22} {}",
+                    n.node,
+                    n.tier,
+                    n.site,
+                    n.twins,
+                    n.grpc_addr,
+                    n.locators.join(",")
+                );
+            }
+        }
+        CtlCommand::Placement { id } => {
+            let p = mesh
+                .get_placement(GetPlacementRequest { twin_id: id })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if json {
+                return print_json(&p);
+            }
+            println!(
+                "{}  node {}  tier {}  epoch {}  status {}{}",
+                p.twin_id,
+                p.node,
+                p.tier,
+                p.epoch,
+                p.status,
+                if p.reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", p.reason)
+                }
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_times() {
+        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("10").is_err());
+        assert!(parse_duration("10 parsecs").is_err());
+        assert_eq!(parse_time("now", 1_000).unwrap(), 1_000);
+        assert_eq!(parse_time("-1s", 5_000_000_000).unwrap(), 4_000_000_000);
+        assert_eq!(parse_time("now-1s", 5_000_000_000).unwrap(), 4_000_000_000);
+        assert_eq!(parse_time("123", 0).unwrap(), 123);
+        assert!(parse_time("yesterday", 0).is_err());
+    }
+}

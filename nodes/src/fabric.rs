@@ -1,0 +1,306 @@
+//! The real [`Fabric`]: one Zenoh 1.x session per node.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use zenoh::bytes::{Encoding, ZBytes};
+use zenoh::pubsub::Publisher;
+use zenoh::qos::CongestionControl;
+use zenoh::query::{ConsolidationMode, QueryTarget};
+use zenoh::sample::SampleKind as ZSampleKind;
+use zenoh::Session;
+
+use twinmesh_actors::ports::{
+    Fabric, Guard, Qos, Query, Queryable, Reply, Responder, Sample, SampleKind, Subscription,
+};
+use twinmesh_actors::{Error, Result};
+
+use crate::config::{NodeConfig, ZenohMode};
+
+/// Publishers kept declared (hot keys: telemetry, acks); others use `session.put`.
+const MAX_CACHED_PUBLISHERS: usize = 16_384;
+
+pub struct ZenohFabric {
+    session: Session,
+    publishers: Mutex<HashMap<String, Arc<Publisher<'static>>>>,
+}
+
+fn congestion(qos: Qos) -> CongestionControl {
+    match qos {
+        Qos::Reliable => CongestionControl::Block,
+        Qos::Latest => CongestionControl::Drop,
+    }
+}
+
+fn to_bytes(z: &ZBytes) -> Bytes {
+    Bytes::copy_from_slice(&z.to_bytes())
+}
+
+/// The Zenoh configuration of a node: explicit endpoints, multicast scouting off unless
+/// asked, and the liveliness lease of DESIGN §7.
+pub fn zenoh_config(cfg: &NodeConfig) -> anyhow::Result<zenoh::Config> {
+    let mut c = zenoh::Config::default();
+    let set = |c: &mut zenoh::Config, key: &str, value: String| {
+        c.insert_json5(key, &value)
+            .map_err(|e| anyhow::anyhow!("zenoh config {key}={value}: {e}"))
+    };
+    let mode = match cfg.mode {
+        ZenohMode::Peer => "peer",
+        ZenohMode::Client => "client",
+        ZenohMode::Router => "router",
+    };
+    set(&mut c, "mode", format!("{mode:?}"))?;
+    set(
+        &mut c,
+        "listen/endpoints",
+        serde_json::to_string(&cfg.listen)?,
+    )?;
+    set(
+        &mut c,
+        "connect/endpoints",
+        serde_json::to_string(&cfg.connect)?,
+    )?;
+    set(
+        &mut c,
+        "scouting/multicast/enabled",
+        cfg.multicast.to_string(),
+    )?;
+    // A node must start while its peers are down, and keep retrying them.
+    if cfg.mode != ZenohMode::Client {
+        set(&mut c, "connect/timeout_ms", "0".into())?;
+        set(&mut c, "connect/exit_on_failure", "false".into())?;
+        set(
+            &mut c,
+            "connect/retry",
+            r#"{ period_init_ms: 250, period_max_ms: 2000, period_increase_factor: 2 }"#.into(),
+        )?;
+    }
+    set(&mut c, "transport/link/tx/lease", cfg.lease_ms.to_string())?;
+    set(&mut c, "transport/link/tx/keep_alive", "4".into())?;
+    Ok(c)
+}
+
+impl ZenohFabric {
+    pub async fn open(cfg: &NodeConfig) -> anyhow::Result<Self> {
+        let config = zenoh_config(cfg)?;
+        let session = zenoh::open(config)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot open zenoh session: {e}"))?;
+        Ok(ZenohFabric {
+            session,
+            publishers: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
+    /// The locators this node listens on (with the ports actually bound).
+    pub async fn locators(&self) -> Vec<String> {
+        self.session
+            .info()
+            .locators()
+            .await
+            .into_iter()
+            .map(|l| l.to_string())
+            .collect()
+    }
+
+    pub async fn close(&self) {
+        if let Err(e) = self.session.close().await {
+            tracing::warn!("zenoh session close: {e}");
+        }
+    }
+
+    async fn publisher(
+        &self,
+        key: &str,
+        encoding: &'static str,
+        qos: Qos,
+    ) -> Result<Option<Arc<Publisher<'static>>>> {
+        if let Some(p) = self.publishers.lock().expect("publishers").get(key) {
+            return Ok(Some(p.clone()));
+        }
+        if self.publishers.lock().expect("publishers").len() >= MAX_CACHED_PUBLISHERS {
+            return Ok(None);
+        }
+        let publisher = self
+            .session
+            .declare_publisher(key.to_owned())
+            .encoding(Encoding::from(encoding))
+            .congestion_control(congestion(qos))
+            .await
+            .map_err(Error::fabric)?;
+        let publisher = Arc::new(publisher);
+        self.publishers
+            .lock()
+            .expect("publishers")
+            .insert(key.to_owned(), publisher.clone());
+        Ok(Some(publisher))
+    }
+}
+
+struct ZenohResponder(zenoh::query::Query);
+
+#[async_trait]
+impl Responder for ZenohResponder {
+    async fn reply(self: Box<Self>, key: &str, payload: Bytes, encoding: &'static str) {
+        if let Err(e) = self
+            .0
+            .reply(key.to_owned(), ZBytes::from(payload))
+            .encoding(Encoding::from(encoding))
+            .await
+        {
+            tracing::debug!(key, "reply not sent: {e}");
+        }
+    }
+
+    async fn reply_many(self: Box<Self>, replies: Vec<(String, Bytes)>, encoding: &'static str) {
+        for (key, payload) in replies {
+            if let Err(e) = self
+                .0
+                .reply(key.clone(), ZBytes::from(payload))
+                .encoding(Encoding::from(encoding))
+                .await
+            {
+                tracing::debug!(key, "reply not sent: {e}");
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Fabric for ZenohFabric {
+    async fn publish(
+        &self,
+        key: &str,
+        payload: Bytes,
+        encoding: &'static str,
+        qos: Qos,
+    ) -> Result<()> {
+        match self.publisher(key, encoding, qos).await? {
+            Some(p) => p.put(ZBytes::from(payload)).await.map_err(Error::fabric),
+            None => self
+                .session
+                .put(key.to_owned(), ZBytes::from(payload))
+                .encoding(Encoding::from(encoding))
+                .congestion_control(congestion(qos))
+                .await
+                .map_err(Error::fabric),
+        }
+    }
+
+    async fn subscribe(&self, keyexpr: &str, capacity: usize) -> Result<Subscription> {
+        let (tx, rx) = flume::bounded(capacity);
+        let subscriber = self
+            .session
+            .declare_subscriber(keyexpr.to_owned())
+            .callback(move |s: zenoh::sample::Sample| {
+                // Blocking send: a full channel holds back the transport (back-pressure),
+                // as Zenoh's own FIFO handler does.
+                let _ = tx.send(Sample {
+                    key: s.key_expr().to_string(),
+                    payload: to_bytes(s.payload()),
+                    kind: SampleKind::Put,
+                });
+            })
+            .await
+            .map_err(Error::fabric)?;
+        Ok(Subscription {
+            rx,
+            guard: Box::new(subscriber),
+        })
+    }
+
+    async fn queryable(&self, keyexpr: &str, capacity: usize) -> Result<Queryable> {
+        let (tx, rx) = flume::bounded(capacity);
+        let queryable = self
+            .session
+            .declare_queryable(keyexpr.to_owned())
+            .callback(move |q: zenoh::query::Query| {
+                let query = Query {
+                    key: q.key_expr().to_string(),
+                    payload: q.payload().map(to_bytes).unwrap_or_default(),
+                    responder: Box::new(ZenohResponder(q)),
+                };
+                let _ = tx.send(query);
+            })
+            .await
+            .map_err(Error::fabric)?;
+        Ok(Queryable {
+            rx,
+            guard: Box::new(queryable),
+        })
+    }
+
+    async fn query(
+        &self,
+        keyexpr: &str,
+        payload: Option<(Bytes, &'static str)>,
+        timeout: Duration,
+    ) -> Result<Vec<Reply>> {
+        let mut get = self
+            .session
+            .get(keyexpr.to_owned())
+            .target(QueryTarget::All)
+            .consolidation(ConsolidationMode::None)
+            .timeout(timeout);
+        if let Some((bytes, encoding)) = payload {
+            get = get
+                .payload(ZBytes::from(bytes))
+                .encoding(Encoding::from(encoding));
+        }
+        let replies = get.await.map_err(Error::fabric)?;
+        let mut out = Vec::new();
+        while let Ok(reply) = replies.recv_async().await {
+            match reply.result() {
+                Ok(sample) => out.push(Reply {
+                    key: sample.key_expr().to_string(),
+                    payload: to_bytes(sample.payload()),
+                }),
+                Err(e) => tracing::debug!(keyexpr, "error reply: {:?}", e.payload().to_bytes()),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn liveliness_token(&self, key: &str) -> Result<Guard> {
+        let token = self
+            .session
+            .liveliness()
+            .declare_token(key.to_owned())
+            .await
+            .map_err(Error::fabric)?;
+        Ok(Box::new(token))
+    }
+
+    async fn liveliness_subscribe(&self, keyexpr: &str) -> Result<Subscription> {
+        let (tx, rx) = flume::unbounded();
+        let subscriber = self
+            .session
+            .liveliness()
+            .declare_subscriber(keyexpr.to_owned())
+            .history(true)
+            .callback(move |s: zenoh::sample::Sample| {
+                let kind = match s.kind() {
+                    ZSampleKind::Put => SampleKind::Put,
+                    ZSampleKind::Delete => SampleKind::Delete,
+                };
+                let _ = tx.send(Sample {
+                    key: s.key_expr().to_string(),
+                    payload: Bytes::new(),
+                    kind,
+                });
+            })
+            .await
+            .map_err(Error::fabric)?;
+        Ok(Subscription {
+            rx,
+            guard: Box::new(subscriber),
+        })
+    }
+}

@@ -1,0 +1,285 @@
+//! One node process: opens its store and Zenoh session, starts the actors its tier needs,
+//! serves its info/twins queryables, gRPC and the dashboard, and stops cleanly.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use prost::Message;
+use ractor::{Actor, ActorRef};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use twinmesh_actors::context::{NodeContext, TwinConfig};
+use twinmesh_actors::gateway::{GatewayActor, GatewayArgs, GatewayConfig, GatewayMsg};
+use twinmesh_actors::mesh::{MeshMsg, MeshSupervisor};
+use twinmesh_actors::metrics::NodeMetrics;
+use twinmesh_actors::node::{NodeMsg, NodeSupervisor};
+use twinmesh_actors::ports::{Device, Fabric, Guard, SharedFabric, Store, SystemClock};
+use twinmesh_proto::encoding;
+use twinmesh_sim::SimDevice;
+use twinmesh_twins::proto::{NodeInfo, NodeTwins};
+use twinmesh_twins::{keys, Tier, TwinId};
+
+use crate::api::Api;
+use crate::config::NodeConfig;
+use crate::fabric::ZenohFabric;
+use crate::store::SledStore;
+use crate::{grpc, http};
+
+/// How long shutdown may take before remaining tasks are abandoned.
+const SHUTDOWN_BOUND: Duration = Duration::from_secs(10);
+
+/// A started node. Drop does not stop it: call [`RunningNode::stop`].
+pub struct RunningNode {
+    pub config: NodeConfig,
+    pub grpc_addr: Option<SocketAddr>,
+    pub http_addr: Option<SocketAddr>,
+    /// Zenoh locators the node listens on.
+    pub locators: Vec<String>,
+    pub ctx: Arc<NodeContext>,
+    pub fabric: Arc<ZenohFabric>,
+    pub store: Arc<SledStore>,
+    pub supervisor: Option<ActorRef<NodeMsg>>,
+    pub mesh: Option<ActorRef<MeshMsg>>,
+    pub gateway: Option<ActorRef<GatewayMsg>>,
+    token: Option<Guard>,
+    servers: CancellationToken,
+}
+
+/// Simulated devices of an IoT node, named `{site}/{prefix}-{nn}`.
+pub fn simulated_devices(cfg: &NodeConfig) -> anyhow::Result<Vec<Box<dyn Device>>> {
+    let mut devices: Vec<Box<dyn Device>> = Vec::new();
+    for spec in &cfg.simulate {
+        for n in 1..=spec.count {
+            let id = TwinId::new(&cfg.site, &format!("{}-{n:02}", spec.kind.prefix()))?;
+            devices.push(Box::new(SimDevice::new(id, spec.kind, cfg.seed)?));
+        }
+    }
+    Ok(devices)
+}
+
+impl RunningNode {
+    /// Starts a node. Errors (bad address, locked database, unusable endpoint) are
+    /// reported before anything is left half-started.
+    pub async fn start(config: NodeConfig) -> anyhow::Result<Self> {
+        Self::start_with(config, TwinConfig::default(), GatewayConfig::default()).await
+    }
+
+    pub async fn start_with(
+        config: NodeConfig,
+        twin_config: TwinConfig,
+        gateway_config: GatewayConfig,
+    ) -> anyhow::Result<Self> {
+        let devices = simulated_devices(&config)?;
+        // Bind the servers first: a taken port fails the start with one clear line.
+        let grpc_listener = match config.grpc {
+            Some(addr) => Some(grpc::bind(addr).await?),
+            None => None,
+        };
+        let http_listener = match config.http {
+            Some(addr) => Some(http::bind(addr).await?),
+            None => None,
+        };
+        let store = Arc::new(SledStore::open(&config.data, config.cache_mb)?);
+        let fabric = Arc::new(ZenohFabric::open(&config).await?);
+        let locators = fabric.locators().await;
+        let shared_fabric: SharedFabric = fabric.clone();
+        let ctx = Arc::new(NodeContext {
+            node: config.id.clone(),
+            tier: config.tier,
+            site: config.site.clone(),
+            fabric: shared_fabric.clone(),
+            store: store.clone(),
+            clock: Arc::new(SystemClock),
+            metrics: Arc::new(NodeMetrics::default()),
+            directory: Default::default(),
+            twin_config: TwinConfig {
+                max_frame_bytes: config.max_frame_bytes,
+                ..twin_config
+            },
+            tasks: TaskTracker::new(),
+            cancel: CancellationToken::new(),
+        });
+        let grpc_addr = grpc_listener.as_ref().and_then(|l| l.local_addr().ok());
+        let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
+
+        let info = NodeInfo {
+            node: config.id.to_string(),
+            tier: config.tier.to_string(),
+            site: config.site.clone(),
+            capacity: config.capacity,
+            twins: 0,
+            locators: locators.clone(),
+            grpc_addr: grpc_addr.map(|a| a.to_string()).unwrap_or_default(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            started_ns: ctx.now_ns(),
+        };
+        serve_node_queryables(&ctx, info).await?;
+
+        let mesh = if config.tier == Tier::Cloud {
+            Some(Actor::spawn(None, MeshSupervisor, ctx.clone()).await?.0)
+        } else {
+            None
+        };
+        let supervisor = if config.tier != Tier::Iot {
+            Some(Actor::spawn(None, NodeSupervisor, ctx.clone()).await?.0)
+        } else {
+            None
+        };
+        let gateway = if config.tier == Tier::Iot {
+            let args = GatewayArgs {
+                ctx: ctx.clone(),
+                devices,
+                config: gateway_config,
+            };
+            Some(Actor::spawn(None, GatewayActor, args).await?.0)
+        } else {
+            None
+        };
+        // Announce the node last: whoever sees the token can query its info.
+        let token = ctx
+            .fabric
+            .liveliness_token(&keys::node_token(&config.id))
+            .await?;
+
+        let servers = CancellationToken::new();
+        let api = Api::new(shared_fabric);
+        if let Some(listener) = grpc_listener {
+            let services = grpc::Services {
+                api: api.clone(),
+                cancel: servers.clone(),
+                tasks: ctx.tasks.clone(),
+            };
+            let cancel = servers.clone();
+            ctx.tasks.spawn(async move {
+                if let Err(e) = grpc::serve(listener, services, cancel).await {
+                    tracing::error!("gRPC server stopped: {e}");
+                }
+            });
+        }
+        if let Some(listener) = http_listener {
+            let state = http::HttpState {
+                api,
+                ctx: ctx.clone(),
+                store: store.clone(),
+            };
+            let cancel = servers.clone();
+            ctx.tasks.spawn(async move {
+                if let Err(e) = http::serve(listener, state, cancel).await {
+                    tracing::error!("HTTP server stopped: {e}");
+                }
+            });
+        }
+        tracing::info!(node = %config.id, tier = %config.tier, site = config.site, ?locators, ?grpc_addr, ?http_addr, "node started");
+        Ok(RunningNode {
+            config,
+            grpc_addr,
+            http_addr,
+            locators,
+            ctx,
+            fabric,
+            store,
+            supervisor,
+            mesh,
+            gateway,
+            token: Some(token),
+            servers,
+        })
+    }
+
+    /// One line a script (or a test) can parse: `ready node=... grpc=... zenoh=...`.
+    pub fn ready_line(&self) -> String {
+        format!(
+            "ready node={} tier={} site={} grpc={} http={} zenoh={}",
+            self.config.id,
+            self.config.tier,
+            self.config.site,
+            self.grpc_addr.map(|a| a.to_string()).unwrap_or_default(),
+            self.http_addr.map(|a| a.to_string()).unwrap_or_default(),
+            self.locators.join(",")
+        )
+    }
+
+    /// Stops servers and actors, flushes storage and closes the session, within a bound.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        let result = tokio::time::timeout(SHUTDOWN_BOUND, async {
+            self.servers.cancel();
+            if let Some(g) = self.gateway.take() {
+                let _ = g.stop_and_wait(None, Some(Duration::from_secs(5))).await;
+            }
+            if let Some(s) = self.supervisor.take() {
+                let _ = s.stop_and_wait(None, Some(Duration::from_secs(5))).await;
+            }
+            if let Some(m) = self.mesh.take() {
+                let _ = m.stop_and_wait(None, Some(Duration::from_secs(5))).await;
+            }
+            drop(self.token.take());
+            self.ctx.cancel.cancel();
+            self.ctx.tasks.close();
+            self.ctx.tasks.wait().await;
+        })
+        .await;
+        if result.is_err() {
+            tracing::warn!(node = %self.config.id, "shutdown took longer than {SHUTDOWN_BOUND:?}; abandoning remaining tasks");
+        }
+        self.store.flush().await?;
+        self.fabric.close().await;
+        tracing::info!(node = %self.config.id, "node stopped; storage flushed");
+        Ok(())
+    }
+}
+
+/// `twinmesh/nodes/{node}/info` and `twinmesh/nodes/{node}/twins`.
+async fn serve_node_queryables(ctx: &Arc<NodeContext>, info: NodeInfo) -> anyhow::Result<()> {
+    let info_q = ctx
+        .fabric
+        .queryable(&keys::node_info(&ctx.node), 64)
+        .await?;
+    let twins_q = ctx
+        .fabric
+        .queryable(&keys::node_twins(&ctx.node), 64)
+        .await?;
+    let c = ctx.clone();
+    ctx.tasks.spawn(async move {
+        let info_key = keys::node_info(&c.node);
+        let twins_key = keys::node_twins(&c.node);
+        loop {
+            tokio::select! {
+                _ = c.cancel.cancelled() => break,
+                q = info_q.rx.recv_async() => {
+                    let Ok(q) = q else { break };
+                    let info = NodeInfo { twins: c.directory.len() as u32, ..info.clone() };
+                    q.reply(&info_key, Bytes::from(info.encode_to_vec()), encoding::NODE_INFO).await;
+                }
+                q = twins_q.rx.recv_async() => {
+                    let Ok(q) = q else { break };
+                    let twins = NodeTwins { node: c.node.to_string(), twins: c.directory.list() };
+                    q.reply(&twins_key, Bytes::from(twins.encode_to_vec()), encoding::NODE_TWINS).await;
+                }
+            }
+        }
+        drop(info_q);
+        drop(twins_q);
+    });
+    Ok(())
+}
+
+/// Runs a node until `shutdown` fires (the binary passes Ctrl-C).
+pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let node = RunningNode::start(config).await?;
+    println!("{}", node.ready_line());
+    shutdown.cancelled().await;
+    node.stop().await
+}
+
+/// The store, as the `Store` port (tests and tools).
+pub fn store_port(node: &RunningNode) -> Arc<dyn Store> {
+    node.store.clone()
+}
+
+/// The fabric, as the `Fabric` port.
+pub fn fabric_port(node: &RunningNode) -> Arc<dyn Fabric> {
+    node.fabric.clone()
+}

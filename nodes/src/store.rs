@@ -1,0 +1,561 @@
+//! The real [`Store`]: one sled database per node (DESIGN §8).
+//!
+//! Trees and keys (`\0` separates id parts; ids never contain it):
+//! - `ts`: `{twin}\0{signal}\0{start_ns: i64 order-preserving BE}{seq: u64 BE}` → frame
+//!   (`sample_period_ns: i64 LE`, then `f64 LE` samples). Re-storing a frame overwrites
+//!   the same key, so history is idempotent.
+//! - `snap`: `{twin}` → `TwinSnapshot`; `hosted`: `{twin}` → `Placement`;
+//!   `placement`: `{twin}` → `Placement` (authority's table).
+//! - `spool`: `{twin}\0{signal}\0{seq BE}` → `TelemetryFrame`; `seq`: `{twin}\0{signal}` →
+//!   next unreserved seq (BE).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+
+use async_trait::async_trait;
+use prost::Message;
+
+use twinmesh_actors::ports::{Store, StoredFrame};
+use twinmesh_actors::{Error, Result};
+use twinmesh_twins::proto::{Bucket, Placement, TelemetryFrame, TwinSnapshot};
+use twinmesh_twins::stats::{Accumulator, Aggregation};
+use twinmesh_twins::TwinId;
+
+pub struct SledStore {
+    db: sled::Db,
+    ts: sled::Tree,
+    snap: sled::Tree,
+    hosted: sled::Tree,
+    placement: sled::Tree,
+    spool: sled::Tree,
+    seq: sled::Tree,
+    spool_len: AtomicU64,
+    /// Group commit: writes counted once done; `durable` is the count the last flush covered.
+    writes: AtomicU64,
+    durable: AtomicU64,
+    flush_lock: tokio::sync::Mutex<()>,
+}
+
+fn series_prefix(twin: &TwinId, signal: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(64);
+    k.extend_from_slice(twin.to_string().as_bytes());
+    k.push(0);
+    k.extend_from_slice(signal.as_bytes());
+    k.push(0);
+    k
+}
+
+/// i64 → big-endian bytes that sort like the numbers (sign bit flipped).
+fn ord_i64(v: i64) -> [u8; 8] {
+    ((v as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+fn from_ord_i64(b: &[u8]) -> i64 {
+    (u64::from_be_bytes(b.try_into().expect("8 bytes")) ^ (1 << 63)) as i64
+}
+
+fn ts_key(prefix: &[u8], start_ns: i64, seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(prefix.len() + 16);
+    k.extend_from_slice(prefix);
+    k.extend_from_slice(&ord_i64(start_ns));
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn encode_samples(frame: &StoredFrame) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + frame.samples.len() * 8);
+    v.extend_from_slice(&frame.sample_period_ns.to_le_bytes());
+    for x in &frame.samples {
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v
+}
+
+/// (start_ns, seq, period, samples) of a stored frame.
+struct FrameView<'a> {
+    start_ns: i64,
+    seq: u64,
+    period: i64,
+    samples: &'a [u8],
+}
+
+impl<'a> FrameView<'a> {
+    fn parse(prefix_len: usize, key: &[u8], value: &'a [u8]) -> Result<Self> {
+        if key.len() != prefix_len + 16 || value.len() < 8 || !(value.len() - 8).is_multiple_of(8) {
+            return Err(Error::store("corrupt time-series entry"));
+        }
+        Ok(FrameView {
+            start_ns: from_ord_i64(&key[prefix_len..prefix_len + 8]),
+            seq: u64::from_be_bytes(key[prefix_len + 8..].try_into().expect("8 bytes")),
+            period: i64::from_le_bytes(value[..8].try_into().expect("8 bytes")),
+            samples: &value[8..],
+        })
+    }
+
+    fn len(&self) -> usize {
+        self.samples.len() / 8
+    }
+
+    fn end_ns(&self) -> i64 {
+        self.start_ns
+            .saturating_add((self.len() as i64).saturating_mul(self.period))
+    }
+
+    fn samples(&self) -> impl Iterator<Item = (i64, f64)> + '_ {
+        self.samples.chunks_exact(8).enumerate().map(|(i, b)| {
+            (
+                self.start_ns + i as i64 * self.period,
+                f64::from_le_bytes(b.try_into().expect("8 bytes")),
+            )
+        })
+    }
+}
+
+fn spool_prefix(twin: &TwinId, signal: &str) -> Vec<u8> {
+    series_prefix(twin, signal)
+}
+
+fn spool_key(twin: &TwinId, signal: &str, seq: u64) -> Vec<u8> {
+    let mut k = spool_prefix(twin, signal);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn seq_key(twin: &TwinId, signal: &str) -> Vec<u8> {
+    let mut k = series_prefix(twin, signal);
+    k.pop();
+    k
+}
+
+fn decode<M: Message + Default>(what: &'static str, bytes: &[u8]) -> Result<M> {
+    M::decode(bytes).map_err(|source| Error::Decode { what, source })
+}
+
+impl SledStore {
+    pub fn open(dir: &Path, cache_mb: u64) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("cannot create data directory {}: {e}", dir.display()))?;
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_mb * 1024 * 1024)
+            .mode(sled::Mode::HighThroughput)
+            .flush_every_ms(Some(500))
+            .open()
+            .map_err(|e| anyhow::anyhow!("cannot open database in {}: {e}", dir.display()))?;
+        let tree = |name: &str| {
+            db.open_tree(name)
+                .map_err(|e| anyhow::anyhow!("cannot open tree {name}: {e}"))
+        };
+        let spool = tree("spool")?;
+        let spool_len = spool.len() as u64;
+        Ok(SledStore {
+            ts: tree("ts")?,
+            snap: tree("snap")?,
+            hosted: tree("hosted")?,
+            placement: tree("placement")?,
+            seq: tree("seq")?,
+            spool,
+            spool_len: AtomicU64::new(spool_len),
+            db,
+            writes: AtomicU64::new(0),
+            durable: AtomicU64::new(0),
+            flush_lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Bytes the database occupies on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+
+    fn wrote(&self) {
+        self.writes.fetch_add(1, SeqCst);
+    }
+
+    /// Flushes synchronously (shutdown path).
+    pub fn flush_blocking(&self) -> Result<()> {
+        self.db.flush().map_err(Error::store)?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Store for SledStore {
+    fn append_frames(&self, twin: &TwinId, frames: &[StoredFrame]) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for f in frames {
+            let prefix = series_prefix(twin, &f.signal);
+            batch.insert(ts_key(&prefix, f.start_ns, f.seq), encode_samples(f));
+        }
+        self.ts.apply_batch(batch).map_err(Error::store)?;
+        self.wrote();
+        Ok(())
+    }
+
+    fn query_history(
+        &self,
+        twin: &TwinId,
+        signal: &str,
+        start_ns: i64,
+        end_ns: i64,
+        bucket_ns: i64,
+        agg: Aggregation,
+    ) -> Result<Vec<Bucket>> {
+        let prefix = series_prefix(twin, signal);
+        let mut buckets: BTreeMap<i64, Accumulator> = BTreeMap::new();
+        let mut visit = |view: &FrameView| {
+            if view.end_ns() <= start_ns || view.start_ns >= end_ns {
+                return;
+            }
+            for (t, x) in view.samples() {
+                if t >= start_ns && t < end_ns {
+                    let b = (t - start_ns) / bucket_ns;
+                    buckets.entry(b).or_default().push(x);
+                }
+            }
+        };
+        // The frame that starts before the range may reach into it.
+        if let Some(entry) = self
+            .ts
+            .range(prefix.clone()..ts_key(&prefix, start_ns, 0))
+            .next_back()
+        {
+            let (k, v) = entry.map_err(Error::store)?;
+            if k.starts_with(&prefix) {
+                visit(&FrameView::parse(prefix.len(), &k, &v)?);
+            }
+        }
+        for entry in self
+            .ts
+            .range(ts_key(&prefix, start_ns, 0)..ts_key(&prefix, end_ns, 0))
+        {
+            let (k, v) = entry.map_err(Error::store)?;
+            visit(&FrameView::parse(prefix.len(), &k, &v)?);
+        }
+        Ok(buckets
+            .into_iter()
+            .map(|(b, acc)| Bucket {
+                start_ns: start_ns + b * bucket_ns,
+                value: acc.value(agg),
+                count: acc.count,
+            })
+            .collect())
+    }
+
+    fn frame_seqs(&self, twin: &TwinId, signal: &str) -> Result<Vec<u64>> {
+        let prefix = series_prefix(twin, signal);
+        self.ts
+            .scan_prefix(&prefix)
+            .map(|e| {
+                let (k, v) = e.map_err(Error::store)?;
+                Ok(FrameView::parse(prefix.len(), &k, &v)?.seq)
+            })
+            .collect()
+    }
+
+    fn save_snapshot(&self, snapshot: &TwinSnapshot) -> Result<()> {
+        let id = snapshot
+            .twin
+            .as_ref()
+            .map(|t| t.twin_id.clone())
+            .unwrap_or_default();
+        self.snap
+            .insert(id.as_bytes(), snapshot.encode_to_vec())
+            .map_err(Error::store)?;
+        self.wrote();
+        Ok(())
+    }
+
+    fn load_snapshot(&self, twin: &TwinId) -> Result<Option<TwinSnapshot>> {
+        self.snap
+            .get(twin.to_string().as_bytes())
+            .map_err(Error::store)?
+            .map(|v| decode("twin snapshot", &v))
+            .transpose()
+    }
+
+    fn save_hosted(&self, placement: &Placement) -> Result<()> {
+        self.hosted
+            .insert(placement.twin_id.as_bytes(), placement.encode_to_vec())
+            .map_err(Error::store)?;
+        self.wrote();
+        Ok(())
+    }
+
+    fn remove_hosted(&self, twin: &TwinId) -> Result<()> {
+        self.hosted
+            .remove(twin.to_string().as_bytes())
+            .map_err(Error::store)?;
+        self.wrote();
+        Ok(())
+    }
+
+    fn hosted(&self) -> Result<Vec<Placement>> {
+        self.hosted
+            .iter()
+            .map(|e| decode("placement", &e.map_err(Error::store)?.1))
+            .collect()
+    }
+
+    fn save_placement(&self, placement: &Placement) -> Result<()> {
+        self.placement
+            .insert(placement.twin_id.as_bytes(), placement.encode_to_vec())
+            .map_err(Error::store)?;
+        self.wrote();
+        Ok(())
+    }
+
+    fn placements(&self) -> Result<Vec<Placement>> {
+        self.placement
+            .iter()
+            .map(|e| decode("placement", &e.map_err(Error::store)?.1))
+            .collect()
+    }
+
+    fn reserve_seqs(&self, twin: &TwinId, signal: &str, count: u64) -> Result<u64> {
+        let key = seq_key(twin, signal);
+        let mut first = 1;
+        self.seq
+            .fetch_and_update(&key, |old| {
+                first = old.map_or(1, |b| {
+                    u64::from_be_bytes(b.try_into().unwrap_or([0; 8])).max(1)
+                });
+                Some((first + count).to_be_bytes().to_vec())
+            })
+            .map_err(Error::store)?;
+        self.wrote();
+        Ok(first)
+    }
+
+    fn release_seqs(&self, twin: &TwinId, signal: &str, next: u64) -> Result<()> {
+        self.seq
+            .insert(seq_key(twin, signal), &next.to_be_bytes())
+            .map_err(Error::store)?;
+        self.wrote();
+        Ok(())
+    }
+
+    fn spool_put(&self, frame: &TelemetryFrame) -> Result<()> {
+        let twin: TwinId = frame.twin_id.parse()?;
+        let old = self
+            .spool
+            .insert(
+                spool_key(&twin, &frame.signal, frame.seq),
+                frame.encode_to_vec(),
+            )
+            .map_err(Error::store)?;
+        if old.is_none() {
+            self.spool_len.fetch_add(1, SeqCst);
+        }
+        self.wrote();
+        Ok(())
+    }
+
+    fn spool_truncate(&self, twin: &TwinId, signal: &str, upto: u64) -> Result<u64> {
+        let prefix = spool_prefix(twin, signal);
+        let end = spool_key(twin, signal, upto.saturating_add(1));
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for e in self.spool.range(prefix..end) {
+            let (k, _) = e.map_err(Error::store)?;
+            batch.remove(k);
+            n += 1;
+        }
+        if n > 0 {
+            self.spool.apply_batch(batch).map_err(Error::store)?;
+            self.spool_len.fetch_sub(n, SeqCst);
+            self.wrote();
+        }
+        Ok(n)
+    }
+
+    fn spool_read(
+        &self,
+        twin: &TwinId,
+        signal: &str,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<TelemetryFrame>> {
+        let prefix = spool_prefix(twin, signal);
+        let mut end = prefix.clone();
+        end.extend_from_slice(&[0xff; 9]);
+        self.spool
+            .range(spool_key(twin, signal, from)..end)
+            .take(max)
+            .map(|e| decode("spooled frame", &e.map_err(Error::store)?.1))
+            .collect()
+    }
+
+    fn spool_first(&self, twin: &TwinId, signal: &str) -> Result<Option<u64>> {
+        let prefix = spool_prefix(twin, signal);
+        match self.spool.scan_prefix(&prefix).next() {
+            Some(e) => {
+                let (k, _) = e.map_err(Error::store)?;
+                Ok(Some(u64::from_be_bytes(
+                    k[prefix.len()..].try_into().map_err(Error::store)?,
+                )))
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn spool_len(&self) -> u64 {
+        self.spool_len.load(SeqCst)
+    }
+
+    async fn flush(&self) -> Result<()> {
+        let target = self.writes.load(SeqCst);
+        if self.durable.load(SeqCst) >= target {
+            return Ok(());
+        }
+        let _guard = self.flush_lock.lock().await;
+        if self.durable.load(SeqCst) >= target {
+            return Ok(());
+        }
+        // Everything counted now is complete and covered by this flush.
+        let covered = self.writes.load(SeqCst);
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(Error::store)?
+            .map_err(Error::store)?;
+        self.durable.fetch_max(covered, SeqCst);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, SledStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path(), 8).unwrap();
+        (dir, s)
+    }
+
+    fn frame(seq: u64, start_ns: i64, samples: Vec<f64>) -> StoredFrame {
+        StoredFrame {
+            signal: "v".into(),
+            seq,
+            start_ns,
+            sample_period_ns: 10,
+            samples,
+        }
+    }
+
+    #[test]
+    fn history_buckets_are_exact_and_idempotent() {
+        let (_d, s) = store();
+        let id: TwinId = "s/a".parse().unwrap();
+        // Frames of 4 samples, 10 ns apart: t = 0..80.
+        s.append_frames(
+            &id,
+            &[
+                frame(1, 0, vec![1.0, 2.0, 3.0, 4.0]),
+                frame(2, 40, vec![5.0, 6.0, 7.0, 8.0]),
+            ],
+        )
+        .unwrap();
+        // The same frame again changes nothing.
+        s.append_frames(&id, &[frame(2, 40, vec![5.0, 6.0, 7.0, 8.0])])
+            .unwrap();
+        assert_eq!(s.frame_seqs(&id, "v").unwrap(), vec![1, 2]);
+        // Range [20, 70) in buckets of 20: {3,4}, {5,6}, {7}.
+        let b = s
+            .query_history(&id, "v", 20, 70, 20, Aggregation::Mean)
+            .unwrap();
+        assert_eq!(
+            b,
+            vec![
+                Bucket {
+                    start_ns: 20,
+                    value: 3.5,
+                    count: 2
+                },
+                Bucket {
+                    start_ns: 40,
+                    value: 5.5,
+                    count: 2
+                },
+                Bucket {
+                    start_ns: 60,
+                    value: 7.0,
+                    count: 1
+                },
+            ]
+        );
+        let b = s
+            .query_history(&id, "v", 0, 80, 80, Aggregation::Max)
+            .unwrap();
+        assert_eq!(
+            b,
+            vec![Bucket {
+                start_ns: 0,
+                value: 8.0,
+                count: 8
+            }]
+        );
+        let b = s
+            .query_history(&id, "v", -100, 0, 10, Aggregation::Count)
+            .unwrap();
+        assert!(b.is_empty());
+        // Negative timestamps sort before positive ones.
+        s.append_frames(&id, &[frame(3, -40, vec![-1.0])]).unwrap();
+        assert_eq!(s.frame_seqs(&id, "v").unwrap(), vec![3, 1, 2]);
+    }
+
+    #[test]
+    fn spool_numbering_and_truncation() {
+        let (_d, s) = store();
+        let id: TwinId = "s/a".parse().unwrap();
+        assert_eq!(s.reserve_seqs(&id, "v", 10).unwrap(), 1);
+        assert_eq!(s.reserve_seqs(&id, "v", 10).unwrap(), 11);
+        s.release_seqs(&id, "v", 13).unwrap();
+        assert_eq!(s.reserve_seqs(&id, "v", 10).unwrap(), 13);
+        for seq in 1..=5 {
+            s.spool_put(&TelemetryFrame {
+                twin_id: "s/a".into(),
+                signal: "v".into(),
+                seq,
+                ..Default::default()
+            })
+            .unwrap();
+        }
+        assert_eq!(s.spool_len(), 5);
+        assert_eq!(s.spool_first(&id, "v").unwrap(), Some(1));
+        assert_eq!(s.spool_truncate(&id, "v", 3).unwrap(), 3);
+        assert_eq!(s.spool_len(), 2);
+        let rest: Vec<u64> = s
+            .spool_read(&id, "v", 0, 10)
+            .unwrap()
+            .iter()
+            .map(|f| f.seq)
+            .collect();
+        assert_eq!(rest, vec![4, 5]);
+        assert_eq!(s.spool_read(&id, "v", 5, 10).unwrap().len(), 1);
+        assert_eq!(s.spool_first(&"s/b".parse().unwrap(), "v").unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn reopened_store_keeps_flushed_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let id: TwinId = "s/a".parse().unwrap();
+        {
+            let s = SledStore::open(dir.path(), 8).unwrap();
+            s.append_frames(&id, &[frame(1, 0, vec![1.0])]).unwrap();
+            s.save_hosted(&Placement {
+                twin_id: "s/a".into(),
+                node: "e".into(),
+                epoch: 3,
+                ..Default::default()
+            })
+            .unwrap();
+            s.flush().await.unwrap();
+        }
+        let s = SledStore::open(dir.path(), 8).unwrap();
+        assert_eq!(s.frame_seqs(&id, "v").unwrap(), vec![1]);
+        assert_eq!(s.hosted().unwrap()[0].epoch, 3);
+    }
+}

@@ -9,6 +9,9 @@ use serde::{Deserialize, Serialize};
 
 use twinmesh_twins::{id::validate_site, AssetKind, NodeId, Tier};
 
+/// Zenoh link protocols this build supports.
+pub const SUPPORTED_PROTOCOLS: [&str; 2] = ["tcp", "tls"];
+
 /// The site every cloud node belongs to.
 pub const CLOUD_SITE: &str = "cloud";
 
@@ -206,8 +209,16 @@ impl NodeConfig {
             );
         }
         for ep in self.listen.iter().chain(&self.connect) {
-            zenoh::config::EndPoint::from_str(ep)
+            let parsed = zenoh::config::EndPoint::from_str(ep)
                 .map_err(|e| anyhow::anyhow!("invalid zenoh endpoint {ep:?}: {e}"))?;
+            let protocol = parsed.protocol();
+            if !SUPPORTED_PROTOCOLS.contains(&protocol.as_str()) {
+                anyhow::bail!(
+                    "invalid zenoh endpoint {ep:?}: protocol {:?} is not supported (use {})",
+                    protocol.as_str(),
+                    SUPPORTED_PROTOCOLS.join(" or ")
+                );
+            }
         }
         if self.mode == ZenohMode::Client && self.connect.is_empty() {
             anyhow::bail!(

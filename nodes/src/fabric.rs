@@ -68,9 +68,9 @@ pub fn zenoh_config(cfg: &NodeConfig) -> anyhow::Result<zenoh::Config> {
         "scouting/multicast/enabled",
         cfg.multicast.to_string(),
     )?;
-    // A node must start while its peers are down, and keep retrying them.
+    // A node must start while its peers are down, and keep retrying them in the
+    // background (peer default: infinite timeout, no exit on failure).
     if cfg.mode != ZenohMode::Client {
-        set(&mut c, "connect/timeout_ms", "0".into())?;
         set(&mut c, "connect/exit_on_failure", "false".into())?;
         set(
             &mut c,
@@ -83,8 +83,28 @@ pub fn zenoh_config(cfg: &NodeConfig) -> anyhow::Result<zenoh::Config> {
     Ok(c)
 }
 
+/// Fails early, with one clear line, when a TCP/TLS listen address cannot be bound.
+fn check_listen_endpoints(endpoints: &[String]) -> anyhow::Result<()> {
+    for ep in endpoints {
+        let parsed: zenoh::config::EndPoint = ep
+            .parse()
+            .map_err(|e| anyhow::anyhow!("invalid zenoh endpoint {ep:?}: {e}"))?;
+        let address = parsed.address();
+        let addr = address.as_str();
+        if addr.ends_with(":0") {
+            continue;
+        }
+        if let Ok(sock) = addr.parse::<std::net::SocketAddr>() {
+            std::net::TcpListener::bind(sock)
+                .map_err(|e| anyhow::anyhow!("cannot listen on zenoh endpoint {ep}: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
 impl ZenohFabric {
     pub async fn open(cfg: &NodeConfig) -> anyhow::Result<Self> {
+        check_listen_endpoints(&cfg.listen)?;
         let config = zenoh_config(cfg)?;
         let session = zenoh::open(config)
             .await

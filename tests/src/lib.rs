@@ -1,1 +1,338 @@
+//! Harness for twinmesh end-to-end tests: starts real `twinmesh node` processes on
+//! loopback with ephemeral ports, waits for their `ready` line, and offers gRPC and raw
+//! Zenoh clients plus a polling helper (no sleeps standing in for synchronisation).
 
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{mpsc, OnceLock};
+use std::time::{Duration, Instant};
+
+use tonic::transport::Channel;
+use twinmesh_proto::v1::mesh_service_client::MeshServiceClient;
+use twinmesh_proto::v1::twin_service_client::TwinServiceClient;
+
+/// How long a node may take to print its ready line.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The `twinmesh` binary, built once per test run.
+pub fn twinmesh_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(p) = std::env::var("TWINMESH_BIN") {
+            return PathBuf::from(p);
+        }
+        // target/<profile>/deps/<test-exe> → target/<profile>/twinmesh
+        let exe = std::env::current_exe().expect("test executable path");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>")
+            .to_path_buf();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut build = Command::new(cargo);
+        build.args(["build", "-q", "-p", "twinmesh-nodes", "--bin", "twinmesh"]);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            build.arg("--release");
+        }
+        let status = build
+            .status()
+            .expect("run cargo build for the twinmesh binary");
+        assert!(status.success(), "building the twinmesh binary failed");
+        let bin = profile_dir.join("twinmesh");
+        assert!(bin.exists(), "{} missing after build", bin.display());
+        bin
+    })
+    .clone()
+}
+
+/// What a node printed in its `ready` line.
+#[derive(Debug, Clone, Default)]
+pub struct Ready {
+    pub node: String,
+    pub grpc: Option<SocketAddr>,
+    pub http: Option<SocketAddr>,
+    pub zenoh: Vec<String>,
+}
+
+impl Ready {
+    fn parse(line: &str) -> Option<Ready> {
+        let rest = line.strip_prefix("ready ")?;
+        let mut r = Ready::default();
+        for field in rest.split(' ') {
+            let (k, v) = field.split_once('=')?;
+            match k {
+                "node" => r.node = v.to_owned(),
+                "grpc" if !v.is_empty() => r.grpc = v.parse().ok(),
+                "http" if !v.is_empty() => r.http = v.parse().ok(),
+                "zenoh" if !v.is_empty() => r.zenoh = v.split(',').map(str::to_owned).collect(),
+                _ => {}
+            }
+        }
+        Some(r)
+    }
+}
+
+/// A running `twinmesh node` process. Killed (SIGKILL) on drop.
+pub struct NodeProc {
+    pub ready: Ready,
+    pub args: Vec<String>,
+    pub stderr_path: PathBuf,
+    child: Child,
+}
+
+impl NodeProc {
+    /// Starts `twinmesh node ARGS...` and waits for its ready line. Stderr goes to
+    /// `log_dir/<name>.log`, printed if the node fails to start.
+    pub fn start(args: &[String], log_dir: &Path, name: &str) -> anyhow::Result<NodeProc> {
+        std::fs::create_dir_all(log_dir)?;
+        let stderr_path = log_dir.join(format!("{name}.log"));
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&stderr_path)?;
+        let mut child = Command::new(twinmesh_bin())
+            .arg("node")
+            .args(args)
+            .env(
+                "RUST_LOG",
+                "warn,twinmesh=debug,twinmesh_actors=debug,twinmesh_nodes=debug",
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(stderr))
+            .spawn()?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(r) = Ready::parse(&line) {
+                    let _ = tx.send(r);
+                }
+            }
+        });
+        match rx.recv_timeout(READY_TIMEOUT) {
+            Ok(ready) => Ok(NodeProc {
+                ready,
+                args: args.to_vec(),
+                stderr_path,
+                child,
+            }),
+            Err(_) => {
+                let _ = child.kill();
+                let status = child.wait().ok();
+                let log = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+                anyhow::bail!("node {name} did not become ready (exit {status:?}); log:\n{log}")
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn grpc_endpoint(&self) -> String {
+        format!("http://{}", self.ready.grpc.expect("node serves gRPC"))
+    }
+
+    /// `kill -9`: no shutdown, no flush.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGINT, then waits for the exit (bounded).
+    pub fn stop(&mut self) -> anyhow::Result<ExitStatus> {
+        Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                self.kill9();
+                anyhow::bail!("node did not stop within 30 s after SIGINT");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Argument list helper: `args(["--tier", "edge"])`.
+pub fn args<const N: usize>(a: [&str; N]) -> Vec<String> {
+    a.iter().map(|s| s.to_string()).collect()
+}
+
+/// A small mesh: one cloud, one edge of `site-a`, optionally one gateway.
+pub struct Mesh {
+    pub dir: tempfile::TempDir,
+    pub cloud: NodeProc,
+    pub edge: NodeProc,
+    pub iot: Option<NodeProc>,
+}
+
+impl Mesh {
+    pub fn data(&self, node: &str) -> PathBuf {
+        self.dir.path().join(node)
+    }
+
+    pub fn logs(&self) -> PathBuf {
+        self.dir.path().join("logs")
+    }
+
+    /// Starts cloud + edge-a (+ iot-a simulating `simulate`, if given).
+    pub fn start(simulate: Option<&str>, edge_extra: &[&str]) -> anyhow::Result<Mesh> {
+        let dir = tempfile::tempdir()?;
+        let logs = dir.path().join("logs");
+        let d = |n: &str| dir.path().join(n).display().to_string();
+        let cloud = NodeProc::start(
+            &args([
+                "--tier",
+                "cloud",
+                "--id",
+                "cloud",
+                "--listen",
+                "tcp/127.0.0.1:0",
+                "--grpc",
+                "127.0.0.1:0",
+                "--data",
+                &d("cloud"),
+                "--lease-ms",
+                "1000",
+            ]),
+            &logs,
+            "cloud",
+        )?;
+        let cloud_ep = cloud.ready.zenoh[0].clone();
+        let mut edge_args = args([
+            "--tier",
+            "edge",
+            "--id",
+            "edge-a",
+            "--site",
+            "site-a",
+            "--listen",
+            "tcp/127.0.0.1:0",
+            "--connect",
+            &cloud_ep,
+            "--grpc",
+            "127.0.0.1:0",
+            "--data",
+            &d("edge-a"),
+            "--lease-ms",
+            "1000",
+        ]);
+        edge_args.extend(edge_extra.iter().map(|s| s.to_string()));
+        let edge = NodeProc::start(&edge_args, &logs, "edge-a")?;
+        let iot = match simulate {
+            Some(sim) => Some(NodeProc::start(
+                &args([
+                    "--tier",
+                    "iot",
+                    "--id",
+                    "iot-a",
+                    "--site",
+                    "site-a",
+                    "--listen",
+                    "tcp/127.0.0.1:0",
+                    "--connect",
+                    &edge.ready.zenoh[0],
+                    "--connect",
+                    &cloud_ep,
+                    "--grpc",
+                    "127.0.0.1:0",
+                    "--data",
+                    &d("iot-a"),
+                    "--simulate",
+                    sim,
+                    "--lease-ms",
+                    "1000",
+                ]),
+                &logs,
+                "iot-a",
+            )?),
+            None => None,
+        };
+        Ok(Mesh {
+            dir,
+            cloud,
+            edge,
+            iot,
+        })
+    }
+}
+
+pub async fn twin_client(endpoint: &str) -> TwinServiceClient<Channel> {
+    TwinServiceClient::new(channel(endpoint).await)
+}
+
+pub async fn mesh_client(endpoint: &str) -> MeshServiceClient<Channel> {
+    MeshServiceClient::new(channel(endpoint).await)
+}
+
+async fn channel(endpoint: &str) -> Channel {
+    Channel::from_shared(endpoint.to_owned())
+        .expect("endpoint")
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .expect("connect to gRPC")
+}
+
+/// A plain Zenoh session in client mode attached to `endpoint` (an outside client, as a
+/// dashboard in another language would be).
+pub async fn zenoh_client(endpoint: &str) -> zenoh::Session {
+    let mut c = zenoh::Config::default();
+    c.insert_json5("mode", "\"client\"").unwrap();
+    c.insert_json5("connect/endpoints", &format!("[\"{endpoint}\"]"))
+        .unwrap();
+    c.insert_json5("scouting/multicast/enabled", "false")
+        .unwrap();
+    zenoh::open(c).await.expect("open zenoh client session")
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, or panics naming `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs a `twinmesh` command to completion; returns (status, stdout, stderr).
+pub fn run_cli(args: &[&str]) -> (ExitStatus, String, String) {
+    let out = Command::new(twinmesh_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run twinmesh");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

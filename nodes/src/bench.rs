@@ -1,26 +1,522 @@
-//! `twinmesh bench`: measurements of the real mesh on this machine.
+//! `twinmesh bench`: measurements of the real mesh on this machine (real Zenoh sessions,
+//! real sled databases, real gRPC), in one process on loopback. Numbers go to
+//! BENCHMARKS.md; nothing here is asserted by tests.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
+use hdrhistogram::Histogram;
+use prost::Message;
+use serde::Serialize;
+use tokio::sync::Notify;
+use zenoh::bytes::{Encoding, ZBytes};
+use zenoh::qos::CongestionControl;
+
+use twinmesh_proto::encoding;
+use twinmesh_proto::v1::twin_service_client::TwinServiceClient;
+use twinmesh_twins::proto::{
+    GetTwinRequest, Placement, PlacementRequest, TelemetryFrame, Watermark,
+};
+use twinmesh_twins::Tier;
+
+use crate::config::{NodeConfig, CLOUD_SITE};
+use crate::runtime::RunningNode;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum BenchKind {
-    /// Samples/s from a gateway through Zenoh into a twin, durable in sled.
+    /// Samples/s from a gateway through Zenoh into twins, acknowledged once durable in
+    /// sled; and the raw Zenoh rate of the same frames between the same two sessions.
     Ingest,
-    /// GetTwin calls/s and latency through gRPC on one node for a twin on another.
+    /// GetTwin calls/s and latency through gRPC on one node for a twin on another node.
     Rpc,
 }
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     pub kind: BenchKind,
-    /// Print one JSON document.
+    /// Print one JSON document instead of text.
     #[arg(long)]
     pub json: bool,
-    /// Length of the measured phase in seconds.
+    /// Length of each measured phase in seconds.
     #[arg(long, default_value_t = 10.0)]
     pub seconds: f64,
+    /// ingest: twins fed in parallel; rpc: concurrent callers.
+    #[arg(long, default_value_t = 8)]
+    pub parallel: usize,
+    /// ingest: samples per frame.
+    #[arg(long, default_value_t = 1024)]
+    pub frame_samples: usize,
+    /// ingest: unacknowledged frames allowed per twin (the gateway spool window).
+    #[arg(long, default_value_t = 256)]
+    pub window: u64,
+}
+
+/// A cloud and an edge node in this process, and a peer session acting as the gateway.
+struct Rig {
+    _dir: tempfile::TempDir,
+    cloud: RunningNode,
+    edge: RunningNode,
+    gateway: zenoh::Session,
+}
+
+impl Rig {
+    async fn start() -> anyhow::Result<Rig> {
+        let dir = tempfile::tempdir()?;
+        let mut cloud = NodeConfig::new("bench-cloud".parse()?, Tier::Cloud, CLOUD_SITE);
+        cloud.listen = vec!["tcp/127.0.0.1:0".into()];
+        cloud.grpc = Some("127.0.0.1:0".parse()?);
+        cloud.data = dir.path().join("cloud");
+        cloud.normalize()?;
+        let cloud = RunningNode::start(cloud).await?;
+        let mut edge = NodeConfig::new("bench-edge".parse()?, Tier::Edge, "bench");
+        edge.listen = vec!["tcp/127.0.0.1:0".into()];
+        edge.connect = cloud.locators.clone();
+        edge.grpc = Some("127.0.0.1:0".parse()?);
+        edge.data = dir.path().join("edge");
+        edge.cache_mb = 256;
+        edge.normalize()?;
+        let edge = RunningNode::start(edge).await?;
+        let mut c = zenoh::Config::default();
+        let set = |c: &mut zenoh::Config, k: &str, v: String| {
+            c.insert_json5(k, &v)
+                .map_err(|e| anyhow::anyhow!("{k}: {e}"))
+        };
+        set(&mut c, "mode", "\"peer\"".into())?;
+        set(&mut c, "listen/endpoints", "[]".into())?;
+        set(
+            &mut c,
+            "connect/endpoints",
+            serde_json::to_string(&[edge.locators.clone(), cloud.locators.clone()].concat())?,
+        )?;
+        set(&mut c, "scouting/multicast/enabled", "false".into())?;
+        let gateway = zenoh::open(c)
+            .await
+            .map_err(|e| anyhow::anyhow!("gateway session: {e}"))?;
+        Ok(Rig {
+            _dir: dir,
+            cloud,
+            edge,
+            gateway,
+        })
+    }
+
+    /// Registers `n` twins of `bench` and waits until each answers.
+    async fn twins(&self, n: usize, kind: &str) -> anyhow::Result<Vec<String>> {
+        let ids: Vec<String> = (1..=n).map(|i| format!("bench/twin-{i:03}")).collect();
+        for id in &ids {
+            let req = PlacementRequest {
+                twin_id: id.clone(),
+                kind: kind.into(),
+                gateway: "bench".into(),
+            };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let replies = self
+                    .gateway
+                    .get(format!("twinmesh/placement/{id}"))
+                    .payload(req.encode_to_vec())
+                    .encoding(Encoding::from(encoding::PLACEMENT_REQUEST))
+                    .timeout(Duration::from_secs(2))
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                let placed = match replies.recv_async().await {
+                    Ok(r) => r
+                        .result()
+                        .ok()
+                        .and_then(|s| Placement::decode(&*s.payload().to_bytes()).ok())
+                        .is_some_and(|p| p.status == "active"),
+                    Err(_) => false,
+                };
+                if placed {
+                    break;
+                }
+                anyhow::ensure!(Instant::now() < deadline, "twin {id} was not placed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        let endpoint = format!("http://{}", self.cloud.grpc_addr.expect("grpc"));
+        let mut client = TwinServiceClient::connect(endpoint).await?;
+        for id in &ids {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while client
+                .get_twin(GetTwinRequest {
+                    twin_id: id.clone(),
+                })
+                .await
+                .is_err()
+            {
+                anyhow::ensure!(Instant::now() < deadline, "twin {id} did not start");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Ok(ids)
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.gateway.close().await;
+        self.edge.stop().await?;
+        self.cloud.stop().await
+    }
+}
+
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown cpu".into());
+    format!("{cpus} cpus, {model}")
+}
+
+#[derive(Debug, Serialize)]
+struct IngestReport {
+    machine: String,
+    twins: usize,
+    frame_samples: usize,
+    window_frames: u64,
+    seconds: f64,
+    end_to_end_samples_per_s: f64,
+    end_to_end_frames_per_s: f64,
+    ack_latency_p50_ms: f64,
+    ack_latency_p99_ms: f64,
+    raw_zenoh_msgs_per_s: f64,
+    raw_zenoh_samples_per_s: f64,
+    ratio_to_raw: f64,
+    edge_store_bytes: u64,
+    stored_bytes_per_sample: f64,
+}
+
+/// Deterministic, vibration-like 16-bit ADC samples.
+fn samples(n: usize, seed: u64) -> Vec<f64> {
+    (0..n)
+        .map(|i| {
+            let t = (seed as usize * n + i) as f64;
+            ((t * 0.05).sin() * 12_000.0 + (t * 0.31).sin() * 3_000.0).round() * 0.001
+        })
+        .collect()
+}
+
+async fn bench_ingest(args: &BenchArgs) -> anyhow::Result<IngestReport> {
+    let rig = Rig::start().await?;
+    let ids = rig.twins(args.parallel, "wind_turbine").await?;
+    let measure = Duration::from_secs_f64(args.seconds);
+    let warmup = Duration::from_secs(2);
+
+    // Acks from the twins (durable frames), per twin.
+    let acked: Arc<HashMap<String, (AtomicU64, Notify)>> = Arc::new(
+        ids.iter()
+            .map(|id| (id.clone(), (AtomicU64::new(0), Notify::new())))
+            .collect(),
+    );
+    let a = acked.clone();
+    let _acks = rig
+        .gateway
+        .declare_subscriber("twinmesh/acks/bench/*")
+        .callback(move |s| {
+            if let Ok(wm) = Watermark::decode(&*s.payload().to_bytes()) {
+                if let Some((seq, notify)) = a.get(&wm.twin_id) {
+                    seq.fetch_max(wm.seq, Relaxed);
+                    notify.notify_waiters();
+                }
+            }
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+
+    let period = 40_000; // 25 kHz
+    let start = Instant::now();
+    let stop_at = start + warmup + measure;
+    let latencies = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new(3)?));
+    let mut tasks = Vec::new();
+    for id in ids.clone() {
+        let publisher = rig
+            .gateway
+            .declare_publisher(format!("twinmesh/telemetry/{id}/bearing_vibration"))
+            .encoding(Encoding::from(encoding::TELEMETRY_FRAME))
+            .congestion_control(CongestionControl::Block)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let acked = acked.clone();
+        let latencies = latencies.clone();
+        let n = args.frame_samples;
+        let window = args.window;
+        tasks.push(tokio::spawn(async move {
+            let body = samples(n, 7);
+            let mut seq = 0u64;
+            let mut sent_at: std::collections::VecDeque<(u64, Instant)> = Default::default();
+            let (ack, notify) = &acked[&id];
+            while Instant::now() < stop_at {
+                // Stay within the window of unacknowledged frames, like a gateway spool.
+                while seq - ack.load(Relaxed) >= window {
+                    let wait = notify.notified();
+                    if seq - ack.load(Relaxed) < window {
+                        break;
+                    }
+                    if tokio::time::timeout(Duration::from_secs(5), wait)
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                let acked_now = ack.load(Relaxed);
+                while sent_at.front().is_some_and(|(s, _)| *s <= acked_now) {
+                    let (_, t) = sent_at.pop_front().expect("front");
+                    let _ = latencies
+                        .lock()
+                        .expect("hist")
+                        .record(t.elapsed().as_micros() as u64);
+                }
+                seq += 1;
+                let frame = TelemetryFrame {
+                    twin_id: id.clone(),
+                    signal: "bearing_vibration".into(),
+                    seq,
+                    start_ns: 1_700_000_000_000_000_000 + (seq as i64) * n as i64 * period,
+                    sample_period_ns: period,
+                    samples: body.clone(),
+                    spool_base_seq: 1,
+                };
+                sent_at.push_back((seq, Instant::now()));
+                if publisher.put(frame.encode_to_vec()).await.is_err() {
+                    return;
+                }
+            }
+        }));
+    }
+    tokio::time::sleep_until((start + warmup).into()).await;
+    let base: u64 = acked.values().map(|(a, _)| a.load(Relaxed)).sum();
+    latencies.lock().expect("hist").reset();
+    tokio::time::sleep_until(stop_at.into()).await;
+    let frames: u64 = acked.values().map(|(a, _)| a.load(Relaxed)).sum::<u64>() - base;
+    for t in tasks {
+        let _ = t.await;
+    }
+    let secs = measure.as_secs_f64();
+    let e2e_frames = frames as f64 / secs;
+    let (p50, p99) = {
+        let h = latencies.lock().expect("hist");
+        (
+            h.value_at_quantile(0.5) as f64 / 1000.0,
+            h.value_at_quantile(0.99) as f64 / 1000.0,
+        )
+    };
+    // Let the twins drain, then read the store size.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let store_bytes = rig.edge.store.size_on_disk();
+    let stored_samples: u64 =
+        acked.values().map(|(a, _)| a.load(Relaxed)).sum::<u64>() * args.frame_samples as u64;
+
+    // Raw ceiling: the same frames, same two sessions (gateway → edge node's session).
+    let received = Arc::new(AtomicU64::new(0));
+    let r = received.clone();
+    let _raw = rig
+        .edge
+        .fabric
+        .session()
+        .declare_subscriber("bench/raw/**")
+        .callback(move |_| {
+            r.fetch_add(1, Relaxed);
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let payload = TelemetryFrame {
+        twin_id: ids[0].clone(),
+        signal: "bearing_vibration".into(),
+        seq: 1,
+        start_ns: 0,
+        sample_period_ns: period,
+        samples: samples(args.frame_samples, 7),
+        spool_base_seq: 1,
+    }
+    .encode_to_vec();
+    let payload = bytes::Bytes::from(payload);
+    let raw_pub = rig
+        .gateway
+        .declare_publisher("bench/raw/frames")
+        .congestion_control(CongestionControl::Block)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let raw_start = Instant::now();
+    let raw_until = raw_start + measure.min(Duration::from_secs(5));
+    let mut sent = 0u64;
+    while Instant::now() < raw_until {
+        for _ in 0..64 {
+            raw_pub
+                .put(ZBytes::from(payload.clone()))
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            sent += 1;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while received.load(Relaxed) < sent && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let raw_msgs = received.load(Relaxed) as f64 / raw_start.elapsed().as_secs_f64();
+    drop(raw_pub);
+    rig.stop().await?;
+
+    let e2e_samples = e2e_frames * args.frame_samples as f64;
+    let raw_samples = raw_msgs * args.frame_samples as f64;
+    Ok(IngestReport {
+        machine: machine(),
+        twins: ids.len(),
+        frame_samples: args.frame_samples,
+        window_frames: args.window,
+        seconds: secs,
+        end_to_end_samples_per_s: e2e_samples,
+        end_to_end_frames_per_s: e2e_frames,
+        ack_latency_p50_ms: p50,
+        ack_latency_p99_ms: p99,
+        raw_zenoh_msgs_per_s: raw_msgs,
+        raw_zenoh_samples_per_s: raw_samples,
+        ratio_to_raw: if raw_samples > 0.0 {
+            e2e_samples / raw_samples
+        } else {
+            0.0
+        },
+        edge_store_bytes: store_bytes,
+        stored_bytes_per_sample: store_bytes as f64 / stored_samples.max(1) as f64,
+    })
+}
+
+#[derive(Debug, Serialize)]
+struct RpcReport {
+    machine: String,
+    callers: usize,
+    seconds: f64,
+    calls: u64,
+    calls_per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+}
+
+async fn bench_rpc(args: &BenchArgs) -> anyhow::Result<RpcReport> {
+    let rig = Rig::start().await?;
+    let ids = rig.twins(1, "wind_turbine").await?;
+    let endpoint = format!("http://{}", rig.cloud.grpc_addr.expect("grpc"));
+    let channel = tonic::transport::Channel::from_shared(endpoint)?
+        .connect()
+        .await?;
+    let warmup = Duration::from_secs(1);
+    let measure = Duration::from_secs_f64(args.seconds);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..args.parallel.max(1) {
+        let mut client = TwinServiceClient::new(channel.clone());
+        let id = ids[0].clone();
+        tasks.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new(3).expect("histogram");
+            let mut calls = 0u64;
+            loop {
+                let t = Instant::now();
+                if t >= start + warmup + measure {
+                    break;
+                }
+                let ok = client
+                    .get_twin(GetTwinRequest {
+                        twin_id: id.clone(),
+                    })
+                    .await
+                    .is_ok();
+                if ok && t >= start + warmup {
+                    let _ = hist.record(t.elapsed().as_micros() as u64);
+                    calls += 1;
+                }
+            }
+            (hist, calls)
+        }));
+    }
+    let mut hist = Histogram::<u64>::new(3)?;
+    let mut calls = 0;
+    for t in tasks {
+        let (h, c) = t.await?;
+        hist.add(&h)?;
+        calls += c;
+    }
+    rig.stop().await?;
+    Ok(RpcReport {
+        machine: machine(),
+        callers: args.parallel.max(1),
+        seconds: measure.as_secs_f64(),
+        calls,
+        calls_per_s: calls as f64 / measure.as_secs_f64(),
+        p50_ms: hist.value_at_quantile(0.5) as f64 / 1000.0,
+        p99_ms: hist.value_at_quantile(0.99) as f64 / 1000.0,
+        max_ms: hist.max() as f64 / 1000.0,
+    })
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    anyhow::bail!("bench {:?} is not available yet", args.kind)
+    anyhow::ensure!(
+        args.seconds > 0.0 && args.seconds <= 600.0,
+        "--seconds must be in (0, 600]"
+    );
+    anyhow::ensure!(
+        args.parallel > 0 && args.parallel <= 1024,
+        "--parallel must be in 1..=1024"
+    );
+    anyhow::ensure!(
+        args.frame_samples > 0
+            && args.frame_samples * 8
+                < crate::config::NodeConfig::new("x".parse()?, Tier::Edge, "x").max_frame_bytes,
+        "--frame-samples must fit a frame under the 1 MiB limit"
+    );
+    match args.kind {
+        BenchKind::Ingest => {
+            let r = bench_ingest(&args).await?;
+            if args.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "ingest: {} twins, {}-sample frames, window {} frames, {:.0} s, {}",
+                    r.twins, r.frame_samples, r.window_frames, r.seconds, r.machine
+                );
+                println!(
+                    "  end to end (acked after sled flush): {:>14.0} samples/s  ({:.0} frames/s)",
+                    r.end_to_end_samples_per_s, r.end_to_end_frames_per_s
+                );
+                println!(
+                    "  ack latency                        : p50 {:.2} ms, p99 {:.2} ms",
+                    r.ack_latency_p50_ms, r.ack_latency_p99_ms
+                );
+                println!(
+                    "  raw zenoh, same frames and sessions: {:>14.0} samples/s  ({:.0} msgs/s)",
+                    r.raw_zenoh_samples_per_s, r.raw_zenoh_msgs_per_s
+                );
+                println!(
+                    "  ratio end-to-end / raw             : {:.1} %",
+                    r.ratio_to_raw * 100.0
+                );
+                println!(
+                    "  edge database                      : {} bytes, {:.2} bytes/sample",
+                    r.edge_store_bytes, r.stored_bytes_per_sample
+                );
+            }
+        }
+        BenchKind::Rpc => {
+            let r = bench_rpc(&args).await?;
+            if args.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!("rpc: GetTwin via the cloud node's gRPC for a twin on the edge node, {} callers, {:.0} s, {}", r.callers, r.seconds, r.machine);
+                println!(
+                    "  {:.0} calls/s, p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms ({} calls)",
+                    r.calls_per_s, r.p50_ms, r.p99_ms, r.max_ms, r.calls
+                );
+            }
+        }
+    }
+    Ok(())
 }

@@ -827,3 +827,221 @@ async fn edge_starts_while_cloud_is_down_and_joins_when_it_comes_up() {
     })
     .await;
 }
+
+/// In-process: a twin actor that fails is restarted by its NodeSupervisor from its last
+/// persisted state, and keeps ingesting where it stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashed_twin_is_restarted_from_its_persisted_state() {
+    use twinmesh_actors::metrics::NodeMetrics;
+    use twinmesh_actors::node::NodeMsg;
+    use twinmesh_actors::twin::TwinMsg;
+    use twinmesh_nodes::config::NodeConfig;
+    use twinmesh_nodes::RunningNode;
+    use twinmesh_twins::Tier;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut cloud_cfg = NodeConfig::new("cloud".parse().unwrap(), Tier::Cloud, "cloud");
+    cloud_cfg.listen = vec!["tcp/127.0.0.1:0".into()];
+    cloud_cfg.data = dir.path().join("cloud");
+    let cloud = RunningNode::start(cloud_cfg).await.unwrap();
+    let mut edge_cfg = NodeConfig::new("edge-a".parse().unwrap(), Tier::Edge, "site-a");
+    edge_cfg.listen = vec!["tcp/127.0.0.1:0".into()];
+    edge_cfg.connect = cloud.locators.clone();
+    edge_cfg.grpc = Some("127.0.0.1:0".parse().unwrap());
+    edge_cfg.data = dir.path().join("edge");
+    let edge = RunningNode::start(edge_cfg).await.unwrap();
+    let endpoint = format!("http://{}", edge.grpc_addr.unwrap());
+
+    let gw = zenoh_peer(&[edge.locators[0].clone(), cloud.locators[0].clone()]).await;
+    let id = "site-a/sp-01";
+    register(&gw, id, "spindle").await;
+    eventually(WAIT, "twin running", || async {
+        get_twin(&endpoint, id).await.ok()
+    })
+    .await;
+    let key = format!("twinmesh/telemetry/{id}/spindle_speed");
+    let t0 = 1_700_000_000_000_000_000;
+    for seq in 1..=3u64 {
+        let f = frame(
+            id,
+            "spindle_speed",
+            seq,
+            t0 + seq as i64 * 100_000_000,
+            100_000_000,
+            vec![1000.0 * seq as f64],
+        );
+        publish(&gw, &key, f.encode_to_vec()).await;
+    }
+    let before = eventually(WAIT, "three frames applied", || async {
+        let t = get_twin(&endpoint, id).await.ok()?;
+        (t.reported.get("spindle_speed")?.seq == 3).then_some(t)
+    })
+    .await;
+
+    let supervisor = edge.supervisor.clone().unwrap();
+    let actor = ractor::call_t!(supervisor, NodeMsg::Lookup, 5000, id.parse().unwrap())
+        .unwrap()
+        .expect("twin hosted on the edge");
+    actor
+        .send_message(TwinMsg::Fail("injected fault".into()))
+        .unwrap();
+    eventually(WAIT, "the supervisor restarted the twin", || async {
+        (NodeMetrics::get(&edge.ctx.metrics.twin_restarts) == 1).then_some(())
+    })
+    .await;
+    let after = eventually(WAIT, "the restarted twin answers", || async {
+        get_twin(&endpoint, id).await.ok()
+    })
+    .await;
+    assert!(after.revision >= before.revision);
+    assert_eq!(after.reported["spindle_speed"].seq, 3);
+    assert_eq!(after.reported["spindle_speed"].value, 3000.0);
+
+    // It resumes at seq 4: a re-sent seq 3 is a duplicate, seq 4 is applied.
+    for seq in 3..=4u64 {
+        let f = frame(
+            id,
+            "spindle_speed",
+            seq,
+            t0 + seq as i64 * 100_000_000,
+            100_000_000,
+            vec![1000.0 * seq as f64],
+        );
+        publish(&gw, &key, f.encode_to_vec()).await;
+    }
+    let t = eventually(WAIT, "frame 4 applied after the restart", || async {
+        let t = get_twin(&endpoint, id).await.ok()?;
+        (t.reported.get("spindle_speed")?.seq == 4).then_some(t)
+    })
+    .await;
+    assert_eq!(t.duplicate_frames.get("spindle_speed"), Some(&1));
+    let _ = gw.close().await;
+    edge.stop().await.unwrap();
+    cloud.stop().await.unwrap();
+}
+
+/// `twinmesh up` starts the whole mesh in one process, serves gRPC, the dashboard and
+/// metrics, and stops cleanly on Ctrl-C.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twinmesh_up_runs_the_whole_mesh_and_stops_cleanly() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::process::{Command, Stdio};
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(twinmesh_tests::twinmesh_bin())
+        .args([
+            "up",
+            "--assets-per-kind",
+            "1",
+            "--grpc",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--zenoh",
+            "tcp/127.0.0.1:0",
+            "--data",
+        ])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut grpc = None;
+    let mut http = None;
+    let mut lines = Vec::new();
+    while grpc.is_none() || http.is_none() {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("up prints its nodes");
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if words.first() == Some(&"cloud") {
+            grpc = words
+                .iter()
+                .position(|w| *w == "grpc")
+                .map(|i| words[i + 1].to_owned());
+            http = line.split("http://").nth(1).map(|s| s.trim().to_owned());
+        }
+        lines.push(line);
+    }
+    let endpoint = format!("http://{}", grpc.unwrap());
+    let twins = eventually(WAIT, "six twins with data", || async {
+        let list = twin_client(&endpoint)
+            .await
+            .list_twins(ListTwinsRequest::default())
+            .await
+            .ok()?
+            .into_inner();
+        (list.twins.len() == 6 && list.twins.iter().all(|t| t.revision > 0)).then_some(list.twins)
+    })
+    .await;
+    let ids: Vec<&str> = twins.iter().map(|t| t.twin_id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [
+            "site-a/pm-01",
+            "site-a/tg-01",
+            "site-a/wt-01",
+            "site-b/pm-01",
+            "site-b/tg-01",
+            "site-b/wt-01"
+        ]
+    );
+    for t in &twins {
+        let site = t.twin_id.split('/').next().unwrap();
+        assert_eq!(t.node, format!("edge-{}", site.trim_start_matches("site-")));
+    }
+    let nodes = mesh_client(&endpoint)
+        .await
+        .list_nodes(ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
+    let names: Vec<&str> = nodes.iter().map(|n| n.node.as_str()).collect();
+    assert_eq!(names, ["cloud", "edge-a", "edge-b", "iot-a", "iot-b"]);
+
+    let get = |path: &str| {
+        let mut s = std::net::TcpStream::connect(http.as_deref().unwrap()).unwrap();
+        write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body
+    };
+    let metrics = get("/metrics");
+    assert!(
+        metrics.contains("twinmesh_frames_in_total{node=\"cloud\"}"),
+        "{metrics}"
+    );
+    assert!(get("/").contains("<title>twinmesh</title>"));
+    let api = get("/api/twins");
+    assert!(api.contains("\"twinId\":\"site-a/wt-01\""), "{api}");
+
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "twinmesh up did not exit after SIGINT"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    let rest: Vec<String> = rx.try_iter().collect();
+    assert!(
+        rest.iter().any(|l| l.contains("stopped; storage flushed")),
+        "{rest:?}"
+    );
+}

@@ -15,6 +15,8 @@ pub struct NodeMetrics {
     pub samples_in: AtomicU64,
     pub frames_duplicate: AtomicU64,
     pub frames_gap: AtomicU64,
+    /// Frames dropped because a twin's ingest queue was full (the gateway re-sends them).
+    pub frames_overflow: AtomicU64,
     pub frames_published: AtomicU64,
     pub bytes_published: AtomicU64,
     pub rpc_served: AtomicU64,

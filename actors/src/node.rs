@@ -121,6 +121,7 @@ impl NodeSupervisorState {
             bytes_published: NodeMetrics::get(&m.bytes_published),
             spool_frames: self.ctx.store.spool_len(),
             rpc_served: NodeMetrics::get(&m.rpc_served),
+            frames_overflow: NodeMetrics::get(&m.frames_overflow),
         };
         if let Err(e) = self
             .ctx

@@ -44,6 +44,8 @@ pub type Guard = Box<dyn std::any::Any + Send + Sync>;
 /// A stream of samples matching a key expression.
 pub struct Subscription {
     pub rx: flume::Receiver<Sample>,
+    /// Samples dropped because the channel was full.
+    pub dropped: Arc<std::sync::atomic::AtomicU64>,
     pub guard: Guard,
 }
 
@@ -97,11 +99,14 @@ pub trait Fabric: Send + Sync + 'static {
         qos: Qos,
     ) -> Result<()>;
 
-    /// Subscribes to `keyexpr`; at most `capacity` samples wait in the channel, after
-    /// which the fabric applies back-pressure.
+    /// Subscribes to `keyexpr`. At most `capacity` samples wait in the channel; beyond
+    /// that, new samples are dropped and counted in [`Subscription::dropped`] — never
+    /// blocking the fabric, so one slow consumer cannot stall the node. Every user of a
+    /// lossy subscription must tolerate drops (telemetry is re-sent from the spool).
     async fn subscribe(&self, keyexpr: &str, capacity: usize) -> Result<Subscription>;
 
-    /// Serves queries on `keyexpr`.
+    /// Serves queries on `keyexpr`; beyond `capacity` waiting queries, new ones are
+    /// dropped (the caller times out and retries).
     async fn queryable(&self, keyexpr: &str, capacity: usize) -> Result<Queryable>;
 
     /// Sends a query and collects every reply until all repliers are done or `timeout`.

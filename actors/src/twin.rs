@@ -567,6 +567,10 @@ async fn ingest_pump(
                 Err(_) => break,
             }
         }
+        let overflow = sub.dropped.swap(0, std::sync::atomic::Ordering::Relaxed);
+        if overflow > 0 {
+            NodeMetrics::add(&ctx.metrics.frames_overflow, overflow);
+        }
         if batch.is_empty() {
             continue;
         }

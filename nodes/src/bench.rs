@@ -49,7 +49,7 @@ pub struct BenchArgs {
     /// ingest: samples per frame.
     #[arg(long, default_value_t = 1024)]
     pub frame_samples: usize,
-    /// ingest: unacknowledged frames allowed per twin (the gateway spool window).
+    /// ingest: unacknowledged frames in flight per twin (at most a twin's ingest queue).
     #[arg(long, default_value_t = 256)]
     pub window: u64,
 }
@@ -472,6 +472,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             && args.frame_samples * 8
                 < crate::config::NodeConfig::new("x".parse()?, Tier::Edge, "x").max_frame_bytes,
         "--frame-samples must fit a frame under the 1 MiB limit"
+    );
+    let queue = twinmesh_actors::context::TwinConfig::default().ingest_queue as u64;
+    anyhow::ensure!(
+        args.window > 0 && args.window <= queue,
+        "--window must be in 1..={queue} (a twin's ingest queue): this publisher does not re-send frames a full queue drops, as the gateway does"
     );
     match args.kind {
         BenchKind::Ingest => {

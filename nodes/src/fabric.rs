@@ -1,6 +1,7 @@
 //! The real [`Fabric`]: one Zenoh 1.x session per node.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -216,22 +217,34 @@ impl Fabric for ZenohFabric {
 
     async fn subscribe(&self, keyexpr: &str, capacity: usize) -> Result<Subscription> {
         let (tx, rx) = flume::bounded(capacity);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let counter = dropped.clone();
+        let key = keyexpr.to_owned();
         let subscriber = self
             .session
             .declare_subscriber(keyexpr.to_owned())
             .callback(move |s: zenoh::sample::Sample| {
-                // Blocking send: a full channel holds back the transport (back-pressure),
-                // as Zenoh's own FIFO handler does.
-                let _ = tx.send(Sample {
+                // Never block Zenoh's threads: a full channel drops (the data is re-sent
+                // by whoever needs it delivered).
+                let sample = Sample {
                     key: s.key_expr().to_string(),
                     payload: to_bytes(s.payload()),
                     kind: SampleKind::Put,
-                });
+                };
+                if let Err(flume::TrySendError::Full(_)) = tx.try_send(sample) {
+                    if counter.fetch_add(1, Relaxed) == 0 {
+                        tracing::warn!(
+                            keyexpr = key,
+                            "subscriber channel full: dropping samples until it drains"
+                        );
+                    }
+                }
             })
             .await
             .map_err(Error::fabric)?;
         Ok(Subscription {
             rx,
+            dropped,
             guard: Box::new(subscriber),
         })
     }
@@ -247,7 +260,8 @@ impl Fabric for ZenohFabric {
                     payload: q.payload().map(to_bytes).unwrap_or_default(),
                     responder: Box::new(ZenohResponder(q)),
                 };
-                let _ = tx.send(query);
+                // Never block Zenoh's threads; a dropped query times out at the caller.
+                let _ = tx.try_send(query);
             })
             .await
             .map_err(Error::fabric)?;
@@ -320,6 +334,7 @@ impl Fabric for ZenohFabric {
             .map_err(Error::fabric)?;
         Ok(Subscription {
             rx,
+            dropped: Arc::new(AtomicU64::new(0)),
             guard: Box::new(subscriber),
         })
     }

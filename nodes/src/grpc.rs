@@ -252,7 +252,8 @@ pub async fn serve(
         .add_service(TwinServiceServer::new(services.clone()))
         .add_service(MeshServiceServer::new(services))
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            // Small RPCs must not wait for Nagle's algorithm.
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             cancel.cancelled_owned(),
         )
         .await?;

@@ -9,10 +9,15 @@ use twinmesh_nodes::cli::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Benchmarks and the client stay quiet unless asked; nodes report what they do.
+    let default_filter = match cli.command {
+        Command::Up(_) | Command::Node(_) => "warn,twinmesh=info",
+        Command::Ctl(_) | Command::Bench(_) => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,twinmesh=info".into()),
+                .unwrap_or_else(|_| default_filter.into()),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -59,12 +59,25 @@ async fn register(session: &zenoh::Session, twin: &str, kind: &str) -> Placement
     .await
 }
 
+/// Publishes on `key` once a subscriber (the twin) is known to match it, so nothing is
+/// sent before the twin's subscription has reached this session.
 async fn publish(session: &zenoh::Session, key: &str, payload: Vec<u8>) {
-    session
-        .put(key, payload)
+    let publisher = session
+        .declare_publisher(key.to_owned())
         .encoding(Encoding::from(encoding::TELEMETRY_FRAME))
+        .congestion_control(zenoh::qos::CongestionControl::Block)
         .await
-        .expect("publish");
+        .expect("declare publisher");
+    eventually(WAIT, "a subscriber matching the telemetry key", || async {
+        publisher
+            .matching_status()
+            .await
+            .ok()
+            .filter(|m| m.matching())
+            .map(|_| ())
+    })
+    .await;
+    publisher.put(payload).await.expect("publish");
 }
 
 fn frame(

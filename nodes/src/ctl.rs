@@ -167,6 +167,13 @@ fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Map entries in key order (proto maps are hash maps).
+fn sorted<V>(map: &std::collections::HashMap<String, V>) -> Vec<(&String, &V)> {
+    let mut v: Vec<_> = map.iter().collect();
+    v.sort_by(|a, b| a.0.cmp(b.0));
+    v
+}
+
 fn print_twin(t: &proto::Twin) {
     let p = t.placement.clone().unwrap_or_default();
     let h = t.health.clone().unwrap_or_default();
@@ -179,10 +186,8 @@ fn print_twin(t: &proto::Twin) {
         "  health     {} (anomaly score {:.3})",
         h.status, h.anomaly_score
     );
-    let mut reported: Vec<_> = t.reported.iter().collect();
-    reported.sort_by(|a, b| a.0.cmp(b.0));
     println!("  reported");
-    for (k, v) in reported {
+    for (k, v) in sorted(&t.reported) {
         println!(
             "    {k:<24} {:>14.4}   seq {:<8} t {}",
             v.value, v.seq, v.timestamp_ns
@@ -190,9 +195,7 @@ fn print_twin(t: &proto::Twin) {
     }
     if !t.desired.is_empty() {
         println!("  desired");
-        let mut desired: Vec<_> = t.desired.iter().collect();
-        desired.sort_by(|a, b| a.0.cmp(b.0));
-        for (k, d) in desired {
+        for (k, d) in sorted(&t.desired) {
             let status = proto::DeliveryStatus::try_from(d.status)
                 .map(|s| {
                     s.as_str_name()
@@ -205,9 +208,7 @@ fn print_twin(t: &proto::Twin) {
     }
     if !t.derived.is_empty() {
         println!("  derived");
-        let mut derived: Vec<_> = t.derived.iter().collect();
-        derived.sort_by(|a, b| a.0.cmp(b.0));
-        for (k, v) in derived {
+        for (k, v) in sorted(&t.derived) {
             println!("    {k:<32} {v:>14.4}");
         }
     }

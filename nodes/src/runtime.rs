@@ -16,7 +16,7 @@ use twinmesh_actors::gateway::{GatewayActor, GatewayArgs, GatewayConfig, Gateway
 use twinmesh_actors::mesh::{MeshMsg, MeshSupervisor};
 use twinmesh_actors::metrics::NodeMetrics;
 use twinmesh_actors::node::{NodeMsg, NodeSupervisor};
-use twinmesh_actors::ports::{Device, Fabric, Guard, SharedFabric, Store, SystemClock};
+use twinmesh_actors::ports::{Device, Guard, SharedFabric, SystemClock};
 use twinmesh_proto::encoding;
 use twinmesh_sim::SimDevice;
 use twinmesh_twins::proto::{NodeInfo, NodeTwins};
@@ -272,14 +272,4 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
     println!("{}", node.ready_line());
     shutdown.cancelled().await;
     node.stop().await
-}
-
-/// The store, as the `Store` port (tests and tools).
-pub fn store_port(node: &RunningNode) -> Arc<dyn Store> {
-    node.store.clone()
-}
-
-/// The fabric, as the `Fabric` port.
-pub fn fabric_port(node: &RunningNode) -> Arc<dyn Fabric> {
-    node.fabric.clone()
 }

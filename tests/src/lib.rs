@@ -296,13 +296,26 @@ async fn channel(endpoint: &str) -> Channel {
 /// A plain Zenoh session in client mode attached to `endpoint` (an outside client, as a
 /// dashboard in another language would be).
 pub async fn zenoh_client(endpoint: &str) -> zenoh::Session {
+    zenoh_session("client", &[endpoint.to_owned()]).await
+}
+
+/// A Zenoh peer attached directly to `endpoints` (a gateway written by a user).
+pub async fn zenoh_peer(endpoints: &[String]) -> zenoh::Session {
+    zenoh_session("peer", endpoints).await
+}
+
+async fn zenoh_session(mode: &str, endpoints: &[String]) -> zenoh::Session {
     let mut c = zenoh::Config::default();
-    c.insert_json5("mode", "\"client\"").unwrap();
-    c.insert_json5("connect/endpoints", &format!("[\"{endpoint}\"]"))
-        .unwrap();
+    c.insert_json5("mode", &format!("{mode:?}")).unwrap();
+    c.insert_json5("listen/endpoints", "[]").unwrap();
+    c.insert_json5(
+        "connect/endpoints",
+        &serde_json::to_string(endpoints).unwrap(),
+    )
+    .unwrap();
     c.insert_json5("scouting/multicast/enabled", "false")
         .unwrap();
-    zenoh::open(c).await.expect("open zenoh client session")
+    zenoh::open(c).await.expect("open zenoh session")
 }
 
 /// Polls `f` every 50 ms until it returns `Some`, or panics naming `what` after `timeout`.

@@ -16,26 +16,11 @@ use twinmesh_proto::v1::{
     SetDesiredRequest, TelemetryFrame, TwinState, Watermark,
 };
 use twinmesh_tests::{
-    args, eventually, mesh_client, run_cli, twin_client, zenoh_client, Mesh, NodeProc,
+    args, eventually, mesh_client, run_cli, twin_client, zenoh_client, zenoh_peer, Mesh, NodeProc,
 };
 use twinmesh_twins::stats::{Accumulator, Aggregation};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-/// A Zenoh peer attached directly to the given endpoints (a gateway written by a user).
-async fn zenoh_peer(endpoints: &[String]) -> zenoh::Session {
-    let mut c = zenoh::Config::default();
-    c.insert_json5("mode", "\"peer\"").unwrap();
-    c.insert_json5("listen/endpoints", "[]").unwrap();
-    c.insert_json5(
-        "connect/endpoints",
-        &serde_json::to_string(endpoints).unwrap(),
-    )
-    .unwrap();
-    c.insert_json5("scouting/multicast/enabled", "false")
-        .unwrap();
-    zenoh::open(c).await.expect("open zenoh peer session")
-}
 
 /// Registers an asset with the placement authority, as a gateway does.
 async fn register(session: &zenoh::Session, twin: &str, kind: &str) -> Placement {

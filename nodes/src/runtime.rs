@@ -16,7 +16,7 @@ use twinmesh_actors::gateway::{GatewayActor, GatewayArgs, GatewayConfig, Gateway
 use twinmesh_actors::mesh::{MeshMsg, MeshSupervisor};
 use twinmesh_actors::metrics::NodeMetrics;
 use twinmesh_actors::node::{NodeMsg, NodeSupervisor};
-use twinmesh_actors::ports::{Device, Guard, SharedFabric, SystemClock};
+use twinmesh_actors::ports::{Device, Guard, SharedFabric, Store, SystemClock};
 use twinmesh_proto::encoding;
 use twinmesh_sim::SimDevice;
 use twinmesh_twins::proto::{NodeInfo, NodeTwins};

@@ -14,6 +14,7 @@
 //!
 //! Time always comes in as data (`now_ns` arguments); nothing here reads a clock.
 
+pub mod dsp;
 pub mod error;
 pub mod frame;
 pub mod id;

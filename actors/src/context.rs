@@ -96,6 +96,8 @@ pub struct NodeContext {
     pub tasks: TaskTracker,
     /// Cancelled when the node shuts down.
     pub cancel: CancellationToken,
+    /// Bounds the analysis windows computed at once on the blocking pool.
+    pub analysis_permits: Arc<tokio::sync::Semaphore>,
 }
 
 impl NodeContext {

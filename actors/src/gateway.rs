@@ -16,8 +16,13 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio_util::sync::CancellationToken;
 
 use twinmesh_proto::encoding;
-use twinmesh_twins::proto::{self, DesiredUpdate, PlacementRequest, TelemetryFrame, Watermark};
-use twinmesh_twins::{keys, TwinId};
+use twinmesh_twins::chain::{self, Chain, ChainSpec, StreamPipeline};
+use twinmesh_twins::dsp::codec;
+use twinmesh_twins::proto::{
+    self, twin_reply, twin_request, ChainUpdate, DesiredUpdate, GetTwinRequest, PlacementRequest,
+    TelemetryFrame, TwinReply, TwinRequest, Watermark,
+};
+use twinmesh_twins::{keys, Tier, TwinId};
 
 use crate::context::NodeContext;
 use crate::metrics::NodeMetrics;
@@ -56,6 +61,8 @@ pub enum GatewayMsg {
     Tick,
     Ack(Watermark),
     Control(DesiredUpdate),
+    /// The twin's chain (its IoT stages run here).
+    Chain(ChainUpdate),
     Inspect(RpcReplyPort<Vec<StreamStatus>>),
 }
 
@@ -91,10 +98,17 @@ pub struct GatewayArgs {
 
 pub struct GatewayActor;
 
+/// A device with the IoT stages of its twin's chain.
+struct Slot {
+    device: Box<dyn Device>,
+    chain: Chain,
+    pipelines: BTreeMap<&'static str, StreamPipeline>,
+}
+
 pub struct GatewayState {
     ctx: Arc<NodeContext>,
     config: GatewayConfig,
-    devices: BTreeMap<TwinId, Box<dyn Device>>,
+    devices: BTreeMap<TwinId, Slot>,
     streams: HashMap<(TwinId, String), Stream>,
     ticker: Option<JoinHandle<()>>,
     cancel: CancellationToken,
@@ -163,32 +177,77 @@ impl GatewayState {
         let now = self.ctx.now_ns();
         let ids: Vec<TwinId> = self.devices.keys().cloned().collect();
         for id in ids {
-            let blocks = self.devices.get_mut(&id).expect("listed").poll(now);
-            for block in blocks {
-                let n = self.config.frame_samples.max(1);
-                for (i, chunk) in block.samples.chunks(n).enumerate() {
-                    let start_ns = block.start_ns + (i * n) as i64 * block.sample_period_ns;
-                    self.emit(
-                        &id,
-                        block.signal,
-                        start_ns,
+            let slot = self.devices.get_mut(&id).expect("listed");
+            let mut out = Vec::new();
+            for block in slot.device.poll(now) {
+                // The IoT stages of the chain (filters, decimation) run before publishing.
+                let chain = &slot.chain;
+                let pipeline = slot
+                    .pipelines
+                    .entry(block.signal)
+                    .or_insert_with(|| StreamPipeline::new(chain, block.signal, Tier::Iot));
+                let (start_ns, period, samples, scale) = if pipeline.is_empty() {
+                    (
+                        block.start_ns,
                         block.sample_period_ns,
-                        chunk.to_vec(),
+                        block.samples,
+                        block.scale,
                     )
-                    .await?;
+                } else {
+                    match pipeline.process(chain::Block {
+                        start_ns: block.start_ns,
+                        period_ns: block.sample_period_ns,
+                        samples: block.samples,
+                    }) {
+                        // Filtered samples are no longer on the ADC grid.
+                        Some(b) => (b.start_ns, b.period_ns, b.samples, 0.0),
+                        None => continue,
+                    }
+                };
+                let compress = chain.compresses(block.signal);
+                out.push((block.signal, start_ns, period, samples, scale, compress));
+            }
+            for (signal, start, period, samples, scale, compress) in out {
+                let n = self.config.frame_samples.max(1);
+                for (i, chunk) in samples.chunks(n).enumerate() {
+                    let start_ns = start + (i * n) as i64 * period;
+                    self.emit(&id, signal, start_ns, period, chunk, scale, compress)
+                        .await?;
                 }
             }
         }
         Ok(())
     }
 
+    fn on_chain(&mut self, update: ChainUpdate) {
+        let Ok(twin) = update.twin_id.parse::<TwinId>() else {
+            return;
+        };
+        let Some(slot) = self.devices.get_mut(&twin) else {
+            return;
+        };
+        let spec = ChainSpec::from(&update.chain.unwrap_or_default());
+        match Chain::validate(&spec, slot.device.kind()) {
+            Ok(chain) if chain != slot.chain => {
+                tracing::info!(twin = %twin, stages = chain.stages.len(), "chain updated; IoT stages restart");
+                slot.chain = chain;
+                slot.pipelines.clear();
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(twin = %twin, "ignoring invalid chain: {e}"),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
     async fn emit(
         &mut self,
         twin: &TwinId,
         signal: &str,
         start_ns: i64,
         sample_period_ns: i64,
-        samples: Vec<f64>,
+        samples: &[f64],
+        scale: f64,
+        compress: bool,
     ) -> crate::Result<()> {
         let max_spool = self.config.max_spool_frames;
         let stream = self.stream(twin, signal).await?;
@@ -202,6 +261,13 @@ impl GatewayState {
             self.ctx.store.spool_truncate(twin, signal, upto)?;
         }
         let stream = &self.streams[&(twin.clone(), signal.to_owned())];
+        let (samples, packed) = if compress {
+            let mut packed = Vec::new();
+            codec::encode(samples, scale, &mut packed);
+            (Vec::new(), packed)
+        } else {
+            (samples.to_vec(), Vec::new())
+        };
         let frame = TelemetryFrame {
             twin_id: twin.to_string(),
             signal: signal.to_owned(),
@@ -210,6 +276,8 @@ impl GatewayState {
             sample_period_ns,
             samples,
             spool_base_seq: stream.base,
+            scale,
+            packed,
         };
         self.ctx.store.spool_put(&frame)?;
         self.publish_frame(&frame, twin).await;
@@ -261,10 +329,10 @@ impl GatewayState {
         let Ok(twin) = update.twin_id.parse::<TwinId>() else {
             return;
         };
-        let Some(device) = self.devices.get_mut(&twin) else {
+        let Some(slot) = self.devices.get_mut(&twin) else {
             return;
         };
-        let (status, reason) = match device.apply_setpoint(&update.property, update.value) {
+        let (status, reason) = match slot.device.apply_setpoint(&update.property, update.value) {
             Ok(()) => (proto::DeliveryStatus::Delivered, String::new()),
             Err(reason) => (proto::DeliveryStatus::Rejected, reason),
         };
@@ -315,11 +383,15 @@ impl Actor for GatewayActor {
             .fabric
             .subscribe(&keys::control_of_site(&ctx.site), 256)
             .await?;
+        let chains = ctx
+            .fabric
+            .subscribe(&keys::chains_of_site(&ctx.site), 256)
+            .await?;
         let me = myself.clone();
         let c = cancel.clone();
         ctx.tasks.spawn(async move {
             // Own the subscriptions whole: their guards keep them declared.
-            let (acks, control) = (acks, control);
+            let (acks, control, chains) = (acks, control, chains);
             loop {
                 tokio::select! {
                     _ = c.cancelled() => break,
@@ -337,6 +409,13 @@ impl Actor for GatewayActor {
                             Err(e) => tracing::warn!(key = s.key, "malformed set-point: {e}"),
                         }
                     }
+                    s = chains.rx.recv_async() => {
+                        let Ok(s) = s else { break };
+                        match ChainUpdate::decode(s.payload) {
+                            Ok(u) => if me.cast(GatewayMsg::Chain(u)).is_err() { break },
+                            Err(e) => tracing::warn!(key = s.key, "malformed chain update: {e}"),
+                        }
+                    }
                 }
             }
         });
@@ -348,11 +427,22 @@ impl Actor for GatewayActor {
                 gateway: ctx.node.to_string(),
             })
             .collect();
-        ctx.tasks
-            .spawn(register_assets(ctx.clone(), registrations, cancel.clone()));
+        ctx.tasks.spawn(register_assets(
+            ctx.clone(),
+            myself.clone(),
+            registrations,
+            cancel.clone(),
+        ));
         let devices = devices
             .into_iter()
-            .map(|d| (d.twin_id().clone(), d))
+            .map(|d| {
+                let slot = Slot {
+                    chain: Chain::default_for(d.kind()),
+                    pipelines: BTreeMap::new(),
+                    device: d,
+                };
+                (slot.device.twin_id().clone(), slot)
+            })
             .collect();
         Ok(GatewayState {
             ctx,
@@ -419,6 +509,7 @@ impl Actor for GatewayActor {
             }
             GatewayMsg::Ack(wm) => state.on_ack(wm).await?,
             GatewayMsg::Control(update) => state.on_control(update).await,
+            GatewayMsg::Chain(update) => state.on_chain(update),
             GatewayMsg::Inspect(reply) => {
                 let mut out: Vec<StreamStatus> = state
                     .streams
@@ -443,6 +534,7 @@ impl Actor for GatewayActor {
 /// down when the gateway starts; data is spooled meanwhile).
 async fn register_assets(
     ctx: Arc<NodeContext>,
+    gateway: ActorRef<GatewayMsg>,
     mut pending: Vec<PlacementRequest>,
     cancel: CancellationToken,
 ) {
@@ -467,6 +559,12 @@ async fn register_assets(
             match replies {
                 Ok(r) if !r.is_empty() => {
                     tracing::debug!(twin = %id, "asset registered");
+                    ctx.tasks.spawn(fetch_chain(
+                        ctx.clone(),
+                        gateway.clone(),
+                        id,
+                        cancel.clone(),
+                    ));
                 }
                 _ => still.push(req),
             }
@@ -484,5 +582,52 @@ async fn register_assets(
             _ = tokio::time::sleep(delay) => {}
         }
         delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Reads the twin's current chain once it answers (the twin also publishes it whenever it
+/// starts or changes; this covers a gateway that starts after its twins).
+async fn fetch_chain(
+    ctx: Arc<NodeContext>,
+    gateway: ActorRef<GatewayMsg>,
+    id: TwinId,
+    cancel: CancellationToken,
+) {
+    let request = TwinRequest {
+        request: Some(twin_request::Request::GetTwin(GetTwinRequest {
+            twin_id: id.to_string(),
+        })),
+    };
+    let payload = Bytes::from(request.encode_to_vec());
+    for _ in 0..30 {
+        if let Ok(replies) = ctx
+            .fabric
+            .query(
+                &keys::twin_rpc(&id),
+                Some((payload.clone(), encoding::TWIN_REQUEST)),
+                Duration::from_secs(2),
+            )
+            .await
+        {
+            let twin = replies
+                .into_iter()
+                .find_map(|r| TwinReply::decode(r.payload).ok())
+                .and_then(|r| match r.reply {
+                    Some(twin_reply::Reply::Twin(t)) => Some(t),
+                    _ => None,
+                });
+            if let Some(t) = twin {
+                let _ = gateway.cast(GatewayMsg::Chain(ChainUpdate {
+                    twin_id: t.twin_id,
+                    chain: t.chain,
+                    revision: t.revision,
+                }));
+                return;
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
     }
 }

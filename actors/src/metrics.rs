@@ -21,6 +21,8 @@ pub struct NodeMetrics {
     pub bytes_published: AtomicU64,
     pub rpc_served: AtomicU64,
     pub twin_restarts: AtomicU64,
+    /// Feature values kept by the cloud archive.
+    pub features_archived: AtomicU64,
     rejected: Mutex<BTreeMap<&'static str, u64>>,
     logged: Mutex<HashSet<(String, &'static str)>>,
 }

@@ -1,7 +1,7 @@
 //! `NodeSupervisor`: one per node that hosts twins. It spawns the twins placed on its
 //! node (from its own store at start-up — so an edge restarts its twins while the cloud is
 //! down — and from the placement authority), restarts a crashed twin from its last
-//! persisted state, and publishes `NodeLoad` every second.
+//! persisted state.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -9,17 +9,16 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prost::Message;
-use ractor::concurrency::JoinHandle;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tokio_util::sync::CancellationToken;
 
 use twinmesh_proto::encoding;
-use twinmesh_twins::proto::{NodeLoad, Placement, PlacementQuery};
+use twinmesh_twins::proto::{Placement, PlacementQuery};
 use twinmesh_twins::{keys, TwinId};
 
 use crate::context::NodeContext;
 use crate::metrics::NodeMetrics;
-use crate::ports::{Qos, SampleKind};
+use crate::ports::SampleKind;
 use crate::twin::{TwinActor, TwinArgs, TwinMsg};
 
 /// A twin that fails more often than this within `RESTART_WINDOW` is given up on.
@@ -35,7 +34,6 @@ pub enum NodeMsg {
     Lookup(TwinId, RpcReplyPort<Option<ActorRef<TwinMsg>>>),
     /// Placements of the twins this node hosts.
     Hosted(RpcReplyPort<Vec<Placement>>),
-    PublishLoad,
 }
 
 struct Hosted {
@@ -50,7 +48,6 @@ pub struct NodeSupervisorState {
     ctx: Arc<NodeContext>,
     twins: HashMap<TwinId, Hosted>,
     by_actor: HashMap<ActorId, TwinId>,
-    load_timer: Option<JoinHandle<()>>,
     cancel: CancellationToken,
 }
 
@@ -102,41 +99,6 @@ impl NodeSupervisorState {
         tracing::warn!(twin = %id, "twin stopped unexpectedly ({why}); restarting from its last persisted state");
         self.spawn_twin(myself, id).await;
     }
-
-    async fn publish_load(&self) {
-        let m = &self.ctx.metrics;
-        let load = NodeLoad {
-            node: self.ctx.node.to_string(),
-            timestamp_ns: self.ctx.now_ns(),
-            twins: self.twins.len() as u32,
-            frames_in: NodeMetrics::get(&m.frames_in),
-            samples_in: NodeMetrics::get(&m.samples_in),
-            frames_duplicate: NodeMetrics::get(&m.frames_duplicate),
-            frames_rejected: m
-                .rejected()
-                .into_iter()
-                .map(|(k, v)| (k.to_owned(), v))
-                .collect(),
-            frames_published: NodeMetrics::get(&m.frames_published),
-            bytes_published: NodeMetrics::get(&m.bytes_published),
-            spool_frames: self.ctx.store.spool_len(),
-            rpc_served: NodeMetrics::get(&m.rpc_served),
-            frames_overflow: NodeMetrics::get(&m.frames_overflow),
-        };
-        if let Err(e) = self
-            .ctx
-            .fabric
-            .publish(
-                &keys::node_load(&self.ctx.node),
-                Bytes::from(load.encode_to_vec()),
-                encoding::NODE_LOAD,
-                Qos::Latest,
-            )
-            .await
-        {
-            tracing::debug!("load not published: {e}");
-        }
-    }
 }
 
 impl Actor for NodeSupervisor {
@@ -165,7 +127,6 @@ impl Actor for NodeSupervisor {
             ctx,
             twins: HashMap::new(),
             by_actor: HashMap::new(),
-            load_timer: None,
             cancel,
         })
     }
@@ -179,8 +140,6 @@ impl Actor for NodeSupervisor {
         for placement in state.ctx.store.hosted()? {
             myself.cast(NodeMsg::Place(placement))?;
         }
-        state.load_timer =
-            Some(myself.send_interval(Duration::from_secs(1), || NodeMsg::PublishLoad));
         Ok(())
     }
 
@@ -190,9 +149,6 @@ impl Actor for NodeSupervisor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         state.cancel.cancel();
-        if let Some(t) = state.load_timer.take() {
-            t.abort();
-        }
         myself
             .stop_children_and_wait(
                 Some("node shutting down".into()),
@@ -263,7 +219,6 @@ impl Actor for NodeSupervisor {
             NodeMsg::Hosted(reply) => {
                 let _ = reply.send(state.twins.values().map(|h| h.placement.clone()).collect());
             }
-            NodeMsg::PublishLoad => state.publish_load().await,
         }
         Ok(())
     }

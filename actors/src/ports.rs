@@ -133,6 +133,8 @@ pub struct StoredFrame {
     pub start_ns: i64,
     pub sample_period_ns: i64,
     pub samples: Vec<f64>,
+    /// Resolution of the samples (0: unknown); lets the store pack them losslessly.
+    pub scale: f64,
 }
 
 /// Most buckets one history query may produce.
@@ -222,6 +224,8 @@ pub struct Block {
     pub start_ns: i64,
     pub sample_period_ns: i64,
     pub samples: Vec<f64>,
+    /// Resolution of the samples (ADC LSB); 0 when unknown.
+    pub scale: f64,
 }
 
 /// A device behind an IoT gateway: real hardware, an MQTT bridge or a simulator.

@@ -7,6 +7,7 @@
 //! the *ingest pump* (subscription → validate → batch → apply → flush → ack), the *RPC
 //! pump* (the twin's queryable) and the *control listener* (delivery reports).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,9 +17,11 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio_util::sync::CancellationToken;
 
 use twinmesh_proto::encoding;
+use twinmesh_twins::chain::{self, Analyzer, ChainSpec, WindowJob};
 use twinmesh_twins::proto::{
-    self, twin_reply, twin_request, DesiredUpdate, Placement, SetDesiredResponse, TelemetryFrame,
-    TwinEvent, TwinReply, TwinRequest, TwinSnapshot, TwinSummary, Watermark,
+    self, twin_reply, twin_request, ChainUpdate, DesiredUpdate, FeatureSet, Placement,
+    SetChainResponse, SetDesiredResponse, TelemetryFrame, TwinEvent, TwinReply, TwinRequest,
+    TwinSnapshot, TwinSummary, Watermark,
 };
 use twinmesh_twins::state::{Admission, DeliveryStatus};
 use twinmesh_twins::stats::Aggregation;
@@ -41,6 +44,13 @@ pub enum TwinMsg {
     Tick,
     /// The current state, for tests and admin.
     Inspect(RpcReplyPort<proto::Twin>),
+    /// The features of one analysis window, computed off the actor.
+    Features {
+        signal: String,
+        start_ns: i64,
+        end_ns: i64,
+        features: BTreeMap<String, f64>,
+    },
     /// Makes the actor fail (fault injection in tests: the supervisor must restart it).
     Fail(String),
 }
@@ -69,6 +79,8 @@ pub struct TwinActorState {
     last_state_publish: Option<Instant>,
     tick_armed: bool,
     last_desired_send: Option<Instant>,
+    /// Cuts incoming streams into the windows of the chain's edge stages.
+    analyzer: Analyzer,
     /// Cancels this twin's tasks when it stops.
     cancel: CancellationToken,
 }
@@ -198,8 +210,12 @@ impl TwinActorState {
         self.ctx.store.save_snapshot(&self.snapshot())
     }
 
-    fn apply_frames(&mut self, frames: Vec<TelemetryFrame>) -> Result<(Vec<(String, u64)>, u64)> {
+    fn apply_frames(
+        &mut self,
+        frames: Vec<TelemetryFrame>,
+    ) -> Result<(Vec<(String, u64)>, u64, Vec<WindowJob>)> {
         let mut stored = Vec::with_capacity(frames.len());
+        let mut jobs = Vec::new();
         let mut touched: Vec<String> = Vec::new();
         let mut lost_total = 0;
         for f in frames {
@@ -218,12 +234,21 @@ impl TwinActorState {
                     );
                     lost_total += lost;
                     NodeMetrics::add(&self.ctx.metrics.samples_in, f.samples.len() as u64);
+                    if self.analyzer.wants(&f.signal) {
+                        let block = chain::Block {
+                            start_ns: f.start_ns,
+                            period_ns: f.sample_period_ns,
+                            samples: f.samples.clone(),
+                        };
+                        jobs.extend(self.analyzer.push(&f.signal, block));
+                    }
                     stored.push(StoredFrame {
                         signal: f.signal,
                         seq: f.seq,
                         start_ns: f.start_ns,
                         sample_period_ns: f.sample_period_ns,
                         samples: f.samples,
+                        scale: f.scale,
                     });
                 }
                 Admission::Duplicate => {
@@ -245,7 +270,108 @@ impl TwinActorState {
                 (s, seq)
             })
             .collect();
-        Ok((acks, lost_total))
+        if !jobs.is_empty() {
+            let context: BTreeMap<String, f64> = self
+                .core
+                .reported
+                .iter()
+                .map(|(k, r)| (k.clone(), r.value))
+                .collect();
+            for job in &mut jobs {
+                job.context = context.clone();
+            }
+        }
+        Ok((acks, lost_total, jobs))
+    }
+
+    /// Runs analysis windows on the blocking pool (bounded per node); each result comes
+    /// back to the actor as `TwinMsg::Features`.
+    fn analyse(&self, myself: &ActorRef<TwinMsg>, jobs: Vec<WindowJob>) {
+        for job in jobs {
+            let me = myself.clone();
+            let permits = self.ctx.analysis_permits.clone();
+            let cancel = self.cancel.clone();
+            self.ctx.tasks.spawn(async move {
+                let Ok(_permit) = permits.acquire_owned().await else {
+                    return;
+                };
+                if cancel.is_cancelled() {
+                    return;
+                }
+                let (signal, start_ns, end_ns) = (job.signal.clone(), job.start_ns, job.end_ns);
+                if let Ok(features) =
+                    tokio::task::spawn_blocking(move || chain::run_window(&job)).await
+                {
+                    let _ = me.cast(TwinMsg::Features {
+                        signal,
+                        start_ns,
+                        end_ns,
+                        features,
+                    });
+                }
+            });
+        }
+    }
+
+    async fn on_features(
+        &mut self,
+        myself: &ActorRef<TwinMsg>,
+        signal: String,
+        start_ns: i64,
+        end_ns: i64,
+        features: BTreeMap<String, f64>,
+    ) -> Result<()> {
+        if features.is_empty() {
+            return Ok(());
+        }
+        self.core.apply_features(&features);
+        // Feature history at the edge: one point per feature per window.
+        let points: Vec<StoredFrame> = features
+            .iter()
+            .map(|(name, v)| StoredFrame {
+                signal: name.clone(),
+                seq: 0,
+                start_ns: end_ns,
+                sample_period_ns: end_ns.saturating_sub(start_ns).max(1),
+                samples: vec![*v],
+                scale: 0.0,
+            })
+            .collect();
+        self.ctx.store.append_frames(&self.core.id, &points)?;
+        self.persist()?;
+        let set = FeatureSet {
+            twin_id: self.core.id.to_string(),
+            signal,
+            window_start_ns: start_ns,
+            window_end_ns: end_ns,
+            features: features.into_iter().collect(),
+            epoch: self.placement.epoch,
+            archive: self.core.chain.archives(),
+        };
+        self.publish(
+            keys::twin_features(&self.core.id),
+            set.encode_to_vec(),
+            encoding::FEATURE_SET,
+            Qos::Reliable,
+        )
+        .await;
+        self.state_changed(myself).await;
+        Ok(())
+    }
+
+    async fn publish_chain(&self) {
+        let update = ChainUpdate {
+            twin_id: self.core.id.to_string(),
+            chain: Some((&self.core.chain.spec).into()),
+            revision: self.core.revision,
+        };
+        self.publish(
+            keys::chain(&self.core.id),
+            update.encode_to_vec(),
+            encoding::CHAIN_UPDATE,
+            Qos::Reliable,
+        )
+        .await;
     }
 
     fn get_twin(&self) -> proto::Twin {
@@ -300,6 +426,33 @@ impl TwinActorState {
                     desired: Some(desired),
                 }))
             }
+            Some(twin_request::Request::SetChain(r)) => {
+                self.check_twin_id(&r.twin_id)?;
+                let spec = ChainSpec::from(&r.chain.unwrap_or_default());
+                let chain = self
+                    .core
+                    .set_chain(&spec, r.expected_revision)?
+                    .spec
+                    .clone();
+                self.analyzer = Analyzer::new(&self.core.chain);
+                if let Err(e) = self.persist() {
+                    return Err(DomainError::InvalidArgument(format!(
+                        "chain not stored: {e}"
+                    )));
+                }
+                self.publish_chain().await;
+                self.publish_event(
+                    "chain_changed",
+                    format!("processing chain replaced ({} stages)", chain.stage.len()),
+                    vec![("stages", chain.stage.len().to_string())],
+                )
+                .await;
+                self.state_changed(myself).await;
+                Ok(twin_reply::Reply::SetChain(SetChainResponse {
+                    revision: self.core.revision,
+                    chain: Some((&chain).into()),
+                }))
+            }
             Some(twin_request::Request::QueryHistory(_)) => Err(DomainError::InvalidArgument(
                 "history is served by the rpc pump".to_owned(),
             )),
@@ -335,8 +488,10 @@ impl Actor for TwinActor {
             None => (TwinCore::new(id.clone(), kind), false),
         };
         let cancel = ctx.cancel.child_token();
+        let analyzer = Analyzer::new(&core.chain);
         let state = TwinActorState {
             ctx: ctx.clone(),
+            analyzer,
             core,
             placement,
             dirty: true,
@@ -390,6 +545,7 @@ impl Actor for TwinActor {
         state: &mut Self::State,
     ) -> std::result::Result<(), ActorProcessingErr> {
         state.publish_state().await;
+        state.publish_chain().await;
         state
             .publish_event(
                 "started",
@@ -424,7 +580,8 @@ impl Actor for TwinActor {
     ) -> std::result::Result<(), ActorProcessingErr> {
         match msg {
             TwinMsg::Ingest(frames, reply) => {
-                let (watermarks, lost) = state.apply_frames(frames)?;
+                let (watermarks, lost, jobs) = state.apply_frames(frames)?;
+                state.analyse(&myself, jobs);
                 let _ = reply.send(IngestAck {
                     epoch: state.placement.epoch,
                     watermarks,
@@ -506,6 +663,16 @@ impl Actor for TwinActor {
             TwinMsg::Inspect(reply) => {
                 let _ = reply.send(state.get_twin());
             }
+            TwinMsg::Features {
+                signal,
+                start_ns,
+                end_ns,
+                features,
+            } => {
+                state
+                    .on_features(&myself, signal, start_ns, end_ns, features)
+                    .await?;
+            }
             TwinMsg::Fail(reason) => return Err(Error::actor(reason).into()),
         }
         Ok(())
@@ -535,10 +702,13 @@ fn decode_frame(
     let Some((_, _, key_signal)) = keys::parse_telemetry(&sample.key) else {
         return rejected(FrameRejection::Invalid("not a telemetry key"));
     };
-    let f = match TelemetryFrame::decode(sample.payload.clone()) {
+    let mut f = match TelemetryFrame::decode(sample.payload.clone()) {
         Ok(f) => f,
         Err(e) => return rejected(FrameRejection::Malformed(e.to_string())),
     };
+    if let Err(why) = frame::unpack(&mut f) {
+        return rejected(why);
+    }
     match frame::validate(&f, &sample.key, id, key_signal, kind) {
         Ok(()) => Some(f),
         Err(why) => rejected(why),

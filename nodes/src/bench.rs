@@ -194,12 +194,18 @@ struct IngestReport {
     stored_bytes_per_sample: f64,
 }
 
+/// Resolution of the bench samples (counts × 0.001).
+const SAMPLE_SCALE: f64 = 0.001;
+
 /// Deterministic, vibration-like 16-bit ADC samples.
 fn samples(n: usize, seed: u64) -> Vec<f64> {
     (0..n)
         .map(|i| {
             let t = (seed as usize * n + i) as f64;
-            ((t * 0.05).sin() * 12_000.0 + (t * 0.31).sin() * 3_000.0).round() * 0.001
+            twinmesh_twins::dsp::codec::quantize(
+                (t * 0.05).sin() * 12.0 + (t * 0.31).sin() * 3.0,
+                SAMPLE_SCALE,
+            )
         })
         .collect()
 }
@@ -284,6 +290,8 @@ async fn bench_ingest(args: &BenchArgs) -> anyhow::Result<IngestReport> {
                     sample_period_ns: period,
                     samples: body.clone(),
                     spool_base_seq: 1,
+                    scale: SAMPLE_SCALE,
+                    packed: Vec::new(),
                 };
                 sent_at.push_back((seq, Instant::now()));
                 if publisher.put(frame.encode_to_vec()).await.is_err() {
@@ -337,6 +345,8 @@ async fn bench_ingest(args: &BenchArgs) -> anyhow::Result<IngestReport> {
         sample_period_ns: period,
         samples: samples(args.frame_samples, 7),
         spool_base_seq: 1,
+        scale: SAMPLE_SCALE,
+        packed: Vec::new(),
     }
     .encode_to_vec();
     let payload = bytes::Bytes::from(payload);

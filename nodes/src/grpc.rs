@@ -18,8 +18,8 @@ use twinmesh_twins::proto::{
     twin_reply, twin_request, watch_twin_response, FeatureSet, GetPlacementRequest,
     GetThingDescriptionRequest, GetTwinRequest, ListNodesRequest, ListNodesResponse,
     ListTwinsRequest, ListTwinsResponse, Placement, QueryHistoryRequest, QueryHistoryResponse,
-    SetDesiredRequest, SetDesiredResponse, ThingDescription, Twin, TwinEvent, TwinState,
-    WatchTwinRequest, WatchTwinResponse,
+    SetChainRequest, SetChainResponse, SetDesiredRequest, SetDesiredResponse, ThingDescription,
+    Twin, TwinEvent, TwinState, WatchTwinRequest, WatchTwinResponse,
 };
 
 use crate::api::{parse_twin_id, Api};
@@ -200,6 +200,35 @@ impl TwinService for Services {
             .await?
         {
             twin_reply::Reply::SetDesired(r) => Ok(Response::new(r)),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn set_chain(
+        &self,
+        request: Request<SetChainRequest>,
+    ) -> Result<Response<SetChainResponse>, Status> {
+        self.set_chain_impl(request).await
+    }
+}
+
+impl Services {
+    async fn set_chain_impl(
+        &self,
+        request: Request<SetChainRequest>,
+    ) -> Result<Response<SetChainResponse>, Status> {
+        let dl = deadline(&request);
+        let req = request.into_inner();
+        let id = parse_twin_id(&req.twin_id)?;
+        if req.chain.is_none() {
+            return Err(Status::invalid_argument("invalid chain: missing"));
+        }
+        match self
+            .api
+            .twin_call(&id, twin_request::Request::SetChain(req), dl)
+            .await?
+        {
+            twin_reply::Reply::SetChain(r) => Ok(Response::new(r)),
             _ => Err(unexpected()),
         }
     }

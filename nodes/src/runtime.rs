@@ -16,10 +16,12 @@ use twinmesh_actors::gateway::{GatewayActor, GatewayArgs, GatewayConfig, Gateway
 use twinmesh_actors::mesh::{MeshMsg, MeshSupervisor};
 use twinmesh_actors::metrics::NodeMetrics;
 use twinmesh_actors::node::{NodeMsg, NodeSupervisor};
-use twinmesh_actors::ports::{Device, Guard, SharedFabric, Store, SystemClock};
+use twinmesh_actors::ports::{
+    Device, Guard, Qos, SharedFabric, Store, StoredFrame, Subscription, SystemClock,
+};
 use twinmesh_proto::encoding;
 use twinmesh_sim::SimDevice;
-use twinmesh_twins::proto::{NodeInfo, NodeTwins};
+use twinmesh_twins::proto::{FeatureSet, NodeInfo, NodeLoad, NodeTwins};
 use twinmesh_twins::{keys, Tier, TwinId};
 
 use crate::api::Api;
@@ -101,6 +103,9 @@ impl RunningNode {
             },
             tasks: TaskTracker::new(),
             cancel: CancellationToken::new(),
+            analysis_permits: Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+            )),
         });
         let grpc_addr = grpc_listener.as_ref().and_then(|l| l.local_addr().ok());
         let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
@@ -117,6 +122,11 @@ impl RunningNode {
             started_ns: ctx.now_ns(),
         };
         serve_node_queryables(&ctx, info).await?;
+        ctx.tasks.spawn(publish_load(ctx.clone(), store.clone()));
+        if config.tier == Tier::Cloud {
+            let features = ctx.fabric.subscribe(keys::FEATURES_ALL, 4096).await?;
+            ctx.tasks.spawn(archive_features(ctx.clone(), features));
+        }
 
         let mesh = if config.tier == Tier::Cloud {
             Some(Actor::spawn(None, MeshSupervisor, ctx.clone()).await?.0)
@@ -264,6 +274,89 @@ async fn serve_node_queryables(ctx: &Arc<NodeContext>, info: NodeInfo) -> anyhow
         drop(twins_q);
     });
     Ok(())
+}
+
+/// Publishes `NodeLoad` on `twinmesh/nodes/{node}/load` every second.
+async fn publish_load(ctx: Arc<NodeContext>, store: Arc<SledStore>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ctx.cancel.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let m = &ctx.metrics;
+        let load = NodeLoad {
+            node: ctx.node.to_string(),
+            timestamp_ns: ctx.now_ns(),
+            twins: ctx.directory.len() as u32,
+            frames_in: NodeMetrics::get(&m.frames_in),
+            samples_in: NodeMetrics::get(&m.samples_in),
+            frames_duplicate: NodeMetrics::get(&m.frames_duplicate),
+            frames_rejected: m
+                .rejected()
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect(),
+            frames_published: NodeMetrics::get(&m.frames_published),
+            bytes_published: NodeMetrics::get(&m.bytes_published),
+            spool_frames: store.spool_len(),
+            rpc_served: NodeMetrics::get(&m.rpc_served),
+            frames_overflow: NodeMetrics::get(&m.frames_overflow),
+        };
+        if let Err(e) = ctx
+            .fabric
+            .publish(
+                &keys::node_load(&ctx.node),
+                Bytes::from(load.encode_to_vec()),
+                encoding::NODE_LOAD,
+                Qos::Latest,
+            )
+            .await
+        {
+            tracing::debug!("load not published: {e}");
+        }
+    }
+}
+
+/// The cloud stage `archive`: keeps the feature sets of twins whose chain asks for it,
+/// as long-term time series (one series per feature) in the cloud node's store.
+async fn archive_features(ctx: Arc<NodeContext>, features: Subscription) {
+    loop {
+        let sample = tokio::select! {
+            _ = ctx.cancel.cancelled() => break,
+            s = features.rx.recv_async() => match s { Ok(s) => s, Err(_) => break },
+        };
+        let Ok(set) = FeatureSet::decode(sample.payload) else {
+            tracing::debug!(key = sample.key, "malformed feature set");
+            continue;
+        };
+        if !set.archive {
+            continue;
+        }
+        let Ok(twin) = set.twin_id.parse::<TwinId>() else {
+            continue;
+        };
+        let points: Vec<StoredFrame> = set
+            .features
+            .iter()
+            .filter(|(_, v)| v.is_finite())
+            .map(|(name, v)| StoredFrame {
+                signal: name.clone(),
+                seq: 0,
+                start_ns: set.window_end_ns,
+                sample_period_ns: (set.window_end_ns - set.window_start_ns).max(1),
+                samples: vec![*v],
+                scale: 0.0,
+            })
+            .collect();
+        if let Err(e) = ctx.store.append_frames(&twin, &points) {
+            tracing::warn!(twin = %twin, "archive write failed: {e}");
+        } else {
+            NodeMetrics::add(&ctx.metrics.features_archived, points.len() as u64);
+        }
+    }
+    drop(features);
 }
 
 /// Runs a node until `shutdown` fires (the binary passes Ctrl-C).

@@ -18,6 +18,7 @@ use prost::Message;
 
 use twinmesh_actors::ports::{Store, StoredFrame};
 use twinmesh_actors::{Error, Result};
+use twinmesh_twins::dsp::codec;
 use twinmesh_twins::proto::{Bucket, Placement, TelemetryFrame, TwinSnapshot};
 use twinmesh_twins::stats::{Accumulator, Aggregation};
 use twinmesh_twins::TwinId;
@@ -63,52 +64,59 @@ fn ts_key(prefix: &[u8], start_ns: i64, seq: u64) -> Vec<u8> {
     k
 }
 
+/// `sample_period_ns: i64 LE` + the samples in the lossless frame codec (packed when
+/// they sit on the frame's resolution grid, raw f64 otherwise).
 fn encode_samples(frame: &StoredFrame) -> Vec<u8> {
-    let mut v = Vec::with_capacity(8 + frame.samples.len() * 8);
+    let mut v = Vec::with_capacity(16 + frame.samples.len() * 2);
     v.extend_from_slice(&frame.sample_period_ns.to_le_bytes());
-    for x in &frame.samples {
-        v.extend_from_slice(&x.to_le_bytes());
-    }
+    codec::encode(&frame.samples, frame.scale, &mut v);
     v
 }
 
-/// (start_ns, seq, period, samples) of a stored frame.
-struct FrameView<'a> {
+/// (start_ns, period, samples) of a stored frame.
+struct FrameView {
     start_ns: i64,
-    seq: u64,
     period: i64,
-    samples: &'a [u8],
+    samples: Vec<f64>,
 }
 
-impl<'a> FrameView<'a> {
-    fn parse(prefix_len: usize, key: &[u8], value: &'a [u8]) -> Result<Self> {
-        if key.len() != prefix_len + 16 || value.len() < 8 || !(value.len() - 8).is_multiple_of(8) {
-            return Err(Error::store("corrupt time-series entry"));
+impl FrameView {
+    /// Key fields only (no decoding of the samples).
+    fn key(prefix_len: usize, key: &[u8]) -> Result<(i64, u64)> {
+        if key.len() != prefix_len + 16 {
+            return Err(Error::store("corrupt time-series key"));
         }
-        Ok(FrameView {
-            start_ns: from_ord_i64(&key[prefix_len..prefix_len + 8]),
-            seq: u64::from_be_bytes(key[prefix_len + 8..].try_into().expect("8 bytes")),
-            period: i64::from_le_bytes(value[..8].try_into().expect("8 bytes")),
-            samples: &value[8..],
-        })
+        Ok((
+            from_ord_i64(&key[prefix_len..prefix_len + 8]),
+            u64::from_be_bytes(key[prefix_len + 8..].try_into().expect("8 bytes")),
+        ))
     }
 
-    fn len(&self) -> usize {
-        self.samples.len() / 8
+    fn parse(prefix_len: usize, key: &[u8], value: &[u8]) -> Result<Self> {
+        let (start_ns, _seq) = Self::key(prefix_len, key)?;
+        if value.len() < 9 {
+            return Err(Error::store("corrupt time-series entry"));
+        }
+        let mut samples = Vec::new();
+        codec::decode(&value[8..], &mut samples)
+            .map_err(|e| Error::store(format!("corrupt time-series entry: {e}")))?;
+        Ok(FrameView {
+            start_ns,
+            period: i64::from_le_bytes(value[..8].try_into().expect("8 bytes")),
+            samples,
+        })
     }
 
     fn end_ns(&self) -> i64 {
         self.start_ns
-            .saturating_add((self.len() as i64).saturating_mul(self.period))
+            .saturating_add((self.samples.len() as i64).saturating_mul(self.period))
     }
 
     fn samples(&self) -> impl Iterator<Item = (i64, f64)> + '_ {
-        self.samples.chunks_exact(8).enumerate().map(|(i, b)| {
-            (
-                self.start_ns + i as i64 * self.period,
-                f64::from_le_bytes(b.try_into().expect("8 bytes")),
-            )
-        })
+        self.samples
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| (self.start_ns + i as i64 * self.period, x))
     }
 }
 
@@ -248,8 +256,8 @@ impl Store for SledStore {
         self.ts
             .scan_prefix(&prefix)
             .map(|e| {
-                let (k, v) = e.map_err(Error::store)?;
-                Ok(FrameView::parse(prefix.len(), &k, &v)?.seq)
+                let (k, _) = e.map_err(Error::store)?;
+                Ok(FrameView::key(prefix.len(), &k)?.1)
             })
             .collect()
     }
@@ -442,6 +450,7 @@ mod tests {
             start_ns,
             sample_period_ns: 10,
             samples,
+            scale: 1.0,
         }
     }
 

@@ -39,4 +39,5 @@ pub mod encoding {
     pub const PLACEMENT: &str = "application/protobuf;Placement";
     pub const PLACEMENT_REQUEST: &str = "application/protobuf;PlacementRequest";
     pub const PLACEMENT_QUERY: &str = "application/protobuf;PlacementQuery";
+    pub const CHAIN_UPDATE: &str = "application/protobuf;ChainUpdate";
 }

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use twinmesh_actors::ports::{Block, Device};
+use twinmesh_twins::dsp::codec::quantize;
 use twinmesh_twins::{AssetKind, TwinId};
 
 use crate::model::{new_model, AssetModel, SimError};
@@ -58,8 +59,9 @@ impl Device for SimDevice {
             if n == 0 || start > now_ns {
                 continue;
             }
+            let scale = spec.resolution;
             let samples = (0..n)
-                .map(|i| self.model.sample(spec.name, start + i * period))
+                .map(|i| quantize(self.model.sample(spec.name, start + i * period), scale))
                 .collect();
             self.next_ns.insert(spec.name, start + n * period);
             blocks.push(Block {
@@ -67,6 +69,7 @@ impl Device for SimDevice {
                 start_ns: start,
                 sample_period_ns: period,
                 samples,
+                scale: spec.resolution,
             });
         }
         blocks

@@ -81,6 +81,7 @@ fn frame(
         sample_period_ns: period,
         samples,
         spool_base_seq: 1,
+        ..Default::default()
     }
 }
 

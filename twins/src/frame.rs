@@ -74,6 +74,20 @@ impl fmt::Display for FrameRejection {
     }
 }
 
+/// Unpacks a frame whose samples travel codec-packed (an IoT `compress` stage).
+pub fn unpack(frame: &mut TelemetryFrame) -> Result<(), FrameRejection> {
+    if frame.packed.is_empty() {
+        return Ok(());
+    }
+    if !frame.samples.is_empty() {
+        return Err(FrameRejection::Invalid("both samples and packed samples"));
+    }
+    crate::dsp::codec::decode(&frame.packed, &mut frame.samples)
+        .map_err(|e| FrameRejection::Malformed(format!("packed samples: {e}")))?;
+    frame.packed.clear();
+    Ok(())
+}
+
 /// Checks a decoded frame received on `twinmesh/telemetry/{twin}/{signal}` (the key's
 /// parts are `key_twin` and `key_signal`) for a twin of `kind`.
 pub fn validate(
@@ -128,6 +142,7 @@ mod tests {
             sample_period_ns: 1_000_000_000,
             samples: vec![1.0, 2.0],
             spool_base_seq: 1,
+            ..Default::default()
         }
     }
 
@@ -140,6 +155,20 @@ mod tests {
             "power",
             AssetKind::WindTurbine,
         )
+    }
+
+    #[test]
+    fn packed_frames_unpack_or_are_malformed() {
+        let mut f = frame();
+        crate::dsp::codec::encode(&[1.0, 2.0, 3.0], 1.0, &mut f.packed);
+        f.samples.clear();
+        unpack(&mut f).unwrap();
+        assert_eq!(f.samples, vec![1.0, 2.0, 3.0]);
+        assert_eq!(check(&f), Ok(()));
+        let mut f = frame();
+        f.samples.clear();
+        f.packed = vec![0x02, 0xff];
+        assert_eq!(unpack(&mut f).unwrap_err().as_str(), "malformed");
     }
 
     #[test]

@@ -59,6 +59,17 @@ pub fn control_delivered(twin: &TwinId) -> String {
     format!("twinmesh/control/{twin}/delivered")
 }
 
+pub fn chain(twin: &TwinId) -> String {
+    format!("twinmesh/chains/{twin}")
+}
+
+pub fn chains_of_site(site: &str) -> String {
+    format!("twinmesh/chains/{site}/*")
+}
+
+/// Feature sets of every twin (the cloud archive listens here).
+pub const FEATURES_ALL: &str = "twinmesh/twins/*/*/features";
+
 pub fn acks(twin: &TwinId) -> String {
     format!("twinmesh/acks/{twin}")
 }

@@ -32,6 +32,10 @@ pub struct SignalSpec {
     /// Physical range of plausible values.
     pub min: f64,
     pub max: f64,
+    /// Reporting resolution: every reported value is an integer multiple of it (16-bit
+    /// ADC over the range for waveforms, 0.001 units for process values), which is what
+    /// makes frames compress losslessly.
+    pub resolution: f64,
 }
 
 /// One set-point an operator may command through `SetDesired`.
@@ -58,6 +62,15 @@ pub struct KindSchema {
 }
 
 impl KindSchema {
+    /// The signal chains apply to when a stage names none: the first waveform, else the
+    /// first signal.
+    pub fn primary_signal(&self) -> &SignalSpec {
+        self.signals
+            .iter()
+            .find(|s| s.waveform)
+            .unwrap_or(&self.signals[0])
+    }
+
     pub fn signal(&self, name: &str) -> Result<&SignalSpec> {
         self.signals
             .iter()
@@ -200,6 +213,7 @@ const fn scalar(
         sensitivity,
         min,
         max,
+        resolution: 0.001,
     }
 }
 
@@ -220,6 +234,7 @@ const fn waveform(
         sensitivity: Sensitivity::Public,
         min,
         max,
+        resolution: (max - min) / 65536.0,
     }
 }
 

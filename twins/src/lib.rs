@@ -14,6 +14,8 @@
 //!
 //! Time always comes in as data (`now_ns` arguments); nothing here reads a clock.
 
+pub mod bearing;
+pub mod chain;
 pub mod dsp;
 pub mod error;
 pub mod frame;

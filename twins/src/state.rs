@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::chain::{Chain, ChainSpec};
 use crate::error::{Error, Result};
 use crate::id::TwinId;
 use crate::kind::AssetKind;
@@ -99,6 +100,8 @@ pub struct TwinCore {
     pub health: Health,
     pub duplicate_frames: BTreeMap<String, u64>,
     pub lost_frames: BTreeMap<String, u64>,
+    /// The processing chain (validated).
+    pub chain: Chain,
 }
 
 impl TwinCore {
@@ -113,7 +116,42 @@ impl TwinCore {
             health: Health::default(),
             duplicate_frames: BTreeMap::new(),
             lost_frames: BTreeMap::new(),
+            chain: Chain::default_for(kind),
         }
+    }
+
+    /// Replaces the processing chain after validating it whole.
+    pub fn set_chain(
+        &mut self,
+        spec: &ChainSpec,
+        expected_revision: Option<u64>,
+    ) -> Result<&Chain> {
+        self.check_revision(expected_revision)?;
+        self.chain = Chain::validate(spec, self.kind)?;
+        self.revision += 1;
+        Ok(&self.chain)
+    }
+
+    fn check_revision(&self, expected: Option<u64>) -> Result<()> {
+        match expected {
+            Some(e) if e != self.revision => Err(Error::RevisionMismatch {
+                twin: self.id.to_string(),
+                expected: e,
+                actual: self.revision,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Records the features of one analysis window in `derived`.
+    pub fn apply_features(&mut self, features: &BTreeMap<String, f64>) {
+        if features.is_empty() {
+            return;
+        }
+        for (k, v) in features {
+            self.derived.insert(k.clone(), *v);
+        }
+        self.revision += 1;
     }
 
     /// Last applied seq of `signal` (0 before the first frame).
@@ -179,15 +217,7 @@ impl TwinCore {
         expected_revision: Option<u64>,
         now_ns: i64,
     ) -> Result<&Desired> {
-        if let Some(expected) = expected_revision {
-            if expected != self.revision {
-                return Err(Error::RevisionMismatch {
-                    twin: self.id.to_string(),
-                    expected,
-                    actual: self.revision,
-                });
-            }
-        }
+        self.check_revision(expected_revision)?;
         self.kind.schema().validate_desired(property, value)?;
         self.revision += 1;
         let desired = Desired {
@@ -275,6 +305,7 @@ impl TwinCore {
                 .iter()
                 .map(|(k, v)| (k.clone(), *v))
                 .collect(),
+            chain: Some((&self.chain.spec).into()),
         }
     }
 }
@@ -342,6 +373,10 @@ impl TryFrom<proto::Twin> for TwinCore {
             })
             .collect::<Result<_>>()?;
         let health = t.health.unwrap_or_default();
+        let chain = match &t.chain {
+            Some(c) => Chain::validate(&ChainSpec::from(c), kind)?,
+            None => Chain::default_for(kind),
+        };
         Ok(TwinCore {
             id,
             kind,
@@ -375,6 +410,7 @@ impl TryFrom<proto::Twin> for TwinCore {
             },
             duplicate_frames: t.duplicate_frames.into_iter().collect(),
             lost_frames: t.lost_frames.into_iter().collect(),
+            chain,
         })
     }
 }

@@ -64,6 +64,16 @@ pub struct IngestAck {
     pub watermarks: Vec<(String, u64)>,
 }
 
+/// What applying a batch of frames produced.
+struct Applied {
+    /// Last applied seq of each signal the batch touched.
+    watermarks: Vec<(String, u64)>,
+    /// Frames skipped because the gateway no longer held them.
+    lost: u64,
+    /// Analysis windows the batch completed.
+    jobs: Vec<WindowJob>,
+}
+
 pub struct TwinArgs {
     pub ctx: Arc<NodeContext>,
     pub placement: Placement,
@@ -210,10 +220,7 @@ impl TwinActorState {
         self.ctx.store.save_snapshot(&self.snapshot())
     }
 
-    fn apply_frames(
-        &mut self,
-        frames: Vec<TelemetryFrame>,
-    ) -> Result<(Vec<(String, u64)>, u64, Vec<WindowJob>)> {
+    fn apply_frames(&mut self, frames: Vec<TelemetryFrame>) -> Result<Applied> {
         let mut stored = Vec::with_capacity(frames.len());
         let mut jobs = Vec::new();
         let mut touched: Vec<String> = Vec::new();
@@ -281,7 +288,11 @@ impl TwinActorState {
                 job.context = context.clone();
             }
         }
-        Ok((acks, lost_total, jobs))
+        Ok(Applied {
+            watermarks: acks,
+            lost: lost_total,
+            jobs,
+        })
     }
 
     /// Runs analysis windows on the blocking pool (bounded per node); each result comes
@@ -453,7 +464,8 @@ impl TwinActorState {
                     chain: Some((&chain).into()),
                 }))
             }
-            Some(twin_request::Request::QueryHistory(_)) => Err(DomainError::InvalidArgument(
+            Some(twin_request::Request::QueryHistory(_))
+            | Some(twin_request::Request::ImportHistory(_)) => Err(DomainError::InvalidArgument(
                 "history is served by the rpc pump".to_owned(),
             )),
             None => Err(DomainError::InvalidArgument(
@@ -529,6 +541,7 @@ impl Actor for TwinActor {
             myself.clone(),
             ctx.clone(),
             id.clone(),
+            kind,
             rpc,
             cancel.clone(),
         ));
@@ -580,7 +593,11 @@ impl Actor for TwinActor {
     ) -> std::result::Result<(), ActorProcessingErr> {
         match msg {
             TwinMsg::Ingest(frames, reply) => {
-                let (watermarks, lost, jobs) = state.apply_frames(frames)?;
+                let Applied {
+                    watermarks,
+                    lost,
+                    jobs,
+                } = state.apply_frames(frames)?;
                 state.analyse(&myself, jobs);
                 let _ = reply.send(IngestAck {
                     epoch: state.placement.epoch,
@@ -788,6 +805,7 @@ async fn rpc_pump(
     actor: ActorRef<TwinMsg>,
     ctx: Arc<NodeContext>,
     id: TwinId,
+    kind: AssetKind,
     queryable: crate::ports::Queryable,
     cancel: CancellationToken,
 ) {
@@ -802,6 +820,34 @@ async fn rpc_pump(
             Err(e) => error_reply(&DomainError::InvalidArgument(format!(
                 "malformed twin request: {e}"
             ))),
+            Ok(TwinRequest {
+                request: Some(twin_request::Request::ImportHistory(req)),
+            }) => {
+                let reply = match import_history(&ctx, &id, kind, req) {
+                    Ok(samples) => match ctx.store.flush().await {
+                        Ok(()) => TwinReply {
+                            reply: Some(twin_reply::Reply::ImportHistory(
+                                proto::ImportHistoryResponse { samples },
+                            )),
+                        },
+                        Err(e) => TwinReply {
+                            reply: Some(twin_reply::Reply::Error(proto::Error {
+                                code: proto::ErrorCode::Unavailable as i32,
+                                message: format!("history of {id} not made durable: {e}"),
+                            })),
+                        },
+                    },
+                    Err(e) => error_reply(&e),
+                };
+                query
+                    .reply(
+                        &key,
+                        Bytes::from(reply.encode_to_vec()),
+                        encoding::TWIN_REPLY,
+                    )
+                    .await;
+                continue;
+            }
             Ok(TwinRequest {
                 request: Some(twin_request::Request::QueryHistory(h)),
             }) => {
@@ -883,6 +929,53 @@ fn query_history(ctx: &NodeContext, id: &TwinId, h: proto::QueryHistoryRequest) 
             }
         }
     }
+}
+
+/// Most samples one import request may carry.
+pub const MAX_IMPORT_SAMPLES: usize = 1 << 20;
+
+/// Stores imported samples as history, keyed by time (seq 0), so a re-run overwrites
+/// the same entries instead of adding new ones.
+fn import_history(
+    ctx: &NodeContext,
+    id: &TwinId,
+    kind: AssetKind,
+    req: proto::ImportHistoryRequest,
+) -> std::result::Result<u64, DomainError> {
+    if req.twin_id != id.to_string() {
+        return Err(DomainError::UnknownTwin(req.twin_id));
+    }
+    kind.schema().signal(&req.signal)?;
+    if req.samples.is_empty() || req.samples.len() > MAX_IMPORT_SAMPLES {
+        return Err(DomainError::InvalidArgument(format!(
+            "import of {} samples: expected 1..={MAX_IMPORT_SAMPLES}",
+            req.samples.len()
+        )));
+    }
+    if req.sample_period_ns <= 0 {
+        return Err(DomainError::InvalidArgument(format!(
+            "invalid sample_period_ns {}: must be positive",
+            req.sample_period_ns
+        )));
+    }
+    if let Some(i) = req.samples.iter().position(|x| !x.is_finite()) {
+        return Err(DomainError::InvalidArgument(format!(
+            "sample {i} is not finite"
+        )));
+    }
+    let n = req.samples.len() as u64;
+    let frame = StoredFrame {
+        signal: req.signal,
+        seq: 0,
+        start_ns: req.start_ns,
+        sample_period_ns: req.sample_period_ns,
+        samples: req.samples,
+        scale: 0.0,
+    };
+    ctx.store
+        .append_frames(id, &[frame])
+        .map_err(|e| DomainError::InvalidArgument(format!("import not stored: {e}")))?;
+    Ok(n)
 }
 
 /// Checks a history request against the twin (DESIGN §9 error rules).

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{NodeConfig, SimSpec, ZenohMode};
+use crate::config::{FaultSpec, NodeConfig, SimSpec, ZenohMode};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -28,6 +28,12 @@ pub enum Command {
     Ctl(crate::ctl::CtlArgs),
     /// Measure the mesh (results go to BENCHMARKS.md).
     Bench(crate::bench::BenchArgs),
+    /// Write simulated samples of an asset kind as CSV.
+    Sim(crate::tools::SimArgs),
+    /// Run a signal operator over CSV on stdin, CSV on stdout.
+    Dsp(crate::tools::DspArgs),
+    /// Upload a CSV/JSON file into a twin's history through gRPC.
+    Ingest(crate::tools::IngestArgs),
 }
 
 #[derive(Debug, Args)]
@@ -83,6 +89,10 @@ pub struct NodeArgs {
     /// Simulated assets, KIND[:COUNT],... (iot tier).
     #[arg(long, value_delimiter = ',')]
     pub simulate: Vec<SimSpec>,
+    /// Fault of a simulated asset, ASSET=MODE@SECONDS after start (repeatable), e.g.
+    /// wt-01=outer_race@30, pm-01=harmonic_distortion@10, hpc-01=stuck:power@5.
+    #[arg(long)]
+    pub fault: Vec<FaultSpec>,
     /// Liveliness lease in ms.
     #[arg(long, default_value_t = 2000)]
     pub lease_ms: u64,
@@ -113,6 +123,7 @@ impl NodeArgs {
         cfg.grpc = self.grpc;
         cfg.http = self.http;
         cfg.simulate = self.simulate;
+        cfg.faults = self.fault;
         cfg.lease_ms = self.lease_ms;
         cfg.max_frame_bytes = self.max_frame_bytes;
         cfg.multicast = self.multicast;

@@ -84,6 +84,55 @@ impl fmt::Display for SimSpec {
     }
 }
 
+/// `ASSET=MODE@SECONDS`: a fault of one simulated asset, starting that many seconds after
+/// the node starts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct FaultSpec {
+    pub asset: String,
+    pub mode: twinmesh_sim::FaultMode,
+    pub after_s: f64,
+}
+
+impl FromStr for FaultSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || {
+            format!("invalid fault {s:?}: expected ASSET=MODE@SECONDS, e.g. wt-01=outer_race@30")
+        };
+        let (asset, rest) = s.split_once('=').ok_or_else(bad)?;
+        let (mode, at) = rest.rsplit_once('@').ok_or_else(bad)?;
+        let after_s: f64 = at.parse().map_err(|_| bad())?;
+        if !(after_s.is_finite() && after_s >= 0.0 && twinmesh_twins::id::is_valid_segment(asset)) {
+            return Err(bad());
+        }
+        Ok(FaultSpec {
+            asset: asset.to_owned(),
+            mode: mode.parse()?,
+            after_s,
+        })
+    }
+}
+
+impl TryFrom<String> for FaultSpec {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<FaultSpec> for String {
+    fn from(f: FaultSpec) -> String {
+        f.to_string()
+    }
+}
+
+impl fmt::Display for FaultSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}={}@{}", self.asset, self.mode, self.after_s)
+    }
+}
+
 fn default_lease_ms() -> u64 {
     2000
 }
@@ -129,6 +178,10 @@ pub struct NodeConfig {
     /// Simulated assets (IoT tier only).
     #[serde(default)]
     pub simulate: Vec<SimSpec>,
+    /// Faults of simulated assets: `ASSET=MODE@SECONDS` (seconds after the node starts),
+    /// e.g. `wt-01=outer_race@30` or `pm-01=drift:voltage@10`.
+    #[serde(default)]
+    pub faults: Vec<FaultSpec>,
     /// Zenoh lease: how fast a frozen or cut-off node is declared gone.
     #[serde(default = "default_lease_ms")]
     pub lease_ms: u64,
@@ -160,6 +213,7 @@ impl NodeConfig {
             grpc: None,
             http: None,
             simulate: Vec::new(),
+            faults: Vec::new(),
             lease_ms: default_lease_ms(),
             multicast: false,
             max_frame_bytes: default_max_frame_bytes(),
@@ -201,6 +255,9 @@ impl NodeConfig {
             anyhow::bail!("node {} ({}) needs a site", self.id, self.tier);
         }
         validate_site(&self.site)?;
+        if !self.faults.is_empty() && self.simulate.is_empty() {
+            anyhow::bail!("node {} has faults but simulates no assets", self.id);
+        }
         if !self.simulate.is_empty() && self.tier != Tier::Iot {
             anyhow::bail!(
                 "node {} is a {} node: only iot gateways drive simulated assets",

@@ -9,7 +9,8 @@ use twinmesh_proto::v1::mesh_service_client::MeshServiceClient;
 use twinmesh_proto::v1::twin_service_client::TwinServiceClient;
 use twinmesh_twins::proto::{
     self, watch_twin_response, GetPlacementRequest, GetThingDescriptionRequest, GetTwinRequest,
-    ListNodesRequest, ListTwinsRequest, QueryHistoryRequest, SetDesiredRequest, WatchTwinRequest,
+    ListNodesRequest, ListTwinsRequest, QueryHistoryRequest, SetChainRequest, SetDesiredRequest,
+    WatchTwinRequest,
 };
 use twinmesh_twins::stats::Aggregation;
 
@@ -91,6 +92,16 @@ pub enum CtlCommand {
     Nodes,
     /// Placement of one twin.
     Placement { id: String },
+    /// Show a twin's processing chain (TOML), or replace it from a TOML file.
+    Chain {
+        id: String,
+        /// Replace the chain with the `[[stage]]` tables of this file.
+        #[arg(long)]
+        set: Option<std::path::PathBuf>,
+        /// Refuse unless the twin is at this revision.
+        #[arg(long, requires = "set")]
+        expected_revision: Option<u64>,
+    },
 }
 
 /// `10s`, `500ms`, `1m`, `2h`, `250us`, `100ns`.
@@ -140,8 +151,9 @@ pub fn parse_time(s: &str, now: i64) -> anyhow::Result<i64> {
     })
 }
 
-fn status_error(s: tonic::Status) -> anyhow::Error {
-    let code = format!("{:?}", s.code());
+/// `not_found`, `invalid_argument`, ... for a gRPC code.
+pub fn code_name(code: tonic::Code) -> String {
+    let code = format!("{code:?}");
     let mut snake = String::new();
     for (i, c) in code.chars().enumerate() {
         if c.is_uppercase() && i > 0 {
@@ -149,7 +161,11 @@ fn status_error(s: tonic::Status) -> anyhow::Error {
         }
         snake.push(c.to_ascii_lowercase());
     }
-    anyhow::anyhow!("{snake}: {}", s.message())
+    snake
+}
+
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}: {}", code_name(s.code()), s.message())
 }
 
 async fn connect(endpoint: &str, timeout: Duration) -> anyhow::Result<Channel> {
@@ -415,6 +431,49 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
                     n.locators.join(",")
                 );
             }
+        }
+        CtlCommand::Chain {
+            id,
+            set,
+            expected_revision,
+        } => {
+            let chain = match set {
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path)
+                        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+                    let spec: twinmesh_twins::chain::ChainSpec =
+                        toml::from_str(&text).map_err(|e| {
+                            anyhow::anyhow!(
+                                "invalid chain file {}: {}",
+                                path.display(),
+                                e.to_string().trim().replace('\n', " ")
+                            )
+                        })?;
+                    twins
+                        .set_chain(SetChainRequest {
+                            twin_id: id,
+                            chain: Some((&spec).into()),
+                            expected_revision,
+                        })
+                        .await
+                        .map_err(status_error)?
+                        .into_inner()
+                        .chain
+                        .unwrap_or_default()
+                }
+                None => twins
+                    .get_twin(GetTwinRequest { twin_id: id })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner()
+                    .chain
+                    .unwrap_or_default(),
+            };
+            if json {
+                return print_json(&chain);
+            }
+            let spec = twinmesh_twins::chain::ChainSpec::from(&chain);
+            print!("{}", toml::to_string(&spec)?);
         }
         CtlCommand::Placement { id } => {
             let p = mesh

@@ -16,10 +16,11 @@ use twinmesh_proto::v1::twin_service_server::{TwinService, TwinServiceServer};
 use twinmesh_twins::keys;
 use twinmesh_twins::proto::{
     twin_reply, twin_request, watch_twin_response, FeatureSet, GetPlacementRequest,
-    GetThingDescriptionRequest, GetTwinRequest, ListNodesRequest, ListNodesResponse,
-    ListTwinsRequest, ListTwinsResponse, Placement, QueryHistoryRequest, QueryHistoryResponse,
-    SetChainRequest, SetChainResponse, SetDesiredRequest, SetDesiredResponse, ThingDescription,
-    Twin, TwinEvent, TwinState, WatchTwinRequest, WatchTwinResponse,
+    GetThingDescriptionRequest, GetTwinRequest, ImportHistoryRequest, ImportHistoryResponse,
+    ListNodesRequest, ListNodesResponse, ListTwinsRequest, ListTwinsResponse, Placement,
+    QueryHistoryRequest, QueryHistoryResponse, SetChainRequest, SetChainResponse,
+    SetDesiredRequest, SetDesiredResponse, ThingDescription, Twin, TwinEvent, TwinState,
+    WatchTwinRequest, WatchTwinResponse,
 };
 
 use crate::api::{parse_twin_id, Api};
@@ -209,6 +210,23 @@ impl TwinService for Services {
         request: Request<SetChainRequest>,
     ) -> Result<Response<SetChainResponse>, Status> {
         self.set_chain_impl(request).await
+    }
+
+    async fn import_history(
+        &self,
+        request: Request<ImportHistoryRequest>,
+    ) -> Result<Response<ImportHistoryResponse>, Status> {
+        let dl = deadline(&request);
+        let req = request.into_inner();
+        let id = parse_twin_id(&req.twin_id)?;
+        match self
+            .api
+            .twin_call(&id, twin_request::Request::ImportHistory(req), dl)
+            .await?
+        {
+            twin_reply::Reply::ImportHistory(r) => Ok(Response::new(r)),
+            _ => Err(unexpected()),
+        }
     }
 }
 

@@ -13,6 +13,7 @@
 //! - [`up`]: the whole mesh in one process (`twinmesh up`).
 //! - [`ctl`]: the `twinmesh ctl` client.
 //! - [`bench`]: `twinmesh bench`.
+//! - [`tools`]: `twinmesh sim`, `twinmesh dsp`, `twinmesh ingest`.
 //! - [`cli`]: argument parsing for the binary.
 
 pub mod api;
@@ -25,6 +26,7 @@ pub mod grpc;
 pub mod http;
 pub mod runtime;
 pub mod store;
+pub mod tools;
 pub mod up;
 
 pub use runtime::{run, RunningNode};

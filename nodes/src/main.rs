@@ -12,7 +12,11 @@ fn main() -> ExitCode {
     // Benchmarks and the client stay quiet unless asked; nodes report what they do.
     let default_filter = match cli.command {
         Command::Up(_) | Command::Node(_) => "warn,twinmesh=info",
-        Command::Ctl(_) | Command::Bench(_) => "warn",
+        Command::Ctl(_)
+        | Command::Bench(_)
+        | Command::Sim(_)
+        | Command::Dsp(_)
+        | Command::Ingest(_) => "warn",
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -30,6 +34,18 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader went away (`| head`): not an error of ours.
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+                    || c.downcast_ref::<csv::Error>().is_some_and(|ce| {
+                        matches!(ce.kind(), csv::ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::BrokenPipe)
+                    })
+            }) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -53,6 +69,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Node(args) => twinmesh_nodes::run(args.into_config()?, shutdown_signal()).await,
         Command::Ctl(args) => twinmesh_nodes::ctl::run(args).await,
         Command::Bench(args) => twinmesh_nodes::bench::run(args).await,
+        Command::Sim(args) => twinmesh_nodes::tools::sim(args, &mut std::io::stdout().lock()),
+        Command::Dsp(args) => {
+            twinmesh_nodes::tools::dsp(args, std::io::stdin().lock(), &mut std::io::stdout().lock())
+        }
+        Command::Ingest(args) => twinmesh_nodes::tools::ingest(args).await,
     }
 }
 

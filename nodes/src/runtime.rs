@@ -17,10 +17,10 @@ use twinmesh_actors::mesh::{MeshMsg, MeshSupervisor};
 use twinmesh_actors::metrics::NodeMetrics;
 use twinmesh_actors::node::{NodeMsg, NodeSupervisor};
 use twinmesh_actors::ports::{
-    Device, Guard, Qos, SharedFabric, Store, StoredFrame, Subscription, SystemClock,
+    Clock, Device, Guard, Qos, SharedFabric, Store, StoredFrame, Subscription, SystemClock,
 };
 use twinmesh_proto::encoding;
-use twinmesh_sim::SimDevice;
+use twinmesh_sim::{Fault, SimDevice};
 use twinmesh_twins::proto::{FeatureSet, NodeInfo, NodeLoad, NodeTwins};
 use twinmesh_twins::{keys, Tier, TwinId};
 
@@ -50,14 +50,33 @@ pub struct RunningNode {
     servers: CancellationToken,
 }
 
-/// Simulated devices of an IoT node, named `{site}/{prefix}-{nn}`.
-pub fn simulated_devices(cfg: &NodeConfig) -> anyhow::Result<Vec<Box<dyn Device>>> {
+/// Simulated devices of an IoT node, named `{site}/{prefix}-{nn}`, with their faults
+/// (fault times count from `start_ns`).
+pub fn simulated_devices(cfg: &NodeConfig, start_ns: i64) -> anyhow::Result<Vec<Box<dyn Device>>> {
     let mut devices: Vec<Box<dyn Device>> = Vec::new();
+    let mut unused: Vec<&str> = cfg.faults.iter().map(|f| f.asset.as_str()).collect();
     for spec in &cfg.simulate {
         for n in 1..=spec.count {
-            let id = TwinId::new(&cfg.site, &format!("{}-{n:02}", spec.kind.prefix()))?;
-            devices.push(Box::new(SimDevice::new(id, spec.kind, cfg.seed)?));
+            let asset = format!("{}-{n:02}", spec.kind.prefix());
+            let id = TwinId::new(&cfg.site, &asset)?;
+            let faults: Vec<Fault> = cfg
+                .faults
+                .iter()
+                .filter(|f| f.asset == asset)
+                .map(|f| Fault {
+                    mode: f.mode.clone(),
+                    at_ns: start_ns + (f.after_s * 1e9) as i64,
+                })
+                .collect();
+            unused.retain(|a| *a != asset);
+            let device = SimDevice::new(id, spec.kind, cfg.seed)
+                .with_faults(&faults)
+                .map_err(|e| anyhow::anyhow!("asset {asset}: {e}"))?;
+            devices.push(Box::new(device));
         }
+    }
+    if let Some(a) = unused.first() {
+        anyhow::bail!("fault for unknown asset {a:?}: this node simulates no such asset");
     }
     Ok(devices)
 }
@@ -74,7 +93,7 @@ impl RunningNode {
         twin_config: TwinConfig,
         gateway_config: GatewayConfig,
     ) -> anyhow::Result<Self> {
-        let devices = simulated_devices(&config)?;
+        let devices = simulated_devices(&config, SystemClock.now_ns())?;
         // Bind the servers first: a taken port fails the start with one clear line.
         let grpc_listener = match config.grpc {
             Some(addr) => Some(grpc::bind(addr).await?),

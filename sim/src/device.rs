@@ -1,4 +1,6 @@
-//! A simulated device: samples its model at each signal's nominal rate between polls.
+//! A simulated device: samples its model at each signal's nominal rate between polls,
+//! applies sensor faults, and reports values on the signal's resolution grid (as an ADC
+//! would), so frames compress losslessly.
 
 use std::collections::BTreeMap;
 
@@ -6,6 +8,7 @@ use twinmesh_actors::ports::{Block, Device};
 use twinmesh_twins::dsp::codec::quantize;
 use twinmesh_twins::{AssetKind, TwinId};
 
+use crate::fault::{Fault, FaultMode, SensorFaults};
 use crate::model::{new_model, AssetModel, SimError};
 
 /// Most samples one poll produces per signal (bounds work after a long pause).
@@ -15,19 +18,43 @@ pub struct SimDevice {
     twin: TwinId,
     kind: AssetKind,
     model: Box<dyn AssetModel>,
+    sensors: SensorFaults,
     /// Time of the next sample of each signal.
     next_ns: BTreeMap<&'static str, i64>,
 }
 
 impl SimDevice {
-    pub fn new(twin: TwinId, kind: AssetKind, seed: u64) -> Result<Self, SimError> {
-        let model = new_model(kind, &twin, seed)?;
-        Ok(SimDevice {
+    pub fn new(twin: TwinId, kind: AssetKind, seed: u64) -> Self {
+        SimDevice {
+            model: new_model(kind, &twin, seed),
             twin,
             kind,
-            model,
+            sensors: SensorFaults::default(),
             next_ns: BTreeMap::new(),
-        })
+        }
+    }
+
+    /// Adds faults (validated against the kind) to the device.
+    pub fn with_faults(mut self, faults: &[Fault]) -> Result<Self, SimError> {
+        for f in faults {
+            f.validate(self.kind)?;
+            if let FaultMode::Asset(mode) = &f.mode {
+                self.model.inject(mode, f.at_ns);
+            }
+        }
+        self.sensors = SensorFaults::new(faults);
+        Ok(self)
+    }
+
+    /// The value a sensor of `signal` reports at `t_ns` (faults and resolution applied).
+    pub fn read(&mut self, signal: &str, t_ns: i64) -> f64 {
+        let Ok(spec) = self.kind.schema().signal(signal) else {
+            return f64::NAN;
+        };
+        self.model.advance(t_ns);
+        let v = self.model.sample(signal, t_ns);
+        let v = self.sensors.apply(signal, spec.max - spec.min, t_ns, v);
+        quantize(v.clamp(spec.min, spec.max), spec.resolution)
     }
 }
 
@@ -59,9 +86,14 @@ impl Device for SimDevice {
             if n == 0 || start > now_ns {
                 continue;
             }
-            let scale = spec.resolution;
+            let range = spec.max - spec.min;
             let samples = (0..n)
-                .map(|i| quantize(self.model.sample(spec.name, start + i * period), scale))
+                .map(|i| {
+                    let t = start + i * period;
+                    let v = self.model.sample(spec.name, t);
+                    let v = self.sensors.apply(spec.name, range, t, v);
+                    quantize(v.clamp(spec.min, spec.max), spec.resolution)
+                })
                 .collect();
             self.next_ns.insert(spec.name, start + n * period);
             blocks.push(Block {
@@ -85,6 +117,23 @@ impl Device for SimDevice {
     }
 }
 
+/// Offline generation (`twinmesh sim`): `n` samples of each of `signals` at `fs`, from
+/// `start_ns`, as rows of one value per signal.
+pub fn generate(
+    device: &mut SimDevice,
+    signals: &[&str],
+    fs: f64,
+    start_ns: i64,
+    n: usize,
+) -> Vec<Vec<f64>> {
+    (0..n)
+        .map(|i| {
+            let t = start_ns + (i as f64 * 1e9 / fs).round() as i64;
+            signals.iter().map(|s| device.read(s, t)).collect()
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,7 +141,7 @@ mod tests {
     #[test]
     fn polls_cover_time_without_gaps_or_overlaps() {
         let id: TwinId = "site-a/wt-01".parse().unwrap();
-        let mut d = SimDevice::new(id, AssetKind::WindTurbine, 42).unwrap();
+        let mut d = SimDevice::new(id, AssetKind::WindTurbine, 42);
         let t0 = 1_700_000_000_000_000_000i64;
         let mut next: BTreeMap<&str, i64> = BTreeMap::new();
         let mut vib = 0usize;
@@ -109,6 +158,10 @@ mod tests {
                     vib += b.samples.len();
                 }
                 assert!(b.samples.iter().all(|x| x.is_finite()), "{}", b.signal);
+                // On the resolution grid: every frame packs.
+                let mut packed = Vec::new();
+                twinmesh_twins::dsp::codec::encode(&b.samples, b.scale, &mut packed);
+                assert_eq!(packed[0], 0x02, "{} not on its grid", b.signal);
             }
         }
         // 2.4 s of 10 kHz (first poll gives one sample).
@@ -116,10 +169,31 @@ mod tests {
     }
 
     #[test]
+    fn every_kind_simulates_plausible_values() {
+        let t0 = 1_700_000_000_000_000_000i64;
+        for kind in AssetKind::ALL {
+            let id = TwinId::new("s", &format!("{}-01", kind.prefix())).unwrap();
+            let mut d = SimDevice::new(id, kind, 7);
+            for k in 0..30 {
+                for b in d.poll(t0 + k * 100_000_000) {
+                    let spec = kind.schema().signal(b.signal).unwrap();
+                    for x in &b.samples {
+                        assert!(
+                            x.is_finite() && *x >= spec.min && *x <= spec.max,
+                            "{kind}.{}: {x}",
+                            b.signal
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn same_seed_same_samples() {
         let id: TwinId = "site-a/pm-01".parse().unwrap();
-        let mut a = SimDevice::new(id.clone(), AssetKind::PowerMeter, 9).unwrap();
-        let mut b = SimDevice::new(id, AssetKind::PowerMeter, 9).unwrap();
+        let mut a = SimDevice::new(id.clone(), AssetKind::PowerMeter, 9);
+        let mut b = SimDevice::new(id, AssetKind::PowerMeter, 9);
         for k in 0..5 {
             let t = 1_700_000_000_000_000_000 + k * 100_000_000;
             assert_eq!(a.poll(t), b.poll(t));
@@ -127,9 +201,30 @@ mod tests {
     }
 
     #[test]
+    fn faults_are_validated_and_sensor_faults_apply() {
+        let id: TwinId = "site-a/wt-01".parse().unwrap();
+        let bad = SimDevice::new(id.clone(), AssetKind::WindTurbine, 1).with_faults(&[Fault {
+            mode: "overheating".parse().unwrap(),
+            at_ns: 0,
+        }]);
+        assert!(bad.is_err());
+        let mut d = SimDevice::new(id, AssetKind::WindTurbine, 1)
+            .with_faults(&[Fault {
+                mode: "stuck:power".parse().unwrap(),
+                at_ns: 5_000_000_000,
+            }])
+            .unwrap();
+        let t0 = 0;
+        let first = d.read("power", t0 + 5_000_000_000);
+        for s in 6..60 {
+            assert_eq!(d.read("power", s * 1_000_000_000), first);
+        }
+    }
+
+    #[test]
     fn set_points_are_range_checked() {
         let id: TwinId = "site-a/wt-01".parse().unwrap();
-        let mut d = SimDevice::new(id, AssetKind::WindTurbine, 1).unwrap();
+        let mut d = SimDevice::new(id, AssetKind::WindTurbine, 1);
         assert!(d.apply_setpoint("power_limit", 1000.0).is_ok());
         assert_eq!(
             d.apply_setpoint("power_limit", -5.0).unwrap_err(),

@@ -41,7 +41,9 @@ impl FromStr for FaultMode {
         match s.split_once(':') {
             Some(("drift", sig)) => Ok(FaultMode::Drift(sig.to_owned())),
             Some(("stuck", sig)) => Ok(FaultMode::Stuck(sig.to_owned())),
-            Some((other, _)) => Err(format!("unknown sensor fault {other:?}: expected drift:SIGNAL or stuck:SIGNAL")),
+            Some((other, _)) => Err(format!(
+                "unknown sensor fault {other:?}: expected drift:SIGNAL or stuck:SIGNAL"
+            )),
             None => Ok(FaultMode::Asset(s.to_owned())),
         }
     }
@@ -134,13 +136,22 @@ mod tests {
 
     #[test]
     fn parses_and_validates() {
-        let f = Fault { mode: "outer_race".parse().unwrap(), at_ns: 0 };
+        let f = Fault {
+            mode: "outer_race".parse().unwrap(),
+            at_ns: 0,
+        };
         assert!(f.validate(AssetKind::WindTurbine).is_ok());
         let e = f.validate(AssetKind::HpcNode).unwrap_err();
         assert_eq!(e.to_string(), "unknown fault \"outer_race\" for hpc_node: expected one of overheating, drift:SIGNAL, stuck:SIGNAL");
-        let f = Fault { mode: "stuck:power".parse().unwrap(), at_ns: 0 };
+        let f = Fault {
+            mode: "stuck:power".parse().unwrap(),
+            at_ns: 0,
+        };
         assert!(f.validate(AssetKind::WindTurbine).is_ok());
-        let f = Fault { mode: "drift:flux".parse().unwrap(), at_ns: 0 };
+        let f = Fault {
+            mode: "drift:flux".parse().unwrap(),
+            at_ns: 0,
+        };
         assert!(f.validate(AssetKind::WindTurbine).is_err());
         assert!("melt:power".parse::<FaultMode>().is_err());
     }
@@ -148,8 +159,14 @@ mod tests {
     #[test]
     fn sensor_faults_start_on_time() {
         let mut sf = SensorFaults::new(&[
-            Fault { mode: "stuck:a".parse().unwrap(), at_ns: 10 },
-            Fault { mode: "drift:b".parse().unwrap(), at_ns: 0 },
+            Fault {
+                mode: "stuck:a".parse().unwrap(),
+                at_ns: 10,
+            },
+            Fault {
+                mode: "drift:b".parse().unwrap(),
+                at_ns: 0,
+            },
         ]);
         assert_eq!(sf.apply("a", 1.0, 5, 1.0), 1.0);
         assert_eq!(sf.apply("a", 1.0, 10, 2.0), 2.0);

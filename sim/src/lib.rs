@@ -14,8 +14,10 @@
 //! same samples.
 
 pub mod device;
+pub mod fault;
 pub mod model;
 pub mod models;
 
-pub use device::SimDevice;
+pub use device::{generate, SimDevice};
+pub use fault::{Fault, FaultMode};
 pub use model::{new_model, AssetModel, SimError};

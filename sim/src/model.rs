@@ -10,8 +10,16 @@ use crate::models;
 
 #[derive(Debug, Error, Clone, PartialEq)]
 pub enum SimError {
-    #[error("no simulator for asset kind {0} yet")]
-    UnsupportedKind(AssetKind),
+    #[error(
+        "unknown fault {fault:?} for {kind}: expected one of {allowed}, drift:SIGNAL, stuck:SIGNAL"
+    )]
+    UnknownFault {
+        kind: AssetKind,
+        fault: String,
+        allowed: String,
+    },
+    #[error("invalid fault spec {0:?}: expected ASSET=MODE@SECONDS (e.g. wt-01=outer_race@30)")]
+    BadFaultSpec(String),
     #[error(transparent)]
     Domain(#[from] twinmesh_twins::Error),
 }
@@ -22,10 +30,13 @@ pub trait AssetModel: Send + Sync {
     /// Moves the slow state (wind, load, temperatures, counters) forward to `t_ns`.
     /// Called with non-decreasing times.
     fn advance(&mut self, t_ns: i64);
-    /// The value of `signal` at `t_ns` (within the last advanced second).
+    /// The value of `signal` at `t_ns` (within the last advanced second). Called with
+    /// non-decreasing times per signal.
     fn sample(&mut self, signal: &str, t_ns: i64) -> f64;
     /// Applies a set-point already checked against the kind's schema.
     fn set(&mut self, property: &str, value: f64);
+    /// Starts asset fault `mode` (one of [`crate::fault::kind_faults`]) at `at_ns`.
+    fn inject(&mut self, mode: &str, at_ns: i64);
 }
 
 /// A seeded RNG for one asset: the same (seed, twin) always gives the same stream.
@@ -40,23 +51,19 @@ pub fn rng_for(seed: u64, twin: &TwinId) -> ChaCha8Rng {
 }
 
 /// The simulator of `kind` for asset `twin`.
-pub fn new_model(
-    kind: AssetKind,
-    twin: &TwinId,
-    seed: u64,
-) -> Result<Box<dyn AssetModel>, SimError> {
+pub fn new_model(kind: AssetKind, twin: &TwinId, seed: u64) -> Box<dyn AssetModel> {
     let rng = rng_for(seed, twin);
     match kind {
-        AssetKind::WindTurbine => Ok(Box::new(models::wind_turbine::WindTurbine::new(rng))),
-        AssetKind::PowerMeter => Ok(Box::new(models::power_meter::PowerMeter::new(rng))),
-        AssetKind::TurnstileGate => Ok(Box::new(models::turnstile::TurnstileGate::new(rng))),
-        other => Err(SimError::UnsupportedKind(other)),
+        AssetKind::WindTurbine => Box::new(models::wind_turbine::WindTurbine::new(rng)),
+        AssetKind::Spindle => Box::new(models::spindle::Spindle::new(rng)),
+        AssetKind::CrankshaftLine => Box::new(models::crankshaft::CrankshaftLine::new(rng)),
+        AssetKind::ClosureLine => Box::new(models::closure::ClosureLine::new(rng)),
+        AssetKind::TurnstileGate => Box::new(models::turnstile::TurnstileGate::new(rng)),
+        AssetKind::WifiAp => Box::new(models::wifi::WifiAp::new(rng)),
+        AssetKind::PowerMeter => Box::new(models::power_meter::PowerMeter::new(rng)),
+        AssetKind::HpcNode => Box::new(models::hpc::HpcNode::new(rng)),
     }
 }
 
-/// Kinds [`new_model`] can simulate.
-pub const SIMULATED_KINDS: [AssetKind; 3] = [
-    AssetKind::WindTurbine,
-    AssetKind::PowerMeter,
-    AssetKind::TurnstileGate,
-];
+/// Kinds that can be simulated (all of them).
+pub const SIMULATED_KINDS: [AssetKind; 8] = AssetKind::ALL;

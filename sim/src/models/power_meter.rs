@@ -1,5 +1,7 @@
 //! A feeder power meter: 50 Hz voltage and current waveforms with configured harmonic
-//! content, and a household energy counter following a daily load profile.
+//! content, and a household energy counter following a daily load profile. Faults:
+//! `harmonic_distortion` (a non-linear load: strong 5th and 7th harmonics) and `sag`
+//! (voltage at 70 % for 200 ms every 2 s).
 
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -7,15 +9,22 @@ use rand_distr::{Distribution, Normal};
 
 use twinmesh_twins::AssetKind;
 
-use super::{secs, whole_secs};
+use super::{each_second, hour_of, secs, Faults};
 use crate::model::AssetModel;
 
 pub const MAINS_HZ: f64 = 50.0;
 pub const VOLTAGE_RMS: f64 = 230.0;
 /// Voltage harmonics as (order, amplitude relative to the fundamental).
 pub const VOLTAGE_HARMONICS: [(u32, f64); 3] = [(3, 0.02), (5, 0.03), (7, 0.01)];
+/// Extra voltage harmonics under the `harmonic_distortion` fault.
+pub const DISTORTION_HARMONICS: [(u32, f64); 2] = [(5, 0.06), (7, 0.04)];
 /// Current harmonics of a rectifier-heavy household load.
 pub const CURRENT_HARMONICS: [(u32, f64); 3] = [(3, 0.10), (5, 0.06), (7, 0.03)];
+
+/// THD (ratio) of a set of harmonics relative to a unit fundamental.
+pub fn configured_thd(harmonics: &[(u32, f64)]) -> f64 {
+    harmonics.iter().map(|(_, a)| a * a).sum::<f64>().sqrt()
+}
 
 pub struct PowerMeter {
     rng: ChaCha8Rng,
@@ -26,6 +35,7 @@ pub struct PowerMeter {
     load_kw: f64,
     demand_limit: f64,
     energy_kwh: f64,
+    faults: Faults,
 }
 
 /// Relative daily load profile (1.0 = base) by hour of the day, UTC.
@@ -46,6 +56,7 @@ impl PowerMeter {
             load_kw: base_kw,
             demand_limit: 20.0,
             energy_kwh: 0.0,
+            faults: Faults::default(),
         }
     }
 
@@ -58,6 +69,19 @@ impl PowerMeter {
         }
         peak * v
     }
+
+    /// The voltage harmonics in effect at `t_ns`.
+    pub fn voltage_harmonics(&self, t_ns: i64) -> Vec<(u32, f64)> {
+        let mut h = VOLTAGE_HARMONICS.to_vec();
+        if self.faults.on("harmonic_distortion", t_ns) {
+            for (order, a) in DISTORTION_HARMONICS {
+                if let Some(e) = h.iter_mut().find(|(o, _)| *o == order) {
+                    e.1 += a;
+                }
+            }
+        }
+        h
+    }
 }
 
 impl AssetModel for PowerMeter {
@@ -66,22 +90,27 @@ impl AssetModel for PowerMeter {
     }
 
     fn advance(&mut self, t_ns: i64) {
-        let s = whole_secs(t_ns);
-        let prev = *self.second.get_or_insert(s);
-        for k in 0..(s - prev).clamp(0, 3600) {
-            let hour = ((prev + k + 1).rem_euclid(86_400)) as f64 / 3600.0;
+        let mut second = self.second;
+        each_second(&mut second, t_ns, |s| {
             let jitter = 1.0 + 0.05 * self.noise.sample(&mut self.rng);
             self.load_kw =
-                (self.base_kw * daily_profile(hour) * jitter).clamp(0.05, self.demand_limit);
+                (self.base_kw * daily_profile(hour_of(s)) * jitter).clamp(0.05, self.demand_limit);
             self.energy_kwh += self.load_kw / 3600.0;
-        }
-        self.second = Some(s.max(prev));
+        });
+        self.second = second;
     }
 
     fn sample(&mut self, signal: &str, t_ns: i64) -> f64 {
         let t = secs(t_ns);
         match signal {
-            "voltage" => Self::waveform(VOLTAGE_RMS, &VOLTAGE_HARMONICS, 0.0, t),
+            "voltage" => {
+                let sag = if self.faults.on("sag", t_ns) && (t % 2.0) < 0.2 {
+                    0.7
+                } else {
+                    1.0
+                };
+                sag * Self::waveform(VOLTAGE_RMS, &self.voltage_harmonics(t_ns), 0.0, t)
+            }
             "current" => {
                 let irms = self.load_kw * 1000.0 / VOLTAGE_RMS;
                 // Lagging power factor of 0.95.
@@ -96,6 +125,10 @@ impl AssetModel for PowerMeter {
         if property == "demand_limit" {
             self.demand_limit = value.max(0.05);
         }
+    }
+
+    fn inject(&mut self, mode: &str, at_ns: i64) {
+        self.faults.add(mode, at_ns);
     }
 }
 
@@ -113,8 +146,7 @@ mod tests {
             .map(|i| pm.sample("voltage", (i as f64 / fs * 1e9) as i64).powi(2))
             .sum();
         let rms = (sum_sq / n as f64).sqrt();
-        let harmonic_energy: f64 = VOLTAGE_HARMONICS.iter().map(|(_, a)| a * a).sum();
-        let expected = VOLTAGE_RMS * (1.0 + harmonic_energy).sqrt();
+        let expected = VOLTAGE_RMS * (1.0 + configured_thd(&VOLTAGE_HARMONICS).powi(2)).sqrt();
         assert!(
             (rms - expected).abs() < 1e-6 * expected,
             "{rms} vs {expected}"
@@ -122,12 +154,17 @@ mod tests {
     }
 
     #[test]
-    fn energy_counter_increases() {
+    fn energy_counter_increases_and_distortion_raises_thd() {
         let mut pm = PowerMeter::new(ChaCha8Rng::seed_from_u64(3));
         pm.advance(0);
         let e0 = pm.sample("household_energy", 0);
         pm.advance(3_600_000_000_000);
         let e1 = pm.sample("household_energy", 3_600_000_000_000);
         assert!(e1 > e0 + 0.04, "{e0} -> {e1}");
+        pm.inject("harmonic_distortion", 10);
+        assert!(
+            configured_thd(&pm.voltage_harmonics(11)) > 2.0 * configured_thd(&VOLTAGE_HARMONICS)
+        );
+        assert_eq!(pm.voltage_harmonics(9), VOLTAGE_HARMONICS.to_vec());
     }
 }

@@ -1,12 +1,12 @@
 //! A venue turnstile: Poisson arrivals and departures per second whose rates follow an
-//! event-day pattern (doors open, half-time, the crowd leaving).
+//! event-day pattern (doors open, the crowd leaving). Fault `blocked`: nobody passes.
 
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Poisson};
 
 use twinmesh_twins::AssetKind;
 
-use super::whole_secs;
+use super::{each_second, hour_of, Faults};
 use crate::model::AssetModel;
 
 pub struct TurnstileGate {
@@ -15,6 +15,7 @@ pub struct TurnstileGate {
     gate_open: bool,
     people_in: f64,
     people_out: f64,
+    faults: Faults,
 }
 
 /// (arrivals, departures) per second by hour of the day, UTC.
@@ -32,12 +33,13 @@ impl TurnstileGate {
             gate_open: true,
             people_in: 0.0,
             people_out: 0.0,
+            faults: Faults::default(),
         }
     }
+}
 
-    fn draw(&mut self, rate: f64) -> f64 {
-        Poisson::new(rate).map_or(0.0, |p| p.sample(&mut self.rng))
-    }
+fn draw(rng: &mut ChaCha8Rng, rate: f64) -> f64 {
+    Poisson::new(rate).map_or(0.0, |p| p.sample(rng))
 }
 
 impl AssetModel for TurnstileGate {
@@ -46,16 +48,15 @@ impl AssetModel for TurnstileGate {
     }
 
     fn advance(&mut self, t_ns: i64) {
-        let s = whole_secs(t_ns);
-        let prev = *self.second.get_or_insert(s);
-        if s > prev {
-            let hour = (s.rem_euclid(86_400)) as f64 / 3600.0;
-            let (a, d) = rates(hour);
-            let (a, d) = if self.gate_open { (a, d) } else { (0.0, 0.0) };
-            self.people_in = self.draw(a);
-            self.people_out = self.draw(d);
-            self.second = Some(s);
-        }
+        let mut second = self.second;
+        each_second(&mut second, t_ns, |s| {
+            let (a, d) = rates(hour_of(s));
+            let passing = self.gate_open && !self.faults.on("blocked", s * 1_000_000_000);
+            let (a, d) = if passing { (a, d) } else { (0.0, 0.0) };
+            self.people_in = draw(&mut self.rng, a);
+            self.people_out = draw(&mut self.rng, d);
+        });
+        self.second = second;
     }
 
     fn sample(&mut self, signal: &str, _t_ns: i64) -> f64 {
@@ -71,6 +72,10 @@ impl AssetModel for TurnstileGate {
             self.gate_open = value >= 0.5;
         }
     }
+
+    fn inject(&mut self, mode: &str, at_ns: i64) {
+        self.faults.add(mode, at_ns);
+    }
 }
 
 #[cfg(test)]
@@ -78,21 +83,24 @@ mod tests {
     use super::*;
     use rand::SeedableRng;
 
+    fn total_in(g: &mut TurnstileGate, from_s: i64, seconds: i64) -> f64 {
+        let mut total = 0.0;
+        for s in from_s..from_s + seconds {
+            g.advance(s * 1_000_000_000);
+            total += g.sample("people_in", 0);
+        }
+        total
+    }
+
     #[test]
-    fn a_closed_gate_counts_nobody() {
+    fn a_closed_or_blocked_gate_counts_nobody() {
+        let evening = 18 * 3600;
         let mut g = TurnstileGate::new(ChaCha8Rng::seed_from_u64(5));
         g.set("gate_open", 0.0);
-        let mut total = 0.0;
-        for s in 0..3600 {
-            g.advance(s * 1_000_000_000 + 18 * 3_600_000_000_000);
-            total += g.sample("people_in", 0);
-        }
-        assert_eq!(total, 0.0);
+        assert_eq!(total_in(&mut g, evening, 3600), 0.0);
         g.set("gate_open", 1.0);
-        for s in 3600..7200 {
-            g.advance(s * 1_000_000_000 + 18 * 3_600_000_000_000);
-            total += g.sample("people_in", 0);
-        }
-        assert!(total > 1000.0, "{total}");
+        assert!(total_in(&mut g, evening + 3600, 3600) > 1000.0);
+        g.inject("blocked", (evening + 7200) * 1_000_000_000);
+        assert_eq!(total_in(&mut g, evening + 7201, 600), 0.0);
     }
 }

@@ -1,14 +1,19 @@
 //! A 3 MW wind turbine: Ornstein–Uhlenbeck wind, a power curve with curtailment, rotor
-//! speed from the tip-speed ratio, a thermal bearing model, and a vibration channel of the
-//! main bearing with shaft harmonics, a structural resonance and broadband noise.
+//! speed from the tip-speed ratio, a thermal bearing model, and the vibration of the
+//! high-speed-shaft bearing: shaft harmonics, a structural resonance, broadband noise and,
+//! under a bearing fault, the impulse train of the defect (outer race at BPFO, inner race
+//! at BPFI modulated by the shaft, ball at 2×BSF), each impulse ringing the resonance.
 
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
+use twinmesh_twins::bearing::{
+    DefectFrequencies, WIND_TURBINE_GEAR_RATIO, WIND_TURBINE_HSS_BEARING,
+};
 use twinmesh_twins::AssetKind;
 
-use super::{secs, whole_secs};
+use super::{each_second, secs, Faults};
 use crate::model::AssetModel;
 
 const RATED_KW: f64 = 3000.0;
@@ -16,9 +21,41 @@ const CUT_IN: f64 = 3.0;
 const RATED_WIND: f64 = 12.0;
 const CUT_OUT: f64 = 25.0;
 const RATED_RPM: f64 = 15.0;
-/// High-speed shaft / rotor (gearbox ratio): the vibration sensor sits on the HSS bearing.
-const GEAR_RATIO: f64 = 100.0;
-const RESONANCE_HZ: f64 = 2_800.0;
+/// Structural resonance excited by bearing impacts.
+pub const RESONANCE_HZ: f64 = 3_500.0;
+const RESONANCE_DAMPING: f64 = 0.05;
+/// Peak acceleration of one defect impact (m/s²).
+const IMPACT_AMPLITUDE: f64 = 8.0;
+/// An always-present tone near the resonance (mesh of an auxiliary gear).
+const TONE_HZ: f64 = 2_800.0;
+
+/// One bearing defect mode.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Defect {
+    OuterRace,
+    InnerRace,
+    Ball,
+}
+
+impl Defect {
+    fn frequency(self, d: &DefectFrequencies) -> f64 {
+        match self {
+            Defect::OuterRace => d.bpfo,
+            Defect::InnerRace => d.bpfi,
+            // A ball defect hits both races once per spin.
+            Defect::Ball => 2.0 * d.bsf,
+        }
+    }
+}
+
+struct DefectState {
+    defect: Defect,
+    at_ns: i64,
+    /// Cycles of the defect frequency since the last impact.
+    phase: f64,
+    /// Time and amplitude of the last impact.
+    last: Option<(f64, f64)>,
+}
 
 pub struct WindTurbine {
     rng: ChaCha8Rng,
@@ -30,6 +67,8 @@ pub struct WindTurbine {
     /// Phase of the high-speed shaft, integrated sample by sample.
     shaft_phase: f64,
     last_vib_t: Option<i64>,
+    defects: Vec<DefectState>,
+    faults: Faults,
 }
 
 impl WindTurbine {
@@ -44,6 +83,8 @@ impl WindTurbine {
             bearing_temp: 35.0,
             shaft_phase: 0.0,
             last_vib_t: None,
+            defects: Vec::new(),
+            faults: Faults::default(),
         }
     }
 
@@ -66,14 +107,71 @@ impl WindTurbine {
         (RATED_RPM * self.wind / RATED_WIND).min(RATED_RPM)
     }
 
-    fn step_second(&mut self) {
+    /// Shaft frequency of the high-speed shaft, Hz.
+    pub fn shaft_hz(&self) -> f64 {
+        self.rotor_rpm() * WIND_TURBINE_GEAR_RATIO / 60.0
+    }
+
+    fn step_second(&mut self, second: i64) {
         // Ornstein–Uhlenbeck around 9 m/s with a 60 s time constant.
-        let theta = 1.0 / 60.0;
-        let sigma = 0.35;
-        let dw = theta * (9.0 - self.wind) + sigma * self.noise.sample(&mut self.rng);
+        let dw = (9.0 - self.wind) / 60.0 + 0.35 * self.noise.sample(&mut self.rng);
         self.wind = (self.wind + dw).clamp(0.0, 35.0);
-        let target = 30.0 + 25.0 * self.power() / RATED_KW;
+        // A damaged bearing runs hotter.
+        let damage = if self.faults.on("outer_race", second * 1_000_000_000)
+            || self.faults.on("inner_race", second * 1_000_000_000)
+            || self.faults.on("ball", second * 1_000_000_000)
+        {
+            12.0
+        } else {
+            0.0
+        };
+        let target = 30.0 + 25.0 * self.power() / RATED_KW + damage;
         self.bearing_temp += (target - self.bearing_temp) / 600.0;
+    }
+
+    fn vibration(&mut self, t_ns: i64) -> f64 {
+        let shaft_hz = self.shaft_hz();
+        let dt = self.last_vib_t.map_or(0.0, |p| secs(t_ns - p).max(0.0));
+        self.last_vib_t = Some(t_ns);
+        self.shaft_phase =
+            (self.shaft_phase + std::f64::consts::TAU * shaft_hz * dt) % std::f64::consts::TAU;
+        let load = 0.3 + self.power() / RATED_KW;
+        let t = secs(t_ns);
+        let mut v = load * (2.0 * self.shaft_phase.sin() + 0.6 * (2.0 * self.shaft_phase).sin())
+            + 0.3 * (std::f64::consts::TAU * TONE_HZ * t).sin()
+            + 0.4 * self.noise.sample(&mut self.rng);
+        let freqs = WIND_TURBINE_HSS_BEARING.defect_frequencies(shaft_hz);
+        let wn = std::f64::consts::TAU * RESONANCE_HZ;
+        let wd = wn * (1.0 - RESONANCE_DAMPING * RESONANCE_DAMPING).sqrt();
+        for d in &mut self.defects {
+            if t_ns < d.at_ns {
+                continue;
+            }
+            let f = d.defect.frequency(&freqs);
+            d.phase += f * dt;
+            if d.phase >= 1.0 {
+                d.phase -= d.phase.floor();
+                // The impact happened when the phase crossed 1, within this step.
+                let since = if f > 0.0 { d.phase / f } else { 0.0 };
+                let jitter = 1.0 + 0.1 * self.noise.sample(&mut self.rng);
+                let modulation = match d.defect {
+                    // The inner race turns with the shaft through the load zone.
+                    Defect::InnerRace => 0.6 + 0.4 * self.shaft_phase.cos(),
+                    _ => 1.0,
+                };
+                d.last = Some((
+                    t - since,
+                    IMPACT_AMPLITUDE * load.min(1.0) * jitter * modulation,
+                ));
+            }
+            if let Some((t0, amp)) = d.last {
+                let tau = t - t0;
+                if (0.0..0.02).contains(&tau) {
+                    v += amp * (-RESONANCE_DAMPING * wn * tau).exp() * (wd * tau).sin();
+                }
+            }
+        }
+        v
     }
 }
 
@@ -83,17 +181,9 @@ impl AssetModel for WindTurbine {
     }
 
     fn advance(&mut self, t_ns: i64) {
-        let s = whole_secs(t_ns);
-        match self.second {
-            None => self.second = Some(s),
-            Some(prev) => {
-                // Catch up at most an hour of dynamics after a pause.
-                for _ in 0..(s - prev).clamp(0, 3600) {
-                    self.step_second();
-                }
-                self.second = Some(s.max(prev));
-            }
-        }
+        let mut second = self.second;
+        each_second(&mut second, t_ns, |s| self.step_second(s));
+        self.second = second;
     }
 
     fn sample(&mut self, signal: &str, t_ns: i64) -> f64 {
@@ -102,18 +192,7 @@ impl AssetModel for WindTurbine {
             "rotor_speed" => self.rotor_rpm(),
             "power" => self.power(),
             "bearing_temperature" => self.bearing_temp,
-            "bearing_vibration" => {
-                let shaft_hz = self.rotor_rpm() * GEAR_RATIO / 60.0;
-                let dt = self.last_vib_t.map_or(0.0, |p| secs(t_ns - p).max(0.0));
-                self.last_vib_t = Some(t_ns);
-                self.shaft_phase = (self.shaft_phase + std::f64::consts::TAU * shaft_hz * dt)
-                    % std::f64::consts::TAU;
-                let load = 0.3 + self.power() / RATED_KW;
-                let t = secs(t_ns);
-                load * (2.0 * self.shaft_phase.sin() + 0.6 * (2.0 * self.shaft_phase).sin())
-                    + 0.3 * (std::f64::consts::TAU * RESONANCE_HZ * t).sin()
-                    + 0.4 * self.noise.sample(&mut self.rng)
-            }
+            "bearing_vibration" => self.vibration(t_ns),
             _ => f64::NAN,
         }
     }
@@ -123,12 +202,29 @@ impl AssetModel for WindTurbine {
             self.power_limit = value;
         }
     }
+
+    fn inject(&mut self, mode: &str, at_ns: i64) {
+        self.faults.add(mode, at_ns);
+        let defect = match mode {
+            "outer_race" => Defect::OuterRace,
+            "inner_race" => Defect::InnerRace,
+            "ball" => Defect::Ball,
+            _ => return,
+        };
+        self.defects.push(DefectState {
+            defect,
+            at_ns,
+            phase: 0.0,
+            last: None,
+        });
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use rand::SeedableRng;
+    use twinmesh_twins::dsp::{self, BandType, Spectral};
 
     #[test]
     fn power_follows_the_curve_and_the_limit() {
@@ -144,13 +240,42 @@ mod tests {
         assert!((wt.power() - RATED_KW * 0.125).abs() < 1e-9);
     }
 
+    /// One second of vibration, band-passed around the resonance: the envelope spectrum
+    /// peaks at BPFO only once the outer-race fault has started.
     #[test]
-    fn wind_stays_plausible_for_a_day() {
-        let mut wt = WindTurbine::new(ChaCha8Rng::seed_from_u64(7));
-        for h in 0..24 {
-            wt.advance(h * 3_600_000_000_000);
-            let w = wt.sample("wind_speed", h * 3_600_000_000_000);
-            assert!((0.0..=35.0).contains(&w), "{w}");
+    fn outer_race_fault_shows_at_bpfo_in_the_envelope_spectrum() {
+        let fs = 10_000.0;
+        let t0: i64 = 1_700_000_000_000_000_000;
+        let mut wt = WindTurbine::new(ChaCha8Rng::seed_from_u64(3));
+        wt.wind = 13.0;
+        wt.inject("outer_race", t0 + 1_000_000_000);
+        let mut sp = Spectral::new();
+        let sos = dsp::butter(4, &[2000.0, 4900.0], BandType::Bandpass, fs).unwrap();
+        let bpfo = WIND_TURBINE_HSS_BEARING
+            .defect_frequencies(wt.shaft_hz())
+            .bpfo;
+        for (second, faulty) in [(0, false), (1, true), (2, true)] {
+            let x: Vec<f64> = (0..10_000)
+                .map(|i| {
+                    wt.sample(
+                        "bearing_vibration",
+                        t0 + second * 1_000_000_000 + i * 100_000,
+                    )
+                })
+                .collect();
+            let es = sp.envelope_spectrum(&dsp::sosfilt(&sos, &x)).unwrap();
+            let peak = dsp::peaks(&es, 1.0, 1)[0];
+            if faulty {
+                assert!(
+                    (peak.frequency_hz - bpfo).abs() <= 1.0,
+                    "peak {peak:?}, bpfo {bpfo}"
+                );
+            } else {
+                assert!(
+                    (peak.frequency_hz - bpfo).abs() > 1.0 || peak.magnitude < 0.05,
+                    "{peak:?}"
+                );
+            }
         }
     }
 }

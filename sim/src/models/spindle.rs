@@ -1,0 +1,110 @@
+//! A milling spindle: a speed programme (steps every 30 s), spindle load from the cut,
+//! tool wear that grows with cutting time, a first-order thermal model, and vibration at
+//! the tooth-passing frequency whose amplitude grows with wear. Faults: `tool_wear`
+//! (wear accelerates 50×) and `imbalance` (a strong 1× shaft component).
+
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
+
+use twinmesh_twins::AssetKind;
+
+use super::{each_second, secs, Faults};
+use crate::model::AssetModel;
+
+const PROGRAMME_RPM: [f64; 4] = [6_000.0, 12_000.0, 18_000.0, 9_000.0];
+const TEETH: f64 = 4.0;
+
+pub struct Spindle {
+    rng: ChaCha8Rng,
+    noise: Normal<f64>,
+    second: Option<i64>,
+    speed: f64,
+    load: f64,
+    wear: f64,
+    temperature: f64,
+    override_pct: f64,
+    phase: f64,
+    last_t: Option<i64>,
+    faults: Faults,
+}
+
+impl Spindle {
+    pub fn new(rng: ChaCha8Rng) -> Self {
+        Spindle {
+            rng,
+            noise: Normal::new(0.0, 1.0).expect("valid normal"),
+            second: None,
+            speed: PROGRAMME_RPM[0],
+            load: 30.0,
+            wear: 0.0,
+            temperature: 25.0,
+            override_pct: 100.0,
+            phase: 0.0,
+            last_t: None,
+            faults: Faults::default(),
+        }
+    }
+
+    fn step(&mut self, s: i64) {
+        let t_ns = s * 1_000_000_000;
+        self.speed = PROGRAMME_RPM[(s.rem_euclid(120) / 30) as usize] * self.override_pct / 100.0;
+        let rate = if self.faults.on("tool_wear", t_ns) {
+            50.0
+        } else {
+            1.0
+        };
+        self.wear = (self.wear + rate * 2e-5 * self.speed / 10_000.0).min(1.0);
+        self.load = (20.0
+            + 30.0 * self.speed / 18_000.0
+            + 40.0 * self.wear
+            + 2.0 * self.noise.sample(&mut self.rng))
+        .clamp(0.0, 150.0);
+        let target = 25.0 + 0.45 * self.load;
+        self.temperature += (target - self.temperature) / 120.0;
+    }
+}
+
+impl AssetModel for Spindle {
+    fn kind(&self) -> AssetKind {
+        AssetKind::Spindle
+    }
+
+    fn advance(&mut self, t_ns: i64) {
+        let mut second = self.second;
+        each_second(&mut second, t_ns, |s| self.step(s));
+        self.second = second;
+    }
+
+    fn sample(&mut self, signal: &str, t_ns: i64) -> f64 {
+        match signal {
+            "spindle_speed" => self.speed,
+            "spindle_load" => self.load,
+            "temperature" => self.temperature,
+            "vibration" => {
+                let dt = self.last_t.map_or(0.0, |p| secs(t_ns - p).max(0.0));
+                self.last_t = Some(t_ns);
+                let shaft_hz = self.speed / 60.0;
+                self.phase =
+                    (self.phase + std::f64::consts::TAU * shaft_hz * dt) % std::f64::consts::TAU;
+                let tooth = (1.0 + 8.0 * self.wear) * (TEETH * self.phase).sin();
+                let imbalance = if self.faults.on("imbalance", t_ns) {
+                    6.0 * self.phase.sin()
+                } else {
+                    0.3 * self.phase.sin()
+                };
+                tooth + imbalance + 0.5 * self.noise.sample(&mut self.rng)
+            }
+            _ => f64::NAN,
+        }
+    }
+
+    fn set(&mut self, property: &str, value: f64) {
+        if property == "speed_override" {
+            self.override_pct = value;
+        }
+    }
+
+    fn inject(&mut self, mode: &str, at_ns: i64) {
+        self.faults.add(mode, at_ns);
+    }
+}

@@ -1,0 +1,125 @@
+//! A venue Wi-Fi access point: devices associate and leave (Poisson, daily pattern), each
+//! with a synthetic MAC address (the identifiers privacy policies pseudonymise);
+//! throughput grows with the associated devices. Fault `outage`: every device drops.
+
+use std::collections::BTreeSet;
+
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Poisson};
+
+use twinmesh_twins::AssetKind;
+
+use super::{each_second, hour_of, Faults};
+use crate::model::AssetModel;
+
+pub struct WifiAp {
+    rng: ChaCha8Rng,
+    second: Option<i64>,
+    devices: BTreeSet<u64>,
+    tx_power: f64,
+    throughput: f64,
+    faults: Faults,
+}
+
+/// A synthetic, locally administered MAC address.
+pub fn mac(id: u64) -> String {
+    let b = id.to_be_bytes();
+    format!(
+        "02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        b[3], b[4], b[5], b[6], b[7]
+    )
+}
+
+impl WifiAp {
+    pub fn new(rng: ChaCha8Rng) -> Self {
+        WifiAp {
+            rng,
+            second: None,
+            devices: BTreeSet::new(),
+            tx_power: 20.0,
+            throughput: 0.0,
+            faults: Faults::default(),
+        }
+    }
+
+    /// The (synthetic) MAC addresses associated right now.
+    pub fn associated(&self) -> Vec<String> {
+        self.devices.iter().map(|&d| mac(d)).collect()
+    }
+
+    fn step(&mut self, s: i64) {
+        if self.faults.on("outage", s * 1_000_000_000) {
+            self.devices.clear();
+            self.throughput = 0.0;
+            return;
+        }
+        let hour = hour_of(s);
+        let busy = 0.2 + (-((hour - 19.0) / 2.5).powi(2)).exp() * 3.0 * self.tx_power / 20.0;
+        let arrivals = Poisson::new(busy).map_or(0.0, |p| p.sample(&mut self.rng)) as usize;
+        for _ in 0..arrivals {
+            let id: u64 = self.rng.random::<u64>() & 0xff_ffff_ffff;
+            self.devices.insert(id);
+        }
+        // Each device leaves with a mean stay of 20 minutes.
+        let rng = &mut self.rng;
+        self.devices.retain(|_| !rng.random_bool(1.0 / 1200.0));
+        while self.devices.len() > 2000 {
+            let first = *self.devices.iter().next().expect("non-empty");
+            self.devices.remove(&first);
+        }
+        self.throughput = self.devices.len() as f64 * (0.5 + self.rng.random::<f64>());
+    }
+}
+
+impl AssetModel for WifiAp {
+    fn kind(&self) -> AssetKind {
+        AssetKind::WifiAp
+    }
+
+    fn advance(&mut self, t_ns: i64) {
+        let mut second = self.second;
+        each_second(&mut second, t_ns, |s| self.step(s));
+        self.second = second;
+    }
+
+    fn sample(&mut self, signal: &str, _t_ns: i64) -> f64 {
+        match signal {
+            "associated_devices" => self.devices.len() as f64,
+            "throughput" => self.throughput,
+            _ => f64::NAN,
+        }
+    }
+
+    fn set(&mut self, property: &str, value: f64) {
+        if property == "tx_power" {
+            self.tx_power = value;
+        }
+    }
+
+    fn inject(&mut self, mode: &str, at_ns: i64) {
+        self.faults.add(mode, at_ns);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn devices_come_and_go_and_an_outage_drops_them() {
+        let mut ap = WifiAp::new(ChaCha8Rng::seed_from_u64(2));
+        let evening = 19 * 3600;
+        for s in evening..evening + 1800 {
+            ap.advance(s * 1_000_000_000);
+        }
+        let n = ap.sample("associated_devices", 0);
+        assert!(n > 100.0, "{n}");
+        assert_eq!(ap.associated().len() as f64, n);
+        assert!(ap.associated()[0].starts_with("02:"));
+        ap.inject("outage", (evening + 1800) * 1_000_000_000);
+        ap.advance((evening + 1801) * 1_000_000_000);
+        assert_eq!(ap.sample("associated_devices", 0), 0.0);
+    }
+}

@@ -186,6 +186,7 @@ impl GatewayState {
                     .pipelines
                     .entry(block.signal)
                     .or_insert_with(|| StreamPipeline::new(chain, block.signal, Tier::Iot));
+                let compress = chain.compresses(block.signal);
                 let (start_ns, period, samples, scale) = if pipeline.is_empty() {
                     (
                         block.start_ns,
@@ -199,12 +200,18 @@ impl GatewayState {
                         period_ns: block.sample_period_ns,
                         samples: block.samples,
                     }) {
-                        // Filtered samples are no longer on the ADC grid.
+                        // Filtered samples leave the ADC grid; a compress stage puts them
+                        // back on it (error at most half a resolution step) to pack them.
+                        Some(mut b) if compress && block.scale > 0.0 => {
+                            for x in &mut b.samples {
+                                *x = codec::quantize(*x, block.scale);
+                            }
+                            (b.start_ns, b.period_ns, b.samples, block.scale)
+                        }
                         Some(b) => (b.start_ns, b.period_ns, b.samples, 0.0),
                         None => continue,
                     }
                 };
-                let compress = chain.compresses(block.signal);
                 out.push((block.signal, start_ns, period, samples, scale, compress));
             }
             for (signal, start, period, samples, scale, compress) in out {

@@ -89,8 +89,9 @@ pub struct NodeArgs {
     /// Simulated assets, KIND[:COUNT],... (iot tier).
     #[arg(long, value_delimiter = ',')]
     pub simulate: Vec<SimSpec>,
-    /// Fault of a simulated asset, ASSET=MODE@SECONDS after start (repeatable), e.g.
-    /// wt-01=outer_race@30, pm-01=harmonic_distortion@10, hpc-01=stuck:power@5.
+    /// Fault of a simulated asset, ASSET=MODE@SECONDS after start or @UNIX_SECONDS
+    /// (repeatable), e.g. wt-01=outer_race@30, pm-01=harmonic_distortion@10,
+    /// hpc-01=stuck:power@5.
     #[arg(long)]
     pub fault: Vec<FaultSpec>,
     /// Liveliness lease in ms.

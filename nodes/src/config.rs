@@ -85,13 +85,27 @@ impl fmt::Display for SimSpec {
 }
 
 /// `ASSET=MODE@SECONDS`: a fault of one simulated asset, starting that many seconds after
-/// the node starts.
+/// the node starts — or, for values of at least 1e9, at that Unix time in seconds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct FaultSpec {
     pub asset: String,
     pub mode: twinmesh_sim::FaultMode,
     pub after_s: f64,
+}
+
+/// Fault times at or above this are absolute Unix times in seconds.
+pub const ABSOLUTE_FAULT_TIME_S: f64 = 1e9;
+
+impl FaultSpec {
+    /// When the fault starts, for a node started at `start_ns`.
+    pub fn at_ns(&self, start_ns: i64) -> i64 {
+        if self.after_s >= ABSOLUTE_FAULT_TIME_S {
+            (self.after_s * 1e9) as i64
+        } else {
+            start_ns + (self.after_s * 1e9) as i64
+        }
+    }
 }
 
 impl FromStr for FaultSpec {

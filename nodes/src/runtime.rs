@@ -65,7 +65,7 @@ pub fn simulated_devices(cfg: &NodeConfig, start_ns: i64) -> anyhow::Result<Vec<
                 .filter(|f| f.asset == asset)
                 .map(|f| Fault {
                     mode: f.mode.clone(),
-                    at_ns: start_ns + (f.after_s * 1e9) as i64,
+                    at_ns: f.at_ns(start_ns),
                 })
                 .collect();
             unused.retain(|a| *a != asset);

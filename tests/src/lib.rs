@@ -196,6 +196,15 @@ impl Mesh {
 
     /// Starts cloud + edge-a (+ iot-a simulating `simulate`, if given).
     pub fn start(simulate: Option<&str>, edge_extra: &[&str]) -> anyhow::Result<Mesh> {
+        Self::start_with(simulate, edge_extra, &[])
+    }
+
+    /// Like [`Mesh::start`], with extra arguments for the gateway (e.g. `--fault`).
+    pub fn start_with(
+        simulate: Option<&str>,
+        edge_extra: &[&str],
+        iot_extra: &[&str],
+    ) -> anyhow::Result<Mesh> {
         let dir = tempfile::tempdir()?;
         let logs = dir.path().join("logs");
         let d = |n: &str| dir.path().join(n).display().to_string();
@@ -239,8 +248,8 @@ impl Mesh {
         edge_args.extend(edge_extra.iter().map(|s| s.to_string()));
         let edge = NodeProc::start(&edge_args, &logs, "edge-a")?;
         let iot = match simulate {
-            Some(sim) => Some(NodeProc::start(
-                &args([
+            Some(sim) => {
+                let mut iot_args = args([
                     "--tier",
                     "iot",
                     "--id",
@@ -261,10 +270,10 @@ impl Mesh {
                     sim,
                     "--lease-ms",
                     "1000",
-                ]),
-                &logs,
-                "iot-a",
-            )?),
+                ]);
+                iot_args.extend(iot_extra.iter().map(|s| s.to_string()));
+                Some(NodeProc::start(&iot_args, &logs, "iot-a")?)
+            }
             None => None,
         };
         Ok(Mesh {
@@ -334,6 +343,37 @@ where
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Feeds samples of a Zenoh subscriber to `step` until it returns true; panics naming
+/// `what` when `timeout` passes first.
+pub async fn recv_until(
+    timeout: Duration,
+    what: &str,
+    rx: &zenoh::handlers::FifoChannelHandler<zenoh::sample::Sample>,
+    mut step: impl FnMut(zenoh::sample::Sample) -> bool,
+) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, rx.recv_async()).await {
+            Ok(Ok(sample)) => {
+                if step(sample) {
+                    return;
+                }
+            }
+            Ok(Err(_)) => panic!("subscriber closed while waiting for {what}"),
+            Err(_) => panic!("timed out after {timeout:?} waiting for {what}"),
+        }
+    }
+}
+
+/// Nanoseconds since the Unix epoch.
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_nanos() as i64
 }
 
 /// Runs a `twinmesh` command to completion; returns (status, stdout, stderr).

@@ -212,12 +212,6 @@ pub enum ChainError {
     },
 }
 
-impl From<ChainError> for crate::Error {
-    fn from(e: ChainError) -> Self {
-        crate::Error::InvalidArgument(format!("invalid chain: {e}"))
-    }
-}
-
 /// What archived features keep in the cloud.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Keep {

@@ -59,6 +59,8 @@ pub enum Error {
     TooManyBuckets { buckets: u64, max: u64 },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    #[error("invalid chain: {0}")]
+    InvalidChain(#[from] crate::chain::ChainError),
 }
 
 impl Error {

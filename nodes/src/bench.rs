@@ -32,6 +32,9 @@ pub enum BenchKind {
     Ingest,
     /// GetTwin calls/s and latency through gRPC on one node for a twin on another node.
     Rpc,
+    /// Signal operators on one core (psd, envelope, filter vs a bare FFT) and the frame
+    /// codec (ratio, MB/s) on simulated 16-bit vibration.
+    Dsp,
 }
 
 #[derive(Debug, Args)]
@@ -216,6 +219,60 @@ async fn bench_ingest(args: &BenchArgs) -> anyhow::Result<IngestReport> {
     let measure = Duration::from_secs_f64(args.seconds);
     let warmup = Duration::from_secs(2);
 
+    let period = 40_000; // 25 kHz
+    // Raw ceiling first, on an idle mesh: the same frames, same two sessions (gateway →
+    // edge node's session).
+    let received = Arc::new(AtomicU64::new(0));
+    let r = received.clone();
+    let _raw = rig
+        .edge
+        .fabric
+        .session()
+        .declare_subscriber("bench/raw/**")
+        .callback(move |_| {
+            r.fetch_add(1, Relaxed);
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let payload = TelemetryFrame {
+        twin_id: ids[0].clone(),
+        signal: "bearing_vibration".into(),
+        seq: 1,
+        start_ns: 0,
+        sample_period_ns: period,
+        samples: samples(args.frame_samples, 7),
+        spool_base_seq: 1,
+        scale: SAMPLE_SCALE,
+        packed: Vec::new(),
+    }
+    .encode_to_vec();
+    let payload = bytes::Bytes::from(payload);
+    let raw_pub = rig
+        .gateway
+        .declare_publisher("bench/raw/frames")
+        .congestion_control(CongestionControl::Block)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let raw_start = Instant::now();
+    let raw_until = raw_start + measure.min(Duration::from_secs(5));
+    let mut sent = 0u64;
+    while Instant::now() < raw_until {
+        for _ in 0..64 {
+            raw_pub
+                .put(ZBytes::from(payload.clone()))
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            sent += 1;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while received.load(Relaxed) < sent && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let raw_msgs = received.load(Relaxed) as f64 / raw_start.elapsed().as_secs_f64();
+    drop(raw_pub);
+
     // Acks from the twins (durable frames), per twin.
     let acked: Arc<HashMap<String, (AtomicU64, Notify)>> = Arc::new(
         ids.iter()
@@ -237,7 +294,6 @@ async fn bench_ingest(args: &BenchArgs) -> anyhow::Result<IngestReport> {
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
 
-    let period = 40_000; // 25 kHz
     let start = Instant::now();
     let stop_at = start + warmup + measure;
     let latencies = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new(3)?));
@@ -323,57 +379,6 @@ async fn bench_ingest(args: &BenchArgs) -> anyhow::Result<IngestReport> {
     let stored_samples: u64 =
         acked.values().map(|(a, _)| a.load(Relaxed)).sum::<u64>() * args.frame_samples as u64;
 
-    // Raw ceiling: the same frames, same two sessions (gateway → edge node's session).
-    let received = Arc::new(AtomicU64::new(0));
-    let r = received.clone();
-    let _raw = rig
-        .edge
-        .fabric
-        .session()
-        .declare_subscriber("bench/raw/**")
-        .callback(move |_| {
-            r.fetch_add(1, Relaxed);
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let payload = TelemetryFrame {
-        twin_id: ids[0].clone(),
-        signal: "bearing_vibration".into(),
-        seq: 1,
-        start_ns: 0,
-        sample_period_ns: period,
-        samples: samples(args.frame_samples, 7),
-        spool_base_seq: 1,
-        scale: SAMPLE_SCALE,
-        packed: Vec::new(),
-    }
-    .encode_to_vec();
-    let payload = bytes::Bytes::from(payload);
-    let raw_pub = rig
-        .gateway
-        .declare_publisher("bench/raw/frames")
-        .congestion_control(CongestionControl::Block)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let raw_start = Instant::now();
-    let raw_until = raw_start + measure.min(Duration::from_secs(5));
-    let mut sent = 0u64;
-    while Instant::now() < raw_until {
-        for _ in 0..64 {
-            raw_pub
-                .put(ZBytes::from(payload.clone()))
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            sent += 1;
-        }
-    }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while received.load(Relaxed) < sent && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let raw_msgs = received.load(Relaxed) as f64 / raw_start.elapsed().as_secs_f64();
-    drop(raw_pub);
     rig.stop().await?;
 
     let e2e_samples = e2e_frames * args.frame_samples as f64;
@@ -468,6 +473,129 @@ async fn bench_rpc(args: &BenchArgs) -> anyhow::Result<RpcReport> {
     })
 }
 
+#[derive(Debug, Serialize)]
+struct DspReport {
+    machine: String,
+    fft_1024_samples_per_s: f64,
+    psd_1024_samples_per_s: f64,
+    psd_ratio_to_fft: f64,
+    envelope_10000_samples_per_s: f64,
+    sosfilt_order8_samples_per_s: f64,
+    codec_ratio: f64,
+    codec_bytes_per_sample: f64,
+    codec_encode_mb_per_s: f64,
+    codec_decode_mb_per_s: f64,
+    /// The same vibration re-digitised to use the full 16-bit range (harder to pack).
+    codec_full_scale_ratio: f64,
+    codec_full_scale_encode_mb_per_s: f64,
+}
+
+/// Calls `f` (which processes `samples` samples) for at least `secs`; samples/s.
+fn rate(secs: f64, samples: usize, mut f: impl FnMut()) -> f64 {
+    f(); // warm-up: plans, buffers
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed().as_secs_f64() < secs {
+        f();
+        n += 1;
+    }
+    n as f64 * samples as f64 / start.elapsed().as_secs_f64()
+}
+
+fn bench_dsp(args: &BenchArgs) -> anyhow::Result<DspReport> {
+    use rustfft::num_complex::Complex64;
+    use twinmesh_twins::dsp::{self, codec, BandType, Spectral};
+    let secs = (args.seconds / 6.0).clamp(0.5, 10.0);
+    // One minute of simulated 10 kHz bearing vibration, on its 16-bit grid.
+    let id: twinmesh_twins::TwinId = "bench/wt-01".parse()?;
+    let mut device = twinmesh_sim::SimDevice::new(id, twinmesh_twins::AssetKind::WindTurbine, 1);
+    let spec = twinmesh_twins::AssetKind::WindTurbine.schema().signal("bearing_vibration")?;
+    let x: Vec<f64> = twinmesh_sim::generate(&mut device, &["bearing_vibration"], spec.rate_hz, 1_767_225_600_000_000_000, 600_000)
+        .into_iter()
+        .map(|r| r[0])
+        .collect();
+
+    let fft = rustfft::FftPlanner::<f64>::new().plan_fft_forward(1024);
+    let mut buf: Vec<Complex64> = x[..1024].iter().map(|&v| Complex64::new(v, 0.0)).collect();
+    let mut scratch = vec![Complex64::default(); fft.get_inplace_scratch_len()];
+    let fft_rate = rate(secs, 1024, || fft.process_with_scratch(&mut buf, &mut scratch));
+
+    let mut sp = Spectral::new();
+    let window = &x[..65_536];
+    let mut psd = Vec::new();
+    let psd_rate = rate(secs, window.len(), || {
+        sp.welch_into(window, 10_000.0, 1024, &mut psd).expect("psd");
+    });
+    let mut env = Vec::new();
+    let env_rate = rate(secs, 10_000, || sp.envelope_into(&x[..10_000], &mut env).expect("envelope"));
+    let sos = dsp::butter(8, &[2000.0, 4000.0], BandType::Bandpass, 10_000.0)?;
+    let mut filter = dsp::SosFilter::new(sos);
+    let mut block = x[..65_536].to_vec();
+    let filt_rate = rate(secs, block.len(), || filter.process(&mut block));
+
+    let frames: Vec<&[f64]> = x.chunks(1024).collect();
+    let mut packed = Vec::with_capacity(16 * 1024);
+    let mut total = 0usize;
+    for f in &frames {
+        packed.clear();
+        codec::encode(f, spec.resolution, &mut packed);
+        total += packed.len();
+    }
+    let raw = x.len() * 8;
+    let enc_rate = rate(secs, x.len(), || {
+        for f in &frames {
+            packed.clear();
+            codec::encode(f, spec.resolution, &mut packed);
+        }
+    });
+    let encoded: Vec<Vec<u8>> = frames
+        .iter()
+        .map(|f| {
+            let mut p = Vec::new();
+            codec::encode(f, spec.resolution, &mut p);
+            p
+        })
+        .collect();
+    let mut out = Vec::with_capacity(1024);
+    let dec_rate = rate(secs, x.len(), || {
+        for e in &encoded {
+            out.clear();
+            codec::decode(e, &mut out).expect("decode");
+        }
+    });
+    // Full scale: the largest sample at ±32767 counts.
+    let peak = x.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    let fs_scale = peak / 32767.0;
+    let full: Vec<f64> = x.iter().map(|&v| codec::quantize(v, fs_scale)).collect();
+    let full_frames: Vec<&[f64]> = full.chunks(1024).collect();
+    let mut full_total = 0usize;
+    for f in &full_frames {
+        packed.clear();
+        codec::encode(f, fs_scale, &mut packed);
+        full_total += packed.len();
+    }
+    let full_enc_rate = rate(secs, full.len(), || {
+        for f in &full_frames {
+            packed.clear();
+            codec::encode(f, fs_scale, &mut packed);
+        }
+    });
+    Ok(DspReport {
+        machine: machine(),
+        codec_full_scale_ratio: raw as f64 / full_total as f64,
+        codec_full_scale_encode_mb_per_s: full_enc_rate * 8.0 / 1e6,
+        fft_1024_samples_per_s: fft_rate,
+        psd_1024_samples_per_s: psd_rate,
+        psd_ratio_to_fft: psd_rate / fft_rate,
+        envelope_10000_samples_per_s: env_rate,
+        sosfilt_order8_samples_per_s: filt_rate,
+        codec_ratio: raw as f64 / total as f64,
+        codec_bytes_per_sample: total as f64 / x.len() as f64,
+        codec_encode_mb_per_s: enc_rate * 8.0 / 1e6,
+        codec_decode_mb_per_s: dec_rate * 8.0 / 1e6,
+    })
+}
+
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.seconds > 0.0 && args.seconds <= 600.0,
@@ -518,6 +646,21 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                     "  edge database                      : {} bytes, {:.2} bytes/sample",
                     r.edge_store_bytes, r.stored_bytes_per_sample
                 );
+            }
+        }
+        BenchKind::Dsp => {
+            let r = tokio::task::spawn_blocking(move || bench_dsp(&args).map(|r| (r, args.json))).await??;
+            let (r, json) = r;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!("dsp: one core, {}", r.machine);
+                println!("  bare rustfft, 1024 points       : {:>14.0} samples/s", r.fft_1024_samples_per_s);
+                println!("  psd (welch, nperseg 1024)       : {:>14.0} samples/s ({:.0} % of the bare FFT)", r.psd_1024_samples_per_s, r.psd_ratio_to_fft * 100.0);
+                println!("  envelope (hilbert, 10000 points): {:>14.0} samples/s", r.envelope_10000_samples_per_s);
+                println!("  sosfilt, order-8 band-pass      : {:>14.0} samples/s", r.sosfilt_order8_samples_per_s);
+                println!("  codec, simulated 16-bit vibration: {:.2}x smaller than f64 ({:.2} bytes/sample), encode {:.0} MB/s, decode {:.0} MB/s", r.codec_ratio, r.codec_bytes_per_sample, r.codec_encode_mb_per_s, r.codec_decode_mb_per_s);
+                println!("  codec, same at full 16-bit scale : {:.2}x smaller than f64, encode {:.0} MB/s", r.codec_full_scale_ratio, r.codec_full_scale_encode_mb_per_s);
             }
         }
         BenchKind::Rpc => {

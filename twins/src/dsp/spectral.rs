@@ -26,6 +26,10 @@ pub struct Spectral {
     windows: HashMap<usize, Vec<f64>>,
     buf: Vec<Complex64>,
     scratch: Vec<Complex64>,
+    /// Prefix sums of the signal (segment means in O(1)).
+    prefix: Vec<f64>,
+    /// Accumulated |Z|² of paired Welch segments.
+    scratch_power: Vec<f64>,
 }
 
 impl Default for Spectral {
@@ -70,6 +74,8 @@ impl Spectral {
             windows: HashMap::new(),
             buf: Vec::new(),
             scratch: Vec::new(),
+            prefix: Vec::new(),
+            scratch_power: Vec::new(),
         }
     }
 
@@ -156,43 +162,53 @@ impl Spectral {
         let bins = n / 2 + 1;
         out.clear();
         out.resize(bins, 0.0);
-        // Two real segments per complex FFT: z = a + i b, then
-        // A[k] = (Z[k] + conj Z[n-k]) / 2, B[k] = (Z[k] - conj Z[n-k]) / 2i.
+        // Segment means from prefix sums (constant detrend).
+        self.prefix.resize(x.len() + 1, 0.0);
+        let mut acc = 0.0;
+        for (p, &v) in self.prefix[1..].iter_mut().zip(x) {
+            acc += v;
+            *p = acc;
+        }
+        let prefix = &self.prefix;
+        let mean = |start: usize| (prefix[start + n] - prefix[start]) / n as f64;
+        // Two real segments per complex FFT, z = a + i b. Since A[k] = (Z[k] + conj Z[n-k]) / 2
+        // and B[k] = (Z[k] - conj Z[n-k]) / 2i, |A[k]|² + |B[k]|² = (|Z[k]|² + |Z[n-k]|²) / 2:
+        // accumulate |Z|² over all n bins and fold once at the end.
+        self.scratch_power.clear();
+        self.scratch_power.resize(n, 0.0);
+        self.buf.resize(n, Complex64::default());
+        let win = &win[..n];
         let mut s = 0;
-        while s < segments {
-            let pair = s + 1 < segments;
+        while s + 1 < segments {
             let a = &x[s * step..s * step + n];
-            let mean_a = a.iter().sum::<f64>() / n as f64;
-            self.buf.clear();
-            if pair {
-                let b = &x[(s + 1) * step..(s + 1) * step + n];
-                let mean_b = b.iter().sum::<f64>() / n as f64;
-                self.buf.extend(
-                    a.iter()
-                        .zip(b)
-                        .zip(win)
-                        .map(|((va, vb), w)| Complex64::new((va - mean_a) * w, (vb - mean_b) * w)),
-                );
-            } else {
-                self.buf.extend(
-                    a.iter()
-                        .zip(win)
-                        .map(|(va, w)| Complex64::new((va - mean_a) * w, 0.0)),
-                );
+            let b = &x[(s + 1) * step..(s + 1) * step + n];
+            let (ma, mb) = (mean(s * step), mean((s + 1) * step));
+            let buf = &mut self.buf[..n];
+            for i in 0..n {
+                buf[i] = Complex64::new((a[i] - ma) * win[i], (b[i] - mb) * win[i]);
             }
-            fwd.process_with_scratch(&mut self.buf, &mut self.scratch);
-            for (k, o) in out.iter_mut().enumerate() {
-                let zk = self.buf[k];
-                if pair {
-                    let zc = self.buf[(n - k) % n].conj();
-                    let ak = (zk + zc) * 0.5;
-                    let bk = (zk - zc) * Complex64::new(0.0, -0.5);
-                    *o += ak.norm_sqr() + bk.norm_sqr();
-                } else {
-                    *o += zk.norm_sqr();
-                }
+            fwd.process_with_scratch(buf, &mut self.scratch);
+            for (p, z) in self.scratch_power.iter_mut().zip(buf.iter()) {
+                *p += z.re * z.re + z.im * z.im;
             }
-            s += if pair { 2 } else { 1 };
+            s += 2;
+        }
+        let power = &self.scratch_power;
+        out[0] = power[0];
+        for (k, o) in out.iter_mut().enumerate().skip(1) {
+            *o = 0.5 * (power[k] + power[n - k]);
+        }
+        if s < segments {
+            let a = &x[s * step..s * step + n];
+            let ma = mean(s * step);
+            let buf = &mut self.buf[..n];
+            for i in 0..n {
+                buf[i] = Complex64::new((a[i] - ma) * win[i], 0.0);
+            }
+            fwd.process_with_scratch(buf, &mut self.scratch);
+            for (o, z) in out.iter_mut().zip(buf.iter()) {
+                *o += z.re * z.re + z.im * z.im;
+            }
         }
         let scale = 1.0 / (fs * win_ss) / segments as f64;
         let last = if n.is_multiple_of(2) { bins - 1 } else { bins };

@@ -220,8 +220,8 @@ async fn bench_ingest(args: &BenchArgs) -> anyhow::Result<IngestReport> {
     let warmup = Duration::from_secs(2);
 
     let period = 40_000; // 25 kHz
-    // Raw ceiling first, on an idle mesh: the same frames, same two sessions (gateway →
-    // edge node's session).
+                         // Raw ceiling first, on an idle mesh: the same frames, same two sessions (gateway →
+                         // edge node's session).
     let received = Arc::new(AtomicU64::new(0));
     let r = received.clone();
     let _raw = rig
@@ -509,25 +509,38 @@ fn bench_dsp(args: &BenchArgs) -> anyhow::Result<DspReport> {
     // One minute of simulated 10 kHz bearing vibration, on its 16-bit grid.
     let id: twinmesh_twins::TwinId = "bench/wt-01".parse()?;
     let mut device = twinmesh_sim::SimDevice::new(id, twinmesh_twins::AssetKind::WindTurbine, 1);
-    let spec = twinmesh_twins::AssetKind::WindTurbine.schema().signal("bearing_vibration")?;
-    let x: Vec<f64> = twinmesh_sim::generate(&mut device, &["bearing_vibration"], spec.rate_hz, 1_767_225_600_000_000_000, 600_000)
-        .into_iter()
-        .map(|r| r[0])
-        .collect();
+    let spec = twinmesh_twins::AssetKind::WindTurbine
+        .schema()
+        .signal("bearing_vibration")?;
+    let x: Vec<f64> = twinmesh_sim::generate(
+        &mut device,
+        &["bearing_vibration"],
+        spec.rate_hz,
+        1_767_225_600_000_000_000,
+        600_000,
+    )
+    .into_iter()
+    .map(|r| r[0])
+    .collect();
 
     let fft = rustfft::FftPlanner::<f64>::new().plan_fft_forward(1024);
     let mut buf: Vec<Complex64> = x[..1024].iter().map(|&v| Complex64::new(v, 0.0)).collect();
     let mut scratch = vec![Complex64::default(); fft.get_inplace_scratch_len()];
-    let fft_rate = rate(secs, 1024, || fft.process_with_scratch(&mut buf, &mut scratch));
+    let fft_rate = rate(secs, 1024, || {
+        fft.process_with_scratch(&mut buf, &mut scratch)
+    });
 
     let mut sp = Spectral::new();
     let window = &x[..65_536];
     let mut psd = Vec::new();
     let psd_rate = rate(secs, window.len(), || {
-        sp.welch_into(window, 10_000.0, 1024, &mut psd).expect("psd");
+        sp.welch_into(window, 10_000.0, 1024, &mut psd)
+            .expect("psd");
     });
     let mut env = Vec::new();
-    let env_rate = rate(secs, 10_000, || sp.envelope_into(&x[..10_000], &mut env).expect("envelope"));
+    let env_rate = rate(secs, 10_000, || {
+        sp.envelope_into(&x[..10_000], &mut env).expect("envelope")
+    });
     let sos = dsp::butter(8, &[2000.0, 4000.0], BandType::Bandpass, 10_000.0)?;
     let mut filter = dsp::SosFilter::new(sos);
     let mut block = x[..65_536].to_vec();
@@ -649,16 +662,26 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             }
         }
         BenchKind::Dsp => {
-            let r = tokio::task::spawn_blocking(move || bench_dsp(&args).map(|r| (r, args.json))).await??;
+            let r = tokio::task::spawn_blocking(move || bench_dsp(&args).map(|r| (r, args.json)))
+                .await??;
             let (r, json) = r;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!("dsp: one core, {}", r.machine);
-                println!("  bare rustfft, 1024 points       : {:>14.0} samples/s", r.fft_1024_samples_per_s);
+                println!(
+                    "  bare rustfft, 1024 points       : {:>14.0} samples/s",
+                    r.fft_1024_samples_per_s
+                );
                 println!("  psd (welch, nperseg 1024)       : {:>14.0} samples/s ({:.0} % of the bare FFT)", r.psd_1024_samples_per_s, r.psd_ratio_to_fft * 100.0);
-                println!("  envelope (hilbert, 10000 points): {:>14.0} samples/s", r.envelope_10000_samples_per_s);
-                println!("  sosfilt, order-8 band-pass      : {:>14.0} samples/s", r.sosfilt_order8_samples_per_s);
+                println!(
+                    "  envelope (hilbert, 10000 points): {:>14.0} samples/s",
+                    r.envelope_10000_samples_per_s
+                );
+                println!(
+                    "  sosfilt, order-8 band-pass      : {:>14.0} samples/s",
+                    r.sosfilt_order8_samples_per_s
+                );
                 println!("  codec, simulated 16-bit vibration: {:.2}x smaller than f64 ({:.2} bytes/sample), encode {:.0} MB/s, decode {:.0} MB/s", r.codec_ratio, r.codec_bytes_per_sample, r.codec_encode_mb_per_s, r.codec_decode_mb_per_s);
                 println!("  codec, same at full 16-bit scale : {:.2}x smaller than f64, encode {:.0} MB/s", r.codec_full_scale_ratio, r.codec_full_scale_encode_mb_per_s);
             }

@@ -970,28 +970,30 @@ async fn twinmesh_up_runs_the_whole_mesh_and_stops_cleanly() {
         lines.push(line);
     }
     let endpoint = format!("http://{}", grpc.unwrap());
-    let twins = eventually(WAIT, "six twins with data", || async {
-        let list = twin_client(&endpoint)
-            .await
-            .list_twins(ListTwinsRequest::default())
-            .await
-            .ok()?
-            .into_inner();
-        (list.twins.len() == 6 && list.twins.iter().all(|t| t.revision > 0)).then_some(list.twins)
-    })
+    let twins = eventually(
+        WAIT,
+        "one twin of each kind per site, with data",
+        || async {
+            let list = twin_client(&endpoint)
+                .await
+                .list_twins(ListTwinsRequest::default())
+                .await
+                .ok()?
+                .into_inner();
+            (list.twins.len() == 16 && list.twins.iter().all(|t| t.revision > 0))
+                .then_some(list.twins)
+        },
+    )
     .await;
     let ids: Vec<&str> = twins.iter().map(|t| t.twin_id.as_str()).collect();
-    assert_eq!(
-        ids,
-        [
-            "site-a/pm-01",
-            "site-a/tg-01",
-            "site-a/wt-01",
-            "site-b/pm-01",
-            "site-b/tg-01",
-            "site-b/wt-01"
-        ]
-    );
+    for site in ["site-a", "site-b"] {
+        for asset in [
+            "ap-01", "cl-01", "cs-01", "hpc-01", "pm-01", "sp-01", "tg-01", "wt-01",
+        ] {
+            let id = format!("{site}/{asset}");
+            assert!(ids.contains(&id.as_str()), "{id} missing: {ids:?}");
+        }
+    }
     for t in &twins {
         let site = t.twin_id.split('/').next().unwrap();
         assert_eq!(t.node, format!("edge-{}", site.trim_start_matches("site-")));

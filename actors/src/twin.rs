@@ -619,7 +619,7 @@ impl Actor for TwinActor {
                     Ok(r) => r,
                     Err(e) => twin_reply::Reply::Error((&e).into()),
                 };
-                let _ = reply.send(TwinReply { reply: Some(out) });
+                let _ = reply.send(self::reply(out));
             }
             TwinMsg::DesiredOutcome(update) => {
                 let status = proto::DeliveryStatus::try_from(update.status)
@@ -825,17 +825,13 @@ async fn rpc_pump(
             }) => {
                 let reply = match import_history(&ctx, &id, kind, req) {
                     Ok(samples) => match ctx.store.flush().await {
-                        Ok(()) => TwinReply {
-                            reply: Some(twin_reply::Reply::ImportHistory(
-                                proto::ImportHistoryResponse { samples },
-                            )),
-                        },
-                        Err(e) => TwinReply {
-                            reply: Some(twin_reply::Reply::Error(proto::Error {
-                                code: proto::ErrorCode::Unavailable as i32,
-                                message: format!("history of {id} not made durable: {e}"),
-                            })),
-                        },
+                        Ok(()) => reply(twin_reply::Reply::ImportHistory(
+                            proto::ImportHistoryResponse { samples },
+                        )),
+                        Err(e) => coded_error(
+                            proto::ErrorCode::Unavailable,
+                            format!("history of {id} not made durable: {e}"),
+                        ),
                     },
                     Err(e) => error_reply(&e),
                 };
@@ -883,12 +879,10 @@ async fn rpc_pump(
                 .await
             {
                 Ok(ractor::rpc::CallResult::Success(r)) => r,
-                _ => TwinReply {
-                    reply: Some(twin_reply::Reply::Error(proto::Error {
-                        code: proto::ErrorCode::Unavailable as i32,
-                        message: format!("twin {id} is restarting"),
-                    })),
-                },
+                _ => coded_error(
+                    proto::ErrorCode::Unavailable,
+                    format!("twin {id} is restarting"),
+                ),
             },
         };
         query
@@ -902,9 +896,19 @@ async fn rpc_pump(
 }
 
 fn error_reply(e: &DomainError) -> TwinReply {
-    TwinReply {
-        reply: Some(twin_reply::Reply::Error(e.into())),
-    }
+    reply(twin_reply::Reply::Error(e.into()))
+}
+
+fn reply(r: twin_reply::Reply) -> TwinReply {
+    TwinReply { reply: Some(r) }
+}
+
+/// An error reply for failures that are not the caller's (storage, restarts).
+fn coded_error(code: proto::ErrorCode, message: String) -> TwinReply {
+    reply(twin_reply::Reply::Error(proto::Error {
+        code: code as i32,
+        message,
+    }))
 }
 
 fn query_history(ctx: &NodeContext, id: &TwinId, h: proto::QueryHistoryRequest) -> TwinReply {
@@ -915,17 +919,10 @@ fn query_history(ctx: &NodeContext, id: &TwinId, h: proto::QueryHistoryRequest) 
                 .store
                 .query_history(id, &h.signal, h.start_ns, h.end_ns, h.bucket_ns, agg)
             {
-                Ok(buckets) => TwinReply {
-                    reply: Some(twin_reply::Reply::QueryHistory(
-                        proto::QueryHistoryResponse { buckets },
-                    )),
-                },
-                Err(e) => TwinReply {
-                    reply: Some(twin_reply::Reply::Error(proto::Error {
-                        code: proto::ErrorCode::Internal as i32,
-                        message: format!("history of {id}: {e}"),
-                    })),
-                },
+                Ok(buckets) => reply(twin_reply::Reply::QueryHistory(
+                    proto::QueryHistoryResponse { buckets },
+                )),
+                Err(e) => coded_error(proto::ErrorCode::Internal, format!("history of {id}: {e}")),
             }
         }
     }

@@ -19,7 +19,7 @@ pub fn kind_faults(kind: AssetKind) -> &'static [&'static str] {
         AssetKind::ClosureLine => &["jam"],
         AssetKind::TurnstileGate => &["blocked"],
         AssetKind::WifiAp => &["outage"],
-        AssetKind::PowerMeter => &["harmonic_distortion", "sag"],
+        AssetKind::PowerMeter => &["harmonic_distortion", "sag", "swell"],
         AssetKind::HpcNode => &["overheating"],
     }
 }

@@ -148,3 +148,29 @@ fn thd_matches_its_reference_definition() {
     let configured = (0.05f64.powi(2) + 0.03f64.powi(2) + 0.02f64.powi(2) + 0.01f64.powi(2)).sqrt();
     assert!((sp.thd(&wave, fs, Some(50.0)).unwrap() - configured).abs() < 0.001);
 }
+
+#[test]
+fn band_energy_and_peaks_match_their_references() {
+    let f = fixtures();
+    let x = vec(&f["signals"]["x"]);
+    let fs = f["signals"]["fs"].as_f64().unwrap();
+    let mut sp = Spectral::new();
+    let be = &f["band_energy"];
+    let nperseg = be["nperseg"].as_u64().unwrap() as usize;
+    let (_, psd) = sp.welch(&x, fs, nperseg).unwrap();
+    for (band, want) in be["bands"].as_array().unwrap().iter().zip(vec(&be["energy"])) {
+        let b = vec(band);
+        let got = twinmesh_twins::dsp::band_energy(&psd, fs, nperseg, b[0], b[1]);
+        assert!((got - want).abs() <= 1e-9 * want.abs().max(1e-300), "band {b:?}: {got} vs {want}");
+    }
+    let pk = &f["peaks"];
+    let mag = sp.rfft_magnitude(&x).unwrap();
+    let got = twinmesh_twins::dsp::peaks(&mag, pk["df"].as_f64().unwrap(), 5);
+    let want_f = vec(&pk["frequency_hz"]);
+    let want_m = vec(&pk["magnitude"]);
+    assert_eq!(got.len(), want_f.len());
+    for (p, (wf, wm)) in got.iter().zip(want_f.iter().zip(&want_m)) {
+        assert!((p.frequency_hz - wf).abs() < 1e-9, "{p:?} vs {wf}");
+        assert!((p.magnitude - wm).abs() <= 1e-9 * wm, "{p:?} vs {wm}");
+    }
+}

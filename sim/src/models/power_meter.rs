@@ -1,7 +1,8 @@
 //! A feeder power meter: 50 Hz voltage and current waveforms with configured harmonic
 //! content, and a household energy counter following a daily load profile. Faults:
-//! `harmonic_distortion` (a non-linear load: strong 5th and 7th harmonics) and `sag`
-//! (voltage at 70 % for 200 ms every 2 s).
+//! `harmonic_distortion` (a non-linear load: strong 5th and 7th harmonics), `sag`
+//! (voltage at 70 % for 200 ms every 2 s) and `swell` (voltage at 115 % for 200 ms every
+//! 2 s).
 
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;

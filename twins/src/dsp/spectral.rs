@@ -232,8 +232,24 @@ impl Spectral {
         Ok((rfft_freqs(n, fs), psd))
     }
 
+    /// The analytic signal `scipy.signal.hilbert(x)` into `out`.
+    pub fn analytic_into(&mut self, x: &[f64], out: &mut Vec<Complex64>) -> Result<(), DspError> {
+        self.analytic_in_buf(x)?;
+        out.clear();
+        out.extend_from_slice(&self.buf);
+        Ok(())
+    }
+
     /// `abs(scipy.signal.hilbert(x))` into `out`.
     pub fn envelope_into(&mut self, x: &[f64], out: &mut Vec<f64>) -> Result<(), DspError> {
+        self.analytic_in_buf(x)?;
+        out.clear();
+        out.extend(self.buf.iter().map(|c| c.norm()));
+        Ok(())
+    }
+
+    /// Leaves the analytic signal of `x` in `self.buf`.
+    fn analytic_in_buf(&mut self, x: &[f64]) -> Result<(), DspError> {
         let n = x.len();
         if n == 0 {
             return Err(DspError::Input("empty signal".into()));
@@ -257,8 +273,6 @@ impl Spectral {
             *c *= h / n as f64;
         }
         inv.process_with_scratch(&mut self.buf, &mut self.scratch);
-        out.clear();
-        out.extend(self.buf.iter().map(|c| c.norm()));
         Ok(())
     }
 

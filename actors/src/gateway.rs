@@ -94,6 +94,8 @@ pub struct GatewayArgs {
     pub ctx: Arc<NodeContext>,
     pub devices: Vec<Box<dyn Device>>,
     pub config: GatewayConfig,
+    /// Chains configured per kind for new twins (validated); others use the default.
+    pub chains: BTreeMap<twinmesh_twins::AssetKind, Chain>,
 }
 
 pub struct GatewayActor;
@@ -380,7 +382,14 @@ impl Actor for GatewayActor {
             ctx,
             devices,
             config,
+            chains: configured,
         } = args;
+        let chain_of = |kind| {
+            configured
+                .get(&kind)
+                .cloned()
+                .unwrap_or_else(|| Chain::default_for(kind))
+        };
         let cancel = ctx.cancel.child_token();
         let acks = ctx
             .fabric
@@ -432,6 +441,7 @@ impl Actor for GatewayActor {
                 twin_id: d.twin_id().to_string(),
                 kind: d.kind().to_string(),
                 gateway: ctx.node.to_string(),
+                chain: configured.get(&d.kind()).map(|c| (&c.spec).into()),
             })
             .collect();
         ctx.tasks.spawn(register_assets(
@@ -444,7 +454,7 @@ impl Actor for GatewayActor {
             .into_iter()
             .map(|d| {
                 let slot = Slot {
-                    chain: Chain::default_for(d.kind()),
+                    chain: chain_of(d.kind()),
                     pipelines: BTreeMap::new(),
                     device: d,
                 };

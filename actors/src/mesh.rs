@@ -195,6 +195,7 @@ impl Actor for MeshSupervisor {
                         site: id.site().to_owned(),
                         status: String::new(),
                         reason: String::new(),
+                        initial_chain: req.chain.clone(),
                     });
                     state.commit(placement.clone()).await.map_err(|e| {
                         DomainError::InvalidArgument(format!("placement not stored: {e}"))

@@ -499,6 +499,20 @@ impl Actor for TwinActor {
             },
             None => (TwinCore::new(id.clone(), kind), false),
         };
+        let mut core = core;
+        if !restored {
+            // A new twin starts with the chain its gateway was configured with, if any.
+            if let Some(spec) = placement
+                .initial_chain
+                .as_ref()
+                .filter(|c| !c.stages.is_empty())
+            {
+                match chain::Chain::validate(&ChainSpec::from(spec), kind) {
+                    Ok(c) => core.chain = c,
+                    Err(e) => tracing::warn!(twin = %id, "ignoring invalid initial chain: {e}"),
+                }
+            }
+        }
         let cancel = ctx.cancel.child_token();
         let analyzer = Analyzer::new(&core.chain);
         let state = TwinActorState {
@@ -548,7 +562,6 @@ impl Actor for TwinActor {
         ctx.tasks
             .spawn(control_listener(myself.clone(), delivered, cancel.clone()));
         tracing::debug!(twin = %id, restored, epoch = state.placement.epoch, "twin started");
-        let _ = restored;
         Ok(state)
     }
 

@@ -114,6 +114,7 @@ impl Rig {
                 twin_id: id.clone(),
                 kind: kind.into(),
                 gateway: "bench".into(),
+                chain: None,
             };
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {

@@ -7,6 +7,9 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use std::collections::BTreeMap;
+
+use twinmesh_twins::chain::{Chain, ChainSpec};
 use twinmesh_twins::{id::validate_site, AssetKind, NodeId, Tier};
 
 /// Zenoh link protocols this build supports.
@@ -196,6 +199,10 @@ pub struct NodeConfig {
     /// e.g. `wt-01=outer_race@30` or `pm-01=drift:voltage@10`.
     #[serde(default)]
     pub faults: Vec<FaultSpec>,
+    /// Processing chains for the new twins of this gateway's assets, per kind:
+    /// `[[chains.wind_turbine.stage]]` tables (DESIGN §5). Twins that exist keep theirs.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub chains: BTreeMap<AssetKind, ChainSpec>,
     /// Zenoh lease: how fast a frozen or cut-off node is declared gone.
     #[serde(default = "default_lease_ms")]
     pub lease_ms: u64,
@@ -228,6 +235,7 @@ impl NodeConfig {
             http: None,
             simulate: Vec::new(),
             faults: Vec::new(),
+            chains: BTreeMap::new(),
             lease_ms: default_lease_ms(),
             multicast: false,
             max_frame_bytes: default_max_frame_bytes(),
@@ -271,6 +279,18 @@ impl NodeConfig {
         validate_site(&self.site)?;
         if !self.faults.is_empty() && self.simulate.is_empty() {
             anyhow::bail!("node {} has faults but simulates no assets", self.id);
+        }
+        if !self.chains.is_empty() && self.tier != Tier::Iot {
+            anyhow::bail!(
+                "node {} is a {} node: chains are configured on iot gateways",
+                self.id,
+                self.tier
+            );
+        }
+        for (kind, spec) in &self.chains {
+            Chain::validate(spec, *kind).map_err(|e| {
+                anyhow::anyhow!("invalid chain for {kind} in the configuration: {e}")
+            })?;
         }
         if !self.simulate.is_empty() && self.tier != Tier::Iot {
             anyhow::bail!(
@@ -381,6 +401,29 @@ tier = "edge"
 site = "s"
 colour = "blue""#)
         .contains("unknown field `colour`"));
+    }
+
+    #[test]
+    fn chains_in_the_configuration_are_validated() {
+        let ok = r#"
+            id = "iot-a"
+            tier = "iot"
+            site = "site-a"
+            simulate = ["wind_turbine:1"]
+
+            [[chains.wind_turbine.stage]]
+            op = "decimate"
+            signal = "bearing_vibration"
+            factor = 2
+            tier = "iot"
+        "#;
+        let mut cfg: NodeConfig = toml::from_str(ok).unwrap();
+        cfg.normalize().unwrap();
+        assert_eq!(cfg.chains[&AssetKind::WindTurbine].stage.len(), 1);
+        let bad = ok.replace("factor = 2", "factor = 1");
+        let mut cfg: NodeConfig = toml::from_str(&bad).unwrap();
+        let err = cfg.normalize().unwrap_err().to_string();
+        assert_eq!(err, "invalid chain for wind_turbine in the configuration: stage 1 (decimate): parameter factor: 1 must be a whole number in 2..=64");
     }
 
     #[test]

@@ -158,10 +158,18 @@ impl RunningNode {
             None
         };
         let gateway = if config.tier == Tier::Iot {
+            let chains = config
+                .chains
+                .iter()
+                .map(|(kind, spec)| {
+                    Ok((*kind, twinmesh_twins::chain::Chain::validate(spec, *kind)?))
+                })
+                .collect::<Result<_, twinmesh_twins::chain::ChainError>>()?;
             let args = GatewayArgs {
                 ctx: ctx.clone(),
                 devices,
                 config: gateway_config,
+                chains,
             };
             Some(Actor::spawn(None, GatewayActor, args).await?.0)
         } else {

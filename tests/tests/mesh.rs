@@ -28,6 +28,7 @@ async fn register(session: &zenoh::Session, twin: &str, kind: &str) -> Placement
         twin_id: twin.into(),
         kind: kind.into(),
         gateway: "test".into(),
+        chain: None,
     };
     eventually(WAIT, "placement reply", || async {
         let replies = session

@@ -361,3 +361,86 @@ async fn thd_matches_the_simulator_and_bad_chains_change_nothing_and_ingest_is_i
     assert!(!status.success());
     assert!(err.contains("cannot read"), "{err}");
 }
+
+/// A gateway's configuration (TOML `[[chains.KIND.stage]]`) gives its new twins their
+/// chain; the IoT stages run in the gateway from the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chains_from_the_gateway_configuration_apply_to_new_twins() {
+    let mesh = Mesh::start(None, &[]).expect("mesh starts");
+    let cloud = mesh.cloud.grpc_endpoint();
+    let config = mesh.dir.path().join("iot.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+id = "iot-a"
+tier = "iot"
+site = "site-a"
+listen = ["tcp/127.0.0.1:0"]
+connect = [{edge:?}, {cloud:?}]
+data = {data:?}
+simulate = ["wind_turbine:1"]
+
+[[chains.wind_turbine.stage]]
+op = "decimate"
+signal = "bearing_vibration"
+factor = 5
+tier = "iot"
+
+[[chains.wind_turbine.stage]]
+op = "stats"
+signal = "bearing_vibration"
+tier = "edge"
+"#,
+            edge = mesh.edge.ready.zenoh[0],
+            cloud = mesh.cloud.ready.zenoh[0],
+            data = mesh.data("iot-a").display().to_string(),
+        ),
+    )
+    .unwrap();
+    let outside = zenoh_client(&mesh.cloud.ready.zenoh[0]).await;
+    let frames = outside
+        .declare_subscriber("twinmesh/telemetry/site-a/wt-01/bearing_vibration")
+        .await
+        .unwrap();
+    let _iot = twinmesh_tests::NodeProc::start(
+        &["--config".to_owned(), config.display().to_string()],
+        &mesh.logs(),
+        "iot-a",
+    )
+    .expect("gateway starts from its configuration");
+    let twin = eventually(WAIT, "the twin with the configured chain", || async {
+        let t = twin_client(&cloud)
+            .await
+            .get_twin(GetTwinRequest {
+                twin_id: "site-a/wt-01".into(),
+            })
+            .await
+            .ok()?
+            .into_inner();
+        (t.chain.as_ref()?.stages.len() == 2).then_some(t)
+    })
+    .await;
+    let chain = twin.chain.unwrap();
+    assert_eq!(chain.stages[0].op, "decimate");
+    assert_eq!(chain.stages[0].params["factor"], "5");
+    recv_until(WAIT, "frames decimated by 5 (2 kHz)", &frames, |s| {
+        TelemetryFrame::decode(&*s.payload().to_bytes())
+            .is_ok_and(|f| f.sample_period_ns == 500_000)
+    })
+    .await;
+    eventually(WAIT, "stats features from the decimated stream", || async {
+        let t = twin_client(&cloud)
+            .await
+            .get_twin(GetTwinRequest {
+                twin_id: "site-a/wt-01".into(),
+            })
+            .await
+            .ok()?
+            .into_inner();
+        t.derived
+            .contains_key("bearing_vibration.rms")
+            .then_some(())
+    })
+    .await;
+}

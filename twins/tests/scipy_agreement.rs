@@ -158,10 +158,18 @@ fn band_energy_and_peaks_match_their_references() {
     let be = &f["band_energy"];
     let nperseg = be["nperseg"].as_u64().unwrap() as usize;
     let (_, psd) = sp.welch(&x, fs, nperseg).unwrap();
-    for (band, want) in be["bands"].as_array().unwrap().iter().zip(vec(&be["energy"])) {
+    for (band, want) in be["bands"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(vec(&be["energy"]))
+    {
         let b = vec(band);
         let got = twinmesh_twins::dsp::band_energy(&psd, fs, nperseg, b[0], b[1]);
-        assert!((got - want).abs() <= 1e-9 * want.abs().max(1e-300), "band {b:?}: {got} vs {want}");
+        assert!(
+            (got - want).abs() <= 1e-9 * want.abs().max(1e-300),
+            "band {b:?}: {got} vs {want}"
+        );
     }
     let pk = &f["peaks"];
     let mag = sp.rfft_magnitude(&x).unwrap();

@@ -911,8 +911,45 @@ impl Analyzer {
     }
 }
 
+/// Per-thread analysis state: FFT plans, filter designs and sample buffers, reused from
+/// window to window (no sample buffer is allocated per window once warm).
+#[derive(Default)]
+struct Workspace {
+    sp: Spectral,
+    /// Band-pass designs by (fs, low, high) bit patterns.
+    designs: std::collections::HashMap<(u64, u64, u64), SosFilter>,
+    filtered: Vec<f64>,
+    spectrum: Vec<f64>,
+    sorted: Vec<f64>,
+    psd: Vec<f64>,
+}
+
+impl Workspace {
+    /// Envelope spectrum of `x` band-passed to `band` (order-4 Butterworth) into
+    /// `self.spectrum`.
+    fn envelope_spectrum(&mut self, x: &[f64], fs: f64, band: (f64, f64)) -> bool {
+        let key = (fs.to_bits(), band.0.to_bits(), band.1.to_bits());
+        let filter = match self.designs.entry(key) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                match dsp::butter(4, &[band.0, band.1], BandType::Bandpass, fs) {
+                    Ok(sos) => v.insert(SosFilter::new(sos)),
+                    Err(_) => return false,
+                }
+            }
+        };
+        filter.reset();
+        self.filtered.clear();
+        self.filtered.extend_from_slice(x);
+        filter.process(&mut self.filtered);
+        self.sp
+            .envelope_spectrum_into(&self.filtered, &mut self.spectrum)
+            .is_ok()
+    }
+}
+
 thread_local! {
-    static SPECTRAL: RefCell<Spectral> = RefCell::new(Spectral::new());
+    static WORKSPACE: RefCell<Workspace> = RefCell::new(Workspace::default());
 }
 
 /// Amplitude of `spectrum` at `f` (largest bin within ±1 bin).
@@ -926,8 +963,8 @@ fn amplitude_at(spectrum: &[f64], df: f64, f: f64) -> f64 {
 /// Computes the features of one window: `{signal}.{feature}` → value. CPU-heavy: call
 /// it off async executors (the twin uses a blocking pool). FFT plans are cached per thread.
 pub fn run_window(job: &WindowJob) -> BTreeMap<String, f64> {
-    SPECTRAL.with(|sp| {
-        let mut sp = sp.borrow_mut();
+    WORKSPACE.with(|ws| {
+        let ws = &mut *ws.borrow_mut();
         let mut out = BTreeMap::new();
         let mut put = |name: &str, v: f64| {
             if v.is_finite() {
@@ -947,17 +984,21 @@ pub fn run_window(job: &WindowJob) -> BTreeMap<String, f64> {
                     }
                 }
                 Op::Fft { peaks } => {
-                    if let Ok(mag) = sp.rfft_magnitude(&job.samples) {
+                    if ws
+                        .sp
+                        .rfft_magnitude_into(&job.samples, &mut ws.spectrum)
+                        .is_ok()
+                    {
                         let df = fs / job.samples.len() as f64;
-                        for (i, p) in dsp::peaks(&mag, df, *peaks).iter().enumerate() {
+                        for (i, p) in dsp::peaks(&ws.spectrum, df, *peaks).iter().enumerate() {
                             put(&format!("fft_peak{}_hz", i + 1), p.frequency_hz);
                             put(&format!("fft_peak{}_mag", i + 1), p.magnitude);
                         }
                     }
                 }
                 Op::Psd { nperseg, band } => {
-                    if let Ok((freqs, psd)) = sp.welch(&job.samples, fs, *nperseg) {
-                        let n = (freqs.len() - 1) * 2;
+                    if let Ok(n) = ws.sp.welch_into(&job.samples, fs, *nperseg, &mut ws.psd) {
+                        let psd = &ws.psd;
                         let total = dsp::band_energy(&psd, fs, n.max(2), 0.0, f64::INFINITY);
                         put("psd_total_power", total);
                         if let Some(p) = dsp::peaks(&psd, fs / n.max(2) as f64, 1).first() {
@@ -972,9 +1013,9 @@ pub fn run_window(job: &WindowJob) -> BTreeMap<String, f64> {
                     }
                 }
                 Op::Envelope { band, peaks } => {
-                    if let Some(spec) = envelope_spectrum(&mut sp, &job.samples, fs, *band) {
+                    if ws.envelope_spectrum(&job.samples, fs, *band) {
                         let df = fs / job.samples.len() as f64;
-                        for (i, p) in dsp::peaks(&spec, df, *peaks).iter().enumerate() {
+                        for (i, p) in dsp::peaks(&ws.spectrum, df, *peaks).iter().enumerate() {
                             put(&format!("env_peak{}_hz", i + 1), p.frequency_hz);
                             put(&format!("env_peak{}_amp", i + 1), p.magnitude);
                         }
@@ -986,11 +1027,12 @@ pub fn run_window(job: &WindowJob) -> BTreeMap<String, f64> {
                     ratio,
                     geometry,
                 } => {
-                    let Some(spec) = envelope_spectrum(&mut sp, &job.samples, fs, *band) else {
+                    if !ws.envelope_spectrum(&job.samples, fs, *band) {
                         continue;
-                    };
+                    }
+                    let spec = &ws.spectrum;
                     let df = fs / job.samples.len() as f64;
-                    if let Some(p) = dsp::peaks(&spec, df, 1).first() {
+                    if let Some(p) = dsp::peaks(spec, df, 1).first() {
                         put("env_peak_hz", p.frequency_hz);
                         put("env_peak_amp", p.magnitude);
                     }
@@ -998,9 +1040,10 @@ pub fn run_window(job: &WindowJob) -> BTreeMap<String, f64> {
                     if let Some(rpm) = job.context.get(shaft_signal) {
                         let shaft_hz = rpm * ratio / 60.0;
                         let d = geometry.defect_frequencies(shaft_hz);
-                        let mut sorted = spec.clone();
-                        sorted.sort_by(f64::total_cmp);
-                        let floor = sorted[sorted.len() / 2].max(f64::MIN_POSITIVE);
+                        ws.sorted.clear();
+                        ws.sorted.extend_from_slice(spec);
+                        ws.sorted.sort_by(f64::total_cmp);
+                        let floor = ws.sorted[ws.sorted.len() / 2].max(f64::MIN_POSITIVE);
                         put("shaft_hz", shaft_hz);
                         for (name, f) in [
                             ("bpfo", d.bpfo),
@@ -1009,14 +1052,14 @@ pub fn run_window(job: &WindowJob) -> BTreeMap<String, f64> {
                             ("ftf", d.ftf),
                         ] {
                             put(&format!("{name}_hz"), f);
-                            let a = amplitude_at(&spec, df, f);
+                            let a = amplitude_at(spec, df, f);
                             put(&format!("{name}_amp"), a);
                             put(&format!("{name}_ratio"), a / floor);
                         }
                     }
                 }
                 Op::Thd { fundamental_hz } => {
-                    if let Ok(t) = sp.thd(&job.samples, fs, *fundamental_hz) {
+                    if let Ok(t) = ws.sp.thd(&job.samples, fs, *fundamental_hz) {
                         put("thd", t);
                     }
                 }
@@ -1025,13 +1068,6 @@ pub fn run_window(job: &WindowJob) -> BTreeMap<String, f64> {
         }
         out
     })
-}
-
-/// Envelope spectrum of `x` band-passed to `band` (order-4 Butterworth).
-fn envelope_spectrum(sp: &mut Spectral, x: &[f64], fs: f64, band: (f64, f64)) -> Option<Vec<f64>> {
-    let sos = dsp::butter(4, &[band.0, band.1], BandType::Bandpass, fs).ok()?;
-    let filtered = dsp::sosfilt(&sos, x);
-    sp.envelope_spectrum(&filtered).ok()
 }
 
 #[cfg(test)]

@@ -28,8 +28,10 @@ pub struct Spectral {
     scratch: Vec<Complex64>,
     /// Prefix sums of the signal (segment means in O(1)).
     prefix: Vec<f64>,
-    /// Accumulated |Z|² of paired Welch segments.
+    /// Accumulated |Z|² of paired Welch segments; power spectrum of `thd`.
     scratch_power: Vec<f64>,
+    /// A real work buffer (windowed samples, envelopes).
+    work: Vec<f64>,
 }
 
 impl Default for Spectral {
@@ -76,6 +78,7 @@ impl Spectral {
             scratch: Vec::new(),
             prefix: Vec::new(),
             scratch_power: Vec::new(),
+            work: Vec::new(),
         }
     }
 
@@ -285,14 +288,28 @@ impl Spectral {
     /// Envelope spectrum: single-sided amplitude spectrum of the envelope with its mean
     /// removed, `2 |rfft(env - mean(env))| / n`; used to find bearing defect frequencies.
     pub fn envelope_spectrum(&mut self, x: &[f64]) -> Result<Vec<f64>, DspError> {
-        let mut env = Vec::with_capacity(x.len());
-        self.envelope_into(x, &mut env)?;
-        let mean = env.iter().sum::<f64>() / env.len() as f64;
-        env.iter_mut().for_each(|v| *v -= mean);
-        let n = env.len() as f64;
-        let mut mag = self.rfft_magnitude(&env)?;
-        mag.iter_mut().for_each(|m| *m *= 2.0 / n);
-        Ok(mag)
+        let mut out = Vec::new();
+        self.envelope_spectrum_into(x, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Spectral::envelope_spectrum`] into `out`, without allocating once warm.
+    pub fn envelope_spectrum_into(
+        &mut self,
+        x: &[f64],
+        out: &mut Vec<f64>,
+    ) -> Result<(), DspError> {
+        let mut env = std::mem::take(&mut self.work);
+        let result = self.envelope_into(x, &mut env).and_then(|()| {
+            let mean = env.iter().sum::<f64>() / env.len() as f64;
+            env.iter_mut().for_each(|v| *v -= mean);
+            let n = env.len() as f64;
+            self.rfft_magnitude_into(&env, out)?;
+            out.iter_mut().for_each(|m| *m *= 2.0 / n);
+            Ok(())
+        });
+        self.work = env;
+        result
     }
 
     /// Total harmonic distortion: the RMS of harmonics 2..=40 over the RMS of the

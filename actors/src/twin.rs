@@ -64,6 +64,9 @@ pub struct IngestAck {
     pub watermarks: Vec<(String, u64)>,
 }
 
+/// Points kept per process signal for analysis context.
+const RECENT_POINTS: usize = 64;
+
 /// What applying a batch of frames produced.
 struct Applied {
     /// Last applied seq of each signal the batch touched.
@@ -91,6 +94,9 @@ pub struct TwinActorState {
     last_desired_send: Option<Instant>,
     /// Cuts incoming streams into the windows of the chain's edge stages.
     analyzer: Analyzer,
+    /// Recent values of process (non-waveform) signals: the context of analysis windows
+    /// (e.g. shaft speed averaged over a vibration window).
+    recent: BTreeMap<String, std::collections::VecDeque<(i64, f64)>>,
     /// Cancels this twin's tasks when it stops.
     cancel: CancellationToken,
 }
@@ -241,6 +247,21 @@ impl TwinActorState {
                     );
                     lost_total += lost;
                     NodeMetrics::add(&self.ctx.metrics.samples_in, f.samples.len() as u64);
+                    if self
+                        .core
+                        .kind
+                        .schema()
+                        .signal(&f.signal)
+                        .is_ok_and(|s| !s.waveform)
+                    {
+                        let recent = self.recent.entry(f.signal.clone()).or_default();
+                        for (i, v) in f.samples.iter().enumerate() {
+                            recent.push_back((f.start_ns + i as i64 * f.sample_period_ns, *v));
+                        }
+                        while recent.len() > RECENT_POINTS {
+                            recent.pop_front();
+                        }
+                    }
                     if self.analyzer.wants(&f.signal) {
                         let block = chain::Block {
                             start_ns: f.start_ns,
@@ -277,16 +298,23 @@ impl TwinActorState {
                 (s, seq)
             })
             .collect();
-        if !jobs.is_empty() {
-            let context: BTreeMap<String, f64> = self
+        for job in &mut jobs {
+            job.context = self
                 .core
                 .reported
                 .iter()
-                .map(|(k, r)| (k.clone(), r.value))
+                .map(|(k, r)| {
+                    let v = self
+                        .recent
+                        .get(k)
+                        .and_then(|pts| {
+                            let pts: Vec<(i64, f64)> = pts.iter().copied().collect();
+                            chain::hold_average(&pts, job.start_ns, job.end_ns)
+                        })
+                        .unwrap_or(r.value);
+                    (k.clone(), v)
+                })
                 .collect();
-            for job in &mut jobs {
-                job.context = context.clone();
-            }
         }
         Ok(Applied {
             watermarks: acks,
@@ -518,6 +546,7 @@ impl Actor for TwinActor {
         let state = TwinActorState {
             ctx: ctx.clone(),
             analyzer,
+            recent: BTreeMap::new(),
             core,
             placement,
             dirty: true,

@@ -952,6 +952,43 @@ thread_local! {
     static WORKSPACE: RefCell<Workspace> = RefCell::new(Workspace::default());
 }
 
+/// Time-weighted mean over `[start_ns, end_ns)` of a sample-and-hold series (each value
+/// holds until the next point, the last one until `end_ns`); the last value when no point
+/// covers the range.
+pub fn hold_average(points: &[(i64, f64)], start_ns: i64, end_ns: i64) -> Option<f64> {
+    let mut acc = 0.0;
+    let mut covered = 0i64;
+    for (i, &(t0, v)) in points.iter().enumerate() {
+        let t1 = points.get(i + 1).map_or(end_ns, |p| p.0);
+        let (a, b) = (t0.max(start_ns), t1.min(end_ns));
+        if b > a {
+            acc += v * (b - a) as f64;
+            covered += b - a;
+        }
+    }
+    if covered > 0 {
+        Some(acc / covered as f64)
+    } else {
+        points.last().map(|p| p.1)
+    }
+}
+
+/// Envelope-spectrum peaks at or above `min_hz` (the lowest bins hold the window's slow
+/// trend, not a defect).
+fn peaks_above(spectrum: &[f64], df: f64, min_hz: f64, count: usize) -> Vec<dsp::Peak> {
+    let lo = ((min_hz / df).ceil() as usize).clamp(1, spectrum.len()) - 1;
+    dsp::peaks(&spectrum[lo..], df, count)
+        .into_iter()
+        .map(|p| dsp::Peak {
+            frequency_hz: p.frequency_hz + lo as f64 * df,
+            magnitude: p.magnitude,
+        })
+        .collect()
+}
+
+/// Lowest envelope-spectrum frequency reported as a peak, Hz.
+pub const ENVELOPE_MIN_HZ: f64 = 2.0;
+
 /// Amplitude of `spectrum` at `f` (largest bin within ±1 bin).
 fn amplitude_at(spectrum: &[f64], df: f64, f: f64) -> f64 {
     let k = (f / df).round() as usize;
@@ -990,7 +1027,10 @@ pub fn run_window(job: &WindowJob) -> BTreeMap<String, f64> {
                         .is_ok()
                     {
                         let df = fs / job.samples.len() as f64;
-                        for (i, p) in dsp::peaks(&ws.spectrum, df, *peaks).iter().enumerate() {
+                        for (i, p) in peaks_above(&ws.spectrum, df, ENVELOPE_MIN_HZ, *peaks)
+                            .iter()
+                            .enumerate()
+                        {
                             put(&format!("fft_peak{}_hz", i + 1), p.frequency_hz);
                             put(&format!("fft_peak{}_mag", i + 1), p.magnitude);
                         }
@@ -999,15 +1039,15 @@ pub fn run_window(job: &WindowJob) -> BTreeMap<String, f64> {
                 Op::Psd { nperseg, band } => {
                     if let Ok(n) = ws.sp.welch_into(&job.samples, fs, *nperseg, &mut ws.psd) {
                         let psd = &ws.psd;
-                        let total = dsp::band_energy(&psd, fs, n.max(2), 0.0, f64::INFINITY);
+                        let total = dsp::band_energy(psd, fs, n.max(2), 0.0, f64::INFINITY);
                         put("psd_total_power", total);
-                        if let Some(p) = dsp::peaks(&psd, fs / n.max(2) as f64, 1).first() {
+                        if let Some(p) = dsp::peaks(psd, fs / n.max(2) as f64, 1).first() {
                             put("psd_peak_hz", p.frequency_hz);
                         }
                         if let Some((lo, hi)) = band {
                             put(
                                 "psd_band_power",
-                                dsp::band_energy(&psd, fs, n.max(2), *lo, *hi),
+                                dsp::band_energy(psd, fs, n.max(2), *lo, *hi),
                             );
                         }
                     }
@@ -1015,7 +1055,10 @@ pub fn run_window(job: &WindowJob) -> BTreeMap<String, f64> {
                 Op::Envelope { band, peaks } => {
                     if ws.envelope_spectrum(&job.samples, fs, *band) {
                         let df = fs / job.samples.len() as f64;
-                        for (i, p) in dsp::peaks(&ws.spectrum, df, *peaks).iter().enumerate() {
+                        for (i, p) in peaks_above(&ws.spectrum, df, ENVELOPE_MIN_HZ, *peaks)
+                            .iter()
+                            .enumerate()
+                        {
                             put(&format!("env_peak{}_hz", i + 1), p.frequency_hz);
                             put(&format!("env_peak{}_amp", i + 1), p.magnitude);
                         }
@@ -1032,7 +1075,7 @@ pub fn run_window(job: &WindowJob) -> BTreeMap<String, f64> {
                     }
                     let spec = &ws.spectrum;
                     let df = fs / job.samples.len() as f64;
-                    if let Some(p) = dsp::peaks(spec, df, 1).first() {
+                    if let Some(p) = peaks_above(spec, df, ENVELOPE_MIN_HZ, 1).first() {
                         put("env_peak_hz", p.frequency_hz);
                         put("env_peak_amp", p.magnitude);
                     }
@@ -1076,6 +1119,21 @@ mod tests {
 
     fn spec(toml_like: Vec<StageSpec>) -> ChainSpec {
         ChainSpec { stage: toml_like }
+    }
+
+    #[test]
+    fn hold_average_weights_by_time() {
+        let pts = [(0, 10.0), (100, 20.0)];
+        assert_eq!(hold_average(&pts, 50, 150), Some(15.0));
+        assert_eq!(hold_average(&pts, 100, 200), Some(20.0));
+        assert_eq!(hold_average(&pts, -100, -50), Some(20.0));
+        assert_eq!(hold_average(&[], 0, 1), None);
+        let spec = [5.0, 0.0, 3.0, 0.0, 1.0, 0.0];
+        let p = peaks_above(&spec, 1.0, 2.0, 3);
+        assert_eq!(
+            p.iter().map(|p| p.frequency_hz).collect::<Vec<_>>(),
+            vec![2.0, 4.0]
+        );
     }
 
     #[test]

@@ -21,6 +21,8 @@ const CUT_IN: f64 = 3.0;
 const RATED_WIND: f64 = 12.0;
 const CUT_OUT: f64 = 25.0;
 const RATED_RPM: f64 = 15.0;
+/// Time constant of the rotor speed following the wind (inertia), s.
+const ROTOR_TIME_CONSTANT_S: f64 = 20.0;
 /// Structural resonance excited by bearing impacts.
 pub const RESONANCE_HZ: f64 = 3_500.0;
 const RESONANCE_DAMPING: f64 = 0.05;
@@ -62,6 +64,7 @@ pub struct WindTurbine {
     noise: Normal<f64>,
     second: Option<i64>,
     wind: f64,
+    rotor_rpm: f64,
     power_limit: f64,
     bearing_temp: f64,
     /// Phase of the high-speed shaft, integrated sample by sample.
@@ -74,18 +77,21 @@ pub struct WindTurbine {
 impl WindTurbine {
     pub fn new(mut rng: ChaCha8Rng) -> Self {
         let wind = rng.random_range(6.0..11.0);
-        WindTurbine {
+        let mut wt = WindTurbine {
             rng,
             noise: Normal::new(0.0, 1.0).expect("valid normal"),
             second: None,
             wind,
+            rotor_rpm: 0.0,
             power_limit: RATED_KW,
             bearing_temp: 35.0,
             shaft_phase: 0.0,
             last_vib_t: None,
             defects: Vec::new(),
             faults: Faults::default(),
-        }
+        };
+        wt.rotor_rpm = wt.target_rpm();
+        wt
     }
 
     fn power(&self) -> f64 {
@@ -100,11 +106,16 @@ impl WindTurbine {
         p.min(self.power_limit)
     }
 
-    fn rotor_rpm(&self) -> f64 {
+    /// Rotor speed the wind asks for.
+    fn target_rpm(&self) -> f64 {
         if !(CUT_IN..CUT_OUT).contains(&self.wind) {
             return 0.5; // idling
         }
         (RATED_RPM * self.wind / RATED_WIND).min(RATED_RPM)
+    }
+
+    fn rotor_rpm(&self) -> f64 {
+        self.rotor_rpm
     }
 
     /// Shaft frequency of the high-speed shaft, Hz.
@@ -116,6 +127,8 @@ impl WindTurbine {
         // Ornstein–Uhlenbeck around 9 m/s with a 60 s time constant.
         let dw = (9.0 - self.wind) / 60.0 + 0.35 * self.noise.sample(&mut self.rng);
         self.wind = (self.wind + dw).clamp(0.0, 35.0);
+        // The rotor's inertia follows the wind with a 20 s time constant.
+        self.rotor_rpm += (self.target_rpm() - self.rotor_rpm) / ROTOR_TIME_CONSTANT_S;
         // A damaged bearing runs hotter.
         let damage = if self.faults.on("outer_race", second * 1_000_000_000)
             || self.faults.on("inner_race", second * 1_000_000_000)
@@ -248,6 +261,7 @@ mod tests {
         let t0: i64 = 1_700_000_000_000_000_000;
         let mut wt = WindTurbine::new(ChaCha8Rng::seed_from_u64(3));
         wt.wind = 13.0;
+        wt.rotor_rpm = wt.target_rpm();
         wt.inject("outer_race", t0 + 1_000_000_000);
         let mut sp = Spectral::new();
         let sos = dsp::butter(4, &[2000.0, 4900.0], BandType::Bandpass, fs).unwrap();

@@ -29,6 +29,8 @@ pub struct TwinConfig {
     pub desired_retry: Duration,
     /// Deadline of a call into a twin actor.
     pub call_timeout: Duration,
+    /// Least time between two snapshot replications to the cloud.
+    pub snapshot_interval: Duration,
 }
 
 impl Default for TwinConfig {
@@ -40,6 +42,7 @@ impl Default for TwinConfig {
             state_interval: Duration::from_millis(50),
             desired_retry: Duration::from_secs(1),
             call_timeout: Duration::from_secs(5),
+            snapshot_interval: Duration::from_secs(1),
         }
     }
 }

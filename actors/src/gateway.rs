@@ -20,7 +20,7 @@ use twinmesh_twins::chain::{self, Chain, ChainSpec, StreamPipeline};
 use twinmesh_twins::dsp::codec;
 use twinmesh_twins::proto::{
     self, twin_reply, twin_request, ChainUpdate, DesiredUpdate, GetTwinRequest, PlacementRequest,
-    TelemetryFrame, TwinReply, TwinRequest, Watermark,
+    ReplayRequest, TelemetryFrame, TwinReply, TwinRequest, Watermark,
 };
 use twinmesh_twins::{keys, Tier, TwinId};
 
@@ -40,6 +40,11 @@ pub struct GatewayConfig {
     pub resend_batch: usize,
     /// Most frames spooled per stream; beyond it the oldest are dropped (and counted).
     pub max_spool_frames: u64,
+    /// Acknowledged frames kept per stream, so a twin that moves (migration, failover)
+    /// can fill the history of its new node from them.
+    pub retain_frames: u64,
+    /// Frames re-sent per stream and tick when a twin asks for a replay (pacing).
+    pub replay_per_tick: u64,
     /// Sequence numbers reserved durably at a time.
     pub seq_block: u64,
 }
@@ -52,6 +57,8 @@ impl Default for GatewayConfig {
             resend_after: Duration::from_secs(1),
             resend_batch: 1024,
             max_spool_frames: 100_000,
+            retain_frames: 4096,
+            replay_per_tick: 48,
             seq_block: 4096,
         }
     }
@@ -60,6 +67,8 @@ impl Default for GatewayConfig {
 pub enum GatewayMsg {
     Tick,
     Ack(Watermark),
+    /// A twin (re)started and asks for what its node's history lacks.
+    Replay(ReplayRequest),
     Control(DesiredUpdate),
     /// The twin's chain (its IoT stages run here).
     Chain(ChainUpdate),
@@ -82,7 +91,10 @@ pub struct StreamStatus {
 struct Stream {
     next_seq: u64,
     reserved_end: u64,
+    /// Highest seq the current owner of the twin acknowledged.
     acked: u64,
+    /// Next seq to replay, while a replay is under way.
+    replay_from: Option<u64>,
     /// Lowest seq still resendable.
     base: u64,
     dropped: u64,
@@ -112,6 +124,11 @@ pub struct GatewayState {
     config: GatewayConfig,
     devices: BTreeMap<TwinId, Slot>,
     streams: HashMap<(TwinId, String), Stream>,
+    /// Highest placement epoch heard from each twin: acknowledgements of older owners
+    /// are ignored (fencing).
+    epochs: HashMap<TwinId, u64>,
+    /// Acknowledgements ignored because they came from an older owner.
+    pub fenced_acks: u64,
     ticker: Option<JoinHandle<()>>,
     cancel: CancellationToken,
 }
@@ -130,6 +147,7 @@ impl GatewayState {
                     next_seq,
                     reserved_end: next_seq + self.config.seq_block,
                     acked: base - 1,
+                    replay_from: None,
                     base,
                     dropped: 0,
                     // Spooled frames from before a restart are re-sent on the first tick.
@@ -311,18 +329,44 @@ impl GatewayState {
         Ok(())
     }
 
+    /// Records `epoch` for `twin`: false when it comes from an older owner (fenced);
+    /// `Some(true)` when it is a new owner.
+    fn observe_epoch(&mut self, twin: &TwinId, epoch: u64) -> Option<bool> {
+        let known = self.epochs.entry(twin.clone()).or_insert(epoch);
+        if epoch < *known {
+            self.fenced_acks += 1;
+            return None;
+        }
+        let new_owner = epoch > *known;
+        *known = epoch;
+        Some(new_owner)
+    }
+
     async fn on_ack(&mut self, wm: Watermark) -> crate::Result<()> {
         let Ok(twin) = wm.twin_id.parse::<TwinId>() else {
             return Ok(());
         };
+        let Some(new_owner) = self.observe_epoch(&twin, wm.epoch) else {
+            tracing::debug!(twin = %twin, epoch = wm.epoch, "ignoring an acknowledgement of an older owner");
+            return Ok(());
+        };
+        let retain = self.config.retain_frames;
         let Some(stream) = self.streams.get_mut(&(twin.clone(), wm.signal.clone())) else {
             return Ok(());
         };
-        if wm.seq > stream.acked {
+        if new_owner || wm.seq > stream.acked {
+            // A new owner restarts from its own watermark (its snapshot may be older than
+            // what the previous owner acknowledged).
             stream.acked = wm.seq;
-            stream.base = stream.base.max(wm.seq + 1);
             stream.last_progress = Instant::now();
-            self.ctx.store.spool_truncate(&twin, &wm.signal, wm.seq)?;
+            let upto = wm.seq.saturating_sub(retain);
+            if upto >= stream.base {
+                self.ctx.store.spool_truncate(&twin, &wm.signal, upto)?;
+                stream.base = upto + 1;
+            }
+            if new_owner && stream.acked + 1 < stream.next_seq {
+                self.resend(&twin, &wm.signal).await?;
+            }
         } else if stream.acked + 1 < stream.next_seq
             && stream
                 .last_resend
@@ -330,6 +374,55 @@ impl GatewayState {
         {
             // The twin is waiting for frames it missed: send them now.
             self.resend(&twin, &wm.signal).await?;
+        }
+        Ok(())
+    }
+
+    fn on_replay(&mut self, req: ReplayRequest) {
+        let Ok(twin) = req.twin_id.parse::<TwinId>() else {
+            return;
+        };
+        if self.observe_epoch(&twin, req.epoch).is_none() {
+            return;
+        }
+        for ((t, signal), stream) in self.streams.iter_mut() {
+            if *t != twin {
+                continue;
+            }
+            let have = req.have_upto.get(signal).copied().unwrap_or(0);
+            let from = (have + 1).max(stream.base);
+            if from < stream.next_seq {
+                tracing::debug!(twin = %twin, signal, from, to = stream.next_seq - 1, "replaying for the twin's history");
+                stream.replay_from = Some(from);
+            }
+        }
+    }
+
+    /// One paced step of every replay under way.
+    async fn step_replays(&mut self) -> crate::Result<()> {
+        let per_tick = self.config.replay_per_tick as usize;
+        let due: Vec<(TwinId, String, u64)> = self
+            .streams
+            .iter()
+            .filter_map(|((t, s), st)| st.replay_from.map(|f| (t.clone(), s.clone(), f)))
+            .collect();
+        for (twin, signal, from) in due {
+            let frames = self.ctx.store.spool_read(&twin, &signal, from, per_tick)?;
+            let key = (twin.clone(), signal.clone());
+            let (base, next_seq) = {
+                let st = &self.streams[&key];
+                (st.base, st.next_seq)
+            };
+            let last = frames.last().map(|f| f.seq);
+            for mut frame in frames {
+                frame.spool_base_seq = base;
+                self.publish_frame(&frame, &twin).await;
+            }
+            let st = self.streams.get_mut(&key).expect("listed");
+            st.replay_from = match last {
+                Some(l) if l + 1 < next_seq => Some(l + 1),
+                _ => None,
+            };
         }
         Ok(())
     }
@@ -403,11 +496,15 @@ impl Actor for GatewayActor {
             .fabric
             .subscribe(&keys::chains_of_site(&ctx.site), 256)
             .await?;
+        let replays = ctx
+            .fabric
+            .subscribe(&keys::replay_of_site(&ctx.site), 1024)
+            .await?;
         let me = myself.clone();
         let c = cancel.clone();
         ctx.tasks.spawn(async move {
             // Own the subscriptions whole: their guards keep them declared.
-            let (acks, control, chains) = (acks, control, chains);
+            let (acks, control, chains, replays) = (acks, control, chains, replays);
             loop {
                 tokio::select! {
                     _ = c.cancelled() => break,
@@ -423,6 +520,13 @@ impl Actor for GatewayActor {
                         match DesiredUpdate::decode(s.payload) {
                             Ok(u) => if me.cast(GatewayMsg::Control(u)).is_err() { break },
                             Err(e) => tracing::warn!(key = s.key, "malformed set-point: {e}"),
+                        }
+                    }
+                    s = replays.rx.recv_async() => {
+                        let Ok(s) = s else { break };
+                        match ReplayRequest::decode(s.payload) {
+                            Ok(r) => if me.cast(GatewayMsg::Replay(r)).is_err() { break },
+                            Err(e) => tracing::warn!(key = s.key, "malformed replay request: {e}"),
                         }
                     }
                     s = chains.rx.recv_async() => {
@@ -466,6 +570,8 @@ impl Actor for GatewayActor {
             config,
             devices,
             streams: HashMap::new(),
+            epochs: HashMap::new(),
+            fenced_acks: 0,
             ticker: None,
             cancel,
         })
@@ -509,6 +615,7 @@ impl Actor for GatewayActor {
         match msg {
             GatewayMsg::Tick => {
                 state.poll_devices().await?;
+                state.step_replays().await?;
                 let due: Vec<(TwinId, String)> = state
                     .streams
                     .iter()
@@ -525,6 +632,7 @@ impl Actor for GatewayActor {
                 }
             }
             GatewayMsg::Ack(wm) => state.on_ack(wm).await?,
+            GatewayMsg::Replay(req) => state.on_replay(req),
             GatewayMsg::Control(update) => state.on_control(update).await,
             GatewayMsg::Chain(update) => state.on_chain(update),
             GatewayMsg::Inspect(reply) => {

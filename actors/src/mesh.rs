@@ -2,8 +2,13 @@
 //! Zenoh liveliness, keeps the placement table (with epochs) in the store, registers
 //! assets announced by gateways, places each twin, and answers `twinmesh/placement/**`.
 //!
-//! Placement policy today: a twin lives on a live edge node of its own site (the least
-//! loaded one); with none alive, its placement is `stale` until one joins.
+//! Placement policy (DESIGN §7): feasible nodes first — edges of the twin's own site, and
+//! the cloud node only when every signal of its kind is public (raw data may leave the
+//! site) — then the least loaded, within capacity; draining nodes take no twins. With no
+//! feasible node the placement is `stale` (with the reason) until one joins. Every change
+//! of owner increments the epoch. When a node's liveliness token goes away, its twins are
+//! placed again (failover); the new owner starts from the newest replicated snapshot,
+//! which this supervisor keeps (refusing snapshots of older epochs).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -15,18 +20,50 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio_util::sync::CancellationToken;
 
 use twinmesh_proto::encoding;
-use twinmesh_twins::proto::{NodeInfo, Placement, PlacementQuery, PlacementRequest};
-use twinmesh_twins::{keys, AssetKind, Error as DomainError, Tier, TwinId};
+use twinmesh_twins::proto::{
+    self, mesh_reply, mesh_request, twin_reply, twin_request, DrainNodeResponse, FreezeRequest,
+    GetTwinRequest, MeshReply, MeshRequest, MigrateTwinResponse, NodeInfo, Placement,
+    PlacementQuery, PlacementRequest, TwinReply, TwinRequest, TwinSnapshot,
+};
+use twinmesh_twins::{keys, AssetKind, Error as DomainError, ErrorCode, Tier, TwinId};
 
 use crate::context::NodeContext;
 use crate::ports::{Qos, Query, SampleKind};
 
 pub const STATUS_ACTIVE: &str = "active";
+/// How long after a join the rebalancer looks for moves.
+pub const REBALANCE_WINDOW: Duration = Duration::from_secs(60);
+/// At most one rebalancing move per this period.
+pub const REBALANCE_PERIOD: Duration = Duration::from_secs(2);
 pub const STATUS_STALE: &str = "stale";
 
 pub enum MeshMsg {
     NodeUp(NodeInfo),
     NodeDown(String),
+    /// Where a twin would move: its placement and the target node.
+    PlanMove {
+        twin: TwinId,
+        target_node: String,
+        target_tier: String,
+        reply: RpcReplyPort<Result<(Placement, NodeInfo), (ErrorCode, String)>>,
+    },
+    /// Place a (frozen) twin on `node` with the next epoch.
+    CommitMove {
+        twin: TwinId,
+        node: NodeInfo,
+        reply: RpcReplyPort<Result<Placement, (ErrorCode, String)>>,
+    },
+    /// Mark a node as draining and list the twins on it.
+    StartDrain(
+        String,
+        RpcReplyPort<Result<Vec<Placement>, (ErrorCode, String)>>,
+    ),
+    /// A move the rebalancer suggests (most to least loaded edge of a site), if any.
+    SuggestMove(RpcReplyPort<Option<TwinId>>),
+    /// A snapshot to keep, synchronously (migration).
+    KeepReplica(TwinSnapshot, RpcReplyPort<()>),
+    /// A twin's replicated snapshot.
+    Replica(TwinSnapshot),
     Register(
         PlacementRequest,
         RpcReplyPort<Result<Placement, DomainError>>,
@@ -42,23 +79,219 @@ pub struct MeshState {
     ctx: Arc<NodeContext>,
     members: BTreeMap<String, NodeInfo>,
     placements: BTreeMap<TwinId, Placement>,
+    /// Nodes being drained: no new twins.
+    draining: std::collections::BTreeSet<String>,
+    /// Rebalancing runs for a while after a node joins.
+    rebalance_until: Option<std::time::Instant>,
     cancel: CancellationToken,
 }
 
 impl MeshState {
-    /// The feasible node for a twin of `site` with the fewest twins placed on it.
-    fn choose_node(&self, site: &str) -> Option<&NodeInfo> {
+    /// The best feasible node for `p`, never `exclude`: an edge of its site, else the
+    /// cloud when its data may leave the site; the least loaded within capacity.
+    fn choose_node(&self, p: &Placement, exclude: Option<&str>) -> Option<&NodeInfo> {
+        let feasible = self.feasible(p, exclude);
+        let least = |tier: Tier| {
+            feasible
+                .iter()
+                .filter(|n| n.tier == tier.as_str())
+                .min_by_key(|n| (self.load(&n.node), n.node.clone()))
+                .copied()
+        };
+        least(Tier::Edge).or_else(|| least(Tier::Cloud))
+    }
+
+    fn place(&self, placement: Placement) -> Placement {
+        self.place_excluding(placement, None)
+    }
+
+    /// Places `placement` again; a change of owner (including to none) bumps the epoch.
+    fn place_excluding(&self, mut placement: Placement, exclude: Option<&str>) -> Placement {
+        match self.choose_node(&placement, exclude) {
+            Some(node) => {
+                if placement.node != node.node || placement.status != STATUS_ACTIVE {
+                    placement.epoch += 1;
+                }
+                placement.node = node.node.clone();
+                placement.tier = node.tier.clone();
+                placement.status = STATUS_ACTIVE.to_owned();
+                placement.reason.clear();
+            }
+            None => {
+                if placement.status == STATUS_ACTIVE {
+                    placement.epoch += 1;
+                }
+                placement.node.clear();
+                placement.tier.clear();
+                placement.status = STATUS_STALE.to_owned();
+                placement.reason = format!(
+                    "no live node may host it: its raw data must stay on site {} and no edge node of that site is up",
+                    placement.site
+                );
+                if let Ok(kind) = placement.kind.parse::<AssetKind>() {
+                    if kind
+                        .schema()
+                        .signals
+                        .iter()
+                        .all(|s| s.sensitivity == twinmesh_twins::kind::Sensitivity::Public)
+                    {
+                        placement.reason = format!(
+                            "no live node may host it: no edge node of site {} and no cloud node is up",
+                            placement.site
+                        );
+                    }
+                }
+            }
+        }
+        placement
+    }
+
+    /// Validates a requested move and picks its target.
+    fn plan_move(
+        &self,
+        twin: &TwinId,
+        target_node: &str,
+        target_tier: &str,
+    ) -> Result<(Placement, NodeInfo), (ErrorCode, String)> {
+        let p = self
+            .placements
+            .get(twin)
+            .ok_or_else(|| (ErrorCode::NotFound, format!("unknown twin {twin}")))?;
+        if p.status != STATUS_ACTIVE {
+            return Err((
+                ErrorCode::FailedPrecondition,
+                format!("twin {twin} is stale: {}", p.reason),
+            ));
+        }
+        let target = if target_node.is_empty() && target_tier.is_empty() {
+            self.choose_node(p, Some(&p.node)).cloned().ok_or_else(|| {
+                (
+                    ErrorCode::FailedPrecondition,
+                    format!("no other node may host {twin} (site, privacy, capacity or draining)"),
+                )
+            })?
+        } else if !target_node.is_empty() {
+            let n = self
+                .members
+                .get(target_node)
+                .ok_or_else(|| (ErrorCode::NotFound, format!("unknown node {target_node}")))?;
+            if n.node == p.node {
+                return Err((
+                    ErrorCode::FailedPrecondition,
+                    format!("twin {twin} is on {target_node} already"),
+                ));
+            }
+            // The target must be one the placement policy allows.
+            let allowed = self
+                .feasible(p, Some(&p.node))
+                .into_iter()
+                .any(|f| f.node == n.node);
+            if !allowed {
+                return Err((
+                    ErrorCode::FailedPrecondition,
+                    format!("node {target_node} may not host {twin} (site, privacy, capacity or draining)"),
+                ));
+            }
+            n.clone()
+        } else {
+            let tier: Tier = target_tier
+                .parse()
+                .map_err(|e: twinmesh_twins::Error| (ErrorCode::InvalidArgument, e.to_string()))?;
+            self.feasible(p, Some(&p.node))
+                .into_iter()
+                .filter(|n| n.tier == tier.as_str())
+                .min_by_key(|n| (self.load(&n.node), n.node.clone()))
+                .cloned()
+                .ok_or_else(|| {
+                    (
+                        ErrorCode::FailedPrecondition,
+                        format!(
+                            "no {tier} node may host {twin} (site, privacy, capacity or draining)"
+                        ),
+                    )
+                })?
+        };
+        Ok((p.clone(), target))
+    }
+
+    /// Active twins placed on `node`.
+    fn load(&self, node: &str) -> usize {
+        self.placements
+            .values()
+            .filter(|q| q.node == node && q.status == STATUS_ACTIVE)
+            .count()
+    }
+
+    /// Every node the policy allows for `p`, except `exclude`.
+    fn feasible(&self, p: &Placement, exclude: Option<&str>) -> Vec<&NodeInfo> {
+        let public = p
+            .kind
+            .parse::<AssetKind>()
+            .map(|k| {
+                k.schema()
+                    .signals
+                    .iter()
+                    .all(|s| s.sensitivity == twinmesh_twins::kind::Sensitivity::Public)
+            })
+            .unwrap_or(false);
         self.members
             .values()
-            .filter(|n| n.tier == Tier::Edge.as_str() && n.site == site)
-            .min_by_key(|n| {
-                let placed = self
-                    .placements
-                    .values()
-                    .filter(|p| p.node == n.node)
-                    .count();
-                (placed, n.node.clone())
+            .filter(|n| Some(n.node.as_str()) != exclude && !self.draining.contains(&n.node))
+            .filter(|n| n.capacity == 0 || self.load(&n.node) < n.capacity as usize)
+            .filter(|n| {
+                (n.tier == Tier::Edge.as_str() && n.site == p.site)
+                    || (public && n.tier == Tier::Cloud.as_str())
             })
+            .collect()
+    }
+
+    /// Gradual rebalancing after a join: first a twin that fell back to the cloud while
+    /// its site had no edge (site affinity), then one from the most to the least loaded
+    /// edge of a site when they differ by more than one.
+    fn suggest_move(&self) -> Option<TwinId> {
+        if self
+            .rebalance_until
+            .is_none_or(|t| std::time::Instant::now() > t)
+        {
+            return None;
+        }
+        let home = self.placements.iter().find(|(_, p)| {
+            p.status == STATUS_ACTIVE
+                && p.tier == Tier::Cloud.as_str()
+                && self
+                    .feasible(p, Some(&p.node))
+                    .iter()
+                    .any(|n| n.tier == Tier::Edge.as_str())
+        });
+        if let Some((id, _)) = home {
+            return Some(id.clone());
+        }
+        let edges: Vec<&NodeInfo> = self
+            .members
+            .values()
+            .filter(|n| n.tier == Tier::Edge.as_str() && !self.draining.contains(&n.node))
+            .collect();
+        for site in edges
+            .iter()
+            .map(|n| n.site.clone())
+            .collect::<std::collections::BTreeSet<_>>()
+        {
+            let in_site: Vec<&&NodeInfo> = edges.iter().filter(|n| n.site == site).collect();
+            let most = in_site
+                .iter()
+                .max_by_key(|n| (self.load(&n.node), n.node.clone()))?;
+            let least = in_site
+                .iter()
+                .min_by_key(|n| (self.load(&n.node), n.node.clone()))?;
+            if self.load(&most.node) > self.load(&least.node) + 1 {
+                return self
+                    .placements
+                    .iter()
+                    .find(|(_, p)| p.node == most.node && p.status == STATUS_ACTIVE)
+                    .map(|(id, _)| id.clone());
+            }
+        }
+        None
     }
 
     async fn commit(&mut self, placement: Placement) -> crate::Result<()> {
@@ -77,25 +310,6 @@ impl MeshState {
         tracing::info!(twin = %id, node = placement.node, epoch = placement.epoch, status = placement.status, "placement");
         self.placements.insert(id, placement);
         Ok(())
-    }
-
-    fn place(&self, mut placement: Placement) -> Placement {
-        match self.choose_node(&placement.site) {
-            Some(node) => {
-                if placement.node != node.node || placement.status != STATUS_ACTIVE {
-                    placement.epoch += 1;
-                }
-                placement.node = node.node.clone();
-                placement.tier = node.tier.clone();
-                placement.status = STATUS_ACTIVE.to_owned();
-                placement.reason.clear();
-            }
-            None => {
-                placement.status = STATUS_STALE.to_owned();
-                placement.reason = format!("no live edge node of site {}", placement.site);
-            }
-        }
-        placement
     }
 }
 
@@ -118,6 +332,24 @@ impl Actor for MeshSupervisor {
         let cancel = ctx.cancel.child_token();
         let members = ctx.fabric.liveliness_subscribe(keys::NODE_TOKENS).await?;
         let queryable = ctx.fabric.queryable(keys::PLACEMENT_ALL, 1024).await?;
+        let requests = ctx.fabric.queryable(keys::MESH_REQUESTS, 64).await?;
+        ctx.tasks.spawn(mesh_request_server(
+            myself.clone(),
+            ctx.clone(),
+            requests,
+            cancel.clone(),
+        ));
+        ctx.tasks
+            .spawn(rebalancer(myself.clone(), ctx.clone(), cancel.clone()));
+        let replicas = ctx.fabric.subscribe(keys::SNAPSHOTS_ALL, 4096).await?;
+        let replica_queries = ctx.fabric.queryable(keys::SNAPSHOTS_ALL, 1024).await?;
+        ctx.tasks.spawn(replica_keeper(
+            myself.clone(),
+            ctx.clone(),
+            replicas,
+            replica_queries,
+            cancel.clone(),
+        ));
         ctx.tasks.spawn(membership_watcher(
             myself.clone(),
             ctx.clone(),
@@ -131,6 +363,8 @@ impl Actor for MeshSupervisor {
             ctx,
             members: BTreeMap::new(),
             placements,
+            draining: Default::default(),
+            rebalance_until: None,
             cancel,
         })
     }
@@ -161,10 +395,12 @@ impl Actor for MeshSupervisor {
                 let site = info.site.clone();
                 state.members.insert(info.node.clone(), info);
                 // Twins of this site that had nowhere to go get a home now.
+                let _ = site;
+                state.rebalance_until = Some(std::time::Instant::now() + REBALANCE_WINDOW);
                 let waiting: Vec<Placement> = state
                     .placements
                     .values()
-                    .filter(|p| p.status == STATUS_STALE && p.site == site)
+                    .filter(|p| p.status == STATUS_STALE)
                     .cloned()
                     .collect();
                 for p in waiting {
@@ -178,6 +414,91 @@ impl Actor for MeshSupervisor {
                 if state.members.remove(&node).is_some() {
                     tracing::info!(node, "node left");
                 }
+                state.draining.remove(&node);
+                // Failover: its twins go elsewhere (epoch + 1), or become stale.
+                let orphans: Vec<Placement> = state
+                    .placements
+                    .values()
+                    .filter(|p| p.node == node && p.status == STATUS_ACTIVE)
+                    .cloned()
+                    .collect();
+                for p in orphans {
+                    let placed = state.place_excluding(p, Some(&node));
+                    tracing::warn!(
+                        twin = placed.twin_id,
+                        from = node,
+                        to = placed.node,
+                        epoch = placed.epoch,
+                        status = placed.status,
+                        "failover"
+                    );
+                    state.commit(placed).await?;
+                }
+            }
+            MeshMsg::PlanMove {
+                twin,
+                target_node,
+                target_tier,
+                reply,
+            } => {
+                let _ = reply.send(state.plan_move(&twin, &target_node, &target_tier));
+            }
+            MeshMsg::CommitMove { twin, node, reply } => {
+                let result = match state.placements.get(&twin).cloned() {
+                    Some(mut p) => {
+                        p.epoch += 1;
+                        p.node = node.node.clone();
+                        p.tier = node.tier.clone();
+                        p.status = STATUS_ACTIVE.to_owned();
+                        p.reason.clear();
+                        state.commit(p.clone()).await.map(|()| p).map_err(|e| {
+                            (ErrorCode::Unavailable, format!("placement not stored: {e}"))
+                        })
+                    }
+                    None => Err((ErrorCode::NotFound, format!("unknown twin {twin}"))),
+                };
+                let _ = reply.send(result);
+            }
+            MeshMsg::StartDrain(node, reply) => {
+                let result = if state.members.contains_key(&node) {
+                    state.draining.insert(node.clone());
+                    tracing::info!(node, "draining");
+                    Ok(state
+                        .placements
+                        .values()
+                        .filter(|p| p.node == node && p.status == STATUS_ACTIVE)
+                        .cloned()
+                        .collect())
+                } else {
+                    Err((ErrorCode::NotFound, format!("unknown node {node}")))
+                };
+                let _ = reply.send(result);
+            }
+            MeshMsg::SuggestMove(reply) => {
+                let _ = reply.send(state.suggest_move());
+            }
+            MeshMsg::KeepReplica(snapshot, reply) => {
+                if let Err(e) = state.ctx.store.save_replica(&snapshot) {
+                    tracing::warn!("snapshot not kept: {e}");
+                }
+                let _ = reply.send(());
+            }
+            MeshMsg::Replica(snapshot) => {
+                let Some(id) = snapshot
+                    .twin
+                    .as_ref()
+                    .and_then(|t| t.twin_id.parse::<TwinId>().ok())
+                else {
+                    return Ok(());
+                };
+                // Fencing: an owner of an older epoch may not overwrite the newer state.
+                if let Some(p) = state.placements.get(&id) {
+                    if snapshot.epoch < p.epoch {
+                        tracing::debug!(twin = %id, epoch = snapshot.epoch, current = p.epoch, "refusing a snapshot of an older epoch");
+                        return Ok(());
+                    }
+                }
+                state.ctx.store.save_replica(&snapshot)?;
             }
             MeshMsg::Register(req, reply) => {
                 let result = async {
@@ -341,4 +662,293 @@ async fn serve_placement_query(mesh: &ActorRef<MeshMsg>, query: Query) -> Result
         }
     }
     Ok(())
+}
+
+/// Receives replicated snapshots (stored by the supervisor, fenced by epoch) and serves
+/// the newest one of a twin on `twinmesh/snapshots/{site}/{asset}`.
+async fn replica_keeper(
+    mesh: ActorRef<MeshMsg>,
+    ctx: Arc<NodeContext>,
+    replicas: crate::ports::Subscription,
+    queries: crate::ports::Queryable,
+    cancel: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            s = replicas.rx.recv_async() => {
+                let Ok(s) = s else { break };
+                match TwinSnapshot::decode(s.payload) {
+                    Ok(snap) => if mesh.cast(MeshMsg::Replica(snap)).is_err() { break },
+                    Err(e) => tracing::warn!(key = s.key, "malformed snapshot: {e}"),
+                }
+            }
+            q = queries.rx.recv_async() => {
+                let Ok(q) = q else { break };
+                let Some(id) = keys::parse_twin_in(&q.key, "snapshots") else { continue };
+                if q.key.contains('*') {
+                    continue;
+                }
+                match ctx.store.load_replica(&id) {
+                    Ok(Some(snap)) => {
+                        q.reply(&keys::snapshot(&id), Bytes::from(snap.encode_to_vec()), encoding::TWIN_SNAPSHOT).await;
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(twin = %id, "replica not readable: {e}"),
+                }
+            }
+        }
+    }
+}
+
+/// Deadline of each step of a migration.
+const MIGRATION_STEP: Duration = Duration::from_secs(5);
+
+type MeshError = (ErrorCode, String);
+
+async fn twin_rpc(
+    ctx: &NodeContext,
+    twin: &TwinId,
+    request: twin_request::Request,
+) -> Result<twin_reply::Reply, MeshError> {
+    let payload = Bytes::from(
+        TwinRequest {
+            request: Some(request),
+        }
+        .encode_to_vec(),
+    );
+    let replies = ctx
+        .fabric
+        .query(
+            &keys::twin_rpc(twin),
+            Some((payload, encoding::TWIN_REQUEST)),
+            MIGRATION_STEP,
+        )
+        .await
+        .map_err(|e| (ErrorCode::Unavailable, e.to_string()))?;
+    let reply = replies
+        .into_iter()
+        .find_map(|r| TwinReply::decode(r.payload).ok())
+        .ok_or_else(|| {
+            (
+                ErrorCode::Unavailable,
+                format!("twin {twin} did not answer"),
+            )
+        })?;
+    match reply.reply {
+        Some(twin_reply::Reply::Error(e)) => Err((
+            ErrorCode::Unavailable,
+            format!("twin {twin}: {}", e.message),
+        )),
+        Some(r) => Ok(r),
+        None => Err((
+            ErrorCode::Unavailable,
+            format!("empty reply from twin {twin}"),
+        )),
+    }
+}
+
+async fn call<T: Send + 'static>(
+    mesh: &ActorRef<MeshMsg>,
+    msg: impl FnOnce(RpcReplyPort<T>) -> MeshMsg,
+) -> Result<T, MeshError> {
+    match mesh.call(msg, Some(MIGRATION_STEP)).await {
+        Ok(ractor::rpc::CallResult::Success(v)) => Ok(v),
+        _ => Err((
+            ErrorCode::Unavailable,
+            "placement authority is stopping".to_owned(),
+        )),
+    }
+}
+
+/// Live migration (DESIGN §7): freeze → snapshot → new placement (epoch + 1) → the
+/// target resumes from the snapshot and the gateway's spool → the source stops.
+pub async fn migrate(
+    mesh: &ActorRef<MeshMsg>,
+    ctx: &NodeContext,
+    twin: TwinId,
+    target_node: String,
+    target_tier: String,
+) -> Result<MigrateTwinResponse, MeshError> {
+    let (placement, target) = call(mesh, |reply| MeshMsg::PlanMove {
+        twin: twin.clone(),
+        target_node,
+        target_tier,
+        reply,
+    })
+    .await??;
+    let start = std::time::Instant::now();
+    let snapshot = match twin_rpc(
+        ctx,
+        &twin,
+        twin_request::Request::Freeze(FreezeRequest {
+            twin_id: twin.to_string(),
+            epoch: placement.epoch,
+            release: false,
+        }),
+    )
+    .await?
+    {
+        twin_reply::Reply::Snapshot(s) => s,
+        _ => return Err((ErrorCode::Internal, "unexpected reply to freeze".to_owned())),
+    };
+    call(mesh, |reply| MeshMsg::KeepReplica(snapshot, reply)).await?;
+    let placed = match call(mesh, |reply| MeshMsg::CommitMove {
+        twin: twin.clone(),
+        node: target,
+        reply,
+    })
+    .await?
+    {
+        Ok(p) => p,
+        Err(e) => {
+            // Nothing moved: let the source go on.
+            let _ = twin_rpc(
+                ctx,
+                &twin,
+                twin_request::Request::Freeze(FreezeRequest {
+                    twin_id: twin.to_string(),
+                    epoch: placement.epoch,
+                    release: true,
+                }),
+            )
+            .await;
+            return Err(e);
+        }
+    };
+    // Done when the twin answers from its new node, at the new epoch.
+    let deadline = start + MIGRATION_STEP * 2;
+    loop {
+        let answer = twin_rpc(
+            ctx,
+            &twin,
+            twin_request::Request::GetTwin(GetTwinRequest {
+                twin_id: twin.to_string(),
+            }),
+        )
+        .await;
+        if let Ok(twin_reply::Reply::Twin(t)) = answer {
+            if t.placement
+                .as_ref()
+                .is_some_and(|p| p.epoch == placed.epoch && p.node == placed.node)
+            {
+                break;
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            return Err((
+                ErrorCode::Unavailable,
+                format!("twin {twin} did not come up on {} in time", placed.node),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let duration_ns = start.elapsed().as_nanos() as i64;
+    tracing::info!(twin = %twin, from = placement.node, to = placed.node, epoch = placed.epoch, ms = duration_ns as f64 / 1e6, "migrated");
+    Ok(MigrateTwinResponse {
+        placement: Some(placed),
+        duration_ns,
+    })
+}
+
+async fn drain(
+    mesh: &ActorRef<MeshMsg>,
+    ctx: &NodeContext,
+    node: String,
+) -> Result<DrainNodeResponse, MeshError> {
+    let twins = call(mesh, |reply| MeshMsg::StartDrain(node, reply)).await??;
+    let mut out = DrainNodeResponse::default();
+    for p in twins {
+        let Ok(id) = p.twin_id.parse::<TwinId>() else {
+            continue;
+        };
+        match migrate(mesh, ctx, id, String::new(), String::new()).await {
+            Ok(r) => out.moved.extend(r.placement),
+            Err((_, reason)) => out.stuck.push(Placement { reason, ..p }),
+        }
+    }
+    Ok(out)
+}
+
+async fn mesh_request_server(
+    mesh: ActorRef<MeshMsg>,
+    ctx: Arc<NodeContext>,
+    requests: crate::ports::Queryable,
+    cancel: CancellationToken,
+) {
+    loop {
+        let query = tokio::select! {
+            _ = cancel.cancelled() => break,
+            q = requests.rx.recv_async() => match q { Ok(q) => q, Err(_) => break },
+        };
+        let (mesh, ctx2) = (mesh.clone(), ctx.clone());
+        ctx.tasks.spawn(async move {
+            let result = match MeshRequest::decode(query.payload.clone()) {
+                Ok(MeshRequest {
+                    request: Some(mesh_request::Request::Migrate(m)),
+                }) => match m.twin_id.parse::<TwinId>() {
+                    Ok(id) => migrate(&mesh, &ctx2, id, m.target_node, m.target_tier)
+                        .await
+                        .map(mesh_reply::Reply::Migrate),
+                    Err(e) => Err((ErrorCode::InvalidArgument, e.to_string())),
+                },
+                Ok(MeshRequest {
+                    request: Some(mesh_request::Request::Drain(d)),
+                }) => drain(&mesh, &ctx2, d.node)
+                    .await
+                    .map(mesh_reply::Reply::Drain),
+                Ok(MeshRequest { request: None }) => {
+                    Err((ErrorCode::InvalidArgument, "empty mesh request".to_owned()))
+                }
+                Err(e) => Err((
+                    ErrorCode::InvalidArgument,
+                    format!("malformed mesh request: {e}"),
+                )),
+            };
+            let reply = MeshReply {
+                reply: Some(match result {
+                    Ok(r) => r,
+                    Err((code, message)) => mesh_reply::Reply::Error(proto::Error {
+                        code: proto::ErrorCode::from(code) as i32,
+                        message,
+                    }),
+                }),
+            };
+            query
+                .reply(
+                    keys::MESH_REQUESTS,
+                    Bytes::from(reply.encode_to_vec()),
+                    encoding::MESH_REPLY,
+                )
+                .await;
+        });
+    }
+}
+
+/// After a join, moves one twin every `REBALANCE_PERIOD` while an edge of a site holds
+/// more than one twin more than another.
+async fn rebalancer(mesh: ActorRef<MeshMsg>, ctx: Arc<NodeContext>, cancel: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep(REBALANCE_PERIOD) => {}
+        }
+        let Ok(Some(twin)) = call(&mesh, MeshMsg::SuggestMove).await else {
+            continue;
+        };
+        match migrate(
+            &mesh,
+            &ctx,
+            twin.clone(),
+            String::new(),
+            Tier::Edge.to_string(),
+        )
+        .await
+        {
+            Ok(r) => {
+                tracing::info!(twin = %twin, to = r.placement.map(|p| p.node).unwrap_or_default(), "rebalanced")
+            }
+            Err((_, e)) => tracing::warn!(twin = %twin, "rebalancing move failed: {e}"),
+        }
+    }
 }

@@ -30,6 +30,9 @@ pub enum NodeMsg {
     Place(Placement),
     /// Stop hosting this twin.
     Unplace(TwinId),
+    /// The authority placed a twin on another node (or nowhere): a hosted copy of an
+    /// older epoch is stale and stops (fencing).
+    PlacedElsewhere(Placement),
     /// The actor of a hosted twin.
     Lookup(TwinId, RpcReplyPort<Option<ActorRef<TwinMsg>>>),
     /// Placements of the twins this node hosts.
@@ -213,6 +216,25 @@ impl Actor for NodeSupervisor {
                     state.ctx.directory.remove(&id);
                 }
             }
+            NodeMsg::PlacedElsewhere(p) => {
+                let Ok(id) = p.twin_id.parse::<TwinId>() else {
+                    return Ok(());
+                };
+                let stale = state.twins.get(&id).is_some_and(|h| {
+                    h.placement.epoch < p.epoch && p.node != state.ctx.node.as_str()
+                });
+                if stale {
+                    tracing::warn!(twin = %id, epoch = p.epoch, owner = p.node, "twin placed elsewhere at a newer epoch: stopping the stale copy here");
+                    if let Some(h) = state.twins.remove(&id) {
+                        if let Some(a) = h.actor {
+                            state.by_actor.remove(&a.get_id());
+                            a.stop(Some("fenced".into()));
+                        }
+                    }
+                    state.ctx.store.remove_hosted(&id)?;
+                    state.ctx.directory.remove(&id);
+                }
+            }
             NodeMsg::Lookup(id, reply) => {
                 let _ = reply.send(state.twins.get(&id).and_then(|h| h.actor.clone()));
             }
@@ -294,13 +316,7 @@ async fn placement_watcher(
                         let _ = node.cast(NodeMsg::Place(p));
                     }
                     Ok(p) => {
-                        if let Ok(id) = p.twin_id.parse() {
-                            // The twin was placed elsewhere: stop hosting it here.
-                            let hosted_here = ctx.directory.list().iter().any(|t| t.twin_id == p.twin_id);
-                            if hosted_here && p.node != ctx.node.as_str() {
-                                let _ = node.cast(NodeMsg::Unplace(id));
-                            }
-                        }
+                        let _ = node.cast(NodeMsg::PlacedElsewhere(p));
                     }
                     Err(e) => tracing::warn!(key = s.key, "malformed placement: {e}"),
                 }
@@ -309,7 +325,40 @@ async fn placement_watcher(
                 let Ok(s) = s else { break };
                 if s.kind == SampleKind::Put {
                     pull().await;
+                    reconcile(&node, &ctx).await;
                 }
+            }
+        }
+    }
+}
+
+/// Asks the authority about each twin hosted here: copies it placed elsewhere at a newer
+/// epoch stop. Twins it does not answer for (authority unreachable) are kept: an edge
+/// cut off from the cloud runs on.
+async fn reconcile(node: &ActorRef<NodeMsg>, ctx: &NodeContext) {
+    let Ok(ractor::rpc::CallResult::Success(hosted)) = node
+        .call(NodeMsg::Hosted, Some(Duration::from_secs(5)))
+        .await
+    else {
+        return;
+    };
+    for placement in hosted {
+        let Ok(id) = placement.twin_id.parse::<TwinId>() else {
+            continue;
+        };
+        let Ok(replies) = ctx
+            .fabric
+            .query(&keys::placement(&id), None, Duration::from_secs(2))
+            .await
+        else {
+            continue;
+        };
+        if let Some(p) = replies
+            .into_iter()
+            .find_map(|r| Placement::decode(r.payload).ok())
+        {
+            if p.node != ctx.node.as_str() {
+                let _ = node.cast(NodeMsg::PlacedElsewhere(p));
             }
         }
     }

@@ -160,6 +160,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<Bucket>>;
     /// Sequence numbers of every stored frame of `signal`, in time order.
     fn frame_seqs(&self, twin: &TwinId, signal: &str) -> Result<Vec<u64>>;
+    /// Highest live seq stored for `signal` (imports, with seq 0, do not count).
+    fn last_stored_seq(&self, twin: &TwinId, signal: &str) -> Result<u64>;
 
     // --- twins hosted on this node ---
     fn save_snapshot(&self, snapshot: &TwinSnapshot) -> Result<()>;
@@ -168,6 +170,12 @@ pub trait Store: Send + Sync + 'static {
     fn save_hosted(&self, placement: &Placement) -> Result<()>;
     fn remove_hosted(&self, twin: &TwinId) -> Result<()>;
     fn hosted(&self) -> Result<Vec<Placement>>;
+
+    // --- replicated snapshots (kept by the placement authority) ---
+    /// Keeps `snapshot` if it is newer, by (epoch, revision), than the one held; returns
+    /// whether it was kept.
+    fn save_replica(&self, snapshot: &TwinSnapshot) -> Result<bool>;
+    fn load_replica(&self, twin: &TwinId) -> Result<Option<TwinSnapshot>>;
 
     // --- placement table (placement authority) ---
     fn save_placement(&self, placement: &Placement) -> Result<()>;

@@ -20,8 +20,8 @@ use twinmesh_proto::encoding;
 use twinmesh_twins::chain::{self, Analyzer, ChainSpec, WindowJob};
 use twinmesh_twins::proto::{
     self, twin_reply, twin_request, ChainUpdate, DesiredUpdate, FeatureSet, Placement,
-    SetChainResponse, SetDesiredResponse, TelemetryFrame, TwinEvent, TwinReply, TwinRequest,
-    TwinSnapshot, TwinSummary, Watermark,
+    ReplayRequest, SetChainResponse, SetDesiredResponse, TelemetryFrame, TwinEvent, TwinReply,
+    TwinRequest, TwinSnapshot, TwinSummary, Watermark,
 };
 use twinmesh_twins::state::{Admission, DeliveryStatus};
 use twinmesh_twins::stats::Aggregation;
@@ -64,6 +64,18 @@ pub struct IngestAck {
     pub watermarks: Vec<(String, u64)>,
 }
 
+/// Why a request failed: the caller's mistake, or a passing state of the twin.
+enum RequestError {
+    Domain(DomainError),
+    Unavailable(String),
+}
+
+impl From<DomainError> for RequestError {
+    fn from(e: DomainError) -> Self {
+        RequestError::Domain(e)
+    }
+}
+
 /// Points kept per process signal for analysis context.
 const RECENT_POINTS: usize = 64;
 
@@ -97,6 +109,12 @@ pub struct TwinActorState {
     /// Recent values of process (non-waveform) signals: the context of analysis windows
     /// (e.g. shaft speed averaged over a vibration window).
     recent: BTreeMap<String, std::collections::VecDeque<(i64, f64)>>,
+    /// Frozen for a migration: frames are no longer applied nor acknowledged, and
+    /// mutating requests are refused (the new owner takes over).
+    frozen: bool,
+    /// Revision of the last snapshot replicated to the cloud, and when.
+    replicated_revision: Option<u64>,
+    last_replication: Option<Instant>,
     /// Cancels this twin's tasks when it stops.
     cancel: CancellationToken,
 }
@@ -205,13 +223,17 @@ impl TwinActorState {
         }
     }
 
-    /// Publishes state now if the last publication is old enough, else arms one tick.
+    /// Publishes state now if the last publication is old enough, else arms one tick;
+    /// likewise replicates the snapshot to the cloud.
     async fn state_changed(&mut self, myself: &ActorRef<TwinMsg>) {
         self.dirty = true;
         let interval = self.ctx.twin_config.state_interval;
         match self.last_state_publish {
             Some(t) if t.elapsed() < interval => self.arm_tick(myself, interval - t.elapsed()),
             _ => self.publish_state().await,
+        }
+        if let Some(wait) = self.maybe_replicate().await {
+            self.arm_tick(myself, wait);
         }
     }
 
@@ -280,7 +302,17 @@ impl TwinActorState {
                     });
                 }
                 Admission::Duplicate => {
+                    // Already applied to the state; a replay after a move still fills this
+                    // node's history (same key: storing it again changes nothing).
                     NodeMetrics::add(&self.ctx.metrics.frames_duplicate, 1);
+                    stored.push(StoredFrame {
+                        signal: f.signal,
+                        seq: f.seq,
+                        start_ns: f.start_ns,
+                        sample_period_ns: f.sample_period_ns,
+                        samples: f.samples,
+                        scale: f.scale,
+                    });
                 }
                 Admission::Gap { .. } => {
                     NodeMetrics::add(&self.ctx.metrics.frames_gap, 1);
@@ -398,6 +430,70 @@ impl TwinActorState {
         Ok(())
     }
 
+    /// Replicates the snapshot to the cloud (placement authority), which keeps the newest
+    /// per twin and refuses older epochs.
+    async fn replicate(&mut self) {
+        let snap = self.snapshot();
+        let revision = self.core.revision;
+        self.publish(
+            keys::snapshot(&self.core.id),
+            snap.encode_to_vec(),
+            encoding::TWIN_SNAPSHOT,
+            Qos::Reliable,
+        )
+        .await;
+        self.replicated_revision = Some(revision);
+        self.last_replication = Some(Instant::now());
+    }
+
+    /// Replicates when the state changed and the last replication is old enough;
+    /// returns how long until the next one is due, if one is pending.
+    async fn maybe_replicate(&mut self) -> Option<Duration> {
+        if self.replicated_revision == Some(self.core.revision) || self.frozen {
+            return None;
+        }
+        let interval = self.ctx.twin_config.snapshot_interval;
+        match self.last_replication {
+            Some(t) if t.elapsed() < interval => Some(interval - t.elapsed()),
+            _ => {
+                self.replicate().await;
+                None
+            }
+        }
+    }
+
+    /// Asks the gateway to re-send what this node's history lacks (after a restart, a
+    /// migration or a failover): for each signal, everything above the highest seq stored.
+    async fn request_replay(&self) {
+        let have_upto = self
+            .core
+            .kind
+            .schema()
+            .signals
+            .iter()
+            .map(|s| {
+                let seq = self
+                    .ctx
+                    .store
+                    .last_stored_seq(&self.core.id, s.name)
+                    .unwrap_or(0);
+                (s.name.to_owned(), seq)
+            })
+            .collect();
+        let req = ReplayRequest {
+            twin_id: self.core.id.to_string(),
+            epoch: self.placement.epoch,
+            have_upto,
+        };
+        self.publish(
+            keys::replay(&self.core.id),
+            req.encode_to_vec(),
+            encoding::REPLAY_REQUEST,
+            Qos::Reliable,
+        )
+        .await;
+    }
+
     async fn publish_chain(&self) {
         let update = ChainUpdate {
             twin_id: self.core.id.to_string(),
@@ -429,8 +525,41 @@ impl TwinActorState {
         &mut self,
         myself: &ActorRef<TwinMsg>,
         req: TwinRequest,
-    ) -> std::result::Result<twin_reply::Reply, DomainError> {
+    ) -> std::result::Result<twin_reply::Reply, RequestError> {
+        let mutating = matches!(
+            req.request,
+            Some(twin_request::Request::SetDesired(_)) | Some(twin_request::Request::SetChain(_))
+        );
+        if self.frozen && mutating {
+            return Err(RequestError::Unavailable(format!(
+                "twin {} is moving",
+                self.core.id
+            )));
+        }
         match req.request {
+            Some(twin_request::Request::Freeze(r)) => {
+                self.check_twin_id(&r.twin_id)?;
+                if r.epoch != self.placement.epoch {
+                    return Err(RequestError::Domain(DomainError::InvalidArgument(format!(
+                        "freeze of {} at epoch {}, twin is at epoch {}",
+                        self.core.id, r.epoch, self.placement.epoch
+                    ))));
+                }
+                if r.release {
+                    self.frozen = false;
+                    return Ok(twin_reply::Reply::Snapshot(self.snapshot()));
+                }
+                self.frozen = true;
+                self.persist()
+                    .map_err(|e| RequestError::Unavailable(format!("snapshot not stored: {e}")))?;
+                self.ctx
+                    .store
+                    .flush()
+                    .await
+                    .map_err(|e| RequestError::Unavailable(format!("snapshot not durable: {e}")))?;
+                self.replicate().await;
+                Ok(twin_reply::Reply::Snapshot(self.snapshot()))
+            }
             Some(twin_request::Request::GetTwin(r)) => {
                 self.check_twin_id(&r.twin_id)?;
                 Ok(twin_reply::Reply::Twin(self.get_twin()))
@@ -453,7 +582,7 @@ impl TwinActorState {
                     .set_desired(&r.property, r.value, r.expected_revision, now)?
                     .into();
                 if let Err(e) = self.persist() {
-                    return Err(DomainError::InvalidArgument(format!(
+                    return Err(RequestError::Unavailable(format!(
                         "set-point not stored: {e}"
                     )));
                 }
@@ -475,9 +604,7 @@ impl TwinActorState {
                     .clone();
                 self.analyzer = Analyzer::new(&self.core.chain);
                 if let Err(e) = self.persist() {
-                    return Err(DomainError::InvalidArgument(format!(
-                        "chain not stored: {e}"
-                    )));
+                    return Err(RequestError::Unavailable(format!("chain not stored: {e}")));
                 }
                 self.publish_chain().await;
                 self.publish_event(
@@ -493,12 +620,12 @@ impl TwinActorState {
                 }))
             }
             Some(twin_request::Request::QueryHistory(_))
-            | Some(twin_request::Request::ImportHistory(_)) => Err(DomainError::InvalidArgument(
-                "history is served by the rpc pump".to_owned(),
+            | Some(twin_request::Request::ImportHistory(_)) => Err(RequestError::Domain(
+                DomainError::InvalidArgument("history is served by the rpc pump".to_owned()),
             )),
-            None => Err(DomainError::InvalidArgument(
+            None => Err(RequestError::Domain(DomainError::InvalidArgument(
                 "empty twin request".to_owned(),
-            )),
+            ))),
         }
     }
 }
@@ -516,15 +643,26 @@ impl Actor for TwinActor {
         let TwinArgs { ctx, placement } = args;
         let id: TwinId = placement.twin_id.parse()?;
         let kind: AssetKind = placement.kind.parse()?;
-        let (core, restored) = match ctx.store.load_snapshot(&id)? {
-            Some(snap) => match snap.twin.map(TwinCore::try_from) {
-                Some(Ok(core)) => (core, true),
-                Some(Err(e)) => {
-                    tracing::error!(twin = %id, "stored snapshot is unreadable ({e}); starting empty");
-                    (TwinCore::new(id.clone(), kind), false)
-                }
-                None => (TwinCore::new(id.clone(), kind), false),
-            },
+        // The newest snapshot, by (epoch, revision): this node's own, or — when the twin
+        // comes here from another node (failover, migration) — the one replicated to the
+        // cloud.
+        let local = ctx.store.load_snapshot(&id)?;
+        let remote = if local.as_ref().is_none_or(|s| s.epoch < placement.epoch) {
+            fetch_replica(&ctx, &id).await
+        } else {
+            None
+        };
+        let rank = |s: &TwinSnapshot| (s.epoch, s.twin.as_ref().map_or(0, |t| t.revision));
+        let best = [local, remote]
+            .into_iter()
+            .flatten()
+            .max_by_key(|s| rank(s));
+        let (core, restored) = match best.and_then(|s| s.twin).map(TwinCore::try_from) {
+            Some(Ok(core)) => (core, true),
+            Some(Err(e)) => {
+                tracing::error!(twin = %id, "stored snapshot is unreadable ({e}); starting empty");
+                (TwinCore::new(id.clone(), kind), false)
+            }
             None => (TwinCore::new(id.clone(), kind), false),
         };
         let mut core = core;
@@ -547,6 +685,9 @@ impl Actor for TwinActor {
             ctx: ctx.clone(),
             analyzer,
             recent: BTreeMap::new(),
+            frozen: false,
+            replicated_revision: None,
+            last_replication: None,
             core,
             placement,
             dirty: true,
@@ -601,6 +742,7 @@ impl Actor for TwinActor {
     ) -> std::result::Result<(), ActorProcessingErr> {
         state.publish_state().await;
         state.publish_chain().await;
+        state.request_replay().await;
         state
             .publish_event(
                 "started",
@@ -634,6 +776,13 @@ impl Actor for TwinActor {
         state: &mut Self::State,
     ) -> std::result::Result<(), ActorProcessingErr> {
         match msg {
+            TwinMsg::Ingest(_, reply) if state.frozen => {
+                // Moving: the new owner applies these (the gateway re-sends them).
+                let _ = reply.send(IngestAck {
+                    epoch: state.placement.epoch,
+                    watermarks: Vec::new(),
+                });
+            }
             TwinMsg::Ingest(frames, reply) => {
                 let Applied {
                     watermarks,
@@ -659,7 +808,13 @@ impl Actor for TwinActor {
             TwinMsg::Request(req, reply) => {
                 let out = match state.handle_request(&myself, req).await {
                     Ok(r) => r,
-                    Err(e) => twin_reply::Reply::Error((&e).into()),
+                    Err(RequestError::Domain(e)) => twin_reply::Reply::Error((&e).into()),
+                    Err(RequestError::Unavailable(message)) => {
+                        twin_reply::Reply::Error(proto::Error {
+                            code: proto::ErrorCode::Unavailable as i32,
+                            message,
+                        })
+                    }
                 };
                 let _ = reply.send(self::reply(out));
             }
@@ -711,6 +866,9 @@ impl Actor for TwinActor {
                 if state.dirty {
                     state.publish_state().await;
                 }
+                if let Some(wait) = state.maybe_replicate().await {
+                    state.arm_tick(&myself, wait);
+                }
                 if state.core.pending_desired().next().is_some() {
                     let retry = state.ctx.twin_config.desired_retry;
                     if state.last_desired_send.is_none_or(|t| t.elapsed() >= retry) {
@@ -736,6 +894,19 @@ impl Actor for TwinActor {
         }
         Ok(())
     }
+}
+
+/// The snapshot the cloud keeps for `id`, if the cloud answers within a second.
+async fn fetch_replica(ctx: &NodeContext, id: &TwinId) -> Option<TwinSnapshot> {
+    let replies = ctx
+        .fabric
+        .query(&keys::snapshot(id), None, Duration::from_secs(1))
+        .await
+        .ok()?;
+    replies
+        .into_iter()
+        .filter_map(|r| TwinSnapshot::decode(r.payload).ok())
+        .max_by_key(|s| (s.epoch, s.twin.as_ref().map_or(0, |t| t.revision)))
 }
 
 /// Decodes and validates one telemetry sample, counting and logging what it drops.

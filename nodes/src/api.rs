@@ -91,6 +91,7 @@ impl Api {
         );
         let mut known: Option<bool> = None;
         let mut backoff = Duration::from_millis(20);
+        let mut last_unavailable: Option<String> = None;
         loop {
             let left = deadline.saturating_sub(start.elapsed());
             let replies = self
@@ -105,23 +106,38 @@ impl Api {
             if let Some(reply) = replies.into_iter().next() {
                 let reply = TwinReply::decode(reply.payload)
                     .map_err(|e| Status::internal(format!("malformed twin reply: {e}")))?;
-                return match reply.reply {
-                    Some(twin_reply::Reply::Error(e)) => Err(status_of_proto(e)),
-                    Some(r) => Ok(r),
-                    None => Err(Status::internal("empty twin reply")),
-                };
-            }
-            // Nobody answered: unknown twin, or one between two homes.
-            if known.is_none() {
-                known = Some(self.placement(id).await?.is_some());
-            }
-            if known == Some(false) {
-                return Err(Status::not_found(format!("unknown twin {id}")));
+                match reply.reply {
+                    // Moving or restarting: retry within the deadline.
+                    Some(twin_reply::Reply::Error(e))
+                        if e.code == proto::ErrorCode::Unavailable as i32 =>
+                    {
+                        last_unavailable = Some(e.message);
+                    }
+                    Some(twin_reply::Reply::Error(e)) => return Err(status_of_proto(e)),
+                    Some(r) => return Ok(r),
+                    None => return Err(Status::internal("empty twin reply")),
+                }
+            } else {
+                // Nobody answered: unknown twin, one between two homes, or one with no
+                // home at all.
+                if known.is_none() {
+                    let placement = self.placement(id).await?;
+                    if let Some(p) = placement.as_ref().filter(|p| p.status == "stale") {
+                        return Err(Status::unavailable(format!(
+                            "twin {id} is stale: {}",
+                            p.reason
+                        )));
+                    }
+                    known = Some(placement.is_some());
+                }
+                if known == Some(false) {
+                    return Err(Status::not_found(format!("unknown twin {id}")));
+                }
             }
             if start.elapsed() + backoff >= deadline {
-                return Err(Status::unavailable(format!(
-                    "twin {id} did not answer within {deadline:?}"
-                )));
+                return Err(Status::unavailable(last_unavailable.unwrap_or_else(|| {
+                    format!("twin {id} did not answer within {deadline:?}")
+                })));
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_millis(500));
@@ -138,6 +154,40 @@ impl Api {
         Ok(replies
             .into_iter()
             .find_map(|r| Placement::decode(r.payload).ok()))
+    }
+
+    /// A request to the placement authority (migrate, drain).
+    pub async fn mesh_request(
+        &self,
+        request: proto::mesh_request::Request,
+        timeout: Duration,
+    ) -> Result<proto::mesh_reply::Reply, Status> {
+        let payload = Bytes::from(
+            proto::MeshRequest {
+                request: Some(request),
+            }
+            .encode_to_vec(),
+        );
+        let replies = self
+            .fabric
+            .query(
+                keys::MESH_REQUESTS,
+                Some((payload, encoding::MESH_REQUEST)),
+                timeout,
+            )
+            .await
+            .map_err(fabric_error)?;
+        let reply = replies
+            .into_iter()
+            .find_map(|r| proto::MeshReply::decode(r.payload).ok())
+            .ok_or_else(|| {
+                Status::unavailable("the placement authority (cloud node) did not answer")
+            })?;
+        match reply.reply {
+            Some(proto::mesh_reply::Reply::Error(e)) => Err(status_of_proto(e)),
+            Some(r) => Ok(r),
+            None => Err(Status::internal("empty reply from the placement authority")),
+        }
     }
 
     pub async fn list_nodes(&self) -> Result<Vec<NodeInfo>, Status> {
@@ -189,6 +239,31 @@ impl Api {
             .into_iter()
             .filter_map(|r| NodeTwins::decode(r.payload).ok())
             .flat_map(|n| n.twins)
+            .collect();
+        // Twins no node hosts (stale placements) are listed too, with the reason.
+        if let Ok(placements) = self
+            .fabric
+            .query(keys::PLACEMENT_ALL, None, Duration::from_secs(2))
+            .await
+        {
+            for p in placements
+                .into_iter()
+                .filter_map(|r| Placement::decode(r.payload).ok())
+            {
+                if p.status == "stale" && !twins.iter().any(|t| t.twin_id == p.twin_id) {
+                    twins.push(TwinSummary {
+                        twin_id: p.twin_id,
+                        kind: p.kind,
+                        node: String::new(),
+                        tier: String::new(),
+                        status: "stale".into(),
+                        revision: 0,
+                    });
+                }
+            }
+        }
+        let mut twins: Vec<TwinSummary> = twins
+            .into_iter()
             .filter(|t| {
                 let site = t.twin_id.split('/').next().unwrap_or_default();
                 (req.site.is_empty() || site == req.site)

@@ -8,9 +8,9 @@ use tonic::transport::Channel;
 use twinmesh_proto::v1::mesh_service_client::MeshServiceClient;
 use twinmesh_proto::v1::twin_service_client::TwinServiceClient;
 use twinmesh_twins::proto::{
-    self, watch_twin_response, GetPlacementRequest, GetThingDescriptionRequest, GetTwinRequest,
-    ListNodesRequest, ListTwinsRequest, QueryHistoryRequest, SetChainRequest, SetDesiredRequest,
-    WatchTwinRequest,
+    self, watch_twin_response, DrainNodeRequest, GetPlacementRequest, GetThingDescriptionRequest,
+    GetTwinRequest, ListNodesRequest, ListTwinsRequest, MigrateTwinRequest, QueryHistoryRequest,
+    SetChainRequest, SetDesiredRequest, WatchTwinRequest,
 };
 use twinmesh_twins::stats::Aggregation;
 
@@ -92,6 +92,16 @@ pub enum CtlCommand {
     Nodes,
     /// Placement of one twin.
     Placement { id: String },
+    /// Live-migrate a twin to a node (or to the least loaded node of a tier).
+    Migrate {
+        id: String,
+        #[arg(long, conflicts_with = "tier")]
+        to: Option<String>,
+        #[arg(long)]
+        tier: Option<String>,
+    },
+    /// Move every twin off a node; the node takes no new twins.
+    Drain { node: String },
     /// Show a twin's processing chain (TOML), or replace it from a TOML file.
     Chain {
         id: String,
@@ -431,6 +441,48 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
                     n.locators.join(",")
                 );
             }
+        }
+        CtlCommand::Migrate { id, to, tier } => {
+            let r = mesh
+                .migrate_twin(MigrateTwinRequest {
+                    twin_id: id.clone(),
+                    target_node: to.unwrap_or_default(),
+                    target_tier: tier.unwrap_or_default(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if json {
+                return print_json(&r);
+            }
+            let p = r.placement.unwrap_or_default();
+            println!(
+                "{id} moved to {} (epoch {}) in {:.1} ms",
+                p.node,
+                p.epoch,
+                r.duration_ns as f64 / 1e6
+            );
+        }
+        CtlCommand::Drain { node } => {
+            let r = mesh
+                .drain_node(DrainNodeRequest { node: node.clone() })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if json {
+                return print_json(&r);
+            }
+            for p in &r.moved {
+                println!("moved  {:<24} -> {} (epoch {})", p.twin_id, p.node, p.epoch);
+            }
+            for p in &r.stuck {
+                println!("stuck  {:<24} {}", p.twin_id, p.reason);
+            }
+            println!(
+                "{node}: {} moved, {} could not move",
+                r.moved.len(),
+                r.stuck.len()
+            );
         }
         CtlCommand::Chain {
             id,

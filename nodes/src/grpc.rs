@@ -15,9 +15,10 @@ use twinmesh_proto::v1::mesh_service_server::{MeshService, MeshServiceServer};
 use twinmesh_proto::v1::twin_service_server::{TwinService, TwinServiceServer};
 use twinmesh_twins::keys;
 use twinmesh_twins::proto::{
-    twin_reply, twin_request, watch_twin_response, FeatureSet, GetPlacementRequest,
-    GetThingDescriptionRequest, GetTwinRequest, ImportHistoryRequest, ImportHistoryResponse,
-    ListNodesRequest, ListNodesResponse, ListTwinsRequest, ListTwinsResponse, Placement,
+    mesh_reply, mesh_request, twin_reply, twin_request, watch_twin_response, DrainNodeRequest,
+    DrainNodeResponse, FeatureSet, GetPlacementRequest, GetThingDescriptionRequest, GetTwinRequest,
+    ImportHistoryRequest, ImportHistoryResponse, ListNodesRequest, ListNodesResponse,
+    ListTwinsRequest, ListTwinsResponse, MigrateTwinRequest, MigrateTwinResponse, Placement,
     QueryHistoryRequest, QueryHistoryResponse, SetChainRequest, SetChainResponse,
     SetDesiredRequest, SetDesiredResponse, ThingDescription, Twin, TwinEvent, TwinState,
     WatchTwinRequest, WatchTwinResponse,
@@ -261,6 +262,41 @@ impl MeshService for Services {
         Ok(Response::new(ListNodesResponse {
             nodes: self.api.list_nodes().await?,
         }))
+    }
+
+    async fn migrate_twin(
+        &self,
+        request: Request<MigrateTwinRequest>,
+    ) -> Result<Response<MigrateTwinResponse>, Status> {
+        let req = request.into_inner();
+        parse_twin_id(&req.twin_id)?;
+        match self
+            .api
+            .mesh_request(mesh_request::Request::Migrate(req), Duration::from_secs(20))
+            .await?
+        {
+            mesh_reply::Reply::Migrate(r) => Ok(Response::new(r)),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn drain_node(
+        &self,
+        request: Request<DrainNodeRequest>,
+    ) -> Result<Response<DrainNodeResponse>, Status> {
+        let req = request.into_inner();
+        req.node
+            .parse::<twinmesh_twins::NodeId>()
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let timeout = Duration::from_secs(300);
+        match self
+            .api
+            .mesh_request(mesh_request::Request::Drain(req), timeout)
+            .await?
+        {
+            mesh_reply::Reply::Drain(r) => Ok(Response::new(r)),
+            _ => Err(unexpected()),
+        }
     }
 
     async fn get_placement(

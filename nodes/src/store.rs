@@ -31,6 +31,7 @@ pub struct SledStore {
     placement: sled::Tree,
     spool: sled::Tree,
     seq: sled::Tree,
+    replica: sled::Tree,
     spool_len: AtomicU64,
     /// Group commit: writes counted once done; `durable` is the count the last flush covered.
     writes: AtomicU64,
@@ -163,6 +164,7 @@ impl SledStore {
             hosted: tree("hosted")?,
             placement: tree("placement")?,
             seq: tree("seq")?,
+            replica: tree("replica")?,
             spool,
             spool_len: AtomicU64::new(spool_len),
             db,
@@ -260,6 +262,55 @@ impl Store for SledStore {
                 Ok(FrameView::key(prefix.len(), &k)?.1)
             })
             .collect()
+    }
+
+    fn last_stored_seq(&self, twin: &TwinId, signal: &str) -> Result<u64> {
+        let prefix = series_prefix(twin, signal);
+        for e in self.ts.scan_prefix(&prefix).rev() {
+            let (k, _) = e.map_err(Error::store)?;
+            let (_, seq) = FrameView::key(prefix.len(), &k)?;
+            if seq > 0 {
+                return Ok(seq);
+            }
+        }
+        Ok(0)
+    }
+
+    fn save_replica(&self, snapshot: &TwinSnapshot) -> Result<bool> {
+        let id = snapshot
+            .twin
+            .as_ref()
+            .map(|t| t.twin_id.clone())
+            .unwrap_or_default();
+        let rank = |s: &TwinSnapshot| (s.epoch, s.twin.as_ref().map_or(0, |t| t.revision));
+        let mut kept = false;
+        let new = snapshot.encode_to_vec();
+        self.replica
+            .fetch_and_update(id.as_bytes(), |old| {
+                let newer = match old.map(TwinSnapshot::decode) {
+                    Some(Ok(old)) => rank(snapshot) > rank(&old),
+                    _ => true,
+                };
+                kept = newer;
+                if newer {
+                    Some(new.clone())
+                } else {
+                    old.map(|o| o.to_vec())
+                }
+            })
+            .map_err(Error::store)?;
+        if kept {
+            self.wrote();
+        }
+        Ok(kept)
+    }
+
+    fn load_replica(&self, twin: &TwinId) -> Result<Option<TwinSnapshot>> {
+        self.replica
+            .get(twin.to_string().as_bytes())
+            .map_err(Error::store)?
+            .map(|v| decode("replicated snapshot", &v))
+            .transpose()
     }
 
     fn save_snapshot(&self, snapshot: &TwinSnapshot) -> Result<()> {
@@ -545,6 +596,43 @@ mod tests {
         assert_eq!(rest, vec![4, 5]);
         assert_eq!(s.spool_read(&id, "v", 5, 10).unwrap().len(), 1);
         assert_eq!(s.spool_first(&"s/b".parse().unwrap(), "v").unwrap(), None);
+    }
+
+    #[test]
+    fn replicas_keep_the_newest_by_epoch_then_revision() {
+        let (_d, s) = store();
+        let snap = |epoch, revision| TwinSnapshot {
+            twin: Some(twinmesh_twins::proto::Twin {
+                twin_id: "s/a".into(),
+                revision,
+                ..Default::default()
+            }),
+            epoch,
+            ..Default::default()
+        };
+        assert!(s.save_replica(&snap(2, 10)).unwrap());
+        assert!(
+            !s.save_replica(&snap(1, 99)).unwrap(),
+            "older epoch is fenced"
+        );
+        assert!(!s.save_replica(&snap(2, 9)).unwrap());
+        assert!(s.save_replica(&snap(2, 11)).unwrap());
+        assert!(s.save_replica(&snap(3, 1)).unwrap());
+        let got = s.load_replica(&"s/a".parse().unwrap()).unwrap().unwrap();
+        assert_eq!((got.epoch, got.twin.unwrap().revision), (3, 1));
+        let id: TwinId = "s/a".parse().unwrap();
+        s.append_frames(&id, &[frame(4, 0, vec![1.0]), frame(7, 10, vec![1.0])])
+            .unwrap();
+        s.append_frames(
+            &id,
+            &[StoredFrame {
+                seq: 0,
+                ..frame(0, 99, vec![2.0])
+            }],
+        )
+        .unwrap();
+        assert_eq!(s.last_stored_seq(&id, "v").unwrap(), 7);
+        assert_eq!(s.last_stored_seq(&id, "w").unwrap(), 0);
     }
 
     #[tokio::test]

@@ -40,4 +40,8 @@ pub mod encoding {
     pub const PLACEMENT_REQUEST: &str = "application/protobuf;PlacementRequest";
     pub const PLACEMENT_QUERY: &str = "application/protobuf;PlacementQuery";
     pub const CHAIN_UPDATE: &str = "application/protobuf;ChainUpdate";
+    pub const TWIN_SNAPSHOT: &str = "application/protobuf;TwinSnapshot";
+    pub const REPLAY_REQUEST: &str = "application/protobuf;ReplayRequest";
+    pub const MESH_REQUEST: &str = "application/protobuf;MeshRequest";
+    pub const MESH_REPLY: &str = "application/protobuf;MeshReply";
 }

@@ -389,3 +389,91 @@ pub fn run_cli(args: &[&str]) -> (ExitStatus, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// A mesh built node by node (several edges per site, kills, restarts).
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub nodes: std::collections::BTreeMap<String, NodeProc>,
+    /// Liveliness lease of every node, ms.
+    pub lease_ms: u64,
+}
+
+impl Cluster {
+    pub fn new(lease_ms: u64) -> anyhow::Result<Cluster> {
+        Ok(Cluster {
+            dir: tempfile::tempdir()?,
+            nodes: Default::default(),
+            lease_ms,
+        })
+    }
+
+    pub fn logs(&self) -> PathBuf {
+        self.dir.path().join("logs")
+    }
+
+    pub fn data(&self, node: &str) -> PathBuf {
+        self.dir.path().join(node)
+    }
+
+    pub fn node(&self, id: &str) -> &NodeProc {
+        &self.nodes[id]
+    }
+
+    /// Zenoh endpoints of every running node (to connect a new one to all of them).
+    pub fn endpoints(&self) -> Vec<String> {
+        self.nodes
+            .values()
+            .flat_map(|n| n.ready.zenoh.clone())
+            .collect()
+    }
+
+    /// Starts `twinmesh node --tier TIER --id ID [--site SITE] ...extra`, connected to
+    /// every running node, listening on `listen` (default: any port).
+    pub fn start(
+        &mut self,
+        tier: &str,
+        id: &str,
+        site: Option<&str>,
+        listen: Option<&str>,
+        extra: &[&str],
+    ) -> anyhow::Result<&NodeProc> {
+        let mut a = args(["--tier", tier, "--id", id, "--grpc", "127.0.0.1:0"]);
+        a.extend([
+            "--listen".to_owned(),
+            listen.unwrap_or("tcp/127.0.0.1:0").to_owned(),
+        ]);
+        a.extend(["--data".to_owned(), self.data(id).display().to_string()]);
+        a.extend(["--lease-ms".to_owned(), self.lease_ms.to_string()]);
+        if let Some(s) = site {
+            a.extend(["--site".to_owned(), s.to_owned()]);
+        }
+        for ep in self.endpoints() {
+            a.extend(["--connect".to_owned(), ep]);
+        }
+        a.extend(extra.iter().map(|s| s.to_string()));
+        let node = NodeProc::start(&a, &self.logs(), id)?;
+        self.nodes.insert(id.to_owned(), node);
+        Ok(&self.nodes[id])
+    }
+
+    /// Restarts a (killed or stopped) node with its original arguments and Zenoh port.
+    pub fn restart(&mut self, id: &str) -> anyhow::Result<&NodeProc> {
+        let old = self.nodes.remove(id).expect("known node");
+        let mut a = old.args.clone();
+        let listen = a
+            .iter()
+            .position(|x| x == "--listen")
+            .expect("listen argument");
+        a[listen + 1] = old.ready.zenoh[0].clone();
+        drop(old);
+        let node = NodeProc::start(&a, &self.logs(), &format!("{id}-restarted"))?;
+        self.nodes.insert(id.to_owned(), node);
+        Ok(&self.nodes[id])
+    }
+
+    pub fn kill9(&mut self, id: &str) {
+        if let Some(n) = self.nodes.get_mut(id) {
+            n.kill9();
+        }
+    }
+}

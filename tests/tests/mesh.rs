@@ -398,10 +398,14 @@ async fn edge_killed_and_restarted_recovers_state_and_history_without_duplicates
         NodeProc::start(&restart_args, &mesh.logs(), "edge-a-restarted").expect("edge restarts");
     mesh.edge = new_edge;
 
-    // State comes back from sled (not reset), and ingestion resumes with re-sent frames.
-    let after = eventually(WAIT, "ingestion resumed after restart", || async {
+    // State comes back (the twin may wait on the cloud meanwhile: its data may leave the
+    // site), it returns to its site's edge, and ingestion resumes with re-sent frames.
+    let after = eventually(WAIT, "ingestion resumed on the restarted edge", || async {
         let t = get_twin(&cloud, id).await.ok()?;
-        (t.reported.get("bearing_vibration")?.seq >= before.reported["bearing_vibration"].seq + 30)
+        let home = t.placement.as_ref()?.node == "edge-a";
+        (home
+            && t.reported.get("bearing_vibration")?.seq
+                >= before.reported["bearing_vibration"].seq + 30)
             .then_some(t)
     })
     .await;
@@ -425,6 +429,7 @@ async fn edge_killed_and_restarted_recovers_state_and_history_without_duplicates
     let iot = mesh.iot.as_mut().unwrap();
     assert!(iot.stop().unwrap().success());
     let settled = get_twin(&cloud, id).await.unwrap();
+    assert_eq!(settled.placement.as_ref().unwrap().node, "edge-a");
     assert!(mesh.edge.stop().unwrap().success(), "{}", mesh.edge.log());
     let store = twinmesh_nodes::store::SledStore::open(&mesh.data("edge-a"), 8).unwrap();
     let twin_id = id.parse().unwrap();

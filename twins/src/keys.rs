@@ -70,6 +70,24 @@ pub fn chains_of_site(site: &str) -> String {
 /// Feature sets of every twin (the cloud archive listens here).
 pub const FEATURES_ALL: &str = "twinmesh/twins/*/*/features";
 
+/// Replicated snapshots (twin → cloud) and their queryable (cloud).
+pub fn snapshot(twin: &TwinId) -> String {
+    format!("twinmesh/snapshots/{twin}")
+}
+
+pub const SNAPSHOTS_ALL: &str = "twinmesh/snapshots/**";
+
+pub fn replay(twin: &TwinId) -> String {
+    format!("twinmesh/replay/{twin}")
+}
+
+pub fn replay_of_site(site: &str) -> String {
+    format!("twinmesh/replay/{site}/*")
+}
+
+/// Migrate/drain requests to the placement authority.
+pub const MESH_REQUESTS: &str = "twinmesh/mesh/requests";
+
 pub fn acks(twin: &TwinId) -> String {
     format!("twinmesh/acks/{twin}")
 }

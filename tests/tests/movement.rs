@@ -1,0 +1,344 @@
+//! End-to-end tests of twins that move (issue 4): live migration while streaming,
+//! failover after `kill -9`, and the privacy-constrained twin that must wait for its site.
+
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use tonic::Code;
+
+use twinmesh_actors::ports::Store;
+use twinmesh_proto::v1::{
+    watch_twin_response, GetPlacementRequest, GetTwinRequest, ListTwinsRequest, MigrateTwinRequest,
+    NodeLoad, WatchTwinRequest,
+};
+use twinmesh_tests::{eventually, mesh_client, recv_until, twin_client, zenoh_client, Cluster};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+async fn twin(endpoint: &str, id: &str) -> Result<twinmesh_proto::v1::Twin, tonic::Status> {
+    twin_client(endpoint)
+        .await
+        .get_twin(GetTwinRequest { twin_id: id.into() })
+        .await
+        .map(|r| r.into_inner())
+}
+
+fn vib_seq(t: &twinmesh_proto::v1::Twin) -> u64 {
+    t.reported.get("bearing_vibration").map_or(0, |v| v.seq)
+}
+
+/// Every stored seq of `signal` on `node`, read from its database after it stopped.
+fn stored_seqs(c: &Cluster, node: &str, id: &str, signal: &str) -> Vec<u64> {
+    let store = twinmesh_nodes::store::SledStore::open(&c.data(node), 8).unwrap();
+    store.frame_seqs(&id.parse().unwrap(), signal).unwrap()
+}
+
+fn assert_exactly_once(seqs: &[u64], upto: u64, what: &str) {
+    assert!(
+        seqs.len() as u64 >= upto,
+        "{what}: {} frames stored, expected at least {upto}",
+        seqs.len()
+    );
+    let expected: Vec<u64> = (1..=seqs.len() as u64).collect();
+    assert_eq!(
+        seqs, expected,
+        "{what}: every seq exactly once, from 1, without gaps"
+    );
+}
+
+fn start_site_a(c: &mut Cluster, simulate: &str) {
+    c.start("cloud", "cloud", None, None, &[]).unwrap();
+    c.start("edge", "edge-a1", Some("site-a"), None, &[])
+        .unwrap();
+    c.start("edge", "edge-a2", Some("site-a"), None, &[])
+        .unwrap();
+    c.start(
+        "iot",
+        "iot-a",
+        Some("site-a"),
+        None,
+        &["--simulate", simulate],
+    )
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_migration_while_streaming_keeps_every_seq_exactly_once() {
+    let mut c = Cluster::new(1000).unwrap();
+    start_site_a(&mut c, "wind_turbine:1");
+    let cloud = c.node("cloud").grpc_endpoint();
+    let id = "site-a/wt-01";
+    let before = eventually(WAIT, "streaming", || async {
+        let t = twin(&cloud, id).await.ok()?;
+        (vib_seq(&t) >= 20).then_some(t)
+    })
+    .await;
+    let p0 = before.placement.clone().unwrap();
+    let target = if p0.node == "edge-a1" {
+        "edge-a2"
+    } else {
+        "edge-a1"
+    };
+
+    // A watcher opened before the move keeps receiving after it.
+    let mut watch = twin_client(&cloud)
+        .await
+        .watch_twin(WatchTwinRequest { twin_id: id.into() })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let moved = mesh_client(&cloud)
+        .await
+        .migrate_twin(MigrateTwinRequest {
+            twin_id: id.into(),
+            target_node: target.into(),
+            target_tier: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let p1 = moved.placement.unwrap();
+    assert_eq!((p1.node.as_str(), p1.epoch), (target, p0.epoch + 1));
+    assert!(moved.duration_ns > 0);
+
+    let mut saw_new_home = false;
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline && !saw_new_home {
+        if let Ok(Ok(Some(u))) = tokio::time::timeout(Duration::from_secs(5), watch.message()).await
+        {
+            if let Some(watch_twin_response::Update::State(s)) = u.update {
+                saw_new_home = s
+                    .twin
+                    .and_then(|t| t.placement)
+                    .is_some_and(|p| p.node == target);
+            }
+        }
+    }
+    assert!(saw_new_home, "the watch stream went on across the move");
+
+    // Ingestion goes on at the new home.
+    let after = eventually(WAIT, "ingestion on the new node", || async {
+        let t = twin(&cloud, id).await.ok()?;
+        (t.placement.as_ref()?.node == target && vib_seq(&t) >= vib_seq(&before) + 30).then_some(t)
+    })
+    .await;
+    assert!(after.revision > before.revision);
+
+    // Stop the gateway, let the twin settle, stop the nodes and read the target's history.
+    assert!(c.nodes.get_mut("iot-a").unwrap().stop().unwrap().success());
+    let settled = twin(&cloud, id).await.unwrap();
+    for n in ["edge-a1", "edge-a2", "cloud"] {
+        assert!(c.nodes.get_mut(n).unwrap().stop().unwrap().success());
+    }
+    for (signal, v) in &settled.reported {
+        let seqs = stored_seqs(&c, target, id, signal);
+        assert_exactly_once(&seqs, v.seq, &format!("{signal} on {target}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_edge_fails_over_within_five_seconds_and_history_is_complete() {
+    let mut c = Cluster::new(1000).unwrap();
+    start_site_a(&mut c, "wind_turbine:1");
+    let cloud = c.node("cloud").grpc_endpoint();
+    let id = "site-a/wt-01";
+    let before = eventually(WAIT, "streaming", || async {
+        let t = twin(&cloud, id).await.ok()?;
+        (vib_seq(&t) >= 20).then_some(t)
+    })
+    .await;
+    let p0 = before.placement.clone().unwrap();
+    let survivor = if p0.node == "edge-a1" {
+        "edge-a2"
+    } else {
+        "edge-a1"
+    };
+    // A set-point, delivered and replicated, must survive the failover.
+    twin_client(&cloud)
+        .await
+        .set_desired(twinmesh_proto::v1::SetDesiredRequest {
+            twin_id: id.into(),
+            property: "yaw_offset".into(),
+            value: 2.5,
+            expected_revision: None,
+        })
+        .await
+        .unwrap();
+    let outside = zenoh_client(&c.node("cloud").ready.zenoh[0]).await;
+    let replicas = outside
+        .declare_subscriber(format!("twinmesh/snapshots/{id}"))
+        .await
+        .unwrap();
+    recv_until(
+        WAIT,
+        "a replicated snapshot holding the delivered set-point",
+        &replicas,
+        |s| {
+            twinmesh_proto::v1::TwinSnapshot::decode(&*s.payload().to_bytes()).is_ok_and(|snap| {
+                snap.twin.is_some_and(|t| {
+                    t.desired.get("yaw_offset").is_some_and(|d| {
+                        d.status == twinmesh_proto::v1::DeliveryStatus::Delivered as i32
+                    })
+                })
+            })
+        },
+    )
+    .await;
+
+    c.kill9(&p0.node);
+    let killed_at = Instant::now();
+    let served = eventually(
+        Duration::from_secs(5),
+        "the twin serving from the other edge",
+        || async {
+            let t = twin(&cloud, id).await.ok()?;
+            (t.placement.as_ref()?.node == survivor).then_some(t)
+        },
+    )
+    .await;
+    let failover = killed_at.elapsed();
+    assert!(served.placement.unwrap().epoch > p0.epoch);
+    let yaw = &served.desired["yaw_offset"];
+    assert_eq!(yaw.value, 2.5, "state resumed from the replicated snapshot");
+    assert_eq!(
+        yaw.status,
+        twinmesh_proto::v1::DeliveryStatus::Delivered as i32
+    );
+    eprintln!("failover took {failover:?}");
+
+    let after = eventually(WAIT, "ingestion on the survivor", || async {
+        let t = twin(&cloud, id).await.ok()?;
+        (vib_seq(&t) >= vib_seq(&before) + 30).then_some(t)
+    })
+    .await;
+    assert!(
+        after.lost_frames.is_empty(),
+        "nothing lost: {:?}",
+        after.lost_frames
+    );
+    assert!(c.nodes.get_mut("iot-a").unwrap().stop().unwrap().success());
+    let settled = twin(&cloud, id).await.unwrap();
+    for n in [survivor, "cloud"] {
+        assert!(c.nodes.get_mut(n).unwrap().stop().unwrap().success());
+    }
+    for (signal, v) in &settled.reported {
+        let seqs = stored_seqs(&c, survivor, id, signal);
+        assert_exactly_once(&seqs, v.seq, &format!("{signal} on {survivor}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_twin_whose_data_must_stay_on_site_waits_for_its_site_and_never_reaches_the_cloud() {
+    let mut c = Cluster::new(1000).unwrap();
+    c.start("cloud", "cloud", None, None, &[]).unwrap();
+    c.start("edge", "edge-b", Some("site-b"), None, &[])
+        .unwrap();
+    c.start(
+        "iot",
+        "iot-b",
+        Some("site-b"),
+        None,
+        &["--simulate", "power_meter:1"],
+    )
+    .unwrap();
+    let cloud = c.node("cloud").grpc_endpoint();
+    let id = "site-b/pm-01";
+    let before = eventually(WAIT, "streaming", || async {
+        let t = twin(&cloud, id).await.ok()?;
+        (t.reported.get("household_energy")?.seq >= 3).then_some(t)
+    })
+    .await;
+    let epoch0 = before.placement.unwrap().epoch;
+
+    c.kill9("edge-b");
+    // Stale, with the reason, and never moved to the cloud.
+    let p = eventually(WAIT, "a stale placement", || async {
+        let p = mesh_client(&cloud)
+            .await
+            .get_placement(GetPlacementRequest { twin_id: id.into() })
+            .await
+            .ok()?
+            .into_inner();
+        (p.status == "stale").then_some(p)
+    })
+    .await;
+    assert!(p.node.is_empty(), "{p:?}");
+    assert!(
+        p.reason.contains("must stay on site site-b"),
+        "{}",
+        p.reason
+    );
+    let e = twin(&cloud, id).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+    assert!(e.message().contains("stale"), "{}", e.message());
+    let list = twin_client(&cloud)
+        .await
+        .list_twins(ListTwinsRequest {
+            site: "site-b".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.twins.len(), 1);
+    assert_eq!(
+        (
+            list.twins[0].twin_id.as_str(),
+            list.twins[0].status.as_str()
+        ),
+        (id, "stale")
+    );
+
+    // The gateway keeps spooling meanwhile.
+    let outside = zenoh_client(&c.node("cloud").ready.zenoh[0]).await;
+    let load = outside
+        .declare_subscriber("twinmesh/nodes/iot-b/load")
+        .await
+        .unwrap();
+    let mut spooled = Vec::new();
+    recv_until(WAIT, "the spool growing", &load, |s| {
+        spooled.extend(
+            NodeLoad::decode(&*s.payload().to_bytes())
+                .ok()
+                .map(|l| l.spool_frames),
+        );
+        spooled.len() >= 3 && spooled[spooled.len() - 1] > spooled[0]
+    })
+    .await;
+
+    // The site's edge comes back: so does the twin, at a newer epoch.
+    c.restart("edge-b").unwrap();
+    let back = eventually(WAIT, "the twin back on its site", || async {
+        let t = twin(&cloud, id).await.ok()?;
+        let p = t.placement.clone()?;
+        (p.node == "edge-b"
+            && t.reported.get("household_energy")?.seq
+                > before.reported["household_energy"].seq + 3)
+            .then_some(t)
+    })
+    .await;
+    assert!(back.placement.unwrap().epoch > epoch0);
+
+    // Nothing of it ever lived on, or was stored by, the cloud node.
+    let on_cloud = twinmesh_tests::Cluster::node(&c, "cloud")
+        .ready
+        .node
+        .clone();
+    assert_eq!(on_cloud, "cloud");
+    for n in ["iot-b", "edge-b", "cloud"] {
+        assert!(c.nodes.get_mut(n).unwrap().stop().unwrap().success());
+    }
+    let cloud_store = twinmesh_nodes::store::SledStore::open(&c.data("cloud"), 8).unwrap();
+    let twin_id = id.parse().unwrap();
+    for signal in ["voltage", "current", "household_energy"] {
+        assert!(
+            cloud_store.frame_seqs(&twin_id, signal).unwrap().is_empty(),
+            "{signal} stored on the cloud"
+        );
+    }
+    assert!(
+        cloud_store.hosted().unwrap().is_empty(),
+        "the cloud hosted a twin"
+    );
+}

@@ -22,8 +22,8 @@ use tokio_util::sync::CancellationToken;
 use twinmesh_proto::encoding;
 use twinmesh_twins::proto::{
     self, mesh_reply, mesh_request, twin_reply, twin_request, DrainNodeResponse, FreezeRequest,
-    GetTwinRequest, MeshReply, MeshRequest, MigrateTwinResponse, NodeInfo, Placement,
-    PlacementQuery, PlacementRequest, TwinReply, TwinRequest, TwinSnapshot,
+    MeshReply, MeshRequest, MigrateTwinResponse, NodeInfo, Placement, PlacementQuery,
+    PlacementRequest, TwinReply, TwinRequest, TwinSnapshot,
 };
 use twinmesh_twins::{keys, AssetKind, Error as DomainError, ErrorCode, Tier, TwinId};
 
@@ -710,6 +710,7 @@ async fn twin_rpc(
     ctx: &NodeContext,
     twin: &TwinId,
     request: twin_request::Request,
+    timeout: Duration,
 ) -> Result<twin_reply::Reply, MeshError> {
     let payload = Bytes::from(
         TwinRequest {
@@ -722,7 +723,7 @@ async fn twin_rpc(
         .query(
             &keys::twin_rpc(twin),
             Some((payload, encoding::TWIN_REQUEST)),
-            MIGRATION_STEP,
+            timeout,
         )
         .await
         .map_err(|e| (ErrorCode::Unavailable, e.to_string()))?;
@@ -786,13 +787,21 @@ pub async fn migrate(
             epoch: placement.epoch,
             release: false,
         }),
+        MIGRATION_STEP,
     )
     .await?
     {
         twin_reply::Reply::Snapshot(s) => s,
         _ => return Err((ErrorCode::Internal, "unexpected reply to freeze".to_owned())),
     };
+    let frozen_at = start.elapsed();
     call(mesh, |reply| MeshMsg::KeepReplica(snapshot, reply)).await?;
+    // Listen before the move, so the new owner's first publication is not missed.
+    let states = ctx
+        .fabric
+        .subscribe(&keys::twin_state(&twin), 64)
+        .await
+        .map_err(|e| (ErrorCode::Unavailable, e.to_string()))?;
     let placed = match call(mesh, |reply| MeshMsg::CommitMove {
         twin: twin.clone(),
         node: target,
@@ -811,39 +820,38 @@ pub async fn migrate(
                     epoch: placement.epoch,
                     release: true,
                 }),
+                MIGRATION_STEP,
             )
             .await;
             return Err(e);
         }
     };
-    // Done when the twin answers from its new node, at the new epoch.
+    let committed_at = start.elapsed();
+    // Done when the twin publishes its state from its new node, at the new epoch (it
+    // serves requests by then: its queryable is declared before it starts).
     let deadline = start + MIGRATION_STEP * 2;
     loop {
-        let answer = twin_rpc(
-            ctx,
-            &twin,
-            twin_request::Request::GetTwin(GetTwinRequest {
-                twin_id: twin.to_string(),
-            }),
-        )
-        .await;
-        if let Ok(twin_reply::Reply::Twin(t)) = answer {
-            if t.placement
-                .as_ref()
-                .is_some_and(|p| p.epoch == placed.epoch && p.node == placed.node)
-            {
-                break;
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let sample = match tokio::time::timeout(left, states.rx.recv_async()).await {
+            Ok(Ok(s)) => s,
+            _ => {
+                return Err((
+                    ErrorCode::Unavailable,
+                    format!("twin {twin} did not come up on {} in time", placed.node),
+                ))
             }
+        };
+        let up = proto::TwinState::decode(sample.payload)
+            .ok()
+            .and_then(|s| s.twin)
+            .and_then(|t| t.placement)
+            .is_some_and(|p| p.epoch == placed.epoch && p.node == placed.node);
+        if up {
+            break;
         }
-        if std::time::Instant::now() > deadline {
-            return Err((
-                ErrorCode::Unavailable,
-                format!("twin {twin} did not come up on {} in time", placed.node),
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let duration_ns = start.elapsed().as_nanos() as i64;
+    tracing::debug!(twin = %twin, ?frozen_at, ?committed_at, total = ?start.elapsed(), "migration steps");
     tracing::info!(twin = %twin, from = placement.node, to = placed.node, epoch = placed.epoch, ms = duration_ns as f64 / 1e6, "migrated");
     Ok(MigrateTwinResponse {
         placement: Some(placed),

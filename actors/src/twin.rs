@@ -550,13 +550,10 @@ impl TwinActorState {
                     return Ok(twin_reply::Reply::Snapshot(self.snapshot()));
                 }
                 self.frozen = true;
+                // No flush here: the snapshot travels to the cloud, and anything after an
+                // older durable one is still in the gateway's retained spool.
                 self.persist()
                     .map_err(|e| RequestError::Unavailable(format!("snapshot not stored: {e}")))?;
-                self.ctx
-                    .store
-                    .flush()
-                    .await
-                    .map_err(|e| RequestError::Unavailable(format!("snapshot not durable: {e}")))?;
                 self.replicate().await;
                 Ok(twin_reply::Reply::Snapshot(self.snapshot()))
             }

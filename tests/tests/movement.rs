@@ -342,3 +342,196 @@ async fn a_twin_whose_data_must_stay_on_site_waits_for_its_site_and_never_reache
         "the cloud hosted a twin"
     );
 }
+
+/// Frozen old owner (SIGSTOP, a partition as far as the mesh can tell): the twin fails
+/// over after the lease; when the old owner wakes up its copy is stopped, its writes are
+/// refused, and no epoch ever had two owners.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_isolated_old_owner_is_fenced_and_no_epoch_has_two_owners() {
+    let mut c = Cluster::new(1000).unwrap();
+    start_site_a(&mut c, "wind_turbine:1");
+    let cloud = c.node("cloud").grpc_endpoint();
+    let id = "site-a/wt-01";
+    let outside = zenoh_client(&c.node("cloud").ready.zenoh[0]).await;
+    let states = outside
+        .declare_subscriber(format!("twinmesh/twins/{id}/state"))
+        .await
+        .unwrap();
+    let before = eventually(WAIT, "streaming", || async {
+        let t = twin(&cloud, id).await.ok()?;
+        (vib_seq(&t) >= 20).then_some(t)
+    })
+    .await;
+    let p0 = before.placement.clone().unwrap();
+    let new_home = if p0.node == "edge-a1" {
+        "edge-a2"
+    } else {
+        "edge-a1"
+    };
+    let old_pid = c.node(&p0.node).pid().to_string();
+
+    std::process::Command::new("kill")
+        .args(["-STOP", &old_pid])
+        .status()
+        .unwrap();
+    let moved = eventually(WAIT, "failover after the lease", || async {
+        let t = twin(&cloud, id).await.ok()?;
+        (t.placement.as_ref()?.node == new_home).then_some(t)
+    })
+    .await;
+    let p1 = moved.placement.unwrap();
+    assert!(p1.epoch > p0.epoch);
+    std::process::Command::new("kill")
+        .args(["-CONT", &old_pid])
+        .status()
+        .unwrap();
+
+    // The woken old owner stops its stale copy.
+    eventually(WAIT, "the old owner dropping its stale copy", || async {
+        let nodes = mesh_client(&cloud)
+            .await
+            .list_nodes(twinmesh_proto::v1::ListNodesRequest {})
+            .await
+            .ok()?
+            .into_inner()
+            .nodes;
+        let old = nodes.iter().find(|n| n.node == p0.node)?;
+        (old.twins == 0).then_some(())
+    })
+    .await;
+    // The cloud kept the new owner's snapshots, not the old one's.
+    let replica = eventually(WAIT, "a replica of the new epoch", || async {
+        let replies = outside.get(format!("twinmesh/snapshots/{id}")).await.ok()?;
+        let r = replies.recv_async().await.ok()?;
+        let snap =
+            twinmesh_proto::v1::TwinSnapshot::decode(&*r.result().ok()?.payload().to_bytes())
+                .ok()?;
+        (snap.epoch == p1.epoch).then_some(snap)
+    })
+    .await;
+    assert_eq!(replica.twin.unwrap().placement.unwrap().node, new_home);
+    // Ingestion goes on at the new owner.
+    eventually(WAIT, "ingestion at the new owner", || async {
+        let t = twin(&cloud, id).await.ok()?;
+        (t.placement.as_ref()?.node == new_home && vib_seq(&t) > vib_seq(&before) + 20)
+            .then_some(())
+    })
+    .await;
+    // Every state publication so far: one owner per epoch.
+    let mut owners: std::collections::BTreeMap<u64, std::collections::BTreeSet<String>> =
+        Default::default();
+    while let Ok(Some(s)) = states.try_recv() {
+        if let Some(p) = twinmesh_proto::v1::TwinState::decode(&*s.payload().to_bytes())
+            .ok()
+            .and_then(|st| st.twin)
+            .and_then(|t| t.placement)
+        {
+            owners.entry(p.epoch).or_default().insert(p.node);
+        }
+    }
+    assert!(owners.len() >= 2, "{owners:?}");
+    for (epoch, nodes) in &owners {
+        assert_eq!(nodes.len(), 1, "epoch {epoch} had owners {nodes:?}");
+    }
+}
+
+/// With the cloud down an edge keeps ingesting, analysing and serving its twins; when
+/// the cloud returns, its placements and replicated snapshots agree with the edge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_cloud_down_the_edge_serves_and_reconciles_when_it_returns() {
+    let mut c = Cluster::new(1000).unwrap();
+    c.start("cloud", "cloud", None, None, &[]).unwrap();
+    c.start("edge", "edge-a", Some("site-a"), None, &[])
+        .unwrap();
+    c.start(
+        "iot",
+        "iot-a",
+        Some("site-a"),
+        None,
+        &["--simulate", "wind_turbine:1"],
+    )
+    .unwrap();
+    let cloud = c.node("cloud").grpc_endpoint();
+    let edge = c.node("edge-a").grpc_endpoint();
+    let id = "site-a/wt-01";
+    let before = eventually(WAIT, "streaming", || async {
+        let t = twin(&cloud, id).await.ok()?;
+        (vib_seq(&t) >= 10 && t.derived.contains_key("bearing_vibration.rms")).then_some(t)
+    })
+    .await;
+    let p0 = before.placement.clone().unwrap();
+
+    c.kill9("cloud");
+    // The edge serves on its own: ingestion, analysis and commands.
+    let alone = eventually(WAIT, "ingestion and analysis without the cloud", || async {
+        let t = twin(&edge, id).await.ok()?;
+        let rms_changed =
+            t.derived.get("bearing_vibration.rms") != before.derived.get("bearing_vibration.rms");
+        (vib_seq(&t) > vib_seq(&before) + 30 && rms_changed).then_some(t)
+    })
+    .await;
+    assert_eq!(alone.placement.as_ref().unwrap().epoch, p0.epoch);
+    twin_client(&edge)
+        .await
+        .set_desired(twinmesh_proto::v1::SetDesiredRequest {
+            twin_id: id.into(),
+            property: "power_limit".into(),
+            value: 1500.0,
+            expected_revision: None,
+        })
+        .await
+        .unwrap();
+    eventually(
+        WAIT,
+        "the set-point delivered without the cloud",
+        || async {
+            let t = twin(&edge, id).await.ok()?;
+            (t.desired.get("power_limit")?.status
+                == twinmesh_proto::v1::DeliveryStatus::Delivered as i32)
+                .then_some(())
+        },
+    )
+    .await;
+
+    // The cloud returns on its data: same placement, and its replica catches up.
+    c.restart("cloud").unwrap();
+    let cloud = c.node("cloud").grpc_endpoint();
+    let p = eventually(WAIT, "the placement from the restarted cloud", || async {
+        mesh_client(&cloud)
+            .await
+            .get_placement(GetPlacementRequest { twin_id: id.into() })
+            .await
+            .ok()
+            .map(|r| r.into_inner())
+    })
+    .await;
+    assert_eq!(
+        (p.node.as_str(), p.epoch, p.status.as_str()),
+        (p0.node.as_str(), p0.epoch, "active")
+    );
+    let outside = zenoh_client(&c.node("cloud").ready.zenoh[0]).await;
+    let now = twin(&edge, id).await.unwrap();
+    eventually(
+        WAIT,
+        "the cloud's replica agreeing with the edge",
+        || async {
+            let replies = outside.get(format!("twinmesh/snapshots/{id}")).await.ok()?;
+            let r = replies.recv_async().await.ok()?;
+            let snap =
+                twinmesh_proto::v1::TwinSnapshot::decode(&*r.result().ok()?.payload().to_bytes())
+                    .ok()?;
+            let t = snap.twin?;
+            (snap.epoch == p0.epoch
+                && t.revision >= now.revision
+                && t.desired.get("power_limit")?.value == 1500.0)
+                .then_some(())
+        },
+    )
+    .await;
+    // And the API through the cloud sees the same twin as the edge.
+    let via_cloud = eventually(WAIT, "the twin through the cloud again", || async {
+        twin(&cloud, id).await.ok()
+    })
+    .await;
+    assert_eq!(via_cloud.placement.unwrap().node, p0.node);
+}

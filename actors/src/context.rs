@@ -31,6 +31,9 @@ pub struct TwinConfig {
     pub call_timeout: Duration,
     /// Least time between two snapshot replications to the cloud.
     pub snapshot_interval: Duration,
+    /// Run the chains' edge analysis (off in deterministic simulations: it runs on a
+    /// thread pool, outside virtual time).
+    pub analysis: bool,
 }
 
 impl Default for TwinConfig {
@@ -43,6 +46,7 @@ impl Default for TwinConfig {
             desired_retry: Duration::from_secs(1),
             call_timeout: Duration::from_secs(5),
             snapshot_interval: Duration::from_secs(1),
+            analysis: true,
         }
     }
 }

@@ -5,9 +5,11 @@
 //! whichever node hosts the twin. It also registers its assets with the placement
 //! authority and forwards set-points to the devices.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use prost::Message;
@@ -123,10 +125,10 @@ pub struct GatewayState {
     ctx: Arc<NodeContext>,
     config: GatewayConfig,
     devices: BTreeMap<TwinId, Slot>,
-    streams: HashMap<(TwinId, String), Stream>,
+    streams: BTreeMap<(TwinId, String), Stream>,
     /// Highest placement epoch heard from each twin: acknowledgements of older owners
     /// are ignored (fencing).
-    epochs: HashMap<TwinId, u64>,
+    epochs: BTreeMap<TwinId, u64>,
     /// Acknowledgements ignored because they came from an older owner.
     pub fenced_acks: u64,
     ticker: Option<JoinHandle<()>>,
@@ -507,6 +509,7 @@ impl Actor for GatewayActor {
             let (acks, control, chains, replays) = (acks, control, chains, replays);
             loop {
                 tokio::select! {
+                    biased;
                     _ = c.cancelled() => break,
                     s = acks.rx.recv_async() => {
                         let Ok(s) = s else { break };
@@ -569,8 +572,8 @@ impl Actor for GatewayActor {
             ctx,
             config,
             devices,
-            streams: HashMap::new(),
-            epochs: HashMap::new(),
+            streams: BTreeMap::new(),
+            epochs: BTreeMap::new(),
             fenced_acks: 0,
             ticker: None,
             cancel,
@@ -703,6 +706,7 @@ async fn register_assets(
             "placement authority not reachable yet; retrying"
         );
         tokio::select! {
+            biased;
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(delay) => {}
         }
@@ -751,6 +755,7 @@ async fn fetch_chain(
             }
         }
         tokio::select! {
+            biased;
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }

@@ -16,6 +16,7 @@
 //! - [`gateway`]: [`gateway::GatewayActor`], the IoT tier: devices → numbered frames →
 //!   durable spool → fabric; re-sends until acknowledged; forwards set-points.
 //! - [`metrics`]: per-node counters behind `NodeLoad` and `/metrics`.
+//! - [`services`]: the info/twins queryables every node serves.
 
 pub mod context;
 pub mod error;
@@ -24,6 +25,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod node;
 pub mod ports;
+pub mod services;
 pub mod twin;
 
 pub use error::{Error, Result};

@@ -82,7 +82,7 @@ pub struct MeshState {
     /// Nodes being drained: no new twins.
     draining: std::collections::BTreeSet<String>,
     /// Rebalancing runs for a while after a node joins.
-    rebalance_until: Option<std::time::Instant>,
+    rebalance_until: Option<tokio::time::Instant>,
     cancel: CancellationToken,
 }
 
@@ -251,7 +251,7 @@ impl MeshState {
     fn suggest_move(&self) -> Option<TwinId> {
         if self
             .rebalance_until
-            .is_none_or(|t| std::time::Instant::now() > t)
+            .is_none_or(|t| tokio::time::Instant::now() > t)
         {
             return None;
         }
@@ -396,7 +396,7 @@ impl Actor for MeshSupervisor {
                 state.members.insert(info.node.clone(), info);
                 // Twins of this site that had nowhere to go get a home now.
                 let _ = site;
-                state.rebalance_until = Some(std::time::Instant::now() + REBALANCE_WINDOW);
+                state.rebalance_until = Some(tokio::time::Instant::now() + REBALANCE_WINDOW);
                 let waiting: Vec<Placement> = state
                     .placements
                     .values()
@@ -555,6 +555,7 @@ async fn membership_watcher(
 ) {
     loop {
         let sample = tokio::select! {
+            biased;
             _ = cancel.cancelled() => break,
             s = members.rx.recv_async() => match s { Ok(s) => s, Err(_) => break },
         };
@@ -582,6 +583,7 @@ async fn membership_watcher(
                         break;
                     }
                     tokio::select! {
+                        biased;
                         _ = cancel.cancelled() => return,
                         _ = tokio::time::sleep(Duration::from_millis(100 << attempt.min(4))) => {}
                     }
@@ -598,6 +600,7 @@ async fn placement_server(
 ) {
     loop {
         let query = tokio::select! {
+            biased;
             _ = cancel.cancelled() => break,
             q = queryable.rx.recv_async() => match q { Ok(q) => q, Err(_) => break },
         };
@@ -675,6 +678,7 @@ async fn replica_keeper(
 ) {
     loop {
         tokio::select! {
+            biased;
             _ = cancel.cancelled() => break,
             s = replicas.rx.recv_async() => {
                 let Ok(s) = s else { break };
@@ -778,7 +782,7 @@ pub async fn migrate(
         reply,
     })
     .await??;
-    let start = std::time::Instant::now();
+    let start = tokio::time::Instant::now();
     let snapshot = match twin_rpc(
         ctx,
         &twin,
@@ -831,7 +835,7 @@ pub async fn migrate(
     // serves requests by then: its queryable is declared before it starts).
     let deadline = start + MIGRATION_STEP * 2;
     loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let sample = match tokio::time::timeout(left, states.rx.recv_async()).await {
             Ok(Ok(s)) => s,
             _ => {
@@ -886,6 +890,7 @@ async fn mesh_request_server(
 ) {
     loop {
         let query = tokio::select! {
+            biased;
             _ = cancel.cancelled() => break,
             q = requests.rx.recv_async() => match q { Ok(q) => q, Err(_) => break },
         };
@@ -938,6 +943,7 @@ async fn mesh_request_server(
 async fn rebalancer(mesh: ActorRef<MeshMsg>, ctx: Arc<NodeContext>, cancel: CancellationToken) {
     loop {
         tokio::select! {
+            biased;
             _ = cancel.cancelled() => break,
             _ = tokio::time::sleep(REBALANCE_PERIOD) => {}
         }

@@ -5,7 +5,9 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use prost::Message;
@@ -49,7 +51,7 @@ pub struct NodeSupervisor;
 
 pub struct NodeSupervisorState {
     ctx: Arc<NodeContext>,
-    twins: HashMap<TwinId, Hosted>,
+    twins: std::collections::BTreeMap<TwinId, Hosted>,
     by_actor: HashMap<ActorId, TwinId>,
     cancel: CancellationToken,
 }
@@ -128,7 +130,7 @@ impl Actor for NodeSupervisor {
         ));
         Ok(NodeSupervisorState {
             ctx,
-            twins: HashMap::new(),
+            twins: std::collections::BTreeMap::new(),
             by_actor: HashMap::new(),
             cancel,
         })
@@ -308,6 +310,7 @@ async fn placement_watcher(
     };
     loop {
         tokio::select! {
+            biased;
             _ = cancel.cancelled() => break,
             s = placements.rx.recv_async() => {
                 let Ok(s) = s else { break };

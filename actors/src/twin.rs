@@ -9,7 +9,9 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use prost::Message;
@@ -284,7 +286,7 @@ impl TwinActorState {
                             recent.pop_front();
                         }
                     }
-                    if self.analyzer.wants(&f.signal) {
+                    if self.ctx.twin_config.analysis && self.analyzer.wants(&f.signal) {
                         let block = chain::Block {
                             start_ns: f.start_ns,
                             period_ns: f.sample_period_ns,
@@ -953,6 +955,7 @@ async fn ingest_pump(
     let batch_max = ctx.twin_config.ingest_batch;
     loop {
         let first = tokio::select! {
+            biased;
             _ = cancel.cancelled() => break,
             s = sub.rx.recv_async() => match s { Ok(s) => s, Err(_) => break },
         };
@@ -1022,6 +1025,7 @@ async fn rpc_pump(
     let key = keys::twin_rpc(&id);
     loop {
         let query = tokio::select! {
+            biased;
             _ = cancel.cancelled() => break,
             q = queryable.rx.recv_async() => match q { Ok(q) => q, Err(_) => break },
         };
@@ -1219,6 +1223,7 @@ pub fn validate_history(
 async fn control_listener(actor: ActorRef<TwinMsg>, sub: Subscription, cancel: CancellationToken) {
     loop {
         let sample = tokio::select! {
+            biased;
             _ = cancel.cancelled() => break,
             s = sub.rx.recv_async() => match s { Ok(s) => s, Err(_) => break },
         };

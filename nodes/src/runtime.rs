@@ -21,7 +21,7 @@ use twinmesh_actors::ports::{
 };
 use twinmesh_proto::encoding;
 use twinmesh_sim::{Fault, SimDevice};
-use twinmesh_twins::proto::{FeatureSet, NodeInfo, NodeLoad, NodeTwins};
+use twinmesh_twins::proto::{FeatureSet, NodeInfo, NodeLoad};
 use twinmesh_twins::{keys, Tier, TwinId};
 
 use crate::api::Api;
@@ -140,7 +140,7 @@ impl RunningNode {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             started_ns: ctx.now_ns(),
         };
-        serve_node_queryables(&ctx, info).await?;
+        twinmesh_actors::services::serve_node_queryables(&ctx, info).await?;
         ctx.tasks.spawn(publish_load(ctx.clone(), store.clone()));
         if config.tier == Tier::Cloud {
             let features = ctx.fabric.subscribe(keys::FEATURES_ALL, 4096).await?;
@@ -266,41 +266,6 @@ impl RunningNode {
         tracing::info!(node = %self.config.id, "node stopped; storage flushed");
         Ok(())
     }
-}
-
-/// `twinmesh/nodes/{node}/info` and `twinmesh/nodes/{node}/twins`.
-async fn serve_node_queryables(ctx: &Arc<NodeContext>, info: NodeInfo) -> anyhow::Result<()> {
-    let info_q = ctx
-        .fabric
-        .queryable(&keys::node_info(&ctx.node), 64)
-        .await?;
-    let twins_q = ctx
-        .fabric
-        .queryable(&keys::node_twins(&ctx.node), 64)
-        .await?;
-    let c = ctx.clone();
-    ctx.tasks.spawn(async move {
-        let info_key = keys::node_info(&c.node);
-        let twins_key = keys::node_twins(&c.node);
-        loop {
-            tokio::select! {
-                _ = c.cancel.cancelled() => break,
-                q = info_q.rx.recv_async() => {
-                    let Ok(q) = q else { break };
-                    let info = NodeInfo { twins: c.directory.len() as u32, ..info.clone() };
-                    q.reply(&info_key, Bytes::from(info.encode_to_vec()), encoding::NODE_INFO).await;
-                }
-                q = twins_q.rx.recv_async() => {
-                    let Ok(q) = q else { break };
-                    let twins = NodeTwins { node: c.node.to_string(), twins: c.directory.list() };
-                    q.reply(&twins_key, Bytes::from(twins.encode_to_vec()), encoding::NODE_TWINS).await;
-                }
-            }
-        }
-        drop(info_q);
-        drop(twins_q);
-    });
-    Ok(())
 }
 
 /// Publishes `NodeLoad` on `twinmesh/nodes/{node}/load` every second.

@@ -1,0 +1,50 @@
+//! Services every node runs besides its actors: `twinmesh/nodes/{node}/info` (what the
+//! placement authority and `ListNodes` read) and `twinmesh/nodes/{node}/twins` (what
+//! `ListTwins` reads).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use prost::Message;
+
+use twinmesh_proto::encoding;
+use twinmesh_twins::keys;
+use twinmesh_twins::proto::{NodeInfo, NodeTwins};
+
+use crate::context::NodeContext;
+
+/// Declares the node's info and twins queryables and serves them until the node stops.
+pub async fn serve_node_queryables(ctx: &Arc<NodeContext>, info: NodeInfo) -> crate::Result<()> {
+    let info_q = ctx
+        .fabric
+        .queryable(&keys::node_info(&ctx.node), 64)
+        .await?;
+    let twins_q = ctx
+        .fabric
+        .queryable(&keys::node_twins(&ctx.node), 64)
+        .await?;
+    let c = ctx.clone();
+    ctx.tasks.spawn(async move {
+        let info_key = keys::node_info(&c.node);
+        let twins_key = keys::node_twins(&c.node);
+        loop {
+            tokio::select! {
+                biased;
+                _ = c.cancel.cancelled() => break,
+                q = info_q.rx.recv_async() => {
+                    let Ok(q) = q else { break };
+                    let info = NodeInfo { twins: c.directory.len() as u32, ..info.clone() };
+                    q.reply(&info_key, Bytes::from(info.encode_to_vec()), encoding::NODE_INFO).await;
+                }
+                q = twins_q.rx.recv_async() => {
+                    let Ok(q) = q else { break };
+                    let twins = NodeTwins { node: c.node.to_string(), twins: c.directory.list() };
+                    q.reply(&twins_key, Bytes::from(twins.encode_to_vec()), encoding::NODE_TWINS).await;
+                }
+            }
+        }
+        drop(info_q);
+        drop(twins_q);
+    });
+    Ok(())
+}

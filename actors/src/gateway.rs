@@ -21,8 +21,8 @@ use twinmesh_proto::encoding;
 use twinmesh_twins::chain::{self, Chain, ChainSpec, StreamPipeline};
 use twinmesh_twins::dsp::codec;
 use twinmesh_twins::proto::{
-    self, twin_reply, twin_request, ChainUpdate, DesiredUpdate, GetTwinRequest, PlacementRequest,
-    ReplayRequest, TelemetryFrame, TwinReply, TwinRequest, Watermark,
+    self, twin_reply, twin_request, ChainUpdate, DesiredUpdate, GetTwinRequest, Placement,
+    PlacementRequest, ReplayRequest, TelemetryFrame, TwinReply, TwinRequest, Watermark,
 };
 use twinmesh_twins::{keys, Tier, TwinId};
 
@@ -71,6 +71,9 @@ pub enum GatewayMsg {
     Ack(Watermark),
     /// A twin (re)started and asks for what its node's history lacks.
     Replay(ReplayRequest),
+    /// The placement authority moved a twin: acknowledgements of older epochs no longer
+    /// count.
+    Placed(Placement),
     Control(DesiredUpdate),
     /// The twin's chain (its IoT stages run here).
     Chain(ChainUpdate),
@@ -95,6 +98,8 @@ struct Stream {
     reserved_end: u64,
     /// Highest seq the current owner of the twin acknowledged.
     acked: u64,
+    /// Epoch of the owner whose acknowledgements `acked` follows.
+    owner_epoch: u64,
     /// Next seq to replay, while a replay is under way.
     replay_from: Option<u64>,
     /// Lowest seq still resendable.
@@ -126,8 +131,8 @@ pub struct GatewayState {
     config: GatewayConfig,
     devices: BTreeMap<TwinId, Slot>,
     streams: BTreeMap<(TwinId, String), Stream>,
-    /// Highest placement epoch heard from each twin: acknowledgements of older owners
-    /// are ignored (fencing).
+    /// Highest placement epoch known for each twin: acknowledgements of older owners are
+    /// ignored (fencing).
     epochs: BTreeMap<TwinId, u64>,
     /// Acknowledgements ignored because they came from an older owner.
     pub fenced_acks: u64,
@@ -149,6 +154,7 @@ impl GatewayState {
                     next_seq,
                     reserved_end: next_seq + self.config.seq_block,
                     acked: base - 1,
+                    owner_epoch: 0,
                     replay_from: None,
                     base,
                     dropped: 0,
@@ -333,29 +339,36 @@ impl GatewayState {
 
     /// Records `epoch` for `twin`: false when it comes from an older owner (fenced);
     /// `Some(true)` when it is a new owner.
-    fn observe_epoch(&mut self, twin: &TwinId, epoch: u64) -> Option<bool> {
-        let known = self.epochs.entry(twin.clone()).or_insert(epoch);
-        if epoch < *known {
+    /// Checks `epoch` against the highest one known for `twin` (from placements, acks and
+    /// replay requests): false for an older owner (fenced).
+    fn observe_epoch(&mut self, twin: &TwinId, epoch: u64) -> bool {
+        let fence = self.epochs.entry(twin.clone()).or_insert(epoch);
+        if epoch < *fence {
             self.fenced_acks += 1;
-            return None;
+            return false;
         }
-        let new_owner = epoch > *known;
-        *known = epoch;
-        Some(new_owner)
+        *fence = epoch;
+        true
     }
 
     async fn on_ack(&mut self, wm: Watermark) -> crate::Result<()> {
         let Ok(twin) = wm.twin_id.parse::<TwinId>() else {
             return Ok(());
         };
-        let Some(new_owner) = self.observe_epoch(&twin, wm.epoch) else {
+        if !self.observe_epoch(&twin, wm.epoch) {
             tracing::debug!(twin = %twin, epoch = wm.epoch, "ignoring an acknowledgement of an older owner");
             return Ok(());
-        };
+        }
         let retain = self.config.retain_frames;
         let Some(stream) = self.streams.get_mut(&(twin.clone(), wm.signal.clone())) else {
             return Ok(());
         };
+        // The first acknowledgement of an owner: the stream follows it from now on.
+        let new_owner = wm.epoch > stream.owner_epoch && stream.owner_epoch > 0;
+        stream.owner_epoch = stream.owner_epoch.max(wm.epoch);
+        if new_owner {
+            tracing::debug!(twin = %twin, signal = wm.signal, epoch = wm.epoch, seq = wm.seq, previous = stream.acked, "new owner's watermark");
+        }
         if new_owner || wm.seq > stream.acked {
             // A new owner restarts from its own watermark (its snapshot may be older than
             // what the previous owner acknowledged).
@@ -384,7 +397,7 @@ impl GatewayState {
         let Ok(twin) = req.twin_id.parse::<TwinId>() else {
             return;
         };
-        if self.observe_epoch(&twin, req.epoch).is_none() {
+        if !self.observe_epoch(&twin, req.epoch) {
             return;
         }
         for ((t, signal), stream) in self.streams.iter_mut() {
@@ -502,11 +515,16 @@ impl Actor for GatewayActor {
             .fabric
             .subscribe(&keys::replay_of_site(&ctx.site), 1024)
             .await?;
+        let placements = ctx
+            .fabric
+            .subscribe(&keys::placements_of_site(&ctx.site), 1024)
+            .await?;
         let me = myself.clone();
         let c = cancel.clone();
         ctx.tasks.spawn(async move {
             // Own the subscriptions whole: their guards keep them declared.
-            let (acks, control, chains, replays) = (acks, control, chains, replays);
+            let (acks, control, chains, replays, placements) =
+                (acks, control, chains, replays, placements);
             loop {
                 tokio::select! {
                     biased;
@@ -523,6 +541,13 @@ impl Actor for GatewayActor {
                         match DesiredUpdate::decode(s.payload) {
                             Ok(u) => if me.cast(GatewayMsg::Control(u)).is_err() { break },
                             Err(e) => tracing::warn!(key = s.key, "malformed set-point: {e}"),
+                        }
+                    }
+                    s = placements.rx.recv_async() => {
+                        let Ok(s) = s else { break };
+                        match Placement::decode(s.payload) {
+                            Ok(p) => if me.cast(GatewayMsg::Placed(p)).is_err() { break },
+                            Err(e) => tracing::warn!(key = s.key, "malformed placement: {e}"),
                         }
                     }
                     s = replays.rx.recv_async() => {
@@ -636,6 +661,12 @@ impl Actor for GatewayActor {
             }
             GatewayMsg::Ack(wm) => state.on_ack(wm).await?,
             GatewayMsg::Replay(req) => state.on_replay(req),
+            GatewayMsg::Placed(p) => {
+                if let Ok(twin) = p.twin_id.parse::<TwinId>() {
+                    let known = state.epochs.entry(twin).or_insert(0);
+                    *known = (*known).max(p.epoch);
+                }
+            }
             GatewayMsg::Control(update) => state.on_control(update).await,
             GatewayMsg::Chain(update) => state.on_chain(update),
             GatewayMsg::Inspect(reply) => {

@@ -33,6 +33,8 @@ use crate::ports::{Qos, Query, SampleKind};
 pub const STATUS_ACTIVE: &str = "active";
 /// How long after a join the rebalancer looks for moves.
 pub const REBALANCE_WINDOW: Duration = Duration::from_secs(60);
+/// How often kept snapshots are flushed.
+pub const REPLICA_FLUSH: Duration = Duration::from_millis(500);
 /// At most one rebalancing move per this period.
 pub const REBALANCE_PERIOD: Duration = Duration::from_secs(2);
 pub const STATUS_STALE: &str = "stale";
@@ -62,6 +64,8 @@ pub enum MeshMsg {
     SuggestMove(RpcReplyPort<Option<TwinId>>),
     /// A snapshot to keep, synchronously (migration).
     KeepReplica(TwinSnapshot, RpcReplyPort<()>),
+    /// Make kept snapshots durable (periodic).
+    FlushReplicas,
     /// A twin's replicated snapshot.
     Replica(TwinSnapshot),
     Register(
@@ -83,6 +87,9 @@ pub struct MeshState {
     draining: std::collections::BTreeSet<String>,
     /// Rebalancing runs for a while after a node joins.
     rebalance_until: Option<tokio::time::Instant>,
+    /// Snapshots kept since the last flush.
+    replicas_dirty: bool,
+    flush_timer: Option<ractor::concurrency::JoinHandle<()>>,
     cancel: CancellationToken,
 }
 
@@ -365,8 +372,21 @@ impl Actor for MeshSupervisor {
             placements,
             draining: Default::default(),
             rebalance_until: None,
+            replicas_dirty: false,
+            flush_timer: None,
             cancel,
         })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        // Replicas become durable within half a second (a crashed cloud must not roll
+        // twins back further than that).
+        state.flush_timer = Some(myself.send_interval(REPLICA_FLUSH, || MeshMsg::FlushReplicas));
+        Ok(())
     }
 
     async fn post_stop(
@@ -375,6 +395,9 @@ impl Actor for MeshSupervisor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         state.cancel.cancel();
+        if let Some(t) = state.flush_timer.take() {
+            t.abort();
+        }
         Ok(())
     }
 
@@ -483,6 +506,11 @@ impl Actor for MeshSupervisor {
                 }
                 let _ = reply.send(());
             }
+            MeshMsg::FlushReplicas => {
+                if std::mem::take(&mut state.replicas_dirty) {
+                    state.ctx.store.flush().await?;
+                }
+            }
             MeshMsg::Replica(snapshot) => {
                 let Some(id) = snapshot
                     .twin
@@ -498,7 +526,9 @@ impl Actor for MeshSupervisor {
                         return Ok(());
                     }
                 }
-                state.ctx.store.save_replica(&snapshot)?;
+                if state.ctx.store.save_replica(&snapshot)? {
+                    state.replicas_dirty = true;
+                }
             }
             MeshMsg::Register(req, reply) => {
                 let result = async {

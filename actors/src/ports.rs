@@ -162,6 +162,14 @@ pub trait Store: Send + Sync + 'static {
     fn frame_seqs(&self, twin: &TwinId, signal: &str) -> Result<Vec<u64>>;
     /// Highest live seq stored for `signal` (imports, with seq 0, do not count).
     fn last_stored_seq(&self, twin: &TwinId, signal: &str) -> Result<u64>;
+    /// The lowest seq in `from..=upto` that is not stored for `signal`, if any.
+    fn first_missing_seq(
+        &self,
+        twin: &TwinId,
+        signal: &str,
+        from: u64,
+        upto: u64,
+    ) -> Result<Option<u64>>;
 
     // --- twins hosted on this node ---
     fn save_snapshot(&self, snapshot: &TwinSnapshot) -> Result<()>;

@@ -78,6 +78,13 @@ impl From<DomainError> for RequestError {
     }
 }
 
+/// Frames below the applied seq a new owner makes sure its history holds (the gateway's
+/// default retention).
+const REPLAY_WINDOW: u64 = 4096;
+/// How often a twin checks its history for holes after it starts, and how many times.
+const BACKFILL_CHECK: Duration = Duration::from_secs(2);
+const BACKFILL_CHECKS: u32 = 30;
+
 /// Points kept per process signal for analysis context.
 const RECENT_POINTS: usize = 64;
 
@@ -114,6 +121,9 @@ pub struct TwinActorState {
     /// Frozen for a migration: frames are no longer applied nor acknowledged, and
     /// mutating requests are refused (the new owner takes over).
     frozen: bool,
+    /// History checks left after start, and when the next is due.
+    backfill_checks: u32,
+    backfill_due: Option<Instant>,
     /// Revision of the last snapshot replicated to the cloud, and when.
     replicated_revision: Option<u64>,
     last_replication: Option<Instant>,
@@ -464,9 +474,31 @@ impl TwinActorState {
         }
     }
 
+    /// Where this node's history of `signal` needs frames from: the first seq missing in
+    /// the replay window below the applied one, or past the newest stored frame.
+    fn history_needs(&self, signal: &str) -> Option<u64> {
+        let last = self.core.last_seq(signal);
+        let from = last.saturating_sub(REPLAY_WINDOW - 1).max(1);
+        match self
+            .ctx
+            .store
+            .first_missing_seq(&self.core.id, signal, from, last)
+        {
+            Ok(Some(missing)) => Some(missing),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(twin = %self.core.id, signal, "history not readable: {e}");
+                None
+            }
+        }
+    }
+
     /// Asks the gateway to re-send what this node's history lacks (after a restart, a
-    /// migration or a failover): for each signal, everything above the highest seq stored.
-    async fn request_replay(&self) {
+    /// migration or a failover): per signal, everything from the first missing seq of
+    /// the replay window, or past the newest frame stored. Returns whether any signal
+    /// had a hole below the applied seq (the request may need repeating).
+    async fn request_replay(&self) -> bool {
+        let mut holes = false;
         let have_upto = self
             .core
             .kind
@@ -474,12 +506,18 @@ impl TwinActorState {
             .signals
             .iter()
             .map(|s| {
-                let seq = self
-                    .ctx
-                    .store
-                    .last_stored_seq(&self.core.id, s.name)
-                    .unwrap_or(0);
-                (s.name.to_owned(), seq)
+                let have = match self.history_needs(s.name) {
+                    Some(missing) => {
+                        holes = true;
+                        missing - 1
+                    }
+                    None => self
+                        .ctx
+                        .store
+                        .last_stored_seq(&self.core.id, s.name)
+                        .unwrap_or(0),
+                };
+                (s.name.to_owned(), have)
             })
             .collect();
         let req = ReplayRequest {
@@ -494,6 +532,23 @@ impl TwinActorState {
             Qos::Reliable,
         )
         .await;
+        holes
+    }
+
+    /// Repeats the replay request while this node's history has holes (the request or
+    /// some frames may have been lost), a bounded number of times.
+    async fn check_backfill(&mut self, myself: &ActorRef<TwinMsg>) {
+        if self.backfill_checks == 0 || self.frozen {
+            return;
+        }
+        self.backfill_checks -= 1;
+        if self.request_replay().await {
+            self.backfill_due = Some(Instant::now() + BACKFILL_CHECK);
+            self.arm_tick(myself, BACKFILL_CHECK);
+        } else {
+            self.backfill_checks = 0;
+            self.backfill_due = None;
+        }
     }
 
     async fn publish_chain(&self) {
@@ -685,6 +740,8 @@ impl Actor for TwinActor {
             analyzer,
             recent: BTreeMap::new(),
             frozen: false,
+            backfill_checks: BACKFILL_CHECKS,
+            backfill_due: None,
             replicated_revision: None,
             last_replication: None,
             core,
@@ -741,7 +798,7 @@ impl Actor for TwinActor {
     ) -> std::result::Result<(), ActorProcessingErr> {
         state.publish_state().await;
         state.publish_chain().await;
-        state.request_replay().await;
+        state.check_backfill(&myself).await;
         state
             .publish_event(
                 "started",
@@ -867,6 +924,11 @@ impl Actor for TwinActor {
                 }
                 if let Some(wait) = state.maybe_replicate().await {
                     state.arm_tick(&myself, wait);
+                }
+                if state.backfill_due.is_some_and(|t| Instant::now() >= t) {
+                    state.check_backfill(&myself).await;
+                } else if let Some(t) = state.backfill_due {
+                    state.arm_tick(&myself, t - Instant::now());
                 }
                 if state.core.pending_desired().next().is_some() {
                     let retry = state.ctx.twin_config.desired_retry;

@@ -276,6 +276,35 @@ impl Store for SledStore {
         Ok(0)
     }
 
+    fn first_missing_seq(
+        &self,
+        twin: &TwinId,
+        signal: &str,
+        from: u64,
+        upto: u64,
+    ) -> Result<Option<u64>> {
+        if from > upto {
+            return Ok(None);
+        }
+        // Newest first: seqs grow with time, so stop below `from`.
+        let prefix = series_prefix(twin, signal);
+        let mut present = std::collections::BTreeSet::new();
+        for e in self.ts.scan_prefix(&prefix).rev() {
+            let (k, _) = e.map_err(Error::store)?;
+            let (_, seq) = FrameView::key(prefix.len(), &k)?;
+            if seq == 0 {
+                continue;
+            }
+            if seq < from {
+                break;
+            }
+            if seq <= upto {
+                present.insert(seq);
+            }
+        }
+        Ok((from..=upto).find(|s| !present.contains(s)))
+    }
+
     fn save_replica(&self, snapshot: &TwinSnapshot) -> Result<bool> {
         let id = snapshot
             .twin

@@ -102,6 +102,10 @@ pub fn placement(twin: &TwinId) -> String {
 
 pub const PLACEMENT_ALL: &str = "twinmesh/placement/**";
 
+pub fn placements_of_site(site: &str) -> String {
+    format!("twinmesh/placement/{site}/*")
+}
+
 pub fn node_token(node: &NodeId) -> String {
     format!("twinmesh/nodes/{node}")
 }

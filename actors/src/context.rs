@@ -34,6 +34,9 @@ pub struct TwinConfig {
     /// Run the chains' edge analysis (off in deterministic simulations: it runs on a
     /// thread pool, outside virtual time).
     pub analysis: bool,
+    /// Twins idle this long are snapshotted and stopped; the next frame or call wakes
+    /// them (`None`: never).
+    pub passivate_after: Option<Duration>,
 }
 
 impl Default for TwinConfig {
@@ -47,6 +50,7 @@ impl Default for TwinConfig {
             call_timeout: Duration::from_secs(5),
             snapshot_interval: Duration::from_secs(1),
             analysis: true,
+            passivate_after: None,
         }
     }
 }
@@ -64,6 +68,12 @@ impl Directory {
             .lock()
             .expect("directory lock")
             .insert(id.clone(), summary);
+    }
+
+    pub fn set_status(&self, id: &TwinId, status: &str) {
+        if let Some(t) = self.twins.lock().expect("directory lock").get_mut(id) {
+            t.status = status.to_owned();
+        }
     }
 
     pub fn remove(&self, id: &TwinId) {

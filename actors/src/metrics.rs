@@ -21,6 +21,9 @@ pub struct NodeMetrics {
     pub bytes_published: AtomicU64,
     pub rpc_served: AtomicU64,
     pub twin_restarts: AtomicU64,
+    /// Twins stopped after being idle (registered, no actor) and woken again.
+    pub twins_passivated: AtomicU64,
+    pub twins_woken: AtomicU64,
     /// Feature values kept by the cloud archive.
     pub features_archived: AtomicU64,
     rejected: Mutex<BTreeMap<&'static str, u64>>,

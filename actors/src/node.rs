@@ -3,8 +3,8 @@
 //! down — and from the placement authority), restarts a crashed twin from its last
 //! persisted state.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -15,10 +15,13 @@ use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, Supervi
 use tokio_util::sync::CancellationToken;
 
 use twinmesh_proto::encoding;
-use twinmesh_twins::proto::{Placement, PlacementQuery};
+use twinmesh_twins::proto::{
+    twin_reply, ErrorCode, Placement, PlacementQuery, TwinReply, TwinSummary,
+};
 use twinmesh_twins::{keys, TwinId};
 
 use crate::context::NodeContext;
+use crate::mesh::STATUS_ACTIVE;
 use crate::metrics::NodeMetrics;
 use crate::ports::SampleKind;
 use crate::twin::{TwinActor, TwinArgs, TwinMsg};
@@ -39,13 +42,20 @@ pub enum NodeMsg {
     Lookup(TwinId, RpcReplyPort<Option<ActorRef<TwinMsg>>>),
     /// Placements of the twins this node hosts.
     Hosted(RpcReplyPort<Vec<Placement>>),
+    /// A frame or a call for a twin that is dormant here: start it.
+    Wake(TwinId),
 }
 
 struct Hosted {
     actor: Option<ActorRef<TwinMsg>>,
     placement: Placement,
     restarts: Vec<Instant>,
+    /// Passivated: registered here, no actor until its next frame or call.
+    dormant: bool,
 }
+
+/// Status of a dormant twin in listings and in the node's hosted records.
+pub const STATUS_DORMANT: &str = "dormant";
 
 pub struct NodeSupervisor;
 
@@ -54,9 +64,89 @@ pub struct NodeSupervisorState {
     twins: std::collections::BTreeMap<TwinId, Hosted>,
     by_actor: HashMap<ActorId, TwinId>,
     cancel: CancellationToken,
+    /// Twins registered here without an actor (passivated), read by the watcher.
+    dormant: Arc<Mutex<HashSet<TwinId>>>,
+    /// Declared while dormant twins exist: wakes them on frames and calls.
+    dormant_watch: Option<CancellationToken>,
 }
 
 impl NodeSupervisorState {
+    /// Marks a hosted twin dormant or awake, keeping the set the watcher reads, the
+    /// directory and the watcher's declarations in step.
+    async fn set_dormant(&mut self, myself: &ActorRef<NodeMsg>, id: &TwinId, dormant: bool) {
+        {
+            let mut set = self.dormant.lock().expect("dormant set lock");
+            if dormant {
+                set.insert(id.clone());
+            } else {
+                set.remove(id);
+            }
+        }
+        if let Some(h) = self.twins.get_mut(id) {
+            h.dormant = dormant;
+        }
+        if dormant {
+            self.ctx.directory.set_status(id, STATUS_DORMANT);
+        }
+        self.watch_dormant(myself).await;
+    }
+
+    /// Forgets a twin this node no longer hosts (unplaced, fenced).
+    async fn forget(&mut self, myself: &ActorRef<NodeMsg>, id: &TwinId, why: &str) {
+        if let Some(h) = self.twins.remove(id) {
+            if let Some(a) = h.actor {
+                self.by_actor.remove(&a.get_id());
+                a.stop(Some(why.into()));
+            }
+            if h.dormant {
+                self.dormant.lock().expect("dormant set lock").remove(id);
+                self.watch_dormant(myself).await;
+            }
+        }
+    }
+
+    /// Declares (or, with no dormant twin left, withdraws) the node-wide subscription and
+    /// queryable that wake dormant twins. They cover the node's own site: only edges
+    /// passivate (a cloud node hosts twins of every site, and a wildcard over all of
+    /// them would bring other sites' raw telemetry to it).
+    async fn watch_dormant(&mut self, myself: &ActorRef<NodeMsg>) {
+        let needed = !self.dormant.lock().expect("dormant set lock").is_empty();
+        match (needed, self.dormant_watch.is_some()) {
+            (true, false) => {
+                let site = self.ctx.site.clone();
+                let frames = self
+                    .ctx
+                    .fabric
+                    .subscribe(&format!("twinmesh/telemetry/{site}/*/*"), 4096)
+                    .await;
+                let calls = self
+                    .ctx
+                    .fabric
+                    .queryable(&format!("twinmesh/rpc/twins/{site}/*"), 1024)
+                    .await;
+                let (Ok(frames), Ok(calls)) = (frames, calls) else {
+                    tracing::warn!("cannot watch for dormant twins; they wake on placement only");
+                    return;
+                };
+                let cancel = self.cancel.child_token();
+                self.dormant_watch = Some(cancel.clone());
+                self.ctx.tasks.spawn(dormant_watcher(
+                    myself.clone(),
+                    self.dormant.clone(),
+                    frames,
+                    calls,
+                    cancel,
+                ));
+            }
+            (false, true) => {
+                if let Some(c) = self.dormant_watch.take() {
+                    c.cancel();
+                }
+            }
+            _ => {}
+        }
+    }
+
     async fn spawn_twin(&mut self, myself: &ActorRef<NodeMsg>, id: TwinId) {
         let Some(hosted) = self.twins.get_mut(&id) else {
             return;
@@ -87,6 +177,17 @@ impl NodeSupervisorState {
         };
         hosted.actor = None;
         if self.cancel.is_cancelled() {
+            return;
+        }
+        if why == crate::twin::PASSIVATED {
+            // Registered here without an actor: a restart of the node keeps it asleep.
+            let mut record = hosted.placement.clone();
+            record.status = STATUS_DORMANT.to_owned();
+            if let Err(e) = self.ctx.store.save_hosted(&record) {
+                tracing::warn!(twin = %id, "dormant record not stored: {e}");
+            }
+            NodeMetrics::add(&self.ctx.metrics.twins_passivated, 1);
+            self.set_dormant(myself, &id, true).await;
             return;
         }
         let now = Instant::now();
@@ -132,6 +233,8 @@ impl Actor for NodeSupervisor {
             ctx,
             twins: std::collections::BTreeMap::new(),
             by_actor: HashMap::new(),
+            dormant: Default::default(),
+            dormant_watch: None,
             cancel,
         })
     }
@@ -142,8 +245,47 @@ impl Actor for NodeSupervisor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         // Twins this node hosted before it stopped come back at once, cloud or not.
-        for placement in state.ctx.store.hosted()? {
-            myself.cast(NodeMsg::Place(placement))?;
+        let mut dormant = Vec::new();
+        for mut placement in state.ctx.store.hosted()? {
+            if placement.status != STATUS_DORMANT {
+                myself.cast(NodeMsg::Place(placement))?;
+                continue;
+            }
+            // Stays asleep until its next frame or call.
+            let Ok(id) = placement.twin_id.parse::<TwinId>() else {
+                continue;
+            };
+            placement.status = STATUS_ACTIVE.to_owned();
+            state.ctx.directory.upsert(
+                &id,
+                TwinSummary {
+                    twin_id: placement.twin_id.clone(),
+                    kind: placement.kind.clone(),
+                    node: placement.node.clone(),
+                    tier: placement.tier.clone(),
+                    status: STATUS_DORMANT.to_owned(),
+                    revision: 0,
+                },
+            );
+            state.twins.insert(
+                id.clone(),
+                Hosted {
+                    actor: None,
+                    placement,
+                    restarts: Vec::new(),
+                    dormant: true,
+                },
+            );
+            dormant.push(id);
+        }
+        if !dormant.is_empty() {
+            tracing::info!(twins = dormant.len(), "dormant twins registered");
+            state
+                .dormant
+                .lock()
+                .expect("dormant set lock")
+                .extend(dormant);
+            state.watch_dormant(&myself).await;
         }
         Ok(())
     }
@@ -182,38 +324,31 @@ impl Actor for NodeSupervisor {
                     return Ok(());
                 }
                 if let Some(h) = state.twins.get(&id) {
-                    if h.placement.epoch >= placement.epoch && h.actor.is_some() {
+                    if h.placement.epoch >= placement.epoch && (h.actor.is_some() || h.dormant) {
                         return Ok(());
                     }
                 }
                 state.ctx.store.save_hosted(&placement)?;
                 let restarts = state
                     .twins
-                    .remove(&id)
-                    .map(|h| {
-                        if let Some(a) = h.actor {
-                            state.by_actor.remove(&a.get_id());
-                            a.stop(Some("re-placed".into()));
-                        }
-                        h.restarts
-                    })
+                    .get_mut(&id)
+                    .map(|h| std::mem::take(&mut h.restarts))
                     .unwrap_or_default();
+                state.forget(&myself, &id, "re-placed").await;
                 state.twins.insert(
                     id.clone(),
                     Hosted {
                         actor: None,
                         placement,
                         restarts,
+                        dormant: false,
                     },
                 );
                 state.spawn_twin(&myself, id).await;
             }
             NodeMsg::Unplace(id) => {
-                if let Some(h) = state.twins.remove(&id) {
-                    if let Some(a) = h.actor {
-                        state.by_actor.remove(&a.get_id());
-                        a.stop(Some("unplaced".into()));
-                    }
+                if state.twins.contains_key(&id) {
+                    state.forget(&myself, &id, "unplaced").await;
                     state.ctx.store.remove_hosted(&id)?;
                     state.ctx.directory.remove(&id);
                 }
@@ -227,15 +362,25 @@ impl Actor for NodeSupervisor {
                 });
                 if stale {
                     tracing::warn!(twin = %id, epoch = p.epoch, owner = p.node, "twin placed elsewhere at a newer epoch: stopping the stale copy here");
-                    if let Some(h) = state.twins.remove(&id) {
-                        if let Some(a) = h.actor {
-                            state.by_actor.remove(&a.get_id());
-                            a.stop(Some("fenced".into()));
-                        }
-                    }
+                    state.forget(&myself, &id, "fenced").await;
                     state.ctx.store.remove_hosted(&id)?;
                     state.ctx.directory.remove(&id);
                 }
+            }
+            NodeMsg::Wake(id) => {
+                let Some(record) = state
+                    .twins
+                    .get(&id)
+                    .filter(|h| h.dormant)
+                    .map(|h| h.placement.clone())
+                else {
+                    return Ok(());
+                };
+                state.ctx.store.save_hosted(&record)?;
+                tracing::debug!(twin = %id, "waking a dormant twin");
+                NodeMetrics::add(&state.ctx.metrics.twins_woken, 1);
+                state.set_dormant(&myself, &id, false).await;
+                state.spawn_twin(&myself, id).await;
             }
             NodeMsg::Lookup(id, reply) => {
                 let _ = reply.send(state.twins.get(&id).and_then(|h| h.actor.clone()));
@@ -270,6 +415,51 @@ impl Actor for NodeSupervisor {
             _ => {}
         }
         Ok(())
+    }
+}
+
+/// Wakes dormant twins of this node: a frame for one (the gateway re-sends it until the
+/// woken twin acknowledges it) or a call to one (answered "unavailable, waking", which
+/// callers retry within their deadline). Frames and calls for twins that are awake, or
+/// hosted elsewhere, are left alone: the twins answer for themselves.
+async fn dormant_watcher(
+    node: ActorRef<NodeMsg>,
+    dormant: Arc<Mutex<HashSet<TwinId>>>,
+    frames: crate::ports::Subscription,
+    calls: crate::ports::Queryable,
+    cancel: CancellationToken,
+) {
+    let is_dormant = |id: &TwinId| dormant.lock().expect("dormant set lock").contains(id);
+    loop {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            s = frames.rx.recv_async() => {
+                let Ok(s) = s else { break };
+                if let Some(id) = keys::parse_twin_in(&s.key, "telemetry").filter(|id| is_dormant(id)) {
+                    if node.cast(NodeMsg::Wake(id)).is_err() {
+                        break;
+                    }
+                }
+            }
+            q = calls.rx.recv_async() => {
+                let Ok(q) = q else { break };
+                let Some(id) = keys::parse_twin_in(&q.key, "rpc/twins").filter(|id| is_dormant(id)) else {
+                    continue;
+                };
+                if node.cast(NodeMsg::Wake(id.clone())).is_err() {
+                    break;
+                }
+                let reply = TwinReply {
+                    reply: Some(twin_reply::Reply::Error(twinmesh_twins::proto::Error {
+                        code: ErrorCode::Unavailable as i32,
+                        message: format!("twin {id} was dormant and is waking up"),
+                    })),
+                };
+                q.reply(&keys::twin_rpc(&id), Bytes::from(reply.encode_to_vec()), encoding::TWIN_REPLY)
+                    .await;
+            }
+        }
     }
 }
 

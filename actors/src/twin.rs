@@ -27,7 +27,7 @@ use twinmesh_twins::proto::{
 };
 use twinmesh_twins::state::{Admission, DeliveryStatus};
 use twinmesh_twins::stats::Aggregation;
-use twinmesh_twins::{frame, keys, td, AssetKind, Error as DomainError, TwinCore, TwinId};
+use twinmesh_twins::{frame, keys, td, AssetKind, Error as DomainError, Tier, TwinCore, TwinId};
 
 use crate::context::NodeContext;
 use crate::error::{Error, Result};
@@ -78,6 +78,9 @@ impl From<DomainError> for RequestError {
     }
 }
 
+/// Stop reason of a twin that went dormant (its node wakes it on demand).
+pub const PASSIVATED: &str = "passivated";
+
 /// Frames below the applied seq a new owner makes sure its history holds (the gateway's
 /// default retention).
 const REPLAY_WINDOW: u64 = 4096;
@@ -111,7 +114,9 @@ pub struct TwinActorState {
     placement: Placement,
     dirty: bool,
     last_state_publish: Option<Instant>,
-    tick_armed: bool,
+    /// When the next armed tick fires (a nearer need arms another one; a tick re-arms
+    /// whatever is still pending, so an extra one is harmless).
+    tick_at: Option<Instant>,
     last_desired_send: Option<Instant>,
     /// Cuts incoming streams into the windows of the chain's edge stages.
     analyzer: Analyzer,
@@ -121,6 +126,8 @@ pub struct TwinActorState {
     /// Frozen for a migration: frames are no longer applied nor acknowledged, and
     /// mutating requests are refused (the new owner takes over).
     frozen: bool,
+    /// Last frame, request or delivery report (passivation).
+    last_activity: Instant,
     /// History checks left after start, and when the next is due.
     backfill_checks: u32,
     backfill_due: Option<Instant>,
@@ -250,8 +257,9 @@ impl TwinActorState {
     }
 
     fn arm_tick(&mut self, myself: &ActorRef<TwinMsg>, after: Duration) {
-        if !self.tick_armed {
-            self.tick_armed = true;
+        let at = Instant::now() + after;
+        if self.tick_at.is_none_or(|t| at < t) {
+            self.tick_at = Some(at);
             myself.send_after(after, || TwinMsg::Tick);
         }
     }
@@ -551,6 +559,39 @@ impl TwinActorState {
         }
     }
 
+    /// How long this twin may stay idle before it is passivated, if ever: only on edge
+    /// nodes, whose node-wide watch over their site wakes dormant twins.
+    fn passivate_after(&self) -> Option<Duration> {
+        self.ctx
+            .twin_config
+            .passivate_after
+            .filter(|_| self.ctx.tier == Tier::Edge)
+    }
+
+    /// Nothing in flight that a stopped twin would lose.
+    fn can_passivate(&self) -> bool {
+        !self.frozen && self.core.pending_desired().next().is_none() && self.backfill_due.is_none()
+    }
+
+    /// Snapshots (durably, and to the cloud) and stops; the node keeps the twin
+    /// registered and wakes it on its next frame or call.
+    async fn passivate(&mut self, myself: &ActorRef<TwinMsg>) -> Result<()> {
+        self.persist()?;
+        self.ctx.store.flush().await?;
+        self.replicate().await;
+        self.publish_event(
+            "passivated",
+            format!(
+                "idle for {} s: stopped until its next frame or call",
+                self.last_activity.elapsed().as_secs()
+            ),
+            vec![],
+        )
+        .await;
+        myself.stop(Some(PASSIVATED.to_owned()));
+        Ok(())
+    }
+
     async fn publish_chain(&self) {
         let update = ChainUpdate {
             twin_id: self.core.id.to_string(),
@@ -740,6 +781,7 @@ impl Actor for TwinActor {
             analyzer,
             recent: BTreeMap::new(),
             frozen: false,
+            last_activity: Instant::now(),
             backfill_checks: BACKFILL_CHECKS,
             backfill_due: None,
             replicated_revision: None,
@@ -748,7 +790,7 @@ impl Actor for TwinActor {
             placement,
             dirty: true,
             last_state_publish: None,
-            tick_armed: false,
+            tick_at: None,
             last_desired_send: None,
             cancel: cancel.clone(),
         };
@@ -813,6 +855,9 @@ impl Actor for TwinActor {
             state.send_pending_desired().await;
             state.arm_tick(&myself, state.ctx.twin_config.desired_retry);
         }
+        if let Some(idle) = state.passivate_after() {
+            state.arm_tick(&myself, idle);
+        }
         Ok(())
     }
 
@@ -831,6 +876,15 @@ impl Actor for TwinActor {
         msg: Self::Msg,
         state: &mut Self::State,
     ) -> std::result::Result<(), ActorProcessingErr> {
+        if matches!(
+            msg,
+            TwinMsg::Ingest(..) | TwinMsg::Request(..) | TwinMsg::DesiredOutcome(_)
+        ) {
+            state.last_activity = Instant::now();
+            if let Some(idle) = state.passivate_after() {
+                state.arm_tick(&myself, idle);
+            }
+        }
         match msg {
             TwinMsg::Ingest(_, reply) if state.frozen => {
                 // Moving: the new owner applies these (the gateway re-sends them).
@@ -918,11 +972,21 @@ impl Actor for TwinActor {
                 }
             }
             TwinMsg::Tick => {
-                state.tick_armed = false;
+                state.tick_at = None;
                 if state.dirty {
                     state.publish_state().await;
                 }
                 if let Some(wait) = state.maybe_replicate().await {
+                    state.arm_tick(&myself, wait);
+                }
+                if let Some(idle) = state.passivate_after() {
+                    let quiet = state.last_activity.elapsed();
+                    if quiet >= idle && state.can_passivate() {
+                        state.passivate(&myself).await?;
+                        return Ok(());
+                    }
+                    // Not idle long enough, or something still in flight: look again.
+                    let wait = idle.saturating_sub(quiet).max(Duration::from_millis(100));
                     state.arm_tick(&myself, wait);
                 }
                 if state.backfill_due.is_some_and(|t| Instant::now() >= t) {

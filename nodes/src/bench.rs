@@ -41,6 +41,19 @@ pub enum BenchKind {
     /// `kill -9` of the edge hosting a twin (separate processes): time until the twin
     /// answers from the other edge.
     Failover,
+    /// Twins on one edge node: resident memory per live idle twin (`--twins`), and per
+    /// registered dormant twin with passivation (`--registered`), with the time a call
+    /// takes to wake a dormant twin. Each phase runs in a fresh process.
+    Scale,
+}
+
+/// A phase of `bench scale`, run in a child process of its own (so resident memory
+/// starts from a clean process).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ScalePhase {
+    Live,
+    Seed,
+    Registered,
 }
 
 #[derive(Debug, Args)]
@@ -61,6 +74,19 @@ pub struct BenchArgs {
     /// ingest: unacknowledged frames in flight per twin (at most a twin's ingest queue).
     #[arg(long, default_value_t = 256)]
     pub window: u64,
+    /// scale: live twins started on one node.
+    #[arg(long, default_value_t = 100_000)]
+    pub twins: usize,
+    /// scale: dormant twins registered on one node.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub registered: usize,
+    /// scale: dormant twins woken by a call, one after the other.
+    #[arg(long, default_value_t = 1000)]
+    pub wake: usize,
+    #[arg(long, hide = true)]
+    pub phase: Option<ScalePhase>,
+    #[arg(long, hide = true)]
+    pub data: Option<std::path::PathBuf>,
 }
 
 /// A cloud and an edge node in this process, and a peer session acting as the gateway.
@@ -901,6 +927,302 @@ async fn bench_failover(args: &BenchArgs) -> anyhow::Result<MoveReport> {
     })
 }
 
+/// Resident memory of this process, bytes.
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// The twin ids of `bench scale`: kinds in turn, `{prefix}-{n}` on the site `bench`.
+fn scale_placement(prefix: &str, i: usize, node: &str) -> Placement {
+    let kind = twinmesh_twins::AssetKind::ALL[i % twinmesh_twins::AssetKind::ALL.len()];
+    Placement {
+        twin_id: format!("bench/{prefix}{}-{i:07}", kind.prefix()),
+        node: node.into(),
+        tier: Tier::Edge.to_string(),
+        epoch: 1,
+        kind: kind.to_string(),
+        site: "bench".into(),
+        status: twinmesh_actors::mesh::STATUS_ACTIVE.into(),
+        reason: String::new(),
+        initial_chain: None,
+    }
+}
+
+const SCALE_NODE: &str = "bench-edge";
+
+fn scale_node_config(data: &std::path::Path) -> anyhow::Result<NodeConfig> {
+    let mut cfg = NodeConfig::new(SCALE_NODE.parse()?, Tier::Edge, "bench");
+    cfg.listen = vec!["tcp/127.0.0.1:0".into()];
+    cfg.data = data.to_path_buf();
+    cfg.cache_mb = 64;
+    Ok(cfg)
+}
+
+/// Polls `done` every 100 ms until it holds or `bound` passes; prints progress.
+async fn wait_for(
+    what: &str,
+    total: usize,
+    bound: Duration,
+    mut count: impl FnMut() -> usize,
+) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    let mut last_print = Instant::now();
+    loop {
+        let n = count();
+        if n >= total {
+            return Ok(start.elapsed());
+        }
+        anyhow::ensure!(
+            start.elapsed() < bound,
+            "{what}: {n} of {total} after {bound:?}"
+        );
+        if last_print.elapsed() >= Duration::from_secs(5) {
+            eprintln!(
+                "  {what}: {n} of {total} ({:.0} s)",
+                start.elapsed().as_secs_f64()
+            );
+            last_print = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[derive(Debug, Serialize, serde::Deserialize)]
+struct LivePhase {
+    twins: usize,
+    node_rss_bytes: u64,
+    live_rss_bytes: u64,
+    bytes_per_live_twin: f64,
+    start_seconds: f64,
+    stop_seconds: f64,
+}
+
+/// Starts `--twins` twins (every kind in turn) on a lone edge node and measures its
+/// resident memory once they all run idle.
+async fn scale_live(args: &BenchArgs) -> anyhow::Result<LivePhase> {
+    use twinmesh_actors::node::NodeMsg;
+    let dir = tempfile::tempdir()?;
+    let mut cfg = scale_node_config(dir.path())?;
+    cfg.normalize()?;
+    let node = RunningNode::start(cfg).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let node_rss = rss_bytes();
+    let supervisor = node.supervisor.clone().expect("edge supervisor");
+    let start = Instant::now();
+    for i in 0..args.twins {
+        supervisor.cast(NodeMsg::Place(scale_placement("", i, SCALE_NODE)))?;
+    }
+    let ctx = node.ctx.clone();
+    wait_for("live twins", args.twins, Duration::from_secs(1800), || {
+        ctx.directory.len()
+    })
+    .await?;
+    let start_seconds = start.elapsed().as_secs_f64();
+    // Let start-up publications and timers settle before reading memory.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let live_rss = rss_bytes();
+    let stop = Instant::now();
+    node.stop().await?;
+    Ok(LivePhase {
+        twins: args.twins,
+        node_rss_bytes: node_rss,
+        live_rss_bytes: live_rss,
+        bytes_per_live_twin: live_rss.saturating_sub(node_rss) as f64 / args.twins.max(1) as f64,
+        start_seconds,
+        stop_seconds: stop.elapsed().as_secs_f64(),
+    })
+}
+
+/// Registers `--registered` dormant twins in a node database, as an edge that
+/// passivated them leaves it.
+fn scale_seed(args: &BenchArgs, data: &std::path::Path) -> anyhow::Result<f64> {
+    use twinmesh_actors::ports::Store;
+    let start = Instant::now();
+    let store = crate::store::SledStore::open(data, 64)?;
+    for i in 0..args.registered {
+        let mut p = scale_placement("r", i, SCALE_NODE);
+        p.status = twinmesh_actors::node::STATUS_DORMANT.into();
+        store.save_hosted(&p)?;
+    }
+    futures::executor::block_on(store.flush())?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
+#[derive(Debug, Serialize, serde::Deserialize)]
+struct RegisteredPhase {
+    registered: usize,
+    seed_seconds: f64,
+    process_rss_bytes: u64,
+    loaded_rss_bytes: u64,
+    bytes_per_registered_twin: f64,
+    load_seconds: f64,
+    woken: usize,
+    wake_p50_ms: f64,
+    wake_p99_ms: f64,
+    wake_max_ms: f64,
+    after_wake_rss_bytes: u64,
+}
+
+/// Starts an edge node on the seeded database (its dormant twins registered, none
+/// running) and wakes `--wake` of them, one call at a time, through its gRPC API.
+async fn scale_registered(
+    args: &BenchArgs,
+    data: &std::path::Path,
+    seed_seconds: f64,
+) -> anyhow::Result<RegisteredPhase> {
+    let process_rss = rss_bytes();
+    let mut cfg = scale_node_config(data)?;
+    cfg.grpc = Some("127.0.0.1:0".parse()?);
+    cfg.passivate_after_s = 600;
+    cfg.normalize()?;
+    let start = Instant::now();
+    let node = RunningNode::start(cfg).await?;
+    let ctx = node.ctx.clone();
+    wait_for(
+        "registered twins",
+        args.registered,
+        Duration::from_secs(1800),
+        || ctx.directory.len(),
+    )
+    .await?;
+    let load_seconds = start.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let loaded_rss = rss_bytes();
+    let endpoint = format!("http://{}", node.grpc_addr.expect("grpc"));
+    let mut client = TwinServiceClient::connect(endpoint).await?;
+    let woken = args.wake.min(args.registered);
+    let step = (args.registered / woken.max(1)).max(1);
+    let mut latencies = Vec::with_capacity(woken);
+    for i in (0..args.registered).step_by(step).take(woken) {
+        let id = scale_placement("r", i, SCALE_NODE).twin_id;
+        let t0 = Instant::now();
+        let twin = client
+            .get_twin(GetTwinRequest {
+                twin_id: id.clone(),
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("waking {id}: {e}"))?
+            .into_inner();
+        anyhow::ensure!(twin.twin_id == id, "asked for {id}, got {}", twin.twin_id);
+        latencies.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    let woken_count = twinmesh_actors::metrics::NodeMetrics::get(&ctx.metrics.twins_woken);
+    anyhow::ensure!(
+        woken_count == woken as u64,
+        "{woken} calls woke {woken_count} twins"
+    );
+    let after_wake_rss = rss_bytes();
+    node.stop().await?;
+    let (p50, p99, max) = percentiles(latencies);
+    Ok(RegisteredPhase {
+        registered: args.registered,
+        seed_seconds,
+        process_rss_bytes: process_rss,
+        loaded_rss_bytes: loaded_rss,
+        bytes_per_registered_twin: loaded_rss.saturating_sub(process_rss) as f64
+            / args.registered.max(1) as f64,
+        load_seconds,
+        woken,
+        wake_p50_ms: p50,
+        wake_p99_ms: p99,
+        wake_max_ms: max,
+        after_wake_rss_bytes: after_wake_rss,
+    })
+}
+
+#[derive(Debug, Serialize)]
+struct ScaleReport {
+    machine: String,
+    live: LivePhase,
+    registered: RegisteredPhase,
+}
+
+/// Runs one phase of `bench scale` in a child process and reads its JSON.
+async fn scale_child<T: serde::de::DeserializeOwned>(
+    args: &BenchArgs,
+    phase: &str,
+    data: Option<&std::path::Path>,
+) -> anyhow::Result<T> {
+    let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
+    cmd.args(["bench", "scale", "--json", "--phase", phase])
+        .args(["--twins", &args.twins.to_string()])
+        .args(["--registered", &args.registered.to_string()])
+        .args(["--wake", &args.wake.to_string()])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit());
+    if let Some(d) = data {
+        cmd.arg("--data").arg(d);
+    }
+    let out = cmd.output().await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "bench scale phase {phase} failed ({})",
+        out.status
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .ok_or_else(|| anyhow::anyhow!("phase {phase} printed no result"))?;
+    Ok(serde_json::from_str(line)?)
+}
+
+async fn bench_scale(args: &BenchArgs) -> anyhow::Result<Option<ScaleReport>> {
+    match args.phase {
+        Some(ScalePhase::Live) => {
+            println!("{}", serde_json::to_string(&scale_live(args).await?)?);
+            Ok(None)
+        }
+        Some(ScalePhase::Seed) => {
+            let data = args
+                .data
+                .as_deref()
+                .ok_or_else(|| anyhow::anyhow!("--data"))?;
+            println!("{}", serde_json::to_string(&scale_seed(args, data)?)?);
+            Ok(None)
+        }
+        Some(ScalePhase::Registered) => {
+            let data = args
+                .data
+                .as_deref()
+                .ok_or_else(|| anyhow::anyhow!("--data"))?;
+            println!(
+                "{}",
+                serde_json::to_string(&scale_registered(args, data, 0.0).await?)?
+            );
+            Ok(None)
+        }
+        None => {
+            eprintln!("scale: {} live twins on one edge node ...", args.twins);
+            let live: LivePhase = scale_child(args, "live", None).await?;
+            let dir = tempfile::tempdir()?;
+            eprintln!("scale: registering {} dormant twins ...", args.registered);
+            let seed_seconds: f64 = scale_child(args, "seed", Some(dir.path())).await?;
+            eprintln!(
+                "scale: starting an edge node with them, waking {} ...",
+                args.wake
+            );
+            let mut registered: RegisteredPhase =
+                scale_child(args, "registered", Some(dir.path())).await?;
+            registered.seed_seconds = seed_seconds;
+            Ok(Some(ScaleReport {
+                machine: machine(),
+                live,
+                registered,
+            }))
+        }
+    }
+}
+
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.seconds > 0.0 && args.seconds <= 600.0,
@@ -997,6 +1319,39 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 println!(
                     "  p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
                     r.p50_ms, r.p99_ms, r.max_ms
+                );
+            }
+        }
+        BenchKind::Scale => {
+            anyhow::ensure!(
+                (1..=1_000_000).contains(&args.twins),
+                "--twins must be in 1..=1000000"
+            );
+            anyhow::ensure!(
+                (1..=10_000_000).contains(&args.registered),
+                "--registered must be in 1..=10000000"
+            );
+            anyhow::ensure!(args.wake >= 1, "--wake must be at least 1");
+            let Some(r) = bench_scale(&args).await? else {
+                return Ok(());
+            };
+            if args.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                let mb = |b: u64| b as f64 / (1024.0 * 1024.0);
+                let (l, g) = (&r.live, &r.registered);
+                println!("scale: one edge node, {}", r.machine);
+                println!(
+                    "  live idle twins      : {} started in {:.1} s, node {:.0} MiB -> {:.0} MiB, {:.0} bytes per twin (stop {:.1} s)",
+                    l.twins, l.start_seconds, mb(l.node_rss_bytes), mb(l.live_rss_bytes), l.bytes_per_live_twin, l.stop_seconds
+                );
+                println!(
+                    "  registered (dormant) : {} (written in {:.1} s, loaded in {:.1} s), process {:.0} MiB -> {:.0} MiB, {:.0} bytes per twin",
+                    g.registered, g.seed_seconds, g.load_seconds, mb(g.process_rss_bytes), mb(g.loaded_rss_bytes), g.bytes_per_registered_twin
+                );
+                println!(
+                    "  wake by a call       : {} twins, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; {:.0} MiB after",
+                    g.woken, g.wake_p50_ms, g.wake_p99_ms, g.wake_max_ms, mb(g.after_wake_rss_bytes)
                 );
             }
         }

@@ -56,6 +56,10 @@ pub struct UpArgs {
     /// Seed of the simulators.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Edges stop twins idle this many seconds until their next frame or call
+    /// (passivation; 0: never).
+    #[arg(long, default_value_t = 0, value_name = "SECONDS")]
+    pub passivate_after: u64,
 }
 
 #[derive(Debug, Args)]
@@ -105,6 +109,10 @@ pub struct NodeArgs {
     pub multicast: bool,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Edge nodes: stop twins idle this many seconds until their next frame or call
+    /// (passivation; 0: never).
+    #[arg(long, default_value_t = 0, value_name = "SECONDS")]
+    pub passivate_after: u64,
 }
 
 impl NodeArgs {
@@ -129,6 +137,7 @@ impl NodeArgs {
         cfg.max_frame_bytes = self.max_frame_bytes;
         cfg.multicast = self.multicast;
         cfg.seed = self.seed;
+        cfg.passivate_after_s = self.passivate_after;
         cfg.normalize()?;
         Ok(cfg)
     }

@@ -219,6 +219,10 @@ pub struct NodeConfig {
     /// Seed of the simulators.
     #[serde(default = "default_seed")]
     pub seed: u64,
+    /// Twins idle this many seconds are snapshotted and stopped (dormant) until their
+    /// next frame or call; 0 (the default) keeps every twin running.
+    #[serde(default)]
+    pub passivate_after_s: u64,
 }
 
 impl NodeConfig {
@@ -242,6 +246,7 @@ impl NodeConfig {
             cache_mb: default_cache_mb(),
             capacity: default_capacity(),
             seed: default_seed(),
+            passivate_after_s: 0,
         }
     }
 
@@ -291,6 +296,13 @@ impl NodeConfig {
             Chain::validate(spec, *kind).map_err(|e| {
                 anyhow::anyhow!("invalid chain for {kind} in the configuration: {e}")
             })?;
+        }
+        if self.passivate_after_s > 0 && self.tier != Tier::Edge {
+            anyhow::bail!(
+                "node {} is a {} node: passivation (passivate_after_s) applies to edge nodes",
+                self.id,
+                self.tier
+            );
         }
         if !self.simulate.is_empty() && self.tier != Tier::Iot {
             anyhow::bail!(
@@ -391,6 +403,10 @@ tier = "edge"
 site = "s"
 simulate = ["wind_turbine:2"]"#)
         .contains("only iot gateways"));
+        assert!(bad(r#"id = "c"
+tier = "cloud"
+passivate_after_s = 30"#)
+        .contains("passivation (passivate_after_s) applies to edge nodes"));
         assert!(bad(r#"id = "e"
 tier = "iot"
 site = "s"

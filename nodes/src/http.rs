@@ -161,9 +161,21 @@ async fn metrics(State(s): State<HttpState>) -> Response {
         NodeMetrics::get(&m.twin_restarts),
     );
     metric(
+        "twinmesh_twins_passivated_total",
+        "counter",
+        "Idle twins stopped until their next frame or call.",
+        NodeMetrics::get(&m.twins_passivated),
+    );
+    metric(
+        "twinmesh_twins_woken_total",
+        "counter",
+        "Dormant twins started again by a frame or a call.",
+        NodeMetrics::get(&m.twins_woken),
+    );
+    metric(
         "twinmesh_twins",
         "gauge",
-        "Twins running on this node.",
+        "Twins hosted on this node (running or dormant).",
         s.ctx.directory.len() as u64,
     );
     metric(

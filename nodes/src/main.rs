@@ -63,6 +63,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 zenoh: args.zenoh,
                 data: args.data,
                 seed: args.seed,
+                passivate_after_s: args.passivate_after,
             };
             twinmesh_nodes::up::up(opts, shutdown_signal()).await
         }

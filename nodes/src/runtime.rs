@@ -118,6 +118,10 @@ impl RunningNode {
             directory: Default::default(),
             twin_config: TwinConfig {
                 max_frame_bytes: config.max_frame_bytes,
+                passivate_after: match config.passivate_after_s {
+                    0 => twin_config.passivate_after,
+                    s => Some(Duration::from_secs(s)),
+                },
                 ..twin_config
             },
             tasks: TaskTracker::new(),

@@ -26,6 +26,8 @@ pub struct UpOptions {
     pub zenoh: String,
     pub data: PathBuf,
     pub seed: u64,
+    /// Edges passivate twins idle this many seconds (0: never).
+    pub passivate_after_s: u64,
 }
 
 fn next_port(addr: SocketAddr, offset: u16) -> SocketAddr {
@@ -52,6 +54,7 @@ pub fn plan(opts: &UpOptions) -> anyhow::Result<Vec<NodeConfig>> {
         edge.listen = vec!["tcp/127.0.0.1:0".into()];
         edge.grpc = Some(next_port(opts.grpc, 1 + i as u16));
         edge.data = opts.data.join(edge.id.as_str());
+        edge.passivate_after_s = opts.passivate_after_s;
         nodes.push(edge);
     }
     for (i, site) in SITES.iter().enumerate() {

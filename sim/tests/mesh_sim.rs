@@ -3,8 +3,12 @@
 //! at most one owner per twin and epoch, and every acknowledged frame present exactly
 //! once in the final owner's history after recovery.
 //!
-//! `TWINMESH_SIM_SEEDS=N` sets how many seeds run (default 500);
-//! `TWINMESH_SIM_SEED=S` replays one seed.
+//! The same scenario runs again with passivation on: twins whose 1 Hz streams leave
+//! them idle between frames are stopped and woken again all the time, under the same
+//! faults, and the same invariants must hold.
+//!
+//! `TWINMESH_SIM_SEEDS=N` sets how many seeds run (default 500, and a fifth of that
+//! with passivation); `TWINMESH_SIM_SEED=S` replays one seed (both variants).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -16,7 +20,7 @@ use rand_chacha::ChaCha8Rng;
 use twinmesh_actors::ports::{Fabric, Store};
 use twinmesh_sim::mesh::cluster::{NodeSpec, SimCluster};
 use twinmesh_sim::mesh::fabric::{NetConfig, Network};
-use twinmesh_twins::proto::{TwinState, Watermark};
+use twinmesh_twins::proto::{TwinEvent, TwinState, Watermark};
 use twinmesh_twins::{AssetKind, Tier, TwinId};
 
 const EDGES: [&str; 2] = ["edge-1", "edge-2"];
@@ -30,7 +34,14 @@ fn twins() -> Vec<(TwinId, AssetKind)> {
     ]
 }
 
-async fn scenario(seed: u64) -> Result<String, String> {
+/// What one run saw, for the summary and for checks across seeds.
+struct Outcome {
+    summary: String,
+    /// `passivated` events the twins published.
+    passivations: u64,
+}
+
+async fn scenario(seed: u64, passivate_after: Option<Duration>) -> Result<Outcome, String> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let net = Network::new(
         seed,
@@ -49,7 +60,12 @@ async fn scenario(seed: u64) -> Result<String, String> {
         .subscribe("twinmesh/acks/**", 1_000_000)
         .await
         .map_err(|e| e.to_string())?;
+    let events = observer
+        .subscribe("twinmesh/twins/*/*/events", 1_000_000)
+        .await
+        .map_err(|e| e.to_string())?;
     let mut c = SimCluster::new(net.clone(), seed);
+    c.twin_config.passivate_after = passivate_after;
     let node = |id: &str, tier, site: &str, devices| NodeSpec {
         id: id.into(),
         tier,
@@ -233,50 +249,96 @@ async fn scenario(seed: u64) -> Result<String, String> {
             }
         }
     }
-    let summary = format!("{} events, {} epochs seen", log.len(), owners.len());
+    let mut passivations = 0;
+    while let Ok(s) = events.rx.try_recv() {
+        if TwinEvent::decode(s.payload).is_ok_and(|e| e.kind == "passivated") {
+            passivations += 1;
+        }
+    }
+    let summary = format!(
+        "{} events, {} epochs seen, {passivations} passivations",
+        log.len(),
+        owners.len()
+    );
     c.shutdown().await;
-    Ok(summary)
+    Ok(Outcome {
+        summary,
+        passivations,
+    })
 }
 
-fn run(seed: u64) -> Result<String, String> {
+fn run(seed: u64, passivate_after: Option<Duration>) -> Result<Outcome, String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
         .build()
         .expect("runtime");
-    rt.block_on(scenario(seed))
+    rt.block_on(scenario(seed, passivate_after))
 }
 
-#[test]
-fn invariants_hold_over_many_seeds() {
+/// Idle time after which edges passivate twins in the passivation variant: shorter than
+/// the 1 s between the frames of the simulated 1 Hz signals.
+const PASSIVATE_AFTER: Duration = Duration::from_millis(400);
+
+fn seeds(default: u64) -> u64 {
+    std::env::var("TWINMESH_SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Runs every seed (or the one in `TWINMESH_SIM_SEED`); fails with the failing seeds.
+/// Returns the passivations seen in all runs.
+fn run_seeds(count: u64, passivate_after: Option<Duration>) -> u64 {
     if let Ok(filter) = std::env::var("TWINMESH_SIM_LOG") {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(filter)
             .with_test_writer()
             .try_init();
     }
-    if let Ok(seed) = std::env::var("TWINMESH_SIM_SEED") {
-        let seed: u64 = seed.parse().expect("TWINMESH_SIM_SEED is a number");
-        match run(seed) {
-            Ok(s) => eprintln!("seed {seed}: {s}"),
-            Err(e) => panic!("seed {seed} failed: {e}"),
-        }
-        return;
-    }
-    let seeds: u64 = std::env::var("TWINMESH_SIM_SEEDS")
+    let only: Option<u64> = std::env::var("TWINMESH_SIM_SEED")
         .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(500);
+        .map(|s| s.parse().expect("TWINMESH_SIM_SEED is a number"));
     let mut failed = Vec::new();
-    for seed in 0..seeds {
-        if let Err(e) = run(seed) {
-            eprintln!("seed {seed} failed: {e}");
-            failed.push(seed);
+    let mut passivations = 0;
+    for seed in only.map_or(0..count, |s| s..s + 1) {
+        match run(seed, passivate_after) {
+            Ok(o) => {
+                passivations += o.passivations;
+                if only.is_some() {
+                    eprintln!("seed {seed}: {}", o.summary);
+                }
+            }
+            Err(e) => {
+                eprintln!("seed {seed} failed: {e}");
+                failed.push(seed);
+            }
         }
     }
+    let variant = if passivate_after.is_some() {
+        " (with passivation)"
+    } else {
+        ""
+    };
     assert!(
         failed.is_empty(),
-        "{} of {seeds} seeds failed: {failed:?}; replay one with TWINMESH_SIM_SEED=<seed> cargo test -p twinmesh-sim --test mesh_sim",
+        "{} of {count} seeds failed{variant}: {failed:?}; replay one with TWINMESH_SIM_SEED=<seed> cargo test -p twinmesh-sim --test mesh_sim",
         failed.len()
+    );
+    passivations
+}
+
+#[test]
+fn invariants_hold_over_many_seeds() {
+    let passivations = run_seeds(seeds(500), None);
+    assert_eq!(passivations, 0, "no twin passivates unless configured");
+}
+
+#[test]
+fn invariants_hold_while_twins_passivate_and_wake() {
+    let passivations = run_seeds((seeds(500) / 5).max(1), Some(PASSIVATE_AFTER));
+    assert!(
+        passivations > 0,
+        "twins idle between 1 Hz frames were never passivated"
     );
 }

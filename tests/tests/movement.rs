@@ -535,3 +535,110 @@ async fn with_the_cloud_down_the_edge_serves_and_reconciles_when_it_returns() {
     .await;
     assert_eq!(via_cloud.placement.unwrap().node, p0.node);
 }
+
+/// Status of `id` in `ListTwins` through `endpoint`.
+async fn listed_status(endpoint: &str, id: &str) -> Option<String> {
+    let listed = twin_client(endpoint)
+        .await
+        .list_twins(ListTwinsRequest::default())
+        .await
+        .ok()?
+        .into_inner();
+    listed
+        .twins
+        .into_iter()
+        .find(|t| t.twin_id == id)
+        .map(|t| t.status)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_twin_is_passivated_and_woken_by_its_next_frame_or_call() {
+    let mut c = Cluster::new(1000).unwrap();
+    c.start("cloud", "cloud", None, None, &[]).unwrap();
+    c.start(
+        "edge",
+        "edge-a1",
+        Some("site-a"),
+        None,
+        &["--passivate-after", "2"],
+    )
+    .unwrap();
+    c.start(
+        "iot",
+        "iot-a",
+        Some("site-a"),
+        None,
+        &["--simulate", "hpc_node:1"],
+    )
+    .unwrap();
+    let cloud = c.node("cloud").grpc_endpoint();
+    let id = "site-a/hpc-01";
+    let seqs = |t: &twinmesh_proto::v1::Twin| -> std::collections::BTreeMap<String, u64> {
+        t.reported.iter().map(|(k, v)| (k.clone(), v.seq)).collect()
+    };
+    let min_seq = |t: &twinmesh_proto::v1::Twin| t.reported.values().map(|v| v.seq).min();
+    eventually(WAIT, "streaming", || async {
+        let t = twin(&cloud, id).await.ok()?;
+        (min_seq(&t)? >= 3).then_some(())
+    })
+    .await;
+
+    // The gateway stops: the twin idles, and the edge passivates it.
+    assert!(c.nodes.get_mut("iot-a").unwrap().stop().unwrap().success());
+    let idle = twin(&cloud, id).await.unwrap();
+    eventually(WAIT, "the idle twin listed dormant", || async {
+        (listed_status(&cloud, id).await? == "dormant").then_some(())
+    })
+    .await;
+
+    // Its next frame wakes it (no call involved: the gateway's re-sent frames reach the
+    // edge's watch of its site) and it ingests on from where it stopped.
+    c.restart("iot-a").unwrap();
+    eventually(WAIT, "woken by telemetry", || async {
+        let status = listed_status(&cloud, id).await?;
+        (status != "dormant").then_some(())
+    })
+    .await;
+    let woken = eventually(WAIT, "ingesting again", || async {
+        let t = twin(&cloud, id).await.ok()?;
+        (min_seq(&t)? > idle.reported.values().map(|v| v.seq).max()?).then_some(t)
+    })
+    .await;
+    assert!(woken.revision > idle.revision);
+
+    // Dormant again; the edge restarts and keeps it registered but asleep; a call wakes
+    // it with its state intact.
+    assert!(c.nodes.get_mut("iot-a").unwrap().stop().unwrap().success());
+    let last = twin(&cloud, id).await.unwrap();
+    eventually(WAIT, "dormant again", || async {
+        (listed_status(&cloud, id).await? == "dormant").then_some(())
+    })
+    .await;
+    assert!(c
+        .nodes
+        .get_mut("edge-a1")
+        .unwrap()
+        .stop()
+        .unwrap()
+        .success());
+    c.restart("edge-a1").unwrap();
+    eventually(WAIT, "still dormant after the edge restarted", || async {
+        (listed_status(&cloud, id).await? == "dormant").then_some(())
+    })
+    .await;
+    let called = twin(&cloud, id)
+        .await
+        .expect("a call wakes a dormant twin within its deadline");
+    assert_eq!(seqs(&called), seqs(&last), "state survives passivation");
+    assert_eq!(called.placement.as_ref().unwrap().node, "edge-a1");
+    assert_ne!(listed_status(&cloud, id).await.as_deref(), Some("dormant"));
+
+    // Every frame stored exactly once across the naps.
+    for n in ["edge-a1", "cloud"] {
+        assert!(c.nodes.get_mut(n).unwrap().stop().unwrap().success());
+    }
+    for (signal, v) in &last.reported {
+        let stored = stored_seqs(&c, "edge-a1", id, signal);
+        assert_exactly_once(&stored, v.seq, &format!("{signal} on edge-a1"));
+    }
+}

@@ -74,6 +74,9 @@ pub struct SimCluster {
     pub nodes: BTreeMap<String, SimNode>,
     clock: Arc<SimClock>,
     seed: u64,
+    /// Twin settings of the nodes started from now on (analysis off: it runs on a
+    /// thread pool, outside virtual time).
+    pub twin_config: TwinConfig,
 }
 
 impl SimCluster {
@@ -84,6 +87,10 @@ impl SimCluster {
             // 2026-01-01T12:00:00Z
             clock: Arc::new(SimClock::new(1_767_268_800_000_000_000)),
             seed,
+            twin_config: TwinConfig {
+                analysis: false,
+                ..TwinConfig::default()
+            },
         }
     }
 
@@ -127,10 +134,7 @@ impl SimCluster {
             clock: self.clock.clone(),
             metrics: Arc::new(NodeMetrics::default()),
             directory: Default::default(),
-            twin_config: TwinConfig {
-                analysis: false,
-                ..TwinConfig::default()
-            },
+            twin_config: self.twin_config.clone(),
             tasks: TaskTracker::new(),
             cancel: CancellationToken::new(),
             analysis_permits: Arc::new(tokio::sync::Semaphore::new(1)),

@@ -70,6 +70,7 @@ impl Directory {
             .insert(id.clone(), summary);
     }
 
+    /// Sets the status a listing shows (e.g. `dormant`).
     pub fn set_status(&self, id: &TwinId, status: &str) {
         if let Some(t) = self.twins.lock().expect("directory lock").get_mut(id) {
             t.status = status.to_owned();
@@ -115,6 +116,8 @@ pub struct NodeContext {
     pub cancel: CancellationToken,
     /// Bounds the analysis windows computed at once on the blocking pool.
     pub analysis_permits: Arc<tokio::sync::Semaphore>,
+    /// Node-level dispatch to the twins hosted here (active on edge nodes).
+    pub router: Arc<crate::router::Router>,
 }
 
 impl NodeContext {

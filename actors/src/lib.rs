@@ -15,6 +15,9 @@
 //! - [`mesh`]: [`mesh::MeshSupervisor`], the placement authority on the cloud node.
 //! - [`gateway`]: [`gateway::GatewayActor`], the IoT tier: devices → numbered frames →
 //!   durable spool → fabric; re-sends until acknowledged; forwards set-points.
+//! - [`router`]: [`router::Router`], node-level dispatch on edges: one set of
+//!   declarations per node hands frames, calls and delivery reports to the twin by id
+//!   and wakes dormant (passivated) twins.
 //! - [`metrics`]: per-node counters behind `NodeLoad` and `/metrics`.
 //! - [`services`]: the info/twins queryables every node serves.
 
@@ -25,6 +28,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod node;
 pub mod ports;
+pub mod router;
 pub mod services;
 pub mod twin;
 

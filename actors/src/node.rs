@@ -3,8 +3,8 @@
 //! down — and from the placement authority), restarts a crashed twin from its last
 //! persisted state.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -15,9 +15,8 @@ use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, Supervi
 use tokio_util::sync::CancellationToken;
 
 use twinmesh_proto::encoding;
-use twinmesh_twins::proto::{
-    twin_reply, ErrorCode, Placement, PlacementQuery, TwinReply, TwinSummary,
-};
+use twinmesh_twins::proto::{Placement, PlacementQuery, TwinSummary};
+use twinmesh_twins::Tier;
 use twinmesh_twins::{keys, TwinId};
 
 use crate::context::NodeContext;
@@ -64,86 +63,31 @@ pub struct NodeSupervisorState {
     twins: std::collections::BTreeMap<TwinId, Hosted>,
     by_actor: HashMap<ActorId, TwinId>,
     cancel: CancellationToken,
-    /// Twins registered here without an actor (passivated), read by the watcher.
-    dormant: Arc<Mutex<HashSet<TwinId>>>,
-    /// Declared while dormant twins exist: wakes them on frames and calls.
-    dormant_watch: Option<CancellationToken>,
 }
 
 impl NodeSupervisorState {
-    /// Marks a hosted twin dormant or awake, keeping the set the watcher reads, the
-    /// directory and the watcher's declarations in step.
-    async fn set_dormant(&mut self, myself: &ActorRef<NodeMsg>, id: &TwinId, dormant: bool) {
-        {
-            let mut set = self.dormant.lock().expect("dormant set lock");
-            if dormant {
-                set.insert(id.clone());
-            } else {
-                set.remove(id);
-            }
-        }
+    /// Marks a hosted twin dormant or awake, in the router (which wakes it) and in
+    /// the directory.
+    fn set_dormant(&mut self, id: &TwinId, dormant: bool) {
+        self.ctx.router.set_dormant(id, dormant);
         if let Some(h) = self.twins.get_mut(id) {
             h.dormant = dormant;
         }
         if dormant {
             self.ctx.directory.set_status(id, STATUS_DORMANT);
         }
-        self.watch_dormant(myself).await;
     }
 
-    /// Forgets a twin this node no longer hosts (unplaced, fenced).
-    async fn forget(&mut self, myself: &ActorRef<NodeMsg>, id: &TwinId, why: &str) {
+    /// Forgets a twin this node no longer hosts (re-placed, unplaced, fenced).
+    fn forget(&mut self, id: &TwinId, why: &str) {
         if let Some(h) = self.twins.remove(id) {
             if let Some(a) = h.actor {
                 self.by_actor.remove(&a.get_id());
                 a.stop(Some(why.into()));
             }
             if h.dormant {
-                self.dormant.lock().expect("dormant set lock").remove(id);
-                self.watch_dormant(myself).await;
+                self.ctx.router.set_dormant(id, false);
             }
-        }
-    }
-
-    /// Declares (or, with no dormant twin left, withdraws) the node-wide subscription and
-    /// queryable that wake dormant twins. They cover the node's own site: only edges
-    /// passivate (a cloud node hosts twins of every site, and a wildcard over all of
-    /// them would bring other sites' raw telemetry to it).
-    async fn watch_dormant(&mut self, myself: &ActorRef<NodeMsg>) {
-        let needed = !self.dormant.lock().expect("dormant set lock").is_empty();
-        match (needed, self.dormant_watch.is_some()) {
-            (true, false) => {
-                let site = self.ctx.site.clone();
-                let frames = self
-                    .ctx
-                    .fabric
-                    .subscribe(&format!("twinmesh/telemetry/{site}/*/*"), 4096)
-                    .await;
-                let calls = self
-                    .ctx
-                    .fabric
-                    .queryable(&format!("twinmesh/rpc/twins/{site}/*"), 1024)
-                    .await;
-                let (Ok(frames), Ok(calls)) = (frames, calls) else {
-                    tracing::warn!("cannot watch for dormant twins; they wake on placement only");
-                    return;
-                };
-                let cancel = self.cancel.child_token();
-                self.dormant_watch = Some(cancel.clone());
-                self.ctx.tasks.spawn(dormant_watcher(
-                    myself.clone(),
-                    self.dormant.clone(),
-                    frames,
-                    calls,
-                    cancel,
-                ));
-            }
-            (false, true) => {
-                if let Some(c) = self.dormant_watch.take() {
-                    c.cancel();
-                }
-            }
-            _ => {}
         }
     }
 
@@ -187,7 +131,7 @@ impl NodeSupervisorState {
                 tracing::warn!(twin = %id, "dormant record not stored: {e}");
             }
             NodeMetrics::add(&self.ctx.metrics.twins_passivated, 1);
-            self.set_dormant(myself, &id, true).await;
+            self.set_dormant(&id, true);
             return;
         }
         let now = Instant::now();
@@ -217,6 +161,15 @@ impl Actor for NodeSupervisor {
         myself: ActorRef<Self::Msg>,
         ctx: Arc<NodeContext>,
     ) -> Result<Self::State, ActorProcessingErr> {
+        if ctx.tier == Tier::Edge {
+            // Frames, calls and delivery reports for the site's twins come through one
+            // set of declarations, which also wakes dormant twins.
+            ctx.router.start(&ctx).await?;
+            let node = myself.clone();
+            ctx.router.set_waker(Box::new(move |id| {
+                let _ = node.cast(NodeMsg::Wake(id));
+            }));
+        }
         let cancel = ctx.cancel.child_token();
         // Placements published by the authority, and a full sync whenever a node (the
         // cloud among them) appears.
@@ -233,8 +186,6 @@ impl Actor for NodeSupervisor {
             ctx,
             twins: std::collections::BTreeMap::new(),
             by_actor: HashMap::new(),
-            dormant: Default::default(),
-            dormant_watch: None,
             cancel,
         })
     }
@@ -280,12 +231,7 @@ impl Actor for NodeSupervisor {
         }
         if !dormant.is_empty() {
             tracing::info!(twins = dormant.len(), "dormant twins registered");
-            state
-                .dormant
-                .lock()
-                .expect("dormant set lock")
-                .extend(dormant);
-            state.watch_dormant(&myself).await;
+            state.ctx.router.extend_dormant(dormant);
         }
         Ok(())
     }
@@ -334,7 +280,7 @@ impl Actor for NodeSupervisor {
                     .get_mut(&id)
                     .map(|h| std::mem::take(&mut h.restarts))
                     .unwrap_or_default();
-                state.forget(&myself, &id, "re-placed").await;
+                state.forget(&id, "re-placed");
                 state.twins.insert(
                     id.clone(),
                     Hosted {
@@ -348,7 +294,7 @@ impl Actor for NodeSupervisor {
             }
             NodeMsg::Unplace(id) => {
                 if state.twins.contains_key(&id) {
-                    state.forget(&myself, &id, "unplaced").await;
+                    state.forget(&id, "unplaced");
                     state.ctx.store.remove_hosted(&id)?;
                     state.ctx.directory.remove(&id);
                 }
@@ -362,7 +308,7 @@ impl Actor for NodeSupervisor {
                 });
                 if stale {
                     tracing::warn!(twin = %id, epoch = p.epoch, owner = p.node, "twin placed elsewhere at a newer epoch: stopping the stale copy here");
-                    state.forget(&myself, &id, "fenced").await;
+                    state.forget(&id, "fenced");
                     state.ctx.store.remove_hosted(&id)?;
                     state.ctx.directory.remove(&id);
                 }
@@ -379,7 +325,7 @@ impl Actor for NodeSupervisor {
                 state.ctx.store.save_hosted(&record)?;
                 tracing::debug!(twin = %id, "waking a dormant twin");
                 NodeMetrics::add(&state.ctx.metrics.twins_woken, 1);
-                state.set_dormant(&myself, &id, false).await;
+                state.set_dormant(&id, false);
                 state.spawn_twin(&myself, id).await;
             }
             NodeMsg::Lookup(id, reply) => {
@@ -415,51 +361,6 @@ impl Actor for NodeSupervisor {
             _ => {}
         }
         Ok(())
-    }
-}
-
-/// Wakes dormant twins of this node: a frame for one (the gateway re-sends it until the
-/// woken twin acknowledges it) or a call to one (answered "unavailable, waking", which
-/// callers retry within their deadline). Frames and calls for twins that are awake, or
-/// hosted elsewhere, are left alone: the twins answer for themselves.
-async fn dormant_watcher(
-    node: ActorRef<NodeMsg>,
-    dormant: Arc<Mutex<HashSet<TwinId>>>,
-    frames: crate::ports::Subscription,
-    calls: crate::ports::Queryable,
-    cancel: CancellationToken,
-) {
-    let is_dormant = |id: &TwinId| dormant.lock().expect("dormant set lock").contains(id);
-    loop {
-        tokio::select! {
-            biased;
-            _ = cancel.cancelled() => break,
-            s = frames.rx.recv_async() => {
-                let Ok(s) = s else { break };
-                if let Some(id) = keys::parse_twin_in(&s.key, "telemetry").filter(|id| is_dormant(id)) {
-                    if node.cast(NodeMsg::Wake(id)).is_err() {
-                        break;
-                    }
-                }
-            }
-            q = calls.rx.recv_async() => {
-                let Ok(q) = q else { break };
-                let Some(id) = keys::parse_twin_in(&q.key, "rpc/twins").filter(|id| is_dormant(id)) else {
-                    continue;
-                };
-                if node.cast(NodeMsg::Wake(id.clone())).is_err() {
-                    break;
-                }
-                let reply = TwinReply {
-                    reply: Some(twin_reply::Reply::Error(twinmesh_twins::proto::Error {
-                        code: ErrorCode::Unavailable as i32,
-                        message: format!("twin {id} was dormant and is waking up"),
-                    })),
-                };
-                q.reply(&keys::twin_rpc(&id), Bytes::from(reply.encode_to_vec()), encoding::TWIN_REPLY)
-                    .await;
-            }
-        }
     }
 }
 

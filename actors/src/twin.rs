@@ -27,7 +27,7 @@ use twinmesh_twins::proto::{
 };
 use twinmesh_twins::state::{Admission, DeliveryStatus};
 use twinmesh_twins::stats::Aggregation;
-use twinmesh_twins::{frame, keys, td, AssetKind, Error as DomainError, Tier, TwinCore, TwinId};
+use twinmesh_twins::{frame, keys, td, AssetKind, Error as DomainError, TwinCore, TwinId};
 
 use crate::context::NodeContext;
 use crate::error::{Error, Result};
@@ -560,12 +560,12 @@ impl TwinActorState {
     }
 
     /// How long this twin may stay idle before it is passivated, if ever: only on edge
-    /// nodes, whose node-wide watch over their site wakes dormant twins.
+    /// nodes, whose router wakes dormant twins.
     fn passivate_after(&self) -> Option<Duration> {
         self.ctx
             .twin_config
             .passivate_after
-            .filter(|_| self.ctx.tier == Tier::Edge)
+            .filter(|_| self.ctx.router.is_active())
     }
 
     /// Nothing in flight that a stopped twin would lose.
@@ -798,18 +798,25 @@ impl Actor for TwinActor {
 
         // Declare the fabric side before the actor counts as started, so a twin that is
         // up is reachable.
-        let telemetry = ctx
-            .fabric
-            .subscribe(&keys::telemetry_of(&id), ctx.twin_config.ingest_queue)
-            .await?;
-        let rpc = ctx
-            .fabric
-            .queryable(&keys::twin_rpc(&id), ctx.twin_config.ingest_queue)
-            .await?;
-        let delivered = ctx
-            .fabric
-            .subscribe(&keys::control_delivered(&id), 64)
-            .await?;
+        let (telemetry, rpc, delivered) = if ctx.router.is_active() {
+            // Edge: the node's router hands this twin its frames, calls and reports.
+            let r = ctx.router.register(&id, ctx.twin_config.ingest_queue);
+            (r.telemetry, r.rpc, r.delivered)
+        } else {
+            let telemetry = ctx
+                .fabric
+                .subscribe(&keys::telemetry_of(&id), ctx.twin_config.ingest_queue)
+                .await?;
+            let rpc = ctx
+                .fabric
+                .queryable(&keys::twin_rpc(&id), ctx.twin_config.ingest_queue)
+                .await?;
+            let delivered = ctx
+                .fabric
+                .subscribe(&keys::control_delivered(&id), 64)
+                .await?;
+            (telemetry, rpc, delivered)
+        };
 
         ctx.tasks.spawn(ingest_pump(
             myself.clone(),

@@ -21,8 +21,12 @@ use twinmesh_actors::{Error, Result};
 
 use crate::config::{NodeConfig, ZenohMode};
 
-/// Publishers kept declared (hot keys: telemetry, acks); others use `session.put`.
-const MAX_CACHED_PUBLISHERS: usize = 16_384;
+/// Publishers kept declared (the first keys a node publishes on: its hot telemetry and
+/// ack streams); others use `session.put`. Zenoh looks a new declaration's prefix up
+/// among the session's declared resources one by one, so each declaration costs time
+/// proportional to those already made: 16,384 cached keys made starting a few thousand
+/// twins on one node quadratic.
+const MAX_CACHED_PUBLISHERS: usize = 1024;
 
 pub struct ZenohFabric {
     session: Session,

@@ -129,6 +129,7 @@ impl RunningNode {
             analysis_permits: Arc::new(tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
             )),
+            router: Default::default(),
         });
         let grpc_addr = grpc_listener.as_ref().and_then(|l| l.local_addr().ok());
         let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());

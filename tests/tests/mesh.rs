@@ -45,8 +45,10 @@ async fn register(session: &zenoh::Session, twin: &str, kind: &str) -> Placement
     .await
 }
 
-/// Publishes on `key` once a subscriber (the twin) is known to match it, so nothing is
-/// sent before the twin's subscription has reached this session.
+/// Publishes on `key` once a subscriber is known to match it, so nothing is sent before
+/// the subscription has reached this session. On an edge that subscriber is the node's
+/// router, up before the twin: callers wait until the twin answers calls first (its
+/// calls and frames are routed to it from the same moment).
 async fn publish(session: &zenoh::Session, key: &str, payload: Vec<u8>) {
     let publisher = session
         .declare_publisher(key.to_owned())

@@ -138,6 +138,7 @@ impl SimCluster {
             tasks: TaskTracker::new(),
             cancel: CancellationToken::new(),
             analysis_permits: Arc::new(tokio::sync::Semaphore::new(1)),
+            router: Default::default(),
         });
         let info = NodeInfo {
             node: spec.id.clone(),

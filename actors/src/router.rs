@@ -1,0 +1,288 @@
+//! `Router`: node-level dispatch on edge nodes. Three declarations per node — a
+//! subscription to its site's telemetry, a queryable for its site's twin RPCs and a
+//! subscription to its site's delivery reports — replace three per twin; frames, calls
+//! and reports are handed to the twin hosted here by its id, and wake it when it is
+//! dormant (passivated).
+//!
+//! Why: Zenoh matches every publication of a session against each subscriber of that
+//! session in turn, so with per-twin declarations every state or ack a twin published
+//! cost time proportional to the number of twins on the node; a node stalled at a few
+//! thousand twins. Cloud nodes keep per-twin declarations: they host twins of every
+//! site, and a wildcard over all sites would bring other sites' raw telemetry to them.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+
+use bytes::Bytes;
+use prost::Message;
+use tokio_util::sync::CancellationToken;
+
+use twinmesh_proto::encoding;
+use twinmesh_twins::proto::{twin_reply, ErrorCode, TwinReply};
+use twinmesh_twins::{keys, TwinId};
+
+use crate::context::NodeContext;
+use crate::metrics::NodeMetrics;
+use crate::ports::{Query, Queryable, Sample, Subscription};
+
+/// Messages the node-wide declarations buffer before dropping (the gateway re-sends
+/// dropped frames; callers retry).
+const NODE_QUEUE: usize = 16_384;
+
+/// The channels of one registered twin.
+struct Routes {
+    generation: u64,
+    telemetry: flume::Sender<Sample>,
+    telemetry_dropped: Arc<AtomicU64>,
+    rpc: flume::Sender<Query>,
+    delivered: flume::Sender<Sample>,
+}
+
+/// What a registered twin receives; dropping `telemetry` (its guard) unregisters it.
+pub struct TwinRoutes {
+    pub telemetry: Subscription,
+    pub rpc: Queryable,
+    pub delivered: Subscription,
+}
+
+type Waker = Box<dyn Fn(TwinId) + Send + Sync>;
+
+#[derive(Default)]
+pub struct Router {
+    active: AtomicBool,
+    next_generation: AtomicU64,
+    routes: RwLock<HashMap<TwinId, Routes>>,
+    /// Twins registered on this node without an actor (passivated).
+    dormant: Mutex<HashSet<TwinId>>,
+    /// Starts a dormant twin (set by the node supervisor).
+    waker: RwLock<Option<Waker>>,
+}
+
+/// Unregisters a twin's routes when its ingest pump drops its subscription, unless the
+/// twin registered again since (a restarted actor).
+struct RouteGuard {
+    router: Weak<Router>,
+    id: TwinId,
+    generation: u64,
+}
+
+impl Drop for RouteGuard {
+    fn drop(&mut self) {
+        if let Some(router) = self.router.upgrade() {
+            let mut routes = router.routes.write().expect("routes lock");
+            if routes
+                .get(&self.id)
+                .is_some_and(|r| r.generation == self.generation)
+            {
+                routes.remove(&self.id);
+            }
+        }
+    }
+}
+
+impl Router {
+    /// Whether the node-wide declarations are up (twins then register here instead of
+    /// declaring their own).
+    pub fn is_active(&self) -> bool {
+        self.active.load(Relaxed)
+    }
+
+    /// Declares the node-wide subscriptions and queryable for `ctx.site` and starts the
+    /// dispatch tasks, owned by the node's tracker.
+    pub async fn start(self: &Arc<Self>, ctx: &Arc<NodeContext>) -> crate::Result<()> {
+        let site = &ctx.site;
+        let telemetry = ctx
+            .fabric
+            .subscribe(&format!("twinmesh/telemetry/{site}/*/*"), NODE_QUEUE)
+            .await?;
+        let rpc = ctx
+            .fabric
+            .queryable(&format!("twinmesh/rpc/twins/{site}/*"), NODE_QUEUE)
+            .await?;
+        let delivered = ctx
+            .fabric
+            .subscribe(&format!("twinmesh/control/{site}/*/delivered"), NODE_QUEUE)
+            .await?;
+        let cancel = ctx.cancel.clone();
+        ctx.tasks.spawn(self.clone().dispatch_samples(
+            ctx.clone(),
+            telemetry,
+            "telemetry",
+            cancel.clone(),
+        ));
+        ctx.tasks.spawn(self.clone().dispatch_samples(
+            ctx.clone(),
+            delivered,
+            "control",
+            cancel.clone(),
+        ));
+        ctx.tasks.spawn(self.clone().dispatch_queries(rpc, cancel));
+        self.active.store(true, Relaxed);
+        Ok(())
+    }
+
+    pub fn set_waker(&self, waker: Waker) {
+        *self.waker.write().expect("waker lock") = Some(waker);
+    }
+
+    /// Registers a twin hosted here; replaces an earlier registration of the same twin.
+    pub fn register(self: &Arc<Self>, id: &TwinId, capacity: usize) -> TwinRoutes {
+        let generation = self.next_generation.fetch_add(1, Relaxed);
+        let (telemetry_tx, telemetry_rx) = flume::bounded(capacity);
+        let (rpc_tx, rpc_rx) = flume::bounded(capacity);
+        let (delivered_tx, delivered_rx) = flume::bounded(64);
+        let dropped = Arc::new(AtomicU64::new(0));
+        self.routes.write().expect("routes lock").insert(
+            id.clone(),
+            Routes {
+                generation,
+                telemetry: telemetry_tx,
+                telemetry_dropped: dropped.clone(),
+                rpc: rpc_tx,
+                delivered: delivered_tx,
+            },
+        );
+        TwinRoutes {
+            telemetry: Subscription {
+                rx: telemetry_rx,
+                dropped,
+                guard: Box::new(RouteGuard {
+                    router: Arc::downgrade(self),
+                    id: id.clone(),
+                    generation,
+                }),
+            },
+            rpc: Queryable {
+                rx: rpc_rx,
+                guard: Box::new(()),
+            },
+            delivered: Subscription {
+                rx: delivered_rx,
+                dropped: Default::default(),
+                guard: Box::new(()),
+            },
+        }
+    }
+
+    pub fn registered(&self) -> usize {
+        self.routes.read().expect("routes lock").len()
+    }
+
+    pub fn set_dormant(&self, id: &TwinId, dormant: bool) {
+        let mut set = self.dormant.lock().expect("dormant lock");
+        if dormant {
+            set.insert(id.clone());
+        } else {
+            set.remove(id);
+        }
+    }
+
+    pub fn extend_dormant(&self, ids: impl IntoIterator<Item = TwinId>) {
+        self.dormant.lock().expect("dormant lock").extend(ids);
+    }
+
+    pub fn is_dormant(&self, id: &TwinId) -> bool {
+        self.dormant.lock().expect("dormant lock").contains(id)
+    }
+
+    /// Wakes `id` if it is dormant here; returns whether it was.
+    fn wake(&self, id: &TwinId) -> bool {
+        if !self.is_dormant(id) {
+            return false;
+        }
+        if let Some(w) = self.waker.read().expect("waker lock").as_ref() {
+            w(id.clone());
+        }
+        true
+    }
+
+    /// Telemetry frames (section `telemetry`) or delivery reports (section `control`).
+    async fn dispatch_samples(
+        self: Arc<Self>,
+        ctx: Arc<NodeContext>,
+        sub: Subscription,
+        section: &'static str,
+        cancel: CancellationToken,
+    ) {
+        loop {
+            let sample = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                s = sub.rx.recv_async() => match s { Ok(s) => s, Err(_) => break },
+            };
+            let overflow = sub.dropped.swap(0, Relaxed);
+            if overflow > 0 {
+                NodeMetrics::add(&ctx.metrics.frames_overflow, overflow);
+            }
+            let Some(id) = keys::parse_twin_in(&sample.key, section) else {
+                continue;
+            };
+            let full = {
+                let routes = self.routes.read().expect("routes lock");
+                match routes.get(&id) {
+                    Some(r) if section == "telemetry" => match r.telemetry.try_send(sample) {
+                        Err(flume::TrySendError::Full(_)) => Some(r.telemetry_dropped.clone()),
+                        _ => None,
+                    },
+                    Some(r) => {
+                        // Delivery reports are re-sent by the gateway until answered.
+                        let _ = r.delivered.try_send(sample);
+                        None
+                    }
+                    None => {
+                        // The gateway re-sends the frame until the woken twin
+                        // acknowledges it.
+                        drop(routes);
+                        self.wake(&id);
+                        None
+                    }
+                }
+            };
+            if let Some(dropped) = full {
+                dropped.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    /// Twin RPCs: handed to the twin, answered "waking" for a dormant one (callers retry
+    /// within their deadline), and left alone for twins not hosted here.
+    async fn dispatch_queries(self: Arc<Self>, queryable: Queryable, cancel: CancellationToken) {
+        loop {
+            let query = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                q = queryable.rx.recv_async() => match q { Ok(q) => q, Err(_) => break },
+            };
+            let Some(id) = keys::parse_twin_in(&query.key, "rpc/twins") else {
+                continue;
+            };
+            let query = {
+                let routes = self.routes.read().expect("routes lock");
+                match routes.get(&id) {
+                    // A full queue drops the query: the caller times out and retries.
+                    Some(r) => {
+                        let _ = r.rpc.try_send(query);
+                        continue;
+                    }
+                    None => query,
+                }
+            };
+            if self.wake(&id) {
+                let reply = TwinReply {
+                    reply: Some(twin_reply::Reply::Error(twinmesh_twins::proto::Error {
+                        code: ErrorCode::Unavailable as i32,
+                        message: format!("twin {id} was dormant and is waking up"),
+                    })),
+                };
+                query
+                    .reply(
+                        &keys::twin_rpc(&id),
+                        Bytes::from(reply.encode_to_vec()),
+                        encoding::TWIN_REPLY,
+                    )
+                    .await;
+            }
+        }
+    }
+}

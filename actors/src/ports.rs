@@ -57,6 +57,9 @@ pub trait Responder: Send {
     async fn reply_many(self: Box<Self>, replies: Vec<(String, Bytes)>, encoding: &'static str);
 }
 
+/// Runs on the fabric's thread for each sample of a callback subscription.
+pub type SampleCallback = Box<dyn Fn(Sample) + Send + Sync>;
+
 /// One query received by a queryable.
 pub struct Query {
     pub key: String,
@@ -104,6 +107,17 @@ pub trait Fabric: Send + Sync + 'static {
     /// blocking the fabric, so one slow consumer cannot stall the node. Every user of a
     /// lossy subscription must tolerate drops (telemetry is re-sent from the spool).
     async fn subscribe(&self, keyexpr: &str, capacity: usize) -> Result<Subscription>;
+
+    /// Like [`Fabric::subscribe`], but runs `callback` on the fabric's own thread for each
+    /// sample, saving a channel and a task hop on hot paths; the callback must never
+    /// block. Fabrics that cannot do this return `None` (callers then subscribe).
+    async fn subscribe_callback(
+        &self,
+        _keyexpr: &str,
+        _callback: SampleCallback,
+    ) -> Result<Option<Guard>> {
+        Ok(None)
+    }
 
     /// Serves queries on `keyexpr`; beyond `capacity` waiting queries, new ones are
     /// dropped (the caller times out and retries).

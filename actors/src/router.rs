@@ -24,7 +24,7 @@ use twinmesh_twins::{keys, TwinId};
 
 use crate::context::NodeContext;
 use crate::metrics::NodeMetrics;
-use crate::ports::{Query, Queryable, Sample, Subscription};
+use crate::ports::{Guard, Query, Queryable, Sample, SampleCallback, Subscription};
 
 /// Messages the node-wide declarations buffer before dropping (the gateway re-sends
 /// dropped frames; callers retry).
@@ -51,6 +51,9 @@ type Waker = Box<dyn Fn(TwinId) + Send + Sync>;
 #[derive(Default)]
 pub struct Router {
     active: AtomicBool,
+    /// Node-wide declarations held by callback subscriptions (the others live in their
+    /// dispatch tasks).
+    guards: Mutex<Vec<Guard>>,
     next_generation: AtomicU64,
     routes: RwLock<HashMap<TwinId, Routes>>,
     /// Twins registered on this node without an actor (passivated).
@@ -92,31 +95,36 @@ impl Router {
     /// dispatch tasks, owned by the node's tracker.
     pub async fn start(self: &Arc<Self>, ctx: &Arc<NodeContext>) -> crate::Result<()> {
         let site = &ctx.site;
-        let telemetry = ctx
-            .fabric
-            .subscribe(&format!("twinmesh/telemetry/{site}/*/*"), NODE_QUEUE)
-            .await?;
+        let cancel = ctx.cancel.clone();
+        for (keyexpr, section) in [
+            (format!("twinmesh/telemetry/{site}/*/*"), "telemetry"),
+            (format!("twinmesh/control/{site}/*/delivered"), "control"),
+        ] {
+            // Straight from the fabric's thread into the twin's channel where the fabric
+            // allows it (Zenoh); through a dispatch task otherwise (the simulation).
+            let router = Arc::downgrade(self);
+            let callback: SampleCallback = Box::new(move |sample| {
+                if let Some(r) = router.upgrade() {
+                    r.route_sample(sample, section);
+                }
+            });
+            match ctx.fabric.subscribe_callback(&keyexpr, callback).await? {
+                Some(guard) => self.guards.lock().expect("guards lock").push(guard),
+                None => {
+                    let sub = ctx.fabric.subscribe(&keyexpr, NODE_QUEUE).await?;
+                    ctx.tasks.spawn(self.clone().dispatch_samples(
+                        ctx.clone(),
+                        sub,
+                        section,
+                        cancel.clone(),
+                    ));
+                }
+            }
+        }
         let rpc = ctx
             .fabric
             .queryable(&format!("twinmesh/rpc/twins/{site}/*"), NODE_QUEUE)
             .await?;
-        let delivered = ctx
-            .fabric
-            .subscribe(&format!("twinmesh/control/{site}/*/delivered"), NODE_QUEUE)
-            .await?;
-        let cancel = ctx.cancel.clone();
-        ctx.tasks.spawn(self.clone().dispatch_samples(
-            ctx.clone(),
-            telemetry,
-            "telemetry",
-            cancel.clone(),
-        ));
-        ctx.tasks.spawn(self.clone().dispatch_samples(
-            ctx.clone(),
-            delivered,
-            "control",
-            cancel.clone(),
-        ));
         ctx.tasks.spawn(self.clone().dispatch_queries(rpc, cancel));
         self.active.store(true, Relaxed);
         Ok(())
@@ -215,32 +223,32 @@ impl Router {
             if overflow > 0 {
                 NodeMetrics::add(&ctx.metrics.frames_overflow, overflow);
             }
-            let Some(id) = keys::parse_twin_in(&sample.key, section) else {
-                continue;
-            };
-            let full = {
-                let routes = self.routes.read().expect("routes lock");
-                match routes.get(&id) {
-                    Some(r) if section == "telemetry" => match r.telemetry.try_send(sample) {
-                        Err(flume::TrySendError::Full(_)) => Some(r.telemetry_dropped.clone()),
-                        _ => None,
-                    },
-                    Some(r) => {
-                        // Delivery reports are re-sent by the gateway until answered.
-                        let _ = r.delivered.try_send(sample);
-                        None
-                    }
-                    None => {
-                        // The gateway re-sends the frame until the woken twin
-                        // acknowledges it.
-                        drop(routes);
-                        self.wake(&id);
-                        None
-                    }
+            self.route_sample(sample, section);
+        }
+    }
+
+    /// Hands a frame (section `telemetry`) or a delivery report (section `control`) to
+    /// its twin, or wakes the twin if it is dormant here. Never blocks: a full channel
+    /// drops, counted where the twin's pump reports overflow (the gateway re-sends).
+    fn route_sample(&self, sample: Sample, section: &'static str) {
+        let Some(id) = keys::parse_twin_in(&sample.key, section) else {
+            return;
+        };
+        let routes = self.routes.read().expect("routes lock");
+        match routes.get(&id) {
+            Some(r) if section == "telemetry" => {
+                if let Err(flume::TrySendError::Full(_)) = r.telemetry.try_send(sample) {
+                    r.telemetry_dropped.fetch_add(1, Relaxed);
                 }
-            };
-            if let Some(dropped) = full {
-                dropped.fetch_add(1, Relaxed);
+            }
+            Some(r) => {
+                // Delivery reports are re-sent by the gateway until answered.
+                let _ = r.delivered.try_send(sample);
+            }
+            None => {
+                // The gateway re-sends the frame until the woken twin acknowledges it.
+                drop(routes);
+                self.wake(&id);
             }
         }
     }
@@ -284,5 +292,7 @@ impl Router {
                     .await;
             }
         }
+        // The node stops: withdraw the callback subscriptions too.
+        self.guards.lock().expect("guards lock").clear();
     }
 }

@@ -1187,7 +1187,8 @@ async fn bench_scale(args: &BenchArgs) -> anyhow::Result<Option<ScaleReport>> {
                 .data
                 .as_deref()
                 .ok_or_else(|| anyhow::anyhow!("--data"))?;
-            println!("{}", serde_json::to_string(&scale_seed(args, data)?)?);
+            let seconds = scale_seed(args, data)?;
+            println!("{}", serde_json::json!({ "seconds": seconds }));
             Ok(None)
         }
         Some(ScalePhase::Registered) => {
@@ -1204,9 +1205,11 @@ async fn bench_scale(args: &BenchArgs) -> anyhow::Result<Option<ScaleReport>> {
         None => {
             eprintln!("scale: {} live twins on one edge node ...", args.twins);
             let live: LivePhase = scale_child(args, "live", None).await?;
+            eprintln!("  {}", serde_json::to_string(&live)?);
             let dir = tempfile::tempdir()?;
             eprintln!("scale: registering {} dormant twins ...", args.registered);
-            let seed_seconds: f64 = scale_child(args, "seed", Some(dir.path())).await?;
+            let seeded: serde_json::Value = scale_child(args, "seed", Some(dir.path())).await?;
+            let seed_seconds = seeded["seconds"].as_f64().unwrap_or(0.0);
             eprintln!(
                 "scale: starting an edge node with them, waking {} ...",
                 args.wake

@@ -15,7 +15,8 @@ use zenoh::sample::SampleKind as ZSampleKind;
 use zenoh::Session;
 
 use twinmesh_actors::ports::{
-    Fabric, Guard, Qos, Query, Queryable, Reply, Responder, Sample, SampleKind, Subscription,
+    Fabric, Guard, Qos, Query, Queryable, Reply, Responder, Sample, SampleCallback, SampleKind,
+    Subscription,
 };
 use twinmesh_actors::{Error, Result};
 
@@ -251,6 +252,26 @@ impl Fabric for ZenohFabric {
             dropped,
             guard: Box::new(subscriber),
         })
+    }
+
+    async fn subscribe_callback(
+        &self,
+        keyexpr: &str,
+        callback: SampleCallback,
+    ) -> Result<Option<Guard>> {
+        let subscriber = self
+            .session
+            .declare_subscriber(keyexpr.to_owned())
+            .callback(move |s: zenoh::sample::Sample| {
+                callback(Sample {
+                    key: s.key_expr().to_string(),
+                    payload: to_bytes(s.payload()),
+                    kind: SampleKind::Put,
+                })
+            })
+            .await
+            .map_err(Error::fabric)?;
+        Ok(Some(Box::new(subscriber)))
     }
 
     async fn queryable(&self, keyexpr: &str, capacity: usize) -> Result<Queryable> {

@@ -49,8 +49,6 @@ struct Hosted {
     actor: Option<ActorRef<TwinMsg>>,
     placement: Placement,
     restarts: Vec<Instant>,
-    /// Passivated: registered here, no actor until its next frame or call.
-    dormant: bool,
 }
 
 /// Status of a dormant twin in listings and in the node's hosted records.
@@ -66,28 +64,15 @@ pub struct NodeSupervisorState {
 }
 
 impl NodeSupervisorState {
-    /// Marks a hosted twin dormant or awake, in the router (which wakes it) and in
-    /// the directory.
-    fn set_dormant(&mut self, id: &TwinId, dormant: bool) {
-        self.ctx.router.set_dormant(id, dormant);
-        if let Some(h) = self.twins.get_mut(id) {
-            h.dormant = dormant;
-        }
-        if dormant {
-            self.ctx.directory.set_status(id, STATUS_DORMANT);
-        }
-    }
-
-    /// Forgets a twin this node no longer hosts (re-placed, unplaced, fenced).
+    /// Forgets a twin this node no longer hosts (re-placed, unplaced, fenced), awake or
+    /// dormant (the router keeps which twins are dormant).
     fn forget(&mut self, id: &TwinId, why: &str) {
         if let Some(h) = self.twins.remove(id) {
             if let Some(a) = h.actor {
                 self.by_actor.remove(&a.get_id());
                 a.stop(Some(why.into()));
             }
-            if h.dormant {
-                self.ctx.router.set_dormant(id, false);
-            }
+            self.ctx.router.set_dormant(id, false);
         }
     }
 
@@ -131,7 +116,8 @@ impl NodeSupervisorState {
                 tracing::warn!(twin = %id, "dormant record not stored: {e}");
             }
             NodeMetrics::add(&self.ctx.metrics.twins_passivated, 1);
-            self.set_dormant(&id, true);
+            self.ctx.router.set_dormant(&id, true);
+            self.ctx.directory.set_status(&id, STATUS_DORMANT);
             return;
         }
         let now = Instant::now();
@@ -224,14 +210,13 @@ impl Actor for NodeSupervisor {
                     actor: None,
                     placement,
                     restarts: Vec::new(),
-                    dormant: true,
                 },
             );
             dormant.push(id);
         }
         if !dormant.is_empty() {
             tracing::info!(twins = dormant.len(), "dormant twins registered");
-            state.ctx.router.extend_dormant(dormant);
+            state.ctx.router.extend_dormant(&dormant);
         }
         Ok(())
     }
@@ -270,7 +255,8 @@ impl Actor for NodeSupervisor {
                     return Ok(());
                 }
                 if let Some(h) = state.twins.get(&id) {
-                    if h.placement.epoch >= placement.epoch && (h.actor.is_some() || h.dormant) {
+                    let asleep = state.ctx.router.is_dormant(&id);
+                    if h.placement.epoch >= placement.epoch && (h.actor.is_some() || asleep) {
                         return Ok(());
                     }
                 }
@@ -287,7 +273,6 @@ impl Actor for NodeSupervisor {
                         actor: None,
                         placement,
                         restarts,
-                        dormant: false,
                     },
                 );
                 state.spawn_twin(&myself, id).await;
@@ -317,7 +302,7 @@ impl Actor for NodeSupervisor {
                 let Some(record) = state
                     .twins
                     .get(&id)
-                    .filter(|h| h.dormant)
+                    .filter(|_| state.ctx.router.is_dormant(&id))
                     .map(|h| h.placement.clone())
                 else {
                     return Ok(());
@@ -325,7 +310,7 @@ impl Actor for NodeSupervisor {
                 state.ctx.store.save_hosted(&record)?;
                 tracing::debug!(twin = %id, "waking a dormant twin");
                 NodeMetrics::add(&state.ctx.metrics.twins_woken, 1);
-                state.set_dormant(&id, false);
+                state.ctx.router.set_dormant(&id, false);
                 state.spawn_twin(&myself, id).await;
             }
             NodeMsg::Lookup(id, reply) => {

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use twinmesh_proto::encoding;
 use twinmesh_twins::proto::{twin_reply, ErrorCode, TwinReply};
-use twinmesh_twins::{keys, TwinId};
+use twinmesh_twins::TwinId;
 
 use crate::context::NodeContext;
 use crate::metrics::NodeMetrics;
@@ -55,9 +55,10 @@ pub struct Router {
     /// dispatch tasks).
     guards: Mutex<Vec<Guard>>,
     next_generation: AtomicU64,
-    routes: RwLock<HashMap<TwinId, Routes>>,
-    /// Twins registered on this node without an actor (passivated).
-    dormant: Mutex<HashSet<TwinId>>,
+    /// By `{site}/{asset}`, so a key's slice finds its twin without allocating.
+    routes: RwLock<HashMap<String, Routes>>,
+    /// Twins registered on this node without an actor (passivated), by `{site}/{asset}`.
+    dormant: Mutex<HashSet<String>>,
     /// Starts a dormant twin (set by the node supervisor).
     waker: RwLock<Option<Waker>>,
 }
@@ -66,7 +67,7 @@ pub struct Router {
 /// twin registered again since (a restarted actor).
 struct RouteGuard {
     router: Weak<Router>,
-    id: TwinId,
+    id: String,
     generation: u64,
 }
 
@@ -141,6 +142,7 @@ impl Router {
         let (rpc_tx, rpc_rx) = flume::bounded(capacity);
         let (delivered_tx, delivered_rx) = flume::bounded(64);
         let dropped = Arc::new(AtomicU64::new(0));
+        let id = id.to_string();
         self.routes.write().expect("routes lock").insert(
             id.clone(),
             Routes {
@@ -157,7 +159,7 @@ impl Router {
                 dropped,
                 guard: Box::new(RouteGuard {
                     router: Arc::downgrade(self),
-                    id: id.clone(),
+                    id,
                     generation,
                 }),
             },
@@ -173,34 +175,41 @@ impl Router {
         }
     }
 
-    pub fn registered(&self) -> usize {
-        self.routes.read().expect("routes lock").len()
-    }
-
+    /// Marks a twin hosted here as dormant (woken by its next frame or call) or not;
+    /// the node supervisor's one record of which twins are asleep.
     pub fn set_dormant(&self, id: &TwinId, dormant: bool) {
         let mut set = self.dormant.lock().expect("dormant lock");
         if dormant {
-            set.insert(id.clone());
+            set.insert(id.to_string());
         } else {
-            set.remove(id);
+            set.remove(&id.to_string());
         }
     }
 
-    pub fn extend_dormant(&self, ids: impl IntoIterator<Item = TwinId>) {
-        self.dormant.lock().expect("dormant lock").extend(ids);
+    pub fn extend_dormant<'a>(&self, ids: impl IntoIterator<Item = &'a TwinId>) {
+        self.dormant
+            .lock()
+            .expect("dormant lock")
+            .extend(ids.into_iter().map(TwinId::to_string));
     }
 
     pub fn is_dormant(&self, id: &TwinId) -> bool {
-        self.dormant.lock().expect("dormant lock").contains(id)
+        self.dormant
+            .lock()
+            .expect("dormant lock")
+            .contains(&id.to_string())
     }
 
-    /// Wakes `id` if it is dormant here; returns whether it was.
-    fn wake(&self, id: &TwinId) -> bool {
-        if !self.is_dormant(id) {
+    /// Wakes the twin `{site}/{asset}` if it is dormant here; returns whether it was.
+    fn wake(&self, twin: &str) -> bool {
+        if !self.dormant.lock().expect("dormant lock").contains(twin) {
             return false;
         }
-        if let Some(w) = self.waker.read().expect("waker lock").as_ref() {
-            w(id.clone());
+        if let (Some(w), Ok(id)) = (
+            self.waker.read().expect("waker lock").as_ref(),
+            twin.parse::<TwinId>(),
+        ) {
+            w(id);
         }
         true
     }
@@ -231,11 +240,11 @@ impl Router {
     /// its twin, or wakes the twin if it is dormant here. Never blocks: a full channel
     /// drops, counted where the twin's pump reports overflow (the gateway re-sends).
     fn route_sample(&self, sample: Sample, section: &'static str) {
-        let Some(id) = keys::parse_twin_in(&sample.key, section) else {
+        let Some(twin) = twin_of(&sample.key, section) else {
             return;
         };
         let routes = self.routes.read().expect("routes lock");
-        match routes.get(&id) {
+        match routes.get(twin) {
             Some(r) if section == "telemetry" => {
                 if let Err(flume::TrySendError::Full(_)) = r.telemetry.try_send(sample) {
                     r.telemetry_dropped.fetch_add(1, Relaxed);
@@ -248,7 +257,7 @@ impl Router {
             None => {
                 // The gateway re-sends the frame until the woken twin acknowledges it.
                 drop(routes);
-                self.wake(&id);
+                self.wake(twin);
             }
         }
     }
@@ -262,12 +271,12 @@ impl Router {
                 _ = cancel.cancelled() => break,
                 q = queryable.rx.recv_async() => match q { Ok(q) => q, Err(_) => break },
             };
-            let Some(id) = keys::parse_twin_in(&query.key, "rpc/twins") else {
+            let Some(twin) = twin_of(&query.key, "rpc/twins").map(str::to_owned) else {
                 continue;
             };
             let query = {
                 let routes = self.routes.read().expect("routes lock");
-                match routes.get(&id) {
+                match routes.get(&twin) {
                     // A full queue drops the query: the caller times out and retries.
                     Some(r) => {
                         let _ = r.rpc.try_send(query);
@@ -276,16 +285,16 @@ impl Router {
                     None => query,
                 }
             };
-            if self.wake(&id) {
+            if self.wake(&twin) {
                 let reply = TwinReply {
                     reply: Some(twin_reply::Reply::Error(twinmesh_twins::proto::Error {
                         code: ErrorCode::Unavailable as i32,
-                        message: format!("twin {id} was dormant and is waking up"),
+                        message: format!("twin {twin} was dormant and is waking up"),
                     })),
                 };
                 query
                     .reply(
-                        &keys::twin_rpc(&id),
+                        &format!("twinmesh/rpc/twins/{twin}"),
                         Bytes::from(reply.encode_to_vec()),
                         encoding::TWIN_REPLY,
                     )
@@ -294,5 +303,46 @@ impl Router {
         }
         // The node stops: withdraw the callback subscriptions too.
         self.guards.lock().expect("guards lock").clear();
+    }
+}
+
+/// The `{site}/{asset}` part of `twinmesh/{section}/{site}/{asset}[/...]`, borrowed from
+/// the key (routing looks it up without allocating).
+fn twin_of<'a>(key: &'a str, section: &str) -> Option<&'a str> {
+    let rest = key
+        .strip_prefix("twinmesh/")?
+        .strip_prefix(section)?
+        .strip_prefix('/')?;
+    let site_end = rest.find('/')?;
+    let end = rest[site_end + 1..]
+        .find('/')
+        .map_or(rest.len(), |i| site_end + 1 + i);
+    (end > site_end + 1).then(|| &rest[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::twin_of;
+
+    #[test]
+    fn the_twin_part_of_a_key() {
+        assert_eq!(
+            twin_of("twinmesh/telemetry/site-a/wt-01/power", "telemetry"),
+            Some("site-a/wt-01")
+        );
+        assert_eq!(
+            twin_of("twinmesh/control/site-a/wt-01/delivered", "control"),
+            Some("site-a/wt-01")
+        );
+        assert_eq!(
+            twin_of("twinmesh/rpc/twins/site-a/wt-01", "rpc/twins"),
+            Some("site-a/wt-01")
+        );
+        assert_eq!(twin_of("twinmesh/rpc/twins/site-a", "rpc/twins"), None);
+        assert_eq!(twin_of("twinmesh/rpc/twins/site-a/", "rpc/twins"), None);
+        assert_eq!(
+            twin_of("twinmesh/telemetry/site-a/wt-01/x", "control"),
+            None
+        );
     }
 }

@@ -966,7 +966,8 @@ fn scale_node_config(data: &std::path::Path) -> anyhow::Result<NodeConfig> {
     Ok(cfg)
 }
 
-/// Polls `done` every 100 ms until it holds or `bound` passes; prints progress.
+/// Polls `count` every 100 ms until it reaches `total` or `bound` passes; prints
+/// progress every 5 s.
 async fn wait_for(
     what: &str,
     total: usize,
@@ -1059,6 +1060,8 @@ fn scale_seed(args: &BenchArgs, data: &std::path::Path) -> anyhow::Result<f64> {
 #[derive(Debug, Serialize, serde::Deserialize)]
 struct RegisteredPhase {
     registered: usize,
+    /// Time the seed phase took to write the records (filled in by the parent).
+    #[serde(default)]
     seed_seconds: f64,
     process_rss_bytes: u64,
     loaded_rss_bytes: u64,
@@ -1076,7 +1079,6 @@ struct RegisteredPhase {
 async fn scale_registered(
     args: &BenchArgs,
     data: &std::path::Path,
-    seed_seconds: f64,
 ) -> anyhow::Result<RegisteredPhase> {
     let process_rss = rss_bytes();
     let mut cfg = scale_node_config(data)?;
@@ -1124,7 +1126,7 @@ async fn scale_registered(
     let (p50, p99, max) = percentiles(latencies);
     Ok(RegisteredPhase {
         registered: args.registered,
-        seed_seconds,
+        seed_seconds: 0.0,
         process_rss_bytes: process_rss,
         loaded_rss_bytes: loaded_rss,
         bytes_per_registered_twin: loaded_rss.saturating_sub(process_rss) as f64
@@ -1182,24 +1184,18 @@ async fn bench_scale(args: &BenchArgs) -> anyhow::Result<Option<ScaleReport>> {
             println!("{}", serde_json::to_string(&scale_live(args).await?)?);
             Ok(None)
         }
-        Some(ScalePhase::Seed) => {
+        Some(phase @ (ScalePhase::Seed | ScalePhase::Registered)) => {
             let data = args
                 .data
                 .as_deref()
-                .ok_or_else(|| anyhow::anyhow!("--data"))?;
-            let seconds = scale_seed(args, data)?;
-            println!("{}", serde_json::json!({ "seconds": seconds }));
-            Ok(None)
-        }
-        Some(ScalePhase::Registered) => {
-            let data = args
-                .data
-                .as_deref()
-                .ok_or_else(|| anyhow::anyhow!("--data"))?;
-            println!(
-                "{}",
-                serde_json::to_string(&scale_registered(args, data, 0.0).await?)?
-            );
+                .ok_or_else(|| anyhow::anyhow!("--phase {phase:?} needs --data DIR"))?;
+            if phase == ScalePhase::Seed {
+                let seconds = scale_seed(args, data)?;
+                println!("{}", serde_json::json!({ "seconds": seconds }));
+            } else {
+                let r = scale_registered(args, data).await?;
+                println!("{}", serde_json::to_string(&r)?);
+            }
             Ok(None)
         }
         None => {

@@ -142,6 +142,23 @@ impl ZenohFabric {
         }
     }
 
+    /// Declares a subscriber that hands each sample to `callback` on Zenoh's thread.
+    async fn declare_callback(&self, keyexpr: &str, callback: SampleCallback) -> Result<Guard> {
+        let subscriber = self
+            .session
+            .declare_subscriber(keyexpr.to_owned())
+            .callback(move |s: zenoh::sample::Sample| {
+                callback(Sample {
+                    key: s.key_expr().to_string(),
+                    payload: to_bytes(s.payload()),
+                    kind: SampleKind::Put,
+                })
+            })
+            .await
+            .map_err(Error::fabric)?;
+        Ok(Box::new(subscriber))
+    }
+
     async fn publisher(
         &self,
         key: &str,
@@ -225,33 +242,24 @@ impl Fabric for ZenohFabric {
         let dropped = Arc::new(AtomicU64::new(0));
         let counter = dropped.clone();
         let key = keyexpr.to_owned();
-        let subscriber = self
-            .session
-            .declare_subscriber(keyexpr.to_owned())
-            .callback(move |s: zenoh::sample::Sample| {
-                // Never block Zenoh's threads: a full channel drops (the data is re-sent
-                // by whoever needs it delivered).
-                let sample = Sample {
-                    key: s.key_expr().to_string(),
-                    payload: to_bytes(s.payload()),
-                    kind: SampleKind::Put,
-                };
-                if let Err(flume::TrySendError::Full(_)) = tx.try_send(sample) {
-                    if counter.fetch_add(1, Relaxed) == 0 {
-                        tracing::warn!(
-                            keyexpr = key,
-                            "subscriber channel full: dropping samples until it drains"
-                        );
+        // Never block Zenoh's threads: a full channel drops (the data is re-sent by
+        // whoever needs it delivered).
+        let guard = self
+            .declare_callback(
+                keyexpr,
+                Box::new(move |sample| {
+                    if let Err(flume::TrySendError::Full(_)) = tx.try_send(sample) {
+                        if counter.fetch_add(1, Relaxed) == 0 {
+                            tracing::warn!(
+                                keyexpr = key,
+                                "subscriber channel full: dropping samples until it drains"
+                            );
+                        }
                     }
-                }
-            })
-            .await
-            .map_err(Error::fabric)?;
-        Ok(Subscription {
-            rx,
-            dropped,
-            guard: Box::new(subscriber),
-        })
+                }),
+            )
+            .await?;
+        Ok(Subscription { rx, dropped, guard })
     }
 
     async fn subscribe_callback(
@@ -259,19 +267,7 @@ impl Fabric for ZenohFabric {
         keyexpr: &str,
         callback: SampleCallback,
     ) -> Result<Option<Guard>> {
-        let subscriber = self
-            .session
-            .declare_subscriber(keyexpr.to_owned())
-            .callback(move |s: zenoh::sample::Sample| {
-                callback(Sample {
-                    key: s.key_expr().to_string(),
-                    payload: to_bytes(s.payload()),
-                    kind: SampleKind::Put,
-                })
-            })
-            .await
-            .map_err(Error::fabric)?;
-        Ok(Some(Box::new(subscriber)))
+        self.declare_callback(keyexpr, callback).await.map(Some)
     }
 
     async fn queryable(&self, keyexpr: &str, capacity: usize) -> Result<Queryable> {

@@ -862,8 +862,11 @@ async fn crashed_twin_is_restarted_from_its_persisted_state() {
     let gw = zenoh_peer(&[edge.locators[0].clone(), cloud.locators[0].clone()]).await;
     let id = "site-a/sp-01";
     register(&gw, id, "spindle").await;
-    eventually(WAIT, "twin running", || async {
-        get_twin(&endpoint, id).await.ok()
+    // A spindle may start on the cloud (its data is public) if the edge's liveliness
+    // reaches the authority later, and move to the edge after: wait until it is there.
+    eventually(WAIT, "twin running on the edge", || async {
+        let t = get_twin(&endpoint, id).await.ok()?;
+        (t.placement?.node == "edge-a").then_some(())
     })
     .await;
     let key = format!("twinmesh/telemetry/{id}/spindle_speed");

@@ -60,6 +60,9 @@ pub trait Responder: Send {
 /// Runs on the fabric's thread for each sample of a callback subscription.
 pub type SampleCallback = Box<dyn Fn(Sample) + Send + Sync>;
 
+/// Runs on the fabric's thread for each query of a callback queryable.
+pub type QueryCallback = Box<dyn Fn(Query) + Send + Sync>;
+
 /// One query received by a queryable.
 pub struct Query {
     pub key: String,
@@ -115,6 +118,16 @@ pub trait Fabric: Send + Sync + 'static {
         &self,
         _keyexpr: &str,
         _callback: SampleCallback,
+    ) -> Result<Option<Guard>> {
+        Ok(None)
+    }
+
+    /// Like [`Fabric::queryable`], but runs `callback` on the fabric's own thread for each
+    /// query (it must never block); `None` where the fabric cannot.
+    async fn queryable_callback(
+        &self,
+        _keyexpr: &str,
+        _callback: QueryCallback,
     ) -> Result<Option<Guard>> {
         Ok(None)
     }

@@ -24,7 +24,7 @@ use twinmesh_twins::TwinId;
 
 use crate::context::NodeContext;
 use crate::metrics::NodeMetrics;
-use crate::ports::{Guard, Query, Queryable, Sample, SampleCallback, Subscription};
+use crate::ports::{Guard, Query, QueryCallback, Queryable, Sample, SampleCallback, Subscription};
 
 /// Messages the node-wide declarations buffer before dropping (the gateway re-sends
 /// dropped frames; callers retry).
@@ -122,11 +122,28 @@ impl Router {
                 }
             }
         }
-        let rpc = ctx
-            .fabric
-            .queryable(&format!("twinmesh/rpc/twins/{site}/*"), NODE_QUEUE)
-            .await?;
-        ctx.tasks.spawn(self.clone().dispatch_queries(rpc, cancel));
+        // Calls for dormant twins are answered "waking" by a task (replying is async).
+        let (waking_tx, waking_rx) = flume::bounded(NODE_QUEUE);
+        let keyexpr = format!("twinmesh/rpc/twins/{site}/*");
+        let router = Arc::downgrade(self);
+        let to_wake = waking_tx.clone();
+        let callback: QueryCallback = Box::new(move |query| {
+            if let Some(r) = router.upgrade() {
+                r.route_query(query, &to_wake);
+            }
+        });
+        match ctx.fabric.queryable_callback(&keyexpr, callback).await? {
+            Some(guard) => self.guards.lock().expect("guards lock").push(guard),
+            None => {
+                let rpc = ctx.fabric.queryable(&keyexpr, NODE_QUEUE).await?;
+                ctx.tasks.spawn(
+                    self.clone()
+                        .dispatch_queries(rpc, waking_tx, cancel.clone()),
+                );
+            }
+        }
+        ctx.tasks
+            .spawn(self.clone().reply_waking(waking_rx, cancel));
         self.active.store(true, Relaxed);
         Ok(())
     }
@@ -262,46 +279,68 @@ impl Router {
         }
     }
 
-    /// Twin RPCs: handed to the twin, answered "waking" for a dormant one (callers retry
-    /// within their deadline), and left alone for twins not hosted here.
-    async fn dispatch_queries(self: Arc<Self>, queryable: Queryable, cancel: CancellationToken) {
+    /// Twin RPCs from a dispatch task (fabrics without callback queryables).
+    async fn dispatch_queries(
+        self: Arc<Self>,
+        queryable: Queryable,
+        waking: flume::Sender<(String, Query)>,
+        cancel: CancellationToken,
+    ) {
         loop {
             let query = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
                 q = queryable.rx.recv_async() => match q { Ok(q) => q, Err(_) => break },
             };
-            let Some(twin) = twin_of(&query.key, "rpc/twins").map(str::to_owned) else {
-                continue;
-            };
-            let query = {
-                let routes = self.routes.read().expect("routes lock");
-                match routes.get(&twin) {
-                    // A full queue drops the query: the caller times out and retries.
-                    Some(r) => {
-                        let _ = r.rpc.try_send(query);
-                        continue;
-                    }
-                    None => query,
-                }
-            };
-            if self.wake(&twin) {
-                let reply = TwinReply {
-                    reply: Some(twin_reply::Reply::Error(twinmesh_twins::proto::Error {
-                        code: ErrorCode::Unavailable as i32,
-                        message: format!("twin {twin} was dormant and is waking up"),
-                    })),
-                };
-                query
-                    .reply(
-                        &format!("twinmesh/rpc/twins/{twin}"),
-                        Bytes::from(reply.encode_to_vec()),
-                        encoding::TWIN_REPLY,
-                    )
-                    .await;
-            }
+            self.route_query(query, &waking);
         }
-        // The node stops: withdraw the callback subscriptions too.
+    }
+
+    /// A twin RPC: handed to the twin hosted here, queued for a "waking" answer if the
+    /// twin is dormant here (callers retry within their deadline), or dropped — no
+    /// reply from this node — for twins hosted elsewhere. Never blocks: a full queue
+    /// drops the query and the caller retries.
+    fn route_query(&self, query: Query, waking: &flume::Sender<(String, Query)>) {
+        let Some(twin) = twin_of(&query.key, "rpc/twins") else {
+            return;
+        };
+        if let Some(r) = self.routes.read().expect("routes lock").get(twin) {
+            let _ = r.rpc.try_send(query);
+            return;
+        }
+        let twin = twin.to_owned();
+        if self.wake(&twin) {
+            let _ = waking.try_send((twin, query));
+        }
+    }
+
+    /// Answers calls for dormant twins "unavailable, waking"; withdraws the node-wide
+    /// declarations when the node stops.
+    async fn reply_waking(
+        self: Arc<Self>,
+        waking: flume::Receiver<(String, Query)>,
+        cancel: CancellationToken,
+    ) {
+        loop {
+            let (twin, query) = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                q = waking.recv_async() => match q { Ok(q) => q, Err(_) => break },
+            };
+            let reply = TwinReply {
+                reply: Some(twin_reply::Reply::Error(twinmesh_twins::proto::Error {
+                    code: ErrorCode::Unavailable as i32,
+                    message: format!("twin {twin} was dormant and is waking up"),
+                })),
+            };
+            query
+                .reply(
+                    &format!("twinmesh/rpc/twins/{twin}"),
+                    Bytes::from(reply.encode_to_vec()),
+                    encoding::TWIN_REPLY,
+                )
+                .await;
+        }
         self.guards.lock().expect("guards lock").clear();
     }
 }

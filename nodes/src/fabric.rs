@@ -15,8 +15,8 @@ use zenoh::sample::SampleKind as ZSampleKind;
 use zenoh::Session;
 
 use twinmesh_actors::ports::{
-    Fabric, Guard, Qos, Query, Queryable, Reply, Responder, Sample, SampleCallback, SampleKind,
-    Subscription,
+    Fabric, Guard, Qos, Query, QueryCallback, Queryable, Reply, Responder, Sample, SampleCallback,
+    SampleKind, Subscription,
 };
 use twinmesh_actors::{Error, Result};
 
@@ -140,6 +140,27 @@ impl ZenohFabric {
         if let Err(e) = self.session.close().await {
             tracing::warn!("zenoh session close: {e}");
         }
+    }
+
+    /// Declares a queryable that hands each query to `callback` on Zenoh's thread.
+    async fn declare_query_callback(
+        &self,
+        keyexpr: &str,
+        callback: QueryCallback,
+    ) -> Result<Guard> {
+        let queryable = self
+            .session
+            .declare_queryable(keyexpr.to_owned())
+            .callback(move |q: zenoh::query::Query| {
+                callback(Query {
+                    key: q.key_expr().to_string(),
+                    payload: q.payload().map(to_bytes).unwrap_or_default(),
+                    responder: Box::new(ZenohResponder(q)),
+                })
+            })
+            .await
+            .map_err(Error::fabric)?;
+        Ok(Box::new(queryable))
     }
 
     /// Declares a subscriber that hands each sample to `callback` on Zenoh's thread.
@@ -272,24 +293,26 @@ impl Fabric for ZenohFabric {
 
     async fn queryable(&self, keyexpr: &str, capacity: usize) -> Result<Queryable> {
         let (tx, rx) = flume::bounded(capacity);
-        let queryable = self
-            .session
-            .declare_queryable(keyexpr.to_owned())
-            .callback(move |q: zenoh::query::Query| {
-                let query = Query {
-                    key: q.key_expr().to_string(),
-                    payload: q.payload().map(to_bytes).unwrap_or_default(),
-                    responder: Box::new(ZenohResponder(q)),
-                };
-                // Never block Zenoh's threads; a dropped query times out at the caller.
-                let _ = tx.try_send(query);
-            })
+        // Never block Zenoh's threads; a dropped query times out at the caller.
+        let guard = self
+            .declare_query_callback(
+                keyexpr,
+                Box::new(move |query| {
+                    let _ = tx.try_send(query);
+                }),
+            )
+            .await?;
+        Ok(Queryable { rx, guard })
+    }
+
+    async fn queryable_callback(
+        &self,
+        keyexpr: &str,
+        callback: QueryCallback,
+    ) -> Result<Option<Guard>> {
+        self.declare_query_callback(keyexpr, callback)
             .await
-            .map_err(Error::fabric)?;
-        Ok(Queryable {
-            rx,
-            guard: Box::new(queryable),
-        })
+            .map(Some)
     }
 
     async fn query(

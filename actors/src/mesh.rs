@@ -752,52 +752,34 @@ async fn twin_rpc(
         }
         .encode_to_vec(),
     );
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut backoff = Duration::from_millis(20);
-    loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let replies = ctx
-            .fabric
-            .query(
-                &keys::twin_rpc(twin),
-                Some((payload.clone(), encoding::TWIN_REQUEST)),
-                left.max(Duration::from_millis(10)),
+    let replies = ctx
+        .fabric
+        .query(
+            &keys::twin_rpc(twin),
+            Some((payload, encoding::TWIN_REQUEST)),
+            timeout,
+        )
+        .await
+        .map_err(|e| (ErrorCode::Unavailable, e.to_string()))?;
+    let reply = replies
+        .into_iter()
+        .find_map(|r| TwinReply::decode(r.payload).ok())
+        .ok_or_else(|| {
+            (
+                ErrorCode::Unavailable,
+                format!("twin {twin} did not answer"),
             )
-            .await
-            .map_err(|e| (ErrorCode::Unavailable, e.to_string()))?;
-        let reply = replies
-            .into_iter()
-            .find_map(|r| TwinReply::decode(r.payload).ok())
-            .ok_or_else(|| {
-                (
-                    ErrorCode::Unavailable,
-                    format!("twin {twin} did not answer"),
-                )
-            })?;
-        match reply.reply {
-            // Waking from dormancy or restarting: ask again within the deadline.
-            Some(twin_reply::Reply::Error(e))
-                if e.code == ErrorCode::Unavailable as i32
-                    && tokio::time::Instant::now() + backoff < deadline =>
-            {
-                tracing::debug!(%twin, "retrying: {}", e.message);
-            }
-            Some(twin_reply::Reply::Error(e)) => {
-                return Err((
-                    ErrorCode::Unavailable,
-                    format!("twin {twin}: {}", e.message),
-                ))
-            }
-            Some(r) => return Ok(r),
-            None => {
-                return Err((
-                    ErrorCode::Unavailable,
-                    format!("empty reply from twin {twin}"),
-                ))
-            }
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_millis(200));
+        })?;
+    match reply.reply {
+        Some(twin_reply::Reply::Error(e)) => Err((
+            ErrorCode::Unavailable,
+            format!("twin {twin}: {}", e.message),
+        )),
+        Some(r) => Ok(r),
+        None => Err((
+            ErrorCode::Unavailable,
+            format!("empty reply from twin {twin}"),
+        )),
     }
 }
 

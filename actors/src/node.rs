@@ -41,7 +41,7 @@ pub enum NodeMsg {
     Lookup(TwinId, RpcReplyPort<Option<ActorRef<TwinMsg>>>),
     /// Placements of the twins this node hosts.
     Hosted(RpcReplyPort<Vec<Placement>>),
-    /// A frame or a call for a twin that is dormant here: start it.
+    /// A frame or a call arrived for a twin that is dormant here: start it.
     Wake(TwinId),
 }
 
@@ -72,7 +72,7 @@ impl NodeSupervisorState {
                 self.by_actor.remove(&a.get_id());
                 a.stop(Some(why.into()));
             }
-            self.ctx.router.set_dormant(id, false);
+            self.ctx.router.forget(id);
         }
     }
 
@@ -116,7 +116,7 @@ impl NodeSupervisorState {
                 tracing::warn!(twin = %id, "dormant record not stored: {e}");
             }
             NodeMetrics::add(&self.ctx.metrics.twins_passivated, 1);
-            self.ctx.router.set_dormant(&id, true);
+            self.ctx.router.set_dormant(&id);
             self.ctx.directory.set_status(&id, STATUS_DORMANT);
             return;
         }
@@ -299,10 +299,12 @@ impl Actor for NodeSupervisor {
                 }
             }
             NodeMsg::Wake(id) => {
+                // The router has marked it waking and keeps its frames and calls until
+                // it registers.
                 let Some(record) = state
                     .twins
                     .get(&id)
-                    .filter(|_| state.ctx.router.is_dormant(&id))
+                    .filter(|h| h.actor.is_none())
                     .map(|h| h.placement.clone())
                 else {
                     return Ok(());
@@ -310,7 +312,6 @@ impl Actor for NodeSupervisor {
                 state.ctx.store.save_hosted(&record)?;
                 tracing::debug!(twin = %id, "waking a dormant twin");
                 NodeMetrics::add(&state.ctx.metrics.twins_woken, 1);
-                state.ctx.router.set_dormant(&id, false);
                 state.spawn_twin(&myself, id).await;
             }
             NodeMsg::Lookup(id, reply) => {

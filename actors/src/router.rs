@@ -1,8 +1,9 @@
 //! `Router`: node-level dispatch on edge nodes. Three declarations per node — a
 //! subscription to its site's telemetry, a queryable for its site's twin RPCs and a
 //! subscription to its site's delivery reports — replace three per twin; frames, calls
-//! and reports are handed to the twin hosted here by its id, and wake it when it is
-//! dormant (passivated).
+//! and reports are handed to the twin hosted here by its id. A dormant (passivated)
+//! twin's frames and calls wake it and wait here, bounded, until it has started and
+//! registered; then they are handed over, so callers never see that it was asleep.
 //!
 //! Why: Zenoh matches every publication of a session against each subscriber of that
 //! session in turn, so with per-twin declarations every state or ack a twin published
@@ -10,16 +11,12 @@
 //! thousand twins. Cloud nodes keep per-twin declarations: they host twins of every
 //! site, and a wildcard over all sites would bring other sites' raw telemetry to them.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
-use bytes::Bytes;
-use prost::Message;
 use tokio_util::sync::CancellationToken;
 
-use twinmesh_proto::encoding;
-use twinmesh_twins::proto::{twin_reply, ErrorCode, TwinReply};
 use twinmesh_twins::TwinId;
 
 use crate::context::NodeContext;
@@ -48,6 +45,22 @@ pub struct TwinRoutes {
 
 type Waker = Box<dyn Fn(TwinId) + Send + Sync>;
 
+/// Most frames and calls kept for one waking twin; beyond, frames are dropped (the
+/// gateway re-sends) and calls too (callers retry).
+const WAKING_FRAMES: usize = 256;
+const WAKING_CALLS: usize = 64;
+
+/// A twin hosted here without an actor.
+enum Asleep {
+    /// Passivated: the next frame or call wakes it.
+    Dormant,
+    /// Woken: starting; what arrives meanwhile waits for its registration.
+    Waking {
+        frames: Vec<Sample>,
+        calls: Vec<Query>,
+    },
+}
+
 #[derive(Default)]
 pub struct Router {
     active: AtomicBool,
@@ -57,8 +70,9 @@ pub struct Router {
     next_generation: AtomicU64,
     /// By `{site}/{asset}`, so a key's slice finds its twin without allocating.
     routes: RwLock<HashMap<String, Routes>>,
-    /// Twins registered on this node without an actor (passivated), by `{site}/{asset}`.
-    dormant: Mutex<HashSet<String>>,
+    /// Twins hosted here without an actor, by `{site}/{asset}`. Lock order: `asleep`,
+    /// then `routes`.
+    asleep: Mutex<HashMap<String, Asleep>>,
     /// Starts a dormant twin (set by the node supervisor).
     waker: RwLock<Option<Waker>>,
 }
@@ -122,28 +136,27 @@ impl Router {
                 }
             }
         }
-        // Calls for dormant twins are answered "waking" by a task (replying is async).
-        let (waking_tx, waking_rx) = flume::bounded(NODE_QUEUE);
         let keyexpr = format!("twinmesh/rpc/twins/{site}/*");
         let router = Arc::downgrade(self);
-        let to_wake = waking_tx.clone();
         let callback: QueryCallback = Box::new(move |query| {
             if let Some(r) = router.upgrade() {
-                r.route_query(query, &to_wake);
+                r.route_query(query);
             }
         });
         match ctx.fabric.queryable_callback(&keyexpr, callback).await? {
             Some(guard) => self.guards.lock().expect("guards lock").push(guard),
             None => {
                 let rpc = ctx.fabric.queryable(&keyexpr, NODE_QUEUE).await?;
-                ctx.tasks.spawn(
-                    self.clone()
-                        .dispatch_queries(rpc, waking_tx, cancel.clone()),
-                );
+                ctx.tasks
+                    .spawn(self.clone().dispatch_queries(rpc, cancel.clone()));
             }
         }
-        ctx.tasks
-            .spawn(self.clone().reply_waking(waking_rx, cancel));
+        // The node stops: withdraw the callback declarations too.
+        let router = self.clone();
+        ctx.tasks.spawn(async move {
+            cancel.cancelled().await;
+            router.guards.lock().expect("guards lock").clear();
+        });
         self.active.store(true, Relaxed);
         Ok(())
     }
@@ -152,7 +165,8 @@ impl Router {
         *self.waker.write().expect("waker lock") = Some(waker);
     }
 
-    /// Registers a twin hosted here; replaces an earlier registration of the same twin.
+    /// Registers a twin hosted here (replacing an earlier registration of the same
+    /// twin) and hands it what arrived while it was waking.
     pub fn register(self: &Arc<Self>, id: &TwinId, capacity: usize) -> TwinRoutes {
         let generation = self.next_generation.fetch_add(1, Relaxed);
         let (telemetry_tx, telemetry_rx) = flume::bounded(capacity);
@@ -160,6 +174,15 @@ impl Router {
         let (delivered_tx, delivered_rx) = flume::bounded(64);
         let dropped = Arc::new(AtomicU64::new(0));
         let id = id.to_string();
+        let mut asleep = self.asleep.lock().expect("asleep lock");
+        if let Some(Asleep::Waking { frames, calls }) = asleep.remove(&id) {
+            for frame in frames {
+                let _ = telemetry_tx.try_send(frame);
+            }
+            for call in calls {
+                let _ = rpc_tx.try_send(call);
+            }
+        }
         self.routes.write().expect("routes lock").insert(
             id.clone(),
             Routes {
@@ -170,6 +193,7 @@ impl Router {
                 delivered: delivered_tx,
             },
         );
+        drop(asleep);
         TwinRoutes {
             telemetry: Subscription {
                 rx: telemetry_rx,
@@ -192,43 +216,84 @@ impl Router {
         }
     }
 
-    /// Marks a twin hosted here as dormant (woken by its next frame or call) or not;
-    /// the node supervisor's one record of which twins are asleep.
-    pub fn set_dormant(&self, id: &TwinId, dormant: bool) {
-        let mut set = self.dormant.lock().expect("dormant lock");
-        if dormant {
-            set.insert(id.to_string());
-        } else {
-            set.remove(&id.to_string());
-        }
+    /// Marks a twin hosted here as dormant (passivated): its next frame or call wakes
+    /// it.
+    pub fn set_dormant(&self, id: &TwinId) {
+        self.asleep
+            .lock()
+            .expect("asleep lock")
+            .insert(id.to_string(), Asleep::Dormant);
     }
 
     pub fn extend_dormant<'a>(&self, ids: impl IntoIterator<Item = &'a TwinId>) {
-        self.dormant
+        self.asleep
             .lock()
-            .expect("dormant lock")
-            .extend(ids.into_iter().map(TwinId::to_string));
+            .expect("asleep lock")
+            .extend(ids.into_iter().map(|id| (id.to_string(), Asleep::Dormant)));
     }
 
+    /// Whether the twin is dormant here (not merely waking).
     pub fn is_dormant(&self, id: &TwinId) -> bool {
-        self.dormant
-            .lock()
-            .expect("dormant lock")
-            .contains(&id.to_string())
+        matches!(
+            self.asleep
+                .lock()
+                .expect("asleep lock")
+                .get(&id.to_string()),
+            Some(Asleep::Dormant)
+        )
     }
 
-    /// Wakes the twin `{site}/{asset}` if it is dormant here; returns whether it was.
-    fn wake(&self, twin: &str) -> bool {
-        if !self.dormant.lock().expect("dormant lock").contains(twin) {
-            return false;
+    /// Forgets a twin that is no longer hosted here, with what waited for it (callers
+    /// retry elsewhere; the gateway re-sends to the new owner).
+    pub fn forget(&self, id: &TwinId) {
+        self.asleep
+            .lock()
+            .expect("asleep lock")
+            .remove(&id.to_string());
+    }
+
+    /// Something for a twin that is not registered: if it is asleep here, keep it
+    /// (bounded) for the twin and wake the twin if it is still dormant; else drop it.
+    fn hold(&self, twin: &str, item: Held) {
+        let mut asleep = self.asleep.lock().expect("asleep lock");
+        // It may have registered since the caller looked.
+        if let Some(r) = self.routes.read().expect("routes lock").get(twin) {
+            match item {
+                Held::Frame(f) => {
+                    let _ = r.telemetry.try_send(f);
+                }
+                Held::Call(q) => {
+                    let _ = r.rpc.try_send(q);
+                }
+            }
+            return;
         }
-        if let (Some(w), Ok(id)) = (
-            self.waker.read().expect("waker lock").as_ref(),
-            twin.parse::<TwinId>(),
-        ) {
-            w(id);
+        let Some(state) = asleep.get_mut(twin) else {
+            return;
+        };
+        let woken = matches!(state, Asleep::Dormant);
+        if woken {
+            *state = Asleep::Waking {
+                frames: Vec::new(),
+                calls: Vec::new(),
+            };
         }
-        true
+        if let Asleep::Waking { frames, calls } = state {
+            match item {
+                Held::Frame(f) if frames.len() < WAKING_FRAMES => frames.push(f),
+                Held::Call(q) if calls.len() < WAKING_CALLS => calls.push(q),
+                _ => {}
+            }
+        }
+        drop(asleep);
+        if woken {
+            if let (Some(w), Ok(id)) = (
+                self.waker.read().expect("waker lock").as_ref(),
+                twin.parse::<TwinId>(),
+            ) {
+                w(id);
+            }
+        }
     }
 
     /// Telemetry frames (section `telemetry`) or delivery reports (section `control`).
@@ -271,36 +336,32 @@ impl Router {
                 // Delivery reports are re-sent by the gateway until answered.
                 let _ = r.delivered.try_send(sample);
             }
-            None => {
-                // The gateway re-sends the frame until the woken twin acknowledges it.
+            None if section == "telemetry" => {
                 drop(routes);
-                self.wake(twin);
+                let twin = twin.to_owned();
+                self.hold(&twin, Held::Frame(sample));
             }
+            // A delivery report for a twin not running here: the gateway re-sends it.
+            None => {}
         }
     }
 
     /// Twin RPCs from a dispatch task (fabrics without callback queryables).
-    async fn dispatch_queries(
-        self: Arc<Self>,
-        queryable: Queryable,
-        waking: flume::Sender<(String, Query)>,
-        cancel: CancellationToken,
-    ) {
+    async fn dispatch_queries(self: Arc<Self>, queryable: Queryable, cancel: CancellationToken) {
         loop {
             let query = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
                 q = queryable.rx.recv_async() => match q { Ok(q) => q, Err(_) => break },
             };
-            self.route_query(query, &waking);
+            self.route_query(query);
         }
     }
 
-    /// A twin RPC: handed to the twin hosted here, queued for a "waking" answer if the
-    /// twin is dormant here (callers retry within their deadline), or dropped — no
-    /// reply from this node — for twins hosted elsewhere. Never blocks: a full queue
-    /// drops the query and the caller retries.
-    fn route_query(&self, query: Query, waking: &flume::Sender<(String, Query)>) {
+    /// A twin RPC: handed to the twin hosted here (a dormant one is woken first), or
+    /// dropped — no reply from this node — for twins hosted elsewhere. Never blocks: a
+    /// full queue drops the query and the caller retries.
+    fn route_query(&self, query: Query) {
         let Some(twin) = twin_of(&query.key, "rpc/twins") else {
             return;
         };
@@ -309,40 +370,14 @@ impl Router {
             return;
         }
         let twin = twin.to_owned();
-        if self.wake(&twin) {
-            let _ = waking.try_send((twin, query));
-        }
+        self.hold(&twin, Held::Call(query));
     }
+}
 
-    /// Answers calls for dormant twins "unavailable, waking"; withdraws the node-wide
-    /// declarations when the node stops.
-    async fn reply_waking(
-        self: Arc<Self>,
-        waking: flume::Receiver<(String, Query)>,
-        cancel: CancellationToken,
-    ) {
-        loop {
-            let (twin, query) = tokio::select! {
-                biased;
-                _ = cancel.cancelled() => break,
-                q = waking.recv_async() => match q { Ok(q) => q, Err(_) => break },
-            };
-            let reply = TwinReply {
-                reply: Some(twin_reply::Reply::Error(twinmesh_twins::proto::Error {
-                    code: ErrorCode::Unavailable as i32,
-                    message: format!("twin {twin} was dormant and is waking up"),
-                })),
-            };
-            query
-                .reply(
-                    &format!("twinmesh/rpc/twins/{twin}"),
-                    Bytes::from(reply.encode_to_vec()),
-                    encoding::TWIN_REPLY,
-                )
-                .await;
-        }
-        self.guards.lock().expect("guards lock").clear();
-    }
+/// What waits for a waking twin.
+enum Held {
+    Frame(Sample),
+    Call(Query),
 }
 
 /// The `{site}/{asset}` part of `twinmesh/{section}/{site}/{asset}[/...]`, borrowed from
@@ -361,7 +396,71 @@ fn twin_of<'a>(key: &'a str, section: &str) -> Option<&'a str> {
 
 #[cfg(test)]
 mod tests {
-    use super::twin_of;
+    use super::*;
+    use crate::ports::SampleKind;
+
+    fn frame(twin: &str, n: u8) -> Sample {
+        Sample {
+            key: format!("twinmesh/telemetry/{twin}/power"),
+            payload: bytes::Bytes::from(vec![n]),
+            kind: SampleKind::Put,
+        }
+    }
+
+    #[test]
+    fn a_dormant_twin_is_woken_once_and_gets_what_arrived_meanwhile() {
+        let router = Arc::new(Router::default());
+        let woken = Arc::new(Mutex::new(Vec::new()));
+        let w = woken.clone();
+        router.set_waker(Box::new(move |id| w.lock().unwrap().push(id.to_string())));
+        let id: TwinId = "site-a/pm-01".parse().unwrap();
+        router.set_dormant(&id);
+        assert!(router.is_dormant(&id));
+
+        router.route_sample(frame("site-a/pm-01", 1), "telemetry");
+        router.route_sample(frame("site-a/pm-01", 2), "telemetry");
+        // Not hosted here at all: dropped, nobody woken.
+        router.route_sample(frame("site-a/pm-02", 9), "telemetry");
+        assert_eq!(*woken.lock().unwrap(), vec!["site-a/pm-01".to_owned()]);
+        assert!(!router.is_dormant(&id), "waking, no longer dormant");
+
+        let routes = router.register(&id, 8);
+        let got: Vec<u8> = routes
+            .telemetry
+            .rx
+            .try_iter()
+            .map(|s| s.payload[0])
+            .collect();
+        assert_eq!(got, vec![1, 2], "held frames handed over in order");
+        // Registered: routed straight through from now on.
+        router.route_sample(frame("site-a/pm-01", 3), "telemetry");
+        assert_eq!(routes.telemetry.rx.try_recv().unwrap().payload[0], 3);
+
+        // Its ingest pump ends (the twin stops): unregistered, frames dropped.
+        drop(routes.telemetry);
+        router.route_sample(frame("site-a/pm-01", 4), "telemetry");
+        assert_eq!(woken.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn what_waits_for_a_forgotten_twin_is_dropped_and_waiting_is_bounded() {
+        let router = Arc::new(Router::default());
+        router.set_waker(Box::new(|_| {}));
+        let id: TwinId = "site-a/pm-01".parse().unwrap();
+        router.set_dormant(&id);
+        router.route_sample(frame("site-a/pm-01", 1), "telemetry");
+        router.forget(&id);
+        let routes = router.register(&id, 8);
+        assert!(routes.telemetry.rx.try_recv().is_err());
+        drop(routes);
+
+        router.set_dormant(&id);
+        for n in 0..(WAKING_FRAMES + 10) {
+            router.route_sample(frame("site-a/pm-01", n as u8), "telemetry");
+        }
+        let routes = router.register(&id, WAKING_FRAMES * 2);
+        assert_eq!(routes.telemetry.rx.len(), WAKING_FRAMES);
+    }
 
     #[test]
     fn the_twin_part_of_a_key() {

@@ -11,6 +11,8 @@
 //!   accumulator, used for derived features and history buckets.
 //! - [`keys`]: the Zenoh key space of DESIGN §6 as functions.
 //! - [`frame`]: validation of telemetry frames (bad input never reaches a twin).
+//! - [`model`]: anomaly models over feature vectors (PCA, robust baseline, isolation
+//!   forest): training, calibrated thresholds, versioned checksummed files, scoring.
 //!
 //! Time always comes in as data (`now_ns` arguments); nothing here reads a clock.
 
@@ -22,6 +24,7 @@ pub mod frame;
 pub mod id;
 pub mod keys;
 pub mod kind;
+pub mod model;
 pub mod state;
 pub mod stats;
 pub mod td;

@@ -1,0 +1,888 @@
+//! Anomaly models over feature vectors (issue 6, DESIGN §4–5): trained from a feature
+//! matrix, an alarm threshold calibrated from the training scores, a versioned and
+//! checksummed file format, and scoring of one window. Pure: no I/O, no clock; the seed
+//! of the isolation forest comes in as data.
+//!
+//! - [`Algorithm::Pca`]: features standardised, principal components keeping
+//!   `variance` of the variance; score = Hotelling T² in the kept subspace plus the
+//!   squared reconstruction error (SPE) over the mean discarded eigenvalue.
+//! - [`Algorithm::Robust`]: per-feature median and MAD (× 1.4826); score = the largest
+//!   robust z-score.
+//! - [`Algorithm::IsolationForest`]: Liu, Ting & Zhou (2008): `trees` trees on
+//!   sub-samples of `sample_size` rows, height limit ⌈log₂ sample_size⌉; score =
+//!   2^(−E[h(x)]/c(sample_size)) in (0, 1].
+//!
+//! Every model explains a score: [`Model::contributions`] gives each feature's share.
+//!
+//! What each sees (tested below): PCA catches broken correlations whose values are each
+//! in range; the robust baseline catches any single feature far from its median; the
+//! isolation forest catches points far out in several features, but a lone excursion
+//! among features that did not move can stay under its threshold (each split picks a
+//! feature at random), and its score saturates outside the range of its sub-samples
+//! (a 6 σ and a 10 σ excursion score alike, barely above the healthy tail), so its
+//! threshold needs a lower quantile (0.99 rather than 0.999).
+
+use ndarray::{Array1, Array2, ArrayView2, Axis};
+use rand::seq::index::sample as sample_indices;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+/// Magic bytes and format version of a model file.
+const MAGIC: &[u8; 4] = b"TWMM";
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ModelError {
+    #[error("invalid training data: {0}")]
+    InvalidData(String),
+    #[error("invalid model parameter: {0}")]
+    InvalidParameter(String),
+    #[error("feature vector has {got} values, the model expects {expected}")]
+    WrongWidth { got: usize, expected: usize },
+    #[error("feature {0} is not finite")]
+    NotFinite(String),
+    #[error("not a twinmesh model file (bad magic bytes)")]
+    BadMagic,
+    #[error("model file format version {0} is not supported (this build reads {FORMAT_VERSION})")]
+    UnsupportedVersion(u32),
+    #[error("model file is corrupt: checksum mismatch")]
+    Checksum,
+    #[error("model file is corrupt: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T> = std::result::Result<T, ModelError>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    Pca,
+    Robust,
+    IsolationForest,
+}
+
+impl std::str::FromStr for Algorithm {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "pca" => Ok(Algorithm::Pca),
+            "robust" => Ok(Algorithm::Robust),
+            "isolation_forest" | "iforest" => Ok(Algorithm::IsolationForest),
+            other => Err(ModelError::InvalidParameter(format!(
+                "unknown algorithm {other:?} (pca, robust, isolation_forest)"
+            ))),
+        }
+    }
+}
+
+/// How to train a model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainParams {
+    pub algorithm: Algorithm,
+    /// The alarm threshold is this quantile of the training scores.
+    pub quantile: f64,
+    /// PCA: share of the (standardised) variance the kept components explain.
+    pub variance: f64,
+    /// Isolation forest: number of trees, rows per tree, and the seed.
+    pub trees: usize,
+    pub sample_size: usize,
+    pub seed: u64,
+}
+
+impl Default for TrainParams {
+    fn default() -> Self {
+        TrainParams {
+            algorithm: Algorithm::Pca,
+            quantile: 0.999,
+            variance: 0.95,
+            trees: 100,
+            sample_size: 256,
+            seed: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+enum Body {
+    Pca {
+        mean: Vec<f64>,
+        scale: Vec<f64>,
+        /// Kept components, one row each (unit vectors in standardised space).
+        components: Vec<Vec<f64>>,
+        eigenvalues: Vec<f64>,
+        /// Mean of the discarded eigenvalues (floor: a small share of the total).
+        residual_variance: f64,
+    },
+    Robust {
+        median: Vec<f64>,
+        mad: Vec<f64>,
+    },
+    Forest {
+        trees: Vec<Tree>,
+        sample_size: usize,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+enum Tree {
+    Leaf {
+        size: usize,
+    },
+    Split {
+        feature: usize,
+        value: f64,
+        left: Box<Tree>,
+        right: Box<Tree>,
+    },
+}
+
+/// A trained anomaly model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Model {
+    pub algorithm: Algorithm,
+    /// Names of the features, in the order of the vectors it scores.
+    pub features: Vec<String>,
+    /// Scores above this raise an alarm.
+    pub threshold: f64,
+    /// Rows it was trained on.
+    pub trained_rows: usize,
+    body: Body,
+}
+
+impl Model {
+    /// Trains on `rows` (one feature vector per row, columns named by `features`).
+    pub fn train(
+        features: &[String],
+        rows: ArrayView2<f64>,
+        params: &TrainParams,
+    ) -> Result<Model> {
+        let (n, d) = rows.dim();
+        if d == 0 || d != features.len() {
+            return Err(ModelError::InvalidData(format!(
+                "{d} columns for {} feature names",
+                features.len()
+            )));
+        }
+        if n < 2 {
+            return Err(ModelError::InvalidData(format!(
+                "{n} rows: at least 2 are needed"
+            )));
+        }
+        if let Some(((_, j), _)) = rows.indexed_iter().find(|(_, v)| !v.is_finite()) {
+            return Err(ModelError::NotFinite(features[j].clone()));
+        }
+        if !(0.0..1.0).contains(&params.quantile) || params.quantile <= 0.5 {
+            return Err(ModelError::InvalidParameter(format!(
+                "quantile {} must be in (0.5, 1)",
+                params.quantile
+            )));
+        }
+        let body = match params.algorithm {
+            Algorithm::Pca => train_pca(rows, params.variance)?,
+            Algorithm::Robust => train_robust(rows),
+            Algorithm::IsolationForest => train_forest(rows, params)?,
+        };
+        let mut model = Model {
+            algorithm: params.algorithm,
+            features: features.to_vec(),
+            threshold: f64::INFINITY,
+            trained_rows: n,
+            body,
+        };
+        let mut scores: Vec<f64> = rows
+            .outer_iter()
+            .map(|r| model.raw_score(r.as_slice().expect("row")))
+            .collect();
+        scores.sort_by(f64::total_cmp);
+        model.threshold = quantile(&scores, params.quantile);
+        Ok(model)
+    }
+
+    /// The anomaly score of one feature vector (higher is more anomalous).
+    pub fn score(&self, x: &[f64]) -> Result<f64> {
+        self.check(x)?;
+        Ok(self.raw_score(x))
+    }
+
+    /// Whether `x` scores above the alarm threshold.
+    pub fn is_alarm(&self, x: &[f64]) -> Result<bool> {
+        Ok(self.score(x)? > self.threshold)
+    }
+
+    /// Each feature's share in the score of `x`, largest first.
+    pub fn contributions(&self, x: &[f64]) -> Result<Vec<(String, f64)>> {
+        self.check(x)?;
+        let parts: Vec<f64> = match &self.body {
+            Body::Pca {
+                mean,
+                scale,
+                components,
+                eigenvalues,
+                residual_variance,
+            } => {
+                // The score split by feature: T² = Σ_j z_j Σ_k t_k c_kj / λ_k, plus the
+                // squared reconstruction error of each feature over the residual
+                // variance (magnitudes: a T² term can be negative).
+                let z = standardise(x, mean, scale);
+                let recon = reconstruct(&z, components);
+                let t: Vec<f64> = components.iter().map(|c| dot(c, &z)).collect();
+                (0..z.len())
+                    .map(|j| {
+                        let t2: f64 = components
+                            .iter()
+                            .zip(&t)
+                            .zip(eigenvalues)
+                            .map(|((c, tk), l)| tk * c[j] / l)
+                            .sum::<f64>()
+                            * z[j];
+                        t2.abs() + (z[j] - recon[j]).powi(2) / residual_variance
+                    })
+                    .collect()
+            }
+            Body::Robust { median, mad } => {
+                robust_z(x, median, mad).into_iter().map(f64::abs).collect()
+            }
+            Body::Forest { trees, .. } => {
+                // How often each feature isolates `x` along its paths, weighted by how
+                // early (shallow splits isolate the most anomalous points).
+                let mut w = vec![0.0; x.len()];
+                for t in trees {
+                    path_features(t, x, 0, &mut w);
+                }
+                w
+            }
+        };
+        let total: f64 = parts.iter().sum::<f64>().max(f64::MIN_POSITIVE);
+        let mut out: Vec<(String, f64)> = self
+            .features
+            .iter()
+            .cloned()
+            .zip(parts.iter().map(|p| p / total))
+            .collect();
+        out.sort_by(|a, b| b.1.total_cmp(&a.1));
+        Ok(out)
+    }
+
+    fn check(&self, x: &[f64]) -> Result<()> {
+        if x.len() != self.features.len() {
+            return Err(ModelError::WrongWidth {
+                got: x.len(),
+                expected: self.features.len(),
+            });
+        }
+        if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+            return Err(ModelError::NotFinite(self.features[i].clone()));
+        }
+        Ok(())
+    }
+
+    fn raw_score(&self, x: &[f64]) -> f64 {
+        match &self.body {
+            Body::Pca {
+                mean,
+                scale,
+                components,
+                eigenvalues,
+                residual_variance,
+            } => {
+                let z = standardise(x, mean, scale);
+                let t2: f64 = components
+                    .iter()
+                    .zip(eigenvalues)
+                    .map(|(c, l)| dot(c, &z).powi(2) / l)
+                    .sum();
+                let recon = reconstruct(&z, components);
+                let spe: f64 = z.iter().zip(&recon).map(|(a, b)| (a - b).powi(2)).sum();
+                t2 + spe / residual_variance
+            }
+            Body::Robust { median, mad } => robust_z(x, median, mad)
+                .into_iter()
+                .map(f64::abs)
+                .fold(0.0, f64::max),
+            Body::Forest { trees, sample_size } => {
+                let mean_path: f64 =
+                    trees.iter().map(|t| path_length(t, x, 0)).sum::<f64>() / trees.len() as f64;
+                2f64.powf(-mean_path / average_path(*sample_size))
+            }
+        }
+    }
+
+    /// The model file: magic, format version, CRC-32 of the body, the body (JSON).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let body = serde_json::to_vec(self).expect("a model serialises");
+        let mut out = Vec::with_capacity(12 + body.len());
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// Reads a model file; anything corrupt, foreign or inconsistent is an error.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Model> {
+        if bytes.len() < 12 || &bytes[..4] != MAGIC {
+            return Err(ModelError::BadMagic);
+        }
+        let word = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().expect("4 bytes"));
+        let version = word(4);
+        if version != FORMAT_VERSION {
+            return Err(ModelError::UnsupportedVersion(version));
+        }
+        let body = &bytes[12..];
+        if crc32fast::hash(body) != word(8) {
+            return Err(ModelError::Checksum);
+        }
+        let model: Model =
+            serde_json::from_slice(body).map_err(|e| ModelError::Corrupt(e.to_string()))?;
+        model.validate()?;
+        Ok(model)
+    }
+
+    /// Dimensions and values agree (a file can pass its checksum and still be made by a
+    /// buggy writer).
+    fn validate(&self) -> Result<()> {
+        let d = self.features.len();
+        let bad = |what: &str| Err(ModelError::Corrupt(what.to_owned()));
+        if d == 0 || self.threshold.is_nan() {
+            return bad("no features or no threshold");
+        }
+        let finite = |v: &[f64]| v.iter().all(|x| x.is_finite());
+        match &self.body {
+            Body::Pca {
+                mean,
+                scale,
+                components,
+                eigenvalues,
+                residual_variance,
+            } => {
+                if mean.len() != d
+                    || scale.len() != d
+                    || components.len() != eigenvalues.len()
+                    || components.iter().any(|c| c.len() != d || !finite(c))
+                    || !finite(mean)
+                    || scale.iter().any(|s| !(s.is_finite() && *s > 0.0))
+                    || eigenvalues.iter().any(|l| !(l.is_finite() && *l > 0.0))
+                    || !(residual_variance.is_finite() && *residual_variance > 0.0)
+                {
+                    return bad("pca dimensions or values do not agree");
+                }
+            }
+            Body::Robust { median, mad } => {
+                if median.len() != d
+                    || mad.len() != d
+                    || !finite(median)
+                    || mad.iter().any(|m| !(m.is_finite() && *m > 0.0))
+                {
+                    return bad("robust baseline dimensions or values do not agree");
+                }
+            }
+            Body::Forest { trees, sample_size } => {
+                fn ok(t: &Tree, d: usize) -> bool {
+                    match t {
+                        Tree::Leaf { .. } => true,
+                        Tree::Split {
+                            feature,
+                            value,
+                            left,
+                            right,
+                        } => *feature < d && value.is_finite() && ok(left, d) && ok(right, d),
+                    }
+                }
+                if trees.is_empty() || *sample_size < 2 || !trees.iter().all(|t| ok(t, d)) {
+                    return bad("isolation forest trees do not agree with the features");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    let pos = q * (sorted.len() - 1) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64)
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+fn standardise(x: &[f64], mean: &[f64], scale: &[f64]) -> Vec<f64> {
+    x.iter()
+        .zip(mean)
+        .zip(scale)
+        .map(|((v, m), s)| (v - m) / s)
+        .collect()
+}
+
+fn reconstruct(z: &[f64], components: &[Vec<f64>]) -> Vec<f64> {
+    let mut out = vec![0.0; z.len()];
+    for c in components {
+        let t = dot(c, z);
+        for (o, ci) in out.iter_mut().zip(c) {
+            *o += t * ci;
+        }
+    }
+    out
+}
+
+fn train_pca(rows: ArrayView2<f64>, variance: f64) -> Result<Body> {
+    if !(variance > 0.0 && variance <= 1.0) {
+        return Err(ModelError::InvalidParameter(format!(
+            "pca variance {variance} must be in (0, 1]"
+        )));
+    }
+    let n = rows.nrows() as f64;
+    let mean = rows.mean_axis(Axis(0)).expect("rows");
+    let centred = &rows - &mean;
+    let std = centred
+        .mapv(|v| v * v)
+        .sum_axis(Axis(0))
+        .mapv(|s| (s / (n - 1.0)).sqrt());
+    // Constant features carry no information: scale 1 keeps them harmless.
+    let scale: Array1<f64> = std.mapv(|s| if s > 1e-12 { s } else { 1.0 });
+    let z = &centred / &scale;
+    let cov: Array2<f64> = z.t().dot(&z) / (n - 1.0);
+    let (values, vectors) = jacobi_eigen(cov);
+    let mut order: Vec<usize> = (0..values.len()).collect();
+    order.sort_by(|&a, &b| values[b].total_cmp(&values[a]));
+    let total: f64 = values.iter().map(|v| v.max(0.0)).sum::<f64>().max(1e-12);
+    let mut kept = 0;
+    let mut explained = 0.0;
+    while kept < order.len() && explained / total < variance {
+        explained += values[order[kept]].max(0.0);
+        kept += 1;
+    }
+    let kept = kept.clamp(1, order.len());
+    // Floors keep scores finite when components explain (almost) everything.
+    let floor = total * 1e-6;
+    let components: Vec<Vec<f64>> = order[..kept]
+        .iter()
+        .map(|&i| vectors.column(i).to_vec())
+        .collect();
+    let eigenvalues: Vec<f64> = order[..kept]
+        .iter()
+        .map(|&i| values[i].max(floor))
+        .collect();
+    let rest: Vec<f64> = order[kept..].iter().map(|&i| values[i].max(0.0)).collect();
+    let residual_variance = if rest.is_empty() {
+        floor
+    } else {
+        (rest.iter().sum::<f64>() / rest.len() as f64).max(floor)
+    };
+    Ok(Body::Pca {
+        mean: mean.to_vec(),
+        scale: scale.to_vec(),
+        components,
+        eigenvalues,
+        residual_variance,
+    })
+}
+
+/// Eigenvalues and eigenvectors (columns) of a symmetric matrix, by cyclic Jacobi
+/// rotations (feature counts here are small: tens).
+fn jacobi_eigen(mut a: Array2<f64>) -> (Vec<f64>, Array2<f64>) {
+    let n = a.nrows();
+    let mut v = Array2::<f64>::eye(n);
+    for _sweep in 0..100 {
+        let off: f64 = (0..n)
+            .flat_map(|i| (0..n).filter(move |&j| j != i).map(move |j| (i, j)))
+            .map(|(i, j)| a[[i, j]].powi(2))
+            .sum();
+        if off < 1e-22 {
+            break;
+        }
+        for p in 0..n {
+            for q in p + 1..n {
+                if a[[p, q]].abs() < 1e-300 {
+                    continue;
+                }
+                let theta = (a[[q, q]] - a[[p, p]]) / (2.0 * a[[p, q]]);
+                let t = theta.signum() / (theta.abs() + (theta * theta + 1.0).sqrt());
+                let t = if theta == 0.0 { 1.0 } else { t };
+                let c = 1.0 / (t * t + 1.0).sqrt();
+                let s = t * c;
+                for k in 0..n {
+                    let (akp, akq) = (a[[k, p]], a[[k, q]]);
+                    a[[k, p]] = c * akp - s * akq;
+                    a[[k, q]] = s * akp + c * akq;
+                }
+                for k in 0..n {
+                    let (apk, aqk) = (a[[p, k]], a[[q, k]]);
+                    a[[p, k]] = c * apk - s * aqk;
+                    a[[q, k]] = s * apk + c * aqk;
+                }
+                for k in 0..n {
+                    let (vkp, vkq) = (v[[k, p]], v[[k, q]]);
+                    v[[k, p]] = c * vkp - s * vkq;
+                    v[[k, q]] = s * vkp + c * vkq;
+                }
+            }
+        }
+    }
+    ((0..n).map(|i| a[[i, i]]).collect(), v)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn train_robust(rows: ArrayView2<f64>) -> Body {
+    let mut med = Vec::new();
+    let mut mad = Vec::new();
+    for col in rows.axis_iter(Axis(1)) {
+        let mut c = col.to_vec();
+        let m = median(&mut c);
+        let mut dev: Vec<f64> = c.iter().map(|x| (x - m).abs()).collect();
+        let d = median(&mut dev) * 1.4826;
+        // A constant feature: any change is notable, scaled by its magnitude.
+        let floor = (m.abs() * 1e-6).max(1e-9);
+        med.push(m);
+        mad.push(d.max(floor));
+    }
+    Body::Robust { median: med, mad }
+}
+
+fn robust_z(x: &[f64], median: &[f64], mad: &[f64]) -> Vec<f64> {
+    x.iter()
+        .zip(median)
+        .zip(mad)
+        .map(|((v, m), d)| (v - m) / d)
+        .collect()
+}
+
+/// c(n): the average path length of an unsuccessful search in a binary search tree.
+fn average_path(n: usize) -> f64 {
+    match n {
+        0 | 1 => 0.0,
+        2 => 1.0,
+        n => {
+            let n = n as f64;
+            2.0 * ((n - 1.0).ln() + 0.577_215_664_901_532_9) - 2.0 * (n - 1.0) / n
+        }
+    }
+}
+
+fn train_forest(rows: ArrayView2<f64>, params: &TrainParams) -> Result<Body> {
+    if params.trees == 0 || params.trees > 10_000 {
+        return Err(ModelError::InvalidParameter(format!(
+            "{} trees: expected 1..=10000",
+            params.trees
+        )));
+    }
+    if params.sample_size < 2 {
+        return Err(ModelError::InvalidParameter(format!(
+            "sample size {}: expected at least 2",
+            params.sample_size
+        )));
+    }
+    let psi = params.sample_size.min(rows.nrows());
+    let limit = (psi as f64).log2().ceil() as usize;
+    let mut rng = ChaCha8Rng::seed_from_u64(params.seed);
+    let trees = (0..params.trees)
+        .map(|_| {
+            let idx = sample_indices(&mut rng, rows.nrows(), psi).into_vec();
+            grow(rows, idx, 0, limit, &mut rng)
+        })
+        .collect();
+    Ok(Body::Forest {
+        trees,
+        sample_size: psi,
+    })
+}
+
+fn grow(
+    rows: ArrayView2<f64>,
+    idx: Vec<usize>,
+    depth: usize,
+    limit: usize,
+    rng: &mut ChaCha8Rng,
+) -> Tree {
+    if depth >= limit || idx.len() <= 1 {
+        return Tree::Leaf { size: idx.len() };
+    }
+    // Features that still vary among these rows.
+    let varying: Vec<(usize, f64, f64)> = (0..rows.ncols())
+        .filter_map(|j| {
+            let (lo, hi) = idx
+                .iter()
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &i| {
+                    (lo.min(rows[[i, j]]), hi.max(rows[[i, j]]))
+                });
+            (hi > lo).then_some((j, lo, hi))
+        })
+        .collect();
+    if varying.is_empty() {
+        return Tree::Leaf { size: idx.len() };
+    }
+    let (feature, lo, hi) = varying[rng.random_range(0..varying.len())];
+    let value = rng.random_range(lo..hi);
+    let (left, right): (Vec<usize>, Vec<usize>) =
+        idx.into_iter().partition(|&i| rows[[i, feature]] < value);
+    Tree::Split {
+        feature,
+        value,
+        left: Box::new(grow(rows, left, depth + 1, limit, rng)),
+        right: Box::new(grow(rows, right, depth + 1, limit, rng)),
+    }
+}
+
+fn path_length(t: &Tree, x: &[f64], depth: usize) -> f64 {
+    match t {
+        Tree::Leaf { size } => depth as f64 + average_path(*size),
+        Tree::Split {
+            feature,
+            value,
+            left,
+            right,
+        } => {
+            let next = if x[*feature] < *value { left } else { right };
+            path_length(next, x, depth + 1)
+        }
+    }
+}
+
+fn path_features(t: &Tree, x: &[f64], depth: usize, w: &mut [f64]) {
+    if let Tree::Split {
+        feature,
+        value,
+        left,
+        right,
+    } = t
+    {
+        w[*feature] += 1.0 / (depth + 1) as f64;
+        let next = if x[*feature] < *value { left } else { right };
+        path_features(next, x, depth + 1, w);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand_distr::{Distribution, Normal};
+
+    fn names(d: usize) -> Vec<String> {
+        (0..d).map(|i| format!("f{i}")).collect()
+    }
+
+    /// Correlated healthy features: x1 ≈ 2·x0, x2 ≈ −x0, x3 independent.
+    fn healthy(n: usize, seed: u64) -> Array2<f64> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let g = Normal::new(0.0, 1.0).unwrap();
+        let e = Normal::new(0.0, 0.05).unwrap();
+        let mut m = Array2::zeros((n, 4));
+        for i in 0..n {
+            let a = g.sample(&mut rng);
+            m[[i, 0]] = 10.0 + a;
+            m[[i, 1]] = 20.0 + 2.0 * a + e.sample(&mut rng);
+            m[[i, 2]] = 5.0 - a + e.sample(&mut rng);
+            m[[i, 3]] = 100.0 + 3.0 * g.sample(&mut rng);
+        }
+        m
+    }
+
+    fn params(algorithm: Algorithm) -> TrainParams {
+        TrainParams {
+            algorithm,
+            ..TrainParams::default()
+        }
+    }
+
+    #[test]
+    fn every_algorithm_separates_faults_from_healthy_windows() {
+        let train = healthy(2000, 1);
+        let test = healthy(2000, 2);
+        // The correlated group far out together (6 σ), one independent feature far out
+        // alone, and a broken correlation (x1 no longer 2·x0, each value in range).
+        let joint = [16.0, 32.0, -1.0, 100.0];
+        let single = [10.0, 20.0, 5.0, 140.0];
+        let broken = [10.0, 23.0, 5.0, 100.0];
+        for alg in [
+            Algorithm::Pca,
+            Algorithm::Robust,
+            Algorithm::IsolationForest,
+        ] {
+            // The forest's scores saturate for points outside its sub-samples' range,
+            // where the healthy tail already is: it needs a lower quantile.
+            let (quantile, max_alarms) = match alg {
+                Algorithm::IsolationForest => (0.99, 40),
+                _ => (0.999, 12),
+            };
+            let p = TrainParams {
+                quantile,
+                ..params(alg)
+            };
+            let m = Model::train(&names(4), train.view(), &p).unwrap();
+            let alarms = test
+                .outer_iter()
+                .filter(|r| m.is_alarm(r.as_slice().unwrap()).unwrap())
+                .count();
+            // About (1 − quantile) of healthy windows, with margin.
+            assert!(
+                alarms <= max_alarms,
+                "{alg:?}: {alarms} false alarms in 2000"
+            );
+            assert!(
+                m.is_alarm(&joint).unwrap(),
+                "{alg:?} misses a joint excursion"
+            );
+            let top = &m.contributions(&joint).unwrap()[0].0;
+            assert_ne!(
+                top, "f3",
+                "{alg:?} blames the one feature that did not move"
+            );
+            match alg {
+                // Each split picks one of four features at random: a lone excursion
+                // isolates only along the splits on its own feature.
+                Algorithm::IsolationForest => {
+                    assert!(!m.is_alarm(&single).unwrap());
+                    assert!(
+                        m.score(&single).unwrap() > m.score(&[10.0, 20.0, 5.0, 100.0]).unwrap()
+                    );
+                }
+                _ => {
+                    assert!(
+                        m.is_alarm(&single).unwrap(),
+                        "{alg:?} misses a lone excursion"
+                    );
+                    assert_eq!(m.contributions(&single).unwrap()[0].0, "f3", "{alg:?}");
+                }
+            }
+            // Only the correlation-aware model sees a broken correlation.
+            assert_eq!(
+                m.is_alarm(&broken).unwrap(),
+                alg == Algorithm::Pca,
+                "{alg:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn pca_finds_the_principal_axes_of_known_data() {
+        // Two features, perfectly correlated: one component explains everything.
+        let rows =
+            Array2::from_shape_fn((100, 2), |(i, j)| i as f64 * if j == 0 { 1.0 } else { 3.0 });
+        let m = Model::train(&names(2), rows.view(), &params(Algorithm::Pca)).unwrap();
+        let Body::Pca {
+            components,
+            eigenvalues,
+            ..
+        } = &m.body
+        else {
+            panic!()
+        };
+        assert_eq!(components.len(), 1);
+        // Standardised, the two features are identical: eigenvalue 2, axis (1,1)/√2.
+        assert!((eigenvalues[0] - 2.0).abs() < 1e-9, "{eigenvalues:?}");
+        assert!((components[0][0].abs() - std::f64::consts::FRAC_1_SQRT_2).abs() < 1e-9);
+        assert!((components[0][0] - components[0][1]).abs() < 1e-9);
+    }
+
+    #[test]
+    fn robust_scores_are_z_scores_around_the_median() {
+        let rows = Array2::from_shape_vec((5, 1), vec![1.0, 2.0, 3.0, 4.0, 100.0]).unwrap();
+        let m = Model::train(&names(1), rows.view(), &params(Algorithm::Robust)).unwrap();
+        // median 3, MAD 1 → scale 1.4826.
+        assert!((m.score(&[3.0]).unwrap()).abs() < 1e-12);
+        assert!((m.score(&[4.4826]).unwrap() - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn isolation_forest_matches_its_definition_on_trivial_trees() {
+        assert_eq!(average_path(2), 1.0);
+        assert!((average_path(256) - 10.244_770_9).abs() < 1e-6);
+        // Same seed, same forest.
+        let train = healthy(500, 3);
+        let p = params(Algorithm::IsolationForest);
+        let a = Model::train(&names(4), train.view(), &p).unwrap();
+        let b = Model::train(&names(4), train.view(), &p).unwrap();
+        assert_eq!(a, b);
+        let s = a.score(&[10.0, 20.0, 5.0, 100.0]).unwrap();
+        assert!(s > 0.0 && s < 0.6, "a typical point scores below 0.6: {s}");
+    }
+
+    #[test]
+    fn files_round_trip_and_corruption_is_detected() {
+        let train = healthy(300, 4);
+        for alg in [
+            Algorithm::Pca,
+            Algorithm::Robust,
+            Algorithm::IsolationForest,
+        ] {
+            let m = Model::train(&names(4), train.view(), &params(alg)).unwrap();
+            let bytes = m.to_bytes();
+            let back = Model::from_bytes(&bytes).unwrap();
+            assert_eq!(back, m);
+            let x = [10.5, 21.0, 4.5, 99.0];
+            assert_eq!(back.score(&x).unwrap(), m.score(&x).unwrap());
+
+            let mut flipped = bytes.clone();
+            let last = flipped.len() - 2;
+            flipped[last] ^= 0x01;
+            assert_eq!(Model::from_bytes(&flipped), Err(ModelError::Checksum));
+            let mut version = bytes.clone();
+            version[4] = 9;
+            assert_eq!(
+                Model::from_bytes(&version),
+                Err(ModelError::UnsupportedVersion(9))
+            );
+            assert_eq!(
+                Model::from_bytes(b"{\"json\": 1}"),
+                Err(ModelError::BadMagic)
+            );
+            assert_eq!(Model::from_bytes(&bytes[..11]), Err(ModelError::BadMagic));
+        }
+    }
+
+    #[test]
+    fn a_file_whose_checksum_matches_but_dimensions_do_not_is_refused() {
+        let train = healthy(100, 5);
+        let mut m = Model::train(&names(4), train.view(), &params(Algorithm::Robust)).unwrap();
+        m.features.pop();
+        let e = Model::from_bytes(&m.to_bytes()).unwrap_err();
+        assert!(matches!(e, ModelError::Corrupt(_)), "{e}");
+    }
+
+    #[test]
+    fn bad_inputs_are_refused_with_the_reason() {
+        let train = healthy(100, 6);
+        let m = Model::train(&names(4), train.view(), &params(Algorithm::Pca)).unwrap();
+        assert_eq!(
+            m.score(&[1.0, 2.0]),
+            Err(ModelError::WrongWidth {
+                got: 2,
+                expected: 4
+            })
+        );
+        assert_eq!(
+            m.score(&[1.0, f64::NAN, 0.0, 0.0]),
+            Err(ModelError::NotFinite("f1".into()))
+        );
+        let mut bad = train.clone();
+        bad[[3, 2]] = f64::INFINITY;
+        assert_eq!(
+            Model::train(&names(4), bad.view(), &params(Algorithm::Robust)),
+            Err(ModelError::NotFinite("f2".into()))
+        );
+        let p = TrainParams {
+            quantile: 1.5,
+            ..params(Algorithm::Robust)
+        };
+        assert!(matches!(
+            Model::train(&names(4), train.view(), &p),
+            Err(ModelError::InvalidParameter(_))
+        ));
+        assert_eq!(
+            "iforest".parse::<Algorithm>(),
+            Ok(Algorithm::IsolationForest)
+        );
+        assert!("svm".parse::<Algorithm>().is_err());
+    }
+}

@@ -220,26 +220,11 @@ impl Model {
                 components,
                 eigenvalues,
                 residual_variance,
-            } => {
-                // The score split by feature: T² = Σ_j z_j Σ_k t_k c_kj / λ_k, plus the
-                // squared reconstruction error of each feature over the residual
-                // variance (magnitudes: a T² term can be negative).
-                let z = standardise(x, mean, scale);
-                let recon = reconstruct(&z, components);
-                let t: Vec<f64> = components.iter().map(|c| dot(c, &z)).collect();
-                (0..z.len())
-                    .map(|j| {
-                        let t2: f64 = components
-                            .iter()
-                            .zip(&t)
-                            .zip(eigenvalues)
-                            .map(|((c, tk), l)| tk * c[j] / l)
-                            .sum::<f64>()
-                            * z[j];
-                        t2.abs() + (z[j] - recon[j]).powi(2) / residual_variance
-                    })
-                    .collect()
-            }
+            } => pca_terms(x, mean, scale, components, eigenvalues, *residual_variance)
+                .into_iter()
+                // Magnitudes: a feature's T² term can be negative.
+                .map(|(t2, spe)| t2.abs() + spe)
+                .collect(),
             Body::Robust { median, mad } => {
                 robust_z(x, median, mad).into_iter().map(f64::abs).collect()
             }
@@ -285,17 +270,10 @@ impl Model {
                 components,
                 eigenvalues,
                 residual_variance,
-            } => {
-                let z = standardise(x, mean, scale);
-                let t2: f64 = components
-                    .iter()
-                    .zip(eigenvalues)
-                    .map(|(c, l)| dot(c, &z).powi(2) / l)
-                    .sum();
-                let recon = reconstruct(&z, components);
-                let spe: f64 = z.iter().zip(&recon).map(|(a, b)| (a - b).powi(2)).sum();
-                t2 + spe / residual_variance
-            }
+            } => pca_terms(x, mean, scale, components, eigenvalues, *residual_variance)
+                .into_iter()
+                .map(|(t2, spe)| t2 + spe)
+                .sum(),
             Body::Robust { median, mad } => robust_z(x, median, mad)
                 .into_iter()
                 .map(f64::abs)
@@ -425,6 +403,33 @@ fn reconstruct(z: &[f64], components: &[Vec<f64>]) -> Vec<f64> {
         }
     }
     out
+}
+
+/// The PCA score of `x` split by feature: its term of Hotelling's T²
+/// (z_j Σ_k t_k c_kj / λ_k, which sum to Σ_k t_k² / λ_k) and its squared reconstruction
+/// error over the residual variance.
+fn pca_terms(
+    x: &[f64],
+    mean: &[f64],
+    scale: &[f64],
+    components: &[Vec<f64>],
+    eigenvalues: &[f64],
+    residual_variance: f64,
+) -> Vec<(f64, f64)> {
+    let z = standardise(x, mean, scale);
+    let recon = reconstruct(&z, components);
+    let t: Vec<f64> = components.iter().map(|c| dot(c, &z)).collect();
+    (0..z.len())
+        .map(|j| {
+            let weight: f64 = components
+                .iter()
+                .zip(&t)
+                .zip(eigenvalues)
+                .map(|((c, tk), l)| tk * c[j] / l)
+                .sum();
+            (weight * z[j], (z[j] - recon[j]).powi(2) / residual_variance)
+        })
+        .collect()
 }
 
 fn train_pca(rows: ArrayView2<f64>, variance: f64) -> Result<Body> {

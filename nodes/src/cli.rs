@@ -28,6 +28,8 @@ pub enum Command {
     Ctl(crate::ctl::CtlArgs),
     /// Measure the mesh (results go to BENCHMARKS.md).
     Bench(crate::bench::BenchArgs),
+    /// Evaluate the anomaly algorithms on simulated faults (EVALUATION.md).
+    Eval(crate::eval::EvalArgs),
     /// Write simulated samples of an asset kind as CSV.
     Sim(crate::tools::SimArgs),
     /// Run a signal operator over CSV on stdin, CSV on stdout.

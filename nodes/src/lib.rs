@@ -13,6 +13,7 @@
 //! - [`up`]: the whole mesh in one process (`twinmesh up`).
 //! - [`ctl`]: the `twinmesh ctl` client.
 //! - [`bench`]: `twinmesh bench`.
+//! - [`eval`]: `twinmesh eval`, detection delays and false alarms of the anomaly models.
 //! - [`tools`]: `twinmesh sim`, `twinmesh dsp`, `twinmesh ingest`.
 //! - [`cli`]: argument parsing for the binary.
 
@@ -21,6 +22,7 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod ctl;
+pub mod eval;
 pub mod fabric;
 pub mod grpc;
 pub mod http;

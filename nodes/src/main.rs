@@ -14,6 +14,7 @@ fn main() -> ExitCode {
         Command::Up(_) | Command::Node(_) => "warn,twinmesh=info",
         Command::Ctl(_)
         | Command::Bench(_)
+        | Command::Eval(_)
         | Command::Sim(_)
         | Command::Dsp(_)
         | Command::Ingest(_) => "warn",
@@ -70,6 +71,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Node(args) => twinmesh_nodes::run(args.into_config()?, shutdown_signal()).await,
         Command::Ctl(args) => twinmesh_nodes::ctl::run(args).await,
         Command::Bench(args) => twinmesh_nodes::bench::run(args).await,
+        Command::Eval(args) => twinmesh_nodes::eval::run(args, &mut std::io::stdout().lock()),
         Command::Sim(args) => twinmesh_nodes::tools::sim(args, &mut std::io::stdout().lock()),
         Command::Dsp(args) => {
             twinmesh_nodes::tools::dsp(args, std::io::stdin().lock(), &mut std::io::stdout().lock())

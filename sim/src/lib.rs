@@ -15,6 +15,7 @@
 
 pub mod device;
 pub mod fault;
+pub mod features;
 pub mod mesh;
 pub mod model;
 pub mod models;

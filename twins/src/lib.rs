@@ -13,6 +13,8 @@
 //! - [`frame`]: validation of telemetry frames (bad input never reaches a twin).
 //! - [`model`]: anomaly models over feature vectors (PCA, robust baseline, isolation
 //!   forest): training, calibrated thresholds, versioned checksummed files, scoring.
+//! - [`monitor`]: a twin's scoring of its feature windows — health status with
+//!   debounced alarms and their contributing features, drift of the score distribution.
 //!
 //! Time always comes in as data (`now_ns` arguments); nothing here reads a clock.
 
@@ -25,6 +27,7 @@ pub mod id;
 pub mod keys;
 pub mod kind;
 pub mod model;
+pub mod monitor;
 pub mod state;
 pub mod stats;
 pub mod td;

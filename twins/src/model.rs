@@ -6,8 +6,9 @@
 //! - [`Algorithm::Pca`]: features standardised, principal components keeping
 //!   `variance` of the variance; score = Hotelling T² in the kept subspace plus the
 //!   squared reconstruction error (SPE) over the mean discarded eigenvalue.
-//! - [`Algorithm::Robust`]: per-feature median and MAD (× 1.4826); score = the largest
-//!   robust z-score.
+//! - [`Algorithm::Robust`]: per-feature median and MAD (× 1.4826), each feature's
+//!   scale widened by the 0.99 quantile of its own training |z| so heavy-tailed features
+//!   do not set the threshold for all; score = the largest scaled robust z-score.
 //! - [`Algorithm::IsolationForest`]: Liu, Ting & Zhou (2008): `trees` trees on
 //!   sub-samples of `sample_size` rows, height limit ⌈log₂ sample_size⌉; score =
 //!   2^(−E[h(x)]/c(sample_size)) in (0, 1].
@@ -31,6 +32,9 @@ use serde::{Deserialize, Serialize};
 /// Magic bytes and format version of a model file.
 const MAGIC: &[u8; 4] = b"TWMM";
 pub const FORMAT_VERSION: u32 = 1;
+
+/// Bins of the reference score distribution (deciles).
+pub const REFERENCE_BINS: usize = 10;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ModelError {
@@ -62,6 +66,28 @@ pub enum Algorithm {
     IsolationForest,
 }
 
+impl Algorithm {
+    pub const ALL: [Algorithm; 3] = [
+        Algorithm::Pca,
+        Algorithm::Robust,
+        Algorithm::IsolationForest,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Algorithm::Pca => "pca",
+            Algorithm::Robust => "robust",
+            Algorithm::IsolationForest => "isolation_forest",
+        }
+    }
+}
+
+impl std::fmt::Display for Algorithm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl std::str::FromStr for Algorithm {
     type Err = ModelError;
     fn from_str(s: &str) -> Result<Self> {
@@ -88,6 +114,22 @@ pub struct TrainParams {
     pub trees: usize,
     pub sample_size: usize,
     pub seed: u64,
+}
+
+impl TrainParams {
+    /// The defaults for `algorithm`: the isolation forest's threshold sits at the 0.99
+    /// quantile (its score saturates, see the module documentation).
+    pub fn for_algorithm(algorithm: Algorithm) -> Self {
+        TrainParams {
+            algorithm,
+            quantile: if algorithm == Algorithm::IsolationForest {
+                0.99
+            } else {
+                0.999
+            },
+            ..TrainParams::default()
+        }
+    }
 }
 
 impl Default for TrainParams {
@@ -147,6 +189,15 @@ pub struct Model {
     pub threshold: f64,
     /// Rows it was trained on.
     pub trained_rows: usize,
+    /// Interior decile edges of the training scores: the reference distribution that
+    /// drift monitoring ([`crate::monitor`]) compares live scores against.
+    #[serde(default)]
+    pub reference: Vec<f64>,
+    /// Features scored by their logarithm: positive and strongly right-skewed in
+    /// training (kurtosis, crest factors, standard deviations), whose raw tails would
+    /// set the threshold for every feature. Empty: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub log_features: Vec<bool>,
     body: Body,
 }
 
@@ -178,16 +229,25 @@ impl Model {
                 params.quantile
             )));
         }
+        let log: Vec<bool> = rows.axis_iter(Axis(1)).map(|c| wants_log(&c.to_vec())).collect();
+        let mut prepared = rows.to_owned();
+        for (mut col, &l) in prepared.axis_iter_mut(Axis(1)).zip(&log) {
+            if l {
+                col.mapv_inplace(f64::ln);
+            }
+        }
         let body = match params.algorithm {
-            Algorithm::Pca => train_pca(rows, params.variance)?,
-            Algorithm::Robust => train_robust(rows),
-            Algorithm::IsolationForest => train_forest(rows, params)?,
+            Algorithm::Pca => train_pca(prepared.view(), params.variance)?,
+            Algorithm::Robust => train_robust(prepared.view()),
+            Algorithm::IsolationForest => train_forest(prepared.view(), params)?,
         };
         let mut model = Model {
             algorithm: params.algorithm,
             features: features.to_vec(),
             threshold: f64::INFINITY,
             trained_rows: n,
+            reference: Vec::new(),
+            log_features: if log.contains(&true) { log } else { Vec::new() },
             body,
         };
         let mut scores: Vec<f64> = rows
@@ -196,6 +256,9 @@ impl Model {
             .collect();
         scores.sort_by(f64::total_cmp);
         model.threshold = quantile(&scores, params.quantile);
+        model.reference = (1..REFERENCE_BINS)
+            .map(|i| quantile(&scores, i as f64 / REFERENCE_BINS as f64))
+            .collect();
         Ok(model)
     }
 
@@ -213,6 +276,7 @@ impl Model {
     /// Each feature's share in the score of `x`, largest first.
     pub fn contributions(&self, x: &[f64]) -> Result<Vec<(String, f64)>> {
         self.check(x)?;
+        let x = &*self.prepare(x);
         let parts: Vec<f64> = match &self.body {
             Body::Pca {
                 mean,
@@ -262,7 +326,22 @@ impl Model {
         Ok(())
     }
 
+    /// `x` with the log transform of the flagged features applied (a value ≤ 0 where
+    /// training saw only positive ones maps far out, as it should).
+    fn prepare<'a>(&self, x: &'a [f64]) -> std::borrow::Cow<'a, [f64]> {
+        if self.log_features.is_empty() {
+            return std::borrow::Cow::Borrowed(x);
+        }
+        std::borrow::Cow::Owned(
+            x.iter()
+                .zip(&self.log_features)
+                .map(|(&v, &l)| if l { v.max(1e-300).ln() } else { v })
+                .collect(),
+        )
+    }
+
     fn raw_score(&self, x: &[f64]) -> f64 {
+        let x = &*self.prepare(x);
         match &self.body {
             Body::Pca {
                 mean,
@@ -325,6 +404,14 @@ impl Model {
         if d == 0 || self.threshold.is_nan() {
             return bad("no features or no threshold");
         }
+        if !self.log_features.is_empty() && self.log_features.len() != d {
+            return bad("log-transform flags do not match the features");
+        }
+        if self.reference.iter().any(|v| !v.is_finite())
+            || self.reference.windows(2).any(|w| w[0] > w[1])
+        {
+            return bad("reference score distribution is not sorted");
+        }
         let finite = |v: &[f64]| v.iter().all(|x| x.is_finite());
         match &self.body {
             Body::Pca {
@@ -374,6 +461,22 @@ impl Model {
         }
         Ok(())
     }
+}
+
+/// Whether a training column is better scored by its logarithm: all positive and
+/// skewness above 2.
+fn wants_log(col: &[f64]) -> bool {
+    if col.len() < 3 || col.iter().any(|v| *v <= 0.0) {
+        return false;
+    }
+    let n = col.len() as f64;
+    let mean = col.iter().sum::<f64>() / n;
+    let var = col.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+    if var <= 0.0 {
+        return false;
+    }
+    let skew = col.iter().map(|v| (v - mean).powi(3)).sum::<f64>() / n / var.powf(1.5);
+    skew > 2.0
 }
 
 fn quantile(sorted: &[f64], q: f64) -> f64 {
@@ -549,8 +652,15 @@ fn train_robust(rows: ArrayView2<f64>) -> Body {
         let d = median(&mut dev) * 1.4826;
         // A constant feature: any change is notable, scaled by its magnitude.
         let floor = (m.abs() * 1e-6).max(1e-9);
+        let d = d.max(floor);
+        // Heavy-tailed features (kurtosis, crest factors of windows where a job starts)
+        // would set the threshold for all: each feature's scale is widened by its own
+        // 0.99 quantile of |z|, so every feature's healthy tail ends near 1.
+        let mut z: Vec<f64> = c.iter().map(|x| ((x - m) / d).abs()).collect();
+        z.sort_by(f64::total_cmp);
+        let tail = quantile(&z, 0.99).max(1.0);
         med.push(m);
-        mad.push(d.max(floor));
+        mad.push(d * tail);
     }
     Body::Robust { median: med, mad }
 }
@@ -792,11 +902,38 @@ mod tests {
 
     #[test]
     fn robust_scores_are_z_scores_around_the_median() {
-        let rows = Array2::from_shape_vec((5, 1), vec![1.0, 2.0, 3.0, 4.0, 100.0]).unwrap();
+        let rows = Array2::from_shape_vec((5, 1), vec![-1.0, 0.0, 1.0, 2.0, 3.0]).unwrap();
         let m = Model::train(&names(1), rows.view(), &params(Algorithm::Robust)).unwrap();
-        // median 3, MAD 1 → scale 1.4826.
-        assert!((m.score(&[3.0]).unwrap()).abs() < 1e-12);
-        assert!((m.score(&[4.4826]).unwrap() - 1.0).abs() < 1e-9);
+        // median 1, MAD 1 → 1.4826; the 0.99 quantile of |z| is 2 / 1.4826, so the
+        // feature's scale widens to 2.
+        assert!(m.log_features.is_empty());
+        assert!((m.score(&[1.0]).unwrap()).abs() < 1e-12);
+        assert!((m.score(&[3.0]).unwrap() - 1.0).abs() < 1e-9);
+        assert!((m.score(&[-3.0]).unwrap() - 2.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn heavy_tailed_positive_features_are_scored_by_their_logarithm() {
+        // Column 0: log-normal (skewed, positive); column 1: normal around 0.
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let n = Normal::new(0.0, 1.0).unwrap();
+        let rows = Array2::from_shape_fn((2000, 2), |(_, j)| {
+            let z: f64 = n.sample(&mut rng);
+            if j == 0 {
+                (1.5 * z).exp()
+            } else {
+                z
+            }
+        });
+        let m = Model::train(&names(2), rows.view(), &params(Algorithm::Robust)).unwrap();
+        assert_eq!(m.log_features, vec![true, false]);
+        // On the log scale, e^{±6} are equally far from the median e^0.
+        let (hi, lo) = (m.score(&[6f64.exp(), 0.0]).unwrap(), m.score(&[(-6f64).exp(), 0.0]).unwrap());
+        assert!((hi - lo).abs() / hi < 0.1, "{hi} {lo}");
+        // A value the training never saw (≤ 0) is far out, not an error.
+        assert!(m.score(&[0.0, 0.0]).unwrap() > 10.0 * m.threshold);
+        let back = Model::from_bytes(&m.to_bytes()).unwrap();
+        assert_eq!(back, m);
     }
 
     #[test]

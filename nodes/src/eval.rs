@@ -1,0 +1,377 @@
+//! `twinmesh eval`: how well each anomaly algorithm detects each simulator fault
+//! (EVALUATION.md). Per kind, a model per algorithm is trained on the first healthy
+//! windows of one simulated asset (a twin's model is its own); the windows after them
+//! count false alarms; for every fault mode, the same asset runs again, the fault starts
+//! after the training period, and the delay to the first alarm is counted in windows. Windows and scoring are the edge twin's own: the kind's default
+//! chain cut by [`twinmesh_twins::chain::Analyzer`], one score per feature window
+//! ([`twinmesh_twins::monitor::Monitor`], alarm after two windows above the threshold).
+//!
+//! `--out DIR` also writes the feature matrices as CSV for `scripts/models/sklearn_eval.py`,
+//! which runs scikit-learn's algorithms on the very same rows.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Args;
+use ndarray::Array2;
+
+use twinmesh_sim::fault::kind_faults;
+use twinmesh_sim::features::FeatureRun;
+use twinmesh_sim::{Fault, FaultMode};
+use twinmesh_twins::chain::Chain;
+use twinmesh_twins::model::{Algorithm, Model, TrainParams};
+use twinmesh_twins::monitor::{FeatureVector, Monitor, MonitorConfig, Status};
+use twinmesh_twins::{AssetKind, Tier};
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Kinds to evaluate (default: all).
+    #[arg(long, value_delimiter = ',')]
+    pub kinds: Vec<AssetKind>,
+    /// Algorithms to compare.
+    #[arg(long, value_delimiter = ',', default_value = "pca,robust,isolation_forest")]
+    pub algorithms: Vec<Algorithm>,
+    /// Healthy windows to train on.
+    #[arg(long, default_value_t = 5000)]
+    pub train: usize,
+    /// Healthy windows of another asset that count false alarms.
+    #[arg(long, default_value_t = 10_000)]
+    pub healthy: usize,
+    /// Windows watched after a fault's onset before it counts as missed.
+    #[arg(long, default_value_t = 100)]
+    pub horizon: usize,
+    /// Seed of the simulated assets.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Directory for the feature matrices as CSV (for the scikit-learn comparison).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+const START_NS: i64 = 1_767_225_600_000_000_000; // 2026-01-01T00:00:00Z
+/// Healthy windows before a fault's onset.
+const LEAD_WINDOWS: usize = 50;
+
+/// Feature rows of one run, with the flag "after the fault's onset".
+struct Rows {
+    names: Vec<String>,
+    rows: Vec<Vec<f64>>,
+    after_onset: Vec<bool>,
+    end_ns: Vec<i64>,
+}
+
+impl Rows {
+    fn split_at(mut self, n: usize) -> (Rows, Rows) {
+        let rest = Rows {
+            names: self.names.clone(),
+            rows: self.rows.split_off(n),
+            after_onset: self.after_onset.split_off(n),
+            end_ns: self.end_ns.split_off(n),
+        };
+        (self, rest)
+    }
+}
+
+impl Rows {
+    fn write_csv(&self, path: &std::path::Path) -> anyhow::Result<()> {
+        let mut w = csv::Writer::from_path(path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        let mut header = vec!["after_onset".to_owned()];
+        header.extend(self.names.iter().cloned());
+        w.write_record(&header)?;
+        for (r, a) in self.rows.iter().zip(&self.after_onset) {
+            let mut rec = vec![u8::from(*a).to_string()];
+            rec.extend(r.iter().map(|v| format!("{v:e}")));
+            w.write_record(&rec)?;
+        }
+        w.flush()?;
+        Ok(())
+    }
+}
+
+/// Longest window of the kind's default chain's edge stages, in seconds.
+fn longest_window_s(kind: AssetKind) -> f64 {
+    let chain = Chain::default_for(kind);
+    chain
+        .stages
+        .iter()
+        .filter(|s| s.tier == Tier::Edge && s.window > 0)
+        .filter_map(|s| {
+            let rate = kind.schema().signal(&s.signal).ok()?.rate_hz;
+            Some(s.window as f64 / rate)
+        })
+        .fold(1.0, f64::max)
+}
+
+/// Runs a healthy device and collects `count` feature vectors (the first full one and
+/// then one per window), over every feature its first windows produce.
+fn collect(kind: AssetKind, seed: u64, count: usize) -> anyhow::Result<Rows> {
+    let mut run = FeatureRun::new(kind, seed, &[], START_NS)?;
+    let max_steps = (count as f64 * longest_window_s(kind) * 2.0) as usize + 1000;
+    let mut rows = Rows {
+        names: Vec::new(),
+        rows: Vec::with_capacity(count),
+        after_onset: Vec::with_capacity(count),
+        end_ns: Vec::with_capacity(count),
+    };
+    let mut vector: Option<FeatureVector> = None;
+    let mut pending: Vec<_> = Vec::new();
+    for _ in 0..max_steps {
+        if rows.rows.len() >= count {
+            break;
+        }
+        let windows = run.step();
+        if vector.is_none() {
+            // Learn the feature names from the first minutes: every feature any window
+            // produced once each edge stage completed a window.
+            pending.extend(windows);
+            if run.now_ns() - START_NS < (longest_window_s(kind) * 2e9) as i64 + 2_000_000_000 {
+                continue;
+            }
+            let mut all: Vec<String> = pending
+                .iter()
+                .flat_map(|w: &twinmesh_sim::features::FeatureWindow| w.features.keys().cloned())
+                .collect();
+            all.sort();
+            all.dedup();
+            vector = Some(FeatureVector::new(&all));
+            rows.names = all;
+            let v = vector.as_mut().expect("set");
+            for w in pending.drain(..) {
+                if let Some(x) = v.update(&w.features) {
+                    rows.rows.push(x);
+                    rows.after_onset.push(false);
+                    rows.end_ns.push(w.end_ns);
+                }
+            }
+            continue;
+        }
+        let v = vector.as_mut().expect("set");
+        for w in windows {
+            if let Some(x) = v.update(&w.features) {
+                rows.rows.push(x);
+                rows.after_onset.push(false);
+                rows.end_ns.push(w.end_ns);
+            }
+        }
+    }
+    rows.rows.truncate(count);
+    rows.after_onset.truncate(count);
+    rows.end_ns.truncate(count);
+    anyhow::ensure!(
+        rows.rows.len() == count,
+        "{kind}: only {} of {count} windows",
+        rows.rows.len()
+    );
+    Ok(rows)
+}
+
+/// The fault modes evaluated for `kind`: its asset faults, and a drifting and a stuck
+/// sensor on the first signal its chain analyses at the edge.
+fn fault_modes(kind: AssetKind) -> Vec<FaultMode> {
+    let mut modes: Vec<FaultMode> = kind_faults(kind)
+        .iter()
+        .map(|m| FaultMode::Asset((*m).to_owned()))
+        .collect();
+    if let Some(s) = Chain::default_for(kind)
+        .stages
+        .iter()
+        .find(|s| s.tier == Tier::Edge && s.window > 0)
+    {
+        modes.push(FaultMode::Drift(s.signal.clone()));
+        modes.push(FaultMode::Stuck(s.signal.clone()));
+    }
+    modes
+}
+
+/// Windows after onset until the first alarm (1 = the first window after onset).
+fn detection_delay(model: &Arc<Model>, rows: &Rows) -> Option<usize> {
+    let mut m = Monitor::new(model.clone(), MonitorConfig::default());
+    let mut after = 0;
+    for (x, a) in rows.rows.iter().zip(&rows.after_onset) {
+        let status = m.assess(x).map(|a| a.status);
+        if *a {
+            after += 1;
+            if status == Some(Status::Alarm) {
+                return Some(after);
+            }
+        }
+    }
+    None
+}
+
+fn false_alarms(model: &Arc<Model>, rows: &Rows) -> usize {
+    let mut m = Monitor::new(model.clone(), MonitorConfig::default());
+    rows.rows
+        .iter()
+        .filter(|x| m.assess(x).is_some_and(|a| a.status == Status::Alarm))
+        .count()
+}
+
+fn matrix(rows: &Rows) -> Array2<f64> {
+    let d = rows.names.len();
+    Array2::from_shape_fn((rows.rows.len(), d), |(i, j)| rows.rows[i][j])
+}
+
+struct KindResult {
+    kind: AssetKind,
+    features: usize,
+    /// (row label, one cell per algorithm)
+    rows: Vec<(String, Vec<String>)>,
+    seconds: f64,
+}
+
+fn evaluate_kind(kind: AssetKind, args: &EvalArgs) -> anyhow::Result<KindResult> {
+    let t0 = Instant::now();
+    // One asset: its first windows train, the ones after them count false alarms, and
+    // each fault run is the same asset (same seed: the same samples up to the onset).
+    let seed = args.seed.wrapping_mul(1000) + kind as u64;
+    let (train, healthy) = collect(kind, seed, args.train + args.healthy)?.split_at(args.train);
+    let names = train.names.clone();
+    let x = matrix(&train);
+    let mut models = Vec::new();
+    for &alg in &args.algorithms {
+        let m = Model::train(&names, x.view(), &TrainParams::for_algorithm(alg))
+            .with_context(|| format!("{kind}: training {alg}"))?;
+        models.push(Arc::new(m));
+    }
+    let mut rows = vec![(
+        "false alarms / 10,000 healthy windows".to_owned(),
+        models
+            .iter()
+            .map(|m| {
+                let n = false_alarms(m, &healthy);
+                format!("{:.1}", n as f64 * 10_000.0 / args.healthy as f64)
+            })
+            .collect(),
+    )];
+    let dir = args.out.as_ref().map(|d| d.join(kind.as_str()));
+    if let Some(dir) = &dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        train.write_csv(&dir.join("train.csv"))?;
+        healthy.write_csv(&dir.join("healthy.csv"))?;
+    }
+    let window_ns = (longest_window_s(kind) * 1e9) as i64;
+    let train_end_ns = *train.end_ns.last().expect("training rows");
+    let onset_ns = train_end_ns + LEAD_WINDOWS as i64 * window_ns;
+    for mode in fault_modes(kind) {
+        let fault = Fault {
+            mode: mode.clone(),
+            at_ns: onset_ns,
+        };
+        let run = collect_until_after(kind, seed, &fault, &names, train_end_ns, args.horizon)?;
+        if let Some(dir) = &dir {
+            run.write_csv(&dir.join(format!("fault_{}.csv", mode.to_string().replace(':', "_"))))?;
+        }
+        rows.push((
+            format!("delay, `{mode}` (windows)"),
+            models
+                .iter()
+                .map(|m| match detection_delay(m, &run) {
+                    Some(d) => d.to_string(),
+                    None => format!("missed (> {})", args.horizon),
+                })
+                .collect(),
+        ));
+    }
+    Ok(KindResult {
+        kind,
+        features: names.len(),
+        rows,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// Windows of a faulty run until `horizon` windows after the onset.
+fn collect_until_after(
+    kind: AssetKind,
+    seed: u64,
+    fault: &Fault,
+    names: &[String],
+    analyse_from_ns: i64,
+    horizon: usize,
+) -> anyhow::Result<Rows> {
+    let onset_ns = fault.at_ns;
+    let mut run = FeatureRun::new(kind, seed, std::slice::from_ref(fault), START_NS)?;
+    run.analyse_from(analyse_from_ns);
+    let mut vector = FeatureVector::new(names);
+    let mut rows = Rows {
+        names: names.to_vec(),
+        rows: Vec::new(),
+        after_onset: Vec::new(),
+        end_ns: Vec::new(),
+    };
+    let limit_ns = onset_ns + ((horizon as f64 + 2.0) * longest_window_s(kind) * 4e9) as i64;
+    while rows.after_onset.iter().filter(|a| **a).count() < horizon {
+        anyhow::ensure!(
+            run.now_ns() < limit_ns,
+            "{kind}: `{}` produced too few windows after its onset",
+            fault.mode
+        );
+        for w in run.step() {
+            if let Some(x) = vector.update(&w.features) {
+                rows.rows.push(x);
+                rows.after_onset.push(w.end_ns > onset_ns);
+                rows.end_ns.push(w.end_ns);
+            }
+        }
+    }
+    Ok(rows)
+}
+
+pub fn run(args: EvalArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+    anyhow::ensure!(args.train >= 10, "--train needs at least 10 windows");
+    anyhow::ensure!(args.healthy >= 1 && args.horizon >= 1, "--healthy and --horizon must be positive");
+    let kinds = if args.kinds.is_empty() {
+        AssetKind::ALL.to_vec()
+    } else {
+        args.kinds.clone()
+    };
+    let t0 = Instant::now();
+    // One thread per kind; the OS shares the cores.
+    let results: Vec<anyhow::Result<KindResult>> = std::thread::scope(|s| {
+        let handles: Vec<_> = kinds
+            .iter()
+            .map(|&k| {
+                let args = &args;
+                s.spawn(move || {
+                    let r = evaluate_kind(k, args);
+                    if let Ok(r) = &r {
+                        eprintln!("{k}: done in {:.0} s", r.seconds);
+                    }
+                    r
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("evaluation thread panicked"))))
+            .collect()
+    });
+    let algs: Vec<String> = args.algorithms.iter().map(|a| a.to_string()).collect();
+    writeln!(
+        out,
+        "One simulated asset per kind: trained on its first {} windows; false alarms over its next {} \
+         windows; each fault starts {LEAD_WINDOWS} windows after the training period; \
+         alarm = {} consecutive windows above the threshold.\n",
+        args.train,
+        args.healthy,
+        MonitorConfig::default().alarm_after
+    )?;
+    for r in results {
+        let r = r?;
+        writeln!(out, "### {} ({} features)\n", r.kind, r.features)?;
+        writeln!(out, "| | {} |", algs.join(" | "))?;
+        writeln!(out, "|---|{}", "---|".repeat(algs.len()))?;
+        for (label, cells) in &r.rows {
+            writeln!(out, "| {label} | {} |", cells.join(" | "))?;
+        }
+        writeln!(out)?;
+    }
+    eprintln!("evaluation took {:.0} s", t0.elapsed().as_secs_f64());
+    Ok(())
+}

@@ -8,6 +8,7 @@ const PROTOS: &[&str] = &[
     "twinmesh/v1/twin.proto",
     "twinmesh/v1/mesh.proto",
     "twinmesh/v1/fabric.proto",
+    "twinmesh/v1/model.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

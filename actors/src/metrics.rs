@@ -26,6 +26,9 @@ pub struct NodeMetrics {
     pub twins_woken: AtomicU64,
     /// Feature values kept by the cloud archive.
     pub features_archived: AtomicU64,
+    /// Feature windows scored by twins' anomaly models, and alarms they raised.
+    pub windows_scored: AtomicU64,
+    pub alarms_raised: AtomicU64,
     rejected: Mutex<BTreeMap<&'static str, u64>>,
     logged: Mutex<HashSet<(String, &'static str)>>,
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use twinmesh_twins::proto::{Bucket, Placement, TelemetryFrame, TwinSnapshot};
+use twinmesh_twins::proto::{Bucket, ModelRecord, Placement, TelemetryFrame, TwinSnapshot};
 use twinmesh_twins::stats::Aggregation;
 use twinmesh_twins::TwinId;
 
@@ -205,6 +205,10 @@ pub trait Store: Send + Sync + 'static {
     fn save_hosted(&self, placement: &Placement) -> Result<()>;
     fn remove_hosted(&self, twin: &TwinId) -> Result<()>;
     fn hosted(&self) -> Result<Vec<Placement>>;
+    /// The anomaly model installed on a hosted twin (a `ModelRecord`), kept apart from
+    /// the snapshot, which is written on every batch and names the model only.
+    fn save_twin_model(&self, twin: &TwinId, record: &ModelRecord) -> Result<()>;
+    fn load_twin_model(&self, twin: &TwinId) -> Result<Option<ModelRecord>>;
 
     // --- replicated snapshots (kept by the placement authority) ---
     /// Keeps `snapshot` if it is newer, by (epoch, revision), than the one held; returns

@@ -20,6 +20,8 @@ use tokio_util::sync::CancellationToken;
 
 use twinmesh_proto::encoding;
 use twinmesh_twins::chain::{self, Analyzer, ChainSpec, WindowJob};
+use twinmesh_twins::model::Model;
+use twinmesh_twins::monitor::{Monitor, MonitorConfig};
 use twinmesh_twins::proto::{
     self, twin_reply, twin_request, ChainUpdate, DesiredUpdate, FeatureSet, Placement,
     ReplayRequest, SetChainResponse, SetDesiredResponse, TelemetryFrame, TwinEvent, TwinReply,
@@ -134,6 +136,8 @@ pub struct TwinActorState {
     /// Revision of the last snapshot replicated to the cloud, and when.
     replicated_revision: Option<u64>,
     last_replication: Option<Instant>,
+    /// Scores feature windows with the installed anomaly model, if any.
+    monitor: Option<Monitor>,
     /// Cancels this twin's tasks when it stops.
     cancel: CancellationToken,
 }
@@ -416,6 +420,7 @@ impl TwinActorState {
             return Ok(());
         }
         self.core.apply_features(&features);
+        self.score(&features, end_ns).await;
         // Feature history at the edge: one point per feature per window.
         let points: Vec<StoredFrame> = features
             .iter()
@@ -607,6 +612,150 @@ impl TwinActorState {
         .await;
     }
 
+    /// After a start: the model the snapshot names, from this node's store or else
+    /// (a twin that moved here) from the cloud's registry.
+    async fn restore_model(&mut self) {
+        let (id, version) = (
+            self.core.health.model_id.clone(),
+            self.core.health.model_version,
+        );
+        if id.is_empty() {
+            return;
+        }
+        let local = match self.ctx.store.load_twin_model(&self.core.id) {
+            Ok(r) => r.filter(|r| {
+                r.info
+                    .as_ref()
+                    .is_some_and(|i| i.model_id == id && i.version == version)
+            }),
+            Err(e) => {
+                tracing::warn!(twin = %self.core.id, "stored model unreadable: {e}");
+                None
+            }
+        };
+        let record = match local {
+            Some(r) => Some(r),
+            None => fetch_model(&self.ctx, &id, version).await,
+        };
+        let checked = record.map(|r| {
+            let m = self.check_model(&r);
+            (r, m)
+        });
+        match checked {
+            Some((r, Ok(model))) => {
+                if let Err(e) = self.ctx.store.save_twin_model(&self.core.id, &r) {
+                    tracing::warn!(twin = %self.core.id, "model not stored: {e}");
+                }
+                let (score, status) = (
+                    self.core.health.anomaly_score,
+                    self.core.health.status.clone(),
+                );
+                self.install(&r, model);
+                // The last assessment stands until the next window.
+                self.core.health.anomaly_score = score;
+                self.core.health.status = status;
+            }
+            Some((_, Err(e))) => {
+                tracing::error!(twin = %self.core.id, model = %id, version, "model unusable: {e}");
+            }
+            None => {
+                tracing::warn!(twin = %self.core.id, model = %id, version,
+                    "model not found here nor in the registry; scoring paused");
+            }
+        }
+    }
+
+    /// `model_id vN`, or `no model`.
+    fn model_label(&self) -> String {
+        let h = &self.core.health;
+        if h.model_id.is_empty() {
+            "no model".to_owned()
+        } else {
+            format!("{} v{}", h.model_id, h.model_version)
+        }
+    }
+
+    /// Reads a model record and checks it against the twin's kind.
+    fn check_model(&self, record: &proto::ModelRecord) -> std::result::Result<Model, String> {
+        let info = record.info.clone().unwrap_or_default();
+        twinmesh_twins::model::validate_model_id(&info.model_id).map_err(|e| e.to_string())?;
+        let model = Model::from_bytes(&record.model).map_err(|e| e.to_string())?;
+        model
+            .check_kind(self.core.kind)
+            .map_err(|e| e.to_string())?;
+        Ok(model)
+    }
+
+    /// Swaps the model in: scoring starts afresh (status ok until windows say otherwise).
+    fn install(&mut self, record: &proto::ModelRecord, model: Model) {
+        let info = record.info.clone().unwrap_or_default();
+        self.monitor = Some(Monitor::new(Arc::new(model), MonitorConfig::default()));
+        let h = &mut self.core.health;
+        h.model_id = info.model_id;
+        h.model_version = info.version;
+        h.anomaly_score = 0.0;
+        h.status = "ok".to_owned();
+    }
+
+    /// Scores a window's features with the installed model; raises `alarm` and
+    /// `model_quality` events.
+    async fn score(&mut self, features: &BTreeMap<String, f64>, end_ns: i64) {
+        let Some(monitor) = self.monitor.as_mut() else {
+            return;
+        };
+        let Some(a) = monitor.observe(features) else {
+            return;
+        };
+        let threshold = monitor.model().threshold;
+        NodeMetrics::add(&self.ctx.metrics.windows_scored, 1);
+        let h = &mut self.core.health;
+        h.anomaly_score = a.score;
+        h.status = a.status.as_str().to_owned();
+        let label = self.model_label();
+        if let Some(parts) = a.raised {
+            NodeMetrics::add(&self.ctx.metrics.alarms_raised, 1);
+            let top: Vec<String> = parts
+                .iter()
+                .take(3)
+                .map(|(f, share)| format!("{f}={share:.2}"))
+                .collect();
+            self.core.health.last_alarm = format!(
+                "{end_ns}: score {:.3} > {threshold:.3}; {}",
+                a.score,
+                top.join(", ")
+            );
+            self.publish_event(
+                "alarm",
+                format!(
+                    "anomaly score {:.3} above the threshold {threshold:.3} of {label}; most from {}",
+                    a.score,
+                    top.join(", ")
+                ),
+                vec![
+                    ("score", a.score.to_string()),
+                    ("threshold", threshold.to_string()),
+                    ("features", top.join(",")),
+                    ("window_end_ns", end_ns.to_string()),
+                ],
+            )
+            .await;
+        }
+        if let Some(p) = a.drifted {
+            self.publish_event(
+                "model_quality",
+                format!(
+                    "scores of {label} drifted from its training distribution (PSI {p:.3}); retraining advised"
+                ),
+                vec![
+                    ("psi", p.to_string()),
+                    ("model_id", self.core.health.model_id.clone()),
+                    ("model_version", self.core.health.model_version.to_string()),
+                ],
+            )
+            .await;
+        }
+    }
+
     fn get_twin(&self) -> proto::Twin {
         self.core.to_proto(Some(self.placement.clone()))
     }
@@ -626,7 +775,9 @@ impl TwinActorState {
     ) -> std::result::Result<twin_reply::Reply, RequestError> {
         let mutating = matches!(
             req.request,
-            Some(twin_request::Request::SetDesired(_)) | Some(twin_request::Request::SetChain(_))
+            Some(twin_request::Request::SetDesired(_))
+                | Some(twin_request::Request::SetChain(_))
+                | Some(twin_request::Request::InstallModel(_))
         );
         if self.frozen && mutating {
             return Err(RequestError::Unavailable(format!(
@@ -714,6 +865,53 @@ impl TwinActorState {
                     chain: Some((&chain).into()),
                 }))
             }
+            Some(twin_request::Request::InstallModel(r)) => {
+                self.check_twin_id(&r.twin_id)?;
+                let record = proto::ModelRecord {
+                    info: Some(proto::ModelInfo {
+                        model_id: r.model_id,
+                        version: r.version,
+                        ..Default::default()
+                    }),
+                    model: r.model,
+                };
+                let previous = self.model_label();
+                let model = self.check_model(&record).map_err(|e| {
+                    RequestError::Domain(DomainError::InvalidArgument(format!(
+                        "model rejected: {e}; the twin keeps {previous}"
+                    )))
+                })?;
+                self.ctx
+                    .store
+                    .save_twin_model(&self.core.id, &record)
+                    .map_err(|e| RequestError::Unavailable(format!("model not stored: {e}")))?;
+                self.install(&record, model);
+                self.core.revision += 1;
+                if let Err(e) = self.persist() {
+                    return Err(RequestError::Unavailable(format!("model not stored: {e}")));
+                }
+                if let Err(e) = self.ctx.store.flush().await {
+                    return Err(RequestError::Unavailable(format!(
+                        "model not made durable: {e}"
+                    )));
+                }
+                let label = self.model_label();
+                self.publish_event(
+                    "model_installed",
+                    format!("anomaly model {label} installed (was {previous})"),
+                    vec![
+                        ("model_id", self.core.health.model_id.clone()),
+                        ("model_version", self.core.health.model_version.to_string()),
+                    ],
+                )
+                .await;
+                self.state_changed(myself).await;
+                Ok(twin_reply::Reply::InstallModel(
+                    proto::InstallModelResponse {
+                        health: Some(self.get_twin().health.unwrap_or_default()),
+                    },
+                ))
+            }
             Some(twin_request::Request::QueryHistory(_))
             | Some(twin_request::Request::ImportHistory(_)) => Err(RequestError::Domain(
                 DomainError::InvalidArgument("history is served by the rpc pump".to_owned()),
@@ -792,8 +990,11 @@ impl Actor for TwinActor {
             last_state_publish: None,
             tick_at: None,
             last_desired_send: None,
+            monitor: None,
             cancel: cancel.clone(),
         };
+        let mut state = state;
+        state.restore_model().await;
         state.persist()?;
 
         // Declare the fabric side before the actor counts as started, so a twin that is
@@ -1029,6 +1230,39 @@ impl Actor for TwinActor {
 }
 
 /// The snapshot the cloud keeps for `id`, if the cloud answers within a second.
+/// A model version from the cloud's registry.
+/// A model version from the cloud's registry. A node that just started may not see the
+/// registry's queryable yet: asked again for a few seconds.
+async fn fetch_model(
+    ctx: &NodeContext,
+    model_id: &str,
+    version: u64,
+) -> Option<proto::ModelRecord> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Ok(replies) = ctx
+            .fabric
+            .query(
+                &keys::model(model_id, version),
+                None,
+                Duration::from_secs(2),
+            )
+            .await
+        {
+            if let Some(r) = replies
+                .into_iter()
+                .find_map(|r| proto::ModelRecord::decode(r.payload).ok())
+            {
+                return Some(r);
+            }
+        }
+        if Instant::now() >= deadline || ctx.cancel.is_cancelled() {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 async fn fetch_replica(ctx: &NodeContext, id: &TwinId) -> Option<TwinSnapshot> {
     let replies = ctx
         .fabric

@@ -6,6 +6,7 @@ use clap::{Args, Subcommand};
 use tonic::transport::Channel;
 
 use twinmesh_proto::v1::mesh_service_client::MeshServiceClient;
+use twinmesh_proto::v1::model_service_client::ModelServiceClient;
 use twinmesh_proto::v1::twin_service_client::TwinServiceClient;
 use twinmesh_twins::proto::{
     self, watch_twin_response, DrainNodeRequest, GetPlacementRequest, GetThingDescriptionRequest,
@@ -102,6 +103,59 @@ pub enum CtlCommand {
     },
     /// Move every twin off a node; the node takes no new twins.
     Drain { node: String },
+    /// Train an anomaly model on the cloud node's archived features (progress on stderr;
+    /// Ctrl-C cancels). Needs a cloud node's endpoint.
+    Train {
+        /// Twins to train on (or --kind for all twins of a kind).
+        twins: Vec<String>,
+        #[arg(long, default_value = "")]
+        kind: String,
+        /// Start of the training range: `-1h`, `now-1d` or nanoseconds since the epoch.
+        #[arg(long, default_value = "-1h", allow_hyphen_values = true)]
+        start: String,
+        #[arg(long, default_value = "now", allow_hyphen_values = true)]
+        end: String,
+        /// pca, robust or isolation_forest.
+        #[arg(long, default_value = "pca")]
+        algorithm: String,
+        /// Registry name (default `{kind}-{algorithm}`).
+        #[arg(long, default_value = "")]
+        model_id: String,
+        /// Features to use, comma-separated (default: every archived feature).
+        #[arg(long, value_delimiter = ',')]
+        features: Vec<String>,
+        /// Alarm threshold quantile of the training scores (default per algorithm).
+        #[arg(long)]
+        quantile: Option<f64>,
+    },
+    /// Models in the registry, every version, newest first.
+    Models {
+        #[arg(long, default_value = "")]
+        model_id: String,
+        #[arg(long, default_value = "")]
+        kind: String,
+    },
+    /// Install a model version on twins (listed, or every twin of a kind and/or site).
+    Deploy {
+        model_id: String,
+        /// Version (default: the newest).
+        #[arg(long, default_value_t = 0)]
+        version: u64,
+        /// A twin to install on (repeatable).
+        #[arg(long = "twin")]
+        twins: Vec<String>,
+        #[arg(long, default_value = "")]
+        kind: String,
+        #[arg(long, default_value = "")]
+        site: String,
+    },
+    /// Add a model file (twinmesh format) trained elsewhere to the registry.
+    ImportModel {
+        model_id: String,
+        file: std::path::PathBuf,
+        #[arg(long)]
+        kind: String,
+    },
     /// Show a twin's processing chain (TOML), or replace it from a TOML file.
     Chain {
         id: String,
@@ -200,6 +254,35 @@ fn sorted<V>(map: &std::collections::HashMap<String, V>) -> Vec<(&String, &V)> {
     v
 }
 
+fn print_model(m: &proto::ModelInfo) {
+    println!(
+        "{} v{}  {} for {}  threshold {:.4}  {} rows  {} features  {} bytes",
+        m.model_id,
+        m.version,
+        m.algorithm,
+        m.kind,
+        m.threshold,
+        m.trained_rows,
+        m.features.len(),
+        m.size_bytes
+    );
+    if !m.twin_ids.is_empty() {
+        println!(
+            "  trained on {} from {} to {} (training alarm rate {:.4})",
+            m.twin_ids.join(", "),
+            m.start_ns,
+            m.end_ns,
+            m.training_alarm_rate
+        );
+    }
+    for d in &m.deployments {
+        println!(
+            "  deployed  {:<28} {} at {}",
+            d.twin_id, d.status, d.deployed_ns
+        );
+    }
+}
+
 fn print_twin(t: &proto::Twin) {
     let p = t.placement.clone().unwrap_or_default();
     let h = t.health.clone().unwrap_or_default();
@@ -209,9 +292,18 @@ fn print_twin(t: &proto::Twin) {
         p.node, p.tier, p.epoch
     );
     println!(
-        "  health     {} (anomaly score {:.3})",
-        h.status, h.anomaly_score
+        "  health     {} (anomaly score {:.3}){}",
+        h.status,
+        h.anomaly_score,
+        if h.model_id.is_empty() {
+            String::new()
+        } else {
+            format!("  model {} v{}", h.model_id, h.model_version)
+        }
     );
+    if !h.last_alarm.is_empty() {
+        println!("  last alarm {}", h.last_alarm);
+    }
     println!("  reported");
     for (k, v) in sorted(&t.reported) {
         println!(
@@ -244,7 +336,8 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
     let timeout = Duration::from_secs_f64(args.timeout.max(0.001));
     let channel = connect(&args.endpoint, timeout).await?;
     let mut twins = TwinServiceClient::new(channel.clone());
-    let mut mesh = MeshServiceClient::new(channel);
+    let mut mesh = MeshServiceClient::new(channel.clone());
+    let mut models = ModelServiceClient::new(channel);
     let json = args.json;
     match args.command {
         CtlCommand::Twins {
@@ -526,6 +619,130 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
             }
             let spec = twinmesh_twins::chain::ChainSpec::from(&chain);
             print!("{}", toml::to_string(&spec)?);
+        }
+        CtlCommand::Train {
+            twins,
+            kind,
+            start,
+            end,
+            algorithm,
+            model_id,
+            features,
+            quantile,
+        } => {
+            let now = now_ns();
+            let req = proto::TrainModelRequest {
+                twin_ids: twins,
+                kind,
+                start_ns: parse_time(&start, now)?,
+                end_ns: parse_time(&end, now)?,
+                algorithm,
+                model_id,
+                features,
+                quantile: quantile.unwrap_or(0.0),
+            };
+            let mut stream = models
+                .train_model(req)
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let bar = indicatif::ProgressBar::new(1);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} {msg:<10} [{bar:30}] {pos}/{len} series, {prefix} windows",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            bar.enable_steady_tick(Duration::from_millis(200));
+            while let Some(p) = stream.message().await.map_err(|s| {
+                bar.abandon();
+                status_error(s)
+            })? {
+                if json {
+                    print_json(&p)?;
+                }
+                bar.set_message(p.phase.clone());
+                bar.set_length(p.total.max(1));
+                bar.set_position(p.done);
+                bar.set_prefix(p.rows.to_string());
+                if let Some(m) = p.model {
+                    bar.finish_and_clear();
+                    if !json {
+                        print_model(&m);
+                    }
+                }
+            }
+        }
+        CtlCommand::Models { model_id, kind } => {
+            let list = models
+                .list_models(proto::ListModelsRequest { model_id, kind })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if json {
+                return print_json(&list);
+            }
+            if list.models.is_empty() {
+                println!("no models");
+            }
+            for m in &list.models {
+                print_model(m);
+            }
+        }
+        CtlCommand::Deploy {
+            model_id,
+            version,
+            twins,
+            kind,
+            site,
+        } => {
+            let r = models
+                .deploy_model(proto::DeployModelRequest {
+                    model_id,
+                    version,
+                    twin_ids: twins,
+                    kind,
+                    site,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if json {
+                return print_json(&r);
+            }
+            let mut failed = 0;
+            for d in &r.deployments {
+                println!("{:<32} v{:<4} {}", d.twin_id, d.version, d.status);
+                failed += usize::from(d.status != "installed");
+            }
+            if failed > 0 {
+                anyhow::bail!(
+                    "{failed} of {} twins refused or missed the model",
+                    r.deployments.len()
+                );
+            }
+        }
+        CtlCommand::ImportModel {
+            model_id,
+            file,
+            kind,
+        } => {
+            let model = std::fs::read(&file)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            let info = models
+                .import_model(proto::ImportModelRequest {
+                    model_id,
+                    model,
+                    kind,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if json {
+                return print_json(&info);
+            }
+            print_model(&info);
         }
         CtlCommand::Placement { id } => {
             let p = mesh

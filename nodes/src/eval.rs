@@ -32,7 +32,11 @@ pub struct EvalArgs {
     #[arg(long, value_delimiter = ',')]
     pub kinds: Vec<AssetKind>,
     /// Algorithms to compare.
-    #[arg(long, value_delimiter = ',', default_value = "pca,robust,isolation_forest")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "pca,robust,isolation_forest"
+    )]
     pub algorithms: Vec<Algorithm>,
     /// Healthy windows to train on.
     #[arg(long, default_value_t = 5000)]
@@ -250,8 +254,7 @@ fn evaluate_kind(kind: AssetKind, args: &EvalArgs) -> anyhow::Result<KindResult>
     )];
     let dir = args.out.as_ref().map(|d| d.join(kind.as_str()));
     if let Some(dir) = &dir {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         train.write_csv(&dir.join("train.csv"))?;
         healthy.write_csv(&dir.join("healthy.csv"))?;
     }
@@ -325,7 +328,10 @@ fn collect_until_after(
 
 pub fn run(args: EvalArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     anyhow::ensure!(args.train >= 10, "--train needs at least 10 windows");
-    anyhow::ensure!(args.healthy >= 1 && args.horizon >= 1, "--healthy and --horizon must be positive");
+    anyhow::ensure!(
+        args.healthy >= 1 && args.horizon >= 1,
+        "--healthy and --horizon must be positive"
+    );
     let kinds = if args.kinds.is_empty() {
         AssetKind::ALL.to_vec()
     } else {
@@ -349,7 +355,10 @@ pub fn run(args: EvalArgs, out: &mut dyn Write) -> anyhow::Result<()> {
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("evaluation thread panicked"))))
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("evaluation thread panicked")))
+            })
             .collect()
     });
     let algs: Vec<String> = args.algorithms.iter().map(|a| a.to_string()).collect();

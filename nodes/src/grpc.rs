@@ -1,4 +1,5 @@
-//! The gRPC API (DESIGN §9), served by every node: `TwinService` and `MeshService`, plus
+//! The gRPC API (DESIGN §9), served by every node: `TwinService`, `MeshService` and
+//! `ModelService` ([`crate::models`]), plus
 //! standard health checking and server reflection.
 
 use std::net::SocketAddr;
@@ -12,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use twinmesh_proto::v1::mesh_service_server::{MeshService, MeshServiceServer};
+use twinmesh_proto::v1::model_service_server::ModelServiceServer;
 use twinmesh_proto::v1::twin_service_server::{TwinService, TwinServiceServer};
 use twinmesh_twins::keys;
 use twinmesh_twins::proto::{
@@ -316,6 +318,7 @@ impl MeshService for Services {
 pub async fn serve(
     listener: TcpListener,
     services: Services,
+    models: crate::models::Models,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -324,6 +327,9 @@ pub async fn serve(
         .await;
     health_reporter
         .set_serving::<MeshServiceServer<Services>>()
+        .await;
+    health_reporter
+        .set_serving::<ModelServiceServer<crate::models::Models>>()
         .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(twinmesh_proto::FILE_DESCRIPTOR_SET)
@@ -334,6 +340,7 @@ pub async fn serve(
         .add_service(reflection)
         .add_service(TwinServiceServer::new(services.clone()))
         .add_service(MeshServiceServer::new(services))
+        .add_service(ModelServiceServer::new(models))
         .serve_with_incoming_shutdown(
             // Small RPCs must not wait for Nagle's algorithm.
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),

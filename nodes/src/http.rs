@@ -173,6 +173,18 @@ async fn metrics(State(s): State<HttpState>) -> Response {
         NodeMetrics::get(&m.twins_woken),
     );
     metric(
+        "twinmesh_windows_scored_total",
+        "counter",
+        "Feature windows scored by twins' anomaly models.",
+        NodeMetrics::get(&m.windows_scored),
+    );
+    metric(
+        "twinmesh_alarms_total",
+        "counter",
+        "Alarms raised by twins' anomaly models.",
+        NodeMetrics::get(&m.alarms_raised),
+    );
+    metric(
         "twinmesh_twins",
         "gauge",
         "Twins hosted on this node (running or dormant).",

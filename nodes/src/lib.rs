@@ -9,6 +9,8 @@
 //!   binary calls.
 //! - [`api`]: location-transparent operations (twin RPC over the fabric, listings).
 //! - [`grpc`]: `TwinService` and `MeshService` (tonic), health, reflection.
+//! - [`models`]: the cloud's model registry, training on archived features,
+//!   deployment to twins, `ModelService`.
 //! - [`http`]: dashboard, JSON views and `/metrics` (axum).
 //! - [`up`]: the whole mesh in one process (`twinmesh up`).
 //! - [`ctl`]: the `twinmesh ctl` client.
@@ -26,6 +28,7 @@ pub mod eval;
 pub mod fabric;
 pub mod grpc;
 pub mod http;
+pub mod models;
 pub mod runtime;
 pub mod store;
 pub mod tools;

@@ -27,6 +27,7 @@ use twinmesh_twins::{keys, Tier, TwinId};
 use crate::api::Api;
 use crate::config::NodeConfig;
 use crate::fabric::ZenohFabric;
+use crate::models;
 use crate::store::SledStore;
 use crate::{grpc, http};
 
@@ -147,10 +148,15 @@ impl RunningNode {
         };
         twinmesh_actors::services::serve_node_queryables(&ctx, info).await?;
         ctx.tasks.spawn(publish_load(ctx.clone(), store.clone()));
-        if config.tier == Tier::Cloud {
+        let registry = if config.tier == Tier::Cloud {
             let features = ctx.fabric.subscribe(keys::FEATURES_ALL, 4096).await?;
             ctx.tasks.spawn(archive_features(ctx.clone(), features));
-        }
+            let registry = Arc::new(models::Registry::new(store.models_tree()));
+            models::serve_registry(ctx.clone(), registry.clone()).await?;
+            Some(registry)
+        } else {
+            None
+        };
 
         let mesh = if config.tier == Tier::Cloud {
             Some(Actor::spawn(None, MeshSupervisor, ctx.clone()).await?.0)
@@ -194,9 +200,14 @@ impl RunningNode {
                 cancel: servers.clone(),
                 tasks: ctx.tasks.clone(),
             };
+            let models = models::Models {
+                api: api.clone(),
+                ctx: ctx.clone(),
+                cloud: registry.map(|r| (store.clone(), r)),
+            };
             let cancel = servers.clone();
             ctx.tasks.spawn(async move {
-                if let Err(e) = grpc::serve(listener, services, cancel).await {
+                if let Err(e) = grpc::serve(listener, services, models, cancel).await {
                     tracing::error!("gRPC server stopped: {e}");
                 }
             });

@@ -8,6 +8,8 @@
 //!   `placement`: `{twin}` → `Placement` (authority's table).
 //! - `spool`: `{twin}\0{signal}\0{seq BE}` → `TelemetryFrame`; `seq`: `{twin}\0{signal}` →
 //!   next unreserved seq (BE).
+//! - `twin_model`: `{twin}` → `ModelRecord` of the model installed on a hosted twin.
+//! - `models`: `{model_id}\0{version BE}` → `ModelRecord` (the cloud's model registry).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -19,7 +21,7 @@ use prost::Message;
 use twinmesh_actors::ports::{Store, StoredFrame};
 use twinmesh_actors::{Error, Result};
 use twinmesh_twins::dsp::codec;
-use twinmesh_twins::proto::{Bucket, Placement, TelemetryFrame, TwinSnapshot};
+use twinmesh_twins::proto::{Bucket, ModelRecord, Placement, TelemetryFrame, TwinSnapshot};
 use twinmesh_twins::stats::{Accumulator, Aggregation};
 use twinmesh_twins::TwinId;
 
@@ -32,6 +34,8 @@ pub struct SledStore {
     spool: sled::Tree,
     seq: sled::Tree,
     replica: sled::Tree,
+    twin_model: sled::Tree,
+    models: sled::Tree,
     spool_len: AtomicU64,
     /// Group commit: writes counted once done; `durable` is the count the last flush covered.
     writes: AtomicU64,
@@ -165,6 +169,8 @@ impl SledStore {
             placement: tree("placement")?,
             seq: tree("seq")?,
             replica: tree("replica")?,
+            twin_model: tree("twin_model")?,
+            models: tree("models")?,
             spool,
             spool_len: AtomicU64::new(spool_len),
             db,
@@ -181,6 +187,59 @@ impl SledStore {
 
     fn wrote(&self) {
         self.writes.fetch_add(1, SeqCst);
+    }
+
+    /// The model registry's tree (cloud nodes; see [`crate::models::Registry`]).
+    pub fn models_tree(&self) -> sled::Tree {
+        self.models.clone()
+    }
+
+    /// Every stored sample of `signal` in `[start_ns, end_ns)`, in time order.
+    pub fn read_points(
+        &self,
+        twin: &TwinId,
+        signal: &str,
+        start_ns: i64,
+        end_ns: i64,
+    ) -> Result<Vec<(i64, f64)>> {
+        let prefix = series_prefix(twin, signal);
+        let mut out = Vec::new();
+        for entry in self
+            .ts
+            .range(ts_key(&prefix, start_ns, 0)..ts_key(&prefix, end_ns, 0))
+        {
+            let (k, v) = entry.map_err(Error::store)?;
+            let view = FrameView::parse(prefix.len(), &k, &v)?;
+            out.extend(
+                view.samples()
+                    .filter(|(t, _)| *t >= start_ns && *t < end_ns),
+            );
+        }
+        Ok(out)
+    }
+
+    /// Names of the series stored for `twin` (one seek per name, not a scan).
+    pub fn signals_of(&self, twin: &TwinId) -> Result<Vec<String>> {
+        let mut base = twin.to_string().into_bytes();
+        base.push(0);
+        let mut out = Vec::new();
+        let mut from = base.clone();
+        while let Some(entry) = self.ts.range(from.clone()..).next() {
+            let (k, _) = entry.map_err(Error::store)?;
+            if !k.starts_with(&base) {
+                break;
+            }
+            let rest = &k[base.len()..];
+            let Some(end) = rest.iter().position(|b| *b == 0) else {
+                break;
+            };
+            out.push(String::from_utf8_lossy(&rest[..end]).into_owned());
+            // Skip to the first key after this signal: `{twin}\0{signal}\x01`.
+            from = base.clone();
+            from.extend_from_slice(&rest[..end]);
+            from.push(1);
+        }
+        Ok(out)
     }
 
     /// Flushes synchronously (shutdown path).
@@ -353,6 +412,22 @@ impl Store for SledStore {
             .map_err(Error::store)?;
         self.wrote();
         Ok(())
+    }
+
+    fn save_twin_model(&self, twin: &TwinId, record: &ModelRecord) -> Result<()> {
+        self.twin_model
+            .insert(twin.to_string().as_bytes(), record.encode_to_vec())
+            .map_err(Error::store)?;
+        self.wrote();
+        Ok(())
+    }
+
+    fn load_twin_model(&self, twin: &TwinId) -> Result<Option<ModelRecord>> {
+        self.twin_model
+            .get(twin.to_string().as_bytes())
+            .map_err(Error::store)?
+            .map(|v| decode("model record", &v))
+            .transpose()
     }
 
     fn load_snapshot(&self, twin: &TwinId) -> Result<Option<TwinSnapshot>> {

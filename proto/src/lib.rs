@@ -44,4 +44,5 @@ pub mod encoding {
     pub const REPLAY_REQUEST: &str = "application/protobuf;ReplayRequest";
     pub const MESH_REQUEST: &str = "application/protobuf;MeshRequest";
     pub const MESH_REPLY: &str = "application/protobuf;MeshReply";
+    pub const MODEL_RECORD: &str = "application/protobuf;ModelRecord";
 }

@@ -141,16 +141,19 @@ mod tests {
 
     #[test]
     fn windows_carry_the_default_chain_features() {
-        let mut run = FeatureRun::new(AssetKind::PowerMeter, 3, &[], 1_700_000_000_000_000_000)
-            .unwrap();
+        let mut run =
+            FeatureRun::new(AssetKind::PowerMeter, 3, &[], 1_700_000_000_000_000_000).unwrap();
         let w = run.windows(4, 10);
         assert_eq!(w.len(), 4);
         assert!(w.iter().all(|w| w.end_ns > w.start_ns));
         let names: Vec<&String> = w.iter().flat_map(|w| w.features.keys()).collect();
-        assert!(names.iter().any(|n| n.as_str() == "voltage.thd"), "{names:?}");
+        assert!(
+            names.iter().any(|n| n.as_str() == "voltage.thd"),
+            "{names:?}"
+        );
         // Same seed, same features.
-        let mut again = FeatureRun::new(AssetKind::PowerMeter, 3, &[], 1_700_000_000_000_000_000)
-            .unwrap();
+        let mut again =
+            FeatureRun::new(AssetKind::PowerMeter, 3, &[], 1_700_000_000_000_000_000).unwrap();
         assert_eq!(again.windows(4, 10), w);
     }
 }

@@ -42,6 +42,21 @@ pub fn twin_updates(twin: &TwinId) -> String {
     format!("twinmesh/twins/{twin}/*")
 }
 
+/// A model version in the cloud's registry (queryable; replies `ModelRecord`).
+pub fn model(model_id: &str, version: u64) -> String {
+    format!("twinmesh/models/{model_id}/{version}")
+}
+
+/// Every model version (the registry's queryable).
+pub const MODELS: &str = "twinmesh/models/*/*";
+
+/// Splits `twinmesh/models/{model_id}/{version}`.
+pub fn parse_model(key: &str) -> Option<(&str, u64)> {
+    let rest = key.strip_prefix("twinmesh/models/")?;
+    let (id, v) = rest.split_once('/')?;
+    Some((id, v.parse().ok()?))
+}
+
 pub fn twin_rpc(twin: &TwinId) -> String {
     format!("twinmesh/rpc/twins/{twin}")
 }

@@ -58,6 +58,22 @@ pub enum ModelError {
 
 pub type Result<T> = std::result::Result<T, ModelError>;
 
+/// Model ids name registry entries and Zenoh key chunks: 1–64 of `a-z 0-9 _ -`.
+pub fn validate_model_id(id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ModelError::InvalidParameter(format!(
+            "model id {id:?}: expected 1 to 64 of a-z, 0-9, '_' and '-'"
+        )))
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Algorithm {
@@ -229,7 +245,10 @@ impl Model {
                 params.quantile
             )));
         }
-        let log: Vec<bool> = rows.axis_iter(Axis(1)).map(|c| wants_log(&c.to_vec())).collect();
+        let log: Vec<bool> = rows
+            .axis_iter(Axis(1))
+            .map(|c| wants_log(&c.to_vec()))
+            .collect();
         let mut prepared = rows.to_owned();
         for (mut col, &l) in prepared.axis_iter_mut(Axis(1)).zip(&log) {
             if l {
@@ -260,6 +279,19 @@ impl Model {
             .map(|i| quantile(&scores, i as f64 / REFERENCE_BINS as f64))
             .collect();
         Ok(model)
+    }
+
+    /// Every feature must be `{signal}.{feature}` of a signal `kind` has.
+    pub fn check_kind(&self, kind: crate::AssetKind) -> Result<()> {
+        for f in &self.features {
+            let signal = f.split_once('.').map_or(f.as_str(), |(s, _)| s);
+            if kind.schema().signal(signal).is_err() {
+                return Err(ModelError::InvalidParameter(format!(
+                    "feature {f:?} is not a feature of a {kind} signal"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// The anomaly score of one feature vector (higher is more anomalous).
@@ -928,7 +960,10 @@ mod tests {
         let m = Model::train(&names(2), rows.view(), &params(Algorithm::Robust)).unwrap();
         assert_eq!(m.log_features, vec![true, false]);
         // On the log scale, e^{±6} are equally far from the median e^0.
-        let (hi, lo) = (m.score(&[6f64.exp(), 0.0]).unwrap(), m.score(&[(-6f64).exp(), 0.0]).unwrap());
+        let (hi, lo) = (
+            m.score(&[6f64.exp(), 0.0]).unwrap(),
+            m.score(&[(-6f64).exp(), 0.0]).unwrap(),
+        );
         assert!((hi - lo).abs() / hi < 0.1, "{hi} {lo}");
         // A value the training never saw (≤ 0) is far out, not an error.
         assert!(m.score(&[0.0, 0.0]).unwrap() > 10.0 * m.threshold);

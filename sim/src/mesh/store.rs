@@ -8,7 +8,7 @@ use async_trait::async_trait;
 
 use twinmesh_actors::ports::{Store, StoredFrame};
 use twinmesh_actors::Result;
-use twinmesh_twins::proto::{Bucket, Placement, TelemetryFrame, TwinSnapshot};
+use twinmesh_twins::proto::{Bucket, ModelRecord, Placement, TelemetryFrame, TwinSnapshot};
 use twinmesh_twins::stats::{Accumulator, Aggregation};
 use twinmesh_twins::TwinId;
 
@@ -16,6 +16,7 @@ use twinmesh_twins::TwinId;
 struct Data {
     history: BTreeMap<(TwinId, String, i64, u64), StoredFrame>,
     snapshots: BTreeMap<TwinId, TwinSnapshot>,
+    models: BTreeMap<TwinId, ModelRecord>,
     hosted: BTreeMap<TwinId, Placement>,
     placements: BTreeMap<String, Placement>,
     replicas: BTreeMap<TwinId, TwinSnapshot>,
@@ -162,6 +163,15 @@ impl Store for MemStore {
 
     fn load_snapshot(&self, twin: &TwinId) -> Result<Option<TwinSnapshot>> {
         Ok(self.with(|d| d.snapshots.get(twin).cloned()))
+    }
+
+    fn save_twin_model(&self, twin: &TwinId, record: &ModelRecord) -> Result<()> {
+        self.with(|d| d.models.insert(twin.clone(), record.clone()));
+        Ok(())
+    }
+
+    fn load_twin_model(&self, twin: &TwinId) -> Result<Option<ModelRecord>> {
+        Ok(self.with(|d| d.models.get(twin).cloned()))
     }
 
     fn save_hosted(&self, placement: &Placement) -> Result<()> {

@@ -1,0 +1,720 @@
+//! Anomaly models across tiers (issue 6): the cloud's model registry, training on the
+//! archived features, deployment to twins, and `ModelService`.
+//!
+//! - **Registry** (sled tree `models` of the cloud node): `{model_id}\0{version BE}` →
+//!   `ModelRecord` (info, deployments, the model file). It also answers
+//!   `twinmesh/models/{id}/{version}`, which a twin queries when it starts on a node
+//!   that does not hold its model yet (after a migration or a failover).
+//! - **Training** reads the cloud's archive (the `archive` stage keeps every twin's
+//!   feature windows), assembles one vector per window as the edge twin does
+//!   ([`FeatureVector`]), and trains on a blocking thread, reporting progress; a caller
+//!   that goes away cancels it and nothing is stored.
+//! - **Deployment** sends the model to each twin (`InstallModel` over the fabric, wherever
+//!   the twin lives); each twin checks it and keeps its previous model if it refuses.
+//!
+//! Only cloud nodes hold the registry: on other nodes the service answers
+//! `FAILED_PRECONDITION` with the address of a cloud node's gRPC endpoint.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use ndarray::Array2;
+use prost::Message;
+use tonic::{Request, Response, Status};
+
+use twinmesh_actors::context::NodeContext;
+use twinmesh_proto::encoding;
+use twinmesh_proto::v1::model_service_server::ModelService;
+use twinmesh_twins::model::{validate_model_id, Algorithm, Model, TrainParams};
+use twinmesh_twins::monitor::FeatureVector;
+use twinmesh_twins::proto::{
+    twin_reply, twin_request, DeployModelRequest, DeployModelResponse, Deployment,
+    ImportModelRequest, InstallModelRequest, ListModelsRequest, ListModelsResponse,
+    ListTwinsRequest, ModelInfo, ModelRecord, TrainModelProgress, TrainModelRequest,
+};
+use twinmesh_twins::{keys, AssetKind, Tier, TwinId};
+
+use crate::api::{parse_twin_id, Api, MAX_PAGE_SIZE};
+use crate::store::SledStore;
+
+/// Most feature vectors one training reads (about 160 MB at 20 features).
+pub const MAX_TRAINING_ROWS: usize = 2_000_000;
+/// Twins a deployment installs on at once.
+const DEPLOY_CONCURRENCY: usize = 8;
+
+fn registry_key(model_id: &str, version: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(model_id.len() + 9);
+    k.extend_from_slice(model_id.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&version.to_be_bytes());
+    k
+}
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    Status::internal(format!("model registry: {e}"))
+}
+
+/// The cloud's model registry.
+pub struct Registry {
+    tree: sled::Tree,
+    /// Serialises version allocation and deployment updates.
+    write: Mutex<()>,
+}
+
+impl Registry {
+    pub fn new(tree: sled::Tree) -> Self {
+        Registry {
+            tree,
+            write: Mutex::new(()),
+        }
+    }
+
+    fn newest_version(&self, model_id: &str) -> Result<u64, Status> {
+        let mut prefix = model_id.as_bytes().to_vec();
+        prefix.push(0);
+        match self.tree.scan_prefix(&prefix).next_back() {
+            Some(Ok((k, _))) => Ok(u64::from_be_bytes(
+                k[prefix.len()..].try_into().map_err(internal)?,
+            )),
+            Some(Err(e)) => Err(internal(e)),
+            None => Ok(0),
+        }
+    }
+
+    /// Stores `record` as the next version of its model; returns the stored info.
+    pub fn add(&self, mut record: ModelRecord) -> Result<ModelInfo, Status> {
+        let _w = self.write.lock().expect("registry lock");
+        let info = record.info.as_mut().ok_or_else(|| internal("no info"))?;
+        info.version = self.newest_version(&info.model_id)? + 1;
+        info.size_bytes = record.model.len() as u64;
+        let out = info.clone();
+        self.tree
+            .insert(
+                registry_key(&out.model_id, out.version),
+                record.encode_to_vec(),
+            )
+            .map_err(internal)?;
+        self.tree.flush().map_err(internal)?;
+        Ok(out)
+    }
+
+    /// A version (0: the newest).
+    pub fn get(&self, model_id: &str, version: u64) -> Result<Option<ModelRecord>, Status> {
+        let version = match version {
+            0 => self.newest_version(model_id)?,
+            v => v,
+        };
+        self.tree
+            .get(registry_key(model_id, version))
+            .map_err(internal)?
+            .map(|v| ModelRecord::decode(&*v).map_err(internal))
+            .transpose()
+    }
+
+    /// Every version's info, newest first, filtered by id and kind.
+    pub fn list(&self, model_id: &str, kind: &str) -> Result<Vec<ModelInfo>, Status> {
+        let mut out = Vec::new();
+        for entry in self.tree.iter() {
+            let (_, v) = entry.map_err(internal)?;
+            let info = ModelRecord::decode(&*v)
+                .map_err(internal)?
+                .info
+                .unwrap_or_default();
+            if (model_id.is_empty() || info.model_id == model_id)
+                && (kind.is_empty() || info.kind == kind)
+            {
+                out.push(info);
+            }
+        }
+        out.sort_by(|a, b| {
+            b.created_ns
+                .cmp(&a.created_ns)
+                .then(b.version.cmp(&a.version))
+        });
+        Ok(out)
+    }
+
+    /// Records deployments of a version (the latest per twin).
+    pub fn record_deployments(
+        &self,
+        model_id: &str,
+        version: u64,
+        deployments: &[Deployment],
+    ) -> Result<(), Status> {
+        let _w = self.write.lock().expect("registry lock");
+        let Some(mut record) = self.get(model_id, version)? else {
+            return Err(Status::not_found(format!(
+                "unknown model {model_id} v{version}"
+            )));
+        };
+        let info = record.info.get_or_insert_with(Default::default);
+        for d in deployments {
+            info.deployments.retain(|e| e.twin_id != d.twin_id);
+            info.deployments.push(d.clone());
+        }
+        info.deployments.sort_by(|a, b| a.twin_id.cmp(&b.twin_id));
+        self.tree
+            .insert(registry_key(model_id, version), record.encode_to_vec())
+            .map_err(internal)?;
+        self.tree.flush().map_err(internal)?;
+        Ok(())
+    }
+}
+
+/// Answers `twinmesh/models/{id}/{version}` from the registry until the node stops.
+pub async fn serve_registry(
+    ctx: Arc<NodeContext>,
+    registry: Arc<Registry>,
+) -> twinmesh_actors::Result<()> {
+    let q = ctx.fabric.queryable(keys::MODELS, 64).await?;
+    let c = ctx.clone();
+    ctx.tasks.spawn(async move {
+        loop {
+            let query = tokio::select! {
+                biased;
+                _ = c.cancel.cancelled() => break,
+                q = q.rx.recv_async() => match q { Ok(q) => q, Err(_) => break },
+            };
+            tracing::debug!(key = %query.key, "model registry query");
+            let Some((id, version)) = keys::parse_model(&query.key) else {
+                continue;
+            };
+            match registry.get(id, version) {
+                Ok(Some(r)) => {
+                    let key = keys::model(id, version);
+                    query
+                        .reply(&key, Bytes::from(r.encode_to_vec()), encoding::MODEL_RECORD)
+                        .await
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!("model registry read failed: {e}"),
+            }
+        }
+        // The whole queryable lives in the task (its guard keeps it declared).
+        drop(q);
+    });
+    Ok(())
+}
+
+/// What a training reads and how it trains.
+pub struct TrainJob {
+    pub model_id: String,
+    pub kind: AssetKind,
+    pub twins: Vec<TwinId>,
+    pub features: Vec<String>,
+    pub start_ns: i64,
+    pub end_ns: i64,
+    pub params: TrainParams,
+}
+
+/// Feature vectors of `twins` in the range: one per stored feature window, the other
+/// features held at their latest value (as [`twinmesh_twins::monitor::Monitor`] scores).
+/// `progress(done, total, rows)` returns false to cancel.
+pub fn read_rows(
+    store: &SledStore,
+    twins: &[TwinId],
+    features: &[String],
+    start_ns: i64,
+    end_ns: i64,
+    progress: &mut dyn FnMut(u64, u64, u64) -> bool,
+) -> Result<Vec<Vec<f64>>, Status> {
+    let total = (twins.len() * features.len()) as u64;
+    let mut done = 0u64;
+    let mut rows: Vec<Vec<f64>> = Vec::new();
+    for twin in twins {
+        let mut windows: BTreeMap<i64, BTreeMap<String, f64>> = BTreeMap::new();
+        for f in features {
+            for (t, v) in store
+                .read_points(twin, f, start_ns, end_ns)
+                .map_err(|e| Status::unavailable(format!("reading the archive: {e}")))?
+            {
+                windows.entry(t).or_default().insert(f.clone(), v);
+            }
+            done += 1;
+            if !progress(done, total, rows.len() as u64) {
+                return Err(Status::cancelled("training cancelled"));
+            }
+        }
+        let mut vector = FeatureVector::new(features);
+        for w in windows.values() {
+            if let Some(x) = vector.update(w) {
+                rows.push(x);
+                if rows.len() > MAX_TRAINING_ROWS {
+                    return Err(Status::invalid_argument(format!(
+                        "the range holds more than {MAX_TRAINING_ROWS} feature windows; narrow it"
+                    )));
+                }
+            }
+        }
+    }
+    Ok(rows)
+}
+
+/// Runs a training job (blocking: call on a blocking thread); the model's record.
+pub fn train(
+    store: &SledStore,
+    job: &TrainJob,
+    now_ns: i64,
+    progress: &mut dyn FnMut(TrainModelProgress) -> bool,
+) -> Result<ModelRecord, Status> {
+    let rows = read_rows(
+        store,
+        &job.twins,
+        &job.features,
+        job.start_ns,
+        job.end_ns,
+        &mut |done, total, rows| {
+            progress(TrainModelProgress {
+                phase: "reading".into(),
+                done,
+                total,
+                rows,
+                model: None,
+            })
+        },
+    )?;
+    if rows.len() < 10 {
+        return Err(Status::failed_precondition(format!(
+            "only {} feature windows of {} in the range: training needs at least 10 (is the chain archiving features?)",
+            rows.len(),
+            job.twins
+                .iter()
+                .map(|t| t.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    if !progress(TrainModelProgress {
+        phase: "training".into(),
+        done: 0,
+        total: 1,
+        rows: rows.len() as u64,
+        model: None,
+    }) {
+        return Err(Status::cancelled("training cancelled"));
+    }
+    let d = job.features.len();
+    let x = Array2::from_shape_fn((rows.len(), d), |(i, j)| rows[i][j]);
+    let model = Model::train(&job.features, x.view(), &job.params)
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let above = rows
+        .iter()
+        .filter(|r| model.score(r).is_ok_and(|s| s > model.threshold))
+        .count();
+    let info = ModelInfo {
+        model_id: job.model_id.clone(),
+        version: 0,
+        algorithm: job.params.algorithm.to_string(),
+        kind: job.kind.to_string(),
+        threshold: model.threshold,
+        features: job.features.clone(),
+        trained_rows: rows.len() as u64,
+        start_ns: job.start_ns,
+        end_ns: job.end_ns,
+        twin_ids: job.twins.iter().map(|t| t.to_string()).collect(),
+        created_ns: now_ns,
+        deployments: Vec::new(),
+        training_alarm_rate: above as f64 / rows.len() as f64,
+        size_bytes: 0,
+    };
+    Ok(ModelRecord {
+        info: Some(info),
+        model: model.to_bytes(),
+    })
+}
+
+/// `ModelService`, served by every node; the registry answers on cloud nodes.
+#[derive(Clone)]
+pub struct Models {
+    pub api: Api,
+    pub ctx: Arc<NodeContext>,
+    /// Cloud nodes: the store with the archive, and the registry.
+    pub cloud: Option<(Arc<SledStore>, Arc<Registry>)>,
+}
+
+impl Models {
+    async fn cloud(&self) -> Result<(Arc<SledStore>, Arc<Registry>), Status> {
+        if let Some(c) = &self.cloud {
+            return Ok(c.clone());
+        }
+        let hint = self
+            .api
+            .list_nodes()
+            .await
+            .ok()
+            .and_then(|nodes| {
+                nodes
+                    .into_iter()
+                    .find(|n| n.tier == Tier::Cloud.to_string() && !n.grpc_addr.is_empty())
+            })
+            .map(|n| format!(" (e.g. {} at {})", n.node, n.grpc_addr))
+            .unwrap_or_default();
+        Err(Status::failed_precondition(format!(
+            "the model registry and the feature archive live on cloud nodes: call a cloud node's gRPC endpoint{hint}"
+        )))
+    }
+
+    /// Every twin the listing filters select, with its kind.
+    async fn twins(&self, kind: &str, site: &str) -> Result<Vec<(TwinId, String)>, Status> {
+        let mut out = Vec::new();
+        let mut token = String::new();
+        loop {
+            let page = self
+                .api
+                .list_twins(&ListTwinsRequest {
+                    site: site.to_owned(),
+                    kind: kind.to_owned(),
+                    page_size: MAX_PAGE_SIZE,
+                    page_token: token.clone(),
+                    ..Default::default()
+                })
+                .await?;
+            for t in page.twins {
+                if let Ok(id) = t.twin_id.parse() {
+                    out.push((id, t.kind));
+                }
+            }
+            if page.next_page_token.is_empty() {
+                return Ok(out);
+            }
+            token = page.next_page_token;
+        }
+    }
+
+    async fn job(&self, req: &TrainModelRequest, store: &SledStore) -> Result<TrainJob, Status> {
+        let algorithm: Algorithm = match req.algorithm.as_str() {
+            "" => Algorithm::Pca,
+            a => a.parse().map_err(|e: twinmesh_twins::model::ModelError| {
+                Status::invalid_argument(e.to_string())
+            })?,
+        };
+        if req.end_ns <= req.start_ns {
+            return Err(Status::invalid_argument(format!(
+                "empty time range: start_ns {} is not before end_ns {}",
+                req.start_ns, req.end_ns
+            )));
+        }
+        let mut params = TrainParams::for_algorithm(algorithm);
+        if req.quantile != 0.0 {
+            params.quantile = req.quantile;
+        }
+        let (twins, kind): (Vec<TwinId>, AssetKind) = if req.twin_ids.is_empty() {
+            if req.kind.is_empty() {
+                return Err(Status::invalid_argument(
+                    "name the twins (twin_ids) or a kind to train on",
+                ));
+            }
+            let kind: AssetKind = req
+                .kind
+                .parse()
+                .map_err(|e: twinmesh_twins::Error| Status::invalid_argument(e.to_string()))?;
+            let twins: Vec<TwinId> = self
+                .twins(&req.kind, "")
+                .await?
+                .into_iter()
+                .map(|(id, _)| id)
+                .collect();
+            if twins.is_empty() {
+                return Err(Status::not_found(format!("no twins of kind {kind}")));
+            }
+            (twins, kind)
+        } else {
+            let ids = req
+                .twin_ids
+                .iter()
+                .map(|s| parse_twin_id(s))
+                .collect::<Result<Vec<_>, _>>()?;
+            let known: BTreeMap<TwinId, String> = self.twins("", "").await?.into_iter().collect();
+            let mut kinds = Vec::new();
+            for id in &ids {
+                match known.get(id) {
+                    Some(k) => kinds.push(k.clone()),
+                    None => return Err(Status::not_found(format!("unknown twin {id}"))),
+                }
+            }
+            kinds.dedup();
+            if kinds.len() != 1 {
+                return Err(Status::invalid_argument(format!(
+                    "one model serves one kind; the twins are of kinds {}",
+                    kinds.join(", ")
+                )));
+            }
+            if !req.kind.is_empty() && req.kind != kinds[0] {
+                return Err(Status::invalid_argument(format!(
+                    "the twins are of kind {}, not {}",
+                    kinds[0], req.kind
+                )));
+            }
+            let kind = kinds[0]
+                .parse()
+                .map_err(|e: twinmesh_twins::Error| Status::internal(e.to_string()))?;
+            (ids, kind)
+        };
+        let features = if req.features.is_empty() {
+            // Every archived feature of the kind's signals that all the twins have.
+            let mut common: Option<Vec<String>> = None;
+            for t in &twins {
+                let mine: Vec<String> = store
+                    .signals_of(t)
+                    .map_err(|e| Status::unavailable(format!("reading the archive: {e}")))?
+                    .into_iter()
+                    .filter(|f| {
+                        f.split_once('.')
+                            .is_some_and(|(s, _)| kind.schema().signal(s).is_ok())
+                    })
+                    .collect();
+                common = Some(match common {
+                    None => mine,
+                    Some(c) => c.into_iter().filter(|f| mine.contains(f)).collect(),
+                });
+            }
+            let f = common.unwrap_or_default();
+            if f.is_empty() {
+                return Err(Status::failed_precondition(format!(
+                    "no archived features for {}: the twins' chains need an `archive` stage",
+                    twins
+                        .iter()
+                        .map(|t| t.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+            f
+        } else {
+            for f in &req.features {
+                let signal = f.split_once('.').map_or(f.as_str(), |(s, _)| s);
+                kind.schema().signal(signal).map_err(|_| {
+                    Status::invalid_argument(format!(
+                        "feature {f:?} is not a feature of a {kind} signal"
+                    ))
+                })?;
+            }
+            req.features.clone()
+        };
+        let model_id = if req.model_id.is_empty() {
+            format!("{kind}-{algorithm}")
+        } else {
+            req.model_id.clone()
+        };
+        validate_model_id(&model_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(TrainJob {
+            model_id,
+            kind,
+            twins,
+            features,
+            start_ns: req.start_ns,
+            end_ns: req.end_ns,
+            params,
+        })
+    }
+}
+
+/// Deploys `record` to `twins`, a few at a time; one outcome per twin.
+async fn install_all(
+    api: &Api,
+    record: &ModelRecord,
+    twins: Vec<TwinId>,
+    now_ns: i64,
+) -> Vec<Deployment> {
+    let info = record.info.clone().unwrap_or_default();
+    futures::stream::iter(twins)
+        .map(|id| {
+            let req = InstallModelRequest {
+                twin_id: id.to_string(),
+                model_id: info.model_id.clone(),
+                version: info.version,
+                model: record.model.clone(),
+            };
+            async move {
+                let status = match api
+                    .twin_call(
+                        &id,
+                        twin_request::Request::InstallModel(req),
+                        Some(Duration::from_secs(10)),
+                    )
+                    .await
+                {
+                    Ok(twin_reply::Reply::InstallModel(_)) => "installed".to_owned(),
+                    Ok(_) => "unexpected reply from twin".to_owned(),
+                    Err(s) => format!("{:?}: {}", s.code(), s.message()),
+                };
+                Deployment {
+                    twin_id: id.to_string(),
+                    deployed_ns: now_ns,
+                    status,
+                    version: info.version,
+                }
+            }
+        })
+        .buffer_unordered(DEPLOY_CONCURRENCY)
+        .collect()
+        .await
+}
+
+type ProgressStream = Pin<Box<dyn Stream<Item = Result<TrainModelProgress, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ModelService for Models {
+    type TrainModelStream = ProgressStream;
+
+    async fn train_model(
+        &self,
+        request: Request<TrainModelRequest>,
+    ) -> Result<Response<ProgressStream>, Status> {
+        let (store, registry) = self.cloud().await?;
+        let job = self.job(request.get_ref(), &store).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<TrainModelProgress, Status>>(16);
+        let now_ns = self.ctx.now_ns();
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let ctx = self.ctx.clone();
+        tracing::info!(model = %job.model_id, twins = job.twins.len(), features = job.features.len(), "training");
+        self.ctx.tasks.spawn(async move {
+            let tx2 = tx.clone();
+            let flag = cancelled.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                let mut last = std::time::Instant::now() - Duration::from_secs(1);
+                train(&store, &job, now_ns, &mut |p| {
+                    if tx2.is_closed() || flag.load(Ordering::Relaxed) {
+                        return false;
+                    }
+                    // At most ten updates a second (the last of each phase always).
+                    if p.done == p.total || last.elapsed() >= Duration::from_millis(100) {
+                        last = std::time::Instant::now();
+                        let _ = tx2.try_send(Ok(p));
+                    }
+                    true
+                })
+                .and_then(|record| {
+                    if tx2.is_closed() {
+                        return Err(Status::cancelled("training cancelled"));
+                    }
+                    registry.add(record)
+                })
+            })
+            .await;
+            let last = match result {
+                Ok(Ok(info)) => {
+                    tracing::info!(model = %info.model_id, version = info.version, rows = info.trained_rows, "model trained");
+                    Ok(TrainModelProgress {
+                        phase: "done".into(),
+                        done: 1,
+                        total: 1,
+                        rows: info.trained_rows,
+                        model: Some(info),
+                    })
+                }
+                Ok(Err(s)) => Err(s),
+                Err(e) => Err(Status::internal(format!("training failed: {e}"))),
+            };
+            if let Err(s) = &last {
+                if s.code() == tonic::Code::Cancelled {
+                    tracing::info!("training cancelled by its caller");
+                }
+            }
+            let _ = tx.send(last).await;
+            drop(ctx);
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn list_models(
+        &self,
+        request: Request<ListModelsRequest>,
+    ) -> Result<Response<ListModelsResponse>, Status> {
+        let (_, registry) = self.cloud().await?;
+        let req = request.into_inner();
+        Ok(Response::new(ListModelsResponse {
+            models: registry.list(&req.model_id, &req.kind)?,
+        }))
+    }
+
+    async fn deploy_model(
+        &self,
+        request: Request<DeployModelRequest>,
+    ) -> Result<Response<DeployModelResponse>, Status> {
+        let (_, registry) = self.cloud().await?;
+        let req = request.into_inner();
+        validate_model_id(&req.model_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let record = registry.get(&req.model_id, req.version)?.ok_or_else(|| {
+            Status::not_found(match req.version {
+                0 => format!("unknown model {}", req.model_id),
+                v => format!("unknown model {} v{v}", req.model_id),
+            })
+        })?;
+        let info = record.info.clone().unwrap_or_default();
+        let twins: Vec<TwinId> = if !req.twin_ids.is_empty() {
+            req.twin_ids
+                .iter()
+                .map(|s| parse_twin_id(s))
+                .collect::<Result<_, _>>()?
+        } else if !req.kind.is_empty() || !req.site.is_empty() {
+            if !req.kind.is_empty() && req.kind != info.kind {
+                return Err(Status::invalid_argument(format!(
+                    "model {} v{} is for {}, not {}",
+                    info.model_id, info.version, info.kind, req.kind
+                )));
+            }
+            self.twins(&info.kind, &req.site)
+                .await?
+                .into_iter()
+                .map(|(id, _)| id)
+                .collect()
+        } else {
+            return Err(Status::invalid_argument(
+                "name the twins (twin_ids), a kind or a site to deploy to",
+            ));
+        };
+        if twins.is_empty() {
+            return Err(Status::not_found("no twins match the deployment"));
+        }
+        let deployments = install_all(&self.api, &record, twins, self.ctx.now_ns()).await;
+        registry.record_deployments(&info.model_id, info.version, &deployments)?;
+        tracing::info!(
+            model = %info.model_id,
+            version = info.version,
+            installed = deployments.iter().filter(|d| d.status == "installed").count(),
+            of = deployments.len(),
+            "model deployed"
+        );
+        Ok(Response::new(DeployModelResponse { deployments }))
+    }
+
+    async fn import_model(
+        &self,
+        request: Request<ImportModelRequest>,
+    ) -> Result<Response<ModelInfo>, Status> {
+        let (_, registry) = self.cloud().await?;
+        let req = request.into_inner();
+        validate_model_id(&req.model_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let kind: AssetKind = req
+            .kind
+            .parse()
+            .map_err(|e: twinmesh_twins::Error| Status::invalid_argument(e.to_string()))?;
+        let model = Model::from_bytes(&req.model)
+            .map_err(|e| Status::invalid_argument(format!("model rejected: {e}")))?;
+        model
+            .check_kind(kind)
+            .map_err(|e| Status::invalid_argument(format!("model rejected: {e}")))?;
+        let info = ModelInfo {
+            model_id: req.model_id,
+            algorithm: model.algorithm.to_string(),
+            kind: kind.to_string(),
+            threshold: model.threshold,
+            features: model.features.clone(),
+            trained_rows: model.trained_rows as u64,
+            created_ns: self.ctx.now_ns(),
+            ..Default::default()
+        };
+        Ok(Response::new(registry.add(ModelRecord {
+            info: Some(info),
+            model: req.model,
+        })?))
+    }
+}

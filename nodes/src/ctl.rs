@@ -149,12 +149,28 @@ pub enum CtlCommand {
         #[arg(long, default_value = "")]
         site: String,
     },
-    /// Add a model file (twinmesh format) trained elsewhere to the registry.
+    /// Add a model trained elsewhere to the registry: a twinmesh model file, or an ONNX
+    /// model with --onnx, --features and --threshold.
     ImportModel {
         model_id: String,
         file: std::path::PathBuf,
         #[arg(long)]
         kind: String,
+        /// The file is an ONNX model taking one row of features, giving one score.
+        #[arg(long)]
+        onnx: bool,
+        /// ONNX: feature names in the model's input column order, comma-separated.
+        #[arg(long, value_delimiter = ',', requires = "onnx")]
+        features: Vec<String>,
+        /// ONNX: scores above this raise an alarm.
+        #[arg(long, requires = "onnx")]
+        threshold: Option<f64>,
+        /// ONNX: name of the score output.
+        #[arg(long, default_value = "score")]
+        output: String,
+        /// ONNX: the model's higher score means more normal.
+        #[arg(long, requires = "onnx")]
+        negate: bool,
     },
     /// Show a twin's processing chain (TOML), or replace it from a TOML file.
     Chain {
@@ -727,7 +743,15 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
             model_id,
             file,
             kind,
+            onnx,
+            features,
+            threshold,
+            output,
+            negate,
         } => {
+            if onnx && (features.is_empty() || threshold.is_none()) {
+                anyhow::bail!("an ONNX model needs --features and --threshold");
+            }
             let model = std::fs::read(&file)
                 .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
             let info = models
@@ -735,6 +759,11 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
                     model_id,
                     model,
                     kind,
+                    onnx,
+                    features,
+                    threshold: threshold.unwrap_or(0.0),
+                    output,
+                    negate,
                 })
                 .await
                 .map_err(status_error)?

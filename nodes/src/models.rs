@@ -691,14 +691,27 @@ impl ModelService for Models {
         request: Request<ImportModelRequest>,
     ) -> Result<Response<ModelInfo>, Status> {
         let (_, registry) = self.cloud().await?;
-        let req = request.into_inner();
+        let mut req = request.into_inner();
         validate_model_id(&req.model_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let kind: AssetKind = req
             .kind
             .parse()
             .map_err(|e: twinmesh_twins::Error| Status::invalid_argument(e.to_string()))?;
-        let model = Model::from_bytes(&req.model)
-            .map_err(|e| Status::invalid_argument(format!("model rejected: {e}")))?;
+        let model = if req.onnx {
+            let output = if req.output.is_empty() {
+                "score"
+            } else {
+                req.output.as_str()
+            };
+            let m = Model::from_onnx(&req.features, &req.model, output, req.negate, req.threshold)
+                .map_err(|e| Status::invalid_argument(format!("model rejected: {e}")))?;
+            // The registry keeps the twinmesh model file that wraps it.
+            req.model = m.to_bytes();
+            m
+        } else {
+            Model::from_bytes(&req.model)
+                .map_err(|e| Status::invalid_argument(format!("model rejected: {e}")))?
+        };
         model
             .check_kind(kind)
             .map_err(|e| Status::invalid_argument(format!("model rejected: {e}")))?;

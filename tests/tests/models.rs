@@ -220,6 +220,7 @@ async fn a_model_trained_in_the_cloud_scores_at_the_edge_and_moves_with_its_twin
             model_id: "broken".into(),
             model: corrupt,
             kind: "wind_turbine".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -231,6 +232,7 @@ async fn a_model_trained_in_the_cloud_scores_at_the_edge_and_moves_with_its_twin
             model_id: "turbine".into(),
             model: foreign.clone(),
             kind: "power_meter".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -246,6 +248,7 @@ async fn a_model_trained_in_the_cloud_scores_at_the_edge_and_moves_with_its_twin
             model_id: "turbine".into(),
             model: foreign,
             kind: "wind_turbine".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -28,6 +28,7 @@ pub mod keys;
 pub mod kind;
 pub mod model;
 pub mod monitor;
+pub mod onnx;
 pub mod state;
 pub mod stats;
 pub mod td;

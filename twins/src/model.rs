@@ -80,6 +80,8 @@ pub enum Algorithm {
     Pca,
     Robust,
     IsolationForest,
+    /// Imported, not trained: an ONNX model ([`crate::onnx`]).
+    Onnx,
 }
 
 impl Algorithm {
@@ -94,6 +96,7 @@ impl Algorithm {
             Algorithm::Pca => "pca",
             Algorithm::Robust => "robust",
             Algorithm::IsolationForest => "isolation_forest",
+            Algorithm::Onnx => "onnx",
         }
     }
 }
@@ -111,6 +114,7 @@ impl std::str::FromStr for Algorithm {
             "pca" => Ok(Algorithm::Pca),
             "robust" => Ok(Algorithm::Robust),
             "isolation_forest" | "iforest" => Ok(Algorithm::IsolationForest),
+            "onnx" => Ok(Algorithm::Onnx),
             other => Err(ModelError::InvalidParameter(format!(
                 "unknown algorithm {other:?} (pca, robust, isolation_forest)"
             ))),
@@ -179,6 +183,14 @@ enum Body {
     Forest {
         trees: Vec<Tree>,
         sample_size: usize,
+    },
+    Onnx {
+        /// The ONNX model file, base64.
+        onnx: String,
+        /// Name of the output that holds the score.
+        output: String,
+        /// Scores are negated (the model's higher means more normal).
+        negate: bool,
     },
 }
 
@@ -259,6 +271,11 @@ impl Model {
             Algorithm::Pca => train_pca(prepared.view(), params.variance)?,
             Algorithm::Robust => train_robust(prepared.view()),
             Algorithm::IsolationForest => train_forest(prepared.view(), params)?,
+            Algorithm::Onnx => {
+                return Err(ModelError::InvalidParameter(
+                    "onnx models are imported (ImportModel), not trained here".to_owned(),
+                ))
+            }
         };
         let mut model = Model {
             algorithm: params.algorithm,
@@ -278,6 +295,45 @@ impl Model {
         model.reference = (1..REFERENCE_BINS)
             .map(|i| quantile(&scores, i as f64 / REFERENCE_BINS as f64))
             .collect();
+        Ok(model)
+    }
+
+    /// A model trained elsewhere: an ONNX file scoring `features` (in its input column
+    /// order) on `output`; alarms above `threshold`. Compiled once here, so a model
+    /// that tract cannot run is refused at import.
+    pub fn from_onnx(
+        features: &[String],
+        onnx: &[u8],
+        output: &str,
+        negate: bool,
+        threshold: f64,
+    ) -> Result<Model> {
+        use base64::Engine as _;
+        if features.is_empty() {
+            return Err(ModelError::InvalidParameter(
+                "an onnx model needs its feature names".to_owned(),
+            ));
+        }
+        if !threshold.is_finite() {
+            return Err(ModelError::InvalidParameter(format!(
+                "threshold {threshold} is not finite"
+            )));
+        }
+        crate::onnx::scorer(onnx, features.len(), output)?;
+        let model = Model {
+            algorithm: Algorithm::Onnx,
+            features: features.to_vec(),
+            threshold,
+            trained_rows: 0,
+            reference: Vec::new(),
+            log_features: Vec::new(),
+            body: Body::Onnx {
+                onnx: base64::engine::general_purpose::STANDARD.encode(onnx),
+                output: output.to_owned(),
+                negate,
+            },
+        };
+        model.validate()?;
         Ok(model)
     }
 
@@ -324,6 +380,8 @@ impl Model {
             Body::Robust { median, mad } => {
                 robust_z(x, median, mad).into_iter().map(f64::abs).collect()
             }
+            // An opaque model: no per-feature explanation.
+            Body::Onnx { .. } => return Ok(Vec::new()),
             Body::Forest { trees, .. } => {
                 // How often each feature isolates `x` along its paths, weighted by how
                 // early (shallow splits isolate the most anomalous points).
@@ -389,6 +447,20 @@ impl Model {
                 .into_iter()
                 .map(f64::abs)
                 .fold(0.0, f64::max),
+            Body::Onnx {
+                onnx,
+                output,
+                negate,
+            } => {
+                let s = onnx_scorer(onnx, self.features.len(), output)
+                    .and_then(|sc| sc.score(x))
+                    .unwrap_or(f64::NAN);
+                if *negate {
+                    -s
+                } else {
+                    s
+                }
+            }
             Body::Forest { trees, sample_size } => {
                 let mean_path: f64 =
                     trees.iter().map(|t| path_length(t, x, 0)).sum::<f64>() / trees.len() as f64;
@@ -474,6 +546,11 @@ impl Model {
                     return bad("robust baseline dimensions or values do not agree");
                 }
             }
+            Body::Onnx { onnx, output, .. } => {
+                if let Err(e) = onnx_scorer(onnx, d, output) {
+                    return bad(&e.to_string());
+                }
+            }
             Body::Forest { trees, sample_size } => {
                 fn ok(t: &Tree, d: usize) -> bool {
                     match t {
@@ -493,6 +570,20 @@ impl Model {
         }
         Ok(())
     }
+}
+
+/// The compiled scorer of a base64 ONNX body.
+fn onnx_scorer(
+    onnx: &str,
+    width: usize,
+    output: &str,
+) -> Result<std::sync::Arc<crate::onnx::OnnxScorer>> {
+    use base64::Engine as _;
+    crate::onnx::cached(crc32fast::hash(onnx.as_bytes()), width, output, || {
+        base64::engine::general_purpose::STANDARD
+            .decode(onnx)
+            .map_err(|e| ModelError::Corrupt(format!("onnx body: {e}")))
+    })
 }
 
 /// Whether a training column is better scored by its logarithm: all positive and

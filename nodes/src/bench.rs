@@ -45,6 +45,9 @@ pub enum BenchKind {
     /// registered dormant twin with passivation (`--registered`), with the time a call
     /// takes to wake a dormant twin. Each phase runs in a fresh process.
     Scale,
+    /// Anomaly models on one core: training time on `--rows` feature vectors and the
+    /// cost of scoring one window, per algorithm.
+    Models,
 }
 
 /// A phase of `bench scale`, run in a child process of its own (so resident memory
@@ -83,6 +86,9 @@ pub struct BenchArgs {
     /// scale: dormant twins woken by a call, one after the other.
     #[arg(long, default_value_t = 1000)]
     pub wake: usize,
+    /// models: feature vectors to train on.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub rows: usize,
     #[arg(long, hide = true)]
     pub phase: Option<ScalePhase>,
     #[arg(long, hide = true)]
@@ -1243,6 +1249,28 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "--window must be in 1..={queue} (a twin's ingest queue): this publisher does not re-send frames a full queue drops, as the gateway does"
     );
     match args.kind {
+        BenchKind::Models => {
+            anyhow::ensure!(
+                (10..=10_000_000).contains(&args.rows),
+                "--rows must be in 10..=10000000"
+            );
+            let (rows, json) = (args.rows, args.json);
+            let r = tokio::task::spawn_blocking(move || {
+                crate::bench_models::bench_models(rows, machine())
+            })
+            .await??;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!("models: one core, {}", r.machine);
+                for a in &r.algorithms {
+                    println!(
+                        "  {:<18} {} features: train {:>7.2} s on {} rows, model {} bytes, score {:.2} µs/window (p99 {:.2} µs)",
+                        a.algorithm, a.features, a.train_seconds, a.train_rows, a.model_bytes, a.score_mean_us, a.score_p99_us
+                    );
+                }
+            }
+        }
         BenchKind::Ingest => {
             let r = bench_ingest(&args).await?;
             if args.json {

@@ -4,7 +4,8 @@
 //! count false alarms; for every fault mode, the same asset runs again, the fault starts
 //! after the training period, and the delay to the first alarm is counted in windows. Windows and scoring are the edge twin's own: the kind's default
 //! chain cut by [`twinmesh_twins::chain::Analyzer`], one score per feature window
-//! ([`twinmesh_twins::monitor::Monitor`], alarm after two windows above the threshold).
+//! ([`twinmesh_twins::monitor::Monitor`]: an alarm when two of the last three windows
+//! score above the threshold).
 //!
 //! `--out DIR` also writes the feature matrices as CSV for `scripts/models/sklearn_eval.py`,
 //! which runs scikit-learn's algorithms on the very same rows.
@@ -207,12 +208,18 @@ fn detection_delay(model: &Arc<Model>, rows: &Rows) -> Option<usize> {
     None
 }
 
+/// Alarms raised (transitions into `alarm`) over healthy windows.
 fn false_alarms(model: &Arc<Model>, rows: &Rows) -> usize {
     let mut m = Monitor::new(model.clone(), MonitorConfig::default());
-    rows.rows
-        .iter()
-        .filter(|x| m.assess(x).is_some_and(|a| a.status == Status::Alarm))
-        .count()
+    let mut was = Status::Ok;
+    let mut raised = 0;
+    for x in &rows.rows {
+        if let Some(a) = m.assess(x) {
+            raised += usize::from(a.status == Status::Alarm && was != Status::Alarm);
+            was = a.status;
+        }
+    }
+    raised
 }
 
 fn matrix(rows: &Rows) -> Array2<f64> {
@@ -243,7 +250,7 @@ fn evaluate_kind(kind: AssetKind, args: &EvalArgs) -> anyhow::Result<KindResult>
         models.push(Arc::new(m));
     }
     let mut rows = vec![(
-        "false alarms / 10,000 healthy windows".to_owned(),
+        "false alarms raised / 10,000 healthy windows".to_owned(),
         models
             .iter()
             .map(|m| {
@@ -366,10 +373,11 @@ pub fn run(args: EvalArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         out,
         "One simulated asset per kind: trained on its first {} windows; false alarms over its next {} \
          windows; each fault starts {LEAD_WINDOWS} windows after the training period; \
-         alarm = {} consecutive windows above the threshold.\n",
+         an alarm is raised when {} of the last {} windows score above the threshold.\n",
         args.train,
         args.healthy,
-        MonitorConfig::default().alarm_after
+        MonitorConfig::default().alarm_after,
+        MonitorConfig::default().alarm_window
     )?;
     for r in results {
         let r = r?;

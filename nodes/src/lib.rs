@@ -21,6 +21,7 @@
 
 pub mod api;
 pub mod bench;
+pub mod bench_models;
 pub mod cli;
 pub mod config;
 pub mod ctl;

@@ -731,3 +731,166 @@ impl ModelService for Models {
         })?))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use twinmesh_actors::ports::{Store, StoredFrame};
+
+    fn point(signal: &str, t: i64, v: f64) -> StoredFrame {
+        StoredFrame {
+            signal: signal.into(),
+            seq: 0,
+            start_ns: t,
+            sample_period_ns: 1_000_000_000,
+            samples: vec![v],
+            scale: 0.0,
+        }
+    }
+
+    /// Windows of two signals at their own pace, as the archive keeps them.
+    fn archive(store: &SledStore, twin: &TwinId, windows: i64) {
+        for i in 0..windows {
+            let t = 1_000_000_000 * (i + 1);
+            let mut frames = vec![
+                point("voltage.rms", t, 230.0 + (i % 7) as f64),
+                point("voltage.thd", t, 0.02 + (i % 5) as f64 * 0.001),
+            ];
+            if i % 10 == 0 {
+                frames.push(point("current.rms", t, 10.0 + (i % 3) as f64));
+            }
+            store.append_frames(twin, &frames).unwrap();
+        }
+    }
+
+    #[test]
+    fn rows_follow_the_windows_and_training_can_be_cancelled() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 16).unwrap();
+        let twin: TwinId = "site-a/pm-01".parse().unwrap();
+        archive(&store, &twin, 100);
+        let mut names = store.signals_of(&twin).unwrap();
+        names.sort();
+        assert_eq!(names, ["current.rms", "voltage.rms", "voltage.thd"]);
+        let mut calls = 0;
+        let rows = read_rows(
+            &store,
+            &[twin.clone()],
+            &names,
+            0,
+            i64::MAX,
+            &mut |d, t, _| {
+                calls += 1;
+                assert!(d <= t);
+                true
+            },
+        )
+        .unwrap();
+        // Vectors start at the first window with every feature (window 0), one per window.
+        assert_eq!((rows.len(), calls), (100, 3));
+        assert_eq!(rows[1], vec![10.0, 231.0, 0.021]);
+        // In range only.
+        let some = read_rows(
+            &store,
+            &[twin.clone()],
+            &names,
+            0,
+            50_000_000_001,
+            &mut |_, _, _| true,
+        )
+        .unwrap();
+        assert_eq!(some.len(), 50);
+        let e = read_rows(
+            &store,
+            &[twin.clone()],
+            &names,
+            0,
+            i64::MAX,
+            &mut |d, _, _| d < 2,
+        )
+        .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Cancelled);
+
+        let job = TrainJob {
+            model_id: "pm".into(),
+            kind: AssetKind::PowerMeter,
+            twins: vec![twin],
+            features: names,
+            start_ns: 0,
+            end_ns: i64::MAX,
+            params: TrainParams::for_algorithm(Algorithm::Robust),
+        };
+        let mut phases = Vec::new();
+        let record = train(&store, &job, 7, &mut |p| {
+            phases.push(p.phase);
+            true
+        })
+        .unwrap();
+        assert_eq!(phases.last().map(String::as_str), Some("training"));
+        let info = record.info.clone().unwrap();
+        assert_eq!((info.trained_rows, info.created_ns), (100, 7));
+        assert!(
+            info.training_alarm_rate <= 0.01,
+            "{}",
+            info.training_alarm_rate
+        );
+        let model = Model::from_bytes(&record.model).unwrap();
+        assert_eq!(model.threshold, info.threshold);
+        let e = train(&store, &job, 7, &mut |p| p.phase != "training").unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Cancelled);
+    }
+
+    #[test]
+    fn the_registry_numbers_versions_and_keeps_the_latest_deployment_per_twin() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let reg = Registry::new(db.open_tree("models").unwrap());
+        let record = |id: &str, kind: &str, created: i64| ModelRecord {
+            info: Some(ModelInfo {
+                model_id: id.into(),
+                kind: kind.into(),
+                created_ns: created,
+                ..Default::default()
+            }),
+            model: vec![1, 2, 3],
+        };
+        assert_eq!(reg.add(record("a", "spindle", 1)).unwrap().version, 1);
+        assert_eq!(reg.add(record("a", "spindle", 2)).unwrap().version, 2);
+        assert_eq!(reg.add(record("b", "hpc_node", 3)).unwrap().version, 1);
+        assert_eq!(reg.get("a", 0).unwrap().unwrap().info.unwrap().version, 2);
+        assert_eq!(
+            reg.get("a", 1).unwrap().unwrap().info.unwrap().created_ns,
+            1
+        );
+        assert!(reg.get("a", 3).unwrap().is_none());
+        let all: Vec<(String, u64)> = reg
+            .list("", "")
+            .unwrap()
+            .into_iter()
+            .map(|i| (i.model_id, i.version))
+            .collect();
+        assert_eq!(all, [("b".into(), 1), ("a".into(), 2), ("a".into(), 1)]);
+        assert_eq!(reg.list("", "spindle").unwrap().len(), 2);
+        let dep = |twin: &str, status: &str| Deployment {
+            twin_id: twin.into(),
+            status: status.into(),
+            version: 2,
+            deployed_ns: 0,
+        };
+        reg.record_deployments("a", 2, &[dep("s/x", "failed"), dep("s/y", "installed")])
+            .unwrap();
+        reg.record_deployments("a", 2, &[dep("s/x", "installed")])
+            .unwrap();
+        let info = reg.get("a", 2).unwrap().unwrap().info.unwrap();
+        let deps: Vec<(&str, &str)> = info
+            .deployments
+            .iter()
+            .map(|d| (d.twin_id.as_str(), d.status.as_str()))
+            .collect();
+        assert_eq!(deps, [("s/x", "installed"), ("s/y", "installed")]);
+        assert_eq!(
+            reg.record_deployments("zzz", 1, &[]).unwrap_err().code(),
+            tonic::Code::NotFound
+        );
+    }
+}

@@ -6,9 +6,12 @@
 //!   at each signal's own pace. The monitor keeps the latest value of each model
 //!   feature and scores whenever a window brings one of them, once every feature has
 //!   been seen: a score per feature window, the others held at their latest value.
-//! - **Status.** `warn` when a score is above the model's threshold; `alarm` after
-//!   [`MonitorConfig::alarm_after`] consecutive scores above it (one high window is
-//!   noise far more often than a fault); back to `ok` on the first score below.
+//! - **Status.** `warn` when a score is above the model's threshold; `alarm` when
+//!   [`MonitorConfig::alarm_after`] of the last [`MonitorConfig::alarm_window`] scores
+//!   are above it, the latest included (one high window is noise far more often than a
+//!   fault, and an intermittent fault — a swell every other window — still counts). An
+//!   alarm holds until a whole `alarm_window` of scores is back below the threshold, so
+//!   an intermittent fault raises one alarm, not one per window.
 //! - **Drift.** The population stability index (PSI) of the last
 //!   [`MonitorConfig::drift_window`] scores against the training scores' deciles; above
 //!   [`MonitorConfig::drift_threshold`] (0.25, the customary "significant shift") the
@@ -24,6 +27,7 @@ use crate::model::Model;
 #[derive(Debug, Clone, PartialEq)]
 pub struct MonitorConfig {
     pub alarm_after: usize,
+    pub alarm_window: usize,
     pub drift_window: usize,
     pub drift_threshold: f64,
     /// Scores between two drift checks (the PSI costs a pass over the window).
@@ -34,6 +38,7 @@ impl Default for MonitorConfig {
     fn default() -> Self {
         MonitorConfig {
             alarm_after: 2,
+            alarm_window: 3,
             drift_window: 300,
             drift_threshold: 0.25,
             drift_every: 25,
@@ -113,7 +118,8 @@ pub struct Monitor {
     model: Arc<Model>,
     config: MonitorConfig,
     vector: FeatureVector,
-    above: usize,
+    /// Bit i: the score i windows ago was above the threshold.
+    above: u64,
     status: Status,
     recent: VecDeque<f64>,
     since_check: usize,
@@ -160,17 +166,22 @@ impl Monitor {
     pub fn assess(&mut self, x: &[f64]) -> Option<Assessment> {
         let score = self.model.score(x).ok()?;
         let was = self.status;
-        if score > self.model.threshold {
-            self.above += 1;
-            self.status = if self.above >= self.config.alarm_after.max(1) {
-                Status::Alarm
-            } else {
-                Status::Warn
-            };
-        } else {
-            self.above = 0;
-            self.status = Status::Ok;
+        let n = self.config.alarm_window.clamp(1, 64);
+        let high = score > self.model.threshold;
+        self.above = (self.above << 1) | u64::from(high);
+        if n < 64 {
+            self.above &= (1u64 << n) - 1;
         }
+        let count = self.above.count_ones() as usize;
+        let raise = high && count >= self.config.alarm_after.clamp(1, n);
+        let hold = was == Status::Alarm && count > 0;
+        self.status = if raise || hold {
+            Status::Alarm
+        } else if high {
+            Status::Warn
+        } else {
+            Status::Ok
+        };
         let raised = (self.status == Status::Alarm && was != Status::Alarm)
             .then(|| self.model.contributions(x).ok())
             .flatten();
@@ -285,11 +296,36 @@ mod tests {
         let raised = second.raised.unwrap();
         assert_eq!(raised[0].0, "b.mean");
         assert!(raised[0].1 > 0.9, "{raised:?}");
-        // Still in alarm: not raised again.
+        // Still in alarm: not raised again, and it holds through low windows until a
+        // whole window of three is back below the threshold.
         let third = m.observe(&window(&[("b.mean", 12.0)])).unwrap();
         assert_eq!((third.status, third.raised), (Status::Alarm, None));
+        for _ in 0..2 {
+            let low = m.observe(&window(&[("b.mean", 0.1)])).unwrap();
+            assert_eq!((low.status, low.raised), (Status::Alarm, None));
+        }
         let back = m.observe(&window(&[("b.mean", 0.1)])).unwrap();
         assert_eq!(back.status, Status::Ok);
+    }
+
+    #[test]
+    fn an_intermittent_fault_raises_one_alarm() {
+        let mut m = Monitor::new(trained(), MonitorConfig::default());
+        m.observe(&window(&[("a.rms", 0.0), ("b.mean", 0.0)]));
+        let mut raised = 0;
+        let mut statuses = Vec::new();
+        for i in 0..12 {
+            let v = if i % 2 == 0 { 12.0 } else { 0.0 };
+            let a = m.observe(&window(&[("b.mean", v)])).unwrap();
+            raised += usize::from(a.raised.is_some());
+            statuses.push(a.status);
+        }
+        assert_eq!(raised, 1);
+        assert_eq!(statuses[0], Status::Warn);
+        assert!(
+            statuses[2..].iter().all(|s| *s == Status::Alarm),
+            "{statuses:?}"
+        );
     }
 
     #[test]

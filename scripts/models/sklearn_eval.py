@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""scikit-learn's IsolationForest and PCA on the feature files of `twinmesh eval --out DIR`.
+
+Same rows, same rules as twinmesh's own table (EVALUATION.md): the threshold is a
+quantile of the training scores (0.999 for PCA, 0.99 for the isolation forest, as
+twinmesh's defaults); an alarm is raised when two of the last three windows score above
+it (the latest included) and holds until three in a row are below; false alarms are
+alarms raised over healthy windows, per 10,000; the delay is counted in windows after
+the onset.
+
+    pip install -r scripts/models/requirements.txt
+    twinmesh eval --out /tmp/twinmesh-eval > /tmp/ours.md
+    python3 scripts/models/sklearn_eval.py /tmp/twinmesh-eval
+"""
+
+import csv
+import pathlib
+import sys
+
+import numpy as np
+from sklearn.decomposition import PCA
+from sklearn.ensemble import IsolationForest
+from sklearn.preprocessing import StandardScaler
+
+ALARM_AFTER = 2
+ALARM_WINDOW = 3
+HORIZON = 100
+
+
+def load(path):
+    with open(path) as f:
+        rows = list(csv.reader(f))
+    data = np.array([[float(v) for v in r[1:]] for r in rows[1:]])
+    after = np.array([r[0] == "1" for r in rows[1:]])
+    return data, after
+
+
+class Pca:
+    """Standardised features, components keeping 95 % of the variance, score = squared
+    reconstruction error (scikit-learn's PCA has no score of its own)."""
+
+    quantile = 0.999
+
+    def fit(self, x):
+        self.scaler = StandardScaler().fit(x)
+        self.pca = PCA(n_components=0.95, svd_solver="full").fit(self.scaler.transform(x))
+        return self
+
+    def score(self, x):
+        z = self.scaler.transform(x)
+        back = self.pca.inverse_transform(self.pca.transform(z))
+        return ((z - back) ** 2).sum(axis=1)
+
+
+class Forest:
+    """IsolationForest(100 trees, 256 samples); score = -score_samples (higher is more
+    anomalous)."""
+
+    quantile = 0.99
+
+    def fit(self, x):
+        self.f = IsolationForest(n_estimators=100, max_samples=256, random_state=1).fit(x)
+        return self
+
+    def score(self, x):
+        return -self.f.score_samples(x)
+
+
+def statuses(scores, threshold):
+    """Alarm status per window, as twinmesh's monitor computes it."""
+    out, recent, alarm = [], [], False
+    for s in scores:
+        high = s > threshold
+        recent = (recent + [high])[-ALARM_WINDOW:]
+        count = sum(recent)
+        alarm = (high and count >= ALARM_AFTER) or (alarm and count > 0)
+        out.append(alarm)
+    return np.array(out)
+
+
+def raised(alarm):
+    """Transitions into alarm."""
+    return int(np.sum(alarm[1:] & ~alarm[:-1]) + (1 if len(alarm) and alarm[0] else 0))
+
+
+def main(root):
+    root = pathlib.Path(root)
+    algorithms = [("pca (scikit-learn)", Pca), ("isolation_forest (scikit-learn)", Forest)]
+    print("| kind | row | " + " | ".join(a for a, _ in algorithms) + " |")
+    print("|---|---|" + "---|" * len(algorithms))
+    for kind_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        train, _ = load(kind_dir / "train.csv")
+        healthy, _ = load(kind_dir / "healthy.csv")
+        models = []
+        for _, cls in algorithms:
+            m = cls().fit(train)
+            threshold = np.quantile(m.score(train), cls.quantile)
+            models.append((m, threshold))
+        cells = []
+        for m, t in models:
+            n = raised(statuses(m.score(healthy), t))
+            cells.append(f"{n * 10_000 / len(healthy):.1f}")
+        print(f"| {kind_dir.name} | false alarms raised / 10,000 healthy windows | " + " | ".join(cells) + " |")
+        for fault in sorted(kind_dir.glob("fault_*.csv")):
+            x, after = load(fault)
+            cells = []
+            for m, t in models:
+                alarm = statuses(m.score(x), t)
+                hits = np.nonzero(alarm & after)[0]
+                if len(hits) == 0:
+                    cells.append(f"missed (> {HORIZON})")
+                else:
+                    cells.append(str(int(after[: hits[0] + 1].sum())))
+            mode = fault.stem.removeprefix("fault_")
+            print(f"| {kind_dir.name} | delay, `{mode}` (windows) | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "twinmesh-eval")

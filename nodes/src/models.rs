@@ -775,7 +775,7 @@ mod tests {
         let mut calls = 0;
         let rows = read_rows(
             &store,
-            &[twin.clone()],
+            std::slice::from_ref(&twin),
             &names,
             0,
             i64::MAX,
@@ -792,7 +792,7 @@ mod tests {
         // In range only.
         let some = read_rows(
             &store,
-            &[twin.clone()],
+            std::slice::from_ref(&twin),
             &names,
             0,
             50_000_000_001,
@@ -802,7 +802,7 @@ mod tests {
         assert_eq!(some.len(), 50);
         let e = read_rows(
             &store,
-            &[twin.clone()],
+            std::slice::from_ref(&twin),
             &names,
             0,
             i64::MAX,

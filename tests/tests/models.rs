@@ -13,7 +13,7 @@ use tonic::Code;
 use twinmesh_proto::v1::model_service_client::ModelServiceClient;
 use twinmesh_proto::v1::{
     DeployModelRequest, GetTwinRequest, Health, ImportModelRequest, ListModelsRequest,
-    MigrateTwinRequest, ModelRecord, QueryHistoryRequest, TrainModelRequest, TwinEvent,
+    MigrateTwinRequest, ModelInfo, ModelRecord, QueryHistoryRequest, TrainModelRequest, TwinEvent,
 };
 use twinmesh_tests::{eventually, mesh_client, now_ns, twin_client, zenoh_client, Mesh, NodeProc};
 use twinmesh_twins::model::{Algorithm, Model, TrainParams};
@@ -29,6 +29,14 @@ async fn models(endpoint: &str) -> ModelServiceClient<tonic::transport::Channel>
     ModelServiceClient::connect(endpoint.to_owned())
         .await
         .expect("model service")
+}
+
+async fn import(endpoint: &str, req: ImportModelRequest) -> Result<ModelInfo, tonic::Status> {
+    models(endpoint)
+        .await
+        .import_model(req)
+        .await
+        .map(|r| r.into_inner())
 }
 
 async fn health(endpoint: &str) -> Option<Health> {
@@ -214,45 +222,47 @@ async fn a_model_trained_in_the_cloud_scores_at_the_edge_and_moves_with_its_twin
     let mut corrupt = foreign.clone();
     let last = corrupt.len() - 3;
     corrupt[last] ^= 0x20;
-    let e = models(&cloud)
-        .await
-        .import_model(ImportModelRequest {
+    let e = import(
+        &cloud,
+        ImportModelRequest {
             model_id: "broken".into(),
             model: corrupt,
             kind: "wind_turbine".into(),
             ..Default::default()
-        })
-        .await
-        .unwrap_err();
+        },
+    )
+    .await
+    .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("checksum"), "{}", e.message());
-    let e = models(&cloud)
-        .await
-        .import_model(ImportModelRequest {
+    let e = import(
+        &cloud,
+        ImportModelRequest {
             model_id: "turbine".into(),
             model: foreign.clone(),
             kind: "power_meter".into(),
             ..Default::default()
-        })
-        .await
-        .unwrap_err();
+        },
+    )
+    .await
+    .unwrap_err();
     assert!(
         e.message()
             .contains("not a feature of a power_meter signal"),
         "{}",
         e.message()
     );
-    let imported = models(&cloud)
-        .await
-        .import_model(ImportModelRequest {
+    let imported = import(
+        &cloud,
+        ImportModelRequest {
             model_id: "turbine".into(),
             model: foreign,
             kind: "wind_turbine".into(),
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+        },
+    )
+    .await
+    .unwrap();
     assert_eq!(
         (imported.version, imported.algorithm.as_str()),
         (1, "robust")
@@ -278,6 +288,33 @@ async fn a_model_trained_in_the_cloud_scores_at_the_edge_and_moves_with_its_twin
         (h.model_id.as_str(), h.model_version),
         ("power_meter-pca", 1)
     );
+
+    // An ONNX model trained in Python goes into the registry like any other; a
+    // truncated one is refused.
+    let onnx = include_bytes!("../../twins/tests/fixtures/pca_autoencoder.onnx").to_vec();
+    let onnx_request = |model: Vec<u8>| ImportModelRequest {
+        model_id: "spindle-ae".into(),
+        model,
+        kind: "spindle".into(),
+        onnx: true,
+        features: [
+            "vibration.rms",
+            "vibration.std",
+            "spindle_load.mean",
+            "temperature.mean",
+        ]
+        .map(String::from)
+        .to_vec(),
+        threshold: 1.5,
+        ..Default::default()
+    };
+    let imported = import(&cloud, onnx_request(onnx.clone())).await.unwrap();
+    assert_eq!((imported.algorithm.as_str(), imported.version), ("onnx", 1));
+    let e = import(&cloud, onnx_request(onnx[..onnx.len() / 2].to_vec()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("onnx"), "{}", e.message());
 
     // The fault: the model's alarm names the features that moved.
     let alarm = tokio::time::timeout(WAIT, async {

@@ -48,6 +48,9 @@ pub enum BenchKind {
     /// Anomaly models on one core: training time on `--rows` feature vectors and the
     /// cost of scoring one window, per algorithm.
     Models,
+    /// `--twins` twins on one edge node, each fed one frame a second that completes a
+    /// feature window scored by its model: windows scored per second and CPU used.
+    Scored,
 }
 
 /// A phase of `bench scale`, run in a child process of its own (so resident memory
@@ -962,9 +965,9 @@ fn scale_placement(prefix: &str, i: usize, node: &str) -> Placement {
     }
 }
 
-const SCALE_NODE: &str = "bench-edge";
+pub(crate) const SCALE_NODE: &str = "bench-edge";
 
-fn scale_node_config(data: &std::path::Path) -> anyhow::Result<NodeConfig> {
+pub(crate) fn scale_node_config(data: &std::path::Path) -> anyhow::Result<NodeConfig> {
     let mut cfg = NodeConfig::new(SCALE_NODE.parse()?, Tier::Edge, "bench");
     cfg.listen = vec!["tcp/127.0.0.1:0".into()];
     cfg.data = data.to_path_buf();
@@ -974,7 +977,7 @@ fn scale_node_config(data: &std::path::Path) -> anyhow::Result<NodeConfig> {
 
 /// Polls `count` every 100 ms until it reaches `total` or `bound` passes; prints
 /// progress every 5 s.
-async fn wait_for(
+pub(crate) async fn wait_for(
     what: &str,
     total: usize,
     bound: Duration,
@@ -1249,6 +1252,26 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "--window must be in 1..={queue} (a twin's ingest queue): this publisher does not re-send frames a full queue drops, as the gateway does"
     );
     match args.kind {
+        BenchKind::Scored => {
+            anyhow::ensure!(
+                (1..=200_000).contains(&args.twins),
+                "--twins must be in 1..=200000"
+            );
+            let r = crate::bench_models::bench_scored(args.twins, args.seconds, machine()).await?;
+            if args.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "scored: {} twins on one edge node, one window a second each, {:.0} s, {}",
+                    r.twins, r.seconds, r.machine
+                );
+                println!("  offered {:.0} windows/s, scored {:.0} windows/s ({:.1} %), {} features per window", r.offered_windows_per_s, r.scored_windows_per_s, 100.0 * r.scored_windows_per_s / r.offered_windows_per_s.max(1e-9), r.features);
+                println!(
+                    "  process CPU {:.2} cores (node, twins and the frame publisher)",
+                    r.cores_used
+                );
+            }
+        }
         BenchKind::Models => {
             anyhow::ensure!(
                 (10..=10_000_000).contains(&args.rows),

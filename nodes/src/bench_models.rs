@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use futures::StreamExt;
 use ndarray::Array2;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -115,5 +116,220 @@ pub fn bench_models(train_rows: usize, machine: String) -> anyhow::Result<Models
     Ok(ModelsReport {
         machine,
         algorithms: out,
+    })
+}
+
+/// `bench scored`: twins scoring one window per second each on one edge node.
+#[derive(Debug, Serialize)]
+pub struct ScoredReport {
+    pub machine: String,
+    pub twins: usize,
+    pub seconds: f64,
+    pub offered_windows_per_s: f64,
+    pub scored_windows_per_s: f64,
+    /// CPU time of the whole process (node, twins, frame publisher) over wall time.
+    pub cores_used: f64,
+    pub features: usize,
+}
+
+/// The features of `chain`'s windows over random data, and rows to train on.
+fn training_rows(chain: &twinmesh_twins::chain::Chain, signal: &str) -> (Vec<String>, Array2<f64>) {
+    use twinmesh_twins::chain::{run_window, Analyzer, Block};
+    use twinmesh_twins::monitor::FeatureVector;
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let n = Normal::new(0.0, 1.0).expect("normal");
+    let mut analyzer = Analyzer::new(chain);
+    let mut windows = Vec::new();
+    for i in 0..2000i64 {
+        let block = Block {
+            start_ns: i * 1_000_000_000,
+            period_ns: 500_000_000,
+            samples: (0..2).map(|_| 800.0 + 50.0 * n.sample(&mut rng)).collect(),
+        };
+        for job in analyzer.push(signal, block) {
+            windows.push(run_window(&job));
+        }
+    }
+    let mut names: Vec<String> = windows.iter().flat_map(|w| w.keys().cloned()).collect();
+    names.sort();
+    names.dedup();
+    let mut v = FeatureVector::new(&names);
+    let rows: Vec<Vec<f64>> = windows.iter().filter_map(|w| v.update(w)).collect();
+    let x = Array2::from_shape_fn((rows.len(), names.len()), |(i, j)| rows[i][j]);
+    (names, x)
+}
+
+fn cpu_seconds() -> f64 {
+    // utime and stime, fields 14 and 15 of /proc/self/stat, in clock ticks (100 Hz).
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
+pub async fn bench_scored(
+    twins: usize,
+    seconds: f64,
+    machine: String,
+) -> anyhow::Result<ScoredReport> {
+    use bytes::Bytes;
+    use prost::Message;
+    use std::time::Duration;
+    use twinmesh_actors::metrics::NodeMetrics;
+    use twinmesh_actors::node::NodeMsg;
+    use twinmesh_actors::ports::Qos;
+    use twinmesh_proto::encoding;
+    use twinmesh_twins::chain::{Chain, ChainSpec, ParamValue, StageSpec};
+    use twinmesh_twins::proto::{twin_request, InstallModelRequest, TelemetryFrame, TwinRequest};
+    use twinmesh_twins::{keys, AssetKind, Tier, TwinId};
+
+    let kind = AssetKind::HpcNode;
+    let signal = "power";
+    // One 2-sample window per frame, one frame per second per twin.
+    let spec = ChainSpec {
+        stage: vec![StageSpec {
+            op: "stats".into(),
+            tier: "edge".into(),
+            signal: Some(signal.into()),
+            params: [("window_s".to_owned(), ParamValue::Number(2.0))]
+                .into_iter()
+                .collect(),
+        }],
+    };
+    let chain = Chain::validate(&spec, kind)?;
+    let (names, rows) = training_rows(&chain, signal);
+    let model = Model::train(&names, rows.view(), &TrainParams::default())?;
+    let model_bytes = model.to_bytes();
+
+    let dir = tempfile::tempdir()?;
+    let mut cfg = crate::bench::scale_node_config(dir.path())?;
+    cfg.normalize()?;
+    let node = crate::runtime::RunningNode::start(cfg).await?;
+    let ctx = node.ctx.clone();
+    let supervisor = node.supervisor.clone().expect("edge supervisor");
+    let ids: Vec<TwinId> = (0..twins)
+        .map(|i| format!("bench/hpc-{i:07}").parse())
+        .collect::<Result<_, _>>()?;
+    for id in &ids {
+        supervisor.cast(NodeMsg::Place(twinmesh_twins::proto::Placement {
+            twin_id: id.to_string(),
+            node: crate::bench::SCALE_NODE.into(),
+            tier: Tier::Edge.to_string(),
+            epoch: 1,
+            kind: kind.to_string(),
+            site: "bench".into(),
+            status: twinmesh_actors::mesh::STATUS_ACTIVE.into(),
+            reason: String::new(),
+            initial_chain: Some((&spec).into()),
+        }))?;
+    }
+    crate::bench::wait_for("twins started", twins, Duration::from_secs(600), || {
+        ctx.directory.len()
+    })
+    .await?;
+    // Install the model on every twin, a few calls at a time.
+    let installed = futures::stream::iter(ids.iter().cloned())
+        .map(|id| {
+            let ctx = ctx.clone();
+            let model = model_bytes.clone();
+            async move {
+                let req = TwinRequest {
+                    request: Some(twin_request::Request::InstallModel(InstallModelRequest {
+                        twin_id: id.to_string(),
+                        model_id: "bench".into(),
+                        version: 1,
+                        model,
+                    })),
+                };
+                ctx.fabric
+                    .query(
+                        &keys::twin_rpc(&id),
+                        Some((Bytes::from(req.encode_to_vec()), encoding::TWIN_REQUEST)),
+                        Duration::from_secs(10),
+                    )
+                    .await
+                    .map(|r| !r.is_empty())
+                    .unwrap_or(false)
+            }
+        })
+        .buffer_unordered(64)
+        .filter(|ok| futures::future::ready(*ok))
+        .count()
+        .await;
+    anyhow::ensure!(
+        installed == twins,
+        "model installed on {installed} of {twins} twins"
+    );
+
+    let mut seq = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let frames = |seq: u64| {
+        let ids = &ids;
+        let ctx = &ctx;
+        async move {
+            for id in ids {
+                let f = TelemetryFrame {
+                    twin_id: id.to_string(),
+                    signal: signal.into(),
+                    seq,
+                    start_ns: seq as i64 * 1_000_000_000,
+                    sample_period_ns: 500_000_000,
+                    samples: vec![800.0 + (seq % 7) as f64, 810.0 - (seq % 5) as f64],
+                    spool_base_seq: 1,
+                    scale: 0.0,
+                    packed: Vec::new(),
+                };
+                let _ = ctx
+                    .fabric
+                    .publish(
+                        &keys::telemetry(id, signal),
+                        Bytes::from(f.encode_to_vec()),
+                        encoding::TELEMETRY_FRAME,
+                        Qos::Reliable,
+                    )
+                    .await;
+            }
+        }
+    };
+    // Warm-up: every twin has all its features before the measured period.
+    for _ in 0..3 {
+        tick.tick().await;
+        seq += 1;
+        frames(seq).await;
+    }
+    let scored0 = NodeMetrics::get(&ctx.metrics.windows_scored);
+    let cpu0 = cpu_seconds();
+    let start = Instant::now();
+    let rounds = seconds.ceil() as u64;
+    for _ in 0..rounds {
+        tick.tick().await;
+        seq += 1;
+        frames(seq).await;
+    }
+    // Until the last round's windows are scored (bounded: a node that cannot keep up
+    // shows as a shortfall, not as a wait).
+    let offered = twins as u64 * rounds;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while NodeMetrics::get(&ctx.metrics.windows_scored) - scored0 < offered
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let wall = start.elapsed().as_secs_f64();
+    let scored = NodeMetrics::get(&ctx.metrics.windows_scored) - scored0;
+    let cpu = cpu_seconds() - cpu0;
+    node.stop().await?;
+    Ok(ScoredReport {
+        machine,
+        twins,
+        seconds: wall,
+        offered_windows_per_s: offered as f64 / wall,
+        scored_windows_per_s: scored as f64 / wall,
+        cores_used: cpu / wall,
+        features: names.len(),
     })
 }

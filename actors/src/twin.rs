@@ -710,7 +710,12 @@ impl TwinActorState {
         NodeMetrics::add(&self.ctx.metrics.windows_scored, 1);
         let h = &mut self.core.health;
         h.anomaly_score = a.score;
-        h.status = a.status.as_str().to_owned();
+        if h.status != a.status.as_str() {
+            h.status = a.status.as_str().to_owned();
+        }
+        if a.raised.is_none() && a.drifted.is_none() {
+            return;
+        }
         let label = self.model_label();
         if let Some(parts) = a.raised {
             NodeMetrics::add(&self.ctx.metrics.alarms_raised, 1);

@@ -950,7 +950,7 @@ fn rss_bytes() -> u64 {
 }
 
 /// The twin ids of `bench scale`: kinds in turn, `{prefix}-{n}` on the site `bench`.
-fn scale_placement(prefix: &str, i: usize, node: &str) -> Placement {
+pub(crate) fn scale_placement(prefix: &str, i: usize, node: &str) -> Placement {
     let kind = twinmesh_twins::AssetKind::ALL[i % twinmesh_twins::AssetKind::ALL.len()];
     Placement {
         twin_id: format!("bench/{prefix}{}-{i:07}", kind.prefix()),

@@ -185,7 +185,7 @@ pub async fn bench_scored(
     use twinmesh_proto::encoding;
     use twinmesh_twins::chain::{Chain, ChainSpec, ParamValue, StageSpec};
     use twinmesh_twins::proto::{twin_request, InstallModelRequest, TelemetryFrame, TwinRequest};
-    use twinmesh_twins::{keys, AssetKind, Tier, TwinId};
+    use twinmesh_twins::{keys, AssetKind, TwinId};
 
     let kind = AssetKind::HpcNode;
     let signal = "power";
@@ -217,14 +217,9 @@ pub async fn bench_scored(
     for id in &ids {
         supervisor.cast(NodeMsg::Place(twinmesh_twins::proto::Placement {
             twin_id: id.to_string(),
-            node: crate::bench::SCALE_NODE.into(),
-            tier: Tier::Edge.to_string(),
-            epoch: 1,
             kind: kind.to_string(),
-            site: "bench".into(),
-            status: twinmesh_actors::mesh::STATUS_ACTIVE.into(),
-            reason: String::new(),
             initial_chain: Some((&spec).into()),
+            ..crate::bench::scale_placement("", 0, crate::bench::SCALE_NODE)
         }))?;
     }
     crate::bench::wait_for("twins started", twins, Duration::from_secs(600), || {

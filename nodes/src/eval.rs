@@ -69,6 +69,12 @@ struct Rows {
 }
 
 impl Rows {
+    fn push(&mut self, x: Vec<f64>, after_onset: bool, end_ns: i64) {
+        self.rows.push(x);
+        self.after_onset.push(after_onset);
+        self.end_ns.push(end_ns);
+    }
+
     fn split_at(mut self, n: usize) -> (Rows, Rows) {
         let rest = Rows {
             names: self.names.clone(),
@@ -147,9 +153,7 @@ fn collect(kind: AssetKind, seed: u64, count: usize) -> anyhow::Result<Rows> {
             let v = vector.as_mut().expect("set");
             for w in pending.drain(..) {
                 if let Some(x) = v.update(&w.features) {
-                    rows.rows.push(x);
-                    rows.after_onset.push(false);
-                    rows.end_ns.push(w.end_ns);
+                    rows.push(x, false, w.end_ns);
                 }
             }
             continue;
@@ -157,9 +161,7 @@ fn collect(kind: AssetKind, seed: u64, count: usize) -> anyhow::Result<Rows> {
         let v = vector.as_mut().expect("set");
         for w in windows {
             if let Some(x) = v.update(&w.features) {
-                rows.rows.push(x);
-                rows.after_onset.push(false);
-                rows.end_ns.push(w.end_ns);
+                rows.push(x, false, w.end_ns);
             }
         }
     }
@@ -324,9 +326,7 @@ fn collect_until_after(
         );
         for w in run.step() {
             if let Some(x) = vector.update(&w.features) {
-                rows.rows.push(x);
-                rows.after_onset.push(w.end_ns > onset_ns);
-                rows.end_ns.push(w.end_ns);
+                rows.push(x, w.end_ns > onset_ns, w.end_ns);
             }
         }
     }

@@ -17,7 +17,6 @@
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -227,13 +226,14 @@ pub fn read_rows(
     let mut done = 0u64;
     let mut rows: Vec<Vec<f64>> = Vec::new();
     for twin in twins {
-        let mut windows: BTreeMap<i64, BTreeMap<String, f64>> = BTreeMap::new();
-        for f in features {
+        // Feature windows by end time: (feature index, value) of each.
+        let mut windows: BTreeMap<i64, Vec<(usize, f64)>> = BTreeMap::new();
+        for (i, f) in features.iter().enumerate() {
             for (t, v) in store
                 .read_points(twin, f, start_ns, end_ns)
                 .map_err(|e| Status::unavailable(format!("reading the archive: {e}")))?
             {
-                windows.entry(t).or_default().insert(f.clone(), v);
+                windows.entry(t).or_default().push((i, v));
             }
             done += 1;
             if !progress(done, total, rows.len() as u64) {
@@ -242,7 +242,7 @@ pub fn read_rows(
         }
         let mut vector = FeatureVector::new(features);
         for w in windows.values() {
-            if let Some(x) = vector.update(w) {
+            if let Some(x) = vector.update_indexed(w) {
                 rows.push(x);
                 if rows.len() > MAX_TRAINING_ROWS {
                     return Err(Status::invalid_argument(format!(
@@ -302,10 +302,6 @@ pub fn train(
     let x = Array2::from_shape_fn((rows.len(), d), |(i, j)| rows[i][j]);
     let model = Model::train(&job.features, x.view(), &job.params)
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
-    let above = rows
-        .iter()
-        .filter(|r| model.score(r).is_ok_and(|s| s > model.threshold))
-        .count();
     let info = ModelInfo {
         model_id: job.model_id.clone(),
         version: 0,
@@ -319,7 +315,7 @@ pub fn train(
         twin_ids: job.twins.iter().map(|t| t.to_string()).collect(),
         created_ns: now_ns,
         deployments: Vec::new(),
-        training_alarm_rate: above as f64 / rows.len() as f64,
+        training_alarm_rate: model.training_alarm_rate,
         size_bytes: 0,
     };
     Ok(ModelRecord {
@@ -570,16 +566,13 @@ impl ModelService for Models {
         let job = self.job(request.get_ref(), &store).await?;
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<TrainModelProgress, Status>>(16);
         let now_ns = self.ctx.now_ns();
-        let cancelled = Arc::new(AtomicBool::new(false));
-        let ctx = self.ctx.clone();
         tracing::info!(model = %job.model_id, twins = job.twins.len(), features = job.features.len(), "training");
         self.ctx.tasks.spawn(async move {
             let tx2 = tx.clone();
-            let flag = cancelled.clone();
             let result = tokio::task::spawn_blocking(move || {
                 let mut last = std::time::Instant::now() - Duration::from_secs(1);
                 train(&store, &job, now_ns, &mut |p| {
-                    if tx2.is_closed() || flag.load(Ordering::Relaxed) {
+                    if tx2.is_closed() {
                         return false;
                     }
                     // At most ten updates a second (the last of each phase always).
@@ -617,7 +610,6 @@ impl ModelService for Models {
                 }
             }
             let _ = tx.send(last).await;
-            drop(ctx);
         });
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),

@@ -191,7 +191,41 @@ enum Body {
         output: String,
         /// Scores are negated (the model's higher means more normal).
         negate: bool,
+        /// The compiled plan, looked up once per model value (not per window).
+        #[serde(skip)]
+        scorer: ScorerCell,
     },
+}
+
+/// A compiled ONNX plan attached to a model; not part of its data (equal, cloned and
+/// serialised as if absent).
+#[derive(Default)]
+struct ScorerCell(std::sync::OnceLock<std::sync::Arc<crate::onnx::OnnxScorer>>);
+
+impl Clone for ScorerCell {
+    fn clone(&self) -> Self {
+        let cell = ScorerCell::default();
+        if let Some(s) = self.0.get() {
+            let _ = cell.0.set(s.clone());
+        }
+        cell
+    }
+}
+
+impl PartialEq for ScorerCell {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for ScorerCell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "compiled"
+        } else {
+            "not compiled"
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -226,6 +260,9 @@ pub struct Model {
     /// set the threshold for every feature. Empty: none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub log_features: Vec<bool>,
+    /// Share of the training rows that score above the threshold (its calibration).
+    #[serde(default)]
+    pub training_alarm_rate: f64,
     body: Body,
 }
 
@@ -284,6 +321,7 @@ impl Model {
             trained_rows: n,
             reference: Vec::new(),
             log_features: if log.contains(&true) { log } else { Vec::new() },
+            training_alarm_rate: 0.0,
             body,
         };
         let mut scores: Vec<f64> = rows
@@ -292,6 +330,8 @@ impl Model {
             .collect();
         scores.sort_by(f64::total_cmp);
         model.threshold = quantile(&scores, params.quantile);
+        let above = scores.len() - scores.partition_point(|s| *s <= model.threshold);
+        model.training_alarm_rate = above as f64 / scores.len() as f64;
         model.reference = (1..REFERENCE_BINS)
             .map(|i| quantile(&scores, i as f64 / REFERENCE_BINS as f64))
             .collect();
@@ -327,10 +367,12 @@ impl Model {
             trained_rows: 0,
             reference: Vec::new(),
             log_features: Vec::new(),
+            training_alarm_rate: 0.0,
             body: Body::Onnx {
                 onnx: base64::engine::general_purpose::STANDARD.encode(onnx),
                 output: output.to_owned(),
                 negate,
+                scorer: ScorerCell::default(),
             },
         };
         model.validate()?;
@@ -451,8 +493,9 @@ impl Model {
                 onnx,
                 output,
                 negate,
+                scorer,
             } => {
-                let s = onnx_scorer(onnx, self.features.len(), output)
+                let s = onnx_scorer(onnx, self.features.len(), output, scorer)
                     .and_then(|sc| sc.score(x))
                     .unwrap_or(f64::NAN);
                 if *negate {
@@ -546,8 +589,13 @@ impl Model {
                     return bad("robust baseline dimensions or values do not agree");
                 }
             }
-            Body::Onnx { onnx, output, .. } => {
-                if let Err(e) = onnx_scorer(onnx, d, output) {
+            Body::Onnx {
+                onnx,
+                output,
+                scorer,
+                ..
+            } => {
+                if let Err(e) = onnx_scorer(onnx, d, output, scorer) {
                     return bad(&e.to_string());
                 }
             }
@@ -572,18 +620,25 @@ impl Model {
     }
 }
 
-/// The compiled scorer of a base64 ONNX body.
+/// The compiled scorer of a base64 ONNX body: the model's own once looked up, else the
+/// process-wide plan for the same file (compiled on first use).
 fn onnx_scorer(
     onnx: &str,
     width: usize,
     output: &str,
+    cell: &ScorerCell,
 ) -> Result<std::sync::Arc<crate::onnx::OnnxScorer>> {
     use base64::Engine as _;
-    crate::onnx::cached(crc32fast::hash(onnx.as_bytes()), width, output, || {
+    if let Some(s) = cell.0.get() {
+        return Ok(s.clone());
+    }
+    let s = crate::onnx::cached(crc32fast::hash(onnx.as_bytes()), width, output, || {
         base64::engine::general_purpose::STANDARD
             .decode(onnx)
             .map_err(|e| ModelError::Corrupt(format!("onnx body: {e}")))
-    })
+    })?;
+    let _ = cell.0.set(s.clone());
+    Ok(s)
 }
 
 /// Whether a training column is better scored by its logarithm: all positive and
@@ -1033,6 +1088,23 @@ mod tests {
         assert!((m.score(&[1.0]).unwrap()).abs() < 1e-12);
         assert!((m.score(&[3.0]).unwrap() - 1.0).abs() < 1e-9);
         assert!((m.score(&[-3.0]).unwrap() - 2.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_training_alarm_rate_is_the_share_of_training_rows_above_the_threshold() {
+        let rows = Array2::from_shape_vec((5, 1), vec![-1.0, 0.0, 1.0, 2.0, 3.0]).unwrap();
+        let p = TrainParams {
+            quantile: 0.6,
+            ..params(Algorithm::Robust)
+        };
+        let m = Model::train(&names(1), rows.view(), &p).unwrap();
+        let above = rows
+            .rows()
+            .into_iter()
+            .filter(|r| m.score(r.as_slice().unwrap()).unwrap() > m.threshold)
+            .count();
+        assert_eq!(above, 2);
+        assert_eq!(m.training_alarm_rate, 0.4);
     }
 
     #[test]

@@ -98,13 +98,22 @@ impl FeatureVector {
     }
 
     pub fn update(&mut self, features: &BTreeMap<String, f64>) -> Option<Vec<f64>> {
+        let values: Vec<(usize, f64)> = self
+            .names
+            .iter()
+            .enumerate()
+            .filter_map(|(i, name)| features.get(name).map(|v| (i, *v)))
+            .collect();
+        self.update_indexed(&values)
+    }
+
+    /// Like [`FeatureVector::update`], with features given by their index in the names.
+    pub fn update_indexed(&mut self, values: &[(usize, f64)]) -> Option<Vec<f64>> {
         let mut touched = false;
-        for (name, slot) in self.names.iter().zip(&mut self.values) {
-            if let Some(v) = features.get(name) {
-                if v.is_finite() {
-                    *slot = Some(*v);
-                    touched = true;
-                }
+        for &(i, v) in values {
+            if let Some(slot) = self.values.get_mut(i).filter(|_| v.is_finite()) {
+                *slot = Some(v);
+                touched = true;
             }
         }
         if !touched {

@@ -9,6 +9,7 @@ const PROTOS: &[&str] = &[
     "twinmesh/v1/mesh.proto",
     "twinmesh/v1/fabric.proto",
     "twinmesh/v1/model.proto",
+    "twinmesh/v1/privacy.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -118,6 +118,9 @@ pub struct NodeContext {
     pub analysis_permits: Arc<tokio::sync::Semaphore>,
     /// Node-level dispatch to the twins hosted here (active on edge nodes).
     pub router: Arc<crate::router::Router>,
+    /// The site key: seals protected telemetry and contributions on the fabric. Nodes
+    /// off the site (and nodes without it) cannot read them.
+    pub site_key: Option<Arc<crate::seal::KeyRing>>,
 }
 
 impl NodeContext {

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use twinmesh_proto::encoding;
 use twinmesh_twins::chain::{self, Chain, ChainSpec, StreamPipeline};
 use twinmesh_twins::dsp::codec;
+use twinmesh_twins::privacy::Policy;
 use twinmesh_twins::proto::{
     self, twin_reply, twin_request, ChainUpdate, DesiredUpdate, GetTwinRequest, Placement,
     PlacementRequest, ReplayRequest, TelemetryFrame, TwinReply, TwinRequest, Watermark,
@@ -124,6 +125,9 @@ struct Slot {
     device: Box<dyn Device>,
     chain: Chain,
     pipelines: BTreeMap<&'static str, StreamPipeline>,
+    /// Signals whose frames travel sealed with the site key (the twin's privacy policy;
+    /// the kind's default until the twin tells).
+    sealed: std::collections::BTreeSet<String>,
 }
 
 pub struct GatewayState {
@@ -180,7 +184,34 @@ impl GatewayState {
     }
 
     async fn publish_frame(&self, frame: &TelemetryFrame, twin: &TwinId) {
-        let payload = frame.encode_to_vec();
+        let sealed = self
+            .devices
+            .get(twin)
+            .is_none_or(|s| s.sealed.contains(&frame.signal));
+        let payload = if sealed {
+            // Raw values of a protected signal never travel readable: sealed with the
+            // site key, or not published at all (they stay spooled).
+            let Some(ring) = self.ctx.site_key.as_ref() else {
+                NodeMetrics::add(&self.ctx.metrics.frames_withheld, 1);
+                return;
+            };
+            let inner = proto::SealedSamples {
+                samples: frame.samples.clone(),
+                packed: frame.packed.clone(),
+            };
+            let outer = TelemetryFrame {
+                samples: Vec::new(),
+                packed: Vec::new(),
+                sealed: ring.seal(
+                    &twinmesh_twins::frame::seal_context(frame),
+                    &inner.encode_to_vec(),
+                ),
+                ..frame.clone()
+            };
+            outer.encode_to_vec()
+        } else {
+            frame.encode_to_vec()
+        };
         let len = payload.len() as u64;
         match self
             .ctx
@@ -261,6 +292,12 @@ impl GatewayState {
         let Some(slot) = self.devices.get_mut(&twin) else {
             return;
         };
+        let sealed: std::collections::BTreeSet<String> =
+            update.sealed_signals.iter().cloned().collect();
+        if sealed != slot.sealed {
+            tracing::info!(twin = %twin, sealed = ?sealed, "privacy policy: sealed signals updated");
+            slot.sealed = sealed;
+        }
         let spec = ChainSpec::from(&update.chain.unwrap_or_default());
         match Chain::validate(&spec, slot.device.kind()) {
             Ok(chain) if chain != slot.chain => {
@@ -313,6 +350,7 @@ impl GatewayState {
             spool_base_seq: stream.base,
             scale,
             packed,
+            sealed: Vec::new(),
         };
         self.ctx.store.spool_put(&frame)?;
         self.publish_frame(&frame, twin).await;
@@ -588,6 +626,10 @@ impl Actor for GatewayActor {
                 let slot = Slot {
                     chain: chain_of(d.kind()),
                     pipelines: BTreeMap::new(),
+                    sealed: Policy::default_for(d.kind())
+                        .protected_signals()
+                        .into_iter()
+                        .collect(),
                     device: d,
                 };
                 (slot.device.twin_id().clone(), slot)
@@ -754,6 +796,7 @@ async fn fetch_chain(
     cancel: CancellationToken,
 ) {
     let request = TwinRequest {
+        caller: None,
         request: Some(twin_request::Request::GetTwin(GetTwinRequest {
             twin_id: id.to_string(),
         })),
@@ -777,10 +820,20 @@ async fn fetch_chain(
                     _ => None,
                 });
             if let Some(t) = twin {
+                let kind = t.kind.parse().ok();
+                let sealed_signals = match (t.policy.as_ref(), kind) {
+                    (Some(p), Some(kind)) => Policy::from_stored(p, kind)
+                        .map(|p| p.protected_signals())
+                        .unwrap_or_else(|_| Policy::default_for(kind).protected_signals()),
+                    (None, Some(kind)) => Policy::default_for(kind).protected_signals(),
+                    // Unknown kind: keep what the gateway has.
+                    _ => return,
+                };
                 let _ = gateway.cast(GatewayMsg::Chain(ChainUpdate {
                     twin_id: t.twin_id,
                     chain: t.chain,
                     revision: t.revision,
+                    sealed_signals,
                 }));
                 return;
             }

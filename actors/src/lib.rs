@@ -18,6 +18,10 @@
 //! - [`router`]: [`router::Router`], node-level dispatch on edges: one set of
 //!   declarations per node hands frames, calls and delivery reports to the twin by id
 //!   and wakes dormant (passivated) twins.
+//! - [`privacy`]: DP releases served where the twin lives (single twin, and set
+//!   releases coordinated on the site with sealed contributions).
+//! - [`seal`]: AES-256-GCM key rings: the site key (protected telemetry and values
+//!   that cross the fabric) and the at-rest key (sensitive trees).
 //! - [`metrics`]: per-node counters behind `NodeLoad` and `/metrics`.
 //! - [`services`]: the info/twins queryables every node serves.
 
@@ -28,7 +32,9 @@ pub mod mesh;
 pub mod metrics;
 pub mod node;
 pub mod ports;
+pub mod privacy;
 pub mod router;
+pub mod seal;
 pub mod services;
 pub mod twin;
 

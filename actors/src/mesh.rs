@@ -748,6 +748,7 @@ async fn twin_rpc(
 ) -> Result<twin_reply::Reply, MeshError> {
     let payload = Bytes::from(
         TwinRequest {
+            caller: None,
             request: Some(request),
         }
         .encode_to_vec(),

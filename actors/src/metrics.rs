@@ -17,6 +17,8 @@ pub struct NodeMetrics {
     pub frames_gap: AtomicU64,
     /// Frames dropped because a twin's ingest queue was full (the gateway re-sends them).
     pub frames_overflow: AtomicU64,
+    /// Frames of protected signals a gateway did not publish: it has no site key.
+    pub frames_withheld: AtomicU64,
     pub frames_published: AtomicU64,
     pub bytes_published: AtomicU64,
     pub rpc_served: AtomicU64,

@@ -186,6 +186,16 @@ pub trait Store: Send + Sync + 'static {
         agg: Aggregation,
     ) -> Result<Vec<Bucket>>;
     /// Sequence numbers of every stored frame of `signal`, in time order.
+    /// The samples of `signal` in `[start_ns, end_ns)`, in time order, at most `limit`
+    /// (the records of a privacy release).
+    fn read_samples(
+        &self,
+        twin: &TwinId,
+        signal: &str,
+        start_ns: i64,
+        end_ns: i64,
+        limit: usize,
+    ) -> Result<Vec<f64>>;
     fn frame_seqs(&self, twin: &TwinId, signal: &str) -> Result<Vec<u64>>;
     /// Highest live seq stored for `signal` (imports, with seq 0, do not count).
     fn last_stored_seq(&self, twin: &TwinId, signal: &str) -> Result<u64>;

@@ -29,7 +29,7 @@ use twinmesh_twins::proto::{
 };
 use twinmesh_twins::state::{Admission, DeliveryStatus};
 use twinmesh_twins::stats::Aggregation;
-use twinmesh_twins::{frame, keys, td, AssetKind, Error as DomainError, TwinCore, TwinId};
+use twinmesh_twins::{frame, keys, privacy, td, AssetKind, Error as DomainError, TwinCore, TwinId};
 
 use crate::context::NodeContext;
 use crate::error::{Error, Result};
@@ -57,6 +57,21 @@ pub enum TwinMsg {
     },
     /// Makes the actor fail (fault injection in tests: the supervisor must restart it).
     Fail(String),
+    /// Charges (or refunds) the privacy ledger for a release computed off the actor;
+    /// durable before the reply. Refused, charging nothing, when it does not fit.
+    Charge(
+        Charge,
+        RpcReplyPort<std::result::Result<proto::Budget, proto::Error>>,
+    ),
+}
+
+/// A ledger charge of one release.
+pub struct Charge {
+    pub epsilon: f64,
+    pub delta: f64,
+    pub refund: bool,
+    /// The audit event (`privacy_release`) published once the charge is durable.
+    pub audit: Option<(String, Vec<(&'static str, String)>)>,
 }
 
 /// What an ingest batch allows the pump to acknowledge after the next flush.
@@ -152,6 +167,25 @@ impl TwinActorState {
         }
     }
 
+    /// The snapshot as it may leave the site (cloud replicas, migration hand-over):
+    /// protected values replaced by NaN, sequence numbers kept.
+    fn offsite_snapshot(&self) -> TwinSnapshot {
+        let mut snap = self.snapshot();
+        if let Some(t) = snap.twin.as_mut() {
+            self.core.policy.gate_snapshot_twin(t);
+        }
+        snap
+    }
+
+    /// The twin as `caller` may see it.
+    fn twin_for(&self, caller: Option<&proto::Caller>) -> proto::Twin {
+        let mut t = self.get_twin();
+        if !privacy::sees_raw(caller, self.core.id.site()) {
+            self.core.policy.gate_twin(&mut t);
+        }
+        t
+    }
+
     fn summary(&self) -> TwinSummary {
         TwinSummary {
             twin_id: self.core.id.to_string(),
@@ -180,8 +214,9 @@ impl TwinActorState {
     }
 
     async fn publish_state(&mut self) {
+        // Published state reaches every subscriber of the fabric, on the site or not.
         let state = proto::TwinState {
-            twin: Some(self.core.to_proto(Some(self.placement.clone()))),
+            twin: Some(self.twin_for(None)),
             timestamp_ns: self.ctx.now_ns(),
         };
         self.publish(
@@ -435,6 +470,13 @@ impl TwinActorState {
             .collect();
         self.ctx.store.append_frames(&self.core.id, &points)?;
         self.persist()?;
+        // Features of protected signals stay in the site's own history.
+        let mut features = features;
+        self.core.policy.gate_features(&mut features);
+        if features.is_empty() {
+            self.state_changed(myself).await;
+            return Ok(());
+        }
         let set = FeatureSet {
             twin_id: self.core.id.to_string(),
             signal,
@@ -458,7 +500,7 @@ impl TwinActorState {
     /// Replicates the snapshot to the cloud (placement authority), which keeps the newest
     /// per twin and refuses older epochs.
     async fn replicate(&mut self) {
-        let snap = self.snapshot();
+        let snap = self.offsite_snapshot();
         let revision = self.core.revision;
         self.publish(
             keys::snapshot(&self.core.id),
@@ -602,6 +644,7 @@ impl TwinActorState {
             twin_id: self.core.id.to_string(),
             chain: Some((&self.core.chain.spec).into()),
             revision: self.core.revision,
+            sealed_signals: self.core.policy.protected_signals(),
         };
         self.publish(
             keys::chain(&self.core.id),
@@ -761,6 +804,57 @@ impl TwinActorState {
         }
     }
 
+    /// Checks and charges (or refunds) the ledger, durably, then publishes the audit
+    /// event. Nothing is charged when the release does not fit the budget.
+    async fn charge(
+        &mut self,
+        myself: &ActorRef<TwinMsg>,
+        c: Charge,
+    ) -> std::result::Result<proto::Budget, proto::Error> {
+        let now = self.ctx.now_ns();
+        let before = self.core.ledger;
+        self.core.ledger.roll(&self.core.policy, now);
+        if c.refund {
+            self.core.ledger.refund(c.epsilon, c.delta);
+        } else {
+            if let Err(e) =
+                self.core
+                    .ledger
+                    .check(&self.core.id.to_string(), &self.core.policy, c.epsilon)
+            {
+                self.core.ledger = before;
+                return Err((&e).into());
+            }
+            self.core.ledger.charge(c.epsilon, c.delta);
+        }
+        self.core.revision += 1;
+        let stored = match self.persist() {
+            Ok(()) => self.ctx.store.flush().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = stored {
+            self.core.ledger = before;
+            return Err(proto::Error {
+                code: proto::ErrorCode::Unavailable as i32,
+                message: format!("privacy ledger of {} not stored: {e}", self.core.id),
+            });
+        }
+        let id = self.core.id.to_string();
+        let budget = self.core.ledger.to_proto(&id, &self.core.policy);
+        if let Some((message, mut attributes)) = c.audit {
+            attributes.push((
+                "epsilon_remaining",
+                (budget.epsilon_total - budget.epsilon_spent)
+                    .max(0.0)
+                    .to_string(),
+            ));
+            self.publish_event("privacy_release", message, attributes)
+                .await;
+        }
+        self.state_changed(myself).await;
+        Ok(budget)
+    }
+
     fn get_twin(&self) -> proto::Twin {
         self.core.to_proto(Some(self.placement.clone()))
     }
@@ -783,6 +877,7 @@ impl TwinActorState {
             Some(twin_request::Request::SetDesired(_))
                 | Some(twin_request::Request::SetChain(_))
                 | Some(twin_request::Request::InstallModel(_))
+                | Some(twin_request::Request::SetPolicy(_))
         );
         if self.frozen && mutating {
             return Err(RequestError::Unavailable(format!(
@@ -790,6 +885,7 @@ impl TwinActorState {
                 self.core.id
             )));
         }
+        let caller = req.caller;
         match req.request {
             Some(twin_request::Request::Freeze(r)) => {
                 self.check_twin_id(&r.twin_id)?;
@@ -801,7 +897,7 @@ impl TwinActorState {
                 }
                 if r.release {
                     self.frozen = false;
-                    return Ok(twin_reply::Reply::Snapshot(self.snapshot()));
+                    return Ok(twin_reply::Reply::Snapshot(self.offsite_snapshot()));
                 }
                 self.frozen = true;
                 // No flush here: the snapshot travels to the cloud, and anything after an
@@ -809,11 +905,76 @@ impl TwinActorState {
                 self.persist()
                     .map_err(|e| RequestError::Unavailable(format!("snapshot not stored: {e}")))?;
                 self.replicate().await;
-                Ok(twin_reply::Reply::Snapshot(self.snapshot()))
+                Ok(twin_reply::Reply::Snapshot(self.offsite_snapshot()))
             }
             Some(twin_request::Request::GetTwin(r)) => {
                 self.check_twin_id(&r.twin_id)?;
-                Ok(twin_reply::Reply::Twin(self.get_twin()))
+                Ok(twin_reply::Reply::Twin(self.twin_for(caller.as_ref())))
+            }
+            Some(twin_request::Request::GetPolicy(r)) => {
+                self.check_twin_id(&r.twin_id)?;
+                Ok(twin_reply::Reply::Policy(
+                    self.core.policy.to_proto(&r.twin_id),
+                ))
+            }
+            Some(twin_request::Request::GetBudget(r)) => {
+                self.check_twin_id(&r.twin_id)?;
+                let now = self.ctx.now_ns();
+                let mut ledger = self.core.ledger;
+                ledger.roll(&self.core.policy, now);
+                Ok(twin_reply::Reply::Budget(
+                    ledger.to_proto(&r.twin_id, &self.core.policy),
+                ))
+            }
+            Some(twin_request::Request::SetPolicy(r)) => {
+                let p = r.policy.unwrap_or_default();
+                self.check_twin_id(&p.twin_id)?;
+                if privacy::role_of(caller.as_ref()) < privacy::Role::DataOwner {
+                    return Err(RequestError::Domain(DomainError::PermissionDenied(
+                        "setting a privacy policy needs the data_owner role".to_owned(),
+                    )));
+                }
+                if let Some(expected) = r.expected_version {
+                    if expected != self.core.policy.version {
+                        return Err(RequestError::Domain(DomainError::PolicyVersionMismatch {
+                            twin: self.core.id.to_string(),
+                            expected,
+                            actual: self.core.policy.version,
+                        }));
+                    }
+                }
+                let mut policy = privacy::Policy::validate(&p, self.core.kind)?;
+                policy.version = self.core.policy.version + 1;
+                let previous = std::mem::replace(&mut self.core.policy, policy);
+                self.core.revision += 1;
+                let stored = match self.persist() {
+                    Ok(()) => self.ctx.store.flush().await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = stored {
+                    self.core.policy = previous;
+                    return Err(RequestError::Unavailable(format!("policy not stored: {e}")));
+                }
+                // The gateway seals what the new policy protects.
+                self.publish_chain().await;
+                let protected = self.core.policy.protected_signals().join(",");
+                self.publish_event(
+                    "policy_changed",
+                    format!(
+                        "privacy policy v{} (protected: {protected})",
+                        self.core.policy.version
+                    ),
+                    vec![
+                        ("version", self.core.policy.version.to_string()),
+                        ("protected", protected.clone()),
+                        ("by", caller.map(|c| c.subject).unwrap_or_default()),
+                    ],
+                )
+                .await;
+                self.state_changed(myself).await;
+                Ok(twin_reply::Reply::Policy(
+                    self.core.policy.to_proto(&p.twin_id),
+                ))
             }
             Some(twin_request::Request::ThingDescription(r)) => {
                 self.check_twin_id(&r.twin_id)?;
@@ -918,8 +1079,10 @@ impl TwinActorState {
                 ))
             }
             Some(twin_request::Request::QueryHistory(_))
-            | Some(twin_request::Request::ImportHistory(_)) => Err(RequestError::Domain(
-                DomainError::InvalidArgument("history is served by the rpc pump".to_owned()),
+            | Some(twin_request::Request::ImportHistory(_))
+            | Some(twin_request::Request::Release(_))
+            | Some(twin_request::Request::Contribute(_)) => Err(RequestError::Domain(
+                DomainError::InvalidArgument("served by the rpc pump".to_owned()),
             )),
             None => Err(RequestError::Domain(DomainError::InvalidArgument(
                 "empty twin request".to_owned(),
@@ -1229,6 +1392,10 @@ impl Actor for TwinActor {
                     .await?;
             }
             TwinMsg::Fail(reason) => return Err(Error::actor(reason).into()),
+            TwinMsg::Charge(charge, reply) => {
+                let out = state.charge(&myself, charge).await;
+                let _ = reply.send(out);
+            }
         }
         Ok(())
     }
@@ -1307,6 +1474,26 @@ fn decode_frame(
         Ok(f) => f,
         Err(e) => return rejected(FrameRejection::Malformed(e.to_string())),
     };
+    if !f.sealed.is_empty() {
+        // A protected signal: its samples travel sealed with the site key.
+        let Some(ring) = ctx.site_key.as_ref() else {
+            return rejected(FrameRejection::Invalid(
+                "sealed frame, and this node has no site key",
+            ));
+        };
+        let plain = match ring.open(&frame::seal_context(&f), &f.sealed) {
+            Ok(p) => p,
+            Err(_) => return rejected(FrameRejection::Invalid("sealed frame does not open")),
+        };
+        match proto::SealedSamples::decode(plain.as_slice()) {
+            Ok(inner) => {
+                f.samples = inner.samples;
+                f.packed = inner.packed;
+                f.sealed.clear();
+            }
+            Err(e) => return rejected(FrameRejection::Malformed(e.to_string())),
+        }
+    }
     if let Err(why) = frame::unpack(&mut f) {
         return rejected(why);
     }
@@ -1408,6 +1595,7 @@ async fn rpc_pump(
             ))),
             Ok(TwinRequest {
                 request: Some(twin_request::Request::ImportHistory(req)),
+                ..
             }) => {
                 let reply = match import_history(&ctx, &id, kind, req) {
                     Ok(samples) => match ctx.store.flush().await {
@@ -1431,13 +1619,86 @@ async fn rpc_pump(
                 continue;
             }
             Ok(TwinRequest {
+                request: Some(twin_request::Request::Release(r)),
+                caller,
+            }) => {
+                let fut = crate::privacy::serve_release(
+                    ctx.clone(),
+                    actor.clone(),
+                    id.clone(),
+                    kind,
+                    r,
+                    caller,
+                );
+                let key2 = key.clone();
+                ctx.tasks.spawn(async move {
+                    let reply = fut.await;
+                    query
+                        .reply(
+                            &key2,
+                            Bytes::from(reply.encode_to_vec()),
+                            encoding::TWIN_REPLY,
+                        )
+                        .await;
+                });
+                continue;
+            }
+            Ok(TwinRequest {
+                request: Some(twin_request::Request::Contribute(r)),
+                ..
+            }) => {
+                let fut = crate::privacy::serve_contribute(
+                    ctx.clone(),
+                    actor.clone(),
+                    id.clone(),
+                    kind,
+                    r,
+                );
+                let key2 = key.clone();
+                ctx.tasks.spawn(async move {
+                    let reply = fut.await;
+                    query
+                        .reply(
+                            &key2,
+                            Bytes::from(reply.encode_to_vec()),
+                            encoding::TWIN_REPLY,
+                        )
+                        .await;
+                });
+                continue;
+            }
+            Ok(TwinRequest {
                 request: Some(twin_request::Request::QueryHistory(h)),
+                caller,
             }) => {
                 // Scans can be long: serve them off the actor and off the async workers.
                 let ctx2 = ctx.clone();
                 let id2 = id.clone();
                 let key2 = key.clone();
+                let actor2 = actor.clone();
                 ctx.tasks.spawn(async move {
+                    // Off the site (or below data_operator), raw history of protected
+                    // signals and their features is never served.
+                    if !privacy::sees_raw(caller.as_ref(), id2.site()) {
+                        let refusal = match crate::privacy::policy_of(&ctx2, &actor2, &id2, kind).await {
+                            Ok(p) if p.is_protected_feature(&h.signal) => Some(error_reply(
+                                &DomainError::PermissionDenied(format!(
+                                    "raw history of {} stays on site {} (privacy policy v{}): use ReleaseAggregate",
+                                    h.signal,
+                                    id2.site(),
+                                    p.version
+                                )),
+                            )),
+                            Ok(_) => None,
+                            Err(e) => Some(reply(twin_reply::Reply::Error(e))),
+                        };
+                        if let Some(r) = refusal {
+                            query
+                                .reply(&key2, Bytes::from(r.encode_to_vec()), encoding::TWIN_REPLY)
+                                .await;
+                            return;
+                        }
+                    }
                     let reply =
                         match tokio::task::spawn_blocking(move || query_history(&ctx2, &id2, h))
                             .await

@@ -23,6 +23,8 @@ pub const MAX_PAGE_SIZE: u32 = 1000;
 #[derive(Clone)]
 pub struct Api {
     fabric: SharedFabric,
+    /// Site of this node: twins of other sites see its callers as off-site.
+    pub site: String,
     /// Deadline of one call when the client gives none.
     pub default_deadline: Duration,
 }
@@ -62,9 +64,10 @@ fn fabric_error(e: impl std::fmt::Display) -> Status {
 }
 
 impl Api {
-    pub fn new(fabric: SharedFabric) -> Self {
+    pub fn new(fabric: SharedFabric, site: &str) -> Self {
         Api {
             fabric,
+            site: site.to_owned(),
             default_deadline: Duration::from_secs(5),
         }
     }
@@ -81,10 +84,36 @@ impl Api {
         request: twin_request::Request,
         deadline: Option<Duration>,
     ) -> Result<twin_reply::Reply, Status> {
+        self.twin_call_as(id, request, deadline, self.caller(None))
+            .await
+    }
+
+    /// The caller this node vouches for. Without authentication every caller holds
+    /// every role; the twin still gates what crosses its site.
+    pub fn caller(&self, role: Option<twinmesh_twins::privacy::Role>) -> proto::Caller {
+        proto::Caller {
+            site: self.site.clone(),
+            role: role
+                .unwrap_or(twinmesh_twins::privacy::Role::DataOwner)
+                .as_str()
+                .to_owned(),
+            subject: String::new(),
+        }
+    }
+
+    /// [`Api::twin_call`] on behalf of `caller`.
+    pub async fn twin_call_as(
+        &self,
+        id: &TwinId,
+        request: twin_request::Request,
+        deadline: Option<Duration>,
+        caller: proto::Caller,
+    ) -> Result<twin_reply::Reply, Status> {
         let deadline = deadline.unwrap_or(self.default_deadline);
         let start = Instant::now();
         let payload = Bytes::from(
             TwinRequest {
+                caller: Some(caller),
                 request: Some(request),
             }
             .encode_to_vec(),

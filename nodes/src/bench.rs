@@ -278,6 +278,7 @@ async fn bench_ingest(args: &BenchArgs) -> anyhow::Result<IngestReport> {
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let payload = TelemetryFrame {
+        sealed: Vec::new(),
         twin_id: ids[0].clone(),
         signal: "bearing_vibration".into(),
         seq: 1,
@@ -381,6 +382,7 @@ async fn bench_ingest(args: &BenchArgs) -> anyhow::Result<IngestReport> {
                 }
                 seq += 1;
                 let frame = TelemetryFrame {
+                    sealed: Vec::new(),
                     twin_id: id.clone(),
                     signal: "bearing_vibration".into(),
                     seq,

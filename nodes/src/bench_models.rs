@@ -233,6 +233,7 @@ pub async fn bench_scored(
             let model = model_bytes.clone();
             async move {
                 let req = TwinRequest {
+                    caller: None,
                     request: Some(twin_request::Request::InstallModel(InstallModelRequest {
                         twin_id: id.to_string(),
                         model_id: "bench".into(),
@@ -268,6 +269,7 @@ pub async fn bench_scored(
         async move {
             for id in ids {
                 let f = TelemetryFrame {
+                    sealed: Vec::new(),
                     twin_id: id.to_string(),
                     signal: signal.into(),
                     seq,

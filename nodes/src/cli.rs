@@ -36,6 +36,33 @@ pub enum Command {
     Dsp(crate::tools::DspArgs),
     /// Upload a CSV/JSON file into a twin's history through gRPC.
     Ingest(crate::tools::IngestArgs),
+    /// Create or rotate AES-256 key files (site keys).
+    Keys(KeysArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct KeysArgs {
+    #[command(subcommand)]
+    pub command: KeysCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Write a new key file with one random key (refuses to overwrite).
+    New {
+        /// The key file to create (mode 0600).
+        #[arg(long)]
+        out: PathBuf,
+        /// Id of the key (stored with every value it seals).
+        #[arg(long, default_value = "k1")]
+        id: String,
+    },
+    /// Append a new key: new values are sealed with it, old ones still open.
+    Rotate {
+        file: PathBuf,
+        #[arg(long)]
+        id: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -115,6 +142,10 @@ pub struct NodeArgs {
     /// (passivation; 0: never).
     #[arg(long, default_value_t = 0, value_name = "SECONDS")]
     pub passivate_after: u64,
+    /// Site key file shared by the site's iot and edge nodes (`twinmesh keys new`):
+    /// protected signals travel sealed with it.
+    #[arg(long, value_name = "FILE")]
+    pub site_key: Option<PathBuf>,
 }
 
 impl NodeArgs {
@@ -140,6 +171,7 @@ impl NodeArgs {
         cfg.multicast = self.multicast;
         cfg.seed = self.seed;
         cfg.passivate_after_s = self.passivate_after;
+        cfg.site_key_file = self.site_key;
         cfg.normalize()?;
         Ok(cfg)
     }

@@ -223,6 +223,19 @@ pub struct NodeConfig {
     /// next frame or call; 0 (the default) keeps every twin running.
     #[serde(default)]
     pub passivate_after_s: u64,
+    /// The site key file (`twinmesh keys new`): every iot and edge node of a site holds
+    /// the same one. Gateways seal the frames of protected signals with it; without it
+    /// they do not publish them at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site_key_file: Option<PathBuf>,
+}
+
+/// Reads a key file (`KEY_ID HEX64` lines). Errors name the file, never a key.
+pub fn load_key_ring(path: &Path, what: &str) -> anyhow::Result<twinmesh_actors::seal::KeyRing> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read {what} file {}: {e}", path.display()))?;
+    twinmesh_actors::seal::KeyRing::parse(&text)
+        .map_err(|e| anyhow::anyhow!("{what} file {}: {e}", path.display()))
 }
 
 impl NodeConfig {
@@ -247,6 +260,7 @@ impl NodeConfig {
             capacity: default_capacity(),
             seed: default_seed(),
             passivate_after_s: 0,
+            site_key_file: None,
         }
     }
 
@@ -336,6 +350,12 @@ impl NodeConfig {
             anyhow::bail!(
                 "invalid max_frame_bytes {}: at least 64",
                 self.max_frame_bytes
+            );
+        }
+        if self.site_key_file.is_some() && self.tier == Tier::Cloud {
+            anyhow::bail!(
+                "node {} is a cloud node: site keys belong to the nodes of one site",
+                self.id
             );
         }
         if self.data.as_os_str().is_empty() {

@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status};
 
 use twinmesh_proto::v1::mesh_service_server::{MeshService, MeshServiceServer};
 use twinmesh_proto::v1::model_service_server::ModelServiceServer;
+use twinmesh_proto::v1::privacy_service_server::PrivacyServiceServer;
 use twinmesh_proto::v1::twin_service_server::{TwinService, TwinServiceServer};
 use twinmesh_twins::keys;
 use twinmesh_twins::proto::{
@@ -331,6 +332,12 @@ pub async fn serve(
     health_reporter
         .set_serving::<ModelServiceServer<crate::models::Models>>()
         .await;
+    health_reporter
+        .set_serving::<PrivacyServiceServer<crate::privacy::Privacy>>()
+        .await;
+    let privacy = crate::privacy::Privacy {
+        api: services.api.clone(),
+    };
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(twinmesh_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -341,6 +348,7 @@ pub async fn serve(
         .add_service(TwinServiceServer::new(services.clone()))
         .add_service(MeshServiceServer::new(services))
         .add_service(ModelServiceServer::new(models))
+        .add_service(PrivacyServiceServer::new(privacy))
         .serve_with_incoming_shutdown(
             // Small RPCs must not wait for Nagle's algorithm.
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),

@@ -11,6 +11,8 @@
 //! - [`grpc`]: `TwinService` and `MeshService` (tonic), health, reflection.
 //! - [`models`]: the cloud's model registry, training on archived features,
 //!   deployment to twins, `ModelService`.
+//! - [`privacy`]: `PrivacyService` (policies, budgets, DP releases).
+//! - [`keys`]: `twinmesh keys` (site key files).
 //! - [`http`]: dashboard, JSON views and `/metrics` (axum).
 //! - [`up`]: the whole mesh in one process (`twinmesh up`).
 //! - [`ctl`]: the `twinmesh ctl` client.
@@ -29,7 +31,9 @@ pub mod eval;
 pub mod fabric;
 pub mod grpc;
 pub mod http;
+pub mod keys;
 pub mod models;
+pub mod privacy;
 pub mod runtime;
 pub mod store;
 pub mod tools;

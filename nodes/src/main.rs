@@ -17,7 +17,8 @@ fn main() -> ExitCode {
         | Command::Eval(_)
         | Command::Sim(_)
         | Command::Dsp(_)
-        | Command::Ingest(_) => "warn",
+        | Command::Ingest(_)
+        | Command::Keys(_) => "warn",
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -77,6 +78,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             twinmesh_nodes::tools::dsp(args, std::io::stdin().lock(), &mut std::io::stdout().lock())
         }
         Command::Ingest(args) => twinmesh_nodes::tools::ingest(args).await,
+        Command::Keys(args) => twinmesh_nodes::keys::run(args),
     }
 }
 

@@ -104,6 +104,10 @@ impl RunningNode {
             Some(addr) => Some(http::bind(addr).await?),
             None => None,
         };
+        let site_key = match &config.site_key_file {
+            Some(path) => Some(Arc::new(crate::config::load_key_ring(path, "site key")?)),
+            None => None,
+        };
         let store = Arc::new(SledStore::open(&config.data, config.cache_mb)?);
         let fabric = Arc::new(ZenohFabric::open(&config).await?);
         let locators = fabric.locators().await;
@@ -131,6 +135,7 @@ impl RunningNode {
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
             )),
             router: Default::default(),
+            site_key,
         });
         let grpc_addr = grpc_listener.as_ref().and_then(|l| l.local_addr().ok());
         let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
@@ -193,7 +198,7 @@ impl RunningNode {
             .await?;
 
         let servers = CancellationToken::new();
-        let api = Api::new(shared_fabric);
+        let api = Api::new(shared_fabric, &config.site);
         if let Some(listener) = grpc_listener {
             let services = grpc::Services {
                 api: api.clone(),

@@ -242,6 +242,51 @@ impl SledStore {
         Ok(out)
     }
 
+    /// Calls `f(t, x)` for every stored sample of `signal` in `[start_ns, end_ns)`, in
+    /// time order, until it returns false.
+    fn visit_range(
+        &self,
+        twin: &TwinId,
+        signal: &str,
+        start_ns: i64,
+        end_ns: i64,
+        mut f: impl FnMut(i64, f64) -> bool,
+    ) -> Result<()> {
+        let prefix = series_prefix(twin, signal);
+        let mut visit = |view: &FrameView| -> bool {
+            if view.end_ns() <= start_ns || view.start_ns >= end_ns {
+                return true;
+            }
+            for (t, x) in view.samples() {
+                if t >= start_ns && t < end_ns && !f(t, x) {
+                    return false;
+                }
+            }
+            true
+        };
+        // The frame that starts before the range may reach into it.
+        if let Some(entry) = self
+            .ts
+            .range(prefix.clone()..ts_key(&prefix, start_ns, 0))
+            .next_back()
+        {
+            let (k, v) = entry.map_err(Error::store)?;
+            if k.starts_with(&prefix) && !visit(&FrameView::parse(prefix.len(), &k, &v)?) {
+                return Ok(());
+            }
+        }
+        for entry in self
+            .ts
+            .range(ts_key(&prefix, start_ns, 0)..ts_key(&prefix, end_ns, 0))
+        {
+            let (k, v) = entry.map_err(Error::store)?;
+            if !visit(&FrameView::parse(prefix.len(), &k, &v)?) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// Flushes synchronously (shutdown path).
     pub fn flush_blocking(&self) -> Result<()> {
         self.db.flush().map_err(Error::store)?;
@@ -271,37 +316,12 @@ impl Store for SledStore {
         bucket_ns: i64,
         agg: Aggregation,
     ) -> Result<Vec<Bucket>> {
-        let prefix = series_prefix(twin, signal);
         let mut buckets: BTreeMap<i64, Accumulator> = BTreeMap::new();
-        let mut visit = |view: &FrameView| {
-            if view.end_ns() <= start_ns || view.start_ns >= end_ns {
-                return;
-            }
-            for (t, x) in view.samples() {
-                if t >= start_ns && t < end_ns {
-                    let b = (t - start_ns) / bucket_ns;
-                    buckets.entry(b).or_default().push(x);
-                }
-            }
-        };
-        // The frame that starts before the range may reach into it.
-        if let Some(entry) = self
-            .ts
-            .range(prefix.clone()..ts_key(&prefix, start_ns, 0))
-            .next_back()
-        {
-            let (k, v) = entry.map_err(Error::store)?;
-            if k.starts_with(&prefix) {
-                visit(&FrameView::parse(prefix.len(), &k, &v)?);
-            }
-        }
-        for entry in self
-            .ts
-            .range(ts_key(&prefix, start_ns, 0)..ts_key(&prefix, end_ns, 0))
-        {
-            let (k, v) = entry.map_err(Error::store)?;
-            visit(&FrameView::parse(prefix.len(), &k, &v)?);
-        }
+        self.visit_range(twin, signal, start_ns, end_ns, |t, x| {
+            let b = (t - start_ns) / bucket_ns;
+            buckets.entry(b).or_default().push(x);
+            true
+        })?;
         Ok(buckets
             .into_iter()
             .map(|(b, acc)| Bucket {
@@ -310,6 +330,22 @@ impl Store for SledStore {
                 count: acc.count,
             })
             .collect())
+    }
+
+    fn read_samples(
+        &self,
+        twin: &TwinId,
+        signal: &str,
+        start_ns: i64,
+        end_ns: i64,
+        limit: usize,
+    ) -> Result<Vec<f64>> {
+        let mut out = Vec::new();
+        self.visit_range(twin, signal, start_ns, end_ns, |_, x| {
+            out.push(x);
+            out.len() < limit
+        })?;
+        Ok(out)
     }
 
     fn frame_seqs(&self, twin: &TwinId, signal: &str) -> Result<Vec<u64>> {
@@ -680,6 +716,7 @@ mod tests {
         assert_eq!(s.reserve_seqs(&id, "v", 10).unwrap(), 13);
         for seq in 1..=5 {
             s.spool_put(&TelemetryFrame {
+                sealed: Vec::new(),
                 twin_id: "s/a".into(),
                 signal: "v".into(),
                 seq,

@@ -73,6 +73,10 @@ pub fn plan(opts: &UpOptions) -> anyhow::Result<Vec<NodeConfig>> {
             .collect();
         nodes.push(iot);
     }
+    // One site key per site, shared by its edge and gateway (created on first start).
+    for n in nodes.iter_mut().filter(|n| n.tier != Tier::Cloud) {
+        n.site_key_file = Some(opts.data.join("keys").join(format!("{}.key", n.site)));
+    }
     for n in &mut nodes {
         n.normalize()?;
     }
@@ -81,6 +85,11 @@ pub fn plan(opts: &UpOptions) -> anyhow::Result<Vec<NodeConfig>> {
 
 /// Starts the planned nodes in order, wiring each to the ones before it.
 pub async fn start(mut plan: Vec<NodeConfig>) -> anyhow::Result<Vec<RunningNode>> {
+    for key in plan.iter().filter_map(|c| c.site_key_file.as_ref()) {
+        if !key.exists() {
+            crate::keys::new_key_file(key, "k1")?;
+        }
+    }
     let mut running: Vec<RunningNode> = Vec::new();
     for cfg in plan.iter_mut() {
         let cloud = running

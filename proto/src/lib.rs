@@ -45,4 +45,5 @@ pub mod encoding {
     pub const MESH_REQUEST: &str = "application/protobuf;MeshRequest";
     pub const MESH_REPLY: &str = "application/protobuf;MeshReply";
     pub const MODEL_RECORD: &str = "application/protobuf;ModelRecord";
+    pub const PRIVACY_POLICY: &str = "application/protobuf;PrivacyPolicy";
 }

@@ -9,9 +9,13 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{mpsc, OnceLock};
 use std::time::{Duration, Instant};
 
+use prost::Message;
 use tonic::transport::Channel;
+use twinmesh_proto::encoding;
 use twinmesh_proto::v1::mesh_service_client::MeshServiceClient;
 use twinmesh_proto::v1::twin_service_client::TwinServiceClient;
+use twinmesh_proto::v1::{Placement, PlacementRequest};
+use zenoh::bytes::Encoding;
 
 /// How long a node may take to print its ready line.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -177,6 +181,15 @@ pub fn args<const N: usize>(a: [&str; N]) -> Vec<String> {
     a.iter().map(|s| s.to_string()).collect()
 }
 
+/// The key file of `site` under `dir` (created on first use), as an argument.
+pub fn site_key(dir: &Path, site: &str) -> anyhow::Result<String> {
+    let path = dir.join("keys").join(format!("{site}.key"));
+    if !path.exists() {
+        twinmesh_nodes::keys::new_key_file(&path, "k1")?;
+    }
+    Ok(path.display().to_string())
+}
+
 /// A small mesh: one cloud, one edge of `site-a`, optionally one gateway.
 pub struct Mesh {
     pub dir: tempfile::TempDir,
@@ -208,6 +221,7 @@ impl Mesh {
         let dir = tempfile::tempdir()?;
         let logs = dir.path().join("logs");
         let d = |n: &str| dir.path().join(n).display().to_string();
+        let site_key = site_key(dir.path(), "site-a")?;
         let cloud = NodeProc::start(
             &args([
                 "--tier",
@@ -244,6 +258,8 @@ impl Mesh {
             &d("edge-a"),
             "--lease-ms",
             "1000",
+            "--site-key",
+            &site_key,
         ]);
         edge_args.extend(edge_extra.iter().map(|s| s.to_string()));
         let edge = NodeProc::start(&edge_args, &logs, "edge-a")?;
@@ -270,6 +286,8 @@ impl Mesh {
                     sim,
                     "--lease-ms",
                     "1000",
+                    "--site-key",
+                    &site_key,
                 ]);
                 iot_args.extend(iot_extra.iter().map(|s| s.to_string()));
                 Some(NodeProc::start(&iot_args, &logs, "iot-a")?)
@@ -446,6 +464,7 @@ impl Cluster {
         a.extend(["--lease-ms".to_owned(), self.lease_ms.to_string()]);
         if let Some(s) = site {
             a.extend(["--site".to_owned(), s.to_owned()]);
+            a.extend(["--site-key".to_owned(), site_key(self.dir.path(), s)?]);
         }
         for ep in self.endpoints() {
             a.extend(["--connect".to_owned(), ep]);
@@ -476,4 +495,57 @@ impl Cluster {
             n.kill9();
         }
     }
+}
+
+/// How long the helpers below wait.
+const HELPER_WAIT: Duration = Duration::from_secs(60);
+
+/// Registers an asset with the placement authority, as a gateway does.
+pub async fn register(session: &zenoh::Session, twin: &str, kind: &str) -> Placement {
+    let req = PlacementRequest {
+        twin_id: twin.into(),
+        kind: kind.into(),
+        gateway: "test".into(),
+        chain: None,
+    };
+    eventually(HELPER_WAIT, "placement reply", || async {
+        let replies = session
+            .get(format!("twinmesh/placement/{twin}"))
+            .payload(req.encode_to_vec())
+            .encoding(Encoding::from(encoding::PLACEMENT_REQUEST))
+            .timeout(Duration::from_secs(2))
+            .await
+            .ok()?;
+        let reply = replies.recv_async().await.ok()?;
+        let sample = reply.result().ok()?;
+        Placement::decode(&*sample.payload().to_bytes()).ok()
+    })
+    .await
+}
+
+/// Publishes on `key` once a subscriber is known to match it, so nothing is sent before
+/// the subscription has reached this session. On an edge that subscriber is the node's
+/// router, up before the twin: callers wait until the twin answers calls first (its
+/// calls and frames are routed to it from the same moment).
+pub async fn publish(session: &zenoh::Session, key: &str, payload: Vec<u8>) {
+    let publisher = session
+        .declare_publisher(key.to_owned())
+        .encoding(Encoding::from(encoding::TELEMETRY_FRAME))
+        .congestion_control(zenoh::qos::CongestionControl::Block)
+        .await
+        .expect("declare publisher");
+    eventually(
+        HELPER_WAIT,
+        "a subscriber matching the telemetry key",
+        || async {
+            publisher
+                .matching_status()
+                .await
+                .ok()
+                .filter(|m| m.matching())
+                .map(|_| ())
+        },
+    )
+    .await;
+    publisher.put(payload).await.expect("publish");
 }

@@ -6,67 +6,21 @@ use std::time::Duration;
 
 use prost::Message;
 use tonic::Code;
-use zenoh::bytes::Encoding;
 
 use twinmesh_actors::ports::Store;
 use twinmesh_proto::encoding;
 use twinmesh_proto::v1::{
     self as proto, GetPlacementRequest, GetThingDescriptionRequest, GetTwinRequest,
-    ListNodesRequest, ListTwinsRequest, NodeLoad, Placement, PlacementRequest, QueryHistoryRequest,
-    SetDesiredRequest, TelemetryFrame, TwinState, Watermark,
+    ListNodesRequest, ListTwinsRequest, NodeLoad, QueryHistoryRequest, SetDesiredRequest,
+    TelemetryFrame, TwinState, Watermark,
 };
 use twinmesh_tests::{
-    args, eventually, mesh_client, run_cli, twin_client, zenoh_client, zenoh_peer, Mesh, NodeProc,
+    args, eventually, mesh_client, publish, register, run_cli, twin_client, zenoh_client,
+    zenoh_peer, Mesh, NodeProc,
 };
 use twinmesh_twins::stats::{Accumulator, Aggregation};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-/// Registers an asset with the placement authority, as a gateway does.
-async fn register(session: &zenoh::Session, twin: &str, kind: &str) -> Placement {
-    let req = PlacementRequest {
-        twin_id: twin.into(),
-        kind: kind.into(),
-        gateway: "test".into(),
-        chain: None,
-    };
-    eventually(WAIT, "placement reply", || async {
-        let replies = session
-            .get(format!("twinmesh/placement/{twin}"))
-            .payload(req.encode_to_vec())
-            .encoding(Encoding::from(encoding::PLACEMENT_REQUEST))
-            .timeout(Duration::from_secs(2))
-            .await
-            .ok()?;
-        let reply = replies.recv_async().await.ok()?;
-        let sample = reply.result().ok()?;
-        Placement::decode(&*sample.payload().to_bytes()).ok()
-    })
-    .await
-}
-
-/// Publishes on `key` once a subscriber is known to match it, so nothing is sent before
-/// the subscription has reached this session. On an edge that subscriber is the node's
-/// router, up before the twin: callers wait until the twin answers calls first (its
-/// calls and frames are routed to it from the same moment).
-async fn publish(session: &zenoh::Session, key: &str, payload: Vec<u8>) {
-    let publisher = session
-        .declare_publisher(key.to_owned())
-        .encoding(Encoding::from(encoding::TELEMETRY_FRAME))
-        .congestion_control(zenoh::qos::CongestionControl::Block)
-        .await
-        .expect("declare publisher");
-    eventually(WAIT, "a subscriber matching the telemetry key", || async {
-        publisher
-            .matching_status()
-            .await
-            .ok()
-            .filter(|m| m.matching())
-            .map(|_| ())
-    })
-    .await;
-    publisher.put(payload).await.expect("publish");
-}
 
 fn frame(
     twin: &str,
@@ -77,6 +31,7 @@ fn frame(
     samples: Vec<f64>,
 ) -> TelemetryFrame {
     TelemetryFrame {
+        sealed: Vec::new(),
         twin_id: twin.into(),
         signal: signal.into(),
         seq,

@@ -59,6 +59,24 @@ pub enum Error {
     TooManyBuckets { buckets: u64, max: u64 },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    #[error(
+        "privacy budget of {who} exhausted: {requested} requested, {remaining} left in this period"
+    )]
+    BudgetExhausted {
+        who: String,
+        requested: f64,
+        remaining: f64,
+    },
+    #[error("group of {size} is smaller than k = {k}: micro-aggregates need at least k members")]
+    GroupTooSmall { size: usize, k: u32 },
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    #[error("policy version mismatch on {twin}: expected {expected}, policy is at {actual}")]
+    PolicyVersionMismatch {
+        twin: String,
+        expected: u64,
+        actual: u64,
+    },
     #[error("invalid chain: {0}")]
     InvalidChain(#[from] crate::chain::ChainError),
 }
@@ -67,7 +85,11 @@ impl Error {
     pub fn code(&self) -> ErrorCode {
         match self {
             Error::UnknownTwin(_) => ErrorCode::NotFound,
-            Error::RevisionMismatch { .. } => ErrorCode::FailedPrecondition,
+            Error::RevisionMismatch { .. }
+            | Error::BudgetExhausted { .. }
+            | Error::GroupTooSmall { .. }
+            | Error::PolicyVersionMismatch { .. } => ErrorCode::FailedPrecondition,
+            Error::PermissionDenied(_) => ErrorCode::PermissionDenied,
             _ => ErrorCode::InvalidArgument,
         }
     }

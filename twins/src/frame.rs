@@ -129,12 +129,23 @@ pub fn validate(
     Ok(())
 }
 
+/// The associated data a sealed frame is bound to: its twin, signal, seq and start, so
+/// a sealed payload replayed under another frame header does not open.
+pub fn seal_context(f: &TelemetryFrame) -> Vec<u8> {
+    format!(
+        "twinmesh/telemetry/{}/{}/{}/{}",
+        f.twin_id, f.signal, f.seq, f.start_ns
+    )
+    .into_bytes()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn frame() -> TelemetryFrame {
         TelemetryFrame {
+            sealed: Vec::new(),
             twin_id: "site-a/wt-01".into(),
             signal: "power".into(),
             seq: 1,

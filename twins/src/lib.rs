@@ -16,6 +16,9 @@
 //! - [`monitor`]: a twin's scoring of its feature windows — health status with
 //!   debounced alarms and their contributing features, drift of the score distribution.
 //!
+//! - [`privacy`]: privacy policies, the ε budget ledger, OpenDP releases,
+//!   micro-aggregation, pseudonymisation and the egress gate.
+//!
 //! Time always comes in as data (`now_ns` arguments); nothing here reads a clock.
 
 pub mod bearing;
@@ -29,6 +32,7 @@ pub mod kind;
 pub mod model;
 pub mod monitor;
 pub mod onnx;
+pub mod privacy;
 pub mod state;
 pub mod stats;
 pub mod td;

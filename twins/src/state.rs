@@ -8,6 +8,7 @@ use crate::chain::{Chain, ChainSpec};
 use crate::error::{Error, Result};
 use crate::id::TwinId;
 use crate::kind::AssetKind;
+use crate::privacy::{Ledger, Policy};
 use crate::proto;
 use crate::stats::Accumulator;
 
@@ -102,6 +103,10 @@ pub struct TwinCore {
     pub lost_frames: BTreeMap<String, u64>,
     /// The processing chain (validated).
     pub chain: Chain,
+    /// The privacy policy and the ε ledger of the current period (they travel with the
+    /// twin's snapshot, so moves and restarts never reset the budget).
+    pub policy: Policy,
+    pub ledger: Ledger,
 }
 
 impl TwinCore {
@@ -117,6 +122,8 @@ impl TwinCore {
             duplicate_frames: BTreeMap::new(),
             lost_frames: BTreeMap::new(),
             chain: Chain::default_for(kind),
+            policy: Policy::default_for(kind),
+            ledger: Ledger::default(),
         }
     }
 
@@ -263,8 +270,9 @@ impl TwinCore {
 
     /// The proto view of this state, with the given placement.
     pub fn to_proto(&self, placement: Option<proto::Placement>) -> proto::Twin {
+        let id = self.id.to_string();
         proto::Twin {
-            twin_id: self.id.to_string(),
+            twin_id: id.clone(),
             kind: self.kind.to_string(),
             revision: self.revision,
             reported: self
@@ -306,6 +314,9 @@ impl TwinCore {
                 .map(|(k, v)| (k.clone(), *v))
                 .collect(),
             chain: Some((&self.chain.spec).into()),
+            policy: Some(self.policy.to_proto(&id)),
+            budget: Some(self.ledger.to_proto(&id, &self.policy)),
+            withheld: Vec::new(),
         }
     }
 }
@@ -377,6 +388,18 @@ impl TryFrom<proto::Twin> for TwinCore {
             Some(c) => Chain::validate(&ChainSpec::from(c), kind)?,
             None => Chain::default_for(kind),
         };
+        // A stored policy that no longer validates (the kind's schema changed) falls back
+        // to the kind's default, which protects at least as much.
+        let policy = t
+            .policy
+            .as_ref()
+            .and_then(|p| Policy::from_stored(p, kind).ok())
+            .unwrap_or_else(|| Policy::default_for(kind));
+        let ledger = t
+            .budget
+            .as_ref()
+            .map(Ledger::from_proto)
+            .unwrap_or_default();
         Ok(TwinCore {
             id,
             kind,
@@ -411,6 +434,8 @@ impl TryFrom<proto::Twin> for TwinCore {
             duplicate_frames: t.duplicate_frames.into_iter().collect(),
             lost_frames: t.lost_frames.into_iter().collect(),
             chain,
+            policy,
+            ledger,
         })
     }
 }

@@ -139,6 +139,7 @@ impl SimCluster {
             cancel: CancellationToken::new(),
             analysis_permits: Arc::new(tokio::sync::Semaphore::new(1)),
             router: Default::default(),
+            site_key: None,
         });
         let info = NodeInfo {
             node: spec.id.clone(),

@@ -60,6 +60,31 @@ impl Store for MemStore {
         Ok(())
     }
 
+    fn read_samples(
+        &self,
+        twin: &TwinId,
+        signal: &str,
+        start_ns: i64,
+        end_ns: i64,
+        limit: usize,
+    ) -> Result<Vec<f64>> {
+        let mut out = Vec::new();
+        self.with(|d| {
+            for ((t, s, _, _), f) in &d.history {
+                if t != twin || s != signal {
+                    continue;
+                }
+                for (i, x) in f.samples.iter().enumerate() {
+                    let ts = f.start_ns + i as i64 * f.sample_period_ns;
+                    if ts >= start_ns && ts < end_ns && out.len() < limit {
+                        out.push(*x);
+                    }
+                }
+            }
+        });
+        Ok(out)
+    }
+
     fn query_history(
         &self,
         twin: &TwinId,

@@ -1,0 +1,574 @@
+//! Privacy releases, served by the node that hosts a twin (DESIGN §10): the raw data
+//! they are computed from never leaves the site.
+//!
+//! - A **single-twin release** reads the twin's samples in the range (the records),
+//!   calibrates an OpenDP measurement to the ε asked for, charges the exact privacy loss
+//!   to the twin's ledger (durably, refusing what does not fit), and returns the value.
+//! - A **set release** (e.g. venue occupancy over its turnstiles) goes to the node of the
+//!   first twin, which coordinates on the site: every twin contributes its clamped mean
+//!   over the range, sealed with the site key, and is charged the calibrated ε; if any
+//!   twin refuses, the others are refunded and nothing is released. The records are the
+//!   twins (one value each), so the release protects each twin's whole contribution.
+//!   Micro-aggregation releases an exact aggregate only over at least k twins.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::stream::{self, StreamExt};
+use prost::Message;
+use ractor::ActorRef;
+
+use twinmesh_proto::encoding;
+use twinmesh_twins::privacy::{self, Mechanism, Policy, ReleaseSpec, Statistic};
+use twinmesh_twins::proto::{
+    self, twin_reply, twin_request, ContributeRequest, ContributeResponse, ContributionValue,
+    ReleaseAggregateRequest, ReleaseAggregateResponse, TwinReply, TwinRequest,
+};
+use twinmesh_twins::{keys, AssetKind, Error as DomainError, TwinId};
+
+use crate::context::NodeContext;
+use crate::twin::{Charge, TwinMsg};
+
+/// Most records one single-twin release reads.
+pub const MAX_RELEASE_RECORDS: usize = 1 << 20;
+/// Most twins one set release covers.
+pub const MAX_RELEASE_TWINS: usize = 10_000;
+/// Contributions asked for at once.
+const CONTRIBUTE_CONCURRENCY: usize = 32;
+
+type Reply = Result<twin_reply::Reply, proto::Error>;
+
+fn err(code: proto::ErrorCode, message: String) -> proto::Error {
+    proto::Error {
+        code: code as i32,
+        message,
+    }
+}
+
+fn domain(e: DomainError) -> proto::Error {
+    (&e).into()
+}
+
+async fn call<T: Send + 'static>(
+    ctx: &NodeContext,
+    actor: &ActorRef<TwinMsg>,
+    id: &TwinId,
+    f: impl FnOnce(ractor::RpcReplyPort<T>) -> TwinMsg,
+) -> Result<T, proto::Error> {
+    match actor.call(f, Some(ctx.twin_config.call_timeout)).await {
+        Ok(ractor::rpc::CallResult::Success(v)) => Ok(v),
+        _ => Err(err(
+            proto::ErrorCode::Unavailable,
+            format!("twin {id} is restarting"),
+        )),
+    }
+}
+
+/// The twin's current policy.
+pub async fn policy_of(
+    ctx: &NodeContext,
+    actor: &ActorRef<TwinMsg>,
+    id: &TwinId,
+    kind: AssetKind,
+) -> Result<Policy, proto::Error> {
+    let twin = call(ctx, actor, id, TwinMsg::Inspect).await?;
+    Ok(twin
+        .policy
+        .as_ref()
+        .and_then(|p| Policy::from_stored(p, kind).ok())
+        .unwrap_or_else(|| Policy::default_for(kind)))
+}
+
+fn check_range(start_ns: i64, end_ns: i64) -> Result<(), proto::Error> {
+    if start_ns >= end_ns {
+        return Err(domain(DomainError::InvalidRange { start_ns, end_ns }));
+    }
+    Ok(())
+}
+
+async fn read_samples(
+    ctx: &Arc<NodeContext>,
+    id: &TwinId,
+    signal: &str,
+    start_ns: i64,
+    end_ns: i64,
+) -> Result<Vec<f64>, proto::Error> {
+    let (ctx2, id2, signal2) = (ctx.clone(), id.clone(), signal.to_owned());
+    tokio::task::spawn_blocking(move || {
+        ctx2.store
+            .read_samples(&id2, &signal2, start_ns, end_ns, MAX_RELEASE_RECORDS)
+    })
+    .await
+    .map_err(|e| err(proto::ErrorCode::Internal, format!("release failed: {e}")))?
+    .map_err(|e| err(proto::ErrorCode::Internal, format!("history of {id}: {e}")))
+}
+
+fn signal_policy<'p>(
+    policy: &'p Policy,
+    kind: AssetKind,
+    signal: &str,
+) -> Result<&'p privacy::SignalPolicy, proto::Error> {
+    kind.schema().signal(signal).map_err(domain)?;
+    let sp = policy.signal(signal).ok_or_else(|| {
+        err(
+            proto::ErrorCode::InvalidArgument,
+            format!("signal {signal} has no policy"),
+        )
+    })?;
+    if sp.mechanism == Mechanism::Suppress {
+        return Err(domain(DomainError::PermissionDenied(format!(
+            "signal {signal} is suppressed by its privacy policy: nothing about it is released"
+        ))));
+    }
+    Ok(sp)
+}
+
+/// Serves a `release` twin request on the twin's node.
+pub async fn serve_release(
+    ctx: Arc<NodeContext>,
+    actor: ActorRef<TwinMsg>,
+    id: TwinId,
+    kind: AssetKind,
+    req: ReleaseAggregateRequest,
+    caller: Option<proto::Caller>,
+) -> TwinReply {
+    let out = if req.twin_ids.len() > 1 {
+        coordinate_set(&ctx, &actor, &id, kind, req, caller).await
+    } else {
+        release_one(&ctx, &actor, &id, kind, req, caller).await
+    };
+    TwinReply {
+        reply: Some(out.unwrap_or_else(twin_reply::Reply::Error)),
+    }
+}
+
+async fn release_one(
+    ctx: &Arc<NodeContext>,
+    actor: &ActorRef<TwinMsg>,
+    id: &TwinId,
+    kind: AssetKind,
+    req: ReleaseAggregateRequest,
+    caller: Option<proto::Caller>,
+) -> Reply {
+    check_range(req.start_ns, req.end_ns)?;
+    let statistic = Statistic::from_proto(req.statistic).map_err(domain)?;
+    let policy = policy_of(ctx, actor, id, kind).await?;
+    let sp = signal_policy(&policy, kind, &req.signal)?;
+    if sp.mechanism == Mechanism::MicroAggregate {
+        return Err(domain(DomainError::InvalidArgument(format!(
+            "signal {} is released by micro-aggregation: ask for a set of at least {} twins",
+            req.signal, sp.k
+        ))));
+    }
+    let spec = ReleaseSpec {
+        statistic,
+        noise: policy.noise,
+        lower: sp.lower,
+        upper: sp.upper,
+        epsilon: req.epsilon,
+        delta: policy.delta,
+        d_in: policy.max_contributions,
+    };
+    privacy::check_epsilon(req.epsilon).map_err(domain)?;
+    let data = read_samples(ctx, id, &req.signal, req.start_ns, req.end_ns).await?;
+    let r = tokio::task::spawn_blocking(move || privacy::release(&spec, &data))
+        .await
+        .map_err(|e| err(proto::ErrorCode::Internal, format!("release failed: {e}")))?
+        .map_err(domain)?;
+    let audit = (
+        format!(
+            "{} of {} released with ε {:.6} ({} records)",
+            statistic.as_str(),
+            req.signal,
+            r.epsilon,
+            r.records
+        ),
+        vec![
+            ("signal", req.signal.clone()),
+            ("statistic", statistic.as_str().to_owned()),
+            ("mechanism", r.mechanism.clone()),
+            ("epsilon", r.epsilon.to_string()),
+            ("delta", r.delta.to_string()),
+            ("noise_scale", r.scale.to_string()),
+            ("lower", sp.lower.to_string()),
+            ("upper", sp.upper.to_string()),
+            ("records", r.records.to_string()),
+            ("start_ns", req.start_ns.to_string()),
+            ("end_ns", req.end_ns.to_string()),
+            ("value", r.value.to_string()),
+            ("by", caller.map(|c| c.subject).unwrap_or_default()),
+        ],
+    );
+    let charge = Charge {
+        epsilon: r.epsilon,
+        delta: r.delta,
+        refund: false,
+        audit: Some(audit),
+    };
+    // Refused (budget) → the value computed above is dropped, never returned.
+    let budget = call(ctx, actor, id, |tx| TwinMsg::Charge(charge, tx)).await??;
+    Ok(twin_reply::Reply::Release(ReleaseAggregateResponse {
+        value: r.value,
+        epsilon_spent: r.epsilon,
+        epsilon_remaining: (budget.epsilon_total - budget.epsilon_spent).max(0.0),
+        mechanism: r.mechanism,
+        noise_scale: r.scale,
+        records: r.records,
+        delta_spent: r.delta,
+    }))
+}
+
+fn contribution_context(release_id: &str, twin: &str) -> Vec<u8> {
+    format!("twinmesh/contribution/{release_id}/{twin}").into_bytes()
+}
+
+/// Serves a `contribute` twin request: this twin's clamped mean over the range, sealed
+/// for the site, with `epsilon` charged (or refunded).
+pub async fn serve_contribute(
+    ctx: Arc<NodeContext>,
+    actor: ActorRef<TwinMsg>,
+    id: TwinId,
+    kind: AssetKind,
+    req: ContributeRequest,
+) -> TwinReply {
+    let out = contribute(&ctx, &actor, &id, kind, req).await;
+    TwinReply {
+        reply: Some(out.unwrap_or_else(twin_reply::Reply::Error)),
+    }
+}
+
+async fn contribute(
+    ctx: &Arc<NodeContext>,
+    actor: &ActorRef<TwinMsg>,
+    id: &TwinId,
+    kind: AssetKind,
+    req: ContributeRequest,
+) -> Reply {
+    let Some(key) = ctx.site_key.clone() else {
+        return Err(err(
+            proto::ErrorCode::FailedPrecondition,
+            format!(
+                "node {} has no site key: contributions cannot leave it sealed",
+                ctx.node
+            ),
+        ));
+    };
+    let policy = policy_of(ctx, actor, id, kind).await?;
+    let sp = signal_policy(&policy, kind, &req.signal)?.clone();
+    let mut remaining = f64::NAN;
+    if req.epsilon > 0.0 || req.refund {
+        let charge = Charge {
+            epsilon: req.epsilon,
+            delta: req.delta,
+            refund: req.refund,
+            audit: Some((
+                format!(
+                    "{} of ε {:.6} for set release {}",
+                    if req.refund { "refund" } else { "contribution" },
+                    req.epsilon,
+                    req.release_id
+                ),
+                vec![
+                    ("signal", req.signal.clone()),
+                    ("release_id", req.release_id.clone()),
+                    ("epsilon", req.epsilon.to_string()),
+                    ("delta", req.delta.to_string()),
+                    ("refund", req.refund.to_string()),
+                ],
+            )),
+        };
+        let budget = call(ctx, actor, id, |tx| TwinMsg::Charge(charge, tx)).await??;
+        remaining = (budget.epsilon_total - budget.epsilon_spent).max(0.0);
+        if req.refund {
+            return Ok(twin_reply::Reply::Contribute(ContributeResponse {
+                epsilon_remaining: remaining,
+                ..Default::default()
+            }));
+        }
+    }
+    check_range(req.start_ns, req.end_ns)?;
+    let data = read_samples(ctx, id, &req.signal, req.start_ns, req.end_ns).await?;
+    let finite: Vec<f64> = data
+        .into_iter()
+        .filter(|v| v.is_finite())
+        .map(|v| v.clamp(sp.lower, sp.upper))
+        .collect();
+    let value = ContributionValue {
+        value: if finite.is_empty() {
+            0.0
+        } else {
+            finite.iter().sum::<f64>() / finite.len() as f64
+        },
+        present: !finite.is_empty(),
+    };
+    let sealed = key.seal(
+        &contribution_context(&req.release_id, &id.to_string()),
+        &value.encode_to_vec(),
+    );
+    Ok(twin_reply::Reply::Contribute(ContributeResponse {
+        sealed,
+        lower: sp.lower,
+        upper: sp.upper,
+        noise: policy.noise.as_str().to_owned(),
+        epsilon_remaining: remaining,
+    }))
+}
+
+async fn ask(
+    ctx: &NodeContext,
+    twin: &TwinId,
+    request: twin_request::Request,
+) -> Result<twin_reply::Reply, proto::Error> {
+    let payload = Bytes::from(
+        TwinRequest {
+            request: Some(request),
+            caller: None,
+        }
+        .encode_to_vec(),
+    );
+    let replies = ctx
+        .fabric
+        .query(
+            &keys::twin_rpc(twin),
+            Some((payload, encoding::TWIN_REQUEST)),
+            Duration::from_secs(5),
+        )
+        .await
+        .map_err(|e| err(proto::ErrorCode::Unavailable, format!("fabric: {e}")))?;
+    let reply = replies
+        .into_iter()
+        .next()
+        .ok_or_else(|| err(proto::ErrorCode::NotFound, format!("unknown twin {twin}")))?;
+    match TwinReply::decode(reply.payload) {
+        Ok(TwinReply {
+            reply: Some(twin_reply::Reply::Error(e)),
+        }) => Err(e),
+        Ok(TwinReply { reply: Some(r) }) => Ok(r),
+        _ => Err(err(
+            proto::ErrorCode::Internal,
+            format!("malformed reply from {twin}"),
+        )),
+    }
+}
+
+async fn coordinate_set(
+    ctx: &Arc<NodeContext>,
+    actor: &ActorRef<TwinMsg>,
+    first: &TwinId,
+    kind: AssetKind,
+    req: ReleaseAggregateRequest,
+    caller: Option<proto::Caller>,
+) -> Reply {
+    check_range(req.start_ns, req.end_ns)?;
+    let statistic = Statistic::from_proto(req.statistic).map_err(domain)?;
+    if req.twin_ids.len() > MAX_RELEASE_TWINS {
+        return Err(domain(DomainError::InvalidArgument(format!(
+            "{} twins in one release, at most {MAX_RELEASE_TWINS}",
+            req.twin_ids.len()
+        ))));
+    }
+    let mut ids: Vec<TwinId> = Vec::with_capacity(req.twin_ids.len());
+    for s in &req.twin_ids {
+        let id: TwinId = s.parse().map_err(domain)?;
+        if id.site() != first.site() {
+            return Err(domain(DomainError::InvalidArgument(format!(
+                "a set release covers twins of one site: {id} is not on {}",
+                first.site()
+            ))));
+        }
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    let Some(key) = ctx.site_key.clone() else {
+        return Err(err(
+            proto::ErrorCode::FailedPrecondition,
+            format!(
+                "node {} has no site key: it cannot coordinate a set release",
+                ctx.node
+            ),
+        ));
+    };
+    // The first twin's policy decides the mechanism, bounds and noise of the release.
+    let policy = policy_of(ctx, actor, first, kind).await?;
+    let sp = signal_policy(&policy, kind, &req.signal)?.clone();
+    let spec = ReleaseSpec {
+        statistic,
+        noise: policy.noise,
+        lower: sp.lower,
+        upper: sp.upper,
+        epsilon: req.epsilon,
+        delta: policy.delta,
+        // One record per twin.
+        d_in: 1,
+    };
+    let micro = sp.mechanism == Mechanism::MicroAggregate;
+    let plan = if micro {
+        None
+    } else {
+        let spec2 = spec;
+        let n = ids.len();
+        Some(
+            tokio::task::spawn_blocking(move || privacy::plan(&spec2, n))
+                .await
+                .map_err(|e| err(proto::ErrorCode::Internal, format!("release failed: {e}")))?
+                .map_err(domain)?,
+        )
+    };
+    let (epsilon, delta) = plan.map_or((0.0, 0.0), |p| (p.epsilon, p.delta));
+    let release_id = format!("{first}@{}", ctx.now_ns());
+    let contribution = |id: &TwinId, refund: bool| {
+        twin_request::Request::Contribute(ContributeRequest {
+            twin_id: id.to_string(),
+            signal: req.signal.clone(),
+            start_ns: req.start_ns,
+            end_ns: req.end_ns,
+            epsilon,
+            delta,
+            refund,
+            release_id: release_id.clone(),
+        })
+    };
+    let requests: Vec<(TwinId, twin_request::Request)> = ids
+        .iter()
+        .map(|id| (id.clone(), contribution(id, false)))
+        .collect();
+    let results: Vec<(TwinId, Result<twin_reply::Reply, proto::Error>)> = stream::iter(requests)
+        .map(|(id, r)| {
+            let ctx = ctx.clone();
+            async move {
+                let out = ask(&ctx, &id, r).await;
+                (id, out)
+            }
+        })
+        .buffer_unordered(CONTRIBUTE_CONCURRENCY)
+        .collect()
+        .await;
+    let mut values = Vec::with_capacity(results.len());
+    let mut failure: Option<proto::Error> = None;
+    let mut charged: Vec<TwinId> = Vec::new();
+    let mut remaining = f64::INFINITY;
+    for (id, r) in results {
+        match r {
+            Ok(twin_reply::Reply::Contribute(c)) => {
+                charged.push(id.clone());
+                if c.epsilon_remaining.is_finite() {
+                    remaining = remaining.min(c.epsilon_remaining);
+                }
+                match key.open(
+                    &contribution_context(&release_id, &id.to_string()),
+                    &c.sealed,
+                ) {
+                    Ok(plain) => match ContributionValue::decode(plain.as_slice()) {
+                        Ok(v) if v.present => values.push(v.value),
+                        Ok(_) => {}
+                        Err(e) => {
+                            failure.get_or_insert(err(
+                                proto::ErrorCode::Internal,
+                                format!("contribution of {id}: {e}"),
+                            ));
+                        }
+                    },
+                    Err(e) => {
+                        failure.get_or_insert(err(
+                            proto::ErrorCode::FailedPrecondition,
+                            format!("contribution of {id}: {e}"),
+                        ));
+                    }
+                }
+            }
+            Ok(_) => {
+                failure.get_or_insert(err(
+                    proto::ErrorCode::Internal,
+                    format!("unexpected reply from {id}"),
+                ));
+            }
+            Err(mut e) => {
+                e.message = format!("{id}: {}", e.message);
+                failure.get_or_insert(e);
+            }
+        }
+    }
+    let outcome = match (&failure, plan) {
+        (Some(e), _) => Err(e.clone()),
+        (None, None) => privacy::micro_aggregate(statistic, &values, sp.k)
+            .map(|v| (v, "micro_aggregate".to_owned(), 0.0))
+            .map_err(domain),
+        (None, Some(p)) => {
+            let vals = values.clone();
+            tokio::task::spawn_blocking(move || privacy::release_planned(&spec, &p, &vals))
+                .await
+                .map_err(|e| err(proto::ErrorCode::Internal, format!("release failed: {e}")))?
+                .map(|r| (r.value, r.mechanism, r.scale))
+                .map_err(domain)
+        }
+    };
+    let (value, mechanism, scale) = match outcome {
+        Ok(v) => v,
+        Err(e) => {
+            // Nothing is released: give back what the twins were charged.
+            if epsilon > 0.0 {
+                for id in &charged {
+                    if let Err(r) = ask(ctx, id, contribution(id, true)).await {
+                        tracing::warn!(twin = %id, "refund of set release {release_id} failed (ε stays spent): {}", r.message);
+                    }
+                }
+            }
+            return Err(e);
+        }
+    };
+    let event = proto::TwinEvent {
+        twin_id: first.to_string(),
+        kind: "privacy_release".to_owned(),
+        timestamp_ns: ctx.now_ns(),
+        message: format!(
+            "{} of {} over {} twins released ({mechanism}, ε {epsilon:.6})",
+            statistic.as_str(),
+            req.signal,
+            ids.len()
+        ),
+        attributes: [
+            ("signal", req.signal.clone()),
+            ("statistic", statistic.as_str().to_owned()),
+            ("mechanism", mechanism.clone()),
+            ("epsilon", epsilon.to_string()),
+            ("delta", delta.to_string()),
+            ("noise_scale", scale.to_string()),
+            ("twins", ids.len().to_string()),
+            ("records", values.len().to_string()),
+            ("release_id", release_id.clone()),
+            ("value", value.to_string()),
+            ("by", caller.map(|c| c.subject).unwrap_or_default()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect(),
+        epoch: 0,
+    };
+    if let Err(e) = ctx
+        .fabric
+        .publish(
+            &keys::twin_events(first),
+            Bytes::from(event.encode_to_vec()),
+            encoding::TWIN_EVENT,
+            crate::ports::Qos::Reliable,
+        )
+        .await
+    {
+        tracing::warn!(twin = %first, "audit event of {release_id} not published: {e}");
+    }
+    Ok(twin_reply::Reply::Release(ReleaseAggregateResponse {
+        value,
+        epsilon_spent: epsilon,
+        epsilon_remaining: if remaining.is_finite() {
+            remaining
+        } else {
+            0.0
+        },
+        mechanism,
+        noise_scale: scale,
+        records: values.len() as u64,
+        delta_spent: delta,
+    }))
+}

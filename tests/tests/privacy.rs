@@ -1,0 +1,481 @@
+//! End-to-end tests of privacy (issue 5): sentinel values of a `site_only` signal never
+//! reach the cloud (fabric, gRPC), DP releases do; the ledger charges OpenDP's privacy
+//! loss, stops exactly at the budget, and survives a restart and a migration; set
+//! releases over a site's twins and micro-aggregation.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prost::Message;
+use tonic::Code;
+
+use twinmesh_actors::seal::KeyRing;
+use twinmesh_proto::v1::privacy_service_client::PrivacyServiceClient;
+use twinmesh_proto::v1::{
+    self as proto, GetBudgetRequest, GetPlacementRequest, GetPolicyRequest, GetTwinRequest,
+    MigrateTwinRequest, QueryHistoryRequest, ReleaseAggregateRequest, SetPolicyRequest,
+    TelemetryFrame,
+};
+use twinmesh_tests::{
+    eventually, mesh_client, now_ns, publish, register, site_key, twin_client, zenoh_client,
+    zenoh_peer, Cluster,
+};
+use twinmesh_twins::privacy::{privacy_loss, Noise, ReleaseSpec, Statistic};
+
+const WAIT: Duration = Duration::from_secs(60);
+/// Exactly representable, inside cycle_time's range [0, 600] s, and unlike anything the
+/// simulators produce.
+const SENTINEL: f64 = 437.0615234375;
+const SIGNAL: &str = "cycle_time";
+
+async fn privacy(endpoint: &str) -> PrivacyServiceClient<tonic::transport::Channel> {
+    PrivacyServiceClient::connect(endpoint.to_owned())
+        .await
+        .expect("connect to gRPC")
+}
+
+async fn twin(endpoint: &str, id: &str) -> Result<proto::Twin, tonic::Status> {
+    twin_client(endpoint)
+        .await
+        .get_twin(GetTwinRequest { twin_id: id.into() })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Whether `bytes` holds the sentinel, as an f64 or as text.
+fn has_sentinel(bytes: &[u8]) -> bool {
+    let raw = SENTINEL.to_le_bytes();
+    let text = SENTINEL.to_string();
+    bytes.windows(8).any(|w| w == raw) || bytes.windows(text.len()).any(|w| w == text.as_bytes())
+}
+
+/// Publishes `frames` frames of 10 sentinel samples at 1 Hz for `id`, sealed with the
+/// site key as a gateway of the site does.
+async fn feed_sentinels(session: &zenoh::Session, ring: &KeyRing, id: &str, frames: u64) -> i64 {
+    let start = now_ns() - 120_000_000_000;
+    let key = format!("twinmesh/telemetry/{id}/{SIGNAL}");
+    for seq in 1..=frames {
+        let mut f = TelemetryFrame {
+            twin_id: id.into(),
+            signal: SIGNAL.into(),
+            seq,
+            start_ns: start + (seq as i64 - 1) * 10_000_000_000,
+            sample_period_ns: 1_000_000_000,
+            spool_base_seq: 1,
+            ..Default::default()
+        };
+        let inner = proto::SealedSamples {
+            samples: vec![SENTINEL; 10],
+            packed: Vec::new(),
+        };
+        f.sealed = ring.seal(
+            &twinmesh_twins::frame::seal_context(&f),
+            &inner.encode_to_vec(),
+        );
+        publish(session, &key, f.encode_to_vec()).await;
+    }
+    start
+}
+
+fn release(id: &[&str], statistic: Statistic, epsilon: f64) -> ReleaseAggregateRequest {
+    ReleaseAggregateRequest {
+        twin_ids: id.iter().map(|s| s.to_string()).collect(),
+        signal: SIGNAL.into(),
+        start_ns: now_ns() - 3_600_000_000_000,
+        end_ns: now_ns() + 60_000_000_000,
+        statistic: match statistic {
+            Statistic::Count => proto::Statistic::Count,
+            Statistic::Sum => proto::Statistic::Sum,
+            Statistic::Mean => proto::Statistic::Mean,
+        } as i32,
+        epsilon,
+    }
+}
+
+async fn budget(endpoint: &str, id: &str) -> proto::Budget {
+    privacy(endpoint)
+        .await
+        .get_budget(GetBudgetRequest { twin_id: id.into() })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn site_only_values_stay_on_site_and_releases_spend_exactly_their_budget() {
+    let mut c = Cluster::new(1000).unwrap();
+    c.start("cloud", "cloud", None, None, &[]).unwrap();
+    c.start("edge", "edge-a1", Some("site-a"), None, &[])
+        .unwrap();
+    c.start("edge", "edge-a2", Some("site-a"), None, &[])
+        .unwrap();
+    // A real gateway too: its crankshaft line's protected signals must travel sealed.
+    c.start(
+        "iot",
+        "iot-a",
+        Some("site-a"),
+        None,
+        &["--simulate", "crankshaft_line:1"],
+    )
+    .unwrap();
+    let cloud_grpc = c.node("cloud").grpc_endpoint();
+    let cloud_zenoh = c.node("cloud").ready.zenoh[0].clone();
+
+    // An outside client on the cloud's endpoint sees everything published on twinmesh/**.
+    let outside = zenoh_client(&cloud_zenoh).await;
+    let seen: Arc<Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+    let seen2 = seen.clone();
+    let _sub = outside
+        .declare_subscriber("twinmesh/**")
+        .callback(move |s| {
+            seen2.lock().unwrap().push((
+                s.key_expr().to_string(),
+                s.payload().to_bytes().into_owned(),
+            ));
+        })
+        .await
+        .unwrap();
+
+    let id = "site-a/sentinel-01";
+    let ring = KeyRing::parse(
+        &std::fs::read_to_string(site_key(c.dir.path(), "site-a").unwrap()).unwrap(),
+    )
+    .unwrap();
+    let site = zenoh_peer(&c.endpoints()).await;
+    let placement = register(&site, id, "crankshaft_line").await;
+    let edge = c.node(&placement.node).grpc_endpoint();
+    eventually(WAIT, "the twin on its edge", || async {
+        twin(&edge, id).await.ok()
+    })
+    .await;
+    feed_sentinels(&site, &ring, id, 5).await;
+
+    // On the site, a data operator sees the raw values.
+    let on_site = eventually(WAIT, "the sentinels applied", || async {
+        let t = twin(&edge, id).await.ok()?;
+        (t.reported.get(SIGNAL)?.seq == 5).then_some(t)
+    })
+    .await;
+    assert_eq!(on_site.reported[SIGNAL].value, SENTINEL);
+    // Through the cloud: withheld, never the value.
+    let off_site = twin(&cloud_grpc, id).await.unwrap();
+    assert!(!off_site.reported.contains_key(SIGNAL));
+    assert!(off_site.withheld.contains(&SIGNAL.to_owned()));
+    assert!(!off_site.derived.keys().any(|k| k.starts_with("cycle_time")));
+    assert!(!has_sentinel(&off_site.encode_to_vec()));
+    let history = |endpoint: String| async move {
+        twin_client(&endpoint)
+            .await
+            .query_history(QueryHistoryRequest {
+                twin_id: id.into(),
+                signal: SIGNAL.into(),
+                start_ns: now_ns() - 3_600_000_000_000,
+                end_ns: now_ns(),
+                bucket_ns: 3_600_000_000_000,
+                aggregation: proto::Aggregation::Max as i32,
+            })
+            .await
+    };
+    let refused = history(cloud_grpc.clone()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(
+        refused.message().contains("stays on site site-a"),
+        "{refused:?}"
+    );
+    let raw = history(edge.clone()).await.unwrap().into_inner();
+    assert_eq!(raw.buckets.iter().map(|b| b.count).sum::<u64>(), 50);
+    assert_eq!(raw.buckets[0].value, SENTINEL);
+
+    // A budget of 1 per period; releases of ε 0.3 stop after exactly 3.
+    let policy = privacy(&cloud_grpc)
+        .await
+        .get_policy(GetPolicyRequest { twin_id: id.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        policy.signals[SIGNAL].sensitivity,
+        proto::Sensitivity::SiteOnly as i32
+    );
+    let mut p = policy.clone();
+    p.epsilon_per_period = 1.0;
+    let set = privacy(&cloud_grpc)
+        .await
+        .set_policy(SetPolicyRequest {
+            policy: Some(p),
+            expected_version: Some(policy.version),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(set.version, policy.version + 1);
+    let stale = privacy(&cloud_grpc)
+        .await
+        .set_policy(SetPolicyRequest {
+            policy: Some(set.clone()),
+            expected_version: Some(policy.version),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), Code::FailedPrecondition);
+
+    let mut spent = 0.0;
+    for i in 0..3 {
+        let r = privacy(&cloud_grpc)
+            .await
+            .release_aggregate(release(&[id], Statistic::Mean, 0.3))
+            .await
+            .unwrap_or_else(|e| panic!("release {i}: {e:?}"))
+            .into_inner();
+        assert_eq!(r.records, 50);
+        assert_eq!(r.mechanism, "dp_laplace_mean");
+        // The ledger records OpenDP's privacy map of this very measurement.
+        let spec = ReleaseSpec {
+            statistic: Statistic::Mean,
+            noise: Noise::Laplace,
+            lower: set.signals[SIGNAL].lower,
+            upper: set.signals[SIGNAL].upper,
+            epsilon: 0.3,
+            delta: set.delta,
+            d_in: set.max_contributions,
+        };
+        let (eps, _) = privacy_loss(&spec, 50, r.noise_scale).unwrap();
+        assert_eq!(r.epsilon_spent, eps);
+        assert!(eps <= 0.3);
+        spent += eps;
+        let b = budget(&cloud_grpc, id).await;
+        assert_eq!(b.epsilon_spent, spent);
+        assert_eq!(b.releases, i + 1);
+        assert!((r.epsilon_remaining - (1.0 - spent)).abs() < 1e-12);
+        // Noisy, not exact, and still not the raw value on the wire.
+        assert_ne!(r.value, SENTINEL);
+    }
+    let refused = privacy(&cloud_grpc)
+        .await
+        .release_aggregate(release(&[id], Statistic::Mean, 0.3))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("budget"), "{refused:?}");
+    assert_eq!(budget(&cloud_grpc, id).await.epsilon_spent, spent);
+
+    // The releases were audited on the fabric, values included.
+    eventually(
+        WAIT,
+        "three privacy_release events seen off-site",
+        || async {
+            let n = seen
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(k, p)| {
+                    k.ends_with("sentinel-01/events")
+                        && proto::TwinEvent::decode(p.as_slice()).is_ok_and(|e| {
+                            e.kind == "privacy_release" && e.attributes.contains_key("value")
+                        })
+                })
+                .count();
+            (n >= 3).then_some(())
+        },
+    )
+    .await;
+
+    // The budget survives a restart of the twin's node ...
+    let node = placement.node.clone();
+    c.nodes.get_mut(&node).unwrap().stop().unwrap();
+    c.restart(&node).unwrap();
+    let after = eventually(WAIT, "the budget after a restart", || async {
+        privacy(&cloud_grpc)
+            .await
+            .get_budget(GetBudgetRequest { twin_id: id.into() })
+            .await
+            .ok()
+            .map(|r| r.into_inner())
+    })
+    .await;
+    assert_eq!(after.epsilon_spent, spent);
+    assert_eq!(after.epsilon_total, 1.0);
+
+    // ... and a migration to the site's other edge (the restart may have failed the
+    // twin over already: move it from wherever it is now).
+    let now_on = mesh_client(&cloud_grpc)
+        .await
+        .get_placement(GetPlacementRequest { twin_id: id.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .node;
+    let target = if now_on == "edge-a1" {
+        "edge-a2"
+    } else {
+        "edge-a1"
+    };
+    let moved = eventually(WAIT, "a migration", || async {
+        mesh_client(&cloud_grpc)
+            .await
+            .migrate_twin(MigrateTwinRequest {
+                twin_id: id.into(),
+                target_node: target.into(),
+                target_tier: String::new(),
+            })
+            .await
+            .ok()
+    })
+    .await
+    .into_inner();
+    assert_eq!(moved.placement.unwrap().node, target);
+    let p = mesh_client(&cloud_grpc)
+        .await
+        .get_placement(GetPlacementRequest { twin_id: id.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(p.node, target);
+    let b = budget(&cloud_grpc, id).await;
+    assert_eq!(b.epsilon_spent, spent);
+    assert_eq!(b.releases, 3);
+
+    // The real gateway's protected frames travel sealed, its public ones in clear.
+    eventually(WAIT, "frames of the simulated line", || async {
+        let seen = seen.lock().unwrap();
+        let frames: Vec<TelemetryFrame> = seen
+            .iter()
+            .filter(|(k, _)| k.starts_with("twinmesh/telemetry/site-a/cs-01/"))
+            .filter_map(|(_, p)| TelemetryFrame::decode(p.as_slice()).ok())
+            .collect();
+        (frames.len() >= 4).then_some(frames)
+    })
+    .await
+    .iter()
+    .for_each(|f| {
+        assert!(
+            f.samples.is_empty() && f.packed.is_empty(),
+            "{} in clear",
+            f.signal
+        );
+        assert!(!f.sealed.is_empty());
+    });
+
+    // Nothing the outside client saw carried a sentinel.
+    let seen = seen.lock().unwrap();
+    assert!(seen.len() > 20, "only {} samples seen", seen.len());
+    for (key, payload) in seen.iter() {
+        assert!(!has_sentinel(payload), "sentinel seen off-site on {key}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_releases_charge_every_twin_and_micro_aggregates_need_k() {
+    let mut c = Cluster::new(1000).unwrap();
+    c.start("cloud", "cloud", None, None, &[]).unwrap();
+    c.start("edge", "edge-a", Some("site-a"), None, &[])
+        .unwrap();
+    let cloud_grpc = c.node("cloud").grpc_endpoint();
+    let edge = c.node("edge-a").grpc_endpoint();
+    let ring = KeyRing::parse(
+        &std::fs::read_to_string(site_key(c.dir.path(), "site-a").unwrap()).unwrap(),
+    )
+    .unwrap();
+    let site = zenoh_peer(&c.endpoints()).await;
+    let ids = ["site-a/line-01", "site-a/line-02", "site-a/line-03"];
+    for id in ids {
+        register(&site, id, "crankshaft_line").await;
+        eventually(WAIT, "the twin", || async { twin(&edge, id).await.ok() }).await;
+        feed_sentinels(&site, &ring, id, 2).await;
+    }
+    for id in ids {
+        eventually(WAIT, "frames applied", || async {
+            (twin(&edge, id).await.ok()?.reported.get(SIGNAL)?.seq == 2).then_some(())
+        })
+        .await;
+    }
+    let r = privacy(&cloud_grpc)
+        .await
+        .release_aggregate(release(&ids, Statistic::Sum, 0.5))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.records, 3);
+    assert_eq!(r.mechanism, "dp_laplace_sum");
+    assert!(r.epsilon_spent <= 0.5 && r.epsilon_spent > 0.49);
+    // Each twin's clamped mean is the sentinel: the sum is 3× it, plus noise of scale
+    // 600/ε (one twin changes the sum by at most the bound).
+    assert!((r.noise_scale - 1200.0).abs() < 1.0, "{}", r.noise_scale);
+    for id in ids {
+        assert_eq!(budget(&cloud_grpc, id).await.epsilon_spent, r.epsilon_spent);
+    }
+    // A set across sites is refused.
+    let e = privacy(&cloud_grpc)
+        .await
+        .release_aggregate(release(
+            &["site-a/line-01", "site-b/x"],
+            Statistic::Sum,
+            0.5,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+
+    // Micro-aggregation with k = 5 over 3 twins: refused, nothing charged.
+    let mut p = privacy(&cloud_grpc)
+        .await
+        .get_policy(GetPolicyRequest {
+            twin_id: ids[0].into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let sp = p.signals.get_mut(SIGNAL).unwrap();
+    sp.mechanism = "micro_aggregate".into();
+    sp.k = 5;
+    privacy(&cloud_grpc)
+        .await
+        .set_policy(SetPolicyRequest {
+            policy: Some(p.clone()),
+            expected_version: None,
+        })
+        .await
+        .unwrap();
+    let e = privacy(&cloud_grpc)
+        .await
+        .release_aggregate(release(&ids, Statistic::Mean, 0.5))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("smaller than k = 5"), "{e:?}");
+    for id in ids {
+        assert_eq!(budget(&cloud_grpc, id).await.epsilon_spent, r.epsilon_spent);
+    }
+    // With k = 3 the exact mean of the three twins is released.
+    p.signals.get_mut(SIGNAL).unwrap().k = 3;
+    privacy(&cloud_grpc)
+        .await
+        .set_policy(SetPolicyRequest {
+            policy: Some(p),
+            expected_version: None,
+        })
+        .await
+        .unwrap();
+    let m = privacy(&cloud_grpc)
+        .await
+        .release_aggregate(release(&ids, Statistic::Mean, 0.5))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(m.mechanism, "micro_aggregate");
+    assert_eq!(m.value, SENTINEL);
+    assert_eq!(m.epsilon_spent, 0.0);
+    // Bad requests name what is wrong.
+    let e = privacy(&cloud_grpc)
+        .await
+        .release_aggregate(release(&[ids[1]], Statistic::Mean, -1.0))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = privacy(&cloud_grpc)
+        .await
+        .release_aggregate(ReleaseAggregateRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+}

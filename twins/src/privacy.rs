@@ -1,0 +1,1067 @@
+//! Privacy policies and mechanisms (DESIGN §10): what of a twin's data may leave its
+//! site, and how.
+//!
+//! - [`Policy`]: per signal a [`Sensitivity`] and a [`Mechanism`]; the kind's schema gives
+//!   the default, `SetPolicy` replaces it whole (validated, versioned).
+//! - [`Ledger`]: the ε (and δ) a twin has spent in its current budget period. It lives
+//!   in the twin's snapshot, so restarts, migrations and failovers never reset it.
+//! - [`release`]: a differentially private count, bounded sum or mean through OpenDP
+//!   (Laplace, or Gaussian through zCDP); the ε charged is exactly what OpenDP's privacy
+//!   map gives for the measurement at the policy's input distance.
+//! - [`micro_aggregate`] (k-anonymous group aggregates), [`Pseudonymiser`] (keyed
+//!   HMAC-SHA256 with rotatable keys) and the egress gate helpers
+//!   ([`Policy::gate_twin`], [`Policy::gate_features`]).
+//!
+//! Noise comes from OpenDP's samplers (OpenSSL's CSPRNG); nothing here does I/O.
+
+use std::collections::BTreeMap;
+
+use hmac::{Hmac, Mac};
+use opendp::combinators::{make_fix_delta, make_zCDP_to_approxDP};
+use opendp::domains::{AtomDomain, VectorDomain};
+use opendp::measurements::{make_gaussian, make_laplace};
+use opendp::measures::{MaxDivergence, ZeroConcentratedDivergence};
+use opendp::metrics::SymmetricDistance;
+use opendp::transformations::{make_clamp, make_count, make_mean, make_resize};
+use sha2::Sha256;
+
+use crate::error::{Error, Result};
+use crate::kind::{AssetKind, Sensitivity};
+use crate::proto;
+
+/// How values of a protected signal may leave the site.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mechanism {
+    /// Public signal: raw values travel.
+    None,
+    /// Differentially private releases (OpenDP).
+    Dp,
+    /// Aggregates over groups of at least `k` twins.
+    MicroAggregate,
+    /// Identifiers replaced by a keyed HMAC.
+    Pseudonymise,
+    /// Never leaves the site in any form.
+    Suppress,
+}
+
+impl Mechanism {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mechanism::None => "",
+            Mechanism::Dp => "dp",
+            Mechanism::MicroAggregate => "micro_aggregate",
+            Mechanism::Pseudonymise => "pseudonymise",
+            Mechanism::Suppress => "suppress",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "" | "none" => Mechanism::None,
+            "dp" => Mechanism::Dp,
+            "micro_aggregate" => Mechanism::MicroAggregate,
+            "pseudonymise" | "pseudonymize" => Mechanism::Pseudonymise,
+            "suppress" => Mechanism::Suppress,
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "unknown mechanism {other:?}: expected dp, micro_aggregate, pseudonymise or suppress"
+                )))
+            }
+        })
+    }
+}
+
+/// Noise distribution of DP releases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Noise {
+    /// Pure ε-DP.
+    Laplace,
+    /// (ε, δ)-DP: Gaussian noise accounted in zCDP, converted at the policy's δ.
+    Gaussian,
+}
+
+impl Noise {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Noise::Laplace => "laplace",
+            Noise::Gaussian => "gaussian",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self> {
+        match s {
+            "" | "laplace" => Ok(Noise::Laplace),
+            "gaussian" => Ok(Noise::Gaussian),
+            other => Err(Error::InvalidArgument(format!(
+                "unknown noise {other:?}: expected laplace or gaussian"
+            ))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SignalPolicy {
+    pub sensitivity: Sensitivity,
+    pub mechanism: Mechanism,
+    /// Clamping bounds of DP releases.
+    pub lower: f64,
+    pub upper: f64,
+    /// Smallest group of a micro-aggregate release.
+    pub k: u32,
+}
+
+impl SignalPolicy {
+    pub fn protected(&self) -> bool {
+        self.sensitivity != Sensitivity::Public
+    }
+}
+
+/// A twin's privacy policy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    pub version: u64,
+    pub signals: BTreeMap<String, SignalPolicy>,
+    pub epsilon_per_period: f64,
+    pub period_ns: i64,
+    pub noise: Noise,
+    pub delta: f64,
+    pub max_contributions: u32,
+}
+
+/// One day: the default budget period.
+pub const DEFAULT_PERIOD_NS: i64 = 86_400 * 1_000_000_000;
+pub const DEFAULT_EPSILON_PER_PERIOD: f64 = 10.0;
+pub const DEFAULT_DELTA: f64 = 1e-7;
+pub const DEFAULT_K: u32 = 5;
+/// Largest ε one release may ask for.
+pub const MAX_RELEASE_EPSILON: f64 = 100.0;
+
+impl Policy {
+    /// The kind's default: the schema's sensitivity per signal; protected signals are
+    /// released through DP, clamped to the signal's physical range.
+    pub fn default_for(kind: AssetKind) -> Policy {
+        let signals = kind
+            .schema()
+            .signals
+            .iter()
+            .map(|s| {
+                let mechanism = match s.sensitivity {
+                    Sensitivity::Public => Mechanism::None,
+                    _ => Mechanism::Dp,
+                };
+                (
+                    s.name.to_owned(),
+                    SignalPolicy {
+                        sensitivity: s.sensitivity,
+                        mechanism,
+                        lower: s.min,
+                        upper: s.max,
+                        k: DEFAULT_K,
+                    },
+                )
+            })
+            .collect();
+        Policy {
+            version: 1,
+            signals,
+            epsilon_per_period: DEFAULT_EPSILON_PER_PERIOD,
+            period_ns: DEFAULT_PERIOD_NS,
+            noise: Noise::Laplace,
+            delta: DEFAULT_DELTA,
+            max_contributions: 1,
+        }
+    }
+
+    /// Validates a policy for a twin of `kind`. Signals the policy leaves out keep the
+    /// kind's default; the version is set by the caller.
+    pub fn validate(p: &proto::PrivacyPolicy, kind: AssetKind) -> Result<Policy> {
+        let mut policy = Policy::default_for(kind);
+        let bad = |m: String| Err(Error::InvalidArgument(format!("invalid policy: {m}")));
+        for (name, sp) in &p.signals {
+            let spec = kind.schema().signal(name)?;
+            let sensitivity = match proto::Sensitivity::try_from(sp.sensitivity) {
+                Ok(proto::Sensitivity::Public) => Sensitivity::Public,
+                Ok(proto::Sensitivity::SiteOnly) => Sensitivity::SiteOnly,
+                Ok(proto::Sensitivity::Personal) => Sensitivity::Personal,
+                _ => return bad(format!("signal {name}: sensitivity must be set")),
+            };
+            let mut mechanism = Mechanism::parse(&sp.mechanism)?;
+            if sensitivity == Sensitivity::Public && mechanism != Mechanism::None {
+                return bad(format!(
+                    "signal {name} is public: it takes no mechanism (got {})",
+                    mechanism.as_str()
+                ));
+            }
+            if sensitivity != Sensitivity::Public && mechanism == Mechanism::None {
+                mechanism = Mechanism::Dp;
+            }
+            let (lower, upper) = if sp.lower == 0.0 && sp.upper == 0.0 {
+                (spec.min, spec.max)
+            } else {
+                (sp.lower, sp.upper)
+            };
+            if !(lower.is_finite() && upper.is_finite() && lower < upper) {
+                return bad(format!(
+                    "signal {name}: bounds [{lower}, {upper}] must be finite with lower < upper"
+                ));
+            }
+            let k = if sp.k == 0 { DEFAULT_K } else { sp.k };
+            if k < 2 {
+                return bad(format!("signal {name}: k = {k} must be at least 2"));
+            }
+            policy.signals.insert(
+                name.clone(),
+                SignalPolicy {
+                    sensitivity,
+                    mechanism,
+                    lower,
+                    upper,
+                    k,
+                },
+            );
+        }
+        if p.epsilon_per_period != 0.0 {
+            if !(p.epsilon_per_period.is_finite() && p.epsilon_per_period > 0.0) {
+                return bad(format!(
+                    "epsilon_per_period {} must be positive",
+                    p.epsilon_per_period
+                ));
+            }
+            policy.epsilon_per_period = p.epsilon_per_period;
+        }
+        if p.period_ns != 0 {
+            if p.period_ns < 1_000_000_000 {
+                return bad(format!("period_ns {} must be at least 1 s", p.period_ns));
+            }
+            policy.period_ns = p.period_ns;
+        }
+        policy.noise = Noise::parse(&p.noise)?;
+        if p.delta != 0.0 {
+            if !(p.delta > 0.0 && p.delta < 1e-3) {
+                return bad(format!("delta {} must be in (0, 0.001)", p.delta));
+            }
+            policy.delta = p.delta;
+        }
+        if p.max_contributions != 0 {
+            policy.max_contributions = p.max_contributions;
+        }
+        Ok(policy)
+    }
+
+    pub fn to_proto(&self, twin_id: &str) -> proto::PrivacyPolicy {
+        proto::PrivacyPolicy {
+            twin_id: twin_id.to_owned(),
+            version: self.version,
+            signals: self
+                .signals
+                .iter()
+                .map(|(k, s)| {
+                    let sensitivity = match s.sensitivity {
+                        Sensitivity::Public => proto::Sensitivity::Public,
+                        Sensitivity::SiteOnly => proto::Sensitivity::SiteOnly,
+                        Sensitivity::Personal => proto::Sensitivity::Personal,
+                    };
+                    (
+                        k.clone(),
+                        proto::SignalPolicy {
+                            sensitivity: sensitivity as i32,
+                            mechanism: s.mechanism.as_str().to_owned(),
+                            lower: s.lower,
+                            upper: s.upper,
+                            k: s.k,
+                        },
+                    )
+                })
+                .collect(),
+            epsilon_per_period: self.epsilon_per_period,
+            period_ns: self.period_ns,
+            noise: self.noise.as_str().to_owned(),
+            delta: self.delta,
+            max_contributions: self.max_contributions,
+        }
+    }
+
+    /// Restores a stored policy (snapshot), keeping its version.
+    pub fn from_stored(p: &proto::PrivacyPolicy, kind: AssetKind) -> Result<Policy> {
+        let mut policy = Policy::validate(p, kind)?;
+        policy.version = p.version.max(1);
+        Ok(policy)
+    }
+
+    pub fn signal(&self, name: &str) -> Option<&SignalPolicy> {
+        self.signals.get(name)
+    }
+
+    /// Raw values of `signal` must stay on the site. Unknown signals are protected.
+    pub fn is_protected(&self, signal: &str) -> bool {
+        self.signals.get(signal).is_none_or(|s| s.protected())
+    }
+
+    /// Signals whose raw values must stay on the site, in name order.
+    pub fn protected_signals(&self) -> Vec<String> {
+        self.signals
+            .iter()
+            .filter(|(_, s)| s.protected())
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// A feature (`{signal}.{name}`) computed from a protected signal is protected too.
+    pub fn is_protected_feature(&self, feature: &str) -> bool {
+        let signal = feature.split('.').next().unwrap_or(feature);
+        self.is_protected(signal)
+    }
+
+    /// The view of a twin for someone off its site: reported values and features of
+    /// protected signals are removed and named in `withheld`. Sequence numbers survive
+    /// only through the snapshot path ([`Policy::gate_snapshot_twin`]).
+    pub fn gate_twin(&self, twin: &mut proto::Twin) {
+        let mut withheld: Vec<String> = Vec::new();
+        twin.reported.retain(|k, _| {
+            let keep = !self.is_protected(k);
+            if !keep {
+                withheld.push(k.clone());
+            }
+            keep
+        });
+        twin.derived.retain(|k, _| !self.is_protected_feature(k));
+        for s in self.protected_signals() {
+            if !withheld.contains(&s) {
+                withheld.push(s);
+            }
+        }
+        withheld.sort();
+        twin.withheld = withheld;
+    }
+
+    /// The twin as it may be replicated off the site (cloud snapshots, migration
+    /// hand-over): protected values are replaced by NaN, but their sequence numbers and
+    /// timestamps stay, so a new owner admits frames exactly once.
+    pub fn gate_snapshot_twin(&self, twin: &mut proto::Twin) {
+        for (k, v) in twin.reported.iter_mut() {
+            if self.is_protected(k) {
+                v.value = f64::NAN;
+            }
+        }
+        twin.derived.retain(|k, _| !self.is_protected_feature(k));
+        twin.withheld = self.protected_signals();
+    }
+
+    /// Features that may be published beyond the site.
+    pub fn gate_features(&self, features: &mut BTreeMap<String, f64>) -> usize {
+        let before = features.len();
+        features.retain(|k, _| !self.is_protected_feature(k));
+        before - features.len()
+    }
+}
+
+/// ε and δ spent by a twin (or a site) in its current period.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Ledger {
+    pub period_start_ns: i64,
+    pub epsilon_spent: f64,
+    pub delta_spent: f64,
+    pub releases: u64,
+}
+
+impl Ledger {
+    pub fn from_proto(b: &proto::Budget) -> Ledger {
+        Ledger {
+            period_start_ns: b.period_start_ns,
+            epsilon_spent: b.epsilon_spent,
+            delta_spent: b.delta_spent,
+            releases: b.releases,
+        }
+    }
+
+    pub fn to_proto(&self, twin_id: &str, policy: &Policy) -> proto::Budget {
+        proto::Budget {
+            twin_id: twin_id.to_owned(),
+            epsilon_total: policy.epsilon_per_period,
+            epsilon_spent: self.epsilon_spent,
+            period_start_ns: self.period_start_ns,
+            releases: self.releases,
+            delta_spent: self.delta_spent,
+        }
+    }
+
+    /// Starts a new period when the current one is over (periods are aligned to
+    /// multiples of the period length).
+    pub fn roll(&mut self, policy: &Policy, now_ns: i64) {
+        let start = now_ns.div_euclid(policy.period_ns) * policy.period_ns;
+        if start > self.period_start_ns {
+            *self = Ledger {
+                period_start_ns: start,
+                ..Ledger::default()
+            };
+        }
+    }
+
+    pub fn remaining(&self, policy: &Policy) -> f64 {
+        (policy.epsilon_per_period - self.epsilon_spent).max(0.0)
+    }
+
+    /// Refuses, spending nothing, when `epsilon` does not fit in what is left.
+    pub fn check(&self, who: &str, policy: &Policy, epsilon: f64) -> Result<()> {
+        let left = self.remaining(policy);
+        if epsilon > left {
+            return Err(Error::BudgetExhausted {
+                who: who.to_owned(),
+                requested: epsilon,
+                remaining: left,
+            });
+        }
+        Ok(())
+    }
+
+    pub fn charge(&mut self, epsilon: f64, delta: f64) {
+        self.epsilon_spent += epsilon;
+        self.delta_spent += delta;
+        self.releases += 1;
+    }
+
+    /// Gives back a charge whose release was never made.
+    pub fn refund(&mut self, epsilon: f64, delta: f64) {
+        self.epsilon_spent = (self.epsilon_spent - epsilon).max(0.0);
+        self.delta_spent = (self.delta_spent - delta).max(0.0);
+        self.releases = self.releases.saturating_sub(1);
+    }
+}
+
+/// What a caller may do (DESIGN §10): each RPC states the least role it needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    Viewer,
+    DataOperator,
+    DataManager,
+    DataOwner,
+}
+
+impl Role {
+    pub const ALL: [Role; 4] = [
+        Role::Viewer,
+        Role::DataOperator,
+        Role::DataManager,
+        Role::DataOwner,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::DataOperator => "data_operator",
+            Role::DataManager => "data_manager",
+            Role::DataOwner => "data_owner",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+}
+
+/// Whether a caller sees raw values of protected signals of a twin of `site`: only on
+/// the site's own nodes, and from `data_operator` up. An unknown caller is an off-site
+/// viewer.
+pub fn sees_raw(caller: Option<&proto::Caller>, site: &str) -> bool {
+    caller.is_some_and(|c| {
+        c.site == site && Role::parse(&c.role).is_some_and(|r| r >= Role::DataOperator)
+    })
+}
+
+/// The caller's role; an unknown caller is a viewer.
+pub fn role_of(caller: Option<&proto::Caller>) -> Role {
+    caller
+        .and_then(|c| Role::parse(&c.role))
+        .unwrap_or(Role::Viewer)
+}
+
+/// Which statistic a release computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Statistic {
+    Count,
+    Sum,
+    Mean,
+}
+
+impl Statistic {
+    pub fn from_proto(s: i32) -> Result<Statistic> {
+        match proto::Statistic::try_from(s) {
+            Ok(proto::Statistic::Count) => Ok(Statistic::Count),
+            Ok(proto::Statistic::Sum) => Ok(Statistic::Sum),
+            Ok(proto::Statistic::Mean) => Ok(Statistic::Mean),
+            _ => Err(Error::InvalidArgument(
+                "statistic must be count, sum or mean".to_owned(),
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Statistic::Count => "count",
+            Statistic::Sum => "sum",
+            Statistic::Mean => "mean",
+        }
+    }
+}
+
+/// What a DP release asks for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReleaseSpec {
+    pub statistic: Statistic,
+    pub noise: Noise,
+    pub lower: f64,
+    pub upper: f64,
+    /// The privacy loss the caller accepts.
+    pub epsilon: f64,
+    /// δ of a Gaussian release.
+    pub delta: f64,
+    /// Input distance: records one individual may add or remove.
+    pub d_in: u32,
+}
+
+/// A released value and its exact privacy loss.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Release {
+    pub value: f64,
+    /// OpenDP's privacy map at `d_in`: ε (Laplace) or ε at the fixed δ (Gaussian).
+    pub epsilon: f64,
+    pub delta: f64,
+    /// The noise scale used (Laplace b, or Gaussian σ).
+    pub scale: f64,
+    pub mechanism: String,
+    pub records: u64,
+}
+
+/// Checks a requested ε.
+pub fn check_epsilon(epsilon: f64) -> Result<()> {
+    if epsilon.is_finite() && epsilon > 0.0 && epsilon <= MAX_RELEASE_EPSILON {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "epsilon {epsilon} must be in (0, {MAX_RELEASE_EPSILON}]"
+        )))
+    }
+}
+
+fn dp_error(e: opendp::error::Error) -> Error {
+    Error::InvalidArgument(format!("dp release: {}", e.message.unwrap_or_default()))
+}
+
+type Map = Box<dyn Fn(f64) -> Result<(f64, f64)>>;
+type Invoke = Box<dyn Fn(f64, &Vec<f64>) -> Result<f64>>;
+
+/// The privacy map (ε, δ) at `d_in` and the release function of the measurement at a
+/// given noise scale.
+fn measurement(spec: &ReleaseSpec, n: usize) -> Result<(Map, Invoke)> {
+    let s = *spec;
+    let d_in = s.d_in;
+    let input = || VectorDomain::new(AtomDomain::<f64>::new_non_nan());
+    // One constructor per (statistic, noise): OpenDP's types differ for each.
+    macro_rules! noisy {
+        ($t:expr, $atom:ty, $to_f64:expr) => {{
+            let build_lap = move |scale: f64| -> Result<_> {
+                let t = $t?;
+                let m = make_laplace::<_, _, MaxDivergence>(
+                    t.output_domain.clone(),
+                    t.output_metric.clone(),
+                    scale,
+                    None,
+                )
+                .map_err(dp_error)?;
+                (t >> m).map_err(dp_error)
+            };
+            let build_gauss = move |scale: f64| -> Result<_> {
+                let t = $t?;
+                let m = make_gaussian::<_, _, ZeroConcentratedDivergence>(
+                    t.output_domain.clone(),
+                    t.output_metric.clone(),
+                    scale,
+                    None,
+                )
+                .map_err(dp_error)?;
+                let m = (t >> m).map_err(dp_error)?;
+                let m = make_zCDP_to_approxDP(m).map_err(dp_error)?;
+                make_fix_delta(&m, s.delta).map_err(dp_error)
+            };
+            match s.noise {
+                Noise::Laplace => {
+                    let map: Map = Box::new(move |scale| {
+                        let m = build_lap(scale)?;
+                        Ok((m.map(&d_in).map_err(dp_error)?, 0.0))
+                    });
+                    let invoke: Invoke = Box::new(move |scale, data| {
+                        let m = build_lap(scale)?;
+                        let v: $atom = m.invoke(data).map_err(dp_error)?;
+                        Ok($to_f64(v))
+                    });
+                    (map, invoke)
+                }
+                Noise::Gaussian => {
+                    let map: Map = Box::new(move |scale| {
+                        let m = build_gauss(scale)?;
+                        m.map(&d_in).map_err(dp_error)
+                    });
+                    let invoke: Invoke = Box::new(move |scale, data| {
+                        let m = build_gauss(scale)?;
+                        let v: $atom = m.invoke(data).map_err(dp_error)?;
+                        Ok($to_f64(v))
+                    });
+                    (map, invoke)
+                }
+            }
+        }};
+    }
+    let (lo, hi) = (s.lower, s.upper);
+    Ok(match s.statistic {
+        Statistic::Count => noisy!(
+            make_count::<f64, i64>(input(), SymmetricDistance).map_err(dp_error),
+            i64,
+            |v: i64| v as f64
+        ),
+        Statistic::Sum => noisy!(
+            (make_clamp(input(), SymmetricDistance, (lo, hi)).map_err(dp_error)?
+                >> opendp::transformations::then_sum())
+            .map_err(dp_error),
+            f64,
+            |v: f64| v
+        ),
+        Statistic::Mean => {
+            let mid = lo + (hi - lo) / 2.0;
+            let size = n.max(1);
+            noisy!(
+                {
+                    let clamp =
+                        make_clamp(input(), SymmetricDistance, (lo, hi)).map_err(dp_error)?;
+                    let resize = make_resize::<_, SymmetricDistance, SymmetricDistance>(
+                        clamp.output_domain.clone(),
+                        clamp.output_metric.clone(),
+                        size,
+                        mid,
+                    )
+                    .map_err(dp_error)?;
+                    let t = (clamp >> resize).map_err(dp_error)?;
+                    let mean = make_mean(t.output_domain.clone(), t.output_metric.clone())
+                        .map_err(dp_error)?;
+                    (t >> mean).map_err(dp_error)
+                },
+                f64,
+                |v: f64| v
+            )
+        }
+    })
+}
+
+/// The smallest noise scale (to 1e-9 relative) whose ε at `d_in` is at most the spec's.
+/// Scales OpenDP cannot account for (too small) count as too little noise.
+fn calibrate(map: &Map, target: f64) -> Result<f64> {
+    let eps = |scale: f64| map(scale).map_or(f64::INFINITY, |(e, _)| e);
+    let mut hi = 1.0;
+    let mut tries = 0;
+    while eps(hi) > target {
+        hi *= 4.0;
+        tries += 1;
+        if tries > 60 {
+            return Err(Error::InvalidArgument(format!(
+                "dp release: no noise scale reaches epsilon {target}"
+            )));
+        }
+    }
+    let mut lo = 0.0;
+    while (hi - lo) > hi * 1e-9 {
+        let mid = lo + (hi - lo) / 2.0;
+        if mid <= lo || mid >= hi {
+            break;
+        }
+        if eps(mid) <= target {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    Ok(hi)
+}
+
+/// The calibrated noise of a release over `n` records: the smallest scale whose
+/// privacy loss is at most the spec's ε, and that loss as OpenDP's map computes it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Plan {
+    pub scale: f64,
+    pub epsilon: f64,
+    pub delta: f64,
+    pub n: usize,
+}
+
+fn check_spec(spec: &ReleaseSpec) -> Result<()> {
+    check_epsilon(spec.epsilon)?;
+    if !(spec.lower.is_finite() && spec.upper.is_finite() && spec.lower < spec.upper) {
+        return Err(Error::InvalidArgument(format!(
+            "bounds [{}, {}] must be finite with lower < upper",
+            spec.lower, spec.upper
+        )));
+    }
+    if spec.d_in == 0 {
+        return Err(Error::InvalidArgument(
+            "max_contributions must be at least 1".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+/// Calibrates a release over `n` records (`n` matters for the mean only, whose size
+/// OpenDP must know; it is the number of records asked for, which is public).
+pub fn plan(spec: &ReleaseSpec, n: usize) -> Result<Plan> {
+    check_spec(spec)?;
+    let (map, _) = measurement(spec, n)?;
+    let scale = calibrate(&map, spec.epsilon)?;
+    let (epsilon, delta) = map(scale)?;
+    Ok(Plan {
+        scale,
+        epsilon,
+        delta,
+        n,
+    })
+}
+
+/// Runs a planned release over `data` (non-finite values are dropped; for the mean,
+/// OpenDP resizes the data to the planned size).
+pub fn release_planned(spec: &ReleaseSpec, plan: &Plan, data: &[f64]) -> Result<Release> {
+    let data: Vec<f64> = data.iter().copied().filter(|v| v.is_finite()).collect();
+    let (_, invoke) = measurement(spec, plan.n)?;
+    let value = invoke(plan.scale, &data)?;
+    Ok(Release {
+        value,
+        epsilon: plan.epsilon,
+        delta: plan.delta,
+        scale: plan.scale,
+        mechanism: format!("dp_{}_{}", spec.noise.as_str(), spec.statistic.as_str()),
+        records: data.len() as u64,
+    })
+}
+
+/// Releases `spec.statistic` of `data` with OpenDP: the noise scale is calibrated so
+/// that the measurement's privacy loss is at most `spec.epsilon`, and the release
+/// reports the loss exactly as OpenDP's privacy map computes it.
+pub fn release(spec: &ReleaseSpec, data: &[f64]) -> Result<Release> {
+    let n = data.iter().filter(|v| v.is_finite()).count();
+    let p = plan(spec, n)?;
+    release_planned(spec, &p, data)
+}
+
+/// The privacy loss OpenDP computes for the measurement of `spec` at `scale` over
+/// `n` records (what the ledger must record for that release).
+pub fn privacy_loss(spec: &ReleaseSpec, n: usize, scale: f64) -> Result<(f64, f64)> {
+    check_spec(spec)?;
+    let (map, _) = measurement(spec, n)?;
+    map(scale)
+}
+
+/// An exact aggregate over a group of values, released only when the group has at
+/// least `k` members (k-anonymity of micro-aggregation).
+pub fn micro_aggregate(statistic: Statistic, values: &[f64], k: u32) -> Result<f64> {
+    if values.len() < k as usize {
+        return Err(Error::GroupTooSmall {
+            size: values.len(),
+            k,
+        });
+    }
+    let sum: f64 = values.iter().sum();
+    Ok(match statistic {
+        Statistic::Count => values.len() as f64,
+        Statistic::Sum => sum,
+        Statistic::Mean => sum / values.len() as f64,
+    })
+}
+
+/// Keyed pseudonyms (HMAC-SHA256) for identifiers such as Wi-Fi device addresses. The
+/// key id is part of the pseudonym, so keys rotate without confusing old and new ones.
+pub struct Pseudonymiser {
+    key_id: String,
+    key: Vec<u8>,
+}
+
+impl Pseudonymiser {
+    pub fn new(key_id: &str, key: &[u8]) -> Result<Self> {
+        if key.len() < 16 {
+            return Err(Error::InvalidArgument(format!(
+                "pseudonymisation key {key_id} has {} bytes, at least 16 needed",
+                key.len()
+            )));
+        }
+        Ok(Pseudonymiser {
+            key_id: key_id.to_owned(),
+            key: key.to_vec(),
+        })
+    }
+
+    /// `{key_id}:{first 16 bytes of HMAC-SHA256(key, identifier), hex}`.
+    pub fn pseudonym(&self, identifier: &str) -> String {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("hmac takes any key size");
+        mac.update(identifier.as_bytes());
+        let tag = mac.finalize().into_bytes();
+        let hex: String = tag[..16].iter().map(|b| format!("{b:02x}")).collect();
+        format!("{}:{hex}", self.key_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(statistic: Statistic, noise: Noise, epsilon: f64) -> ReleaseSpec {
+        ReleaseSpec {
+            statistic,
+            noise,
+            lower: 0.0,
+            upper: 10.0,
+            epsilon,
+            delta: 1e-7,
+            d_in: 1,
+        }
+    }
+
+    #[test]
+    fn default_policy_follows_the_schema() {
+        let p = Policy::default_for(AssetKind::PowerMeter);
+        assert!(p.is_protected("household_energy"));
+        assert!(!p.is_protected("voltage"));
+        assert!(p.is_protected_feature("household_energy.mean"));
+        assert!(!p.is_protected_feature("voltage.rms"));
+        assert!(p.is_protected("no_such_signal"));
+        assert_eq!(p.protected_signals(), vec!["household_energy".to_owned()]);
+        assert_eq!(
+            p.signal("household_energy").unwrap().mechanism,
+            Mechanism::Dp
+        );
+    }
+
+    #[test]
+    fn validation_names_what_is_wrong() {
+        let mut p = Policy::default_for(AssetKind::PowerMeter).to_proto("site-a/pm-01");
+        p.signals.get_mut("voltage").unwrap().mechanism = "dp".into();
+        let e = Policy::validate(&p, AssetKind::PowerMeter).unwrap_err();
+        assert!(e.to_string().contains("voltage is public"), "{e}");
+        let mut p = Policy::default_for(AssetKind::PowerMeter).to_proto("site-a/pm-01");
+        p.signals.get_mut("household_energy").unwrap().lower = 5.0;
+        p.signals.get_mut("household_energy").unwrap().upper = 1.0;
+        let e = Policy::validate(&p, AssetKind::PowerMeter).unwrap_err();
+        assert!(e.to_string().contains("bounds [5, 1]"), "{e}");
+        let mut p = Policy::default_for(AssetKind::PowerMeter).to_proto("site-a/pm-01");
+        p.signals
+            .insert("nope".into(), proto::SignalPolicy::default());
+        assert!(Policy::validate(&p, AssetKind::PowerMeter).is_err());
+        let mut p = Policy::default_for(AssetKind::PowerMeter).to_proto("site-a/pm-01");
+        p.noise = "uniform".into();
+        assert!(Policy::validate(&p, AssetKind::PowerMeter).is_err());
+        // A round trip keeps everything.
+        let p = Policy::default_for(AssetKind::TurnstileGate);
+        let back = Policy::from_stored(&p.to_proto("x/y"), AssetKind::TurnstileGate).unwrap();
+        assert_eq!(back, p);
+    }
+
+    #[test]
+    fn gates_remove_protected_values() {
+        let p = Policy::default_for(AssetKind::PowerMeter);
+        let mut t = proto::Twin::default();
+        for s in ["voltage", "household_energy"] {
+            t.reported.insert(
+                s.into(),
+                proto::SignalValue {
+                    value: 4242.5,
+                    timestamp_ns: 1,
+                    seq: 7,
+                },
+            );
+        }
+        t.derived.insert("household_energy.max".into(), 4242.5);
+        t.derived.insert("voltage.rms".into(), 230.0);
+        let mut snap = t.clone();
+        p.gate_twin(&mut t);
+        assert!(t.reported.contains_key("voltage"));
+        assert!(!t.reported.contains_key("household_energy"));
+        assert_eq!(t.derived.len(), 1);
+        assert_eq!(t.withheld, vec!["household_energy".to_owned()]);
+        p.gate_snapshot_twin(&mut snap);
+        let he = &snap.reported["household_energy"];
+        assert!(he.value.is_nan());
+        assert_eq!(he.seq, 7);
+        assert_eq!(snap.reported["voltage"].value, 4242.5);
+    }
+
+    #[test]
+    fn ledger_refuses_what_does_not_fit_and_rolls_periods() {
+        let p = Policy {
+            epsilon_per_period: 1.0,
+            period_ns: 100,
+            ..Policy::default_for(AssetKind::PowerMeter)
+        };
+        let mut l = Ledger::default();
+        l.roll(&p, 250);
+        assert_eq!(l.period_start_ns, 200);
+        l.check("t", &p, 0.6).unwrap();
+        l.charge(0.6, 0.0);
+        let e = l.check("t", &p, 0.6).unwrap_err();
+        assert_eq!(e.code(), crate::ErrorCode::FailedPrecondition);
+        assert_eq!(l.epsilon_spent, 0.6);
+        l.refund(0.6, 0.0);
+        assert_eq!(l.epsilon_spent, 0.0);
+        l.charge(0.4, 0.0);
+        l.roll(&p, 299);
+        assert_eq!(l.epsilon_spent, 0.4);
+        l.roll(&p, 300);
+        assert_eq!(l.epsilon_spent, 0.0);
+        assert_eq!(l.period_start_ns, 300);
+    }
+
+    #[test]
+    fn releases_charge_exactly_opendps_privacy_map() {
+        let data: Vec<f64> = (0..500).map(|i| (i % 11) as f64).collect();
+        for statistic in [Statistic::Count, Statistic::Sum, Statistic::Mean] {
+            for noise in [Noise::Laplace, Noise::Gaussian] {
+                let s = spec(statistic, noise, 0.5);
+                let r = release(&s, &data).unwrap();
+                let (eps, delta) = privacy_loss(&s, data.len(), r.scale).unwrap();
+                assert_eq!(r.epsilon, eps, "{statistic:?} {noise:?}");
+                assert_eq!(r.delta, delta);
+                assert!(r.epsilon <= 0.5 && r.epsilon > 0.5 * 0.999, "{}", r.epsilon);
+                assert_eq!(r.records, 500);
+                if noise == Noise::Gaussian {
+                    assert!(r.delta > 0.0 && r.delta <= 1e-7);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn laplace_sum_scale_is_sensitivity_over_epsilon() {
+        // Clamped to [0, 10], one record changes the sum by at most 10.
+        let r = release(&spec(Statistic::Sum, Noise::Laplace, 1.0), &[1.0, 2.0]).unwrap();
+        assert!((r.scale - 10.0).abs() / 10.0 < 1e-3, "scale {}", r.scale);
+        let r = release(&spec(Statistic::Count, Noise::Laplace, 0.5), &[1.0]).unwrap();
+        assert!((r.scale - 2.0).abs() / 2.0 < 1e-3, "scale {}", r.scale);
+    }
+
+    /// Kolmogorov–Smirnov statistic of `xs` against `cdf`.
+    fn ks(xs: &mut [f64], cdf: impl Fn(f64) -> f64) -> f64 {
+        xs.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let n = xs.len() as f64;
+        xs.iter()
+            .enumerate()
+            .map(|(i, &x)| {
+                let f = cdf(x);
+                (f - i as f64 / n).abs().max((f - (i + 1) as f64 / n).abs())
+            })
+            .fold(0.0, f64::max)
+    }
+
+    fn laplace_cdf(b: f64) -> impl Fn(f64) -> f64 {
+        move |x| {
+            if x < 0.0 {
+                0.5 * (x / b).exp()
+            } else {
+                1.0 - 0.5 * (-x / b).exp()
+            }
+        }
+    }
+
+    /// erf by Abramowitz–Stegun 7.1.26 (|error| < 1.5e-7).
+    fn erf(x: f64) -> f64 {
+        let t = 1.0 / (1.0 + 0.3275911 * x.abs());
+        let y = 1.0
+            - (((((1.061405429 * t - 1.453152027) * t) + 1.421413741) * t - 0.284496736) * t
+                + 0.254829592)
+                * t
+                * (-x * x).exp();
+        y.copysign(x)
+    }
+
+    fn normal_cdf(sigma: f64) -> impl Fn(f64) -> f64 {
+        move |x| 0.5 * (1.0 + erf(x / (sigma * std::f64::consts::SQRT_2)))
+    }
+
+    #[test]
+    fn released_noise_has_the_configured_distribution_and_scale() {
+        // 4,000 releases of the sum of an empty data set are pure noise. KS at
+        // α = 1e-6: critical value sqrt(ln(2/α)/2)/sqrt(n).
+        const N: usize = 4000;
+        let crit = ((2.0f64 / 1e-6).ln() / 2.0).sqrt() / (N as f64).sqrt();
+        for noise in [Noise::Laplace, Noise::Gaussian] {
+            let s = spec(Statistic::Sum, noise, 1.0);
+            let p = plan(&s, 0).unwrap();
+            let mut xs: Vec<f64> = (0..N)
+                .map(|_| release_planned(&s, &p, &[]).unwrap().value)
+                .collect();
+            let (right, wrong) = match noise {
+                Noise::Laplace => (
+                    ks(&mut xs, laplace_cdf(p.scale)),
+                    ks(&mut xs, laplace_cdf(p.scale * 1.3)),
+                ),
+                Noise::Gaussian => (
+                    ks(&mut xs, normal_cdf(p.scale)),
+                    ks(&mut xs, normal_cdf(p.scale * 1.3)),
+                ),
+            };
+            assert!(
+                right < crit,
+                "{noise:?}: KS {right} ≥ {crit} at scale {}",
+                p.scale
+            );
+            // The same test tells a 30 % wrong scale apart: it can fail.
+            assert!(
+                wrong > crit,
+                "{noise:?}: KS {wrong} did not reject a wrong scale"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_release_requests_are_refused() {
+        let mut s = spec(Statistic::Sum, Noise::Laplace, 0.0);
+        assert!(release(&s, &[1.0]).is_err());
+        s.epsilon = f64::NAN;
+        assert!(release(&s, &[1.0]).is_err());
+        s.epsilon = 1.0;
+        s.lower = 3.0;
+        s.upper = 3.0;
+        assert!(release(&s, &[1.0]).is_err());
+    }
+
+    #[test]
+    fn raw_values_only_on_site_from_data_operator_up() {
+        let c = |site: &str, role: &str| proto::Caller {
+            site: site.into(),
+            role: role.into(),
+            subject: String::new(),
+        };
+        assert!(sees_raw(Some(&c("site-a", "data_operator")), "site-a"));
+        assert!(sees_raw(Some(&c("site-a", "data_owner")), "site-a"));
+        assert!(!sees_raw(Some(&c("site-a", "viewer")), "site-a"));
+        assert!(!sees_raw(Some(&c("cloud", "data_owner")), "site-a"));
+        assert!(!sees_raw(Some(&c("site-a", "root")), "site-a"));
+        assert!(!sees_raw(None, "site-a"));
+        assert!(Role::Viewer < Role::DataOperator && Role::DataManager < Role::DataOwner);
+        assert_eq!(role_of(None), Role::Viewer);
+    }
+
+    #[test]
+    fn micro_aggregates_need_k_members() {
+        assert_eq!(
+            micro_aggregate(Statistic::Sum, &[1.0, 2.0, 3.0], 3).unwrap(),
+            6.0
+        );
+        let e = micro_aggregate(Statistic::Mean, &[1.0, 2.0], 3).unwrap_err();
+        assert_eq!(e.code(), crate::ErrorCode::FailedPrecondition);
+    }
+
+    #[test]
+    fn pseudonyms_are_keyed_and_stable() {
+        let a = Pseudonymiser::new("k1", &[7u8; 32]).unwrap();
+        let b = Pseudonymiser::new("k2", &[8u8; 32]).unwrap();
+        let mac = "02:00:00:00:00:2a";
+        assert_eq!(a.pseudonym(mac), a.pseudonym(mac));
+        assert!(a.pseudonym(mac).starts_with("k1:"));
+        assert_ne!(a.pseudonym(mac)[3..], b.pseudonym(mac)[3..]);
+        assert_ne!(a.pseudonym(mac), a.pseudonym("02:00:00:00:00:2b"));
+        assert!(!a.pseudonym(mac).contains("2a"));
+        assert!(Pseudonymiser::new("short", &[1u8; 8]).is_err());
+    }
+}

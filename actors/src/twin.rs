@@ -513,6 +513,23 @@ impl TwinActorState {
         self.last_replication = Some(Instant::now());
     }
 
+    /// Replicates now and waits (up to 2 s) until the cloud's replica holds this
+    /// revision: a failover must not start from a replica older than a ledger charge.
+    async fn replicate_confirmed(&mut self) -> bool {
+        self.replicate().await;
+        let want = (self.placement.epoch, self.core.revision);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            if let Some(s) = fetch_replica(&self.ctx, &self.core.id).await {
+                if (s.epoch, s.twin.as_ref().map_or(0, |t| t.revision)) >= want {
+                    return true;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
     /// Replicates when the state changed and the last replication is old enough;
     /// returns how long until the next one is due, if one is pending.
     async fn maybe_replicate(&mut self) -> Option<Duration> {
@@ -838,6 +855,14 @@ impl TwinActorState {
                 code: proto::ErrorCode::Unavailable as i32,
                 message: format!("privacy ledger of {} not stored: {e}", self.core.id),
             });
+        }
+        // A failover starts from the cloud's replica: it must hold this charge, or the
+        // new owner could spend the same budget again.
+        if !self.replicate_confirmed().await {
+            tracing::warn!(
+                twin = %self.core.id,
+                "privacy ledger charged, but the cloud did not confirm its replica (unreachable?): a failover now would start from an older ledger"
+            );
         }
         let id = self.core.id.to_string();
         let budget = self.core.ledger.to_proto(&id, &self.core.policy);

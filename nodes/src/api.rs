@@ -101,6 +101,15 @@ impl Api {
         }
     }
 
+    /// The caller an authenticated identity makes.
+    pub fn caller_of(&self, who: &crate::auth::Identity) -> proto::Caller {
+        proto::Caller {
+            site: self.site.clone(),
+            role: who.role.as_str().to_owned(),
+            subject: who.subject.clone(),
+        }
+    }
+
     /// [`Api::twin_call`] on behalf of `caller`.
     pub async fn twin_call_as(
         &self,

@@ -23,7 +23,7 @@ pub enum Command {
     /// Run a whole mesh on this machine: cloud, two edge sites, one IoT gateway per site.
     Up(UpArgs),
     /// Run one node (cloud, edge or iot).
-    Node(NodeArgs),
+    Node(Box<NodeArgs>),
     /// Operate a running mesh through gRPC.
     Ctl(crate::ctl::CtlArgs),
     /// Measure the mesh (results go to BENCHMARKS.md).
@@ -146,6 +146,24 @@ pub struct NodeArgs {
     /// protected signals travel sealed with it.
     #[arg(long, value_name = "FILE")]
     pub site_key: Option<PathBuf>,
+    /// gRPC callers need a bearer JWT signed with this HS256 secret (file).
+    #[arg(long, value_name = "FILE")]
+    pub auth_hs256_secret: Option<PathBuf>,
+    /// ... or with the key of this PEM public key (RS256 or ES256).
+    #[arg(long, value_name = "FILE")]
+    pub auth_public_key: Option<PathBuf>,
+    /// ... or with a key of this JWKS document.
+    #[arg(long, value_name = "FILE")]
+    pub auth_jwks: Option<PathBuf>,
+    /// Required token issuer (iss).
+    #[arg(long)]
+    pub auth_issuer: Option<String>,
+    /// Required token audience (aud).
+    #[arg(long)]
+    pub auth_audience: Option<String>,
+    /// Claim carrying the role(s), dotted for nested claims (e.g. realm_access.roles).
+    #[arg(long, default_value = "roles")]
+    pub auth_roles_claim: String,
 }
 
 impl NodeArgs {
@@ -172,6 +190,14 @@ impl NodeArgs {
         cfg.seed = self.seed;
         cfg.passivate_after_s = self.passivate_after;
         cfg.site_key_file = self.site_key;
+        cfg.auth = crate::auth::AuthConfig {
+            hs256_secret_file: self.auth_hs256_secret,
+            public_key_file: self.auth_public_key,
+            jwks_file: self.auth_jwks,
+            issuer: self.auth_issuer,
+            audience: self.auth_audience,
+            roles_claim: self.auth_roles_claim,
+        };
         cfg.normalize()?;
         Ok(cfg)
     }

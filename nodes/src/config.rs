@@ -228,6 +228,10 @@ pub struct NodeConfig {
     /// they do not publish them at all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub site_key_file: Option<PathBuf>,
+    /// Bearer-token authentication of gRPC callers (`[auth]`; none: every caller is
+    /// trusted as data_owner).
+    #[serde(default)]
+    pub auth: crate::auth::AuthConfig,
 }
 
 /// Reads a key file (`KEY_ID HEX64` lines). Errors name the file, never a key.
@@ -261,6 +265,7 @@ impl NodeConfig {
             seed: default_seed(),
             passivate_after_s: 0,
             site_key_file: None,
+            auth: Default::default(),
         }
     }
 

@@ -7,6 +7,7 @@ use tonic::transport::Channel;
 
 use twinmesh_proto::v1::mesh_service_client::MeshServiceClient;
 use twinmesh_proto::v1::model_service_client::ModelServiceClient;
+use twinmesh_proto::v1::privacy_service_client::PrivacyServiceClient;
 use twinmesh_proto::v1::twin_service_client::TwinServiceClient;
 use twinmesh_twins::proto::{
     self, watch_twin_response, DrainNodeRequest, GetPlacementRequest, GetThingDescriptionRequest,
@@ -31,6 +32,9 @@ pub struct CtlArgs {
     /// Deadline of each call in seconds.
     #[arg(long, global = true, default_value_t = 10.0)]
     pub timeout: f64,
+    /// Bearer token (JWT) sent with every call; never printed.
+    #[arg(long, global = true, env = "TWINMESH_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     #[command(subcommand)]
     pub command: CtlCommand,
 }
@@ -171,6 +175,35 @@ pub enum CtlCommand {
         /// ONNX: the model's higher score means more normal.
         #[arg(long, requires = "onnx")]
         negate: bool,
+    },
+    /// Show a twin's privacy policy, or replace it from a JSON file (proto3 JSON of
+    /// PrivacyPolicy; signals left out keep the kind's default).
+    Policy {
+        id: String,
+        #[arg(long, value_name = "FILE")]
+        set: Option<std::path::PathBuf>,
+        /// Refuse unless the policy is at this version.
+        #[arg(long)]
+        expected_version: Option<u64>,
+    },
+    /// ε spent and left in a twin's budget period.
+    Budget { id: String },
+    /// A differentially private statistic of one twin's signal, or of a set of twins
+    /// of one site (repeat the id).
+    Release {
+        #[arg(required = true)]
+        ids: Vec<String>,
+        #[arg(long)]
+        signal: String,
+        /// count, sum or mean.
+        #[arg(long, default_value = "mean")]
+        statistic: String,
+        #[arg(long)]
+        epsilon: f64,
+        #[arg(long, default_value = "-1h")]
+        start: String,
+        #[arg(long, default_value = "now")]
+        end: String,
     },
     /// Show a twin's processing chain (TOML), or replace it from a TOML file.
     Chain {
@@ -351,9 +384,24 @@ fn print_twin(t: &proto::Twin) {
 pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
     let timeout = Duration::from_secs_f64(args.timeout.max(0.001));
     let channel = connect(&args.endpoint, timeout).await?;
-    let mut twins = TwinServiceClient::new(channel.clone());
-    let mut mesh = MeshServiceClient::new(channel.clone());
-    let mut models = ModelServiceClient::new(channel);
+    let bearer = match &args.token {
+        Some(t) => Some(
+            format!("Bearer {}", t.trim())
+                .parse::<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>()
+                .map_err(|_| anyhow::anyhow!("invalid token: not printable ASCII"))?,
+        ),
+        None => None,
+    };
+    let auth = move |mut req: tonic::Request<()>| {
+        if let Some(b) = &bearer {
+            req.metadata_mut().insert("authorization", b.clone());
+        }
+        Ok(req)
+    };
+    let mut twins = TwinServiceClient::with_interceptor(channel.clone(), auth.clone());
+    let mut mesh = MeshServiceClient::with_interceptor(channel.clone(), auth.clone());
+    let mut models = ModelServiceClient::with_interceptor(channel.clone(), auth.clone());
+    let mut privacy = PrivacyServiceClient::with_interceptor(channel, auth);
     let json = args.json;
     match args.command {
         CtlCommand::Twins {
@@ -772,6 +820,127 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
                 return print_json(&info);
             }
             print_model(&info);
+        }
+        CtlCommand::Policy {
+            id,
+            set,
+            expected_version,
+        } => {
+            let p = match set {
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path)
+                        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+                    let mut policy: proto::PrivacyPolicy = serde_json::from_str(&text)
+                        .map_err(|e| anyhow::anyhow!("invalid policy {}: {e}", path.display()))?;
+                    policy.twin_id = id;
+                    privacy
+                        .set_policy(proto::SetPolicyRequest {
+                            policy: Some(policy),
+                            expected_version,
+                        })
+                        .await
+                }
+                None => {
+                    privacy
+                        .get_policy(proto::GetPolicyRequest { twin_id: id })
+                        .await
+                }
+            }
+            .map_err(status_error)?
+            .into_inner();
+            if json {
+                return print_json(&p);
+            }
+            println!(
+                "{} policy v{}  ε {} per {} s  noise {}  δ {}  max contributions {}",
+                p.twin_id,
+                p.version,
+                p.epsilon_per_period,
+                p.period_ns / 1_000_000_000,
+                p.noise,
+                p.delta,
+                p.max_contributions
+            );
+            for (name, sp) in sorted(&p.signals) {
+                let sens = proto::Sensitivity::try_from(sp.sensitivity)
+                    .map(|s| {
+                        s.as_str_name()
+                            .trim_start_matches("SENSITIVITY_")
+                            .to_lowercase()
+                    })
+                    .unwrap_or_default();
+                println!(
+                    "  {name:<24} {sens:<10} {:<16} [{}, {}]{}",
+                    sp.mechanism,
+                    sp.lower,
+                    sp.upper,
+                    if sp.mechanism == "micro_aggregate" {
+                        format!(" k {}", sp.k)
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+        }
+        CtlCommand::Budget { id } => {
+            let b = privacy
+                .get_budget(proto::GetBudgetRequest { twin_id: id })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if json {
+                return print_json(&b);
+            }
+            println!(
+                "{}  ε spent {:.6} of {} ({:.6} left)  δ spent {:e}  {} releases since {}",
+                b.twin_id,
+                b.epsilon_spent,
+                b.epsilon_total,
+                (b.epsilon_total - b.epsilon_spent).max(0.0),
+                b.delta_spent,
+                b.releases,
+                b.period_start_ns
+            );
+        }
+        CtlCommand::Release {
+            ids,
+            signal,
+            statistic,
+            epsilon,
+            start,
+            end,
+        } => {
+            let now = now_ns();
+            let statistic = match statistic.as_str() {
+                "count" => proto::Statistic::Count,
+                "sum" => proto::Statistic::Sum,
+                "mean" => proto::Statistic::Mean,
+                other => anyhow::bail!("invalid statistic {other:?}: expected count, sum or mean"),
+            };
+            let r = privacy
+                .release_aggregate(proto::ReleaseAggregateRequest {
+                    twin_ids: ids,
+                    signal,
+                    start_ns: parse_time(&start, now)?,
+                    end_ns: parse_time(&end, now)?,
+                    statistic: statistic as i32,
+                    epsilon,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if json {
+                return print_json(&r);
+            }
+            println!(
+                "{}  ({}, {} records, noise scale {:.4})  ε spent {:.6}, {:.6} left",
+                r.value,
+                r.mechanism,
+                r.records,
+                r.noise_scale,
+                r.epsilon_spent,
+                r.epsilon_remaining
+            );
         }
         CtlCommand::Placement { id } => {
             let p = mesh

@@ -52,6 +52,8 @@ fn unexpected() -> Status {
 #[derive(Clone)]
 pub struct Services {
     pub api: Api,
+    /// Bearer-token checks; `None`: every caller is trusted.
+    pub auth: Option<std::sync::Arc<crate::auth::Authenticator>>,
     pub cancel: CancellationToken,
     pub tasks: tokio_util::task::TaskTracker,
 }
@@ -62,16 +64,23 @@ impl TwinService for Services {
         &self,
         request: Request<ListTwinsRequest>,
     ) -> Result<Response<ListTwinsResponse>, Status> {
+        let _who = crate::auth::require(&request, twinmesh_twins::privacy::Role::Viewer)?;
         Ok(Response::new(self.api.list_twins(request.get_ref()).await?))
     }
 
     async fn get_twin(&self, request: Request<GetTwinRequest>) -> Result<Response<Twin>, Status> {
+        let who = crate::auth::require(&request, twinmesh_twins::privacy::Role::Viewer)?;
         let dl = deadline(&request);
         let req = request.into_inner();
         let id = parse_twin_id(&req.twin_id)?;
         match self
             .api
-            .twin_call(&id, twin_request::Request::GetTwin(req), dl)
+            .twin_call_as(
+                &id,
+                twin_request::Request::GetTwin(req),
+                dl,
+                self.api.caller_of(&who),
+            )
             .await?
         {
             twin_reply::Reply::Twin(t) => Ok(Response::new(t)),
@@ -83,12 +92,18 @@ impl TwinService for Services {
         &self,
         request: Request<GetThingDescriptionRequest>,
     ) -> Result<Response<ThingDescription>, Status> {
+        let who = crate::auth::require(&request, twinmesh_twins::privacy::Role::Viewer)?;
         let dl = deadline(&request);
         let req = request.into_inner();
         let id = parse_twin_id(&req.twin_id)?;
         match self
             .api
-            .twin_call(&id, twin_request::Request::ThingDescription(req), dl)
+            .twin_call_as(
+                &id,
+                twin_request::Request::ThingDescription(req),
+                dl,
+                self.api.caller_of(&who),
+            )
             .await?
         {
             twin_reply::Reply::ThingDescription(t) => Ok(Response::new(t)),
@@ -100,6 +115,7 @@ impl TwinService for Services {
         &self,
         request: Request<QueryHistoryRequest>,
     ) -> Result<Response<QueryHistoryResponse>, Status> {
+        let who = crate::auth::require(&request, twinmesh_twins::privacy::Role::Viewer)?;
         let dl = deadline(&request);
         let req = request.into_inner();
         let id = parse_twin_id(&req.twin_id)?;
@@ -108,7 +124,12 @@ impl TwinService for Services {
             .map_err(|e| crate::api::status_of(e.code(), e.to_string()))?;
         match self
             .api
-            .twin_call(&id, twin_request::Request::QueryHistory(req), dl)
+            .twin_call_as(
+                &id,
+                twin_request::Request::QueryHistory(req),
+                dl,
+                self.api.caller_of(&who),
+            )
             .await?
         {
             twin_reply::Reply::QueryHistory(h) => Ok(Response::new(h)),
@@ -123,6 +144,7 @@ impl TwinService for Services {
         &self,
         request: Request<WatchTwinRequest>,
     ) -> Result<Response<Self::WatchTwinStream>, Status> {
+        let who = crate::auth::require(&request, twinmesh_twins::privacy::Role::Viewer)?;
         let dl = deadline(&request);
         let id = parse_twin_id(&request.get_ref().twin_id)?;
         // Subscribe first so nothing between the snapshot and the stream is missed.
@@ -134,12 +156,13 @@ impl TwinService for Services {
             .map_err(|e| Status::unavailable(e.to_string()))?;
         let first = match self
             .api
-            .twin_call(
+            .twin_call_as(
                 &id,
                 twin_request::Request::GetTwin(GetTwinRequest {
                     twin_id: id.to_string(),
                 }),
                 dl,
+                self.api.caller_of(&who),
             )
             .await?
         {
@@ -196,12 +219,18 @@ impl TwinService for Services {
         &self,
         request: Request<SetDesiredRequest>,
     ) -> Result<Response<SetDesiredResponse>, Status> {
+        let who = crate::auth::require(&request, twinmesh_twins::privacy::Role::DataOperator)?;
         let dl = deadline(&request);
         let req = request.into_inner();
         let id = parse_twin_id(&req.twin_id)?;
         match self
             .api
-            .twin_call(&id, twin_request::Request::SetDesired(req), dl)
+            .twin_call_as(
+                &id,
+                twin_request::Request::SetDesired(req),
+                dl,
+                self.api.caller_of(&who),
+            )
             .await?
         {
             twin_reply::Reply::SetDesired(r) => Ok(Response::new(r)),
@@ -213,19 +242,26 @@ impl TwinService for Services {
         &self,
         request: Request<SetChainRequest>,
     ) -> Result<Response<SetChainResponse>, Status> {
-        self.set_chain_impl(request).await
+        let who = crate::auth::require(&request, twinmesh_twins::privacy::Role::DataManager)?;
+        self.set_chain_impl(request, who).await
     }
 
     async fn import_history(
         &self,
         request: Request<ImportHistoryRequest>,
     ) -> Result<Response<ImportHistoryResponse>, Status> {
+        let who = crate::auth::require(&request, twinmesh_twins::privacy::Role::DataManager)?;
         let dl = deadline(&request);
         let req = request.into_inner();
         let id = parse_twin_id(&req.twin_id)?;
         match self
             .api
-            .twin_call(&id, twin_request::Request::ImportHistory(req), dl)
+            .twin_call_as(
+                &id,
+                twin_request::Request::ImportHistory(req),
+                dl,
+                self.api.caller_of(&who),
+            )
             .await?
         {
             twin_reply::Reply::ImportHistory(r) => Ok(Response::new(r)),
@@ -238,6 +274,7 @@ impl Services {
     async fn set_chain_impl(
         &self,
         request: Request<SetChainRequest>,
+        who: crate::auth::Identity,
     ) -> Result<Response<SetChainResponse>, Status> {
         let dl = deadline(&request);
         let req = request.into_inner();
@@ -247,7 +284,12 @@ impl Services {
         }
         match self
             .api
-            .twin_call(&id, twin_request::Request::SetChain(req), dl)
+            .twin_call_as(
+                &id,
+                twin_request::Request::SetChain(req),
+                dl,
+                self.api.caller_of(&who),
+            )
             .await?
         {
             twin_reply::Reply::SetChain(r) => Ok(Response::new(r)),
@@ -262,6 +304,7 @@ impl MeshService for Services {
         &self,
         _request: Request<ListNodesRequest>,
     ) -> Result<Response<ListNodesResponse>, Status> {
+        let _who = crate::auth::require(&_request, twinmesh_twins::privacy::Role::Viewer)?;
         Ok(Response::new(ListNodesResponse {
             nodes: self.api.list_nodes().await?,
         }))
@@ -271,6 +314,7 @@ impl MeshService for Services {
         &self,
         request: Request<MigrateTwinRequest>,
     ) -> Result<Response<MigrateTwinResponse>, Status> {
+        let _who = crate::auth::require(&request, twinmesh_twins::privacy::Role::DataManager)?;
         let req = request.into_inner();
         parse_twin_id(&req.twin_id)?;
         match self
@@ -287,6 +331,7 @@ impl MeshService for Services {
         &self,
         request: Request<DrainNodeRequest>,
     ) -> Result<Response<DrainNodeResponse>, Status> {
+        let _who = crate::auth::require(&request, twinmesh_twins::privacy::Role::DataManager)?;
         let req = request.into_inner();
         req.node
             .parse::<twinmesh_twins::NodeId>()
@@ -306,6 +351,7 @@ impl MeshService for Services {
         &self,
         request: Request<GetPlacementRequest>,
     ) -> Result<Response<Placement>, Status> {
+        let _who = crate::auth::require(&request, twinmesh_twins::privacy::Role::Viewer)?;
         let id = parse_twin_id(&request.get_ref().twin_id)?;
         self.api
             .placement(&id)
@@ -342,13 +388,20 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(twinmesh_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    // Health and reflection stay open; every twinmesh service checks its callers.
+    let auth = crate::auth::AuthInterceptor {
+        auth: services.auth.clone(),
+    };
     tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(TwinServiceServer::new(services.clone()))
-        .add_service(MeshServiceServer::new(services))
-        .add_service(ModelServiceServer::new(models))
-        .add_service(PrivacyServiceServer::new(privacy))
+        .add_service(TwinServiceServer::with_interceptor(
+            services.clone(),
+            auth.clone(),
+        ))
+        .add_service(MeshServiceServer::with_interceptor(services, auth.clone()))
+        .add_service(ModelServiceServer::with_interceptor(models, auth.clone()))
+        .add_service(PrivacyServiceServer::with_interceptor(privacy, auth))
         .serve_with_incoming_shutdown(
             // Small RPCs must not wait for Nagle's algorithm.
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),

@@ -8,6 +8,7 @@
 //! - [`runtime`]: [`runtime::RunningNode`] starts/stops one node; [`run`] is what the
 //!   binary calls.
 //! - [`api`]: location-transparent operations (twin RPC over the fabric, listings).
+//! - [`auth`]: bearer JWTs and the least role of each RPC.
 //! - [`grpc`]: `TwinService` and `MeshService` (tonic), health, reflection.
 //! - [`models`]: the cloud's model registry, training on archived features,
 //!   deployment to twins, `ModelService`.
@@ -22,6 +23,7 @@
 //! - [`cli`]: argument parsing for the binary.
 
 pub mod api;
+pub mod auth;
 pub mod bench;
 pub mod bench_models;
 pub mod cli;

@@ -562,6 +562,7 @@ impl ModelService for Models {
         &self,
         request: Request<TrainModelRequest>,
     ) -> Result<Response<ProgressStream>, Status> {
+        let _who = crate::auth::require(&request, twinmesh_twins::privacy::Role::DataManager)?;
         let (store, registry) = self.cloud().await?;
         let job = self.job(request.get_ref(), &store).await?;
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<TrainModelProgress, Status>>(16);
@@ -620,6 +621,7 @@ impl ModelService for Models {
         &self,
         request: Request<ListModelsRequest>,
     ) -> Result<Response<ListModelsResponse>, Status> {
+        let _who = crate::auth::require(&request, twinmesh_twins::privacy::Role::Viewer)?;
         let (_, registry) = self.cloud().await?;
         let req = request.into_inner();
         Ok(Response::new(ListModelsResponse {
@@ -631,6 +633,7 @@ impl ModelService for Models {
         &self,
         request: Request<DeployModelRequest>,
     ) -> Result<Response<DeployModelResponse>, Status> {
+        let _who = crate::auth::require(&request, twinmesh_twins::privacy::Role::DataManager)?;
         let (_, registry) = self.cloud().await?;
         let req = request.into_inner();
         validate_model_id(&req.model_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -682,6 +685,7 @@ impl ModelService for Models {
         &self,
         request: Request<ImportModelRequest>,
     ) -> Result<Response<ModelInfo>, Status> {
+        let _who = crate::auth::require(&request, twinmesh_twins::privacy::Role::DataManager)?;
         let (_, registry) = self.cloud().await?;
         let mut req = request.into_inner();
         validate_model_id(&req.model_id).map_err(|e| Status::invalid_argument(e.to_string()))?;

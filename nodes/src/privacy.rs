@@ -27,11 +27,17 @@ impl PrivacyService for Privacy {
         &self,
         request: Request<GetPolicyRequest>,
     ) -> Result<Response<PrivacyPolicy>, Status> {
+        let who = crate::auth::require(&request, twinmesh_twins::privacy::Role::Viewer)?;
         let req = request.into_inner();
         let id = parse_twin_id(&req.twin_id)?;
         match self
             .api
-            .twin_call(&id, twin_request::Request::GetPolicy(req), None)
+            .twin_call_as(
+                &id,
+                twin_request::Request::GetPolicy(req),
+                None,
+                self.api.caller_of(&who),
+            )
             .await?
         {
             twin_reply::Reply::Policy(p) => Ok(Response::new(p)),
@@ -43,6 +49,7 @@ impl PrivacyService for Privacy {
         &self,
         request: Request<SetPolicyRequest>,
     ) -> Result<Response<PrivacyPolicy>, Status> {
+        let who = crate::auth::require(&request, twinmesh_twins::privacy::Role::DataOwner)?;
         let req = request.into_inner();
         let twin_id = req
             .policy
@@ -52,7 +59,12 @@ impl PrivacyService for Privacy {
         let id = parse_twin_id(&twin_id)?;
         match self
             .api
-            .twin_call(&id, twin_request::Request::SetPolicy(req), None)
+            .twin_call_as(
+                &id,
+                twin_request::Request::SetPolicy(req),
+                None,
+                self.api.caller_of(&who),
+            )
             .await?
         {
             twin_reply::Reply::Policy(p) => Ok(Response::new(p)),
@@ -64,11 +76,17 @@ impl PrivacyService for Privacy {
         &self,
         request: Request<GetBudgetRequest>,
     ) -> Result<Response<Budget>, Status> {
+        let who = crate::auth::require(&request, twinmesh_twins::privacy::Role::Viewer)?;
         let req = request.into_inner();
         let id = parse_twin_id(&req.twin_id)?;
         match self
             .api
-            .twin_call(&id, twin_request::Request::GetBudget(req), None)
+            .twin_call_as(
+                &id,
+                twin_request::Request::GetBudget(req),
+                None,
+                self.api.caller_of(&who),
+            )
             .await?
         {
             twin_reply::Reply::Budget(b) => Ok(Response::new(b)),
@@ -80,6 +98,7 @@ impl PrivacyService for Privacy {
         &self,
         request: Request<ReleaseAggregateRequest>,
     ) -> Result<Response<ReleaseAggregateResponse>, Status> {
+        let who = crate::auth::require(&request, twinmesh_twins::privacy::Role::DataManager)?;
         let req = request.into_inner();
         let Some(first) = req.twin_ids.first() else {
             return Err(Status::invalid_argument(
@@ -98,7 +117,12 @@ impl PrivacyService for Privacy {
         }));
         match self
             .api
-            .twin_call(&id, twin_request::Request::Release(req), deadline)
+            .twin_call_as(
+                &id,
+                twin_request::Request::Release(req),
+                deadline,
+                self.api.caller_of(&who),
+            )
             .await?
         {
             twin_reply::Reply::Release(r) => Ok(Response::new(r)),

@@ -104,6 +104,7 @@ impl RunningNode {
             Some(addr) => Some(http::bind(addr).await?),
             None => None,
         };
+        let auth = crate::auth::Authenticator::load(&config.auth)?;
         let site_key = match &config.site_key_file {
             Some(path) => Some(Arc::new(crate::config::load_key_ring(path, "site key")?)),
             None => None,
@@ -202,6 +203,7 @@ impl RunningNode {
         if let Some(listener) = grpc_listener {
             let services = grpc::Services {
                 api: api.clone(),
+                auth: auth.clone(),
                 cancel: servers.clone(),
                 tasks: ctx.tasks.clone(),
             };

@@ -246,7 +246,7 @@ async fn a_twin_whose_data_must_stay_on_site_waits_for_its_site_and_never_reache
     let id = "site-b/pm-01";
     let before = eventually(WAIT, "streaming", || async {
         let t = twin(&cloud, id).await.ok()?;
-        (t.reported.get("household_energy")?.seq >= 3).then_some(t)
+        (t.reported.get("voltage")?.seq >= 3).then_some(t)
     })
     .await;
     let epoch0 = before.placement.unwrap().epoch;
@@ -312,13 +312,14 @@ async fn a_twin_whose_data_must_stay_on_site_waits_for_its_site_and_never_reache
     let back = eventually(WAIT, "the twin back on its site", || async {
         let t = twin(&cloud, id).await.ok()?;
         let p = t.placement.clone()?;
-        (p.node == "edge-b"
-            && t.reported.get("household_energy")?.seq
-                > before.reported["household_energy"].seq + 3)
+        (p.node == "edge-b" && t.reported.get("voltage")?.seq > before.reported["voltage"].seq + 3)
             .then_some(t)
     })
     .await;
     assert!(back.placement.unwrap().epoch > epoch0);
+    // Read through the cloud, the personal signal is withheld, never shown.
+    assert!(!back.reported.contains_key("household_energy"));
+    assert!(back.withheld.contains(&"household_energy".to_owned()));
 
     // Nothing of it ever lived on, or was stored by, the cloud node.
     let on_cloud = twinmesh_tests::Cluster::node(&c, "cloud")

@@ -28,6 +28,9 @@ const WAIT: Duration = Duration::from_secs(60);
 const SENTINEL: f64 = 437.0615234375;
 const SIGNAL: &str = "cycle_time";
 
+/// Every (key, payload) an outside subscriber received.
+type Seen = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
 async fn privacy(endpoint: &str) -> PrivacyServiceClient<tonic::transport::Channel> {
     PrivacyServiceClient::connect(endpoint.to_owned())
         .await
@@ -123,7 +126,7 @@ async fn site_only_values_stay_on_site_and_releases_spend_exactly_their_budget()
 
     // An outside client on the cloud's endpoint sees everything published on twinmesh/**.
     let outside = zenoh_client(&cloud_zenoh).await;
-    let seen: Arc<Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+    let seen: Seen = Arc::default();
     let seen2 = seen.clone();
     let _sub = outside
         .declare_subscriber("twinmesh/**")
@@ -280,7 +283,8 @@ async fn site_only_values_stay_on_site_and_releases_spend_exactly_their_budget()
     )
     .await;
 
-    // The budget survives a restart of the twin's node ...
+    // The budget survives a restart of the twin's node (stopping it fails the twin over
+    // to the other edge, from the cloud's replica) ...
     let node = placement.node.clone();
     c.nodes.get_mut(&node).unwrap().stop().unwrap();
     c.restart(&node).unwrap();

@@ -443,6 +443,31 @@ impl TryFrom<proto::Twin> for TwinCore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn policy_and_ledger_survive_the_off_site_snapshot() {
+        let id: TwinId = "site-a/cs-01".parse().unwrap();
+        let mut core = TwinCore::new(id, AssetKind::CrankshaftLine);
+        core.policy.epsilon_per_period = 1.0;
+        core.policy.version = 2;
+        core.ledger.charge(0.3, 0.0);
+        core.ledger.period_start_ns = 86_400_000_000_000;
+        core.reported.insert(
+            "cycle_time".into(),
+            Reported {
+                value: 437.0,
+                timestamp_ns: 5,
+                seq: 9,
+            },
+        );
+        let mut t = core.to_proto(None);
+        core.policy.gate_snapshot_twin(&mut t);
+        let back = TwinCore::try_from(t).unwrap();
+        assert_eq!(back.ledger, core.ledger);
+        assert_eq!(back.policy, core.policy);
+        assert_eq!(back.reported["cycle_time"].seq, 9);
+        assert!(back.reported["cycle_time"].value.is_nan());
+    }
     use proptest::prelude::*;
 
     fn twin() -> TwinCore {

@@ -1,0 +1,456 @@
+//! Callers of the gRPC API (DESIGN §10): bearer JWTs, OIDC-compatible.
+//!
+//! A node configured with keys (an HS256 secret, an RS256/ES256 public key in PEM, or a
+//! JWKS document) checks every call's `authorization: Bearer …` token: signature,
+//! expiry, issuer and audience when configured, and the roles claim (a string or a list,
+//! at a dotted path such as `realm_access.roles`); the highest known role counts. Each
+//! RPC states its least role ([`require`]): missing or invalid token →
+//! `UNAUTHENTICATED`, too low a role → `PERMISSION_DENIED`. A node without keys lets
+//! every caller in as `data_owner` (a trusted network, e.g. `twinmesh up`); the twins
+//! still gate what crosses their site.
+//!
+//! Tokens and keys never appear in logs or errors.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::{Deserialize, Serialize};
+use tonic::{Request, Status};
+
+use twinmesh_twins::privacy::Role;
+
+/// How a node checks callers (all optional: none → no authentication).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// File holding the HS256 shared secret (its bytes, trailing newline trimmed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hs256_secret_file: Option<PathBuf>,
+    /// PEM public key (RSA for RS256, EC P-256 for ES256).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key_file: Option<PathBuf>,
+    /// JWKS document (an OIDC issuer's `jwks_uri` content, saved to a file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_file: Option<PathBuf>,
+    /// Required `iss`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    /// Required `aud`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
+    /// Claim holding the role(s); dotted for nested claims.
+    #[serde(default = "default_roles_claim")]
+    pub roles_claim: String,
+}
+
+fn default_roles_claim() -> String {
+    "roles".to_owned()
+}
+
+impl AuthConfig {
+    pub fn enabled(&self) -> bool {
+        self.hs256_secret_file.is_some()
+            || self.public_key_file.is_some()
+            || self.jwks_file.is_some()
+    }
+}
+
+/// Who is calling, as established by the token (or the default without auth).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub subject: String,
+    pub role: Role,
+}
+
+struct Key {
+    kid: Option<String>,
+    algorithms: Vec<Algorithm>,
+    key: DecodingKey,
+}
+
+/// Checks bearer tokens against the configured keys.
+pub struct Authenticator {
+    keys: Vec<Key>,
+    issuer: Option<String>,
+    audience: Option<String>,
+    roles_claim: String,
+}
+
+fn read(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {what} {}: {e}", path.display()))
+}
+
+impl Authenticator {
+    pub fn load(cfg: &AuthConfig) -> anyhow::Result<Option<Arc<Authenticator>>> {
+        if !cfg.enabled() {
+            return Ok(None);
+        }
+        let mut keys = Vec::new();
+        if let Some(p) = &cfg.hs256_secret_file {
+            let mut secret = read(p, "hs256 secret file")?;
+            while secret.last().is_some_and(|b| b.is_ascii_whitespace()) {
+                secret.pop();
+            }
+            if secret.len() < 32 {
+                anyhow::bail!(
+                    "hs256 secret file {}: at least 32 bytes needed, {} found",
+                    p.display(),
+                    secret.len()
+                );
+            }
+            keys.push(Key {
+                kid: None,
+                algorithms: vec![Algorithm::HS256],
+                key: DecodingKey::from_secret(&secret)?,
+            });
+        }
+        if let Some(p) = &cfg.public_key_file {
+            let pem = read(p, "public key file")?;
+            let key = if let Ok(k) = DecodingKey::from_rsa_pem(&pem) {
+                Key {
+                    kid: None,
+                    algorithms: vec![Algorithm::RS256],
+                    key: k,
+                }
+            } else if let Ok(k) = DecodingKey::from_ec_pem(&pem) {
+                Key {
+                    kid: None,
+                    algorithms: vec![Algorithm::ES256],
+                    key: k,
+                }
+            } else {
+                anyhow::bail!(
+                    "public key file {}: not an RSA or EC public key in PEM",
+                    p.display()
+                );
+            };
+            keys.push(key);
+        }
+        if let Some(p) = &cfg.jwks_file {
+            let text = read(p, "jwks file")?;
+            let set: JwkSet = serde_json::from_slice(&text)
+                .map_err(|e| anyhow::anyhow!("jwks file {}: {e}", p.display()))?;
+            for jwk in &set.keys {
+                let key = DecodingKey::from_jwk(jwk)
+                    .map_err(|e| anyhow::anyhow!("jwks file {}: {e}", p.display()))?;
+                let algorithms = match jwk.common.key_algorithm {
+                    Some(a) => vec![a
+                        .to_string()
+                        .parse::<Algorithm>()
+                        .map_err(|e| anyhow::anyhow!("jwks file {}: {e}", p.display()))?],
+                    None => match &jwk.algorithm {
+                        jsonwebtoken::jwk::AlgorithmParameters::RSA(_) => vec![Algorithm::RS256],
+                        jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(_) => {
+                            vec![Algorithm::ES256]
+                        }
+                        _ => anyhow::bail!(
+                            "jwks file {}: key without alg of an unsupported type",
+                            p.display()
+                        ),
+                    },
+                };
+                keys.push(Key {
+                    kid: jwk.common.key_id.clone(),
+                    algorithms,
+                    key,
+                });
+            }
+            if set.keys.is_empty() {
+                anyhow::bail!("jwks file {}: no keys", p.display());
+            }
+        }
+        Ok(Some(Arc::new(Authenticator {
+            keys,
+            issuer: cfg.issuer.clone(),
+            audience: cfg.audience.clone(),
+            roles_claim: cfg.roles_claim.clone(),
+        })))
+    }
+
+    /// Checks one token; errors say what is wrong without echoing it.
+    pub fn authenticate(&self, token: &str) -> Result<Identity, Status> {
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| Status::unauthenticated("malformed bearer token"))?;
+        let mut last = Status::unauthenticated(format!(
+            "no configured key accepts tokens signed with {:?}",
+            header.alg
+        ));
+        for k in &self.keys {
+            if !k.algorithms.contains(&header.alg) {
+                continue;
+            }
+            if let (Some(want), Some(got)) = (&k.kid, &header.kid) {
+                if want != got {
+                    continue;
+                }
+            }
+            let mut v = Validation::new(header.alg);
+            v.leeway = 30;
+            v.set_required_spec_claims(&["exp"]);
+            match &self.issuer {
+                Some(i) => v.set_issuer(&[i]),
+                None => v.iss = None,
+            }
+            match &self.audience {
+                Some(a) => v.set_audience(&[a]),
+                None => v.validate_aud = false,
+            }
+            match jsonwebtoken::decode::<serde_json::Value>(token, &k.key, &v) {
+                Ok(data) => return self.identity(&data.claims),
+                Err(e) => {
+                    use jsonwebtoken::errors::ErrorKind as K;
+                    let why = match e.kind() {
+                        K::ExpiredSignature => "expired token",
+                        K::InvalidIssuer => "wrong token issuer",
+                        K::InvalidAudience => "wrong token audience",
+                        K::InvalidSignature => "invalid token signature",
+                        K::MissingRequiredClaim(_) => "token without exp",
+                        K::ImmatureSignature => "token not yet valid",
+                        _ => "invalid bearer token",
+                    };
+                    last = Status::unauthenticated(why);
+                }
+            }
+        }
+        Err(last)
+    }
+
+    fn identity(&self, claims: &serde_json::Value) -> Result<Identity, Status> {
+        let mut v = claims;
+        for part in self.roles_claim.split('.') {
+            v = v.get(part).unwrap_or(&serde_json::Value::Null);
+        }
+        let names: Vec<&str> = match v {
+            serde_json::Value::String(s) => vec![s.as_str()],
+            serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_str()).collect(),
+            _ => Vec::new(),
+        };
+        let role = names.into_iter().filter_map(Role::parse).max().ok_or_else(|| {
+            Status::permission_denied(format!(
+                "token carries no twinmesh role in claim {:?} (viewer, data_operator, data_manager or data_owner)",
+                self.roles_claim
+            ))
+        })?;
+        Ok(Identity {
+            subject: claims
+                .get("sub")
+                .and_then(|s| s.as_str())
+                .unwrap_or_default()
+                .to_owned(),
+            role,
+        })
+    }
+}
+
+/// Puts the caller's [`Identity`] into each request's extensions (or refuses it).
+#[derive(Clone)]
+pub struct AuthInterceptor {
+    pub auth: Option<Arc<Authenticator>>,
+}
+
+/// A failed authentication, kept for [`require`] to report (so an RPC that needs no
+/// token could still run; every twinmesh RPC needs at least `viewer`).
+#[derive(Clone)]
+struct Refused(Status);
+
+impl tonic::service::Interceptor for AuthInterceptor {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        let Some(auth) = &self.auth else {
+            req.extensions_mut().insert(Identity {
+                subject: String::new(),
+                role: Role::DataOwner,
+            });
+            return Ok(req);
+        };
+        let header = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let outcome = match header.as_deref() {
+            None => Err(Status::unauthenticated("missing bearer token")),
+            Some(h) => match h
+                .strip_prefix("Bearer ")
+                .or_else(|| h.strip_prefix("bearer "))
+            {
+                Some(token) => auth.authenticate(token.trim()),
+                None => Err(Status::unauthenticated(
+                    "authorization header is not a bearer token",
+                )),
+            },
+        };
+        match outcome {
+            Ok(id) => {
+                req.extensions_mut().insert(id);
+            }
+            Err(s) => {
+                req.extensions_mut().insert(Refused(s));
+            }
+        }
+        Ok(req)
+    }
+}
+
+/// The caller of `req` if it holds at least `least`.
+pub fn require<T>(req: &Request<T>, least: Role) -> Result<Identity, Status> {
+    if let Some(Refused(s)) = req.extensions().get::<Refused>() {
+        return Err(s.clone());
+    }
+    let id = req
+        .extensions()
+        .get::<Identity>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("missing bearer token"))?;
+    if id.role < least {
+        return Err(Status::permission_denied(format!(
+            "this call needs the {} role, the caller has {}",
+            least.as_str(),
+            id.role.as_str()
+        )));
+    }
+    Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{encode, EncodingKey, Header};
+
+    fn now() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    }
+
+    fn hs_auth(dir: &Path, issuer: Option<&str>, audience: Option<&str>) -> Arc<Authenticator> {
+        let p = dir.join("secret");
+        std::fs::write(&p, "0123456789abcdef0123456789abcdef\n").unwrap();
+        Authenticator::load(&AuthConfig {
+            hs256_secret_file: Some(p),
+            issuer: issuer.map(Into::into),
+            audience: audience.map(Into::into),
+            roles_claim: "realm_access.roles".into(),
+            ..Default::default()
+        })
+        .unwrap()
+        .unwrap()
+    }
+
+    fn token(secret: &[u8], claims: serde_json::Value) -> String {
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(secret).unwrap(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn hs256_tokens_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = hs_auth(dir.path(), Some("https://idp"), Some("twinmesh"));
+        let good = serde_json::json!({"sub": "ops-1", "iss": "https://idp", "aud": "twinmesh",
+            "exp": now() + 600, "realm_access": {"roles": ["viewer", "data_operator", "other"]}});
+        let secret = b"0123456789abcdef0123456789abcdef";
+        let id = a.authenticate(&token(secret, good.clone())).unwrap();
+        assert_eq!(id.role, Role::DataOperator);
+        assert_eq!(id.subject, "ops-1");
+        let check = |claims: serde_json::Value, key: &[u8], want: &str| {
+            let e = a.authenticate(&token(key, claims)).unwrap_err();
+            assert!(e.message().contains(want), "{}", e.message());
+            e.code()
+        };
+        let mut expired = good.clone();
+        expired["exp"] = (now() - 3600).into();
+        assert_eq!(
+            check(expired, secret, "expired"),
+            tonic::Code::Unauthenticated
+        );
+        let mut aud = good.clone();
+        aud["aud"] = "someone-else".into();
+        check(aud, secret, "audience");
+        let mut iss = good.clone();
+        iss["iss"] = "https://evil".into();
+        check(iss, secret, "issuer");
+        check(
+            good.clone(),
+            b"another-secret-another-secret-xx",
+            "signature",
+        );
+        let mut no_role = good.clone();
+        no_role["realm_access"]["roles"] = serde_json::json!(["admin"]);
+        assert_eq!(
+            check(no_role, secret, "no twinmesh role"),
+            tonic::Code::PermissionDenied
+        );
+        let e = a.authenticate("not.a.token").unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        assert!(!e.message().contains("not.a.token"));
+    }
+
+    #[test]
+    fn least_roles_are_enforced() {
+        let mut i = AuthInterceptor { auth: None };
+        use tonic::service::Interceptor;
+        let req = i.call(Request::new(())).unwrap();
+        assert_eq!(
+            require(&req, Role::DataOwner).unwrap().role,
+            Role::DataOwner
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let mut i = AuthInterceptor {
+            auth: Some(hs_auth(dir.path(), None, None)),
+        };
+        let req = i.call(Request::new(())).unwrap();
+        assert_eq!(
+            require(&req, Role::Viewer).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+        let t = token(
+            b"0123456789abcdef0123456789abcdef",
+            serde_json::json!({"exp": now() + 60, "realm_access": {"roles": "viewer"}}),
+        );
+        let mut r = Request::new(());
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+        let req = i.call(r).unwrap();
+        assert!(require(&req, Role::Viewer).is_ok());
+        let e = require(&req, Role::DataOperator).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert!(e.message().contains("needs the data_operator role"));
+    }
+
+    #[test]
+    fn short_secrets_and_bad_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        std::fs::write(&p, "short").unwrap();
+        let e = Authenticator::load(&AuthConfig {
+            hs256_secret_file: Some(p.clone()),
+            ..Default::default()
+        })
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            e.contains("at least 32 bytes") && !e.contains("short\""),
+            "{e}"
+        );
+        std::fs::write(
+            &p,
+            "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n",
+        )
+        .unwrap();
+        assert!(Authenticator::load(&AuthConfig {
+            public_key_file: Some(p),
+            ..Default::default()
+        })
+        .is_err());
+        assert!(Authenticator::load(&AuthConfig::default())
+            .unwrap()
+            .is_none());
+    }
+}

@@ -146,6 +146,9 @@ pub struct NodeArgs {
     /// protected signals travel sealed with it.
     #[arg(long, value_name = "FILE")]
     pub site_key: Option<PathBuf>,
+    /// Encrypt history, snapshots, replicas and the spool at rest with this key file.
+    #[arg(long, value_name = "FILE")]
+    pub at_rest_key: Option<PathBuf>,
     /// gRPC callers need a bearer JWT signed with this HS256 secret (file).
     #[arg(long, value_name = "FILE")]
     pub auth_hs256_secret: Option<PathBuf>,
@@ -190,6 +193,7 @@ impl NodeArgs {
         cfg.seed = self.seed;
         cfg.passivate_after_s = self.passivate_after;
         cfg.site_key_file = self.site_key;
+        cfg.at_rest_key_file = self.at_rest_key;
         cfg.auth = crate::auth::AuthConfig {
             hs256_secret_file: self.auth_hs256_secret,
             public_key_file: self.auth_public_key,

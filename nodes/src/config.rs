@@ -165,6 +165,12 @@ fn default_capacity() -> u32 {
 fn default_seed() -> u64 {
     1
 }
+fn default_encrypt_trees() -> Vec<String> {
+    crate::store::SENSITIVE_TREES
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
 
 /// Everything one `twinmesh node` needs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -228,6 +234,13 @@ pub struct NodeConfig {
     /// they do not publish them at all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub site_key_file: Option<PathBuf>,
+    /// Key file for encryption at rest (`twinmesh keys new`): the values of
+    /// `encrypt_trees` are AES-256-GCM sealed with its newest key; older keys still open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_rest_key_file: Option<PathBuf>,
+    /// Trees sealed at rest when a key is given (default: every sensitive one).
+    #[serde(default = "default_encrypt_trees")]
+    pub encrypt_trees: Vec<String>,
     /// Bearer-token authentication of gRPC callers (`[auth]`; none: every caller is
     /// trusted as data_owner).
     #[serde(default)]
@@ -265,6 +278,8 @@ impl NodeConfig {
             seed: default_seed(),
             passivate_after_s: 0,
             site_key_file: None,
+            at_rest_key_file: None,
+            encrypt_trees: default_encrypt_trees(),
             auth: Default::default(),
         }
     }

@@ -109,7 +109,18 @@ impl RunningNode {
             Some(path) => Some(Arc::new(crate::config::load_key_ring(path, "site key")?)),
             None => None,
         };
-        let store = Arc::new(SledStore::open(&config.data, config.cache_mb)?);
+        let at_rest = match &config.at_rest_key_file {
+            Some(path) => Some(crate::store::AtRest {
+                keys: Arc::new(crate::config::load_key_ring(path, "at-rest key")?),
+                trees: config.encrypt_trees.clone(),
+            }),
+            None => None,
+        };
+        let store = Arc::new(SledStore::open_with(
+            &config.data,
+            config.cache_mb,
+            at_rest,
+        )?);
         let fabric = Arc::new(ZenohFabric::open(&config).await?);
         let locators = fabric.locators().await;
         let shared_fabric: SharedFabric = fabric.clone();

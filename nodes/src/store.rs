@@ -14,11 +14,13 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use prost::Message;
 
 use twinmesh_actors::ports::{Store, StoredFrame};
+use twinmesh_actors::seal::KeyRing;
 use twinmesh_actors::{Error, Result};
 use twinmesh_twins::dsp::codec;
 use twinmesh_twins::proto::{Bucket, ModelRecord, Placement, TelemetryFrame, TwinSnapshot};
@@ -41,7 +43,20 @@ pub struct SledStore {
     writes: AtomicU64,
     durable: AtomicU64,
     flush_lock: tokio::sync::Mutex<()>,
+    /// Encryption at rest: values of these trees are AES-256-GCM sealed, bound to their
+    /// tree and key.
+    at_rest: Option<AtRest>,
 }
+
+/// Which trees are sealed at rest, and with which keys.
+#[derive(Clone)]
+pub struct AtRest {
+    pub keys: Arc<KeyRing>,
+    pub trees: Vec<String>,
+}
+
+/// Trees that hold raw or personal values: history, snapshots, replicas, the spool.
+pub const SENSITIVE_TREES: [&str; 4] = ["ts", "snap", "replica", "spool"];
 
 fn series_prefix(twin: &TwinId, signal: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(64);
@@ -125,6 +140,16 @@ impl FrameView {
     }
 }
 
+/// Associated data of a value sealed at rest: its tree and key (a value moved to
+/// another key does not open).
+fn rest_context(tree: &str, key: &[u8]) -> Vec<u8> {
+    let mut c = Vec::with_capacity(tree.len() + 1 + key.len());
+    c.extend_from_slice(tree.as_bytes());
+    c.push(0);
+    c.extend_from_slice(key);
+    c
+}
+
 fn spool_prefix(twin: &TwinId, signal: &str) -> Vec<u8> {
     series_prefix(twin, signal)
 }
@@ -147,6 +172,21 @@ fn decode<M: Message + Default>(what: &'static str, bytes: &[u8]) -> Result<M> {
 
 impl SledStore {
     pub fn open(dir: &Path, cache_mb: u64) -> anyhow::Result<Self> {
+        Self::open_with(dir, cache_mb, None)
+    }
+
+    /// Opens the database, sealing the values of `at_rest.trees` with its keys.
+    pub fn open_with(dir: &Path, cache_mb: u64, at_rest: Option<AtRest>) -> anyhow::Result<Self> {
+        if let Some(a) = &at_rest {
+            for t in &a.trees {
+                if !SENSITIVE_TREES.contains(&t.as_str()) {
+                    anyhow::bail!(
+                        "unknown tree {t:?} to encrypt: expected some of {}",
+                        SENSITIVE_TREES.join(", ")
+                    );
+                }
+            }
+        }
         std::fs::create_dir_all(dir)
             .map_err(|e| anyhow::anyhow!("cannot create data directory {}: {e}", dir.display()))?;
         let db = sled::Config::new()
@@ -177,7 +217,49 @@ impl SledStore {
             writes: AtomicU64::new(0),
             durable: AtomicU64::new(0),
             flush_lock: tokio::sync::Mutex::new(()),
+            at_rest,
         })
+    }
+
+    fn sealed_tree(&self, tree: &str) -> Option<&KeyRing> {
+        self.at_rest
+            .as_ref()
+            .filter(|a| a.trees.iter().any(|t| t == tree))
+            .map(|a| &*a.keys)
+    }
+
+    /// What is written for `plain` under `key` of `tree`.
+    fn seal(&self, tree: &str, key: &[u8], plain: Vec<u8>) -> Vec<u8> {
+        match self.sealed_tree(tree) {
+            Some(ring) => ring.seal(&rest_context(tree, key), &plain),
+            None => plain,
+        }
+    }
+
+    /// The plaintext of a stored value; a tampered or unsealed value in a sealed tree is
+    /// an error, never data.
+    fn open_value<'a>(
+        &self,
+        tree: &str,
+        key: &[u8],
+        stored: &'a [u8],
+    ) -> Result<std::borrow::Cow<'a, [u8]>> {
+        match self.sealed_tree(tree) {
+            None => Ok(std::borrow::Cow::Borrowed(stored)),
+            Some(ring) => ring
+                .open(&rest_context(tree, key), stored)
+                .map(std::borrow::Cow::Owned)
+                .map_err(|e| {
+                    Error::store(format!(
+                        "encrypted tree {tree}: value of {} cannot be read: {e}",
+                        String::from_utf8_lossy(key).replace('\0', "/")
+                    ))
+                }),
+        }
+    }
+
+    fn view(&self, prefix_len: usize, key: &[u8], value: &[u8]) -> Result<FrameView> {
+        FrameView::parse(prefix_len, key, &self.open_value("ts", key, value)?)
     }
 
     /// Bytes the database occupies on disk.
@@ -209,7 +291,7 @@ impl SledStore {
             .range(ts_key(&prefix, start_ns, 0)..ts_key(&prefix, end_ns, 0))
         {
             let (k, v) = entry.map_err(Error::store)?;
-            let view = FrameView::parse(prefix.len(), &k, &v)?;
+            let view = self.view(prefix.len(), &k, &v)?;
             out.extend(
                 view.samples()
                     .filter(|(t, _)| *t >= start_ns && *t < end_ns),
@@ -271,7 +353,7 @@ impl SledStore {
             .next_back()
         {
             let (k, v) = entry.map_err(Error::store)?;
-            if k.starts_with(&prefix) && !visit(&FrameView::parse(prefix.len(), &k, &v)?) {
+            if k.starts_with(&prefix) && !visit(&self.view(prefix.len(), &k, &v)?) {
                 return Ok(());
             }
         }
@@ -280,7 +362,7 @@ impl SledStore {
             .range(ts_key(&prefix, start_ns, 0)..ts_key(&prefix, end_ns, 0))
         {
             let (k, v) = entry.map_err(Error::store)?;
-            if !visit(&FrameView::parse(prefix.len(), &k, &v)?) {
+            if !visit(&self.view(prefix.len(), &k, &v)?) {
                 break;
             }
         }
@@ -300,7 +382,9 @@ impl Store for SledStore {
         let mut batch = sled::Batch::default();
         for f in frames {
             let prefix = series_prefix(twin, &f.signal);
-            batch.insert(ts_key(&prefix, f.start_ns, f.seq), encode_samples(f));
+            let key = ts_key(&prefix, f.start_ns, f.seq);
+            let value = self.seal("ts", &key, encode_samples(f));
+            batch.insert(key, value);
         }
         self.ts.apply_batch(batch).map_err(Error::store)?;
         self.wrote();
@@ -408,11 +492,16 @@ impl Store for SledStore {
             .unwrap_or_default();
         let rank = |s: &TwinSnapshot| (s.epoch, s.twin.as_ref().map_or(0, |t| t.revision));
         let mut kept = false;
-        let new = snapshot.encode_to_vec();
+        let new = self.seal("replica", id.as_bytes(), snapshot.encode_to_vec());
         self.replica
             .fetch_and_update(id.as_bytes(), |old| {
-                let newer = match old.map(TwinSnapshot::decode) {
-                    Some(Ok(old)) => rank(snapshot) > rank(&old),
+                let old_snap = old.map(|o| {
+                    self.open_value("replica", id.as_bytes(), o)
+                        .ok()
+                        .and_then(|p| TwinSnapshot::decode(&*p).ok())
+                });
+                let newer = match old_snap {
+                    Some(Some(old)) => rank(snapshot) > rank(&old),
                     _ => true,
                 };
                 kept = newer;
@@ -430,10 +519,16 @@ impl Store for SledStore {
     }
 
     fn load_replica(&self, twin: &TwinId) -> Result<Option<TwinSnapshot>> {
+        let key = twin.to_string();
         self.replica
-            .get(twin.to_string().as_bytes())
+            .get(key.as_bytes())
             .map_err(Error::store)?
-            .map(|v| decode("replicated snapshot", &v))
+            .map(|v| {
+                decode(
+                    "replicated snapshot",
+                    &self.open_value("replica", key.as_bytes(), &v)?,
+                )
+            })
             .transpose()
     }
 
@@ -443,8 +538,9 @@ impl Store for SledStore {
             .as_ref()
             .map(|t| t.twin_id.clone())
             .unwrap_or_default();
+        let value = self.seal("snap", id.as_bytes(), snapshot.encode_to_vec());
         self.snap
-            .insert(id.as_bytes(), snapshot.encode_to_vec())
+            .insert(id.as_bytes(), value)
             .map_err(Error::store)?;
         self.wrote();
         Ok(())
@@ -467,10 +563,16 @@ impl Store for SledStore {
     }
 
     fn load_snapshot(&self, twin: &TwinId) -> Result<Option<TwinSnapshot>> {
+        let key = twin.to_string();
         self.snap
-            .get(twin.to_string().as_bytes())
+            .get(key.as_bytes())
             .map_err(Error::store)?
-            .map(|v| decode("twin snapshot", &v))
+            .map(|v| {
+                decode(
+                    "twin snapshot",
+                    &self.open_value("snap", key.as_bytes(), &v)?,
+                )
+            })
             .transpose()
     }
 
@@ -537,13 +639,9 @@ impl Store for SledStore {
 
     fn spool_put(&self, frame: &TelemetryFrame) -> Result<()> {
         let twin: TwinId = frame.twin_id.parse()?;
-        let old = self
-            .spool
-            .insert(
-                spool_key(&twin, &frame.signal, frame.seq),
-                frame.encode_to_vec(),
-            )
-            .map_err(Error::store)?;
+        let key = spool_key(&twin, &frame.signal, frame.seq);
+        let value = self.seal("spool", &key, frame.encode_to_vec());
+        let old = self.spool.insert(key, value).map_err(Error::store)?;
         if old.is_none() {
             self.spool_len.fetch_add(1, SeqCst);
         }
@@ -582,7 +680,10 @@ impl Store for SledStore {
         self.spool
             .range(spool_key(twin, signal, from)..end)
             .take(max)
-            .map(|e| decode("spooled frame", &e.map_err(Error::store)?.1))
+            .map(|e| {
+                let (k, v) = e.map_err(Error::store)?;
+                decode("spooled frame", &self.open_value("spool", &k, &v)?)
+            })
             .collect()
     }
 
@@ -643,6 +744,133 @@ mod tests {
             samples,
             scale: 1.0,
         }
+    }
+
+    fn ring(lines: &str) -> Arc<KeyRing> {
+        Arc::new(KeyRing::parse(lines).unwrap())
+    }
+
+    fn encrypted(dir: &Path, keys: &Arc<KeyRing>) -> SledStore {
+        SledStore::open_with(
+            dir,
+            8,
+            Some(AtRest {
+                keys: keys.clone(),
+                trees: SENSITIVE_TREES.iter().map(|s| s.to_string()).collect(),
+            }),
+        )
+        .unwrap()
+    }
+
+    /// Every value byte of `tree`.
+    fn raw_values(s: &SledStore, tree: &sled::Tree) -> Vec<u8> {
+        let _ = s;
+        tree.iter().flat_map(|e| e.unwrap().1.to_vec()).collect()
+    }
+
+    #[test]
+    fn sensitive_trees_are_encrypted_at_rest_with_rotating_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let k1 = KeyRing::generate_line("k1").unwrap();
+        let k2 = KeyRing::generate_line("k2").unwrap();
+        let id: TwinId = "s/a".parse().unwrap();
+        let sentinel = 437.0615234375f64;
+        {
+            let s = encrypted(dir.path(), &ring(&k1));
+            s.append_frames(&id, &[frame(1, 0, vec![sentinel; 4])])
+                .unwrap();
+            let mut twin = twinmesh_twins::proto::Twin {
+                twin_id: id.to_string(),
+                ..Default::default()
+            };
+            twin.reported.insert(
+                "v".into(),
+                twinmesh_twins::proto::SignalValue {
+                    value: sentinel,
+                    timestamp_ns: 1,
+                    seq: 1,
+                },
+            );
+            s.save_snapshot(&TwinSnapshot {
+                twin: Some(twin),
+                epoch: 1,
+                ..Default::default()
+            })
+            .unwrap();
+            s.spool_put(&TelemetryFrame {
+                twin_id: id.to_string(),
+                signal: "v".into(),
+                seq: 1,
+                samples: vec![sentinel],
+                ..Default::default()
+            })
+            .unwrap();
+            for tree in [&s.ts, &s.snap, &s.spool] {
+                let raw = raw_values(&s, tree);
+                assert!(!raw.is_empty());
+                assert!(
+                    !raw.windows(8).any(|w| w == sentinel.to_le_bytes()),
+                    "plaintext at rest"
+                );
+            }
+            s.flush_blocking().unwrap();
+        }
+        // Rotated: old values open with k1, new ones are sealed with k2.
+        let s = encrypted(dir.path(), &ring(&format!("{k1}{k2}")));
+        let b = s
+            .query_history(&id, "v", 0, 100, 100, Aggregation::Max)
+            .unwrap();
+        assert_eq!(b[0].value, sentinel);
+        assert_eq!(
+            s.load_snapshot(&id)
+                .unwrap()
+                .unwrap()
+                .twin
+                .unwrap()
+                .reported["v"]
+                .value,
+            sentinel
+        );
+        assert_eq!(
+            s.spool_read(&id, "v", 1, 10).unwrap()[0].samples,
+            vec![sentinel]
+        );
+        s.append_frames(&id, &[frame(2, 40, vec![1.0; 4])]).unwrap();
+        let new_key = ts_key(&series_prefix(&id, "v"), 40, 2);
+        let stored = s.ts.get(&new_key).unwrap().unwrap();
+        assert_eq!(twinmesh_actors::seal::sealed_key_id(&stored), Some("k2"));
+        // A flipped byte is an error, never data.
+        let old_key = ts_key(&series_prefix(&id, "v"), 0, 1);
+        let mut bad = s.ts.get(&old_key).unwrap().unwrap().to_vec();
+        let last = bad.len() - 1;
+        bad[last] ^= 0x20;
+        s.ts.insert(&old_key, bad).unwrap();
+        let e = s
+            .query_history(&id, "v", 0, 100, 100, Aggregation::Max)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("encrypted tree ts") && e.contains("failed authentication"),
+            "{e}"
+        );
+        let snap_key = id.to_string();
+        let mut bad = s.snap.get(snap_key.as_bytes()).unwrap().unwrap().to_vec();
+        bad[10] ^= 1;
+        s.snap.insert(snap_key.as_bytes(), bad).unwrap();
+        assert!(s.load_snapshot(&id).is_err());
+        // Without the key, or with another one, nothing reads as data.
+        drop(s);
+        let other = encrypted(dir.path(), &ring(&KeyRing::generate_line("k1").unwrap()));
+        assert!(other.spool_read(&id, "v", 1, 10).is_err());
+        assert!(SledStore::open_with(
+            dir.path(),
+            8,
+            Some(AtRest {
+                keys: ring(&k1),
+                trees: vec!["models".into()]
+            })
+        )
+        .is_err());
     }
 
     #[test]

@@ -38,6 +38,8 @@ pub enum Command {
     Ingest(crate::tools::IngestArgs),
     /// Create or rotate AES-256 key files (site keys).
     Keys(KeysArgs),
+    /// Create a site CA and issue node/device certificates.
+    Certs(crate::certs::CertsArgs),
 }
 
 #[derive(Debug, Args)]
@@ -89,6 +91,10 @@ pub struct UpArgs {
     /// (passivation; 0: never).
     #[arg(long, default_value_t = 0, value_name = "SECONDS")]
     pub passivate_after: u64,
+    /// Mutual TLS on every Zenoh link and TLS on gRPC, with a CA and certificates
+    /// created under DATA/certs.
+    #[arg(long)]
+    pub secure: bool,
 }
 
 #[derive(Debug, Args)]
@@ -146,6 +152,16 @@ pub struct NodeArgs {
     /// protected signals travel sealed with it.
     #[arg(long, value_name = "FILE")]
     pub site_key: Option<PathBuf>,
+    /// Site CA certificate (PEM): with --tls-cert and --tls-key, every Zenoh link is
+    /// mutual TLS (endpoints tls/...) and gRPC is served over TLS.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
+    /// This node's certificate (PEM, from `twinmesh certs issue`).
+    #[arg(long, value_name = "FILE", requires = "tls_ca")]
+    pub tls_cert: Option<PathBuf>,
+    /// This node's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_ca")]
+    pub tls_key: Option<PathBuf>,
     /// Encrypt history, snapshots, replicas and the spool at rest with this key file.
     #[arg(long, value_name = "FILE")]
     pub at_rest_key: Option<PathBuf>,
@@ -194,6 +210,13 @@ impl NodeArgs {
         cfg.passivate_after_s = self.passivate_after;
         cfg.site_key_file = self.site_key;
         cfg.at_rest_key_file = self.at_rest_key;
+        if let (Some(ca), Some(cert), Some(key)) = (self.tls_ca, self.tls_cert, self.tls_key) {
+            cfg.tls = Some(crate::config::TlsConfig {
+                ca_file: ca,
+                cert_file: cert,
+                key_file: key,
+            });
+        }
         cfg.auth = crate::auth::AuthConfig {
             hs256_secret_file: self.auth_hs256_secret,
             public_key_file: self.auth_public_key,

@@ -234,6 +234,10 @@ pub struct NodeConfig {
     /// they do not publish them at all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub site_key_file: Option<PathBuf>,
+    /// TLS: every Zenoh endpoint is `tls/...` with mutual authentication, and gRPC is
+    /// served over TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
     /// Key file for encryption at rest (`twinmesh keys new`): the values of
     /// `encrypt_trees` are AES-256-GCM sealed with its newest key; older keys still open.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -245,6 +249,17 @@ pub struct NodeConfig {
     /// trusted as data_owner).
     #[serde(default)]
     pub auth: crate::auth::AuthConfig,
+}
+
+/// Mutual TLS on the node's Zenoh links and TLS on its gRPC server (`twinmesh certs`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The site CA (`ca.pem`): peers must present a certificate it signed.
+    pub ca_file: PathBuf,
+    /// This node's certificate and private key (`NAME.pem`, `NAME.key`).
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 /// Reads a key file (`KEY_ID HEX64` lines). Errors name the file, never a key.
@@ -278,6 +293,7 @@ impl NodeConfig {
             seed: default_seed(),
             passivate_after_s: 0,
             site_key_file: None,
+            tls: None,
             at_rest_key_file: None,
             encrypt_trees: default_encrypt_trees(),
             auth: Default::default(),
@@ -355,6 +371,18 @@ impl NodeConfig {
                     protocol.as_str(),
                     SUPPORTED_PROTOCOLS.join(" or ")
                 );
+            }
+        }
+        for ep in self.listen.iter().chain(&self.connect) {
+            let tls = ep.starts_with("tls/");
+            match (&self.tls, tls) {
+                (Some(_), false) => anyhow::bail!(
+                    "zenoh endpoint {ep:?} is not tls/: with TLS configured every link is encrypted"
+                ),
+                (None, true) => anyhow::bail!(
+                    "zenoh endpoint {ep:?} needs TLS certificates (--tls-ca, --tls-cert, --tls-key)"
+                ),
+                _ => {}
             }
         }
         if self.mode == ZenohMode::Client && self.connect.is_empty() {

@@ -32,6 +32,10 @@ pub struct CtlArgs {
     /// Deadline of each call in seconds.
     #[arg(long, global = true, default_value_t = 10.0)]
     pub timeout: f64,
+    /// CA certificate (PEM) that signed the node's certificate, for https:// endpoints
+    /// (`twinmesh up --secure`: DATA/certs/ca.pem).
+    #[arg(long, global = true, env = "TWINMESH_CA", value_name = "FILE")]
+    pub ca: Option<std::path::PathBuf>,
     /// Bearer token (JWT) sent with every call; never printed.
     #[arg(long, global = true, env = "TWINMESH_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -281,10 +285,28 @@ fn status_error(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}: {}", code_name(s.code()), s.message())
 }
 
-async fn connect(endpoint: &str, timeout: Duration) -> anyhow::Result<Channel> {
-    Channel::from_shared(endpoint.to_owned())
-        .map_err(|e| anyhow::anyhow!("invalid endpoint {endpoint:?}: {e}"))?
-        .timeout(timeout)
+/// A channel to `endpoint`; `https://` endpoints are verified against `ca`.
+pub async fn connect_tls(
+    endpoint: &str,
+    timeout: Duration,
+    ca: Option<&std::path::Path>,
+) -> anyhow::Result<Channel> {
+    let mut ep = Channel::from_shared(endpoint.to_owned())
+        .map_err(|e| anyhow::anyhow!("invalid endpoint {endpoint:?}: {e}"))?;
+    if endpoint.starts_with("https://") {
+        let Some(ca) = ca else {
+            anyhow::bail!("{endpoint} is https: give the CA certificate with --ca FILE");
+        };
+        let pem = std::fs::read(ca)
+            .map_err(|e| anyhow::anyhow!("cannot read CA {}: {e}", ca.display()))?;
+        ep = ep
+            .tls_config(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(pem)),
+            )
+            .map_err(|e| anyhow::anyhow!("tls: {e}"))?;
+    }
+    ep.timeout(timeout)
         .connect_timeout(Duration::from_secs(3))
         .connect()
         .await
@@ -383,7 +405,7 @@ fn print_twin(t: &proto::Twin) {
 
 pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
     let timeout = Duration::from_secs_f64(args.timeout.max(0.001));
-    let channel = connect(&args.endpoint, timeout).await?;
+    let channel = connect_tls(&args.endpoint, timeout, args.ca.as_deref()).await?;
     let bearer = match &args.token {
         Some(t) => Some(
             format!("Bearer {}", t.trim())

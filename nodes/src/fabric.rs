@@ -84,6 +84,35 @@ pub fn zenoh_config(cfg: &NodeConfig) -> anyhow::Result<zenoh::Config> {
             r#"{ period_init_ms: 250, period_max_ms: 2000, period_increase_factor: 2 }"#.into(),
         )?;
     }
+    if let Some(tls) = &cfg.tls {
+        let path = |p: &std::path::Path| -> anyhow::Result<String> {
+            if !p.is_file() {
+                anyhow::bail!("tls file {} does not exist", p.display());
+            }
+            Ok(serde_json::to_string(&p.display().to_string())?)
+        };
+        let (ca, cert, key) = (
+            path(&tls.ca_file)?,
+            path(&tls.cert_file)?,
+            path(&tls.key_file)?,
+        );
+        set(&mut c, "transport/link/tls/root_ca_certificate", ca)?;
+        set(
+            &mut c,
+            "transport/link/tls/listen_certificate",
+            cert.clone(),
+        )?;
+        set(&mut c, "transport/link/tls/listen_private_key", key.clone())?;
+        set(&mut c, "transport/link/tls/connect_certificate", cert)?;
+        set(&mut c, "transport/link/tls/connect_private_key", key)?;
+        // Both ends present a certificate of the site CA.
+        set(&mut c, "transport/link/tls/enable_mtls", "true".into())?;
+        set(
+            &mut c,
+            "transport/link/tls/verify_name_on_connect",
+            "true".into(),
+        )?;
+    }
     set(&mut c, "transport/link/tx/lease", cfg.lease_ms.to_string())?;
     set(&mut c, "transport/link/tx/keep_alive", "4".into())?;
     Ok(c)

@@ -366,6 +366,7 @@ pub async fn serve(
     listener: TcpListener,
     services: Services,
     models: crate::models::Models,
+    tls: Option<crate::config::TlsConfig>,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -392,7 +393,18 @@ pub async fn serve(
     let auth = crate::auth::AuthInterceptor {
         auth: services.auth.clone(),
     };
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(t) = &tls {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))
+        };
+        let identity =
+            tonic::transport::Identity::from_pem(read(&t.cert_file)?, read(&t.key_file)?);
+        builder = builder
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .map_err(|e| anyhow::anyhow!("grpc tls: {e}"))?;
+    }
+    builder
         .add_service(health_service)
         .add_service(reflection)
         .add_service(TwinServiceServer::with_interceptor(

@@ -13,6 +13,7 @@
 //! - [`models`]: the cloud's model registry, training on archived features,
 //!   deployment to twins, `ModelService`.
 //! - [`privacy`]: `PrivacyService` (policies, budgets, DP releases).
+//! - [`certs`]: `twinmesh certs` (site CA, node certificates).
 //! - [`keys`]: `twinmesh keys` (site key files).
 //! - [`http`]: dashboard, JSON views and `/metrics` (axum).
 //! - [`up`]: the whole mesh in one process (`twinmesh up`).
@@ -26,6 +27,7 @@ pub mod api;
 pub mod auth;
 pub mod bench;
 pub mod bench_models;
+pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod ctl;

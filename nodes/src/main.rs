@@ -18,7 +18,8 @@ fn main() -> ExitCode {
         | Command::Sim(_)
         | Command::Dsp(_)
         | Command::Ingest(_)
-        | Command::Keys(_) => "warn",
+        | Command::Keys(_)
+        | Command::Certs(_) => "warn",
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -66,6 +67,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 data: args.data,
                 seed: args.seed,
                 passivate_after_s: args.passivate_after,
+                secure: args.secure,
             };
             twinmesh_nodes::up::up(opts, shutdown_signal()).await
         }
@@ -79,6 +81,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Ingest(args) => twinmesh_nodes::tools::ingest(args).await,
         Command::Keys(args) => twinmesh_nodes::keys::run(args),
+        Command::Certs(args) => twinmesh_nodes::certs::run(args),
     }
 }
 

@@ -224,8 +224,9 @@ impl RunningNode {
                 cloud: registry.map(|r| (store.clone(), r)),
             };
             let cancel = servers.clone();
+            let tls = config.tls.clone();
             ctx.tasks.spawn(async move {
-                if let Err(e) = grpc::serve(listener, services, models, cancel).await {
+                if let Err(e) = grpc::serve(listener, services, models, tls, cancel).await {
                     tracing::error!("gRPC server stopped: {e}");
                 }
             });

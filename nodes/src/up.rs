@@ -28,6 +28,14 @@ pub struct UpOptions {
     pub seed: u64,
     /// Edges passivate twins idle this many seconds (0: never).
     pub passivate_after_s: u64,
+    /// Mutual TLS on every Zenoh link, TLS on gRPC (a CA and certificates under
+    /// `data/certs`).
+    pub secure: bool,
+}
+
+/// Where `up --secure` keeps its CA and node certificates.
+pub fn certs_dir(data: &std::path::Path) -> PathBuf {
+    data.join("certs")
 }
 
 fn next_port(addr: SocketAddr, offset: u16) -> SocketAddr {
@@ -73,6 +81,24 @@ pub fn plan(opts: &UpOptions) -> anyhow::Result<Vec<NodeConfig>> {
             .collect();
         nodes.push(iot);
     }
+    if opts.secure {
+        let certs = certs_dir(&opts.data);
+        for n in nodes.iter_mut() {
+            let tls = |eps: &mut Vec<String>| {
+                for ep in eps.iter_mut() {
+                    if let Some(rest) = ep.strip_prefix("tcp/") {
+                        *ep = format!("tls/{rest}");
+                    }
+                }
+            };
+            tls(&mut n.listen);
+            n.tls = Some(crate::config::TlsConfig {
+                ca_file: certs.join("ca.pem"),
+                cert_file: certs.join(format!("{}.pem", n.id)),
+                key_file: certs.join(format!("{}.key", n.id)),
+            });
+        }
+    }
     // One site key per site, shared by its edge and gateway (created on first start).
     for n in nodes.iter_mut().filter(|n| n.tier != Tier::Cloud) {
         n.site_key_file = Some(opts.data.join("keys").join(format!("{}.key", n.site)));
@@ -85,6 +111,17 @@ pub fn plan(opts: &UpOptions) -> anyhow::Result<Vec<NodeConfig>> {
 
 /// Starts the planned nodes in order, wiring each to the ones before it.
 pub async fn start(mut plan: Vec<NodeConfig>) -> anyhow::Result<Vec<RunningNode>> {
+    if let Some(tls) = plan.iter().find_map(|c| c.tls.as_ref()) {
+        let dir = tls.ca_file.parent().unwrap_or(std::path::Path::new("."));
+        if !tls.ca_file.exists() {
+            crate::certs::init_ca(dir, "twinmesh up CA", 3650)?;
+        }
+        for c in &plan {
+            if !dir.join(format!("{}.pem", c.id)).exists() {
+                crate::certs::issue(dir, c.id.as_str(), &[], 365)?;
+            }
+        }
+    }
     for key in plan.iter().filter_map(|c| c.site_key_file.as_ref()) {
         if !key.exists() {
             crate::keys::new_key_file(key, "k1")?;

@@ -1,0 +1,280 @@
+//! End-to-end tests of security (issue 5): nodes with mutual TLS refuse plaintext
+//! clients and certificates of another CA; gRPC over TLS; bearer tokens that are
+//! expired, forged or for another audience are refused, and a viewer cannot command a
+//! set-point.
+
+use std::path::Path;
+use std::time::Duration;
+
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use tonic::Code;
+
+use twinmesh_proto::v1::mesh_service_client::MeshServiceClient;
+use twinmesh_proto::v1::twin_service_client::TwinServiceClient;
+use twinmesh_proto::v1::{GetTwinRequest, ListNodesRequest, SetDesiredRequest};
+use twinmesh_tests::{eventually, twin_client, Cluster};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn tls_args(certs: &Path, name: &str) -> Vec<String> {
+    let p = |f: String| certs.join(f).display().to_string();
+    vec![
+        "--tls-ca".into(),
+        p("ca.pem".into()),
+        "--tls-cert".into(),
+        p(format!("{name}.pem")),
+        "--tls-key".into(),
+        p(format!("{name}.key")),
+    ]
+}
+
+/// A Zenoh client session on `endpoint`, with a certificate if given.
+async fn zenoh_tls_client(
+    endpoint: &str,
+    ca: &Path,
+    cert: Option<(&Path, &Path)>,
+) -> zenoh::Result<zenoh::Session> {
+    let mut c = zenoh::Config::default();
+    c.insert_json5("mode", "\"client\"").unwrap();
+    c.insert_json5("connect/endpoints", &format!("[{endpoint:?}]"))
+        .unwrap();
+    c.insert_json5("scouting/multicast/enabled", "false")
+        .unwrap();
+    let q = |p: &Path| format!("{:?}", p.display().to_string());
+    c.insert_json5("transport/link/tls/root_ca_certificate", &q(ca))
+        .unwrap();
+    if let Some((cert, key)) = cert {
+        c.insert_json5("transport/link/tls/connect_certificate", &q(cert))
+            .unwrap();
+        c.insert_json5("transport/link/tls/connect_private_key", &q(key))
+            .unwrap();
+        c.insert_json5("transport/link/tls/enable_mtls", "true")
+            .unwrap();
+    }
+    zenoh::open(c).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secure_nodes_refuse_plaintext_and_certificates_of_another_ca() {
+    let mut c = Cluster::new(1000).unwrap();
+    let certs = c.dir.path().join("certs");
+    twinmesh_nodes::certs::init_ca(&certs, "test CA", 30).unwrap();
+    for n in ["cloud", "edge-a", "client"] {
+        twinmesh_nodes::certs::issue(&certs, n, &[], 30).unwrap();
+    }
+    let foreign = c.dir.path().join("foreign");
+    twinmesh_nodes::certs::init_ca(&foreign, "another CA", 30).unwrap();
+    twinmesh_nodes::certs::issue(&foreign, "intruder", &[], 30).unwrap();
+
+    let cloud_tls = tls_args(&certs, "cloud");
+    let cloud_tls: Vec<&str> = cloud_tls.iter().map(String::as_str).collect();
+    c.start("cloud", "cloud", None, Some("tls/127.0.0.1:0"), &cloud_tls)
+        .unwrap();
+    let edge_tls = tls_args(&certs, "edge-a");
+    let edge_tls: Vec<&str> = edge_tls.iter().map(String::as_str).collect();
+    c.start(
+        "edge",
+        "edge-a",
+        Some("site-a"),
+        Some("tls/127.0.0.1:0"),
+        &edge_tls,
+    )
+    .unwrap();
+    let zenoh_ep = c.node("cloud").ready.zenoh[0].clone();
+    assert!(zenoh_ep.starts_with("tls/"), "{zenoh_ep}");
+
+    // The edge joined over mutual TLS; gRPC answers over TLS with the CA.
+    let https = c
+        .node("cloud")
+        .grpc_endpoint()
+        .replace("http://", "https://");
+    let ca = certs.join("ca.pem");
+    let channel = twinmesh_nodes::ctl::connect_tls(&https, Duration::from_secs(10), Some(&ca))
+        .await
+        .unwrap();
+    let nodes = eventually(WAIT, "the edge seen by the cloud over TLS", || {
+        let channel = channel.clone();
+        async move {
+            let n = MeshServiceClient::new(channel)
+                .list_nodes(ListNodesRequest::default())
+                .await
+                .ok()?
+                .into_inner()
+                .nodes;
+            (n.len() == 2).then_some(n)
+        }
+    })
+    .await;
+    assert!(nodes.iter().any(|n| n.node == "edge-a"));
+    assert!(nodes
+        .iter()
+        .all(|n| n.locators.iter().all(|l| l.starts_with("tls/"))));
+
+    // Plaintext gRPC to the TLS port is no gRPC at all.
+    let plain = TwinServiceClient::connect(c.node("cloud").grpc_endpoint()).await;
+    if let Ok(mut client) = plain {
+        let r = tokio::time::timeout(
+            Duration::from_secs(10),
+            client.get_twin(GetTwinRequest {
+                twin_id: "site-a/x".into(),
+            }),
+        )
+        .await;
+        assert!(
+            !matches!(r, Ok(Ok(_))),
+            "a plaintext gRPC call was answered"
+        );
+    }
+    // Without the CA, the client does not trust the server.
+    assert!(twinmesh_nodes::ctl::connect_tls(
+        &https,
+        Duration::from_secs(5),
+        Some(&foreign.join("ca.pem"))
+    )
+    .await
+    .is_err());
+
+    // Zenoh: with a certificate of the site CA a client connects ...
+    let ok = zenoh_tls_client(
+        &zenoh_ep,
+        &ca,
+        Some((&certs.join("client.pem"), &certs.join("client.key"))),
+    )
+    .await;
+    assert!(ok.is_ok(), "a client with a site certificate was refused");
+    drop(ok);
+    // ... plaintext TCP to the same port does not ...
+    let plain_ep = zenoh_ep.replace("tls/", "tcp/");
+    let mut plain = zenoh::Config::default();
+    plain.insert_json5("mode", "\"client\"").unwrap();
+    plain
+        .insert_json5("connect/endpoints", &format!("[{plain_ep:?}]"))
+        .unwrap();
+    plain
+        .insert_json5("scouting/multicast/enabled", "false")
+        .unwrap();
+    assert!(
+        zenoh::open(plain).await.is_err(),
+        "a plaintext zenoh client connected"
+    );
+    // ... nor TLS without a client certificate, nor one signed by another CA.
+    assert!(zenoh_tls_client(&zenoh_ep, &ca, None).await.is_err());
+    assert!(
+        zenoh_tls_client(
+            &zenoh_ep,
+            &ca,
+            Some((&foreign.join("intruder.pem"), &foreign.join("intruder.key"))),
+        )
+        .await
+        .is_err(),
+        "a certificate of another CA was accepted"
+    );
+}
+
+const SECRET: &[u8] = b"an-hs256-secret-of-32-bytes-or-more!";
+
+fn token(key: &[u8], claims: serde_json::Value) -> String {
+    encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(key).unwrap(),
+    )
+    .unwrap()
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_checked_and_roles_limit_what_callers_do() {
+    let mut c = Cluster::new(1000).unwrap();
+    let secret = c.dir.path().join("jwt.secret");
+    std::fs::write(&secret, SECRET).unwrap();
+    let secret = secret.display().to_string();
+    let auth = [
+        "--auth-hs256-secret",
+        secret.as_str(),
+        "--auth-issuer",
+        "https://idp.example",
+        "--auth-audience",
+        "twinmesh",
+    ];
+    c.start("cloud", "cloud", None, None, &auth).unwrap();
+    let ep = c.node("cloud").grpc_endpoint();
+    let claims = |role: &str, exp: u64| {
+        serde_json::json!({"sub": format!("{role}-user"), "iss": "https://idp.example",
+            "aud": "twinmesh", "exp": exp, "roles": [role]})
+    };
+    let call = |token: Option<String>, set: bool| {
+        let ep = ep.clone();
+        async move {
+            let mut client = twin_client(&ep).await;
+            if set {
+                let mut req = tonic::Request::new(SetDesiredRequest {
+                    twin_id: "site-a/wt-01".into(),
+                    property: "power_limit".into(),
+                    value: 1000.0,
+                    expected_revision: None,
+                });
+                if let Some(t) = token {
+                    req.metadata_mut()
+                        .insert("authorization", format!("Bearer {t}").parse().unwrap());
+                }
+                client.set_desired(req).await.map(|_| ()).unwrap_err()
+            } else {
+                let mut req = tonic::Request::new(GetTwinRequest {
+                    twin_id: "site-a/wt-01".into(),
+                });
+                if let Some(t) = token {
+                    req.metadata_mut()
+                        .insert("authorization", format!("Bearer {t}").parse().unwrap());
+                }
+                client.get_twin(req).await.map(|_| ()).unwrap_err()
+            }
+        }
+    };
+    let future = now() + 600;
+    // No token, expired, forged, wrong audience: unauthenticated.
+    let e = call(None, false).await;
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    let e = call(
+        Some(token(SECRET, claims("data_owner", now() - 3600))),
+        false,
+    )
+    .await;
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert!(e.message().contains("expired"), "{e:?}");
+    let e = call(
+        Some(token(
+            b"not-the-secret-not-the-secret-xxxx",
+            claims("data_owner", future),
+        )),
+        false,
+    )
+    .await;
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert!(e.message().contains("signature"), "{e:?}");
+    let mut wrong_aud = claims("data_owner", future);
+    wrong_aud["aud"] = "another-service".into();
+    let e = call(Some(token(SECRET, wrong_aud)), false).await;
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert!(e.message().contains("audience"), "{e:?}");
+    // A viewer may read (the twin is unknown: NOT_FOUND, past authentication) but not
+    // command a set-point.
+    let viewer = token(SECRET, claims("viewer", future));
+    let e = call(Some(viewer.clone()), false).await;
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let e = call(Some(viewer), true).await;
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("data_operator"), "{e:?}");
+    // A data operator may.
+    let e = call(Some(token(SECRET, claims("data_operator", future))), true).await;
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    // The secret never shows in the node's log.
+    let log = c.node("cloud").log();
+    assert!(!log.contains(std::str::from_utf8(SECRET).unwrap()));
+}

@@ -35,6 +35,12 @@ pub enum BenchKind {
     /// Signal operators on one core (psd, envelope, filter vs a bare FFT) and the frame
     /// codec (ratio, MB/s) on simulated 16-bit vibration.
     Dsp,
+    /// Ingest as `ingest`, twice in one run: plain TCP links, then mutual TLS on every
+    /// link (and TLS gRPC); the loss TLS costs.
+    Tls,
+    /// DP release latency through gRPC: one twin (10,000 samples) and a set release over
+    /// `--twins` twins of one site (coordinated on the site, sealed contributions).
+    Privacy,
     /// Live migrations of a wind-turbine twin between two edges while its gateway streams
     /// 10 kHz vibration: duration p50/p99.
     Migrate,
@@ -98,29 +104,54 @@ pub struct BenchArgs {
     pub data: Option<std::path::PathBuf>,
 }
 
-/// A cloud and an edge node in this process, and a peer session acting as the gateway.
-struct Rig {
-    _dir: tempfile::TempDir,
-    cloud: RunningNode,
-    edge: RunningNode,
-    gateway: zenoh::Session,
+/// A cloud and an edge node in this process, and a peer session acting as the gateway;
+/// with `tls`, every link is mutual TLS (certificates of a fresh CA).
+pub(crate) struct Rig {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) cloud: RunningNode,
+    pub(crate) edge: RunningNode,
+    pub(crate) gateway: zenoh::Session,
+    /// The edge's site key (the gateway seals protected signals with it).
+    pub(crate) site_key: twinmesh_actors::seal::KeyRing,
 }
 
 impl Rig {
-    async fn start() -> anyhow::Result<Rig> {
+    pub(crate) async fn start(tls: bool) -> anyhow::Result<Rig> {
         let dir = tempfile::tempdir()?;
+        let certs = dir.path().join("certs");
+        let scheme = if tls { "tls" } else { "tcp" };
+        let tls_of = |name: &str| -> anyhow::Result<Option<crate::config::TlsConfig>> {
+            if !tls {
+                return Ok(None);
+            }
+            let (cert, key) = crate::certs::issue(&certs, name, &[], 2)?;
+            Ok(Some(crate::config::TlsConfig {
+                ca_file: certs.join("ca.pem"),
+                cert_file: cert,
+                key_file: key,
+            }))
+        };
+        if tls {
+            crate::certs::init_ca(&certs, "bench CA", 2)?;
+        }
+        let key_file = dir.path().join("bench.key");
+        crate::keys::new_key_file(&key_file, "k1")?;
+        let site_key = crate::config::load_key_ring(&key_file, "site key")?;
         let mut cloud = NodeConfig::new("bench-cloud".parse()?, Tier::Cloud, CLOUD_SITE);
-        cloud.listen = vec!["tcp/127.0.0.1:0".into()];
+        cloud.listen = vec![format!("{scheme}/127.0.0.1:0")];
         cloud.grpc = Some("127.0.0.1:0".parse()?);
         cloud.data = dir.path().join("cloud");
+        cloud.tls = tls_of("bench-cloud")?;
         cloud.normalize()?;
         let cloud = RunningNode::start(cloud).await?;
         let mut edge = NodeConfig::new("bench-edge".parse()?, Tier::Edge, "bench");
-        edge.listen = vec!["tcp/127.0.0.1:0".into()];
+        edge.listen = vec![format!("{scheme}/127.0.0.1:0")];
         edge.connect = cloud.locators.clone();
         edge.grpc = Some("127.0.0.1:0".parse()?);
         edge.data = dir.path().join("edge");
         edge.cache_mb = 256;
+        edge.tls = tls_of("bench-edge")?;
+        edge.site_key_file = Some(key_file);
         edge.normalize()?;
         let edge = RunningNode::start(edge).await?;
         let mut c = zenoh::Config::default();
@@ -128,6 +159,25 @@ impl Rig {
             c.insert_json5(k, &v)
                 .map_err(|e| anyhow::anyhow!("{k}: {e}"))
         };
+        if let Some(t) = tls_of("bench-gateway")? {
+            let q = |p: &std::path::Path| format!("{:?}", p.display().to_string());
+            set(
+                &mut c,
+                "transport/link/tls/root_ca_certificate",
+                q(&t.ca_file),
+            )?;
+            set(
+                &mut c,
+                "transport/link/tls/connect_certificate",
+                q(&t.cert_file),
+            )?;
+            set(
+                &mut c,
+                "transport/link/tls/connect_private_key",
+                q(&t.key_file),
+            )?;
+            set(&mut c, "transport/link/tls/enable_mtls", "true".into())?;
+        }
         set(&mut c, "mode", "\"peer\"".into())?;
         set(&mut c, "listen/endpoints", "[]".into())?;
         set(
@@ -140,15 +190,35 @@ impl Rig {
             .await
             .map_err(|e| anyhow::anyhow!("gateway session: {e}"))?;
         Ok(Rig {
-            _dir: dir,
+            dir,
             cloud,
             edge,
             gateway,
+            site_key,
         })
     }
 
+    /// A gRPC channel to the cloud node (TLS when the rig is).
+    pub(crate) async fn cloud_channel(&self) -> anyhow::Result<tonic::transport::Channel> {
+        let addr = self.cloud.grpc_addr.expect("grpc");
+        match &self.cloud.config.tls {
+            Some(t) => {
+                crate::ctl::connect_tls(
+                    &format!("https://{addr}"),
+                    Duration::from_secs(30),
+                    Some(&t.ca_file),
+                )
+                .await
+            }
+            None => {
+                crate::ctl::connect_tls(&format!("http://{addr}"), Duration::from_secs(30), None)
+                    .await
+            }
+        }
+    }
+
     /// Registers `n` twins of `bench` and waits until each answers.
-    async fn twins(&self, n: usize, kind: &str) -> anyhow::Result<Vec<String>> {
+    pub(crate) async fn twins(&self, n: usize, kind: &str) -> anyhow::Result<Vec<String>> {
         let ids: Vec<String> = (1..=n).map(|i| format!("bench/twin-{i:03}")).collect();
         for id in &ids {
             let req = PlacementRequest {
@@ -182,8 +252,7 @@ impl Rig {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-        let endpoint = format!("http://{}", self.cloud.grpc_addr.expect("grpc"));
-        let mut client = TwinServiceClient::connect(endpoint).await?;
+        let mut client = TwinServiceClient::new(self.cloud_channel().await?);
         for id in &ids {
             let deadline = Instant::now() + Duration::from_secs(30);
             while client
@@ -207,7 +276,7 @@ impl Rig {
     }
 }
 
-fn machine() -> String {
+pub(crate) fn machine() -> String {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -222,7 +291,7 @@ fn machine() -> String {
 }
 
 #[derive(Debug, Serialize)]
-struct IngestReport {
+pub(crate) struct IngestReport {
     machine: String,
     twins: usize,
     frame_samples: usize,
@@ -255,8 +324,8 @@ fn samples(n: usize, seed: u64) -> Vec<f64> {
         .collect()
 }
 
-async fn bench_ingest(args: &BenchArgs) -> anyhow::Result<IngestReport> {
-    let rig = Rig::start().await?;
+async fn bench_ingest(args: &BenchArgs, tls: bool) -> anyhow::Result<IngestReport> {
+    let rig = Rig::start(tls).await?;
     let ids = rig.twins(args.parallel, "wind_turbine").await?;
     let measure = Duration::from_secs_f64(args.seconds);
     let warmup = Duration::from_secs(2);
@@ -462,7 +531,7 @@ struct RpcReport {
 }
 
 async fn bench_rpc(args: &BenchArgs) -> anyhow::Result<RpcReport> {
-    let rig = Rig::start().await?;
+    let rig = Rig::start(false).await?;
     let ids = rig.twins(1, "wind_turbine").await?;
     let endpoint = format!("http://{}", rig.cloud.grpc_addr.expect("grpc"));
     let channel = tonic::transport::Channel::from_shared(endpoint)?
@@ -1296,8 +1365,49 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 }
             }
         }
+        BenchKind::Tls => {
+            // Same run, same machine: plain links first, then mutual TLS on every link.
+            let plain = bench_ingest(&args, false).await?;
+            let tls = bench_ingest(&args, true).await?;
+            let loss =
+                1.0 - tls.end_to_end_samples_per_s / plain.end_to_end_samples_per_s.max(1e-9);
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"plain": plain, "tls": tls, "loss": loss})
+                );
+            } else {
+                println!(
+                    "tls: {} twins, {}-sample frames, {:.0} s per phase, {}",
+                    plain.twins, plain.frame_samples, plain.seconds, plain.machine
+                );
+                for (name, r) in [("plain tcp", &plain), ("mutual tls", &tls)] {
+                    println!(
+                        "  {name:<10} end to end {:>12.0} samples/s  ack p50 {:.2} ms p99 {:.2} ms  raw zenoh {:>12.0} samples/s",
+                        r.end_to_end_samples_per_s,
+                        r.ack_latency_p50_ms,
+                        r.ack_latency_p99_ms,
+                        r.raw_zenoh_samples_per_s
+                    );
+                }
+                println!("  loss with TLS (end to end): {:.1} %", loss * 100.0);
+            }
+        }
+        BenchKind::Privacy => {
+            let twins = if args.twins == 100_000 {
+                1000
+            } else {
+                args.twins.min(10_000)
+            };
+            let r = crate::bench_privacy::bench_privacy(twins, machine()).await?;
+            if args.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                r.print();
+            }
+        }
         BenchKind::Ingest => {
-            let r = bench_ingest(&args).await?;
+            let r = bench_ingest(&args, false).await?;
             if args.json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {

@@ -27,6 +27,7 @@ pub mod api;
 pub mod auth;
 pub mod bench;
 pub mod bench_models;
+pub mod bench_privacy;
 pub mod certs;
 pub mod cli;
 pub mod config;

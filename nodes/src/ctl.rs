@@ -204,9 +204,9 @@ pub enum CtlCommand {
         statistic: String,
         #[arg(long)]
         epsilon: f64,
-        #[arg(long, default_value = "-1h")]
+        #[arg(long, default_value = "-1h", allow_hyphen_values = true)]
         start: String,
-        #[arg(long, default_value = "now")]
+        #[arg(long, default_value = "now", allow_hyphen_values = true)]
         end: String,
     },
     /// Show a twin's processing chain (TOML), or replace it from a TOML file.
@@ -380,6 +380,12 @@ fn print_twin(t: &proto::Twin) {
         println!(
             "    {k:<24} {:>14.4}   seq {:<8} t {}",
             v.value, v.seq, v.timestamp_ns
+        );
+    }
+    if !t.withheld.is_empty() {
+        println!(
+            "  withheld   {} (privacy policy: raw values stay on their site)",
+            t.withheld.join(", ")
         );
     }
     if !t.desired.is_empty() {

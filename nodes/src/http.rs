@@ -94,7 +94,9 @@ async fn twin(State(s): State<HttpState>, Path(id): Path<String>) -> Response {
     let req = twin_request::Request::GetTwin(GetTwinRequest {
         twin_id: id.to_string(),
     });
-    match s.api.twin_call(&id, req, None).await {
+    // The dashboard has no login: it sees what a viewer sees (no raw protected values).
+    let viewer = s.api.caller(Some(twinmesh_twins::privacy::Role::Viewer));
+    match s.api.twin_call_as(&id, req, None, viewer).await {
         Ok(twin_reply::Reply::Twin(t)) => json_response(&t),
         Ok(_) => (StatusCode::INTERNAL_SERVER_ERROR, "unexpected reply").into_response(),
         Err(e) => status_response(e),

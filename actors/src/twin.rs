@@ -1656,17 +1656,7 @@ async fn rpc_pump(
                     r,
                     caller,
                 );
-                let key2 = key.clone();
-                ctx.tasks.spawn(async move {
-                    let reply = fut.await;
-                    query
-                        .reply(
-                            &key2,
-                            Bytes::from(reply.encode_to_vec()),
-                            encoding::TWIN_REPLY,
-                        )
-                        .await;
-                });
+                reply_later(&ctx, query, key.clone(), fut);
                 continue;
             }
             Ok(TwinRequest {
@@ -1680,17 +1670,7 @@ async fn rpc_pump(
                     kind,
                     r,
                 );
-                let key2 = key.clone();
-                ctx.tasks.spawn(async move {
-                    let reply = fut.await;
-                    query
-                        .reply(
-                            &key2,
-                            Bytes::from(reply.encode_to_vec()),
-                            encoding::TWIN_REPLY,
-                        )
-                        .await;
-                });
+                reply_later(&ctx, query, key.clone(), fut);
                 continue;
             }
             Ok(TwinRequest {
@@ -1766,6 +1746,26 @@ async fn rpc_pump(
             )
             .await;
     }
+}
+
+/// Answers `query` with what `reply` computes, off the RPC pump (releases can take a
+/// while: history reads, set coordination).
+fn reply_later(
+    ctx: &NodeContext,
+    query: crate::ports::Query,
+    key: String,
+    reply: impl std::future::Future<Output = TwinReply> + Send + 'static,
+) {
+    ctx.tasks.spawn(async move {
+        let reply = reply.await;
+        query
+            .reply(
+                &key,
+                Bytes::from(reply.encode_to_vec()),
+                encoding::TWIN_REPLY,
+            )
+            .await;
+    });
 }
 
 fn error_reply(e: &DomainError) -> TwinReply {

@@ -39,7 +39,12 @@ fn at_bpfo(f: &std::collections::HashMap<String, f64>) -> bool {
         f.get("bearing_vibration.env_peak_hz"),
         f.get("bearing_vibration.bpfo_hz"),
     ) {
-        (Some(peak), Some(bpfo)) => (peak - bpfo.round()).abs() <= 1.0,
+        // BPFO's bin or a neighbour, of the fundamental or its second harmonic: an outer
+        // race defect shows lines at k·BPFO, and which is highest varies with the shaft
+        // speed inside the window (a CI run saw 165 Hz for a BPFO of 82.4 Hz).
+        (Some(peak), Some(bpfo)) => [1.0, 2.0]
+            .iter()
+            .any(|k| (peak - (k * bpfo).round()).abs() <= 1.0),
         _ => false,
     }
 }
@@ -330,15 +335,21 @@ async fn thd_matches_the_simulator_and_bad_chains_change_nothing_and_ingest_is_i
             "{out}"
         );
     }
-    let count = c
-        .query_history(QueryHistoryRequest {
-            twin_id: id.into(),
-            signal: "household_energy".into(),
-            start_ns: start,
-            end_ns: start + 20_000 * 1_000_000_000,
-            bucket_ns: 20_000 * 1_000_000_000,
-            aggregation: proto::Aggregation::Count as i32,
-        })
+    // Household energy is personal: its history is read on the site (the edge), and
+    // refused through the cloud.
+    let history = QueryHistoryRequest {
+        twin_id: id.into(),
+        signal: "household_energy".into(),
+        start_ns: start,
+        end_ns: start + 20_000 * 1_000_000_000,
+        bucket_ns: 20_000 * 1_000_000_000,
+        aggregation: proto::Aggregation::Count as i32,
+    };
+    let refused = c.query_history(history.clone()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    let count = twin_client(&mesh.edge.grpc_endpoint())
+        .await
+        .query_history(history)
         .await
         .unwrap()
         .into_inner();

@@ -139,6 +139,12 @@ async fn metrics(State(s): State<HttpState>) -> Response {
         NodeMetrics::get(&m.frames_gap),
     );
     metric(
+        "twinmesh_frames_withheld_total",
+        "counter",
+        "Frames of protected signals a gateway did not publish (it has no site key).",
+        NodeMetrics::get(&m.frames_withheld),
+    );
+    metric(
         "twinmesh_published_total",
         "counter",
         "Messages published.",

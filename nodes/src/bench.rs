@@ -98,6 +98,9 @@ pub struct BenchArgs {
     /// models: feature vectors to train on.
     #[arg(long, default_value_t = 1_000_000)]
     pub rows: usize,
+    /// ingest, tls: liveliness lease of the two nodes, ms.
+    #[arg(long, default_value_t = 2000)]
+    pub lease_ms: u64,
     #[arg(long, hide = true)]
     pub phase: Option<ScalePhase>,
     #[arg(long, hide = true)]
@@ -117,6 +120,11 @@ pub(crate) struct Rig {
 
 impl Rig {
     pub(crate) async fn start(tls: bool) -> anyhow::Result<Rig> {
+        Self::start_with(tls, NodeConfig::new("x".parse()?, Tier::Edge, "x").lease_ms).await
+    }
+
+    /// Like [`Rig::start`], with the nodes' liveliness lease in ms.
+    pub(crate) async fn start_with(tls: bool, lease_ms: u64) -> anyhow::Result<Rig> {
         let dir = tempfile::tempdir()?;
         let certs = dir.path().join("certs");
         let scheme = if tls { "tls" } else { "tcp" };
@@ -142,6 +150,7 @@ impl Rig {
         cloud.grpc = Some("127.0.0.1:0".parse()?);
         cloud.data = dir.path().join("cloud");
         cloud.tls = tls_of("bench-cloud")?;
+        cloud.lease_ms = lease_ms;
         cloud.normalize()?;
         let cloud = RunningNode::start(cloud).await?;
         let mut edge = NodeConfig::new("bench-edge".parse()?, Tier::Edge, "bench");
@@ -151,6 +160,7 @@ impl Rig {
         edge.data = dir.path().join("edge");
         edge.cache_mb = 256;
         edge.tls = tls_of("bench-edge")?;
+        edge.lease_ms = lease_ms;
         edge.site_key_file = Some(key_file);
         edge.normalize()?;
         let edge = RunningNode::start(edge).await?;
@@ -325,7 +335,7 @@ fn samples(n: usize, seed: u64) -> Vec<f64> {
 }
 
 async fn bench_ingest(args: &BenchArgs, tls: bool) -> anyhow::Result<IngestReport> {
-    let rig = Rig::start(tls).await?;
+    let rig = Rig::start_with(tls, args.lease_ms).await?;
     let ids = rig.twins(args.parallel, "wind_turbine").await?;
     let measure = Duration::from_secs_f64(args.seconds);
     let warmup = Duration::from_secs(2);

@@ -138,6 +138,10 @@ pub async fn serve_release(
     } else {
         release_one(&ctx, &actor, &id, kind, req, caller).await
     };
+    into_twin_reply(out)
+}
+
+fn into_twin_reply(out: Reply) -> TwinReply {
     TwinReply {
         reply: Some(out.unwrap_or_else(twin_reply::Reply::Error)),
     }
@@ -232,10 +236,7 @@ pub async fn serve_contribute(
     kind: AssetKind,
     req: ContributeRequest,
 ) -> TwinReply {
-    let out = contribute(&ctx, &actor, &id, kind, req).await;
-    TwinReply {
-        reply: Some(out.unwrap_or_else(twin_reply::Reply::Error)),
-    }
+    into_twin_reply(contribute(&ctx, &actor, &id, kind, req).await)
 }
 
 async fn contribute(

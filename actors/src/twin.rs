@@ -307,6 +307,12 @@ impl TwinActorState {
         self.ctx.store.save_snapshot(&self.snapshot())
     }
 
+    /// Persists the snapshot and flushes: durable on this node before the caller hears.
+    async fn persist_durably(&self) -> Result<()> {
+        self.persist()?;
+        self.ctx.store.flush().await
+    }
+
     fn apply_frames(&mut self, frames: Vec<TelemetryFrame>) -> Result<Applied> {
         let mut stored = Vec::with_capacity(frames.len());
         let mut jobs = Vec::new();
@@ -846,11 +852,7 @@ impl TwinActorState {
             self.core.ledger.charge(c.epsilon, c.delta);
         }
         self.core.revision += 1;
-        let stored = match self.persist() {
-            Ok(()) => self.ctx.store.flush().await,
-            Err(e) => Err(e),
-        };
-        if let Err(e) = stored {
+        if let Err(e) = self.persist_durably().await {
             self.core.ledger = before;
             return Err(proto::Error {
                 code: proto::ErrorCode::Unavailable as i32,
@@ -973,13 +975,13 @@ impl TwinActorState {
                 policy.version = self.core.policy.version + 1;
                 let previous = std::mem::replace(&mut self.core.policy, policy);
                 self.core.revision += 1;
-                let stored = match self.persist() {
-                    Ok(()) => self.ctx.store.flush().await,
-                    Err(e) => Err(e),
-                };
-                if let Err(e) = stored {
+                if let Err(e) = self.persist_durably().await {
                     self.core.policy = previous;
                     return Err(RequestError::Unavailable(format!("policy not stored: {e}")));
+                }
+                // Like a ledger charge: a failover must not bring back the older policy.
+                if !self.replicate_confirmed().await {
+                    tracing::warn!(twin = %self.core.id, "policy stored, but the cloud did not confirm its replica (unreachable?)");
                 }
                 // The gateway seals what the new policy protects.
                 self.publish_chain().await;

@@ -110,7 +110,8 @@ pub struct BenchArgs {
 /// A cloud and an edge node in this process, and a peer session acting as the gateway;
 /// with `tls`, every link is mutual TLS (certificates of a fresh CA).
 pub(crate) struct Rig {
-    pub(crate) dir: tempfile::TempDir,
+    /// Holds the rig's databases, certificates and keys until it is dropped.
+    _dir: tempfile::TempDir,
     pub(crate) cloud: RunningNode,
     pub(crate) edge: RunningNode,
     pub(crate) gateway: zenoh::Session,
@@ -120,7 +121,7 @@ pub(crate) struct Rig {
 
 impl Rig {
     pub(crate) async fn start(tls: bool) -> anyhow::Result<Rig> {
-        Self::start_with(tls, NodeConfig::new("x".parse()?, Tier::Edge, "x").lease_ms).await
+        Self::start_with(tls, crate::config::default_lease_ms()).await
     }
 
     /// Like [`Rig::start`], with the nodes' liveliness lease in ms.
@@ -200,7 +201,7 @@ impl Rig {
             .await
             .map_err(|e| anyhow::anyhow!("gateway session: {e}"))?;
         Ok(Rig {
-            dir,
+            _dir: dir,
             cloud,
             edge,
             gateway,

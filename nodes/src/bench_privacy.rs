@@ -143,7 +143,6 @@ pub async fn bench_privacy(twins: usize, machine: String) -> anyhow::Result<Priv
         );
         set.record(t.elapsed().as_micros() as u64)?;
     }
-    let _ = &rig.dir;
     rig.edge.stop().await?;
     rig.cloud.stop().await?;
     Ok(PrivacyReport {

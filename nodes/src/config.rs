@@ -150,7 +150,7 @@ impl fmt::Display for FaultSpec {
     }
 }
 
-fn default_lease_ms() -> u64 {
+pub(crate) fn default_lease_ms() -> u64 {
     2000
 }
 fn default_max_frame_bytes() -> usize {

@@ -763,8 +763,7 @@ mod tests {
     }
 
     /// Every value byte of `tree`.
-    fn raw_values(s: &SledStore, tree: &sled::Tree) -> Vec<u8> {
-        let _ = s;
+    fn raw_values(tree: &sled::Tree) -> Vec<u8> {
         tree.iter().flat_map(|e| e.unwrap().1.to_vec()).collect()
     }
 
@@ -806,7 +805,7 @@ mod tests {
             })
             .unwrap();
             for tree in [&s.ts, &s.snap, &s.spool] {
-                let raw = raw_values(&s, tree);
+                let raw = raw_values(tree);
                 assert!(!raw.is_empty());
                 assert!(
                     !raw.windows(8).any(|w| w == sentinel.to_le_bytes()),

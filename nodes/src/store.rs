@@ -750,16 +750,26 @@ mod tests {
         Arc::new(KeyRing::parse(lines).unwrap())
     }
 
+    /// Opens `dir` sealed with `keys`. A store just dropped may still hold sled's file
+    /// lock for a moment (its flusher thread): wait until it is released.
     fn encrypted(dir: &Path, keys: &Arc<KeyRing>) -> SledStore {
-        SledStore::open_with(
-            dir,
-            8,
-            Some(AtRest {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let at_rest = AtRest {
                 keys: keys.clone(),
                 trees: SENSITIVE_TREES.iter().map(|s| s.to_string()).collect(),
-            }),
-        )
-        .unwrap()
+            };
+            match SledStore::open_with(dir, 8, Some(at_rest)) {
+                Ok(s) => return s,
+                Err(e)
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
     }
 
     /// Every value byte of `tree`.

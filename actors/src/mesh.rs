@@ -73,7 +73,8 @@ pub enum MeshMsg {
         RpcReplyPort<Result<Placement, DomainError>>,
     ),
     Get(TwinId, RpcReplyPort<Option<Placement>>),
-    ForNode(String, RpcReplyPort<Vec<Placement>>),
+    /// The placements a [`PlacementQuery`] asks for.
+    Matching(PlacementQuery, RpcReplyPort<Vec<Placement>>),
     Members(RpcReplyPort<Vec<NodeInfo>>),
 }
 
@@ -559,15 +560,23 @@ impl Actor for MeshSupervisor {
             MeshMsg::Get(id, reply) => {
                 let _ = reply.send(state.placements.get(&id).cloned());
             }
-            MeshMsg::ForNode(node, reply) => {
-                let _ = reply.send(
+            MeshMsg::Matching(query, reply) => {
+                let found = if query.twins.is_empty() {
                     state
                         .placements
                         .values()
-                        .filter(|p| node.is_empty() || p.node == node)
+                        .filter(|p| query.node.is_empty() || p.node == query.node)
                         .cloned()
-                        .collect(),
-                );
+                        .collect()
+                } else {
+                    query
+                        .twins
+                        .iter()
+                        .filter_map(|t| t.parse::<TwinId>().ok())
+                        .filter_map(|id| state.placements.get(&id).cloned())
+                        .collect()
+                };
+                let _ = reply.send(found);
             }
             MeshMsg::Members(reply) => {
                 let _ = reply.send(state.members.values().cloned().collect());
@@ -676,14 +685,18 @@ async fn serve_placement_query(mesh: &ActorRef<MeshMsg>, query: Query) -> Result
             }
         }
         _ => {
-            let node = if query.payload.is_empty() {
-                String::new()
+            let filter = if query.payload.is_empty() {
+                PlacementQuery::default()
             } else {
-                PlacementQuery::decode(query.payload.clone())
-                    .map(|q| q.node)
-                    .unwrap_or_default()
+                match PlacementQuery::decode(query.payload.clone()) {
+                    Ok(q) => q,
+                    Err(e) => {
+                        tracing::warn!(key = query.key, "malformed placement query: {e}");
+                        return Ok(());
+                    }
+                }
             };
-            let all = match mesh.call(|tx| MeshMsg::ForNode(node, tx), timeout).await {
+            let all = match mesh.call(|tx| MeshMsg::Matching(filter, tx), timeout).await {
                 Ok(ractor::rpc::CallResult::Success(all)) => all,
                 _ => return Err(()),
             };

@@ -350,8 +350,16 @@ impl Actor for NodeSupervisor {
     }
 }
 
-/// Feeds the supervisor with placements: live publications, and a full pull of this
-/// node's placements whenever a node joins (the authority may be the one that joined).
+/// How often a node asks the authority where its twins are even when nothing changed
+/// (anti-entropy): a stale copy left by a placement missed while the node was frozen or
+/// cut off, or by a reconcile that went out before the routes to the authority were
+/// back, stops within this time.
+const RECONCILE_EVERY: Duration = Duration::from_secs(5);
+
+/// Feeds the supervisor with placements: live publications, a full sync whenever a node
+/// joins (the authority may be the one that joined), and a [`reconcile`] every
+/// [`RECONCILE_EVERY`]. (Not a periodic pull: that would restart, every few seconds, a
+/// twin the supervisor gave up on after repeated failures.)
 async fn placement_watcher(
     node: ActorRef<NodeMsg>,
     ctx: Arc<NodeContext>,
@@ -359,32 +367,9 @@ async fn placement_watcher(
     members: crate::ports::Subscription,
     cancel: CancellationToken,
 ) {
-    let pull = || async {
-        let query = PlacementQuery {
-            node: ctx.node.to_string(),
-        };
-        match ctx
-            .fabric
-            .query(
-                keys::PLACEMENT_ALL,
-                Some((
-                    Bytes::from(query.encode_to_vec()),
-                    encoding::PLACEMENT_QUERY,
-                )),
-                Duration::from_secs(5),
-            )
-            .await
-        {
-            Ok(replies) => {
-                for r in replies {
-                    if let Ok(p) = Placement::decode(r.payload) {
-                        let _ = node.cast(NodeMsg::Place(p));
-                    }
-                }
-            }
-            Err(e) => tracing::debug!("placement pull failed: {e}"),
-        }
-    };
+    let mut periodic = tokio::time::interval(RECONCILE_EVERY);
+    periodic.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    periodic.reset();
     loop {
         tokio::select! {
             biased;
@@ -404,17 +389,54 @@ async fn placement_watcher(
             s = members.rx.recv_async() => {
                 let Ok(s) = s else { break };
                 if s.kind == SampleKind::Put {
-                    pull().await;
-                    reconcile(&node, &ctx).await;
+                    resync_placements(&node, &ctx).await;
+                    periodic.reset();
                 }
             }
+            _ = periodic.tick() => reconcile(&node, &ctx).await,
         }
     }
 }
 
-/// Asks the authority about each twin hosted here: copies it placed elsewhere at a newer
-/// epoch stop. Twins it does not answer for (authority unreachable) are kept: an edge
-/// cut off from the cloud runs on.
+/// Pulls the placements the authority holds for this node (twins placed here start),
+/// then [`reconcile`]s the twins hosted here.
+async fn resync_placements(node: &ActorRef<NodeMsg>, ctx: &NodeContext) {
+    let query = PlacementQuery {
+        node: ctx.node.to_string(),
+        twins: Vec::new(),
+    };
+    match query_placements(ctx, query).await {
+        Ok(placements) => {
+            for p in placements {
+                let _ = node.cast(NodeMsg::Place(p));
+            }
+        }
+        Err(e) => tracing::debug!("placement pull failed: {e}"),
+    }
+    reconcile(node, ctx).await;
+}
+
+async fn query_placements(ctx: &NodeContext, query: PlacementQuery) -> crate::Result<Vec<Placement>> {
+    let replies = ctx
+        .fabric
+        .query(
+            keys::PLACEMENT_ALL,
+            Some((
+                Bytes::from(query.encode_to_vec()),
+                encoding::PLACEMENT_QUERY,
+            )),
+            Duration::from_secs(5),
+        )
+        .await?;
+    Ok(replies
+        .into_iter()
+        .filter_map(|r| Placement::decode(r.payload).ok())
+        .collect())
+}
+
+/// Asks the authority, in one query, where the twins hosted here are placed: copies it
+/// placed elsewhere at a newer epoch stop. Twins it does not answer for (authority
+/// unreachable) are kept: an edge cut off from the cloud runs on.
 async fn reconcile(node: &ActorRef<NodeMsg>, ctx: &NodeContext) {
     let Ok(ractor::rpc::CallResult::Success(hosted)) = node
         .call(NodeMsg::Hosted, Some(Duration::from_secs(5)))
@@ -422,24 +444,19 @@ async fn reconcile(node: &ActorRef<NodeMsg>, ctx: &NodeContext) {
     else {
         return;
     };
-    for placement in hosted {
-        let Ok(id) = placement.twin_id.parse::<TwinId>() else {
-            continue;
-        };
-        let Ok(replies) = ctx
-            .fabric
-            .query(&keys::placement(&id), None, Duration::from_secs(2))
-            .await
-        else {
-            continue;
-        };
-        if let Some(p) = replies
-            .into_iter()
-            .find_map(|r| Placement::decode(r.payload).ok())
-        {
-            if p.node != ctx.node.as_str() {
+    if hosted.is_empty() {
+        return;
+    }
+    let query = PlacementQuery {
+        node: String::new(),
+        twins: hosted.into_iter().map(|p| p.twin_id).collect(),
+    };
+    match query_placements(ctx, query).await {
+        Ok(placements) => {
+            for p in placements.into_iter().filter(|p| p.node != ctx.node.as_str()) {
                 let _ = node.cast(NodeMsg::PlacedElsewhere(p));
             }
         }
+        Err(e) => tracing::debug!("reconcile query failed: {e}"),
     }
 }

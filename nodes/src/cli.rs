@@ -40,6 +40,8 @@ pub enum Command {
     Keys(KeysArgs),
     /// Create a site CA and issue node/device certificates.
     Certs(crate::certs::CertsArgs),
+    /// Check an ACL roster and print the Zenoh access control it generates.
+    Acl(crate::acl::AclArgs),
 }
 
 #[derive(Debug, Args)]
@@ -162,6 +164,10 @@ pub struct NodeArgs {
     /// This node's private key (PEM).
     #[arg(long, value_name = "FILE", requires = "tls_ca")]
     pub tls_key: Option<PathBuf>,
+    /// Zenoh access control from this roster of certificate names per tier (TOML:
+    /// mesh, gateways.SITE, readers; see `twinmesh acl`); needs the --tls-* flags.
+    #[arg(long, value_name = "FILE", requires = "tls_ca")]
+    pub acl: Option<PathBuf>,
     /// Encrypt history, snapshots, replicas and the spool at rest with this key file.
     #[arg(long, value_name = "FILE")]
     pub at_rest_key: Option<PathBuf>,
@@ -210,6 +216,7 @@ impl NodeArgs {
         cfg.passivate_after_s = self.passivate_after;
         cfg.site_key_file = self.site_key;
         cfg.at_rest_key_file = self.at_rest_key;
+        cfg.acl_file = self.acl;
         if let (Some(ca), Some(cert), Some(key)) = (self.tls_ca, self.tls_cert, self.tls_key) {
             cfg.tls = Some(crate::config::TlsConfig {
                 ca_file: ca,

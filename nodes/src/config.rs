@@ -238,6 +238,10 @@ pub struct NodeConfig {
     /// served over TLS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsConfig>,
+    /// Zenoh access control: the roster file (`crate::acl::Roster`) of the certificate
+    /// names of the mesh's nodes per tier; needs `tls`. Every other name is denied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acl_file: Option<PathBuf>,
     /// Key file for encryption at rest (`twinmesh keys new`): the values of
     /// `encrypt_trees` are AES-256-GCM sealed with its newest key; older keys still open.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -294,6 +298,7 @@ impl NodeConfig {
             passivate_after_s: 0,
             site_key_file: None,
             tls: None,
+            acl_file: None,
             at_rest_key_file: None,
             encrypt_trees: default_encrypt_trees(),
             auth: Default::default(),
@@ -384,6 +389,13 @@ impl NodeConfig {
                 ),
                 _ => {}
             }
+        }
+        if self.acl_file.is_some() && self.tls.is_none() {
+            anyhow::bail!(
+                "node {}: an ACL roster (--acl) needs TLS (--tls-ca, --tls-cert, --tls-key): \
+                 links are told apart by their certificate names",
+                self.id
+            );
         }
         if self.mode == ZenohMode::Client && self.connect.is_empty() {
             anyhow::bail!(
@@ -508,6 +520,14 @@ colour = "blue""#)
         let mut cfg: NodeConfig = toml::from_str(&bad).unwrap();
         let err = cfg.normalize().unwrap_err().to_string();
         assert_eq!(err, "invalid chain for wind_turbine in the configuration: stage 1 (decimate): parameter factor: 1 must be a whole number in 2..=64");
+    }
+
+    #[test]
+    fn an_acl_roster_needs_tls() {
+        let mut cfg = NodeConfig::new("edge-a".parse().unwrap(), Tier::Edge, "site-a");
+        cfg.acl_file = Some("acl.toml".into());
+        let err = cfg.normalize().unwrap_err().to_string();
+        assert!(err.contains("needs TLS"), "{err}");
     }
 
     #[test]

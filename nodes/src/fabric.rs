@@ -113,6 +113,17 @@ pub fn zenoh_config(cfg: &NodeConfig) -> anyhow::Result<zenoh::Config> {
             "true".into(),
         )?;
     }
+    if let Some(path) = &cfg.acl_file {
+        let roster = crate::acl::Roster::from_file(path)?;
+        if !roster.lists(&cfg.id) {
+            anyhow::bail!(
+                "node {} is not in the ACL roster {}: the other nodes would refuse it",
+                cfg.id,
+                path.display()
+            );
+        }
+        set(&mut c, "access_control", roster.zenoh_acl().to_string())?;
+    }
     set(&mut c, "transport/link/tx/lease", cfg.lease_ms.to_string())?;
     set(&mut c, "transport/link/tx/keep_alive", "4".into())?;
     Ok(c)

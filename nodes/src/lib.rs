@@ -8,6 +8,7 @@
 //! - [`runtime`]: [`runtime::RunningNode`] starts/stops one node; [`run`] is what the
 //!   binary calls.
 //! - [`api`]: location-transparent operations (twin RPC over the fabric, listings).
+//! - [`acl`]: Zenoh access control generated from a roster of certificate names.
 //! - [`auth`]: bearer JWTs and the least role of each RPC.
 //! - [`grpc`]: `TwinService` and `MeshService` (tonic), health, reflection.
 //! - [`models`]: the cloud's model registry, training on archived features,
@@ -23,6 +24,7 @@
 //! - [`tools`]: `twinmesh sim`, `twinmesh dsp`, `twinmesh ingest`.
 //! - [`cli`]: argument parsing for the binary.
 
+pub mod acl;
 pub mod api;
 pub mod auth;
 pub mod bench;

@@ -19,7 +19,8 @@ fn main() -> ExitCode {
         | Command::Dsp(_)
         | Command::Ingest(_)
         | Command::Keys(_)
-        | Command::Certs(_) => "warn",
+        | Command::Certs(_)
+        | Command::Acl(_) => "warn",
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -82,6 +83,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ingest(args) => twinmesh_nodes::tools::ingest(args).await,
         Command::Keys(args) => twinmesh_nodes::keys::run(args),
         Command::Certs(args) => twinmesh_nodes::certs::run(args),
+        Command::Acl(args) => twinmesh_nodes::acl::run(args),
     }
 }
 

@@ -38,6 +38,30 @@ pub fn certs_dir(data: &std::path::Path) -> PathBuf {
     data.join("certs")
 }
 
+/// The read-only client certificate `up --secure` issues (dashboards, `zenoh` tools).
+pub const READER: &str = "reader";
+
+/// The ACL roster of the planned nodes: edge and cloud nodes are the mesh, IoT nodes
+/// the gateways of their sites, plus one read-only client, [`READER`].
+pub fn roster(nodes: &[NodeConfig]) -> anyhow::Result<crate::acl::Roster> {
+    let mut roster = crate::acl::Roster {
+        readers: vec![READER.parse()?],
+        ..Default::default()
+    };
+    for n in nodes {
+        match n.tier {
+            Tier::Iot => roster
+                .gateways
+                .entry(n.site.clone())
+                .or_default()
+                .push(n.id.clone()),
+            Tier::Edge | Tier::Cloud => roster.mesh.push(n.id.clone()),
+        }
+    }
+    roster.validate()?;
+    Ok(roster)
+}
+
 fn next_port(addr: SocketAddr, offset: u16) -> SocketAddr {
     let mut a = addr;
     if a.port() != 0 {
@@ -97,6 +121,7 @@ pub fn plan(opts: &UpOptions) -> anyhow::Result<Vec<NodeConfig>> {
                 cert_file: certs.join(format!("{}.pem", n.id)),
                 key_file: certs.join(format!("{}.key", n.id)),
             });
+            n.acl_file = Some(certs.join("acl.toml"));
         }
     }
     // One site key per site, shared by its edge and gateway (created on first start).
@@ -116,11 +141,21 @@ pub async fn start(mut plan: Vec<NodeConfig>) -> anyhow::Result<Vec<RunningNode>
         if !tls.ca_file.exists() {
             crate::certs::init_ca(dir, "twinmesh up CA", 3650)?;
         }
-        for c in &plan {
-            if !dir.join(format!("{}.pem", c.id)).exists() {
-                crate::certs::issue(dir, c.id.as_str(), &[], 365)?;
+        let names = plan.iter().map(|c| c.id.as_str()).chain([READER]);
+        for name in names {
+            if !dir.join(format!("{name}.pem")).exists() {
+                crate::certs::issue(dir, name, &[], 365)?;
             }
         }
+    }
+    // The roster follows the plan on every start.
+    if let Some(path) = plan.iter().find_map(|c| c.acl_file.clone()) {
+        let text = toml::to_string(&roster(&plan)?)?;
+        std::fs::write(
+            &path,
+            format!("# Written by `twinmesh up --secure` on every start.\n{text}"),
+        )
+        .map_err(|e| anyhow::anyhow!("cannot write ACL roster {}: {e}", path.display()))?;
     }
     for key in plan.iter().filter_map(|c| c.site_key_file.as_ref()) {
         if !key.exists() {

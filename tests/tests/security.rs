@@ -278,3 +278,188 @@ async fn tokens_are_checked_and_roles_limit_what_callers_do() {
     let log = c.node("cloud").log();
     assert!(!log.contains(std::str::from_utf8(SECRET).unwrap()));
 }
+
+/// Samples of one subscriber, kept for later assertions.
+fn collect(
+    sub: &zenoh::pubsub::Subscriber<zenoh::handlers::FifoChannelHandler<zenoh::sample::Sample>>,
+) -> Vec<String> {
+    let mut keys = Vec::new();
+    while let Ok(Some(s)) = sub.try_recv() {
+        keys.push(s.key_expr().to_string());
+    }
+    keys
+}
+
+/// The ACL generated from the roster (item 6): the mesh runs under it; a gateway's
+/// certificate publishes only its own site's telemetry and receives only its site's
+/// control keys; a reader reads but cannot publish; a CA-signed name not in the roster
+/// gets nothing. Every "nothing arrived" is checked after something sent later on the
+/// same path did arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_generated_acl_confines_gateways_to_their_site_and_readers_to_reading() {
+    let mut c = Cluster::new(1000).unwrap();
+    let certs = c.dir.path().join("certs");
+    twinmesh_nodes::certs::init_ca(&certs, "test CA", 30).unwrap();
+    for n in [
+        "cloud", "edge-a", "iot-a", "iot-a2", "iot-b", "reader", "reader2", "stranger",
+    ] {
+        twinmesh_nodes::certs::issue(&certs, n, &[], 30).unwrap();
+    }
+    let roster = c.dir.path().join("acl.toml");
+    std::fs::write(
+        &roster,
+        "mesh = [\"cloud\", \"edge-a\"]\nreaders = [\"reader\", \"reader2\"]\n\
+         [gateways]\nsite-a = [\"iot-a\", \"iot-a2\"]\nsite-b = [\"iot-b\"]\n",
+    )
+    .unwrap();
+    let roster = roster.display().to_string();
+    let with_acl = |name: &str| {
+        let mut a = tls_args(&certs, name);
+        a.extend(["--acl".to_owned(), roster.clone()]);
+        a
+    };
+    let tls = Some("tls/127.0.0.1:0");
+    let a = with_acl("cloud");
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    c.start("cloud", "cloud", None, tls, &a).unwrap();
+    let a = with_acl("edge-a");
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    c.start("edge", "edge-a", Some("site-a"), tls, &a).unwrap();
+    let mut a = with_acl("iot-a");
+    a.extend(["--simulate".to_owned(), "wind_turbine:1".to_owned()]);
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    c.start("iot", "iot-a", Some("site-a"), tls, &a).unwrap();
+
+    // The mesh works under the ACL: the gateway registers, streams and is acknowledged.
+    let ca = certs.join("ca.pem");
+    let https = c
+        .node("cloud")
+        .grpc_endpoint()
+        .replace("http://", "https://");
+    let channel = twinmesh_nodes::ctl::connect_tls(&https, Duration::from_secs(10), Some(&ca))
+        .await
+        .unwrap();
+    let id = "site-a/wt-01";
+    eventually(WAIT, "the twin streaming under the ACL", || {
+        let channel = channel.clone();
+        async move {
+            let t = TwinServiceClient::new(channel)
+                .get_twin(GetTwinRequest { twin_id: id.into() })
+                .await
+                .ok()?
+                .into_inner();
+            let seq = t.reported.get("bearing_vibration").map_or(0, |r| r.seq);
+            (seq >= 10).then_some(())
+        }
+    })
+    .await;
+
+    let edge = c.node("edge-a").ready.zenoh[0].clone();
+    let client = |name: &str| {
+        let (cert, key) = (
+            certs.join(format!("{name}.pem")),
+            certs.join(format!("{name}.key")),
+        );
+        let (edge, ca) = (edge.clone(), ca.clone());
+        async move {
+            zenoh_tls_client(&edge, &ca, Some((&cert, &key)))
+                .await
+                .unwrap()
+        }
+    };
+    let reader = client("reader").await;
+    let everything = reader.declare_subscriber("twinmesh/**").await.unwrap();
+    let stranger = client("stranger").await;
+    let stranger_sees = stranger.declare_subscriber("twinmesh/**").await.unwrap();
+    let gateway = client("iot-a2").await;
+    let beyond_its_keys = gateway
+        .declare_subscriber("twinmesh/twins/**")
+        .await
+        .unwrap();
+    let its_control = gateway
+        .declare_subscriber("twinmesh/control/site-a/*")
+        .await
+        .unwrap();
+
+    // The reader sees the twin's state: its subscription reached the edge (and so, on
+    // the same path, did the stranger's and the gateway's, declared after it).
+    recv_state(&everything, id).await;
+
+    // Denied publications first, then an allowed one on the same link (from a second
+    // session of the gateway's certificate: a session's own subscribers would see its
+    // publications locally).
+    let forger = client("iot-a2").await;
+    for key in [
+        "twinmesh/telemetry/site-b/wt-01/bearing_vibration",
+        "twinmesh/snapshots/site-a/wt-01",
+        "twinmesh/twins/site-a/wt-01/state",
+        "twinmesh/placement/site-a/wt-01",
+    ] {
+        forger.put(key, vec![1u8, 2, 3]).await.unwrap();
+    }
+    let reader2 = client("reader2").await;
+    reader2
+        .put("twinmesh/telemetry/site-a/fake-02/x", vec![7u8])
+        .await
+        .unwrap();
+    forger
+        .put("twinmesh/telemetry/site-a/fake-01/x", vec![4u8, 5, 6])
+        .await
+        .unwrap();
+    let allowed = "twinmesh/telemetry/site-a/fake-01/x";
+    let mut seen = Vec::new();
+    twinmesh_tests::recv_until(WAIT, "the gateway's own-site telemetry", &everything, |s| {
+        let key = s.key_expr().to_string();
+        seen.push((key.clone(), s.payload().to_bytes().to_vec()));
+        key == allowed
+    })
+    .await;
+    // (The twin's own states, snapshots and placements are legitimate publications on
+    // those keys; the forged payload is in none of them.)
+    let forged: Vec<&String> = seen
+        .iter()
+        .filter(|(k, p)| p == &[1u8, 2, 3] || k.contains("site-b") || k.contains("fake-02"))
+        .map(|(k, _)| k)
+        .collect();
+    assert!(
+        forged.is_empty(),
+        "denied publications got through: {forged:?}"
+    );
+
+    // A set-point: the gateway certificate receives its site's control key ...
+    let mut req = tonic::Request::new(SetDesiredRequest {
+        twin_id: id.into(),
+        property: "power_limit".into(),
+        value: 1500.0,
+        expected_revision: None,
+    });
+    req.set_timeout(Duration::from_secs(10));
+    TwinServiceClient::new(channel.clone())
+        .set_desired(req)
+        .await
+        .unwrap();
+    twinmesh_tests::recv_until(WAIT, "the control key at the gateway", &its_control, |s| {
+        s.key_expr().as_str() == "twinmesh/control/site-a/wt-01"
+    })
+    .await;
+    // ... and, while the reader sees several more states of the twin, nothing of
+    // twinmesh/twins/** reaches the gateway, nor anything at all the stranger.
+    for _ in 0..3 {
+        recv_state(&everything, id).await;
+    }
+    let leaked = collect(&beyond_its_keys);
+    assert!(leaked.is_empty(), "the gateway received {leaked:?}");
+    let leaked = collect(&stranger_sees);
+    assert!(leaked.is_empty(), "the stranger received {leaked:?}");
+}
+
+async fn recv_state(
+    sub: &zenoh::pubsub::Subscriber<zenoh::handlers::FifoChannelHandler<zenoh::sample::Sample>>,
+    id: &str,
+) {
+    let key = format!("twinmesh/twins/{id}/state");
+    twinmesh_tests::recv_until(WAIT, "a state of the twin", sub, |s| {
+        s.key_expr().as_str() == key
+    })
+    .await;
+}

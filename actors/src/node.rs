@@ -416,7 +416,10 @@ async fn resync_placements(node: &ActorRef<NodeMsg>, ctx: &NodeContext) {
     reconcile(node, ctx).await;
 }
 
-async fn query_placements(ctx: &NodeContext, query: PlacementQuery) -> crate::Result<Vec<Placement>> {
+async fn query_placements(
+    ctx: &NodeContext,
+    query: PlacementQuery,
+) -> crate::Result<Vec<Placement>> {
     let replies = ctx
         .fabric
         .query(
@@ -453,7 +456,10 @@ async fn reconcile(node: &ActorRef<NodeMsg>, ctx: &NodeContext) {
     };
     match query_placements(ctx, query).await {
         Ok(placements) => {
-            for p in placements.into_iter().filter(|p| p.node != ctx.node.as_str()) {
+            for p in placements
+                .into_iter()
+                .filter(|p| p.node != ctx.node.as_str())
+            {
                 let _ = node.cast(NodeMsg::PlacedElsewhere(p));
             }
         }

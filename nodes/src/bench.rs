@@ -101,6 +101,10 @@ pub struct BenchArgs {
     /// ingest, tls: liveliness lease of the two nodes, ms.
     #[arg(long, default_value_t = 2000)]
     pub lease_ms: u64,
+    /// tls: the encrypted Zenoh link, quic or tls (Zenoh's tls link can stall under
+    /// load in both directions, eclipse-zenoh/zenoh#2557).
+    #[arg(long, default_value = "quic", value_parser = ["quic", "tls"])]
+    pub link: String,
     #[arg(long, hide = true)]
     pub phase: Option<ScalePhase>,
     #[arg(long, hide = true)]
@@ -108,7 +112,7 @@ pub struct BenchArgs {
 }
 
 /// A cloud and an edge node in this process, and a peer session acting as the gateway;
-/// with `tls`, every link is mutual TLS (certificates of a fresh CA).
+/// with a `tls` or `quic` scheme, every link is mutual TLS (certificates of a fresh CA).
 pub(crate) struct Rig {
     /// Holds the rig's databases, certificates and keys until it is dropped.
     _dir: tempfile::TempDir,
@@ -120,15 +124,17 @@ pub(crate) struct Rig {
 }
 
 impl Rig {
-    pub(crate) async fn start(tls: bool) -> anyhow::Result<Rig> {
-        Self::start_with(tls, crate::config::default_lease_ms()).await
+    /// Plain TCP links.
+    pub(crate) async fn start() -> anyhow::Result<Rig> {
+        Self::start_with("tcp", crate::config::default_lease_ms()).await
     }
 
-    /// Like [`Rig::start`], with the nodes' liveliness lease in ms.
-    pub(crate) async fn start_with(tls: bool, lease_ms: u64) -> anyhow::Result<Rig> {
+    /// Links of `scheme` (`tcp`, or `tls`/`quic` with mutual TLS), the nodes' liveliness
+    /// lease in ms.
+    pub(crate) async fn start_with(scheme: &str, lease_ms: u64) -> anyhow::Result<Rig> {
         let dir = tempfile::tempdir()?;
         let certs = dir.path().join("certs");
-        let scheme = if tls { "tls" } else { "tcp" };
+        let tls = scheme != "tcp";
         let tls_of = |name: &str| -> anyhow::Result<Option<crate::config::TlsConfig>> {
             if !tls {
                 return Ok(None);
@@ -335,8 +341,8 @@ fn samples(n: usize, seed: u64) -> Vec<f64> {
         .collect()
 }
 
-async fn bench_ingest(args: &BenchArgs, tls: bool) -> anyhow::Result<IngestReport> {
-    let rig = Rig::start_with(tls, args.lease_ms).await?;
+async fn bench_ingest(args: &BenchArgs, scheme: &str) -> anyhow::Result<IngestReport> {
+    let rig = Rig::start_with(scheme, args.lease_ms).await?;
     let ids = rig.twins(args.parallel, "wind_turbine").await?;
     let measure = Duration::from_secs_f64(args.seconds);
     let warmup = Duration::from_secs(2);
@@ -542,7 +548,7 @@ struct RpcReport {
 }
 
 async fn bench_rpc(args: &BenchArgs) -> anyhow::Result<RpcReport> {
-    let rig = Rig::start(false).await?;
+    let rig = Rig::start().await?;
     let ids = rig.twins(1, "wind_turbine").await?;
     let endpoint = format!("http://{}", rig.cloud.grpc_addr.expect("grpc"));
     let channel = tonic::transport::Channel::from_shared(endpoint)?
@@ -1378,21 +1384,22 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         BenchKind::Tls => {
             // Same run, same machine: plain links first, then mutual TLS on every link.
-            let plain = bench_ingest(&args, false).await?;
-            let tls = bench_ingest(&args, true).await?;
+            let plain = bench_ingest(&args, "tcp").await?;
+            let tls = bench_ingest(&args, &args.link).await?;
             let loss =
                 1.0 - tls.end_to_end_samples_per_s / plain.end_to_end_samples_per_s.max(1e-9);
             if args.json {
                 println!(
                     "{}",
-                    serde_json::json!({"plain": plain, "tls": tls, "loss": loss})
+                    serde_json::json!({"plain": plain, "tls": tls, "link": args.link, "loss": loss})
                 );
             } else {
                 println!(
                     "tls: {} twins, {}-sample frames, {:.0} s per phase, {}",
                     plain.twins, plain.frame_samples, plain.seconds, plain.machine
                 );
-                for (name, r) in [("plain tcp", &plain), ("mutual tls", &tls)] {
+                let secure = format!("mtls {}", args.link);
+                for (name, r) in [("plain tcp", &plain), (secure.as_str(), &tls)] {
                     println!(
                         "  {name:<10} end to end {:>12.0} samples/s  ack p50 {:.2} ms p99 {:.2} ms  raw zenoh {:>12.0} samples/s",
                         r.end_to_end_samples_per_s,
@@ -1418,7 +1425,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             }
         }
         BenchKind::Ingest => {
-            let r = bench_ingest(&args, false).await?;
+            let r = bench_ingest(&args, "tcp").await?;
             if args.json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {

@@ -95,7 +95,7 @@ fn request(ids: &[String], epsilon: f64, start_ns: i64) -> ReleaseAggregateReque
 
 pub async fn bench_privacy(twins: usize, machine: String) -> anyhow::Result<PrivacyReport> {
     anyhow::ensure!(twins >= 2, "--twins must be at least 2 for a set release");
-    let rig = Rig::start(false).await?;
+    let rig = Rig::start().await?;
     eprintln!("registering {twins} twins ...");
     let ids = rig.twins(twins, "crankshaft_line").await?;
     let start_ns = 1_700_000_000_000_000_000;

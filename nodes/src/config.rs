@@ -13,7 +13,7 @@ use twinmesh_twins::chain::{Chain, ChainSpec};
 use twinmesh_twins::{id::validate_site, AssetKind, NodeId, Tier};
 
 /// Zenoh link protocols this build supports.
-pub const SUPPORTED_PROTOCOLS: [&str; 2] = ["tcp", "tls"];
+pub const SUPPORTED_PROTOCOLS: [&str; 3] = ["tcp", "tls", "quic"];
 
 /// The site every cloud node belongs to.
 pub const CLOUD_SITE: &str = "cloud";
@@ -379,10 +379,10 @@ impl NodeConfig {
             }
         }
         for ep in self.listen.iter().chain(&self.connect) {
-            let tls = ep.starts_with("tls/");
+            let tls = ep.starts_with("tls/") || ep.starts_with("quic/");
             match (&self.tls, tls) {
                 (Some(_), false) => anyhow::bail!(
-                    "zenoh endpoint {ep:?} is not tls/: with TLS configured every link is encrypted"
+                    "zenoh endpoint {ep:?} is neither tls/ nor quic/: with TLS configured every link is encrypted"
                 ),
                 (None, true) => anyhow::bail!(
                     "zenoh endpoint {ep:?} needs TLS certificates (--tls-ca, --tls-cert, --tls-key)"

@@ -113,6 +113,18 @@ pub fn zenoh_config(cfg: &NodeConfig) -> anyhow::Result<zenoh::Config> {
             "true".into(),
         )?;
     }
+    if cfg
+        .listen
+        .iter()
+        .chain(&cfg.connect)
+        .any(|e| e.starts_with("tls/"))
+    {
+        tracing::warn!(
+            "zenoh's tls/ link can stall or misbehave under load in both directions \
+             (eclipse-zenoh/zenoh#2557: one rustls session read and written concurrently); \
+             quic/ endpoints use the same certificates without that problem"
+        );
+    }
     if let Some(path) = &cfg.acl_file {
         let roster = crate::acl::Roster::from_file(path)?;
         if !roster.lists(&cfg.id) {
@@ -129,7 +141,8 @@ pub fn zenoh_config(cfg: &NodeConfig) -> anyhow::Result<zenoh::Config> {
     Ok(c)
 }
 
-/// Fails early, with one clear line, when a TCP/TLS listen address cannot be bound.
+/// Fails early, with one clear line, when a TCP/TLS (or, for QUIC, UDP) listen address
+/// cannot be bound.
 fn check_listen_endpoints(endpoints: &[String]) -> anyhow::Result<()> {
     for ep in endpoints {
         let parsed: zenoh::config::EndPoint = ep
@@ -141,8 +154,12 @@ fn check_listen_endpoints(endpoints: &[String]) -> anyhow::Result<()> {
             continue;
         }
         if let Ok(sock) = addr.parse::<std::net::SocketAddr>() {
-            std::net::TcpListener::bind(sock)
-                .map_err(|e| anyhow::anyhow!("cannot listen on zenoh endpoint {ep}: {e}"))?;
+            let bound = if parsed.protocol().as_str() == "quic" {
+                std::net::UdpSocket::bind(sock).map(drop)
+            } else {
+                std::net::TcpListener::bind(sock).map(drop)
+            };
+            bound.map_err(|e| anyhow::anyhow!("cannot listen on zenoh endpoint {ep}: {e}"))?;
         }
     }
     Ok(())

@@ -110,8 +110,9 @@ pub fn plan(opts: &UpOptions) -> anyhow::Result<Vec<NodeConfig>> {
         for n in nodes.iter_mut() {
             let tls = |eps: &mut Vec<String>| {
                 for ep in eps.iter_mut() {
+                    // QUIC, not Zenoh's tls/ link (eclipse-zenoh/zenoh#2557).
                     if let Some(rest) = ep.strip_prefix("tcp/") {
-                        *ep = format!("tls/{rest}");
+                        *ep = format!("quic/{rest}");
                     }
                 }
             };

@@ -20,7 +20,7 @@ use twinmesh_twins::Tier;
 use twinmesh_twins::{keys, TwinId};
 
 use crate::context::NodeContext;
-use crate::mesh::STATUS_ACTIVE;
+use crate::mesh::{STATUS_ACTIVE, STATUS_STALE};
 use crate::metrics::NodeMetrics;
 use crate::ports::SampleKind;
 use crate::twin::{TwinActor, TwinArgs, TwinMsg};
@@ -288,8 +288,14 @@ impl Actor for NodeSupervisor {
                 let Ok(id) = p.twin_id.parse::<TwinId>() else {
                     return Ok(());
                 };
+                // Placed on another node at a newer epoch. A `stale` placement (no live
+                // node may host it) names no owner: the copy here runs on (an edge cut
+                // off from the cloud) until the authority places the twin again.
                 let stale = state.twins.get(&id).is_some_and(|h| {
-                    h.placement.epoch < p.epoch && p.node != state.ctx.node.as_str()
+                    h.placement.epoch < p.epoch
+                        && p.status != STATUS_STALE
+                        && !p.node.is_empty()
+                        && p.node != state.ctx.node.as_str()
                 });
                 if stale {
                     tracing::warn!(twin = %id, epoch = p.epoch, owner = p.node, "twin placed elsewhere at a newer epoch: stopping the stale copy here");
@@ -377,7 +383,7 @@ async fn placement_watcher(
             s = placements.rx.recv_async() => {
                 let Ok(s) = s else { break };
                 match Placement::decode(s.payload) {
-                    Ok(p) if p.node == ctx.node.as_str() && p.status != "stale" => {
+                    Ok(p) if p.node == ctx.node.as_str() && p.status != STATUS_STALE => {
                         let _ = node.cast(NodeMsg::Place(p));
                     }
                     Ok(p) => {

@@ -1688,18 +1688,19 @@ async fn rpc_pump(
                     // Off the site (or below data_operator), raw history of protected
                     // signals and their features is never served.
                     if !privacy::sees_raw(caller.as_ref(), id2.site()) {
-                        let refusal = match crate::privacy::policy_of(&ctx2, &actor2, &id2, kind).await {
-                            Ok(p) if p.is_protected_feature(&h.signal) => Some(error_reply(
-                                &DomainError::PermissionDenied(format!(
-                                    "raw history of {} stays on site {} (privacy policy v{}): use ReleaseAggregate",
-                                    h.signal,
-                                    id2.site(),
-                                    p.version
-                                )),
-                            )),
-                            Ok(_) => None,
-                            Err(e) => Some(reply(twin_reply::Reply::Error(e))),
-                        };
+                        let refusal =
+                            match crate::privacy::policy_of(&ctx2, &actor2, &id2, kind).await {
+                                Ok(p) => p
+                                    .offsite_history(
+                                        id2.site(),
+                                        &h.signal,
+                                        h.bucket_ns,
+                                        h.aggregation(),
+                                    )
+                                    .err()
+                                    .map(|why| error_reply(&DomainError::PermissionDenied(why))),
+                                Err(e) => Some(reply(twin_reply::Reply::Error(e))),
+                            };
                         if let Some(r) = refusal {
                             query
                                 .reply(&key2, Bytes::from(r.encode_to_vec()), encoding::TWIN_REPLY)

@@ -361,10 +361,56 @@ async fn site_only_values_stay_on_site_and_releases_spend_exactly_their_budget()
     });
 
     // Nothing the outside client saw carried a sentinel.
-    let seen = seen.lock().unwrap();
-    assert!(seen.len() > 20, "only {} samples seen", seen.len());
-    for (key, payload) in seen.iter() {
-        assert!(!has_sentinel(payload), "sentinel seen off-site on {key}");
+    {
+        let seen = seen.lock().unwrap();
+        assert!(seen.len() > 20, "only {} samples seen", seen.len());
+        for (key, payload) in seen.iter() {
+            assert!(!has_sentinel(payload), "sentinel seen off-site on {key}");
+        }
+    }
+
+    // Minimisation: with `coarsen` at 1 h the signal's history leaves the site as means
+    // (or counts) over buckets of at least an hour, and still not finer, nor as a max.
+    let mut p = set.clone();
+    let sp = p.signals.get_mut(SIGNAL).unwrap();
+    sp.mechanism = "coarsen".into();
+    sp.resolution_ns = 3_600_000_000_000;
+    privacy(&cloud_grpc)
+        .await
+        .set_policy(SetPolicyRequest {
+            policy: Some(p),
+            expected_version: None,
+        })
+        .await
+        .unwrap();
+    let coarse = |bucket_ns: i64, aggregation: proto::Aggregation| {
+        let endpoint = cloud_grpc.clone();
+        async move {
+            twin_client(&endpoint)
+                .await
+                .query_history(QueryHistoryRequest {
+                    twin_id: id.into(),
+                    signal: SIGNAL.into(),
+                    start_ns: now_ns() - 3_600_000_000_000,
+                    end_ns: now_ns(),
+                    bucket_ns,
+                    aggregation: aggregation as i32,
+                })
+                .await
+        }
+    };
+    let hourly = coarse(3_600_000_000_000, proto::Aggregation::Mean)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(hourly.buckets.iter().map(|b| b.count).sum::<u64>(), 50);
+    for (bucket_ns, agg) in [
+        (60_000_000_000, proto::Aggregation::Mean),
+        (3_600_000_000_000, proto::Aggregation::Max),
+    ] {
+        let e = coarse(bucket_ns, agg).await.unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+        assert!(e.message().contains("at least 3600 s"), "{e:?}");
     }
 }
 

@@ -40,6 +40,8 @@ pub enum Mechanism {
     MicroAggregate,
     /// Identifiers replaced by a keyed HMAC.
     Pseudonymise,
+    /// History only at a coarser time resolution (means or counts over long buckets).
+    Coarsen,
     /// Never leaves the site in any form.
     Suppress,
 }
@@ -51,6 +53,7 @@ impl Mechanism {
             Mechanism::Dp => "dp",
             Mechanism::MicroAggregate => "micro_aggregate",
             Mechanism::Pseudonymise => "pseudonymise",
+            Mechanism::Coarsen => "coarsen",
             Mechanism::Suppress => "suppress",
         }
     }
@@ -61,6 +64,7 @@ impl Mechanism {
             "dp" => Mechanism::Dp,
             "micro_aggregate" => Mechanism::MicroAggregate,
             "pseudonymise" | "pseudonymize" => Mechanism::Pseudonymise,
+            "coarsen" => Mechanism::Coarsen,
             "suppress" => Mechanism::Suppress,
             other => {
                 return Err(Error::InvalidArgument(format!(
@@ -108,6 +112,8 @@ pub struct SignalPolicy {
     pub upper: f64,
     /// Smallest group of a micro-aggregate release.
     pub k: u32,
+    /// `coarsen`: the shortest history bucket served off the site, ns (0 otherwise).
+    pub resolution_ns: i64,
 }
 
 impl SignalPolicy {
@@ -157,6 +163,7 @@ impl Policy {
                         lower: s.min,
                         upper: s.max,
                         k: DEFAULT_K,
+                        resolution_ns: 0,
                     },
                 )
             })
@@ -209,6 +216,20 @@ impl Policy {
             if k < 2 {
                 return bad(format!("signal {name}: k = {k} must be at least 2"));
             }
+            match (mechanism, sp.resolution_ns) {
+                (Mechanism::Coarsen, r) if r < 1_000_000_000 => {
+                    return bad(format!(
+                        "signal {name}: coarsen needs resolution_ns of at least 1 s (got {r})"
+                    ))
+                }
+                (Mechanism::Coarsen, _) | (_, 0) => {}
+                (m, r) => {
+                    return bad(format!(
+                    "signal {name}: resolution_ns ({r}) applies to the coarsen mechanism, not {}",
+                    m.as_str()
+                ))
+                }
+            }
             policy.signals.insert(
                 name.clone(),
                 SignalPolicy {
@@ -217,6 +238,7 @@ impl Policy {
                     lower,
                     upper,
                     k,
+                    resolution_ns: sp.resolution_ns,
                 },
             );
         }
@@ -269,6 +291,7 @@ impl Policy {
                             lower: s.lower,
                             upper: s.upper,
                             k: s.k,
+                            resolution_ns: s.resolution_ns,
                         },
                     )
                 })
@@ -304,6 +327,46 @@ impl Policy {
             .filter(|(_, s)| s.protected())
             .map(|(k, _)| k.clone())
             .collect()
+    }
+
+    /// Whether a caller off the site may read this history of `signal` (a signal or a
+    /// feature `{signal}.{name}`): unprotected ones always; a `coarsen` signal (not its
+    /// features) in buckets of at least its resolution, as mean or count; nothing else.
+    /// The error is the reason, for `PERMISSION_DENIED`.
+    pub fn offsite_history(
+        &self,
+        site: &str,
+        signal: &str,
+        bucket_ns: i64,
+        aggregation: proto::Aggregation,
+    ) -> std::result::Result<(), String> {
+        if !self.is_protected_feature(signal) {
+            return Ok(());
+        }
+        let coarse = self
+            .signals
+            .get(signal)
+            .filter(|s| s.mechanism == Mechanism::Coarsen);
+        match coarse {
+            Some(s)
+                if bucket_ns >= s.resolution_ns
+                    && matches!(
+                        aggregation,
+                        proto::Aggregation::Mean | proto::Aggregation::Count
+                    ) =>
+            {
+                Ok(())
+            }
+            Some(s) => Err(format!(
+                "history of {signal} leaves site {site} only as mean or count over buckets of at least {} s (privacy policy v{})",
+                s.resolution_ns as f64 / 1e9,
+                self.version
+            )),
+            None => Err(format!(
+                "raw history of {signal} stays on site {site} (privacy policy v{}): use ReleaseAggregate",
+                self.version
+            )),
+        }
     }
 
     /// A feature (`{signal}.{name}`) computed from a protected signal is protected too.
@@ -832,6 +895,60 @@ mod tests {
             p.signal("household_energy").unwrap().mechanism,
             Mechanism::Dp
         );
+    }
+
+    #[test]
+    fn coarsened_history_leaves_only_in_long_buckets_as_mean_or_count() {
+        use proto::Aggregation as A;
+        let kind = AssetKind::PowerMeter;
+        let mut p = Policy::default_for(kind).to_proto("site-a/pm-01");
+        let he = p.signals.get_mut("household_energy").unwrap();
+        he.mechanism = "coarsen".into();
+        he.resolution_ns = 900_000_000_000;
+        let policy = Policy::validate(&p, kind).unwrap();
+        let r = 900_000_000_000;
+        assert!(policy
+            .offsite_history("site-a", "household_energy", r, A::Mean)
+            .is_ok());
+        assert!(policy
+            .offsite_history("site-a", "household_energy", 2 * r, A::Count)
+            .is_ok());
+        let e = policy
+            .offsite_history("site-a", "household_energy", r - 1, A::Mean)
+            .unwrap_err();
+        assert!(e.contains("at least 900 s"), "{e}");
+        for a in [A::Min, A::Max, A::Rms] {
+            assert!(policy
+                .offsite_history("site-a", "household_energy", r, a)
+                .is_err());
+        }
+        // Its features stay on site; public signals are not affected.
+        assert!(policy
+            .offsite_history("site-a", "household_energy.mean", r, A::Mean)
+            .is_err());
+        assert!(policy
+            .offsite_history("site-a", "voltage", 0, A::Max)
+            .is_ok());
+        // The default (dp) serves no history off the site at any resolution.
+        let dp = Policy::default_for(kind);
+        let e = dp
+            .offsite_history("site-a", "household_energy", 10 * r, A::Mean)
+            .unwrap_err();
+        assert!(e.contains("ReleaseAggregate"), "{e}");
+        // Round trip, and the checks of resolution_ns.
+        let back = Policy::from_stored(&policy.to_proto("site-a/pm-01"), kind).unwrap();
+        assert_eq!(back.signal("household_energy").unwrap().resolution_ns, r);
+        let mut bad = p.clone();
+        bad.signals
+            .get_mut("household_energy")
+            .unwrap()
+            .resolution_ns = 10;
+        let e = Policy::validate(&bad, kind).unwrap_err().to_string();
+        assert!(e.contains("at least 1 s"), "{e}");
+        let mut bad = p;
+        bad.signals.get_mut("household_energy").unwrap().mechanism = "dp".into();
+        let e = Policy::validate(&bad, kind).unwrap_err().to_string();
+        assert!(e.contains("applies to the coarsen mechanism"), "{e}");
     }
 
     #[test]

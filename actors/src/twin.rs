@@ -1637,13 +1637,7 @@ async fn rpc_pump(
                     },
                     Err(e) => error_reply(&e),
                 };
-                query
-                    .reply(
-                        &key,
-                        Bytes::from(reply.encode_to_vec()),
-                        encoding::TWIN_REPLY,
-                    )
-                    .await;
+                send_reply(query, &key, &reply).await;
                 continue;
             }
             Ok(TwinRequest {
@@ -1680,51 +1674,31 @@ async fn rpc_pump(
                 caller,
             }) => {
                 // Scans can be long: serve them off the actor and off the async workers.
-                let ctx2 = ctx.clone();
-                let id2 = id.clone();
-                let key2 = key.clone();
-                let actor2 = actor.clone();
-                ctx.tasks.spawn(async move {
+                let (ctx2, id2, actor2) = (ctx.clone(), id.clone(), actor.clone());
+                let fut = async move {
                     // Off the site (or below data_operator), raw history of protected
                     // signals and their features is never served.
                     if !privacy::sees_raw(caller.as_ref(), id2.site()) {
-                        let refusal =
-                            match crate::privacy::policy_of(&ctx2, &actor2, &id2, kind).await {
-                                Ok(p) => p
-                                    .offsite_history(
-                                        id2.site(),
-                                        &h.signal,
-                                        h.bucket_ns,
-                                        h.aggregation(),
-                                    )
-                                    .err()
-                                    .map(|why| error_reply(&DomainError::PermissionDenied(why))),
-                                Err(e) => Some(reply(twin_reply::Reply::Error(e))),
-                            };
-                        if let Some(r) = refusal {
-                            query
-                                .reply(&key2, Bytes::from(r.encode_to_vec()), encoding::TWIN_REPLY)
-                                .await;
-                            return;
+                        match crate::privacy::policy_of(&ctx2, &actor2, &id2, kind).await {
+                            Ok(p) => {
+                                let site = id2.site();
+                                if let Err(why) =
+                                    p.offsite_history(site, &h.signal, h.bucket_ns, h.aggregation())
+                                {
+                                    return error_reply(&DomainError::PermissionDenied(why));
+                                }
+                            }
+                            Err(e) => return reply(twin_reply::Reply::Error(e)),
                         }
                     }
-                    let reply =
-                        match tokio::task::spawn_blocking(move || query_history(&ctx2, &id2, h))
-                            .await
-                        {
-                            Ok(r) => r,
-                            Err(e) => error_reply(&DomainError::InvalidArgument(format!(
-                                "history query failed: {e}"
-                            ))),
-                        };
-                    query
-                        .reply(
-                            &key2,
-                            Bytes::from(reply.encode_to_vec()),
-                            encoding::TWIN_REPLY,
-                        )
-                        .await;
-                });
+                    match tokio::task::spawn_blocking(move || query_history(&ctx2, &id2, h)).await {
+                        Ok(r) => r,
+                        Err(e) => error_reply(&DomainError::InvalidArgument(format!(
+                            "history query failed: {e}"
+                        ))),
+                    }
+                };
+                reply_later(&ctx, query, key.clone(), fut);
                 continue;
             }
             Ok(req) => match actor
@@ -1741,13 +1715,7 @@ async fn rpc_pump(
                 ),
             },
         };
-        query
-            .reply(
-                &key,
-                Bytes::from(reply.encode_to_vec()),
-                encoding::TWIN_REPLY,
-            )
-            .await;
+        send_reply(query, &key, &reply).await;
     }
 }
 
@@ -1761,14 +1729,18 @@ fn reply_later(
 ) {
     ctx.tasks.spawn(async move {
         let reply = reply.await;
-        query
-            .reply(
-                &key,
-                Bytes::from(reply.encode_to_vec()),
-                encoding::TWIN_REPLY,
-            )
-            .await;
+        send_reply(query, &key, &reply).await;
     });
+}
+
+async fn send_reply(query: crate::ports::Query, key: &str, reply: &TwinReply) {
+    query
+        .reply(
+            key,
+            Bytes::from(reply.encode_to_vec()),
+            encoding::TWIN_REPLY,
+        )
+        .await;
 }
 
 fn error_reply(e: &DomainError) -> TwinReply {

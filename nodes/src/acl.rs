@@ -68,12 +68,7 @@ impl Roster {
             anyhow::bail!("`mesh` lists no node: no edge or cloud node could reach another");
         }
         let mut seen = BTreeSet::new();
-        let names = self
-            .mesh
-            .iter()
-            .chain(self.gateways.values().flatten())
-            .chain(&self.readers);
-        for name in names {
+        for name in self.names() {
             if !seen.insert(name.as_str()) {
                 anyhow::bail!("{name} is listed twice (a name belongs to one tier)");
             }
@@ -87,13 +82,17 @@ impl Roster {
         Ok(())
     }
 
-    /// Whether `name` appears anywhere in the roster.
-    pub fn lists(&self, name: &NodeId) -> bool {
+    /// Every name of the roster, of every tier.
+    fn names(&self) -> impl Iterator<Item = &NodeId> {
         self.mesh
             .iter()
             .chain(self.gateways.values().flatten())
             .chain(&self.readers)
-            .any(|n| n == name)
+    }
+
+    /// Whether `name` appears anywhere in the roster.
+    pub fn lists(&self, name: &NodeId) -> bool {
+        self.names().any(|n| n == name)
     }
 
     /// Zenoh's `access_control` block for this roster (the same on every node).

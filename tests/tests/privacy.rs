@@ -37,6 +37,22 @@ async fn privacy(endpoint: &str) -> PrivacyServiceClient<tonic::transport::Chann
         .expect("connect to gRPC")
 }
 
+/// `SetPolicy` through `endpoint`.
+async fn set_policy(
+    endpoint: &str,
+    policy: proto::PrivacyPolicy,
+    expected_version: Option<u64>,
+) -> Result<proto::PrivacyPolicy, tonic::Status> {
+    privacy(endpoint)
+        .await
+        .set_policy(SetPolicyRequest {
+            policy: Some(policy),
+            expected_version,
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
 async fn twin(endpoint: &str, id: &str) -> Result<proto::Twin, tonic::Status> {
     twin_client(endpoint)
         .await
@@ -202,22 +218,11 @@ async fn site_only_values_stay_on_site_and_releases_spend_exactly_their_budget()
     );
     let mut p = policy.clone();
     p.epsilon_per_period = 1.0;
-    let set = privacy(&cloud_grpc)
+    let set = set_policy(&cloud_grpc, p, Some(policy.version))
         .await
-        .set_policy(SetPolicyRequest {
-            policy: Some(p),
-            expected_version: Some(policy.version),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(set.version, policy.version + 1);
-    let stale = privacy(&cloud_grpc)
-        .await
-        .set_policy(SetPolicyRequest {
-            policy: Some(set.clone()),
-            expected_version: Some(policy.version),
-        })
+    let stale = set_policy(&cloud_grpc, set.clone(), Some(policy.version))
         .await
         .unwrap_err();
     assert_eq!(stale.code(), Code::FailedPrecondition);
@@ -375,14 +380,7 @@ async fn site_only_values_stay_on_site_and_releases_spend_exactly_their_budget()
     let sp = p.signals.get_mut(SIGNAL).unwrap();
     sp.mechanism = "coarsen".into();
     sp.resolution_ns = 3_600_000_000_000;
-    privacy(&cloud_grpc)
-        .await
-        .set_policy(SetPolicyRequest {
-            policy: Some(p),
-            expected_version: None,
-        })
-        .await
-        .unwrap();
+    set_policy(&cloud_grpc, p, None).await.unwrap();
     let coarse = |bucket_ns: i64, aggregation: proto::Aggregation| {
         let endpoint = cloud_grpc.clone();
         async move {
@@ -478,14 +476,7 @@ async fn set_releases_charge_every_twin_and_micro_aggregates_need_k() {
     let sp = p.signals.get_mut(SIGNAL).unwrap();
     sp.mechanism = "micro_aggregate".into();
     sp.k = 5;
-    privacy(&cloud_grpc)
-        .await
-        .set_policy(SetPolicyRequest {
-            policy: Some(p.clone()),
-            expected_version: None,
-        })
-        .await
-        .unwrap();
+    set_policy(&cloud_grpc, p.clone(), None).await.unwrap();
     let e = privacy(&cloud_grpc)
         .await
         .release_aggregate(release(&ids, Statistic::Mean, 0.5))
@@ -498,14 +489,7 @@ async fn set_releases_charge_every_twin_and_micro_aggregates_need_k() {
     }
     // With k = 3 the exact mean of the three twins is released.
     p.signals.get_mut(SIGNAL).unwrap().k = 3;
-    privacy(&cloud_grpc)
-        .await
-        .set_policy(SetPolicyRequest {
-            policy: Some(p),
-            expected_version: None,
-        })
-        .await
-        .unwrap();
+    set_policy(&cloud_grpc, p, None).await.unwrap();
     let m = privacy(&cloud_grpc)
         .await
         .release_aggregate(release(&ids, Statistic::Mean, 0.5))

@@ -37,6 +37,26 @@ pub struct TwinConfig {
     /// Twins idle this long are snapshotted and stopped; the next frame or call wakes
     /// them (`None`: never).
     pub passivate_after: Option<Duration>,
+    /// The ε each site may spend on set releases per period (kept by the placement
+    /// authority, so it only matters on cloud nodes).
+    pub site_budget: SiteBudget,
+}
+
+/// A site's allowance for set releases (DESIGN §10: a per-site ledger beside the
+/// per-twin ones).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SiteBudget {
+    pub epsilon_per_period: f64,
+    pub period_ns: i64,
+}
+
+impl Default for SiteBudget {
+    fn default() -> Self {
+        SiteBudget {
+            epsilon_per_period: twinmesh_twins::privacy::DEFAULT_EPSILON_PER_PERIOD,
+            period_ns: twinmesh_twins::privacy::DEFAULT_PERIOD_NS,
+        }
+    }
 }
 
 impl Default for TwinConfig {
@@ -51,6 +71,7 @@ impl Default for TwinConfig {
             snapshot_interval: Duration::from_secs(1),
             analysis: true,
             passivate_after: None,
+            site_budget: SiteBudget::default(),
         }
     }
 }

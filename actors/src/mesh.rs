@@ -20,10 +20,11 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio_util::sync::CancellationToken;
 
 use twinmesh_proto::encoding;
+use twinmesh_twins::privacy::Ledger;
 use twinmesh_twins::proto::{
-    self, mesh_reply, mesh_request, twin_reply, twin_request, DrainNodeResponse, FreezeRequest,
-    MeshReply, MeshRequest, MigrateTwinResponse, NodeInfo, Placement, PlacementQuery,
-    PlacementRequest, TwinReply, TwinRequest, TwinSnapshot,
+    self, mesh_reply, mesh_request, twin_reply, twin_request, Budget, DrainNodeResponse,
+    FreezeRequest, MeshReply, MeshRequest, MigrateTwinResponse, NodeInfo, Placement,
+    PlacementQuery, PlacementRequest, SiteBudgetRequest, TwinReply, TwinRequest, TwinSnapshot,
 };
 use twinmesh_twins::{keys, AssetKind, Error as DomainError, ErrorCode, Tier, TwinId};
 
@@ -76,6 +77,11 @@ pub enum MeshMsg {
     /// The placements a [`PlacementQuery`] asks for.
     Matching(PlacementQuery, RpcReplyPort<Vec<Placement>>),
     Members(RpcReplyPort<Vec<NodeInfo>>),
+    /// Reserve, refund or read ε in a site's ledger of set releases.
+    SiteBudget(
+        SiteBudgetRequest,
+        RpcReplyPort<Result<Budget, (ErrorCode, String)>>,
+    ),
 }
 
 pub struct MeshSupervisor;
@@ -84,6 +90,8 @@ pub struct MeshState {
     ctx: Arc<NodeContext>,
     members: BTreeMap<String, NodeInfo>,
     placements: BTreeMap<TwinId, Placement>,
+    /// Each site's ε ledger of set releases (durable in the store).
+    site_ledgers: BTreeMap<String, Ledger>,
     /// Nodes being drained: no new twins.
     draining: std::collections::BTreeSet<String>,
     /// Rebalancing runs for a while after a node joins.
@@ -302,6 +310,73 @@ impl MeshState {
         None
     }
 
+    /// One step of a site's ledger: a reservation is refused, spending nothing, when it
+    /// does not fit; every change is durable before the answer.
+    async fn site_budget(&mut self, req: SiteBudgetRequest) -> Result<Budget, MeshError> {
+        if let Err(e) = twinmesh_twins::id::validate_site(&req.site) {
+            return Err((ErrorCode::InvalidArgument, e.to_string()));
+        }
+        if !(req.epsilon.is_finite() && req.epsilon >= 0.0)
+            || !(req.delta.is_finite() && req.delta >= 0.0)
+        {
+            return Err((
+                ErrorCode::InvalidArgument,
+                format!(
+                    "site budget request with ε {} and δ {}: both must be finite and not negative",
+                    req.epsilon, req.delta
+                ),
+            ));
+        }
+        let allowance = self.ctx.twin_config.site_budget;
+        let now = self.ctx.now_ns();
+        let mut ledger = self
+            .site_ledgers
+            .get(&req.site)
+            .copied()
+            .unwrap_or_default();
+        ledger.roll_every(allowance.period_ns, now);
+        let changed = if req.refund {
+            ledger.refund(req.epsilon, req.delta);
+            true
+        } else if req.epsilon > 0.0 {
+            ledger
+                .check_of(
+                    &format!("site {}", req.site),
+                    allowance.epsilon_per_period,
+                    req.epsilon,
+                )
+                .map_err(|e| (ErrorCode::FailedPrecondition, e.to_string()))?;
+            ledger.charge(req.epsilon, req.delta);
+            true
+        } else {
+            false
+        };
+        let budget = Budget {
+            site: req.site.clone(),
+            epsilon_total: allowance.epsilon_per_period,
+            epsilon_spent: ledger.epsilon_spent,
+            period_start_ns: ledger.period_start_ns,
+            releases: ledger.releases,
+            delta_spent: ledger.delta_spent,
+            ..Default::default()
+        };
+        if changed {
+            let store = |e: crate::Error| (ErrorCode::Internal, format!("site ledger: {e}"));
+            self.ctx.store.save_site_budget(&budget).map_err(store)?;
+            self.ctx.store.flush().await.map_err(store)?;
+            self.site_ledgers.insert(req.site.clone(), ledger);
+            tracing::info!(
+                site = req.site,
+                release = req.release_id,
+                epsilon = req.epsilon,
+                refund = req.refund,
+                spent = ledger.epsilon_spent,
+                "site ledger"
+            );
+        }
+        Ok(budget)
+    }
+
     async fn commit(&mut self, placement: Placement) -> crate::Result<()> {
         self.ctx.store.save_placement(&placement)?;
         self.ctx.store.flush().await?;
@@ -337,6 +412,12 @@ impl Actor for MeshSupervisor {
                 placements.insert(id, p);
             }
         }
+        let site_ledgers = ctx
+            .store
+            .site_budgets()?
+            .into_iter()
+            .map(|b| (b.site.clone(), Ledger::from_proto(&b)))
+            .collect();
         let cancel = ctx.cancel.child_token();
         let members = ctx.fabric.liveliness_subscribe(keys::NODE_TOKENS).await?;
         let queryable = ctx.fabric.queryable(keys::PLACEMENT_ALL, 1024).await?;
@@ -371,6 +452,7 @@ impl Actor for MeshSupervisor {
             ctx,
             members: BTreeMap::new(),
             placements,
+            site_ledgers,
             draining: Default::default(),
             rebalance_until: None,
             replicas_dirty: false,
@@ -580,6 +662,9 @@ impl Actor for MeshSupervisor {
             }
             MeshMsg::Members(reply) => {
                 let _ = reply.send(state.members.values().cloned().collect());
+            }
+            MeshMsg::SiteBudget(req, reply) => {
+                let _ = reply.send(state.site_budget(req).await);
             }
         }
         Ok(())
@@ -954,6 +1039,12 @@ async fn mesh_request_server(
                 }) => drain(&mesh, &ctx2, d.node)
                     .await
                     .map(mesh_reply::Reply::Drain),
+                Ok(MeshRequest {
+                    request: Some(mesh_request::Request::SiteBudget(b)),
+                }) => call(&mesh, |tx| MeshMsg::SiteBudget(b, tx))
+                    .await
+                    .and_then(|r| r)
+                    .map(mesh_reply::Reply::SiteBudget),
                 Ok(MeshRequest { request: None }) => {
                     Err((ErrorCode::InvalidArgument, "empty mesh request".to_owned()))
                 }

@@ -229,6 +229,9 @@ pub trait Store: Send + Sync + 'static {
     // --- placement table (placement authority) ---
     fn save_placement(&self, placement: &Placement) -> Result<()>;
     fn placements(&self) -> Result<Vec<Placement>>;
+    /// The ε ledger of a site's set releases (placement authority).
+    fn save_site_budget(&self, budget: &twinmesh_twins::proto::Budget) -> Result<()>;
+    fn site_budgets(&self) -> Result<Vec<twinmesh_twins::proto::Budget>>;
 
     // --- gateway spool ---
     /// Reserves the next `count` sequence numbers of (twin, signal) durably and returns the

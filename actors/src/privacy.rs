@@ -9,6 +9,10 @@
 //!   over the range, sealed with the site key, and is charged the calibrated ε; if any
 //!   twin refuses, the others are refunded and nothing is released. The records are the
 //!   twins (one value each), so the release protects each twin's whole contribution.
+//!   Before any twin is charged, the release reserves its ε in the site's ledger of set
+//!   releases, kept by the placement authority (one writer per site); what that ledger
+//!   refuses is not released, and when it cannot be reached (cloud down) set releases
+//!   are refused: they fail closed. A release that fails later is refunded there too.
 //!   Micro-aggregation releases an exact aggregate only over at least k twins.
 
 use std::sync::Arc;
@@ -220,6 +224,7 @@ async fn release_one(
         noise_scale: r.scale,
         records: r.records,
         delta_spent: r.delta,
+        site_epsilon_remaining: None,
     }))
 }
 
@@ -353,6 +358,45 @@ async fn ask(
     }
 }
 
+/// A step of the site's ledger of set releases, at the placement authority.
+async fn site_ledger(
+    ctx: &NodeContext,
+    req: proto::SiteBudgetRequest,
+) -> Result<proto::Budget, proto::Error> {
+    let payload = Bytes::from(
+        proto::MeshRequest {
+            request: Some(proto::mesh_request::Request::SiteBudget(req)),
+        }
+        .encode_to_vec(),
+    );
+    let replies = ctx
+        .fabric
+        .query(
+            keys::MESH_REQUESTS,
+            Some((payload, encoding::MESH_REQUEST)),
+            Duration::from_secs(5),
+        )
+        .await
+        .map_err(|e| err(proto::ErrorCode::Unavailable, format!("fabric: {e}")))?;
+    let reply = replies
+        .into_iter()
+        .find_map(|r| proto::MeshReply::decode(r.payload).ok())
+        .ok_or_else(|| {
+            err(
+                proto::ErrorCode::Unavailable,
+                "the site's ledger of set releases (placement authority, cloud node) did not answer: set releases need it".to_owned(),
+            )
+        })?;
+    match reply.reply {
+        Some(proto::mesh_reply::Reply::SiteBudget(b)) => Ok(b),
+        Some(proto::mesh_reply::Reply::Error(e)) => Err(e),
+        _ => Err(err(
+            proto::ErrorCode::Internal,
+            "unexpected reply from the placement authority".to_owned(),
+        )),
+    }
+}
+
 async fn coordinate_set(
     ctx: &Arc<NodeContext>,
     actor: &ActorRef<TwinMsg>,
@@ -419,6 +463,19 @@ async fn coordinate_set(
     };
     let (epsilon, delta) = plan.map_or((0.0, 0.0), |p| (p.epsilon, p.delta));
     let release_id = format!("{first}@{}", ctx.now_ns());
+    let site_request = |refund: bool| proto::SiteBudgetRequest {
+        site: first.site().to_owned(),
+        release_id: release_id.clone(),
+        epsilon,
+        delta,
+        refund,
+    };
+    // The site's ledger first: what it refuses charges no twin.
+    let site_budget = if epsilon > 0.0 {
+        Some(site_ledger(ctx, site_request(false)).await?)
+    } else {
+        None
+    };
     let contribution = |id: &TwinId, refund: bool| {
         twin_request::Request::Contribute(ContributeRequest {
             twin_id: id.to_string(),
@@ -508,8 +565,11 @@ async fn coordinate_set(
     let (value, mechanism, scale) = match outcome {
         Ok(v) => v,
         Err(e) => {
-            // Nothing is released: give back what the twins were charged.
+            // Nothing is released: give back what the site and the twins were charged.
             if epsilon > 0.0 {
+                if let Err(r) = site_ledger(ctx, site_request(true)).await {
+                    tracing::warn!(site = first.site(), "refund of set release {release_id} to the site ledger failed (ε stays spent): {}", r.message);
+                }
                 for id in &charged {
                     if let Err(r) = ask(ctx, id, contribution(id, true)).await {
                         tracing::warn!(twin = %id, "refund of set release {release_id} failed (ε stays spent): {}", r.message);
@@ -571,5 +631,6 @@ async fn coordinate_set(
         noise_scale: scale,
         records: values.len() as u64,
         delta_spent: delta,
+        site_epsilon_remaining: site_budget.map(|b| (b.epsilon_total - b.epsilon_spent).max(0.0)),
     }))
 }

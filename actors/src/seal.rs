@@ -35,6 +35,8 @@ pub enum SealError {
 #[derive(Clone)]
 pub struct KeyRing {
     keys: Vec<(String, Aes256Gcm)>,
+    /// Pseudonyms of identifiers (site keys): derived from the newest key.
+    pseudonymiser: twinmesh_twins::privacy::Pseudonymiser,
 }
 
 impl fmt::Debug for KeyRing {
@@ -59,6 +61,8 @@ impl KeyRing {
             return Err(SealError::KeyFile("no keys".to_owned()));
         }
         let mut ring = Vec::with_capacity(keys.len());
+        let (newest_id, newest) = keys.last().expect("not empty");
+        let pseudonymiser = twinmesh_twins::privacy::Pseudonymiser::derive(newest_id, newest);
         for (id, k) in keys {
             if !valid_key_id(&id) {
                 return Err(SealError::KeyFile(format!(
@@ -70,7 +74,16 @@ impl KeyRing {
             }
             ring.push((id, Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&k))));
         }
-        Ok(KeyRing { keys: ring })
+        Ok(KeyRing {
+            keys: ring,
+            pseudonymiser,
+        })
+    }
+
+    /// Keyed pseudonyms with the newest key (its id prefixes every pseudonym, so a
+    /// rotation starts new pseudonyms without confusing them with old ones).
+    pub fn pseudonymiser(&self) -> &twinmesh_twins::privacy::Pseudonymiser {
+        &self.pseudonymiser
     }
 
     /// Parses a key file's text (errors name the line, never the key).

@@ -154,6 +154,12 @@ pub struct NodeArgs {
     /// protected signals travel sealed with it.
     #[arg(long, value_name = "FILE")]
     pub site_key: Option<PathBuf>,
+    /// Cloud nodes: ε each site may spend on set releases per period (default 10).
+    #[arg(long, value_name = "EPSILON")]
+    pub site_epsilon: Option<f64>,
+    /// Cloud nodes: period of the site ledgers in seconds (default 86400).
+    #[arg(long, value_name = "SECONDS")]
+    pub site_budget_period: Option<u64>,
     /// Site CA certificate (PEM): with --tls-cert and --tls-key, every Zenoh link is
     /// mutual TLS (endpoints tls/...) and gRPC is served over TLS.
     #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_key"])]
@@ -215,6 +221,8 @@ impl NodeArgs {
         cfg.seed = self.seed;
         cfg.passivate_after_s = self.passivate_after;
         cfg.site_key_file = self.site_key;
+        cfg.site_epsilon_per_period = self.site_epsilon;
+        cfg.site_budget_period_s = self.site_budget_period;
         cfg.at_rest_key_file = self.at_rest_key;
         cfg.acl_file = self.acl;
         if let (Some(ca), Some(cert), Some(key)) = (self.tls_ca, self.tls_cert, self.tls_key) {

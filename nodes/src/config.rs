@@ -234,6 +234,13 @@ pub struct NodeConfig {
     /// they do not publish them at all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub site_key_file: Option<PathBuf>,
+    /// Cloud nodes: the ε each site may spend on set releases (releases over several
+    /// twins) per period, on top of every twin's own ledger. Default 10.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site_epsilon_per_period: Option<f64>,
+    /// Cloud nodes: the period of the site ledgers in seconds. Default one day.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site_budget_period_s: Option<u64>,
     /// TLS: every Zenoh endpoint is `tls/...` with mutual authentication, and gRPC is
     /// served over TLS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -297,6 +304,8 @@ impl NodeConfig {
             seed: default_seed(),
             passivate_after_s: 0,
             site_key_file: None,
+            site_epsilon_per_period: None,
+            site_budget_period_s: None,
             tls: None,
             acl_file: None,
             at_rest_key_file: None,
@@ -418,10 +427,38 @@ impl NodeConfig {
                 self.id
             );
         }
+        if (self.site_epsilon_per_period.is_some() || self.site_budget_period_s.is_some())
+            && self.tier != Tier::Cloud
+        {
+            anyhow::bail!(
+                "node {} is a {} node: site budgets (site_epsilon_per_period, site_budget_period_s) are kept by the cloud node",
+                self.id,
+                self.tier
+            );
+        }
+        if let Some(e) = self.site_epsilon_per_period {
+            if !(e.is_finite() && e > 0.0) {
+                anyhow::bail!("invalid site_epsilon_per_period {e}: must be positive");
+            }
+        }
+        if self.site_budget_period_s == Some(0) {
+            anyhow::bail!("invalid site_budget_period_s 0: at least 1 s");
+        }
         if self.data.as_os_str().is_empty() {
             self.data = PathBuf::from("data").join(self.id.as_str());
         }
         Ok(())
+    }
+
+    /// The allowance of every site's ledger of set releases.
+    pub fn site_budget(&self) -> twinmesh_actors::context::SiteBudget {
+        let d = twinmesh_actors::context::SiteBudget::default();
+        twinmesh_actors::context::SiteBudget {
+            epsilon_per_period: self.site_epsilon_per_period.unwrap_or(d.epsilon_per_period),
+            period_ns: self.site_budget_period_s.map_or(d.period_ns, |s| {
+                (s.min(i64::MAX as u64 / 1_000_000_000) as i64) * 1_000_000_000
+            }),
+        }
     }
 }
 

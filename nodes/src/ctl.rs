@@ -190,8 +190,13 @@ pub enum CtlCommand {
         #[arg(long)]
         expected_version: Option<u64>,
     },
-    /// ε spent and left in a twin's budget period.
-    Budget { id: String },
+    /// ε spent and left in a twin's budget period; with --site, in a site's ledger of
+    /// set releases (ID is then the site).
+    Budget {
+        id: String,
+        #[arg(long)]
+        site: bool,
+    },
     /// A differentially private statistic of one twin's signal, or of a set of twins
     /// of one site (repeat the id).
     Release {
@@ -910,9 +915,20 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
                 );
             }
         }
-        CtlCommand::Budget { id } => {
+        CtlCommand::Budget { id, site } => {
+            let req = if site {
+                proto::GetBudgetRequest {
+                    site: id,
+                    ..Default::default()
+                }
+            } else {
+                proto::GetBudgetRequest {
+                    twin_id: id,
+                    ..Default::default()
+                }
+            };
             let b = privacy
-                .get_budget(proto::GetBudgetRequest { twin_id: id })
+                .get_budget(req)
                 .await
                 .map_err(status_error)?
                 .into_inner();
@@ -921,7 +937,11 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
             }
             println!(
                 "{}  ε spent {:.6} of {} ({:.6} left)  δ spent {:e}  {} releases since {}",
-                b.twin_id,
+                if b.site.is_empty() {
+                    &b.twin_id
+                } else {
+                    &b.site
+                },
                 b.epsilon_spent,
                 b.epsilon_total,
                 (b.epsilon_total - b.epsilon_spent).max(0.0),

@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 
 use twinmesh_proto::v1::privacy_service_server::PrivacyService;
 use twinmesh_twins::proto::{
-    twin_reply, twin_request, Budget, GetBudgetRequest, GetPolicyRequest, PrivacyPolicy,
+    self, twin_reply, twin_request, Budget, GetBudgetRequest, GetPolicyRequest, PrivacyPolicy,
     ReleaseAggregateRequest, ReleaseAggregateResponse, SetPolicyRequest,
 };
 
@@ -97,6 +97,32 @@ impl PrivacyService for Privacy {
     ) -> Result<Response<Budget>, Status> {
         let who = require(&request, Role::Viewer)?;
         let req = request.into_inner();
+        if !req.site.is_empty() {
+            if !req.twin_id.is_empty() {
+                return Err(Status::invalid_argument(
+                    "a budget request names a twin or a site, not both",
+                ));
+            }
+            twinmesh_twins::id::validate_site(&req.site)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let read = proto::SiteBudgetRequest {
+                site: req.site,
+                ..Default::default()
+            };
+            return match self
+                .api
+                .mesh_request(
+                    proto::mesh_request::Request::SiteBudget(read),
+                    Duration::from_secs(5),
+                )
+                .await?
+            {
+                proto::mesh_reply::Reply::SiteBudget(b) => Ok(Response::new(b)),
+                _ => Err(Status::internal(
+                    "unexpected reply from the placement authority",
+                )),
+            };
+        }
         let twin_id = req.twin_id.clone();
         self.call(
             &twin_id,

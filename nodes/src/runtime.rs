@@ -139,6 +139,7 @@ impl RunningNode {
                     0 => twin_config.passivate_after,
                     s => Some(Duration::from_secs(s)),
                 },
+                site_budget: config.site_budget(),
                 ..twin_config
             },
             tasks: TaskTracker::new(),

@@ -5,7 +5,8 @@
 //!   (`sample_period_ns: i64 LE`, then `f64 LE` samples). Re-storing a frame overwrites
 //!   the same key, so history is idempotent.
 //! - `snap`: `{twin}` → `TwinSnapshot`; `hosted`: `{twin}` → `Placement`;
-//!   `placement`: `{twin}` → `Placement` (authority's table).
+//!   `placement`: `{twin}` → `Placement` (authority's table); `site_budget`: `{site}` →
+//!   `Budget` (the authority's ε ledger of each site's set releases).
 //! - `spool`: `{twin}\0{signal}\0{seq BE}` → `TelemetryFrame`; `seq`: `{twin}\0{signal}` →
 //!   next unreserved seq (BE).
 //! - `twin_model`: `{twin}` → `ModelRecord` of the model installed on a hosted twin.
@@ -23,7 +24,7 @@ use twinmesh_actors::ports::{Store, StoredFrame};
 use twinmesh_actors::seal::KeyRing;
 use twinmesh_actors::{Error, Result};
 use twinmesh_twins::dsp::codec;
-use twinmesh_twins::proto::{Bucket, ModelRecord, Placement, TelemetryFrame, TwinSnapshot};
+use twinmesh_twins::proto::{Bucket, Budget, ModelRecord, Placement, TelemetryFrame, TwinSnapshot};
 use twinmesh_twins::stats::{Accumulator, Aggregation};
 use twinmesh_twins::TwinId;
 
@@ -33,6 +34,7 @@ pub struct SledStore {
     snap: sled::Tree,
     hosted: sled::Tree,
     placement: sled::Tree,
+    site_budget: sled::Tree,
     spool: sled::Tree,
     seq: sled::Tree,
     replica: sled::Tree,
@@ -207,6 +209,7 @@ impl SledStore {
             snap: tree("snap")?,
             hosted: tree("hosted")?,
             placement: tree("placement")?,
+            site_budget: tree("site_budget")?,
             seq: tree("seq")?,
             replica: tree("replica")?,
             twin_model: tree("twin_model")?,
@@ -611,6 +614,21 @@ impl Store for SledStore {
         self.placement
             .iter()
             .map(|e| decode("placement", &e.map_err(Error::store)?.1))
+            .collect()
+    }
+
+    fn save_site_budget(&self, budget: &Budget) -> Result<()> {
+        self.site_budget
+            .insert(budget.site.as_bytes(), budget.encode_to_vec())
+            .map_err(Error::store)?;
+        self.wrote();
+        Ok(())
+    }
+
+    fn site_budgets(&self) -> Result<Vec<Budget>> {
+        self.site_budget
+            .iter()
+            .map(|e| decode("site budget", &e.map_err(Error::store)?.1))
             .collect()
     }
 

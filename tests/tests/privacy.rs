@@ -114,7 +114,10 @@ fn release(id: &[&str], statistic: Statistic, epsilon: f64) -> ReleaseAggregateR
 async fn budget(endpoint: &str, id: &str) -> proto::Budget {
     privacy(endpoint)
         .await
-        .get_budget(GetBudgetRequest { twin_id: id.into() })
+        .get_budget(GetBudgetRequest {
+            twin_id: id.into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -296,7 +299,10 @@ async fn site_only_values_stay_on_site_and_releases_spend_exactly_their_budget()
     let after = eventually(WAIT, "the budget after a restart", || async {
         privacy(&cloud_grpc)
             .await
-            .get_budget(GetBudgetRequest { twin_id: id.into() })
+            .get_budget(GetBudgetRequest {
+                twin_id: id.into(),
+                ..Default::default()
+            })
             .await
             .ok()
             .map(|r| r.into_inner())
@@ -413,9 +419,11 @@ async fn site_only_values_stay_on_site_and_releases_spend_exactly_their_budget()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn set_releases_charge_every_twin_and_micro_aggregates_need_k() {
+async fn set_releases_charge_every_twin_and_the_site_and_micro_aggregates_need_k() {
     let mut c = Cluster::new(1000).unwrap();
-    c.start("cloud", "cloud", None, None, &[]).unwrap();
+    // Each site may spend ε 1 on set releases per period.
+    c.start("cloud", "cloud", None, None, &["--site-epsilon", "1"])
+        .unwrap();
     c.start("edge", "edge-a", Some("site-a"), None, &[])
         .unwrap();
     let cloud_grpc = c.node("cloud").grpc_endpoint();
@@ -452,6 +460,81 @@ async fn set_releases_charge_every_twin_and_micro_aggregates_need_k() {
     for id in ids {
         assert_eq!(budget(&cloud_grpc, id).await.epsilon_spent, r.epsilon_spent);
     }
+    // The site's ledger holds the same ε, and so says the release.
+    let site_budget = |endpoint: String| async move {
+        privacy(&endpoint)
+            .await
+            .get_budget(GetBudgetRequest {
+                site: "site-a".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    let sb = site_budget(edge.clone()).await;
+    assert_eq!(sb.site, "site-a");
+    assert_eq!(sb.epsilon_total, 1.0);
+    assert_eq!(sb.epsilon_spent, r.epsilon_spent);
+    assert_eq!(sb.releases, 1);
+    assert_eq!(r.site_epsilon_remaining, Some(1.0 - r.epsilon_spent));
+    // A second release of ε 0.6 fits each twin's budget (10) but not the site's (1 − ε
+    // spent): refused, and neither the site nor any twin is charged.
+    let e = privacy(&cloud_grpc)
+        .await
+        .release_aggregate(release(&ids, Statistic::Sum, 0.6))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("site site-a"), "{e:?}");
+    assert_eq!(
+        site_budget(cloud_grpc.clone()).await.epsilon_spent,
+        r.epsilon_spent
+    );
+    for id in ids {
+        assert_eq!(budget(&cloud_grpc, id).await.epsilon_spent, r.epsilon_spent);
+    }
+    // What fits the site's rest is released, and the site ledger survives a restart of
+    // the cloud node that keeps it.
+    let r2 = privacy(&cloud_grpc)
+        .await
+        .release_aggregate(release(&ids, Statistic::Sum, 0.4))
+        .await
+        .unwrap()
+        .into_inner();
+    let spent = r.epsilon_spent + r2.epsilon_spent;
+    c.restart("cloud").unwrap();
+    let cloud_grpc = c.node("cloud").grpc_endpoint();
+    let sb = eventually(WAIT, "the site ledger after a restart", || async {
+        privacy(&cloud_grpc)
+            .await
+            .get_budget(GetBudgetRequest {
+                site: "site-a".into(),
+                ..Default::default()
+            })
+            .await
+            .ok()
+            .map(|b| b.into_inner())
+    })
+    .await;
+    assert!((sb.epsilon_spent - spent).abs() < 1e-12, "{sb:?}");
+    assert_eq!(sb.releases, 2);
+    for id in ids {
+        // Through the restarted cloud, once the edge's link to it is back.
+        let b = eventually(WAIT, "a twin's budget through the cloud", || async {
+            privacy(&cloud_grpc)
+                .await
+                .get_budget(GetBudgetRequest {
+                    twin_id: id.into(),
+                    ..Default::default()
+                })
+                .await
+                .ok()
+                .map(|b| b.into_inner())
+        })
+        .await;
+        assert!((b.epsilon_spent - spent).abs() < 1e-12, "{b:?}");
+    }
     // A set across sites is refused.
     let e = privacy(&cloud_grpc)
         .await
@@ -485,7 +568,7 @@ async fn set_releases_charge_every_twin_and_micro_aggregates_need_k() {
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("smaller than k = 5"), "{e:?}");
     for id in ids {
-        assert_eq!(budget(&cloud_grpc, id).await.epsilon_spent, r.epsilon_spent);
+        assert!((budget(&cloud_grpc, id).await.epsilon_spent - spent).abs() < 1e-12);
     }
     // With k = 3 the exact mean of the three twins is released.
     p.signals.get_mut(SIGNAL).unwrap().k = 3;

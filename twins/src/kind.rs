@@ -59,6 +59,17 @@ pub struct KindSchema {
     pub properties: &'static [PropertySpec],
     /// Event kinds a twin of this kind can raise (besides the platform's own).
     pub events: &'static [&'static str],
+    /// Identifier streams (e.g. the addresses of devices associating with an access
+    /// point): records of identifiers, not samples. They are personal data and leave
+    /// the device only pseudonymised (keyed HMAC) unless the policy says otherwise.
+    pub identifiers: &'static [IdentifierSpec],
+}
+
+/// A stream of identifiers a device reports (DESIGN §4: device associations).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct IdentifierSpec {
+    pub name: &'static str,
+    pub description: &'static str,
 }
 
 impl KindSchema {
@@ -79,6 +90,10 @@ impl KindSchema {
                 kind: self.kind.to_string(),
                 signal: name.to_owned(),
             })
+    }
+
+    pub fn identifier(&self, name: &str) -> Option<&IdentifierSpec> {
+        self.identifiers.iter().find(|s| s.name == name)
     }
 
     pub fn property(&self, name: &str) -> Result<&PropertySpec> {
@@ -319,6 +334,7 @@ static WIND_TURBINE: KindSchema = KindSchema {
         ),
     ],
     events: &["alarm", "bearing_fault"],
+    identifiers: &[],
 };
 
 static SPINDLE: KindSchema = KindSchema {
@@ -371,6 +387,7 @@ static SPINDLE: KindSchema = KindSchema {
         100.0,
     )],
     events: &["alarm", "tool_wear"],
+    identifiers: &[],
 };
 
 static CRANKSHAFT_LINE: KindSchema = KindSchema {
@@ -424,6 +441,7 @@ static CRANKSHAFT_LINE: KindSchema = KindSchema {
         90.0,
     )],
     events: &["alarm", "limit_violation"],
+    identifiers: &[],
 };
 
 static CLOSURE_LINE: KindSchema = KindSchema {
@@ -477,6 +495,7 @@ static CLOSURE_LINE: KindSchema = KindSchema {
         100.0,
     )],
     events: &["alarm", "state_change"],
+    identifiers: &[],
 };
 
 static TURNSTILE_GATE: KindSchema = KindSchema {
@@ -512,6 +531,7 @@ static TURNSTILE_GATE: KindSchema = KindSchema {
         1.0,
     )],
     events: &["alarm", "gate_blocked"],
+    identifiers: &[],
 };
 
 static WIFI_AP: KindSchema = KindSchema {
@@ -547,6 +567,10 @@ static WIFI_AP: KindSchema = KindSchema {
         20.0,
     )],
     events: &["alarm"],
+    identifiers: &[IdentifierSpec {
+        name: "device_associations",
+        description: "Devices associating with (present) and leaving (absent) the access point, by MAC address",
+    }],
 };
 
 static POWER_METER: KindSchema = KindSchema {
@@ -589,6 +613,7 @@ static POWER_METER: KindSchema = KindSchema {
         20.0,
     )],
     events: &["alarm", "sag", "swell"],
+    identifiers: &[],
 };
 
 static HPC_NODE: KindSchema = KindSchema {
@@ -622,6 +647,7 @@ static HPC_NODE: KindSchema = KindSchema {
         property("fan_min", "%", "Minimum fan duty", 10.0, 100.0, 30.0),
     ],
     events: &["alarm", "overheat"],
+    identifiers: &[],
 };
 
 #[cfg(test)]

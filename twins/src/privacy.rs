@@ -127,6 +127,9 @@ impl SignalPolicy {
 pub struct Policy {
     pub version: u64,
     pub signals: BTreeMap<String, SignalPolicy>,
+    /// Identifier streams of the kind: `pseudonymise` (keyed HMAC at the source, the
+    /// default), `suppress` (never leave the device) or, when public, none (raw).
+    pub identifiers: BTreeMap<String, Mechanism>,
     pub epsilon_per_period: f64,
     pub period_ns: i64,
     pub noise: Noise,
@@ -168,9 +171,16 @@ impl Policy {
                 )
             })
             .collect();
+        let identifiers = kind
+            .schema()
+            .identifiers
+            .iter()
+            .map(|i| (i.name.to_owned(), Mechanism::Pseudonymise))
+            .collect();
         Policy {
             version: 1,
             signals,
+            identifiers,
             epsilon_per_period: DEFAULT_EPSILON_PER_PERIOD,
             period_ns: DEFAULT_PERIOD_NS,
             noise: Noise::Laplace,
@@ -185,7 +195,6 @@ impl Policy {
         let mut policy = Policy::default_for(kind);
         let bad = |m: String| Err(Error::InvalidArgument(format!("invalid policy: {m}")));
         for (name, sp) in &p.signals {
-            let spec = kind.schema().signal(name)?;
             let sensitivity = match proto::Sensitivity::try_from(sp.sensitivity) {
                 Ok(proto::Sensitivity::Public) => Sensitivity::Public,
                 Ok(proto::Sensitivity::SiteOnly) => Sensitivity::SiteOnly,
@@ -193,6 +202,33 @@ impl Policy {
                 _ => return bad(format!("signal {name}: sensitivity must be set")),
             };
             let mut mechanism = Mechanism::parse(&sp.mechanism)?;
+            if kind.schema().identifier(name).is_some() {
+                let mechanism = match (sensitivity, mechanism) {
+                    (Sensitivity::Public, Mechanism::None) => Mechanism::None,
+                    (Sensitivity::Public, m) => {
+                        return bad(format!(
+                            "identifier stream {name} is public: it takes no mechanism (got {})",
+                            m.as_str()
+                        ))
+                    }
+                    (_, Mechanism::None | Mechanism::Pseudonymise) => Mechanism::Pseudonymise,
+                    (_, Mechanism::Suppress) => Mechanism::Suppress,
+                    (_, m) => {
+                        return bad(format!(
+                            "identifier stream {name}: {} does not apply to identifiers (pseudonymise or suppress)",
+                            m.as_str()
+                        ))
+                    }
+                };
+                policy.identifiers.insert(name.clone(), mechanism);
+                continue;
+            }
+            let spec = kind.schema().signal(name)?;
+            if mechanism == Mechanism::Pseudonymise {
+                return bad(format!(
+                    "signal {name}: pseudonymise applies to identifier streams, not to measured values"
+                ));
+            }
             if sensitivity == Sensitivity::Public && mechanism != Mechanism::None {
                 return bad(format!(
                     "signal {name} is public: it takes no mechanism (got {})",
@@ -295,6 +331,20 @@ impl Policy {
                         },
                     )
                 })
+                .chain(self.identifiers.iter().map(|(k, m)| {
+                    let sensitivity = match m {
+                        Mechanism::None => proto::Sensitivity::Public,
+                        _ => proto::Sensitivity::Personal,
+                    };
+                    (
+                        k.clone(),
+                        proto::SignalPolicy {
+                            sensitivity: sensitivity as i32,
+                            mechanism: m.as_str().to_owned(),
+                            ..Default::default()
+                        },
+                    )
+                }))
                 .collect(),
             epsilon_per_period: self.epsilon_per_period,
             period_ns: self.period_ns,
@@ -313,6 +363,14 @@ impl Policy {
 
     pub fn signal(&self, name: &str) -> Option<&SignalPolicy> {
         self.signals.get(name)
+    }
+
+    /// How an identifier stream leaves its device; unknown streams are suppressed.
+    pub fn identifier(&self, name: &str) -> Mechanism {
+        self.identifiers
+            .get(name)
+            .copied()
+            .unwrap_or(Mechanism::Suppress)
     }
 
     /// Raw values of `signal` must stay on the site. Unknown signals are protected.
@@ -445,13 +503,18 @@ impl Ledger {
             period_start_ns: self.period_start_ns,
             releases: self.releases,
             delta_spent: self.delta_spent,
+            site: String::new(),
         }
     }
 
     /// Starts a new period when the current one is over (periods are aligned to
     /// multiples of the period length).
     pub fn roll(&mut self, policy: &Policy, now_ns: i64) {
-        let start = now_ns.div_euclid(policy.period_ns) * policy.period_ns;
+        self.roll_every(policy.period_ns, now_ns);
+    }
+
+    pub fn roll_every(&mut self, period_ns: i64, now_ns: i64) {
+        let start = now_ns.div_euclid(period_ns) * period_ns;
         if start > self.period_start_ns {
             *self = Ledger {
                 period_start_ns: start,
@@ -461,12 +524,20 @@ impl Ledger {
     }
 
     pub fn remaining(&self, policy: &Policy) -> f64 {
-        (policy.epsilon_per_period - self.epsilon_spent).max(0.0)
+        self.remaining_of(policy.epsilon_per_period)
+    }
+
+    pub fn remaining_of(&self, epsilon_per_period: f64) -> f64 {
+        (epsilon_per_period - self.epsilon_spent).max(0.0)
     }
 
     /// Refuses, spending nothing, when `epsilon` does not fit in what is left.
     pub fn check(&self, who: &str, policy: &Policy, epsilon: f64) -> Result<()> {
-        let left = self.remaining(policy);
+        self.check_of(who, policy.epsilon_per_period, epsilon)
+    }
+
+    pub fn check_of(&self, who: &str, epsilon_per_period: f64, epsilon: f64) -> Result<()> {
+        let left = self.remaining_of(epsilon_per_period);
         if epsilon > left {
             return Err(Error::BudgetExhausted {
                 who: who.to_owned(),
@@ -837,9 +908,19 @@ pub fn micro_aggregate(statistic: Statistic, values: &[f64], k: u32) -> Result<f
 
 /// Keyed pseudonyms (HMAC-SHA256) for identifiers such as Wi-Fi device addresses. The
 /// key id is part of the pseudonym, so keys rotate without confusing old and new ones.
+#[derive(Clone)]
 pub struct Pseudonymiser {
     key_id: String,
     key: Vec<u8>,
+}
+
+impl std::fmt::Debug for Pseudonymiser {
+    // Never print key material.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pseudonymiser")
+            .field("key_id", &self.key_id)
+            .finish()
+    }
 }
 
 impl Pseudonymiser {
@@ -854,6 +935,35 @@ impl Pseudonymiser {
             key_id: key_id.to_owned(),
             key: key.to_vec(),
         })
+    }
+
+    /// The site's pseudonymisation key, derived from its site key (HMAC-SHA256 with a
+    /// fixed label), so the AES key itself never doubles as an HMAC key. Same id.
+    pub fn derive(key_id: &str, site_key: &[u8; 32]) -> Self {
+        let mut mac = Hmac::<Sha256>::new_from_slice(site_key).expect("hmac takes any key size");
+        mac.update(b"twinmesh/pseudonym/v1");
+        Pseudonymiser {
+            key_id: key_id.to_owned(),
+            key: mac.finalize().into_bytes().to_vec(),
+        }
+    }
+
+    pub fn key_id(&self) -> &str {
+        &self.key_id
+    }
+
+    /// Whether `s` has the form of a pseudonym (`{key id}:{32 hex digits}`).
+    pub fn is_pseudonym(s: &str) -> bool {
+        let Some((id, tag)) = s.rsplit_once(':') else {
+            return false;
+        };
+        !id.is_empty()
+            && id.len() <= 64
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+            && tag.len() == 32
+            && tag.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
     }
 
     /// `{key_id}:{first 16 bytes of HMAC-SHA256(key, identifier), hex}`.
@@ -1180,5 +1290,23 @@ mod tests {
         assert_ne!(a.pseudonym(mac), a.pseudonym("02:00:00:00:00:2b"));
         assert!(!a.pseudonym(mac).contains("2a"));
         assert!(Pseudonymiser::new("short", &[1u8; 8]).is_err());
+        assert!(Pseudonymiser::is_pseudonym(&a.pseudonym(mac)));
+        assert!(!Pseudonymiser::is_pseudonym(mac));
+        assert!(!Pseudonymiser::is_pseudonym("k1:0123"));
+        assert!(!Pseudonymiser::is_pseudonym(
+            ":00112233445566778899aabbccddeeff"
+        ));
+        // Derived from a site key: stable, keyed, and not the site key itself.
+        let d = Pseudonymiser::derive("site-2026", &[7u8; 32]);
+        assert_eq!(
+            d.pseudonym(mac),
+            Pseudonymiser::derive("site-2026", &[7u8; 32]).pseudonym(mac)
+        );
+        assert_ne!(d.pseudonym(mac)[10..], a.pseudonym(mac)[3..]);
+        assert_ne!(
+            d.pseudonym(mac),
+            Pseudonymiser::derive("site-2026", &[8u8; 32]).pseudonym(mac)
+        );
+        assert!(!format!("{d:?}").contains("07"));
     }
 }

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 
 use twinmesh_actors::ports::{Store, StoredFrame};
 use twinmesh_actors::Result;
-use twinmesh_twins::proto::{Bucket, ModelRecord, Placement, TelemetryFrame, TwinSnapshot};
+use twinmesh_twins::proto::{Bucket, Budget, ModelRecord, Placement, TelemetryFrame, TwinSnapshot};
 use twinmesh_twins::stats::{Accumulator, Aggregation};
 use twinmesh_twins::TwinId;
 
@@ -19,6 +19,7 @@ struct Data {
     models: BTreeMap<TwinId, ModelRecord>,
     hosted: BTreeMap<TwinId, Placement>,
     placements: BTreeMap<String, Placement>,
+    site_budgets: BTreeMap<String, Budget>,
     replicas: BTreeMap<TwinId, TwinSnapshot>,
     seqs: BTreeMap<(TwinId, String), u64>,
     spool: BTreeMap<(TwinId, String, u64), TelemetryFrame>,
@@ -225,6 +226,15 @@ impl Store for MemStore {
 
     fn placements(&self) -> Result<Vec<Placement>> {
         Ok(self.with(|d| d.placements.values().cloned().collect()))
+    }
+
+    fn save_site_budget(&self, budget: &Budget) -> Result<()> {
+        self.with(|d| d.site_budgets.insert(budget.site.clone(), budget.clone()));
+        Ok(())
+    }
+
+    fn site_budgets(&self) -> Result<Vec<Budget>> {
+        Ok(self.with(|d| d.site_budgets.values().cloned().collect()))
     }
 
     fn reserve_seqs(&self, twin: &TwinId, signal: &str, count: u64) -> Result<u64> {

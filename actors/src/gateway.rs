@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use twinmesh_proto::encoding;
 use twinmesh_twins::chain::{self, Chain, ChainSpec, StreamPipeline};
 use twinmesh_twins::dsp::codec;
-use twinmesh_twins::privacy::Policy;
+use twinmesh_twins::privacy::{Mechanism, Policy};
 use twinmesh_twins::proto::{
     self, twin_reply, twin_request, ChainUpdate, DesiredUpdate, GetTwinRequest, Placement,
     PlacementRequest, ReplayRequest, TelemetryFrame, TwinReply, TwinRequest, Watermark,
@@ -121,6 +121,9 @@ pub struct GatewayArgs {
 pub struct GatewayActor;
 
 /// A device with the IoT stages of its twin's chain.
+/// Most records in one identifier batch.
+pub const MAX_IDENTIFIER_BATCH: usize = 1000;
+
 struct Slot {
     device: Box<dyn Device>,
     chain: Chain,
@@ -128,6 +131,9 @@ struct Slot {
     /// Signals whose frames travel sealed with the site key (the twin's privacy policy;
     /// the kind's default until the twin tells).
     sealed: std::collections::BTreeSet<String>,
+    /// How each identifier stream leaves the device (the twin's policy; the kind's
+    /// default, pseudonymise, until the twin tells).
+    identifiers: BTreeMap<String, Mechanism>,
 }
 
 pub struct GatewayState {
@@ -232,6 +238,76 @@ impl GatewayState {
         }
     }
 
+    /// The records of `sightings` as they may leave the device under the twin's policy:
+    /// pseudonymised with the site key, raw (public streams), or none (suppressed, or no
+    /// site key to pseudonymise with), in batches of at most `MAX_IDENTIFIER_BATCH`.
+    fn identifier_batches(
+        &self,
+        twin: &TwinId,
+        sightings: Vec<crate::ports::Sighting>,
+    ) -> Vec<proto::IdentifierBatch> {
+        let Some(slot) = self.devices.get(twin) else {
+            return Vec::new();
+        };
+        let mut by_stream: BTreeMap<&'static str, Vec<proto::IdentifierRecord>> = BTreeMap::new();
+        for s in sightings {
+            let identifier = match slot
+                .identifiers
+                .get(s.stream)
+                .copied()
+                .unwrap_or(Mechanism::Suppress)
+            {
+                Mechanism::None => s.identifier,
+                Mechanism::Pseudonymise => match self.ctx.site_key.as_ref() {
+                    Some(ring) => ring.pseudonymiser().pseudonym(&s.identifier),
+                    None => {
+                        NodeMetrics::add(&self.ctx.metrics.identifiers_withheld, 1);
+                        continue;
+                    }
+                },
+                _ => {
+                    NodeMetrics::add(&self.ctx.metrics.identifiers_withheld, 1);
+                    continue;
+                }
+            };
+            by_stream
+                .entry(s.stream)
+                .or_default()
+                .push(proto::IdentifierRecord {
+                    timestamp_ns: s.timestamp_ns,
+                    identifier,
+                    present: s.present,
+                });
+        }
+        let mut out = Vec::new();
+        for (stream, records) in by_stream {
+            for chunk in records.chunks(MAX_IDENTIFIER_BATCH) {
+                out.push(proto::IdentifierBatch {
+                    twin_id: twin.to_string(),
+                    stream: stream.to_owned(),
+                    records: chunk.to_vec(),
+                });
+            }
+        }
+        out
+    }
+
+    async fn publish_identifiers(&self, twin: &TwinId, batch: proto::IdentifierBatch) {
+        if let Err(e) = self
+            .ctx
+            .fabric
+            .publish(
+                &keys::telemetry(twin, &batch.stream),
+                Bytes::from(batch.encode_to_vec()),
+                encoding::IDENTIFIER_BATCH,
+                Qos::Reliable,
+            )
+            .await
+        {
+            tracing::debug!(twin = %twin, "identifier batch not published: {e}");
+        }
+    }
+
     async fn poll_devices(&mut self) -> crate::Result<()> {
         let now = self.ctx.now_ns();
         let ids: Vec<TwinId> = self.devices.keys().cloned().collect();
@@ -273,6 +349,13 @@ impl GatewayState {
                 };
                 out.push((block.signal, start_ns, period, samples, scale, compress));
             }
+            let sightings = slot.device.sightings();
+            if !sightings.is_empty() {
+                let batches = self.identifier_batches(&id, sightings);
+                for b in batches {
+                    self.publish_identifiers(&id, b).await;
+                }
+            }
             for (signal, start, period, samples, scale, compress) in out {
                 let n = self.config.frame_samples.max(1);
                 for (i, chunk) in samples.chunks(n).enumerate() {
@@ -297,6 +380,28 @@ impl GatewayState {
         if sealed != slot.sealed {
             tracing::info!(twin = %twin, sealed = ?sealed, "privacy policy: sealed signals updated");
             slot.sealed = sealed;
+        }
+        // Streams the update leaves out (or names an unknown mechanism for) are
+        // pseudonymised: never raw by omission.
+        let identifiers: BTreeMap<String, Mechanism> = slot
+            .device
+            .kind()
+            .schema()
+            .identifiers
+            .iter()
+            .map(|i| {
+                let m = update
+                    .identifier_mechanisms
+                    .get(i.name)
+                    .and_then(|m| Mechanism::parse(m).ok())
+                    .filter(|m| matches!(m, Mechanism::None | Mechanism::Suppress))
+                    .unwrap_or(Mechanism::Pseudonymise);
+                (i.name.to_owned(), m)
+            })
+            .collect();
+        if identifiers != slot.identifiers {
+            tracing::info!(twin = %twin, identifiers = ?identifiers, "privacy policy: identifier streams updated");
+            slot.identifiers = identifiers;
         }
         let spec = ChainSpec::from(&update.chain.unwrap_or_default());
         match Chain::validate(&spec, slot.device.kind()) {
@@ -630,6 +735,7 @@ impl Actor for GatewayActor {
                         .protected_signals()
                         .into_iter()
                         .collect(),
+                    identifiers: Policy::default_for(d.kind()).identifiers,
                     device: d,
                 };
                 (slot.device.twin_id().clone(), slot)
@@ -821,11 +927,11 @@ async fn fetch_chain(
                 });
             if let Some(t) = twin {
                 let kind = t.kind.parse().ok();
-                let sealed_signals = match (t.policy.as_ref(), kind) {
-                    (Some(p), Some(kind)) => Policy::from_stored(p, kind)
-                        .map(|p| p.protected_signals())
-                        .unwrap_or_else(|_| Policy::default_for(kind).protected_signals()),
-                    (None, Some(kind)) => Policy::default_for(kind).protected_signals(),
+                let policy = match (t.policy.as_ref(), kind) {
+                    (Some(p), Some(kind)) => {
+                        Policy::from_stored(p, kind).unwrap_or_else(|_| Policy::default_for(kind))
+                    }
+                    (None, Some(kind)) => Policy::default_for(kind),
                     // Unknown kind: keep what the gateway has.
                     _ => return,
                 };
@@ -833,7 +939,8 @@ async fn fetch_chain(
                     twin_id: t.twin_id,
                     chain: t.chain,
                     revision: t.revision,
-                    sealed_signals,
+                    sealed_signals: policy.protected_signals(),
+                    identifier_mechanisms: policy.identifier_mechanisms(),
                 }));
                 return;
             }

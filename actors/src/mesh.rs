@@ -316,9 +316,8 @@ impl MeshState {
         if let Err(e) = twinmesh_twins::id::validate_site(&req.site) {
             return Err((ErrorCode::InvalidArgument, e.to_string()));
         }
-        if !(req.epsilon.is_finite() && req.epsilon >= 0.0)
-            || !(req.delta.is_finite() && req.delta >= 0.0)
-        {
+        let valid = |x: f64| x.is_finite() && x >= 0.0;
+        if !(valid(req.epsilon) && valid(req.delta)) {
             return Err((
                 ErrorCode::InvalidArgument,
                 format!(

@@ -19,6 +19,11 @@ pub struct NodeMetrics {
     pub frames_overflow: AtomicU64,
     /// Frames of protected signals a gateway did not publish: it has no site key.
     pub frames_withheld: AtomicU64,
+    /// Identifier records a gateway did not publish (suppressed by the policy, or no
+    /// site key to pseudonymise them with).
+    pub identifiers_withheld: AtomicU64,
+    /// Identifier records a twin refused (not pseudonymised as its policy demands).
+    pub identifiers_rejected: AtomicU64,
     pub frames_published: AtomicU64,
     pub bytes_published: AtomicU64,
     pub rpc_served: AtomicU64,

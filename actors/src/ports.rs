@@ -288,12 +288,26 @@ pub struct Block {
     pub scale: f64,
 }
 
+/// An identifier a device saw come or go (e.g. a MAC address associating with an access
+/// point), on one of its kind's identifier streams.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sighting {
+    pub stream: &'static str,
+    pub timestamp_ns: i64,
+    pub identifier: String,
+    pub present: bool,
+}
+
 /// A device behind an IoT gateway: real hardware, an MQTT bridge or a simulator.
 pub trait Device: Send + Sync + 'static {
     fn twin_id(&self) -> &TwinId;
     fn kind(&self) -> twinmesh_twins::AssetKind;
     /// Everything the device measured up to `now_ns` since the last call.
     fn poll(&mut self, now_ns: i64) -> Vec<Block>;
+    /// Identifiers seen since the last call (kinds with identifier streams).
+    fn sightings(&mut self) -> Vec<Sighting> {
+        Vec::new()
+    }
     /// Applies a set-point; `Err` says why the device refused it.
     fn apply_setpoint(&mut self, property: &str, value: f64) -> std::result::Result<(), String>;
 }

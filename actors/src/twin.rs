@@ -33,6 +33,8 @@ use twinmesh_twins::{frame, keys, privacy, td, AssetKind, Error as DomainError, 
 
 use crate::context::NodeContext;
 use crate::error::{Error, Result};
+use twinmesh_twins::privacy::{Mechanism, Pseudonymiser};
+
 use crate::metrics::NodeMetrics;
 use crate::ports::{Qos, Sample, StoredFrame, Subscription, MAX_HISTORY_BUCKETS};
 
@@ -55,6 +57,8 @@ pub enum TwinMsg {
         end_ns: i64,
         features: BTreeMap<String, f64>,
     },
+    /// Identifiers a gateway saw come and go (checked against the policy here).
+    Identifiers(proto::IdentifierBatch),
     /// Makes the actor fail (fault injection in tests: the supervisor must restart it).
     Fail(String),
     /// Charges (or refunds) the privacy ledger for a release computed off the actor;
@@ -248,6 +252,74 @@ impl TwinActorState {
             event.encode_to_vec(),
             encoding::TWIN_EVENT,
             Qos::Reliable,
+        )
+        .await;
+    }
+
+    /// An identifier batch: refused whole when it is not in the form the policy demands
+    /// (pseudonyms, when the stream is pseudonymised; nothing, when it is suppressed),
+    /// else published as a `device_associations`-style event of who came and went.
+    async fn on_identifiers(&mut self, batch: proto::IdentifierBatch) {
+        let mechanism = self.core.policy.identifier(&batch.stream);
+        let refused = match mechanism {
+            Mechanism::None => None,
+            Mechanism::Pseudonymise => batch
+                .records
+                .iter()
+                .any(|r| !Pseudonymiser::is_pseudonym(&r.identifier))
+                .then_some("an identifier that is not a pseudonym"),
+            _ => Some("a suppressed stream"),
+        };
+        if let Some(why) = refused {
+            NodeMetrics::add(
+                &self.ctx.metrics.identifiers_rejected,
+                batch.records.len() as u64,
+            );
+            tracing::warn!(twin = %self.core.id, stream = batch.stream, records = batch.records.len(), "identifier batch refused: {why}");
+            return;
+        }
+        let join = |present: bool| {
+            batch
+                .records
+                .iter()
+                .filter(|r| r.present == present)
+                .map(|r| r.identifier.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let (came, left) = (join(true), join(false));
+        let n_came = batch.records.iter().filter(|r| r.present).count();
+        let first = batch
+            .records
+            .iter()
+            .map(|r| r.timestamp_ns)
+            .min()
+            .unwrap_or(0);
+        let last = batch
+            .records
+            .iter()
+            .map(|r| r.timestamp_ns)
+            .max()
+            .unwrap_or(0);
+        self.publish_event(
+            &batch.stream,
+            format!(
+                "{n_came} came, {} left ({})",
+                batch.records.len() - n_came,
+                if mechanism == Mechanism::None {
+                    "raw"
+                } else {
+                    "pseudonymised"
+                }
+            ),
+            vec![
+                ("stream", batch.stream.clone()),
+                ("mechanism", mechanism.as_str().to_owned()),
+                ("present", came),
+                ("left", left),
+                ("first_ns", first.to_string()),
+                ("last_ns", last.to_string()),
+            ],
         )
         .await;
     }
@@ -669,6 +741,7 @@ impl TwinActorState {
             chain: Some((&self.core.chain.spec).into()),
             revision: self.core.revision,
             sealed_signals: self.core.policy.protected_signals(),
+            identifier_mechanisms: self.core.policy.identifier_mechanisms(),
         };
         self.publish(
             keys::chain(&self.core.id),
@@ -1419,6 +1492,7 @@ impl Actor for TwinActor {
                     .on_features(&myself, signal, start_ns, end_ns, features)
                     .await?;
             }
+            TwinMsg::Identifiers(batch) => state.on_identifiers(batch).await,
             TwinMsg::Fail(reason) => return Err(Error::actor(reason).into()),
             TwinMsg::Charge(charge, reply) => {
                 let out = state.charge(&myself, charge).await;
@@ -1476,8 +1550,55 @@ async fn fetch_replica(ctx: &NodeContext, id: &TwinId) -> Option<TwinSnapshot> {
 }
 
 /// Decodes and validates one telemetry sample, counting and logging what it drops.
+/// Most records one identifier batch may carry.
+pub const MAX_IDENTIFIER_RECORDS: usize = 10_000;
+/// Longest identifier accepted.
+pub const MAX_IDENTIFIER_LEN: usize = 128;
+
+/// A sample on one of the kind's identifier streams: checked, then handed to the actor
+/// (which checks it against the policy). Never a frame.
+fn decode_identifiers(
+    ctx: &NodeContext,
+    actor: &ActorRef<TwinMsg>,
+    id: &TwinId,
+    stream: &str,
+    sample: &Sample,
+) {
+    use twinmesh_twins::frame::FrameRejection;
+    let batch = match proto::IdentifierBatch::decode(sample.payload.clone()) {
+        Ok(b) => b,
+        Err(e) => {
+            ctx.metrics
+                .reject(&sample.key, &FrameRejection::Malformed(e.to_string()));
+            return;
+        }
+    };
+    let bad = if batch.twin_id != id.to_string() || batch.stream != stream {
+        Some("identifier batch for another twin or stream than its key")
+    } else if batch.records.is_empty() || batch.records.len() > MAX_IDENTIFIER_RECORDS {
+        Some("identifier batch with no records, or too many")
+    } else if batch.records.iter().any(|r| {
+        r.identifier.is_empty()
+            || r.identifier.len() > MAX_IDENTIFIER_LEN
+            || r.identifier.chars().any(|c| c.is_control() || c == ',')
+    }) {
+        Some("identifier empty, too long or with control characters or commas")
+    } else {
+        None
+    };
+    match bad {
+        Some(why) => ctx
+            .metrics
+            .reject(&sample.key, &FrameRejection::Invalid(why)),
+        None => {
+            let _ = actor.cast(TwinMsg::Identifiers(batch));
+        }
+    }
+}
+
 fn decode_frame(
     ctx: &NodeContext,
+    actor: &ActorRef<TwinMsg>,
     id: &TwinId,
     kind: AssetKind,
     sample: &Sample,
@@ -1498,6 +1619,10 @@ fn decode_frame(
     let Some((_, _, key_signal)) = keys::parse_telemetry(&sample.key) else {
         return rejected(FrameRejection::Invalid("not a telemetry key"));
     };
+    if kind.schema().identifier(key_signal).is_some() {
+        decode_identifiers(ctx, actor, id, key_signal, sample);
+        return None;
+    }
     let mut f = match TelemetryFrame::decode(sample.payload.clone()) {
         Ok(f) => f,
         Err(e) => return rejected(FrameRejection::Malformed(e.to_string())),
@@ -1547,10 +1672,10 @@ async fn ingest_pump(
             s = sub.rx.recv_async() => match s { Ok(s) => s, Err(_) => break },
         };
         let mut batch = Vec::with_capacity(batch_max);
-        batch.extend(decode_frame(&ctx, &id, kind, &first));
+        batch.extend(decode_frame(&ctx, &actor, &id, kind, &first));
         while batch.len() < batch_max {
             match sub.rx.try_recv() {
-                Ok(s) => batch.extend(decode_frame(&ctx, &id, kind, &s)),
+                Ok(s) => batch.extend(decode_frame(&ctx, &actor, &id, kind, &s)),
                 Err(_) => break,
             }
         }

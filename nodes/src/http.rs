@@ -145,6 +145,18 @@ async fn metrics(State(s): State<HttpState>) -> Response {
         NodeMetrics::get(&m.frames_withheld),
     );
     metric(
+        "twinmesh_identifiers_withheld_total",
+        "counter",
+        "Identifier records a gateway did not publish (suppressed, or no site key to pseudonymise them).",
+        NodeMetrics::get(&m.identifiers_withheld),
+    );
+    metric(
+        "twinmesh_identifiers_rejected_total",
+        "counter",
+        "Identifier records a twin refused (not pseudonymised as its policy demands).",
+        NodeMetrics::get(&m.identifiers_rejected),
+    );
+    metric(
         "twinmesh_published_total",
         "counter",
         "Messages published.",

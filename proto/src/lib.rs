@@ -26,6 +26,7 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 /// key space, so clients in any language know how to decode a sample.
 pub mod encoding {
     pub const TELEMETRY_FRAME: &str = "application/protobuf;TelemetryFrame";
+    pub const IDENTIFIER_BATCH: &str = "application/protobuf;IdentifierBatch";
     pub const TWIN_STATE: &str = "application/protobuf;TwinState";
     pub const FEATURE_SET: &str = "application/protobuf;FeatureSet";
     pub const TWIN_EVENT: &str = "application/protobuf;TwinEvent";

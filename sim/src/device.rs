@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use twinmesh_actors::ports::{Block, Device};
+use twinmesh_actors::ports::{Block, Device, Sighting};
 use twinmesh_twins::dsp::codec::quantize;
 use twinmesh_twins::{AssetKind, TwinId};
 
@@ -105,6 +105,19 @@ impl Device for SimDevice {
             });
         }
         blocks
+    }
+
+    fn sightings(&mut self) -> Vec<Sighting> {
+        self.model
+            .sightings()
+            .into_iter()
+            .map(|(stream, timestamp_ns, identifier, present)| Sighting {
+                stream,
+                timestamp_ns,
+                identifier,
+                present,
+            })
+            .collect()
     }
 
     fn apply_setpoint(&mut self, property: &str, value: f64) -> Result<(), String> {

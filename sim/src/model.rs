@@ -37,6 +37,11 @@ pub trait AssetModel: Send + Sync {
     fn set(&mut self, property: &str, value: f64);
     /// Starts asset fault `mode` (one of [`crate::fault::kind_faults`]) at `at_ns`.
     fn inject(&mut self, mode: &str, at_ns: i64);
+    /// Identifiers that came (`true`) or went (`false`) since the last call, with the
+    /// stream and time: (stream, t_ns, identifier, present).
+    fn sightings(&mut self) -> Vec<(&'static str, i64, String, bool)> {
+        Vec::new()
+    }
 }
 
 /// A seeded RNG for one asset: the same (seed, twin) always gives the same stream.

@@ -58,7 +58,7 @@ impl Mechanism {
         }
     }
 
-    fn parse(s: &str) -> Result<Self> {
+    pub fn parse(s: &str) -> Result<Self> {
         Ok(match s {
             "" | "none" => Mechanism::None,
             "dp" => Mechanism::Dp,
@@ -363,6 +363,14 @@ impl Policy {
 
     pub fn signal(&self, name: &str) -> Option<&SignalPolicy> {
         self.signals.get(name)
+    }
+
+    /// `identifier_mechanisms` of a `ChainUpdate`: stream → mechanism name.
+    pub fn identifier_mechanisms(&self) -> std::collections::HashMap<String, String> {
+        self.identifiers
+            .iter()
+            .map(|(k, m)| (k.clone(), m.as_str().to_owned()))
+            .collect()
     }
 
     /// How an identifier stream leaves its device; unknown streams are suppressed.
@@ -1059,6 +1067,50 @@ mod tests {
         bad.signals.get_mut("household_energy").unwrap().mechanism = "dp".into();
         let e = Policy::validate(&bad, kind).unwrap_err().to_string();
         assert!(e.contains("applies to the coarsen mechanism"), "{e}");
+    }
+
+    #[test]
+    fn identifier_streams_are_pseudonymised_suppressed_or_public() {
+        let kind = AssetKind::WifiAp;
+        let d = Policy::default_for(kind);
+        assert_eq!(d.identifier("device_associations"), Mechanism::Pseudonymise);
+        // Streams the kind does not have are never sent.
+        assert_eq!(d.identifier("other"), Mechanism::Suppress);
+        assert_eq!(
+            d.identifier_mechanisms()["device_associations"],
+            "pseudonymise"
+        );
+        let set = |sensitivity: proto::Sensitivity, mechanism: &str| {
+            let mut p = d.to_proto("site-a/ap-01");
+            let sp = p.signals.get_mut("device_associations").unwrap();
+            sp.sensitivity = sensitivity as i32;
+            sp.mechanism = mechanism.into();
+            Policy::validate(&p, kind)
+        };
+        let p = set(proto::Sensitivity::Personal, "suppress").unwrap();
+        assert_eq!(p.identifier("device_associations"), Mechanism::Suppress);
+        let back = Policy::from_stored(&p.to_proto("site-a/ap-01"), kind).unwrap();
+        assert_eq!(back.identifiers, p.identifiers);
+        let p = set(proto::Sensitivity::Public, "").unwrap();
+        assert_eq!(p.identifier("device_associations"), Mechanism::None);
+        // A personal stream named without a mechanism is pseudonymised, never raw.
+        let p = set(proto::Sensitivity::Personal, "").unwrap();
+        assert_eq!(p.identifier("device_associations"), Mechanism::Pseudonymise);
+        let e = set(proto::Sensitivity::Personal, "dp").unwrap_err();
+        assert!(
+            e.to_string().contains("does not apply to identifiers"),
+            "{e}"
+        );
+        let e = set(proto::Sensitivity::Public, "pseudonymise").unwrap_err();
+        assert!(e.to_string().contains("is public"), "{e}");
+        // Measured values are not pseudonymised.
+        let mut p = d.to_proto("site-a/ap-01");
+        p.signals.get_mut("associated_devices").unwrap().mechanism = "pseudonymise".into();
+        let e = Policy::validate(&p, kind).unwrap_err();
+        assert!(
+            e.to_string().contains("applies to identifier streams"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -20,7 +20,13 @@ pub struct WifiAp {
     tx_power: f64,
     throughput: f64,
     faults: Faults,
+    /// Associations and departures not yet reported (bounded).
+    sightings: Vec<(&'static str, i64, String, bool)>,
 }
+
+/// Most unreported sightings kept (a gateway that stops polling loses the oldest).
+const MAX_SIGHTINGS: usize = 100_000;
+const STREAM: &str = "device_associations";
 
 /// A synthetic, locally administered MAC address.
 pub fn mac(id: u64) -> String {
@@ -40,6 +46,7 @@ impl WifiAp {
             tx_power: 20.0,
             throughput: 0.0,
             faults: Faults::default(),
+            sightings: Vec::new(),
         }
     }
 
@@ -48,9 +55,19 @@ impl WifiAp {
         self.devices.iter().map(|&d| mac(d)).collect()
     }
 
+    fn sighted(&mut self, t_ns: i64, id: u64, present: bool) {
+        if self.sightings.len() >= MAX_SIGHTINGS {
+            self.sightings.remove(0);
+        }
+        self.sightings.push((STREAM, t_ns, mac(id), present));
+    }
+
     fn step(&mut self, s: i64) {
-        if self.faults.on("outage", s * 1_000_000_000) {
-            self.devices.clear();
+        let t_ns = s * 1_000_000_000;
+        if self.faults.on("outage", t_ns) {
+            for id in std::mem::take(&mut self.devices) {
+                self.sighted(t_ns, id, false);
+            }
             self.throughput = 0.0;
             return;
         }
@@ -59,14 +76,27 @@ impl WifiAp {
         let arrivals = Poisson::new(busy).map_or(0.0, |p| p.sample(&mut self.rng)) as usize;
         for _ in 0..arrivals {
             let id: u64 = self.rng.random::<u64>() & 0xff_ffff_ffff;
-            self.devices.insert(id);
+            if self.devices.insert(id) {
+                self.sighted(t_ns, id, true);
+            }
         }
         // Each device leaves with a mean stay of 20 minutes.
         let rng = &mut self.rng;
-        self.devices.retain(|_| !rng.random_bool(1.0 / 1200.0));
+        let mut left = Vec::new();
+        self.devices.retain(|&d| {
+            let stays = !rng.random_bool(1.0 / 1200.0);
+            if !stays {
+                left.push(d);
+            }
+            stays
+        });
         while self.devices.len() > 2000 {
             let first = *self.devices.iter().next().expect("non-empty");
             self.devices.remove(&first);
+            left.push(first);
+        }
+        for d in left {
+            self.sighted(t_ns, d, false);
         }
         self.throughput = self.devices.len() as f64 * (0.5 + self.rng.random::<f64>());
     }
@@ -100,6 +130,10 @@ impl AssetModel for WifiAp {
     fn inject(&mut self, mode: &str, at_ns: i64) {
         self.faults.add(mode, at_ns);
     }
+
+    fn sightings(&mut self) -> Vec<(&'static str, i64, String, bool)> {
+        std::mem::take(&mut self.sightings)
+    }
 }
 
 #[cfg(test)]
@@ -118,8 +152,24 @@ mod tests {
         assert!(n > 100.0, "{n}");
         assert_eq!(ap.associated().len() as f64, n);
         assert!(ap.associated()[0].starts_with("02:"));
+        // Every present device was reported as it came (and not yet as gone).
+        let seen = ap.sightings();
+        let mut present = std::collections::BTreeSet::new();
+        for (stream, _, mac, here) in &seen {
+            assert_eq!(*stream, "device_associations");
+            if *here {
+                assert!(present.insert(mac.clone()), "{mac} came twice");
+            } else {
+                assert!(present.remove(mac), "{mac} left without coming");
+            }
+        }
+        assert_eq!(present.into_iter().collect::<Vec<_>>(), ap.associated());
+        assert!(ap.sightings().is_empty());
         ap.inject("outage", (evening + 1800) * 1_000_000_000);
         ap.advance((evening + 1801) * 1_000_000_000);
         assert_eq!(ap.sample("associated_devices", 0), 0.0);
+        let gone = ap.sightings();
+        assert_eq!(gone.len() as f64, n);
+        assert!(gone.iter().all(|s| !s.3));
     }
 }

@@ -2,7 +2,7 @@
 //! with a synthetic MAC address (the identifiers privacy policies pseudonymise);
 //! throughput grows with the associated devices. Fault `outage`: every device drops.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -21,11 +21,11 @@ pub struct WifiAp {
     throughput: f64,
     faults: Faults,
     /// Associations and departures not yet reported (bounded).
-    sightings: Vec<(&'static str, i64, String, bool)>,
+    sightings: VecDeque<(&'static str, i64, String, bool)>,
 }
 
 /// Most unreported sightings kept (a gateway that stops polling loses the oldest).
-const MAX_SIGHTINGS: usize = 100_000;
+const MAX_SIGHTINGS: usize = 10_000;
 const STREAM: &str = "device_associations";
 
 /// A synthetic, locally administered MAC address.
@@ -46,7 +46,7 @@ impl WifiAp {
             tx_power: 20.0,
             throughput: 0.0,
             faults: Faults::default(),
-            sightings: Vec::new(),
+            sightings: VecDeque::new(),
         }
     }
 
@@ -57,9 +57,9 @@ impl WifiAp {
 
     fn sighted(&mut self, t_ns: i64, id: u64, present: bool) {
         if self.sightings.len() >= MAX_SIGHTINGS {
-            self.sightings.remove(0);
+            self.sightings.pop_front();
         }
-        self.sightings.push((STREAM, t_ns, mac(id), present));
+        self.sightings.push_back((STREAM, t_ns, mac(id), present));
     }
 
     fn step(&mut self, s: i64) {
@@ -132,7 +132,7 @@ impl AssetModel for WifiAp {
     }
 
     fn sightings(&mut self) -> Vec<(&'static str, i64, String, bool)> {
-        std::mem::take(&mut self.sightings)
+        std::mem::take(&mut self.sightings).into()
     }
 }
 

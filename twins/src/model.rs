@@ -6,9 +6,11 @@
 //! - [`Algorithm::Pca`]: features standardised, principal components keeping
 //!   `variance` of the variance; score = Hotelling T² in the kept subspace plus the
 //!   squared reconstruction error (SPE) over the mean discarded eigenvalue.
-//! - [`Algorithm::Robust`]: per-feature median and MAD (× 1.4826), each feature's
-//!   scale widened by the 0.99 quantile of its own training |z| so heavy-tailed features
-//!   do not set the threshold for all; score = the largest scaled robust z-score.
+//! - [`Algorithm::Robust`]: per-feature median and MAD (× 1.4826; the standard
+//!   deviation for a feature whose MAD is under a tenth of it, i.e. one that mostly
+//!   repeats one value), each feature's scale widened by the 0.99 quantile of its own
+//!   training |z| so heavy-tailed features do not set the threshold for all; score = the
+//!   largest scaled robust z-score.
 //! - [`Algorithm::IsolationForest`]: Liu, Ting & Zhou (2008): `trees` trees on
 //!   sub-samples of `sample_size` rows, height limit ⌈log₂ sample_size⌉; score =
 //!   2^(−E[h(x)]/c(sample_size)) in (0, 1].
@@ -828,6 +830,13 @@ fn train_robust(rows: ArrayView2<f64>) -> Body {
         let m = median(&mut c);
         let mut dev: Vec<f64> = c.iter().map(|x| (x - m).abs()).collect();
         let d = median(&mut dev) * 1.4826;
+        // A feature that mostly repeats one value (the share of repeated samples of a
+        // sample-and-hold signal) has a MAD near 0 and rare, far "outliers" that would
+        // set the threshold for every feature: scaled by its standard deviation instead.
+        let n = c.len().max(1) as f64;
+        let mean = c.iter().sum::<f64>() / n;
+        let sd = (c.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n).sqrt();
+        let d = if d < 0.1 * sd { sd } else { d };
         // A constant feature: any change is notable, scaled by its magnitude.
         let floor = (m.abs() * 1e-6).max(1e-9);
         let d = d.max(floor);

@@ -18,11 +18,15 @@ pub struct SignalStats {
     pub crest_factor: f64,
     /// Pearson kurtosis (3 for a Gaussian; `scipy.stats.kurtosis(fisher=False)`).
     pub kurtosis: f64,
+    /// Share of consecutive samples that repeat the one before (`mean(diff(x) == 0)`):
+    /// near 0 for a live, noisy sensor, 1 for a stuck one or a dead feed. 0 for a single
+    /// sample.
+    pub flat: f64,
 }
 
 impl SignalStats {
     /// (name, value) pairs in the order of `twinmesh dsp stats`.
-    pub fn named(&self) -> [(&'static str, f64); 9] {
+    pub fn named(&self) -> [(&'static str, f64); 10] {
         [
             ("count", self.count as f64),
             ("min", self.min),
@@ -33,6 +37,7 @@ impl SignalStats {
             ("peak", self.peak),
             ("crest_factor", self.crest_factor),
             ("kurtosis", self.kurtosis),
+            ("flat", self.flat),
         ]
     }
 }
@@ -55,6 +60,7 @@ pub fn signal_stats(x: &[f64]) -> Result<SignalStats, DspError> {
         max = max.max(v);
         peak = peak.max(v.abs());
     }
+    let repeats = x.windows(2).filter(|w| w[0] == w[1]).count();
     let var = m2 / n;
     let rms = (sq / n).sqrt();
     Ok(SignalStats {
@@ -71,6 +77,11 @@ pub fn signal_stats(x: &[f64]) -> Result<SignalStats, DspError> {
         } else {
             f64::NAN
         },
+        flat: if x.len() > 1 {
+            repeats as f64 / (x.len() - 1) as f64
+        } else {
+            0.0
+        },
     })
 }
 
@@ -85,6 +96,10 @@ mod tests {
             (s.mean, s.std, s.rms, s.peak, s.crest_factor, s.kurtosis),
             (0.0, 1.0, 1.0, 1.0, 1.0, 1.0)
         );
+        assert_eq!(s.flat, 0.0);
+        assert_eq!(signal_stats(&[2.0, 2.0, 2.0]).unwrap().flat, 1.0);
+        assert_eq!(signal_stats(&[1.0, 1.0, 2.0, 3.0, 3.0]).unwrap().flat, 0.5);
+        assert_eq!(signal_stats(&[4.0]).unwrap().flat, 0.0);
         assert!(signal_stats(&[]).is_err());
     }
 }

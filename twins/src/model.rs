@@ -1100,6 +1100,29 @@ mod tests {
     }
 
     #[test]
+    fn a_mostly_repeating_feature_does_not_blind_the_robust_baseline() {
+        // Feature 0 repeats 0.9 in 99 of 100 rows (MAD 0), feature 1 is spread evenly.
+        let n = 1000;
+        let mut v = Vec::with_capacity(2 * n);
+        for i in 0..n {
+            v.push(if i % 100 == 0 { 0.91 } else { 0.9 });
+            v.push((i % 50) as f64 / 10.0);
+        }
+        let rows = Array2::from_shape_vec((n, 2), v).unwrap();
+        let m = Model::train(&names(2), rows.view(), &params(Algorithm::Robust)).unwrap();
+        // The rare 0.91 no longer sets a threshold that nothing else reaches: a row far
+        // out in feature 1 alone is above it, a typical row is not.
+        assert!(
+            m.score(&[0.9, 60.0]).unwrap() > m.threshold,
+            "{}",
+            m.threshold
+        );
+        assert!(m.score(&[0.9, 2.5]).unwrap() < m.threshold);
+        // And a stuck feature 0 (1.0 instead of 0.9) is seen too.
+        assert!(m.score(&[1.0, 2.5]).unwrap() > m.threshold);
+    }
+
+    #[test]
     fn the_training_alarm_rate_is_the_share_of_training_rows_above_the_threshold() {
         let rows = Array2::from_shape_vec((5, 1), vec![-1.0, 0.0, 1.0, 2.0, 3.0]).unwrap();
         let p = TrainParams {

@@ -1010,6 +1010,47 @@ async fn drain(
     Ok(out)
 }
 
+/// Sends `request` to the placement authority (the cloud node) over the fabric, from any
+/// node; the authority's errors come back as they are, silence as `UNAVAILABLE`.
+pub async fn ask_authority(
+    fabric: &dyn crate::ports::Fabric,
+    request: mesh_request::Request,
+    timeout: Duration,
+) -> Result<mesh_reply::Reply, proto::Error> {
+    let unavailable = |message: String| proto::Error {
+        code: proto::ErrorCode::Unavailable as i32,
+        message,
+    };
+    let payload = Bytes::from(
+        MeshRequest {
+            request: Some(request),
+        }
+        .encode_to_vec(),
+    );
+    let replies = fabric
+        .query(
+            keys::MESH_REQUESTS,
+            Some((payload, encoding::MESH_REQUEST)),
+            timeout,
+        )
+        .await
+        .map_err(|e| unavailable(format!("fabric: {e}")))?;
+    let reply = replies
+        .into_iter()
+        .find_map(|r| MeshReply::decode(r.payload).ok())
+        .ok_or_else(|| {
+            unavailable("the placement authority (cloud node) did not answer".to_owned())
+        })?;
+    match reply.reply {
+        Some(mesh_reply::Reply::Error(e)) => Err(e),
+        Some(r) => Ok(r),
+        None => Err(proto::Error {
+            code: proto::ErrorCode::Internal as i32,
+            message: "empty reply from the placement authority".to_owned(),
+        }),
+    }
+}
+
 async fn mesh_request_server(
     mesh: ActorRef<MeshMsg>,
     ctx: Arc<NodeContext>,

@@ -363,33 +363,23 @@ async fn site_ledger(
     ctx: &NodeContext,
     req: proto::SiteBudgetRequest,
 ) -> Result<proto::Budget, proto::Error> {
-    let payload = Bytes::from(
-        proto::MeshRequest {
-            request: Some(proto::mesh_request::Request::SiteBudget(req)),
+    let reply = crate::mesh::ask_authority(
+        &*ctx.fabric,
+        proto::mesh_request::Request::SiteBudget(req),
+        Duration::from_secs(5),
+    )
+    .await
+    .map_err(|mut e| {
+        if e.code == proto::ErrorCode::Unavailable as i32 {
+            e.message = format!(
+                "the site's ledger of set releases is out of reach ({}): set releases need it",
+                e.message
+            );
         }
-        .encode_to_vec(),
-    );
-    let replies = ctx
-        .fabric
-        .query(
-            keys::MESH_REQUESTS,
-            Some((payload, encoding::MESH_REQUEST)),
-            Duration::from_secs(5),
-        )
-        .await
-        .map_err(|e| err(proto::ErrorCode::Unavailable, format!("fabric: {e}")))?;
-    let reply = replies
-        .into_iter()
-        .find_map(|r| proto::MeshReply::decode(r.payload).ok())
-        .ok_or_else(|| {
-            err(
-                proto::ErrorCode::Unavailable,
-                "the site's ledger of set releases (placement authority, cloud node) did not answer: set releases need it".to_owned(),
-            )
-        })?;
-    match reply.reply {
-        Some(proto::mesh_reply::Reply::SiteBudget(b)) => Ok(b),
-        Some(proto::mesh_reply::Reply::Error(e)) => Err(e),
+        e
+    })?;
+    match reply {
+        proto::mesh_reply::Reply::SiteBudget(b) => Ok(b),
         _ => Err(err(
             proto::ErrorCode::Internal,
             "unexpected reply from the placement authority".to_owned(),

@@ -16,6 +16,8 @@ use std::fmt;
 use aes_gcm::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
 use aes_gcm::{Aes256Gcm, Key, Nonce};
 
+use twinmesh_twins::privacy::valid_key_id;
+
 const MAGIC: &[u8; 4] = b"TMS1";
 const NONCE_LEN: usize = 12;
 
@@ -45,14 +47,6 @@ impl fmt::Debug for KeyRing {
         let ids: Vec<&str> = self.keys.iter().map(|(id, _)| id.as_str()).collect();
         f.debug_struct("KeyRing").field("key_ids", &ids).finish()
     }
-}
-
-fn valid_key_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
 impl KeyRing {

@@ -194,38 +194,15 @@ impl Api {
             .find_map(|r| Placement::decode(r.payload).ok()))
     }
 
-    /// A request to the placement authority (migrate, drain).
+    /// A request to the placement authority (migrate, drain, site ledgers).
     pub async fn mesh_request(
         &self,
         request: proto::mesh_request::Request,
         timeout: Duration,
     ) -> Result<proto::mesh_reply::Reply, Status> {
-        let payload = Bytes::from(
-            proto::MeshRequest {
-                request: Some(request),
-            }
-            .encode_to_vec(),
-        );
-        let replies = self
-            .fabric
-            .query(
-                keys::MESH_REQUESTS,
-                Some((payload, encoding::MESH_REQUEST)),
-                timeout,
-            )
+        twinmesh_actors::mesh::ask_authority(&*self.fabric, request, timeout)
             .await
-            .map_err(fabric_error)?;
-        let reply = replies
-            .into_iter()
-            .find_map(|r| proto::MeshReply::decode(r.payload).ok())
-            .ok_or_else(|| {
-                Status::unavailable("the placement authority (cloud node) did not answer")
-            })?;
-        match reply.reply {
-            Some(proto::mesh_reply::Reply::Error(e)) => Err(status_of_proto(e)),
-            Some(r) => Ok(r),
-            None => Err(Status::internal("empty reply from the placement authority")),
-        }
+            .map_err(status_of_proto)
     }
 
     pub async fn list_nodes(&self) -> Result<Vec<NodeInfo>, Status> {

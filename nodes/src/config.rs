@@ -525,6 +525,21 @@ tier = "cloud"
 passivate_after_s = 30"#)
         .contains("passivation (passivate_after_s) applies to edge nodes"));
         assert!(bad(r#"id = "e"
+tier = "edge"
+site = "s"
+site_epsilon_per_period = 5.0"#)
+        .contains("site budgets (site_epsilon_per_period, site_budget_period_s) are kept by the cloud node"));
+        assert!(bad(r#"id = "c"
+tier = "cloud"
+site_epsilon_per_period = -1.0"#)
+        .contains("invalid site_epsilon_per_period -1"));
+        let mut c = NodeConfig::new("c".parse().unwrap(), Tier::Cloud, "");
+        c.site_epsilon_per_period = Some(2.5);
+        c.site_budget_period_s = Some(3600);
+        c.normalize().unwrap();
+        assert_eq!(c.site_budget().epsilon_per_period, 2.5);
+        assert_eq!(c.site_budget().period_ns, 3_600_000_000_000);
+        assert!(bad(r#"id = "e"
 tier = "iot"
 site = "s"
 simulate = ["toaster"]"#)

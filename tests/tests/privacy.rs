@@ -111,16 +111,51 @@ fn release(id: &[&str], statistic: Statistic, epsilon: f64) -> ReleaseAggregateR
     }
 }
 
-async fn budget(endpoint: &str, id: &str) -> proto::Budget {
+async fn try_budget(endpoint: &str, req: GetBudgetRequest) -> Option<proto::Budget> {
     privacy(endpoint)
         .await
-        .get_budget(GetBudgetRequest {
-            twin_id: id.into(),
-            ..Default::default()
+        .get_budget(req)
+        .await
+        .ok()
+        .map(|r| r.into_inner())
+}
+
+fn twin_budget(id: &str) -> GetBudgetRequest {
+    GetBudgetRequest {
+        twin_id: id.into(),
+        ..Default::default()
+    }
+}
+
+fn site_budget(site: &str) -> GetBudgetRequest {
+    GetBudgetRequest {
+        site: site.into(),
+        ..Default::default()
+    }
+}
+
+async fn budget(endpoint: &str, id: &str) -> proto::Budget {
+    try_budget(endpoint, twin_budget(id))
+        .await
+        .expect("GetBudget")
+}
+
+/// Records every (key, payload) that `session` receives on `twinmesh/**`; keep the
+/// subscriber alive as long as the recording should run.
+async fn record_everything(session: &zenoh::Session) -> (Seen, zenoh::pubsub::Subscriber<()>) {
+    let seen: Seen = Arc::default();
+    let seen2 = seen.clone();
+    let sub = session
+        .declare_subscriber("twinmesh/**")
+        .callback(move |s| {
+            seen2.lock().unwrap().push((
+                s.key_expr().to_string(),
+                s.payload().to_bytes().into_owned(),
+            ));
         })
         .await
-        .unwrap()
-        .into_inner()
+        .unwrap();
+    (seen, sub)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -145,18 +180,7 @@ async fn site_only_values_stay_on_site_and_releases_spend_exactly_their_budget()
 
     // An outside client on the cloud's endpoint sees everything published on twinmesh/**.
     let outside = zenoh_client(&cloud_zenoh).await;
-    let seen: Seen = Arc::default();
-    let seen2 = seen.clone();
-    let _sub = outside
-        .declare_subscriber("twinmesh/**")
-        .callback(move |s| {
-            seen2.lock().unwrap().push((
-                s.key_expr().to_string(),
-                s.payload().to_bytes().into_owned(),
-            ));
-        })
-        .await
-        .unwrap();
+    let (seen, _sub) = record_everything(&outside).await;
 
     let id = "site-a/sentinel-01";
     let ring = KeyRing::parse(
@@ -296,16 +320,8 @@ async fn site_only_values_stay_on_site_and_releases_spend_exactly_their_budget()
     let node = placement.node.clone();
     c.nodes.get_mut(&node).unwrap().stop().unwrap();
     c.restart(&node).unwrap();
-    let after = eventually(WAIT, "the budget after a restart", || async {
-        privacy(&cloud_grpc)
-            .await
-            .get_budget(GetBudgetRequest {
-                twin_id: id.into(),
-                ..Default::default()
-            })
-            .await
-            .ok()
-            .map(|r| r.into_inner())
+    let after = eventually(WAIT, "the budget after a restart", || {
+        try_budget(&cloud_grpc, twin_budget(id))
     })
     .await;
     assert_eq!(after.epsilon_spent, spent);
@@ -461,18 +477,7 @@ async fn set_releases_charge_every_twin_and_the_site_and_micro_aggregates_need_k
         assert_eq!(budget(&cloud_grpc, id).await.epsilon_spent, r.epsilon_spent);
     }
     // The site's ledger holds the same ε, and so says the release.
-    let site_budget = |endpoint: String| async move {
-        privacy(&endpoint)
-            .await
-            .get_budget(GetBudgetRequest {
-                site: "site-a".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-    };
-    let sb = site_budget(edge.clone()).await;
+    let sb = try_budget(&edge, site_budget("site-a")).await.unwrap();
     assert_eq!(sb.site, "site-a");
     assert_eq!(sb.epsilon_total, 1.0);
     assert_eq!(sb.epsilon_spent, r.epsilon_spent);
@@ -487,10 +492,10 @@ async fn set_releases_charge_every_twin_and_the_site_and_micro_aggregates_need_k
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("site site-a"), "{e:?}");
-    assert_eq!(
-        site_budget(cloud_grpc.clone()).await.epsilon_spent,
-        r.epsilon_spent
-    );
+    let sb = try_budget(&cloud_grpc, site_budget("site-a"))
+        .await
+        .unwrap();
+    assert_eq!(sb.epsilon_spent, r.epsilon_spent);
     for id in ids {
         assert_eq!(budget(&cloud_grpc, id).await.epsilon_spent, r.epsilon_spent);
     }
@@ -505,32 +510,16 @@ async fn set_releases_charge_every_twin_and_the_site_and_micro_aggregates_need_k
     let spent = r.epsilon_spent + r2.epsilon_spent;
     c.restart("cloud").unwrap();
     let cloud_grpc = c.node("cloud").grpc_endpoint();
-    let sb = eventually(WAIT, "the site ledger after a restart", || async {
-        privacy(&cloud_grpc)
-            .await
-            .get_budget(GetBudgetRequest {
-                site: "site-a".into(),
-                ..Default::default()
-            })
-            .await
-            .ok()
-            .map(|b| b.into_inner())
+    let sb = eventually(WAIT, "the site ledger after a restart", || {
+        try_budget(&cloud_grpc, site_budget("site-a"))
     })
     .await;
     assert!((sb.epsilon_spent - spent).abs() < 1e-12, "{sb:?}");
     assert_eq!(sb.releases, 2);
     for id in ids {
         // Through the restarted cloud, once the edge's link to it is back.
-        let b = eventually(WAIT, "a twin's budget through the cloud", || async {
-            privacy(&cloud_grpc)
-                .await
-                .get_budget(GetBudgetRequest {
-                    twin_id: id.into(),
-                    ..Default::default()
-                })
-                .await
-                .ok()
-                .map(|b| b.into_inner())
+        let b = eventually(WAIT, "a twin's budget through the cloud", || {
+            try_budget(&cloud_grpc, twin_budget(id))
         })
         .await;
         assert!((b.epsilon_spent - spent).abs() < 1e-12, "{b:?}");
@@ -655,18 +644,7 @@ async fn device_addresses_leave_the_access_point_only_as_site_keyed_pseudonyms()
     .unwrap();
     let cloud_grpc = c.node("cloud").grpc_endpoint();
     let outside = zenoh_client(&c.node("cloud").ready.zenoh[0]).await;
-    let seen: Seen = Arc::default();
-    let seen2 = seen.clone();
-    let _sub = outside
-        .declare_subscriber("twinmesh/**")
-        .callback(move |s| {
-            seen2.lock().unwrap().push((
-                s.key_expr().to_string(),
-                s.payload().to_bytes().into_owned(),
-            ));
-        })
-        .await
-        .unwrap();
+    let (seen, _sub) = record_everything(&outside).await;
     let ring = KeyRing::parse(
         &std::fs::read_to_string(site_key(c.dir.path(), "site-a").unwrap()).unwrap(),
     )

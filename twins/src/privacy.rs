@@ -922,6 +922,15 @@ pub struct Pseudonymiser {
     key: Vec<u8>,
 }
 
+/// A key id (site keys, at-rest keys, pseudonym prefixes): 1 to 64 of `[A-Za-z0-9._-]`.
+pub fn valid_key_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
 impl std::fmt::Debug for Pseudonymiser {
     // Never print key material.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -965,11 +974,7 @@ impl Pseudonymiser {
         let Some((id, tag)) = s.rsplit_once(':') else {
             return false;
         };
-        !id.is_empty()
-            && id.len() <= 64
-            && id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        valid_key_id(id)
             && tag.len() == 32
             && tag.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
     }

@@ -85,6 +85,22 @@ impl PowerMeter {
     }
 }
 
+impl PowerMeter {
+    /// The voltage relative to nominal at `t_ns`: 0.7 during a sag's and 1.15 during a
+    /// swell's 200 ms of every 2 s.
+    pub fn voltage_scale(&self, t_ns: i64) -> f64 {
+        if secs(t_ns) % 2.0 >= 0.2 {
+            1.0
+        } else if self.faults.on("sag", t_ns) {
+            0.7
+        } else if self.faults.on("swell", t_ns) {
+            1.15
+        } else {
+            1.0
+        }
+    }
+}
+
 impl AssetModel for PowerMeter {
     fn kind(&self) -> AssetKind {
         AssetKind::PowerMeter
@@ -105,12 +121,8 @@ impl AssetModel for PowerMeter {
         let t = secs(t_ns);
         match signal {
             "voltage" => {
-                let sag = if self.faults.on("sag", t_ns) && (t % 2.0) < 0.2 {
-                    0.7
-                } else {
-                    1.0
-                };
-                sag * Self::waveform(VOLTAGE_RMS, &self.voltage_harmonics(t_ns), 0.0, t)
+                self.voltage_scale(t_ns)
+                    * Self::waveform(VOLTAGE_RMS, &self.voltage_harmonics(t_ns), 0.0, t)
             }
             "current" => {
                 let irms = self.load_kw * 1000.0 / VOLTAGE_RMS;
@@ -167,5 +179,40 @@ mod tests {
             configured_thd(&pm.voltage_harmonics(11)) > 2.0 * configured_thd(&VOLTAGE_HARMONICS)
         );
         assert_eq!(pm.voltage_harmonics(9), VOLTAGE_HARMONICS.to_vec());
+    }
+
+    /// RMS voltage over `[from_s, from_s + 0.2)`, a whole number of mains cycles.
+    fn rms_over(pm: &mut PowerMeter, from_s: f64) -> f64 {
+        let n = 1280;
+        let sum_sq: f64 = (0..n)
+            .map(|i| {
+                let t = from_s + i as f64 / 6400.0;
+                pm.sample("voltage", (t * 1e9).round() as i64).powi(2)
+            })
+            .sum();
+        (sum_sq / f64::from(n)).sqrt()
+    }
+
+    #[test]
+    fn sags_and_swells_change_the_voltage_for_200_ms_of_every_2_s() {
+        let healthy = rms_over(&mut PowerMeter::new(ChaCha8Rng::seed_from_u64(3)), 10.0);
+        for (mode, scale) in [("sag", 0.7), ("swell", 1.15)] {
+            let mut pm = PowerMeter::new(ChaCha8Rng::seed_from_u64(3));
+            pm.inject(mode, 5_000_000_000);
+            let during = rms_over(&mut pm, 10.0);
+            assert!(
+                (during / healthy - scale).abs() < 1e-6,
+                "{mode}: {during} V against {healthy} V"
+            );
+            // Outside the 200 ms, and before the onset, the voltage is nominal.
+            assert!(
+                (rms_over(&mut pm, 10.4) / healthy - 1.0).abs() < 1e-6,
+                "{mode}"
+            );
+            assert!(
+                (rms_over(&mut pm, 2.0) / healthy - 1.0).abs() < 1e-6,
+                "{mode}"
+            );
+        }
     }
 }

@@ -698,13 +698,25 @@ pub fn default_spec(kind: AssetKind) -> ChainSpec {
                 "stats",
                 "edge",
                 Some("cycle_time"),
-                &[("window_s", num(300.0))],
+                &[("window_s", num(120.0))],
             ),
             stage("stats", "edge", Some("torque"), &[("window_s", num(60.0))]),
+            stage(
+                "stats",
+                "edge",
+                Some("pressure"),
+                &[("window_s", num(60.0))],
+            ),
             archive,
         ],
         AssetKind::ClosureLine => vec![
             stage("stats", "edge", Some("energy"), &[("window_s", num(60.0))]),
+            stage(
+                "stats",
+                "edge",
+                Some("machine_state"),
+                &[("window_s", num(60.0))],
+            ),
             archive,
         ],
         AssetKind::TurnstileGate => vec![
@@ -712,6 +724,12 @@ pub fn default_spec(kind: AssetKind) -> ChainSpec {
                 "stats",
                 "edge",
                 Some("people_in"),
+                &[("window_s", num(60.0))],
+            ),
+            stage(
+                "stats",
+                "edge",
+                Some("people_out"),
                 &[("window_s", num(60.0))],
             ),
             archive,
@@ -818,7 +836,17 @@ pub struct WindowJob {
     pub stages: Vec<Stage>,
     /// Current reported values of the twin (e.g. shaft speed for bearing analysis).
     pub context: BTreeMap<String, f64>,
+    /// Seconds from the signal's last change of value to the window's end, at least
+    /// [`STALE_FLOOR_S`]: spans windows, so a stuck sensor or a dead feed shows as a
+    /// growing value even where the signal is sampled faster than it changes (a count
+    /// per second that is mostly 0, a cycle time held for a whole cycle).
+    pub stale_s: f64,
 }
+
+/// The resolution of the `stale` feature: staleness under a second is not what it is
+/// for, and a noisy sensor's occasional repeated sample must not look like a change of
+/// its distribution.
+pub const STALE_FLOOR_S: f64 = 1.0;
 
 struct WindowBuf {
     window: usize,
@@ -826,6 +854,9 @@ struct WindowBuf {
     start_ns: i64,
     samples: Vec<f64>,
     stages: Vec<Stage>,
+    /// The last sample and when the signal last changed value (across windows).
+    last: Option<f64>,
+    changed_ns: i64,
 }
 
 /// Cuts a twin's streams into the windows its edge stages need.
@@ -853,6 +884,8 @@ impl Analyzer {
                     start_ns: 0,
                     samples: Vec::new(),
                     stages: Vec::new(),
+                    last: None,
+                    changed_ns: 0,
                 })
                 .stages
                 .push(s.clone());
@@ -889,20 +922,27 @@ impl Analyzer {
                 w.period_ns = block.period_ns;
             }
             for (i, &x) in block.samples.iter().enumerate() {
+                let t_ns = block.start_ns + i as i64 * block.period_ns;
                 if w.samples.is_empty() {
-                    w.start_ns = block.start_ns + i as i64 * block.period_ns;
+                    w.start_ns = t_ns;
+                }
+                if w.last != Some(x) {
+                    w.last = Some(x);
+                    w.changed_ns = t_ns;
                 }
                 w.samples.push(x);
                 if w.samples.len() == w.window {
                     let samples = std::mem::replace(&mut w.samples, Vec::with_capacity(w.window));
+                    let end_ns = w.start_ns + w.window as i64 * w.period_ns;
                     jobs.push(WindowJob {
                         signal: signal.to_owned(),
                         start_ns: w.start_ns,
-                        end_ns: w.start_ns + w.window as i64 * w.period_ns,
+                        end_ns,
                         rate_hz: 1e9 / w.period_ns as f64,
                         samples,
                         stages: w.stages.clone(),
                         context: BTreeMap::new(),
+                        stale_s: ((end_ns - w.changed_ns) as f64 / 1e9).max(STALE_FLOOR_S),
                     });
                 }
             }
@@ -1018,6 +1058,7 @@ pub fn run_window(job: &WindowJob) -> BTreeMap<String, f64> {
                                 put(name, v);
                             }
                         }
+                        put("stale", job.stale_s);
                     }
                 }
                 Op::Fft { peaks } => {
@@ -1279,5 +1320,30 @@ mod tests {
         assert!((f["voltage.thd"] - 0.04).abs() < 1e-6, "{f:?}");
         assert!(f.contains_key("voltage.rms"));
         assert_eq!(jobs[1].start_ns, jobs[0].end_ns);
+        // A live waveform changes every sample: its staleness is the floor.
+        assert_eq!(f["voltage.stale"], STALE_FLOOR_S);
+    }
+
+    #[test]
+    fn staleness_spans_windows_and_grows_while_a_signal_holds_its_value() {
+        let c = Chain::default_for(AssetKind::HpcNode);
+        let mut a = Analyzer::new(&c);
+        let s = 1_000_000_000i64;
+        // cpu_temperature at 1 Hz: changing for 90 s, then held at 71.0 for 300 s.
+        let mut stale = Vec::new();
+        for t in 0..390i64 {
+            let v = if t < 90 { 40.0 + t as f64 * 0.25 } else { 71.0 };
+            let b = Block {
+                start_ns: t * s,
+                period_ns: s,
+                samples: vec![v],
+            };
+            for job in a.push("cpu_temperature", b) {
+                stale.push(run_window(&job)["cpu_temperature.stale"]);
+            }
+        }
+        // Windows end at 60, 120, ..., 360 s; the last change was at 90 s (the first
+        // 71.0), before that every second.
+        assert_eq!(stale, vec![1.0, 30.0, 90.0, 150.0, 210.0, 270.0]);
     }
 }

@@ -17,13 +17,18 @@
 //!
 //! Every model explains a score: [`Model::contributions`] gives each feature's share.
 //!
+//! Thresholds: the `quantile` of the training scores ([`DEFAULT_QUANTILE`], 0.9999, for
+//! PCA and the robust baseline: one healthy window in 10,000). A quantile that fewer than
+//! ten training rows lie above is extrapolated from the tail of the training scores
+//! (peaks over threshold, a generalised Pareto fit), not read off the few largest rows.
+//!
 //! What each sees (tested below): PCA catches broken correlations whose values are each
 //! in range; the robust baseline catches any single feature far from its median; the
 //! isolation forest catches points far out in several features, but a lone excursion
 //! among features that did not move can stay under its threshold (each split picks a
 //! feature at random), and its score saturates outside the range of its sub-samples
 //! (a 6 σ and a 10 σ excursion score alike, barely above the healthy tail), so its
-//! threshold needs a lower quantile (0.99 rather than 0.999).
+//! threshold needs a lower quantile (0.99).
 
 use ndarray::{Array1, Array2, ArrayView2, Axis};
 use rand::seq::index::sample as sample_indices;
@@ -138,6 +143,11 @@ pub struct TrainParams {
     pub seed: u64,
 }
 
+/// The default alarm-threshold quantile (PCA, robust): one healthy window in 10,000
+/// above it, beyond what a few thousand training rows resolve, so the tail is
+/// extrapolated ([`threshold_at`]).
+pub const DEFAULT_QUANTILE: f64 = 0.9999;
+
 impl TrainParams {
     /// The defaults for `algorithm`: the isolation forest's threshold sits at the 0.99
     /// quantile (its score saturates, see the module documentation).
@@ -147,7 +157,7 @@ impl TrainParams {
             quantile: if algorithm == Algorithm::IsolationForest {
                 0.99
             } else {
-                0.999
+                DEFAULT_QUANTILE
             },
             ..TrainParams::default()
         }
@@ -158,7 +168,7 @@ impl Default for TrainParams {
     fn default() -> Self {
         TrainParams {
             algorithm: Algorithm::Pca,
-            quantile: 0.999,
+            quantile: DEFAULT_QUANTILE,
             variance: 0.95,
             trees: 100,
             sample_size: 256,
@@ -243,6 +253,57 @@ enum Tree {
     },
 }
 
+/// The calibration of a CUSUM on score / threshold (Page 1954).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Sustained {
+    /// Ratio subtracted from every window's: the [`SUSTAINED_QUANTILE`] of the training
+    /// ratios, so healthy windows drain the sum.
+    pub reference: f64,
+    /// Sum that raises the alarm: [`SUSTAINED_MARGIN`] times the largest the training
+    /// rows reached.
+    pub limit: f64,
+}
+
+/// Quantile of the training ratios that a window must pass to add to the sustained sum.
+pub const SUSTAINED_QUANTILE: f64 = 0.95;
+/// The sustained limit over the largest sum the training rows reached.
+pub const SUSTAINED_MARGIN: f64 = 2.0;
+
+impl Sustained {
+    /// One step of the sum: `sum` after a window of score / threshold `ratio`.
+    pub fn step(&self, sum: f64, ratio: f64) -> f64 {
+        (sum + ratio.min(SUSTAINED_CAP) - self.reference).max(0.0)
+    }
+
+    /// Calibrates on the ratios of the training rows, in their order.
+    fn calibrate(ratios: &[f64]) -> Option<Sustained> {
+        let mut sorted = ratios.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        let reference = quantile(&sorted, SUSTAINED_QUANTILE);
+        if !(reference.is_finite() && reference > 0.0) {
+            return None;
+        }
+        let mut s = Sustained {
+            reference,
+            limit: f64::INFINITY,
+        };
+        let mut sum = 0.0f64;
+        let mut most = 0.0f64;
+        for &r in ratios {
+            sum = s.step(sum, r);
+            most = most.max(sum);
+        }
+        // A limit under one threshold's worth would make the sum a second, more
+        // sensitive threshold on single windows.
+        s.limit = (SUSTAINED_MARGIN * most).max(1.0);
+        s.limit.is_finite().then_some(s)
+    }
+}
+
+/// A window adds at most this ratio to the sustained sum: one far-out window is the
+/// threshold's business.
+const SUSTAINED_CAP: f64 = 1.0;
+
 /// A trained anomaly model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Model {
@@ -265,6 +326,12 @@ pub struct Model {
     /// Share of the training rows that score above the threshold (its calibration).
     #[serde(default)]
     pub training_alarm_rate: f64,
+    /// The sustained-shift alarm (a CUSUM on score / threshold, [`crate::monitor`]):
+    /// windows add their ratio less `sustained_reference`, and an alarm is raised when
+    /// the sum passes `sustained_limit`. Calibrated on the training rows in their order.
+    /// `None`: off (imported models, models from before it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sustained: Option<Sustained>,
     body: Body,
 }
 
@@ -324,14 +391,20 @@ impl Model {
             reference: Vec::new(),
             log_features: if log.contains(&true) { log } else { Vec::new() },
             training_alarm_rate: 0.0,
+            sustained: None,
             body,
         };
-        let mut scores: Vec<f64> = rows
+        let in_order: Vec<f64> = rows
             .outer_iter()
             .map(|r| model.raw_score(r.as_slice().expect("row")))
             .collect();
+        let mut scores = in_order.clone();
         scores.sort_by(f64::total_cmp);
-        model.threshold = quantile(&scores, params.quantile);
+        model.threshold = threshold_at(&scores, params.quantile);
+        if model.threshold > 0.0 {
+            let ratios: Vec<f64> = in_order.iter().map(|s| s / model.threshold).collect();
+            model.sustained = Sustained::calibrate(&ratios);
+        }
         let above = scores.len() - scores.partition_point(|s| *s <= model.threshold);
         model.training_alarm_rate = above as f64 / scores.len() as f64;
         model.reference = (1..REFERENCE_BINS)
@@ -370,6 +443,7 @@ impl Model {
             reference: Vec::new(),
             log_features: Vec::new(),
             training_alarm_rate: 0.0,
+            sustained: None,
             body: Body::Onnx {
                 onnx: base64::engine::general_purpose::STANDARD.encode(onnx),
                 output: output.to_owned(),
@@ -553,6 +627,15 @@ impl Model {
         if d == 0 || self.threshold.is_nan() {
             return bad("no features or no threshold");
         }
+        if let Some(s) = &self.sustained {
+            if !(s.reference.is_finite()
+                && s.reference > 0.0
+                && s.limit.is_finite()
+                && s.limit > 0.0)
+            {
+                return bad("sustained-shift calibration out of range");
+            }
+        }
         if !self.log_features.is_empty() && self.log_features.len() != d {
             return bad("log-transform flags do not match the features");
         }
@@ -657,6 +740,66 @@ fn wants_log(col: &[f64]) -> bool {
     }
     let skew = col.iter().map(|v| (v - mean).powi(3)).sum::<f64>() / n / var.powf(1.5);
     skew > 2.0
+}
+
+/// Fewest training scores above a threshold for it to be read off them directly.
+const TAIL_MIN_ROWS: usize = 10;
+/// Share of the training scores whose excesses the tail fit uses.
+const TAIL_SHARE: f64 = 0.02;
+
+/// The alarm threshold at quantile `q` of the sorted training `scores`. Read off them
+/// while at least [`TAIL_MIN_ROWS`] lie above it; beyond (a quantile of 0.9999 from
+/// 5,000 rows), extrapolated by peaks over threshold: the excesses over the
+/// 1 − [`TAIL_SHARE`] quantile follow a generalised Pareto distribution
+/// (Pickands–Balkema–de Haan), fitted by probability-weighted moments (Hosking & Wallis
+/// 1987). Never below the empirical quantile, so a fitted tail that ends early cannot
+/// put training rows above the threshold that the quantile keeps under it.
+fn threshold_at(sorted: &[f64], q: f64) -> f64 {
+    let n = sorted.len();
+    let empirical = quantile(sorted, q);
+    if (1.0 - q) * n as f64 >= TAIL_MIN_ROWS as f64 {
+        return empirical;
+    }
+    let u = quantile(sorted, 1.0 - TAIL_SHARE);
+    let excess: Vec<f64> = sorted.iter().filter(|s| **s > u).map(|s| s - u).collect();
+    let m = excess.len();
+    if m < TAIL_MIN_ROWS {
+        return empirical;
+    }
+    match gpd_quantile(&excess, (1.0 - q) * n as f64 / m as f64) {
+        Some(y) if (u + y).is_finite() => (u + y).max(empirical),
+        _ => empirical,
+    }
+}
+
+/// The excess exceeded with probability `p` under a generalised Pareto distribution
+/// fitted to the ascending `excess` by probability-weighted moments. `None` when the
+/// moments do not define one.
+fn gpd_quantile(excess: &[f64], p: f64) -> Option<f64> {
+    let m = excess.len() as f64;
+    let a0 = excess.iter().sum::<f64>() / m;
+    // a1 = E[Y (1 − F(Y))], unbiased from the order statistics.
+    let a1 = excess
+        .iter()
+        .enumerate()
+        .map(|(j, y)| (m - 1.0 - j as f64) / (m - 1.0) * y)
+        .sum::<f64>()
+        / m;
+    let d = a0 - 2.0 * a1;
+    if !(d > 0.0 && a0 > 0.0) {
+        return None;
+    }
+    // Hosking & Wallis: k = a0/(a0 − 2a1) − 2, σ = 2 a0 a1/(a0 − 2a1); shape ξ = −k.
+    let xi = 2.0 - a0 / d;
+    let sigma = 2.0 * a0 * a1 / d;
+    if sigma.is_nan() || sigma <= 0.0 {
+        return None;
+    }
+    Some(if xi.abs() < 1e-9 {
+        -sigma * p.ln()
+    } else {
+        sigma / xi * (p.powf(-xi) - 1.0)
+    })
 }
 
 fn quantile(sorted: &[f64], q: f64) -> f64 {
@@ -1120,6 +1263,36 @@ mod tests {
         assert!(m.score(&[0.9, 2.5]).unwrap() < m.threshold);
         // And a stuck feature 0 (1.0 instead of 0.9) is seen too.
         assert!(m.score(&[1.0, 2.5]).unwrap() > m.threshold);
+    }
+
+    fn sorted(mut v: Vec<f64>) -> Vec<f64> {
+        v.sort_by(f64::total_cmp);
+        v
+    }
+
+    #[test]
+    fn thresholds_beyond_the_training_rows_extrapolate_the_tail() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let uniform: Vec<f64> = (0..200_000)
+            .map(|_| rng.random_range(f64::EPSILON..1.0))
+            .collect();
+        // Exponential scores (light tail, ξ = 0): the 1 − 10⁻⁶ quantile is ln 10⁶ = 13.8,
+        // beyond the largest of 200,000 rows (about ln 200,000 = 12.2).
+        let exp = sorted(uniform.iter().map(|u| -u.ln()).collect());
+        let t = threshold_at(&exp, 1.0 - 1e-6);
+        assert!((t / 1e6f64.ln() - 1.0).abs() < 0.1, "{t}");
+        assert!(t > exp[exp.len() - 1]);
+        // Pareto scores (heavy tail, ξ = 0.25): the quantile is (10⁻⁶)^(−1/4) = 31.6.
+        let pareto = sorted(uniform.iter().map(|u| u.powf(-0.25)).collect());
+        let t = threshold_at(&pareto, 1.0 - 1e-6);
+        assert!((t / 1e6f64.powf(0.25) - 1.0).abs() < 0.15, "{t}");
+        // Bounded scores (uniform, ξ = −1): never under the largest training score, and
+        // not past the bound by much.
+        let bounded = sorted(uniform.clone());
+        let t = threshold_at(&bounded, 1.0 - 1e-6);
+        assert!(t >= bounded[bounded.len() - 1] && t < 1.01, "{t}");
+        // Where the rows resolve the quantile, it is read off them.
+        assert_eq!(threshold_at(&exp, 0.99), quantile(&exp, 0.99));
     }
 
     #[test]

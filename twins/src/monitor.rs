@@ -12,6 +12,12 @@
 //!   fault, and an intermittent fault — a swell every other window — still counts). An
 //!   alarm holds until a whole `alarm_window` of scores is back below the threshold, so
 //!   an intermittent fault raises one alarm, not one per window.
+//! - **Sustained shifts.** A fault that moves the score only part of the way to the
+//!   threshold, but for good (a line stuck in its fault state, a gate nobody passes), is
+//!   caught by a CUSUM on score / threshold ([`crate::model::Sustained`], calibrated on
+//!   the training rows): every window adds its ratio less the training ratios' 0.95
+//!   quantile, and `alarm` is raised when the sum passes twice the largest the training
+//!   rows reached (at least 1). It holds while the sum stays above.
 //! - **Drift.** The population stability index (PSI) of the last
 //!   [`MonitorConfig::drift_window`] scores against the training scores' deciles; above
 //!   [`MonitorConfig::drift_threshold`] (0.25, the customary "significant shift") the
@@ -129,6 +135,8 @@ pub struct Monitor {
     vector: FeatureVector,
     /// Bit i: the score i windows ago was above the threshold.
     above: u64,
+    /// The sustained-shift sum ([`crate::model::Sustained`]).
+    sustained: f64,
     status: Status,
     recent: VecDeque<f64>,
     since_check: usize,
@@ -142,6 +150,7 @@ impl Monitor {
             vector: FeatureVector::new(&model.features),
             model,
             above: 0,
+            sustained: 0.0,
             status: Status::Ok,
             recent: VecDeque::with_capacity(config.drift_window.min(4096)),
             since_check: 0,
@@ -182,8 +191,15 @@ impl Monitor {
             self.above &= (1u64 << n) - 1;
         }
         let count = self.above.count_ones() as usize;
-        let raise = high && count >= self.config.alarm_after.clamp(1, n);
-        let hold = was == Status::Alarm && count > 0;
+        let sustained = match &self.model.sustained {
+            Some(c) if self.model.threshold > 0.0 => {
+                self.sustained = c.step(self.sustained, score / self.model.threshold);
+                self.sustained > c.limit
+            }
+            _ => false,
+        };
+        let raise = (high && count >= self.config.alarm_after.clamp(1, n)) || sustained;
+        let hold = was == Status::Alarm && (count > 0 || sustained);
         self.status = if raise || hold {
             Status::Alarm
         } else if high {
@@ -315,6 +331,56 @@ mod tests {
         }
         let back = m.observe(&window(&[("b.mean", 0.1)])).unwrap();
         assert_eq!(back.status, Status::Ok);
+    }
+
+    #[test]
+    fn a_lasting_shift_under_the_threshold_raises_a_sustained_alarm() {
+        let model = trained();
+        let c = model.sustained.expect("trained models calibrate it");
+        assert!(
+            c.limit >= 1.0 && c.reference > 0.0 && c.reference < 1.0,
+            "{c:?}"
+        );
+        // A shift of b that scores 0.7 of the threshold: never `warn` on its own.
+        let shifted = (0..1000)
+            .map(|i| f64::from(i) * 0.01)
+            .find(|v| model.score(&[0.0, *v]).unwrap() >= 0.7 * model.threshold)
+            .unwrap();
+        let mut m = Monitor::new(model.clone(), MonitorConfig::default());
+        let mut rng = ChaCha8Rng::seed_from_u64(99);
+        let n = Normal::new(0.0, 1.0).unwrap();
+        // Healthy windows raise (almost) nothing...
+        let mut raised = 0;
+        for _ in 0..10_000 {
+            let a = m
+                .observe(&window(&[
+                    ("a.rms", n.sample(&mut rng)),
+                    ("b.mean", n.sample(&mut rng)),
+                ]))
+                .unwrap();
+            raised += usize::from(a.raised.is_some());
+        }
+        assert!(raised <= 2, "{raised} alarms over 10,000 healthy windows");
+        // ...a lasting shift raises one within the number of windows its ratio needs.
+        let needed = (c.limit / (0.7 - c.reference)).ceil() as usize + 1;
+        let mut first = None;
+        for i in 1..=needed + 5 {
+            let a = m.observe(&window(&[("b.mean", shifted)])).unwrap();
+            assert_ne!(a.status, Status::Warn, "under the threshold");
+            if a.status == Status::Alarm {
+                first = Some(i);
+                assert!(a.raised.is_some());
+                break;
+            }
+        }
+        let first = first.expect("a sustained alarm");
+        assert!(first <= needed, "after {first} windows, {needed} expected");
+        // And it ends once the shift does and the sum drains.
+        let mut status = Status::Alarm;
+        for _ in 0..200 {
+            status = m.observe(&window(&[("b.mean", 0.0)])).unwrap().status;
+        }
+        assert_eq!(status, Status::Ok);
     }
 
     #[test]

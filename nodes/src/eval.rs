@@ -39,15 +39,29 @@ pub struct EvalArgs {
         default_value = "pca,robust,isolation_forest"
     )]
     pub algorithms: Vec<Algorithm>,
-    /// Healthy windows to train on.
+    /// Healthy windows to train on (at least; see `--train-hours`).
     #[arg(long, default_value_t = 5000)]
     pub train: usize,
+    /// Hours of healthy operation to train on at least: 5,000 one-second windows are
+    /// under an hour and a half of a wind turbine's or a spindle's life, too short to
+    /// see their operating regimes. 0: `--train` windows for every kind.
+    #[arg(long, default_value_t = 6.0)]
+    pub train_hours: f64,
     /// Healthy windows of another asset that count false alarms.
     #[arg(long, default_value_t = 10_000)]
     pub healthy: usize,
     /// Windows watched after a fault's onset before it counts as missed.
     #[arg(long, default_value_t = 100)]
     pub horizon: usize,
+    /// Alarm-threshold quantile of the training scores for every algorithm (default:
+    /// each algorithm's own, as `ctl train` uses).
+    #[arg(long)]
+    pub quantile: Option<f64>,
+    /// Also print, for every fault and algorithm, score / threshold of the first N
+    /// windows after the onset and the features that contribute most to the first of
+    /// them (to see why a fault is caught late or missed).
+    #[arg(long, default_value_t = 0)]
+    pub trace: usize,
     /// Seed of the simulated assets.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -103,18 +117,35 @@ impl Rows {
     }
 }
 
-/// Longest window of the kind's default chain's edge stages, in seconds.
-fn longest_window_s(kind: AssetKind) -> f64 {
-    let chain = Chain::default_for(kind);
-    chain
+/// Window lengths of the kind's default chain's edge stages, in seconds.
+fn window_lengths_s(kind: AssetKind) -> impl Iterator<Item = f64> {
+    Chain::default_for(kind)
         .stages
-        .iter()
+        .into_iter()
         .filter(|s| s.tier == Tier::Edge && s.window > 0)
-        .filter_map(|s| {
+        .filter_map(move |s| {
             let rate = kind.schema().signal(&s.signal).ok()?.rate_hz;
             Some(s.window as f64 / rate)
         })
-        .fold(1.0, f64::max)
+}
+
+/// Longest window of the kind's default chain's edge stages, in seconds.
+fn longest_window_s(kind: AssetKind) -> f64 {
+    window_lengths_s(kind).fold(1.0, f64::max)
+}
+
+/// Shortest window of the kind's default chain's edge stages, in seconds: about how
+/// often a feature vector comes.
+fn shortest_window_s(kind: AssetKind) -> f64 {
+    window_lengths_s(kind)
+        .fold(f64::INFINITY, f64::min)
+        .max(1e-3)
+}
+
+/// Training windows for `kind`: `--train`, or more to cover `--train-hours`.
+fn training_windows(kind: AssetKind, args: &EvalArgs) -> usize {
+    let hours = (args.train_hours * 3600.0 / shortest_window_s(kind)).ceil() as usize;
+    args.train.max(hours)
 }
 
 /// Runs a healthy device and collects `count` feature vectors (the first full one and
@@ -210,13 +241,71 @@ fn detection_delay(model: &Arc<Model>, rows: &Rows) -> Option<usize> {
     None
 }
 
+/// Score over threshold of the first `n` windows after the onset, and the three
+/// largest contributions to the first of them.
+fn trace(
+    kind: AssetKind,
+    mode: &FaultMode,
+    alg: Algorithm,
+    model: &Model,
+    rows: &Rows,
+    n: usize,
+) -> String {
+    let after: Vec<&Vec<f64>> = rows
+        .rows
+        .iter()
+        .zip(&rows.after_onset)
+        .filter(|(_, a)| **a)
+        .map(|(x, _)| x)
+        .take(n)
+        .collect();
+    let ratios: Vec<String> = after
+        .iter()
+        .map(|x| {
+            model.score(x).map_or("error".to_owned(), |s| {
+                format!("{:.2}", s / model.threshold)
+            })
+        })
+        .collect();
+    let top = after
+        .first()
+        .and_then(|x| model.contributions(x).ok())
+        .map(|c| {
+            c.iter()
+                .take(3)
+                .map(|(f, v)| format!("{f} {v:.2}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default();
+    format!(
+        "{kind} {mode} {alg}: score/threshold {}; first window: {top}",
+        ratios.join(" ")
+    )
+}
+
 /// Alarms raised (transitions into `alarm`) over healthy windows.
-fn false_alarms(model: &Arc<Model>, rows: &Rows) -> usize {
+/// With `trace`, each one's window, score / threshold and largest contributions go to
+/// stderr.
+fn false_alarms(model: &Arc<Model>, rows: &Rows, trace: bool) -> usize {
     let mut m = Monitor::new(model.clone(), MonitorConfig::default());
     let mut was = Status::Ok;
     let mut raised = 0;
-    for x in &rows.rows {
+    for (i, x) in rows.rows.iter().enumerate() {
         if let Some(a) = m.assess(x) {
+            if let (true, Some(parts)) = (trace, &a.raised) {
+                let top: Vec<String> = parts
+                    .iter()
+                    .take(3)
+                    .map(|(f, v)| format!("{f} {v:.2}"))
+                    .collect();
+                eprintln!(
+                    "{} false alarm at healthy window {i}: score/threshold {:.2}; {}",
+                    model.algorithm,
+                    a.score / model.threshold,
+                    top.join(", ")
+                );
+            }
             raised += usize::from(a.status == Status::Alarm && was != Status::Alarm);
             was = a.status;
         }
@@ -232,6 +321,7 @@ fn matrix(rows: &Rows) -> Array2<f64> {
 struct KindResult {
     kind: AssetKind,
     features: usize,
+    train_rows: usize,
     /// (row label, one cell per algorithm)
     rows: Vec<(String, Vec<String>)>,
     seconds: f64,
@@ -242,12 +332,17 @@ fn evaluate_kind(kind: AssetKind, args: &EvalArgs) -> anyhow::Result<KindResult>
     // One asset: its first windows train, the ones after them count false alarms, and
     // each fault run is the same asset (same seed: the same samples up to the onset).
     let seed = args.seed.wrapping_mul(1000) + kind as u64;
-    let (train, healthy) = collect(kind, seed, args.train + args.healthy)?.split_at(args.train);
+    let train_rows = training_windows(kind, args);
+    let (train, healthy) = collect(kind, seed, train_rows + args.healthy)?.split_at(train_rows);
     let names = train.names.clone();
     let x = matrix(&train);
     let mut models = Vec::new();
     for &alg in &args.algorithms {
-        let m = Model::train(&names, x.view(), &TrainParams::for_algorithm(alg))
+        let mut params = TrainParams::for_algorithm(alg);
+        if let Some(q) = args.quantile {
+            params.quantile = q;
+        }
+        let m = Model::train(&names, x.view(), &params)
             .with_context(|| format!("{kind}: training {alg}"))?;
         models.push(Arc::new(m));
     }
@@ -256,7 +351,7 @@ fn evaluate_kind(kind: AssetKind, args: &EvalArgs) -> anyhow::Result<KindResult>
         models
             .iter()
             .map(|m| {
-                let n = false_alarms(m, &healthy);
+                let n = false_alarms(m, &healthy, args.trace > 0);
                 format!("{:.1}", n as f64 * 10_000.0 / args.healthy as f64)
             })
             .collect(),
@@ -279,6 +374,11 @@ fn evaluate_kind(kind: AssetKind, args: &EvalArgs) -> anyhow::Result<KindResult>
         if let Some(dir) = &dir {
             run.write_csv(&dir.join(format!("fault_{}.csv", mode.to_string().replace(':', "_"))))?;
         }
+        if args.trace > 0 {
+            for (m, alg) in models.iter().zip(&args.algorithms) {
+                eprintln!("{}", trace(kind, &mode, *alg, m, &run, args.trace));
+            }
+        }
         rows.push((
             format!("delay, `{mode}` (windows)"),
             models
@@ -293,6 +393,7 @@ fn evaluate_kind(kind: AssetKind, args: &EvalArgs) -> anyhow::Result<KindResult>
     Ok(KindResult {
         kind,
         features: names.len(),
+        train_rows,
         rows,
         seconds: t0.elapsed().as_secs_f64(),
     })
@@ -336,6 +437,10 @@ fn collect_until_after(
 pub fn run(args: EvalArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     anyhow::ensure!(args.train >= 10, "--train needs at least 10 windows");
     anyhow::ensure!(
+        args.train_hours.is_finite() && (0.0..=1000.0).contains(&args.train_hours),
+        "--train-hours must be between 0 and 1000"
+    );
+    anyhow::ensure!(
         args.healthy >= 1 && args.horizon >= 1,
         "--healthy and --horizon must be positive"
     );
@@ -371,17 +476,23 @@ pub fn run(args: EvalArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let algs: Vec<String> = args.algorithms.iter().map(|a| a.to_string()).collect();
     writeln!(
         out,
-        "One simulated asset per kind: trained on its first {} windows; false alarms over its next {} \
-         windows; each fault starts {LEAD_WINDOWS} windows after the training period; \
-         an alarm is raised when {} of the last {} windows score above the threshold.\n",
+        "One simulated asset per kind: trained on its first {} windows or {} hours, whichever is \
+         more; false alarms over its next {} windows; each fault starts {LEAD_WINDOWS} windows \
+         after the training period; an alarm is raised when {} of the last {} windows score \
+         above the threshold.\n",
         args.train,
+        args.train_hours,
         args.healthy,
         MonitorConfig::default().alarm_after,
         MonitorConfig::default().alarm_window
     )?;
     for r in results {
         let r = r?;
-        writeln!(out, "### {} ({} features)\n", r.kind, r.features)?;
+        writeln!(
+            out,
+            "### {} ({} features, {} training windows)\n",
+            r.kind, r.features, r.train_rows
+        )?;
         writeln!(out, "| | {} |", algs.join(" | "))?;
         writeln!(out, "|---|{}", "---|".repeat(algs.len()))?;
         for (label, cells) in &r.rows {

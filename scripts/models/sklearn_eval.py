@@ -2,8 +2,9 @@
 """scikit-learn's IsolationForest and PCA on the feature files of `twinmesh eval --out DIR`.
 
 Same rows, same rules as twinmesh's own table (EVALUATION.md): the threshold is a
-quantile of the training scores (0.999 for PCA, 0.99 for the isolation forest, as
-twinmesh's defaults); an alarm is raised when two of the last three windows score above
+quantile of the training scores (0.9999 for PCA, 0.99 for the isolation forest, as
+twinmesh's defaults), extrapolated from the tail of the training scores where fewer than
+ten rows lie above it, as twinmesh's `threshold_at` does; an alarm is raised when two of the last three windows score above
 it (the latest included) and holds until three in a row are below; false alarms are
 alarms raised over healthy windows, per 10,000; the delay is counted in windows after
 the onset.
@@ -39,7 +40,7 @@ class Pca:
     """Standardised features, components keeping 95 % of the variance, score = squared
     reconstruction error (scikit-learn's PCA has no score of its own)."""
 
-    quantile = 0.999
+    quantile = 0.9999
 
     def fit(self, x):
         self.scaler = StandardScaler().fit(x)
@@ -64,6 +65,39 @@ class Forest:
 
     def score(self, x):
         return -self.f.score_samples(x)
+
+
+TAIL_MIN_ROWS = 10
+TAIL_SHARE = 0.02
+
+
+def threshold_at(scores, q):
+    """The q quantile of the training scores; beyond the last TAIL_MIN_ROWS rows, the
+    excesses over the 1 - TAIL_SHARE quantile fitted with a generalised Pareto
+    distribution by probability-weighted moments (twins/src/model.rs, threshold_at)."""
+    s = np.sort(scores)
+    n = len(s)
+    empirical = np.quantile(s, q)
+    if (1 - q) * n >= TAIL_MIN_ROWS:
+        return empirical
+    u = np.quantile(s, 1 - TAIL_SHARE)
+    y = s[s > u] - u
+    m = len(y)
+    if m < TAIL_MIN_ROWS:
+        return empirical
+    a0 = y.mean()
+    a1 = np.sum((m - 1 - np.arange(m)) / (m - 1) * y) / m
+    d = a0 - 2 * a1
+    if not (d > 0 and a0 > 0):
+        return empirical
+    xi = 2 - a0 / d
+    sigma = 2 * a0 * a1 / d
+    if not sigma > 0:
+        return empirical
+    p = (1 - q) * n / m
+    excess = -sigma * np.log(p) if abs(xi) < 1e-9 else sigma / xi * (p ** -xi - 1)
+    t = u + excess
+    return max(t, empirical) if np.isfinite(t) else empirical
 
 
 def statuses(scores, threshold):
@@ -94,7 +128,7 @@ def main(root):
         models = []
         for _, cls in algorithms:
             m = cls().fit(train)
-            threshold = np.quantile(m.score(train), cls.quantile)
+            threshold = threshold_at(m.score(train), cls.quantile)
             models.append((m, threshold))
         cells = []
         for m, t in models:

@@ -363,9 +363,12 @@ impl Model {
                 params.quantile
             )));
         }
+        // Staleness grows linearly while a sensor is stuck: its logarithm would hide
+        // exactly that growth.
         let log: Vec<bool> = rows
             .axis_iter(Axis(1))
-            .map(|c| wants_log(&c.to_vec()))
+            .zip(features)
+            .map(|(c, f)| !f.ends_with(".stale") && wants_log(&c.to_vec()))
             .collect();
         let mut prepared = rows.to_owned();
         for (mut col, &l) in prepared.axis_iter_mut(Axis(1)).zip(&log) {
@@ -1293,6 +1296,20 @@ mod tests {
         assert!(t >= bounded[bounded.len() - 1] && t < 1.01, "{t}");
         // Where the rows resolve the quantile, it is read off them.
         assert_eq!(threshold_at(&exp, 0.99), quantile(&exp, 0.99));
+    }
+
+    #[test]
+    fn staleness_keeps_its_linear_scale() {
+        // The same right-skewed column: logged as a standard deviation, not as staleness
+        // (a stuck sensor's staleness grows linearly; its logarithm would hide that).
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let col: Vec<f64> = (0..2000)
+            .map(|_| 20.0 * rng.random_range(f64::EPSILON..1.0f64).powf(-0.5))
+            .collect();
+        let rows = Array2::from_shape_fn((2000, 2), |(i, _)| col[i]);
+        let names = vec!["people_in.std".to_owned(), "people_in.stale".to_owned()];
+        let m = Model::train(&names, rows.view(), &params(Algorithm::Pca)).unwrap();
+        assert_eq!(m.log_features, vec![true, false]);
     }
 
     #[test]

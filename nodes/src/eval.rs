@@ -270,18 +270,22 @@ fn trace(
     let top = after
         .first()
         .and_then(|x| model.contributions(x).ok())
-        .map(|c| {
-            c.iter()
-                .take(3)
-                .map(|(f, v)| format!("{f} {v:.2}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        })
+        .map(|c| top_features(&c))
         .unwrap_or_default();
     format!(
         "{kind} {mode} {alg}: score/threshold {}; first window: {top}",
         ratios.join(" ")
     )
+}
+
+/// The three largest contributions, as `feature share, ...`.
+fn top_features(parts: &[(String, f64)]) -> String {
+    parts
+        .iter()
+        .take(3)
+        .map(|(f, v)| format!("{f} {v:.2}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Alarms raised (transitions into `alarm`) over healthy windows.
@@ -294,16 +298,11 @@ fn false_alarms(model: &Arc<Model>, rows: &Rows, trace: bool) -> usize {
     for (i, x) in rows.rows.iter().enumerate() {
         if let Some(a) = m.assess(x) {
             if let (true, Some(parts)) = (trace, &a.raised) {
-                let top: Vec<String> = parts
-                    .iter()
-                    .take(3)
-                    .map(|(f, v)| format!("{f} {v:.2}"))
-                    .collect();
                 eprintln!(
                     "{} false alarm at healthy window {i}: score/threshold {:.2}; {}",
                     model.algorithm,
                     a.score / model.threshold,
-                    top.join(", ")
+                    top_features(parts)
                 );
             }
             raised += usize::from(a.status == Status::Alarm && was != Status::Alarm);
@@ -479,7 +478,7 @@ pub fn run(args: EvalArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         "One simulated asset per kind: trained on its first {} windows or {} hours, whichever is \
          more; false alarms over its next {} windows; each fault starts {LEAD_WINDOWS} windows \
          after the training period; an alarm is raised when {} of the last {} windows score \
-         above the threshold.\n",
+         above the threshold or the sustained-shift sum passes its limit.\n",
         args.train,
         args.train_hours,
         args.healthy,

@@ -843,6 +843,16 @@ pub struct WindowJob {
     pub stale_s: f64,
 }
 
+/// The name of the staleness feature of every `stats` stage (`{signal}.stale`).
+pub const STALE_FEATURE: &str = "stale";
+
+/// Whether `feature` (`{signal}.{name}`) is a staleness feature.
+pub fn is_staleness(feature: &str) -> bool {
+    feature
+        .rsplit_once('.')
+        .is_some_and(|(_, name)| name == STALE_FEATURE)
+}
+
 /// The resolution of the `stale` feature: staleness under a second is not what it is
 /// for, and a noisy sensor's occasional repeated sample must not look like a change of
 /// its distribution.
@@ -1058,7 +1068,7 @@ pub fn run_window(job: &WindowJob) -> BTreeMap<String, f64> {
                                 put(name, v);
                             }
                         }
-                        put("stale", job.stale_s);
+                        put(STALE_FEATURE, job.stale_s);
                     }
                 }
                 Op::Fft { peaks } => {

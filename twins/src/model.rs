@@ -275,11 +275,10 @@ impl Sustained {
         (sum + ratio.min(SUSTAINED_CAP) - self.reference).max(0.0)
     }
 
-    /// Calibrates on the ratios of the training rows, in their order.
-    fn calibrate(ratios: &[f64]) -> Option<Sustained> {
-        let mut sorted = ratios.to_vec();
-        sorted.sort_by(f64::total_cmp);
-        let reference = quantile(&sorted, SUSTAINED_QUANTILE);
+    /// Calibrates on the training scores, `in_order` (as the rows came) and `sorted`,
+    /// against the model's `threshold`.
+    fn calibrate(in_order: &[f64], sorted: &[f64], threshold: f64) -> Option<Sustained> {
+        let reference = quantile(sorted, SUSTAINED_QUANTILE) / threshold;
         if !(reference.is_finite() && reference > 0.0) {
             return None;
         }
@@ -289,8 +288,8 @@ impl Sustained {
         };
         let mut sum = 0.0f64;
         let mut most = 0.0f64;
-        for &r in ratios {
-            sum = s.step(sum, r);
+        for &score in in_order {
+            sum = s.step(sum, score / threshold);
             most = most.max(sum);
         }
         // A limit under one threshold's worth would make the sum a second, more
@@ -327,8 +326,8 @@ pub struct Model {
     #[serde(default)]
     pub training_alarm_rate: f64,
     /// The sustained-shift alarm (a CUSUM on score / threshold, [`crate::monitor`]):
-    /// windows add their ratio less `sustained_reference`, and an alarm is raised when
-    /// the sum passes `sustained_limit`. Calibrated on the training rows in their order.
+    /// windows add their ratio less its `reference`, and an alarm is raised when the sum
+    /// passes its `limit`. Calibrated on the training rows in their order.
     /// `None`: off (imported models, models from before it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sustained: Option<Sustained>,
@@ -368,7 +367,7 @@ impl Model {
         let log: Vec<bool> = rows
             .axis_iter(Axis(1))
             .zip(features)
-            .map(|(c, f)| !f.ends_with(".stale") && wants_log(&c.to_vec()))
+            .map(|(c, f)| !crate::chain::is_staleness(f) && wants_log(&c.to_vec()))
             .collect();
         let mut prepared = rows.to_owned();
         for (mut col, &l) in prepared.axis_iter_mut(Axis(1)).zip(&log) {
@@ -405,8 +404,7 @@ impl Model {
         scores.sort_by(f64::total_cmp);
         model.threshold = threshold_at(&scores, params.quantile);
         if model.threshold > 0.0 {
-            let ratios: Vec<f64> = in_order.iter().map(|s| s / model.threshold).collect();
-            model.sustained = Sustained::calibrate(&ratios);
+            model.sustained = Sustained::calibrate(&in_order, &scores, model.threshold);
         }
         let above = scores.len() - scores.partition_point(|s| *s <= model.threshold);
         model.training_alarm_rate = above as f64 / scores.len() as f64;

@@ -21,11 +21,12 @@ use crate::kind::AssetKind;
 use crate::proto;
 
 /// Operators a chain may use, with the tiers that can run them.
-pub const OPERATORS: [(&str, &[Tier]); 12] = [
+pub const OPERATORS: [(&str, &[Tier]); 13] = [
     ("lowpass", &[Tier::Iot, Tier::Edge]),
     ("highpass", &[Tier::Iot, Tier::Edge]),
     ("bandpass", &[Tier::Iot, Tier::Edge]),
     ("decimate", &[Tier::Iot, Tier::Edge]),
+    ("rate", &[Tier::Iot, Tier::Edge]),
     ("compress", &[Tier::Iot]),
     ("stats", &[Tier::Edge]),
     ("fft", &[Tier::Edge]),
@@ -229,6 +230,9 @@ pub enum Op {
     Decimate {
         factor: usize,
     },
+    /// A counter's change per second (first differences over the sample period): its
+    /// level grows for ever, its rate is what a window can compare with training.
+    Rate,
     Compress,
     Stats,
     Fft {
@@ -258,7 +262,7 @@ pub enum Op {
 
 impl Op {
     fn is_stream(&self) -> bool {
-        matches!(self, Op::Filter { .. } | Op::Decimate { .. })
+        matches!(self, Op::Filter { .. } | Op::Decimate { .. } | Op::Rate)
     }
 }
 
@@ -438,7 +442,7 @@ impl Chain {
                 })?,
                 None => schema.primary_signal(),
             };
-            let needs_waveform = !matches!(op_name, "stats" | "archive");
+            let needs_waveform = !matches!(op_name, "stats" | "archive" | "rate");
             if needs_waveform && !signal.waveform {
                 return Err(ChainError::NotWaveform {
                     stage: n,
@@ -500,6 +504,7 @@ impl Chain {
                     rates.insert(signal.name.to_owned(), (rate / factor as f64, true));
                     Op::Decimate { factor }
                 }
+                "rate" => Op::Rate,
                 "compress" => Op::Compress,
                 "stats" => Op::Stats,
                 "fft" => Op::Fft { peaks: p.int("peaks", 3, 1, 32)? },
@@ -710,6 +715,8 @@ pub fn default_spec(kind: AssetKind) -> ChainSpec {
             archive,
         ],
         AssetKind::ClosureLine => vec![
+            // The energy counter's level grows for ever: analyse its rate (kW.h/s).
+            stage("rate", "edge", Some("energy"), &[]),
             stage("stats", "edge", Some("energy"), &[("window_s", num(60.0))]),
             stage(
                 "stats",
@@ -767,6 +774,8 @@ pub struct StreamPipeline {
 enum StreamStep {
     Filter(SosFilter),
     Decimate(Decimator),
+    /// The previous sample, once one has passed.
+    Rate(Option<f64>),
 }
 
 /// A run of equally spaced samples.
@@ -794,6 +803,7 @@ impl StreamPipeline {
                 Op::Decimate { factor } => {
                     StreamStep::Decimate(Decimator::new(*factor).expect("validated factor"))
                 }
+                Op::Rate => StreamStep::Rate(None),
                 _ => unreachable!("filtered to stream stages"),
             })
             .collect();
@@ -816,6 +826,24 @@ impl StreamPipeline {
                     block = Block {
                         start_ns: block.start_ns + first as i64 * block.period_ns,
                         period_ns: block.period_ns * d.factor() as i64,
+                        samples: out,
+                    };
+                }
+                StreamStep::Rate(prev) => {
+                    // The stream's first sample has no difference: the block starts one
+                    // period later.
+                    let per_s = 1e9 / block.period_ns.max(1) as f64;
+                    let mut out = Vec::with_capacity(block.samples.len());
+                    let mut start_ns = block.start_ns;
+                    for &x in &block.samples {
+                        match prev.replace(x) {
+                            Some(p) => out.push((x - p) * per_s),
+                            None => start_ns += block.period_ns,
+                        }
+                    }
+                    block = Block {
+                        start_ns,
+                        period_ns: block.period_ns,
                         samples: out,
                     };
                 }
@@ -1157,7 +1185,11 @@ pub fn run_window(job: &WindowJob) -> BTreeMap<String, f64> {
                         put("thd", t);
                     }
                 }
-                Op::Filter { .. } | Op::Decimate { .. } | Op::Compress | Op::Archive { .. } => {}
+                Op::Filter { .. }
+                | Op::Decimate { .. }
+                | Op::Rate
+                | Op::Compress
+                | Op::Archive { .. } => {}
             }
         }
         out
@@ -1208,7 +1240,7 @@ mod tests {
             |stages: Vec<StageSpec>| Chain::validate(&spec(stages), wt).unwrap_err().to_string();
         assert_eq!(
             err(vec![stage("fftx", "edge", None, &[])]),
-            "stage 1: unknown operator \"fftx\" (known: lowpass, highpass, bandpass, decimate, compress, stats, fft, psd, envelope, bearing, thd, archive)"
+            "stage 1: unknown operator \"fftx\" (known: lowpass, highpass, bandpass, decimate, rate, compress, stats, fft, psd, envelope, bearing, thd, archive)"
         );
         assert_eq!(
             err(vec![stage("psd", "iot", None, &[])]),
@@ -1355,5 +1387,42 @@ mod tests {
         // Windows end at 60, 120, ..., 360 s; the last change was at 90 s (the first
         // 71.0), before that every second.
         assert_eq!(stale, vec![1.0, 30.0, 90.0, 150.0, 210.0, 270.0]);
+    }
+
+    #[test]
+    fn a_counter_is_analysed_by_its_rate() {
+        let c = Chain::default_for(AssetKind::ClosureLine);
+        let mut a = Analyzer::new(&c);
+        let s = 1_000_000_000i64;
+        // An energy counter at 1 Hz, in blocks of 10 samples: 45 kW (0.0125 kW.h/s) for
+        // 100 s, then 8 kW, from a large reading (a long-running meter).
+        let mut level = 123_456.0;
+        let mut windows = Vec::new();
+        for blk in 0..20i64 {
+            let samples: Vec<f64> = (0..10)
+                .map(|i| {
+                    let t = blk * 10 + i;
+                    level += if t <= 100 { 45.0 } else { 8.0 } / 3600.0;
+                    level
+                })
+                .collect();
+            let b = Block {
+                start_ns: blk * 10 * s,
+                period_ns: s,
+                samples,
+            };
+            for job in a.push("energy", b) {
+                windows.push((job.start_ns / s, job.end_ns / s, run_window(&job)));
+            }
+        }
+        // The first sample has no difference: the windows start 1 s in.
+        assert_eq!(windows.len(), 3);
+        assert_eq!((windows[0].0, windows[0].1), (1, 61));
+        let mean = |w: &BTreeMap<String, f64>| w["energy.mean"];
+        assert!((mean(&windows[0].2) - 45.0 / 3600.0).abs() < 1e-9);
+        assert!((windows[0].2["energy.std"]).abs() < 1e-9);
+        // 40 s at 45 kW, 20 s at 8 kW.
+        assert!((mean(&windows[1].2) - (40.0 * 45.0 + 20.0 * 8.0) / 60.0 / 3600.0).abs() < 1e-9);
+        assert!((mean(&windows[2].2) - 8.0 / 3600.0).abs() < 1e-9);
     }
 }

@@ -6,6 +6,14 @@
 //! - [`Algorithm::Pca`]: features standardised, principal components keeping
 //!   `variance` of the variance; score = Hotelling T² in the kept subspace plus the
 //!   squared reconstruction error (SPE) over the mean discarded eigenvalue.
+//! - [`Algorithm::PcaNormal`]: the same PCA on each feature's normal scores (a Gaussian
+//!   copula): a feature is mapped through its training quantiles onto the standard
+//!   normal's (128 knots, piecewise linear, extended beyond the training range with the
+//!   end segments' slopes). A monotone relation between features becomes a linear one
+//!   that PCA can model (a temperature that saturates with the power drawn), and every
+//!   feature gets a Gaussian marginal (the log transform's job, for all). Staleness
+//!   features stay linear (their growth is what a stuck sensor shows). More sensitive
+//!   than PCA to values beyond the training range (EVALUATION.md).
 //! - [`Algorithm::Robust`]: per-feature median and MAD (× 1.4826; the standard
 //!   deviation for a feature whose MAD is under a tenth of it, i.e. one that mostly
 //!   repeats one value), each feature's scale widened by the 0.99 quantile of its own
@@ -87,15 +95,18 @@ pub enum Algorithm {
     Pca,
     Robust,
     IsolationForest,
+    /// PCA on the features' normal scores (see the module documentation).
+    PcaNormal,
     /// Imported, not trained: an ONNX model ([`crate::onnx`]).
     Onnx,
 }
 
 impl Algorithm {
-    pub const ALL: [Algorithm; 3] = [
+    pub const ALL: [Algorithm; 4] = [
         Algorithm::Pca,
         Algorithm::Robust,
         Algorithm::IsolationForest,
+        Algorithm::PcaNormal,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -103,6 +114,7 @@ impl Algorithm {
             Algorithm::Pca => "pca",
             Algorithm::Robust => "robust",
             Algorithm::IsolationForest => "isolation_forest",
+            Algorithm::PcaNormal => "pca_normal",
             Algorithm::Onnx => "onnx",
         }
     }
@@ -121,9 +133,10 @@ impl std::str::FromStr for Algorithm {
             "pca" => Ok(Algorithm::Pca),
             "robust" => Ok(Algorithm::Robust),
             "isolation_forest" | "iforest" => Ok(Algorithm::IsolationForest),
+            "pca_normal" => Ok(Algorithm::PcaNormal),
             "onnx" => Ok(Algorithm::Onnx),
             other => Err(ModelError::InvalidParameter(format!(
-                "unknown algorithm {other:?} (pca, robust, isolation_forest)"
+                "unknown algorithm {other:?} (pca, robust, isolation_forest, pca_normal)"
             ))),
         }
     }
@@ -322,6 +335,10 @@ pub struct Model {
     /// set the threshold for every feature. Empty: none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub log_features: Vec<bool>,
+    /// [`Algorithm::PcaNormal`]: each feature's map onto normal scores (`None`: used as
+    /// it is). Empty: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub normal_scores: Vec<Option<NormalScores>>,
     /// Share of the training rows that score above the threshold (its calibration).
     #[serde(default)]
     pub training_alarm_rate: f64,
@@ -364,19 +381,37 @@ impl Model {
         }
         // Staleness grows linearly while a sensor is stuck: its logarithm would hide
         // exactly that growth.
+        let normal: Vec<Option<NormalScores>> = if params.algorithm == Algorithm::PcaNormal {
+            rows.axis_iter(Axis(1))
+                .zip(features)
+                .map(|(c, f)| {
+                    (!crate::chain::is_staleness(f)).then(|| {
+                        let mut sorted = c.to_vec();
+                        sorted.sort_by(f64::total_cmp);
+                        NormalScores::fit(&sorted)
+                    })
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         let log: Vec<bool> = rows
             .axis_iter(Axis(1))
             .zip(features)
-            .map(|(c, f)| !crate::chain::is_staleness(f) && wants_log(&c.to_vec()))
+            .map(|(c, f)| {
+                normal.is_empty() && !crate::chain::is_staleness(f) && wants_log(&c.to_vec())
+            })
             .collect();
         let mut prepared = rows.to_owned();
-        for (mut col, &l) in prepared.axis_iter_mut(Axis(1)).zip(&log) {
-            if l {
+        for (j, mut col) in prepared.axis_iter_mut(Axis(1)).enumerate() {
+            if log[j] {
                 col.mapv_inplace(f64::ln);
+            } else if let Some(Some(m)) = normal.get(j) {
+                col.mapv_inplace(|v| m.map(v));
             }
         }
         let body = match params.algorithm {
-            Algorithm::Pca => train_pca(prepared.view(), params.variance)?,
+            Algorithm::Pca | Algorithm::PcaNormal => train_pca(prepared.view(), params.variance)?,
             Algorithm::Robust => train_robust(prepared.view()),
             Algorithm::IsolationForest => train_forest(prepared.view(), params)?,
             Algorithm::Onnx => {
@@ -392,6 +427,7 @@ impl Model {
             trained_rows: n,
             reference: Vec::new(),
             log_features: if log.contains(&true) { log } else { Vec::new() },
+            normal_scores: normal,
             training_alarm_rate: 0.0,
             sustained: None,
             body,
@@ -443,6 +479,7 @@ impl Model {
             trained_rows: 0,
             reference: Vec::new(),
             log_features: Vec::new(),
+            normal_scores: Vec::new(),
             training_alarm_rate: 0.0,
             sustained: None,
             body: Body::Onnx {
@@ -538,6 +575,14 @@ impl Model {
     /// `x` with the log transform of the flagged features applied (a value ≤ 0 where
     /// training saw only positive ones maps far out, as it should).
     fn prepare<'a>(&self, x: &'a [f64]) -> std::borrow::Cow<'a, [f64]> {
+        if !self.normal_scores.is_empty() {
+            return std::borrow::Cow::Owned(
+                x.iter()
+                    .zip(&self.normal_scores)
+                    .map(|(&v, m)| m.as_ref().map_or(v, |m| m.map(v)))
+                    .collect(),
+            );
+        }
         if self.log_features.is_empty() {
             return std::borrow::Cow::Borrowed(x);
         }
@@ -640,6 +685,13 @@ impl Model {
         if !self.log_features.is_empty() && self.log_features.len() != d {
             return bad("log-transform flags do not match the features");
         }
+        if !self.normal_scores.is_empty()
+            && (self.normal_scores.len() != d
+                || !self.log_features.is_empty()
+                || self.normal_scores.iter().flatten().any(|m| !m.is_valid()))
+        {
+            return bad("normal-score maps do not match the features");
+        }
         if self.reference.iter().any(|v| !v.is_finite())
             || self.reference.windows(2).any(|w| w[0] > w[1])
         {
@@ -725,6 +777,83 @@ fn onnx_scorer(
     })?;
     let _ = cell.0.set(s.clone());
     Ok(s)
+}
+
+/// Knots of [`NormalScores`]: training quantiles at evenly spaced probabilities.
+const NORMAL_KNOTS: usize = 128;
+/// Knots of [`NormalScores`] closer than this share of the training range are one.
+const NORMAL_TIE: f64 = 1e-6;
+
+/// One feature's map onto normal scores ([`Algorithm::PcaNormal`]): its training
+/// quantiles `x` (strictly increasing) and the standard-normal quantiles `z` at the same
+/// probabilities (ties averaged), linear between knots and beyond the ends with the end
+/// segments' slopes. A feature with one value in training maps to its distance from it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NormalScores {
+    x: Vec<f64>,
+    z: Vec<f64>,
+}
+
+impl NormalScores {
+    /// From a sorted training column of at least 2 values. Knots closer than
+    /// [`NORMAL_TIE`] of the column's range are ties: a counter's rate computed from
+    /// large floating-point values differs in its last bits, and a segment that narrow
+    /// would map those bits (or a value just beyond it) to tens of standard deviations.
+    fn fit(sorted: &[f64]) -> NormalScores {
+        let n = sorted.len() as f64;
+        let tie = NORMAL_TIE * (sorted[sorted.len() - 1] - sorted[0]);
+        let (mut x, mut z) = (Vec::<f64>::new(), Vec::<f64>::new());
+        let mut tied = 0.0;
+        for i in 0..NORMAL_KNOTS {
+            // From 0.5/n to 1 - 0.5/n: the range a sample of n resolves.
+            let p = (0.5 + i as f64 * (n - 1.0) / (NORMAL_KNOTS - 1) as f64) / n;
+            let (xi, zi) = (quantile(sorted, p), normal_quantile(p));
+            match x.last() {
+                Some(last) if xi - *last <= tie => {
+                    tied += 1.0;
+                    let zl = z.last_mut().expect("a knot");
+                    *zl += (zi - *zl) / tied;
+                }
+                _ => {
+                    x.push(xi);
+                    z.push(zi);
+                    tied = 1.0;
+                }
+            }
+        }
+        NormalScores { x, z }
+    }
+
+    fn map(&self, v: f64) -> f64 {
+        let (x, z) = (&self.x, &self.z);
+        let k = x.len();
+        if k == 1 {
+            return v - x[0];
+        }
+        let segment = |i: usize| z[i] + (v - x[i]) * (z[i + 1] - z[i]) / (x[i + 1] - x[i]);
+        if v <= x[0] {
+            segment(0)
+        } else if v >= x[k - 1] {
+            segment(k - 2)
+        } else {
+            // x[i - 1] <= v < x[i]
+            segment(x.partition_point(|a| *a <= v) - 1)
+        }
+    }
+
+    fn is_valid(&self) -> bool {
+        let increasing =
+            |v: &[f64]| v.iter().all(|a| a.is_finite()) && v.windows(2).all(|w| w[0] < w[1]);
+        !self.x.is_empty()
+            && self.x.len() == self.z.len()
+            && increasing(&self.x)
+            && increasing(&self.z)
+    }
+}
+
+/// The standard normal quantile Φ⁻¹(p), p in (0, 1).
+fn normal_quantile(p: f64) -> f64 {
+    -std::f64::consts::SQRT_2 * statrs::function::erf::erfc_inv(2.0 * p)
 }
 
 /// Whether a training column is better scored by its logarithm: all positive and
@@ -1154,6 +1283,7 @@ mod tests {
             Algorithm::Pca,
             Algorithm::Robust,
             Algorithm::IsolationForest,
+            Algorithm::PcaNormal,
         ] {
             // The forest's scores saturate for points outside its sub-samples' range,
             // where the healthy tail already is: it needs a lower quantile.
@@ -1201,10 +1331,10 @@ mod tests {
                     assert_eq!(m.contributions(&single).unwrap()[0].0, "f3", "{alg:?}");
                 }
             }
-            // Only the correlation-aware model sees a broken correlation.
+            // Only the correlation-aware models see a broken correlation.
             assert_eq!(
                 m.is_alarm(&broken).unwrap(),
-                alg == Algorithm::Pca,
+                matches!(alg, Algorithm::Pca | Algorithm::PcaNormal),
                 "{alg:?}"
             );
         }
@@ -1297,6 +1427,94 @@ mod tests {
     }
 
     #[test]
+    fn normal_scores_follow_the_training_quantiles() {
+        // Uniform on [0, 1000]: the score of the p quantile is Φ⁻¹(p).
+        let sorted: Vec<f64> = (0..=10_000).map(|i| i as f64 / 10.0).collect();
+        let m = NormalScores::fit(&sorted);
+        assert_eq!(m.x.len(), NORMAL_KNOTS);
+        for p in [0.01, 0.1, 0.5, 0.9, 0.99] {
+            let z = m.map(quantile(&sorted, p));
+            assert!((z - normal_quantile(p)).abs() < 0.02, "p {p}: {z}");
+        }
+        assert!((normal_quantile(0.975) - 1.959_964).abs() < 1e-5);
+        // Beyond the range: on with the end segment's slope.
+        let k = m.x.len();
+        let slope = (m.z[k - 1] - m.z[k - 2]) / (m.x[k - 1] - m.x[k - 2]);
+        assert!((m.map(1100.0) - (m.z[k - 1] + (1100.0 - m.x[k - 1]) * slope)).abs() < 1e-9);
+        assert!(m.map(-50.0) < m.z[0]);
+        // Mostly one value: its knots are one, at their mean normal quantile, and values
+        // that differ from it in their last bits map to it.
+        let mut atom: Vec<f64> = (0..1000)
+            .map(|i| {
+                if i < 900 {
+                    0.0125 + (i % 3) as f64 * 1e-15
+                } else {
+                    0.0125 + i as f64 * 1e-5
+                }
+            })
+            .collect();
+        atom.sort_by(f64::total_cmp);
+        let m = NormalScores::fit(&atom);
+        assert!(m.is_valid());
+        assert!(m.x.len() < NORMAL_KNOTS / 5, "{} knots", m.x.len());
+        assert!(
+            m.map(0.0125 + 2e-15).abs() < 1.5,
+            "{}",
+            m.map(0.0125 + 2e-15)
+        );
+        // One value only: the distance from it.
+        let m = NormalScores::fit(&[3.0; 10]);
+        assert_eq!((m.map(3.0), m.map(5.0)), (0.0, 2.0));
+    }
+
+    #[test]
+    fn normal_scores_turn_a_monotone_relation_into_a_linear_one() {
+        // f1 = (f0 − 10)³: related, but not linearly; f2 independent.
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let g = Normal::new(0.0, 1.0).unwrap();
+        let mut rows = Array2::zeros((5000, 3));
+        for i in 0..5000 {
+            let a: f64 = g.sample(&mut rng);
+            rows[[i, 0]] = 10.0 + a;
+            rows[[i, 1]] = a.powi(3) + 0.01 * g.sample(&mut rng);
+            rows[[i, 2]] = 100.0 + 3.0 * g.sample(&mut rng);
+        }
+        let names = names(3);
+        let plain = Model::train(&names, rows.view(), &params(Algorithm::Pca)).unwrap();
+        let normal = Model::train(&names, rows.view(), &params(Algorithm::PcaNormal)).unwrap();
+        // Each value in range, the relation broken: f1 of a = −0.5 or 0 at a = 0.5 or 1.
+        for broken in [[10.5, -0.125, 100.0], [11.0, 0.0, 100.0]] {
+            assert!(!plain.is_alarm(&broken).unwrap(), "{broken:?}");
+            assert!(
+                normal.score(&broken).unwrap() > 2.0 * normal.threshold,
+                "{broken:?}"
+            );
+        }
+        assert!(normal.is_alarm(&[10.0, 0.0, 100.0]).is_ok_and(|a| !a));
+        assert_eq!(normal.normal_scores.len(), 3);
+        assert!(normal.log_features.is_empty());
+    }
+
+    #[test]
+    fn corrupt_normal_score_maps_are_refused() {
+        let train = healthy(300, 12);
+        let mut m = Model::train(&names(4), train.view(), &params(Algorithm::PcaNormal)).unwrap();
+        if let Some(Some(n)) = m.normal_scores.get_mut(1) {
+            n.x.reverse();
+        }
+        let e = Model::from_bytes(&m.to_bytes()).unwrap_err();
+        assert_eq!(
+            e,
+            ModelError::Corrupt("normal-score maps do not match the features".to_owned())
+        );
+        m.normal_scores.pop();
+        assert!(matches!(
+            Model::from_bytes(&m.to_bytes()),
+            Err(ModelError::Corrupt(_))
+        ));
+    }
+
+    #[test]
     fn staleness_keeps_its_linear_scale() {
         // The same right-skewed column: logged as a standard deviation, not as staleness
         // (a stuck sensor's staleness grows linearly; its logarithm would hide that).
@@ -1375,6 +1593,7 @@ mod tests {
             Algorithm::Pca,
             Algorithm::Robust,
             Algorithm::IsolationForest,
+            Algorithm::PcaNormal,
         ] {
             let m = Model::train(&names(4), train.view(), &params(alg)).unwrap();
             let bytes = m.to_bytes();

@@ -1,7 +1,10 @@
 //! A milling spindle: a speed programme (steps every 30 s), spindle load from the cut,
-//! tool wear that grows with cutting time, a first-order thermal model, and vibration at
-//! the tooth-passing frequency whose amplitude grows with wear. Faults: `tool_wear`
-//! (wear accelerates 50×) and `imbalance` (a strong 1× shaft component).
+//! tool wear that grows with cutting time and is reset by a tool change every
+//! [`TOOL_LIFE_S`] of cutting (time-based tool life, as a CNC's tool management counts
+//! it), a first-order thermal model, and vibration at the tooth-passing frequency whose
+//! amplitude grows with wear. Faults: `tool_wear` (wear accelerates 50×: the tool is
+//! worn out long before its counted life ends) and `imbalance` (a strong 1× shaft
+//! component).
 
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
@@ -13,6 +16,9 @@ use crate::model::AssetModel;
 
 const PROGRAMME_RPM: [f64; 4] = [6_000.0, 12_000.0, 18_000.0, 9_000.0];
 const TEETH: f64 = 4.0;
+/// Seconds of cutting after which the tool is changed (its wear back to 0): about 0.24
+/// of wear on the speed programme.
+pub const TOOL_LIFE_S: i64 = 3 * 3600;
 
 pub struct Spindle {
     rng: ChaCha8Rng,
@@ -21,6 +27,8 @@ pub struct Spindle {
     speed: f64,
     load: f64,
     wear: f64,
+    /// Seconds the current tool has cut.
+    tool_s: i64,
     temperature: f64,
     override_pct: f64,
     phase: f64,
@@ -37,6 +45,7 @@ impl Spindle {
             speed: PROGRAMME_RPM[0],
             load: 30.0,
             wear: 0.0,
+            tool_s: 0,
             temperature: 25.0,
             override_pct: 100.0,
             phase: 0.0,
@@ -53,6 +62,11 @@ impl Spindle {
         } else {
             1.0
         };
+        self.tool_s += 1;
+        if self.tool_s >= TOOL_LIFE_S {
+            self.tool_s = 0;
+            self.wear = 0.0;
+        }
         self.wear = (self.wear + rate * 2e-5 * self.speed / 10_000.0).min(1.0);
         self.load = (20.0
             + 30.0 * self.speed / 18_000.0
@@ -106,5 +120,35 @@ impl AssetModel for Spindle {
 
     fn inject(&mut self, mode: &str, at_ns: i64) {
         self.faults.add(mode, at_ns);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn wear_after(s: &mut Spindle, from_s: i64, seconds: i64) -> f64 {
+        for t in from_s..from_s + seconds {
+            s.advance(t * 1_000_000_000);
+        }
+        s.wear
+    }
+
+    #[test]
+    fn tools_are_changed_at_their_counted_life_and_the_fault_wears_them_out_first() {
+        let mut s = Spindle::new(ChaCha8Rng::seed_from_u64(3));
+        let worn = wear_after(&mut s, 0, TOOL_LIFE_S - 1);
+        assert!(
+            (0.2..0.3).contains(&worn),
+            "wear at the end of a tool's life {worn}"
+        );
+        // The change: a fresh tool.
+        let fresh = wear_after(&mut s, TOOL_LIFE_S - 1, 2);
+        assert!(fresh < 1e-4, "wear after the change {fresh}");
+        // Accelerated wear passes a whole life's wear within 300 s.
+        s.inject("tool_wear", (TOOL_LIFE_S + 1) * 1_000_000_000);
+        let faulty = wear_after(&mut s, TOOL_LIFE_S + 1, 300);
+        assert!(faulty > worn, "accelerated wear {faulty} after 300 s");
     }
 }

@@ -288,13 +288,14 @@ fn top_features(parts: &[(String, f64)]) -> String {
         .join(", ")
 }
 
-/// Alarms raised (transitions into `alarm`) over healthy windows.
-/// With `trace`, each one's window, score / threshold and largest contributions go to
+/// Alarms raised (transitions into `alarm`) over healthy windows, and the windows in
+/// alarm (an alarm raised once and held for the rest counts 1 raised, every window in
+/// alarm). With `trace`, each one's window, score / threshold and largest contributions go to
 /// stderr.
-fn false_alarms(model: &Arc<Model>, rows: &Rows, trace: bool) -> usize {
+fn false_alarms(model: &Arc<Model>, rows: &Rows, trace: bool) -> (usize, usize) {
     let mut m = Monitor::new(model.clone(), MonitorConfig::default());
     let mut was = Status::Ok;
-    let mut raised = 0;
+    let (mut raised, mut in_alarm) = (0, 0);
     for (i, x) in rows.rows.iter().enumerate() {
         if let Some(a) = m.assess(x) {
             if let (true, Some(parts)) = (trace, &a.raised) {
@@ -306,10 +307,11 @@ fn false_alarms(model: &Arc<Model>, rows: &Rows, trace: bool) -> usize {
                 );
             }
             raised += usize::from(a.status == Status::Alarm && was != Status::Alarm);
+            in_alarm += usize::from(a.status == Status::Alarm);
             was = a.status;
         }
     }
-    raised
+    (raised, in_alarm)
 }
 
 fn matrix(rows: &Rows) -> Array2<f64> {
@@ -345,16 +347,21 @@ fn evaluate_kind(kind: AssetKind, args: &EvalArgs) -> anyhow::Result<KindResult>
             .with_context(|| format!("{kind}: training {alg}"))?;
         models.push(Arc::new(m));
     }
-    let mut rows = vec![(
-        "false alarms raised / 10,000 healthy windows".to_owned(),
-        models
-            .iter()
-            .map(|m| {
-                let n = false_alarms(m, &healthy, args.trace > 0);
-                format!("{:.1}", n as f64 * 10_000.0 / args.healthy as f64)
-            })
-            .collect(),
-    )];
+    let counts: Vec<(usize, usize)> = models
+        .iter()
+        .map(|m| false_alarms(m, &healthy, args.trace > 0))
+        .collect();
+    let per_10k = |n: usize| format!("{:.1}", n as f64 * 10_000.0 / args.healthy as f64);
+    let mut rows = vec![
+        (
+            "false alarms raised / 10,000 healthy windows".to_owned(),
+            counts.iter().map(|c| per_10k(c.0)).collect(),
+        ),
+        (
+            "healthy windows in alarm / 10,000".to_owned(),
+            counts.iter().map(|c| per_10k(c.1)).collect(),
+        ),
+    ];
     let dir = args.out.as_ref().map(|d| d.join(kind.as_str()));
     if let Some(dir) = &dir {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;

@@ -79,6 +79,7 @@ pub fn bench_models(train_rows: usize, machine: String) -> anyhow::Result<Models
     let mut out = Vec::new();
     for alg in [
         Algorithm::Pca,
+        Algorithm::PcaNormal,
         Algorithm::Robust,
         Algorithm::IsolationForest,
     ] {

@@ -123,7 +123,7 @@ pub enum CtlCommand {
         start: String,
         #[arg(long, default_value = "now", allow_hyphen_values = true)]
         end: String,
-        /// pca, robust or isolation_forest.
+        /// pca, pca_normal, robust or isolation_forest.
         #[arg(long, default_value = "pca")]
         algorithm: String,
         /// Registry name (default `{kind}-{algorithm}`).

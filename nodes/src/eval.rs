@@ -36,7 +36,7 @@ pub struct EvalArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "pca,robust,isolation_forest"
+        default_value = "pca,pca_normal,robust,isolation_forest"
     )]
     pub algorithms: Vec<Algorithm>,
     /// Healthy windows to train on (at least; see `--train-hours`).

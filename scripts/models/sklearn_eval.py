@@ -6,7 +6,7 @@ quantile of the training scores (0.9999 for PCA, 0.99 for the isolation forest, 
 twinmesh's defaults), extrapolated from the tail of the training scores where fewer than
 ten rows lie above it, as twinmesh's `threshold_at` does; an alarm is raised when two of the last three windows score above
 it (the latest included) and holds until three in a row are below; false alarms are
-alarms raised over healthy windows, per 10,000; the delay is counted in windows after
+alarms raised over healthy windows, per 10,000 (and the healthy windows in alarm); the delay is counted in windows after
 the onset.
 
     pip install -r scripts/models/requirements.txt
@@ -130,11 +130,13 @@ def main(root):
             m = cls().fit(train)
             threshold = threshold_at(m.score(train), cls.quantile)
             models.append((m, threshold))
-        cells = []
+        cells, held = [], []
         for m, t in models:
-            n = raised(statuses(m.score(healthy), t))
-            cells.append(f"{n * 10_000 / len(healthy):.1f}")
+            alarm = statuses(m.score(healthy), t)
+            cells.append(f"{raised(alarm) * 10_000 / len(healthy):.1f}")
+            held.append(f"{alarm.sum() * 10_000 / len(healthy):.1f}")
         print(f"| {kind_dir.name} | false alarms raised / 10,000 healthy windows | " + " | ".join(cells) + " |")
+        print(f"| {kind_dir.name} | healthy windows in alarm / 10,000 | " + " | ".join(held) + " |")
         for fault in sorted(kind_dir.glob("fault_*.csv")):
             x, after = load(fault)
             cells = []

@@ -774,8 +774,8 @@ pub struct StreamPipeline {
 enum StreamStep {
     Filter(SosFilter),
     Decimate(Decimator),
-    /// The previous sample, once one has passed.
-    Rate(Option<f64>),
+    /// The time and value of the stream's previous sample, once one has passed.
+    Rate(Option<(i64, f64)>),
 }
 
 /// A run of equally spaced samples.
@@ -830,20 +830,27 @@ impl StreamPipeline {
                     };
                 }
                 StreamStep::Rate(prev) => {
-                    // The stream's first sample has no difference: the block starts one
-                    // period later.
-                    let per_s = 1e9 / block.period_ns.max(1) as f64;
+                    // The stream's first sample, and the first after a gap, have no
+                    // difference over one period: the block starts one period later.
+                    let period = block.period_ns;
+                    let mut last = prev
+                        .filter(|(t, _)| t + period == block.start_ns)
+                        .map(|(_, v)| v);
+                    let start_ns = block.start_ns + if last.is_some() { 0 } else { period };
+                    if let Some(&x) = block.samples.last() {
+                        let n = block.samples.len() as i64;
+                        *prev = Some((block.start_ns + (n - 1) * period, x));
+                    }
+                    let per_s = 1e9 / period.max(1) as f64;
                     let mut out = Vec::with_capacity(block.samples.len());
-                    let mut start_ns = block.start_ns;
                     for &x in &block.samples {
-                        match prev.replace(x) {
-                            Some(p) => out.push((x - p) * per_s),
-                            None => start_ns += block.period_ns,
+                        if let Some(p) = last.replace(x) {
+                            out.push((x - p) * per_s);
                         }
                     }
                     block = Block {
                         start_ns,
-                        period_ns: block.period_ns,
+                        period_ns: period,
                         samples: out,
                     };
                 }
@@ -1424,5 +1431,28 @@ mod tests {
         // 40 s at 45 kW, 20 s at 8 kW.
         assert!((mean(&windows[1].2) - (40.0 * 45.0 + 20.0 * 8.0) / 60.0 / 3600.0).abs() < 1e-9);
         assert!((mean(&windows[2].2) - 8.0 / 3600.0).abs() < 1e-9);
+        // A 100 s gap in the feed, over which the meter went on counting: no difference
+        // spans it, so the next window starts 1 s after the feed resumes.
+        level += 100.0 * 8.0 / 3600.0;
+        let resumed = windows.len();
+        for blk in 30..40i64 {
+            let samples: Vec<f64> = (0..10)
+                .map(|_| {
+                    level += 8.0 / 3600.0;
+                    level
+                })
+                .collect();
+            let b = Block {
+                start_ns: blk * 10 * s,
+                period_ns: s,
+                samples,
+            };
+            for job in a.push("energy", b) {
+                windows.push((job.start_ns / s, job.end_ns / s, run_window(&job)));
+            }
+        }
+        assert_eq!(windows.len(), resumed + 1);
+        assert_eq!((windows[resumed].0, windows[resumed].1), (301, 361));
+        assert!((mean(&windows[resumed].2) - 8.0 / 3600.0).abs() < 1e-9);
     }
 }

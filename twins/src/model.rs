@@ -379,8 +379,8 @@ impl Model {
                 params.quantile
             )));
         }
-        // Staleness grows linearly while a sensor is stuck: its logarithm would hide
-        // exactly that growth.
+        // Staleness grows linearly while a sensor is stuck: neither its logarithm nor
+        // its normal score may hide that growth.
         let normal: Vec<Option<NormalScores>> = if params.algorithm == Algorithm::PcaNormal {
             rows.axis_iter(Axis(1))
                 .zip(features)
@@ -572,7 +572,8 @@ impl Model {
         Ok(())
     }
 
-    /// `x` with the log transform of the flagged features applied (a value ≤ 0 where
+    /// `x` with the features' normal-score maps or the log transform of the flagged
+    /// features applied, as training applied them to its columns (a value ≤ 0 where
     /// training saw only positive ones maps far out, as it should).
     fn prepare<'a>(&self, x: &'a [f64]) -> std::borrow::Cow<'a, [f64]> {
         if !self.normal_scores.is_empty() {

@@ -118,8 +118,9 @@ pub enum CtlCommand {
         twins: Vec<String>,
         #[arg(long, default_value = "")]
         kind: String,
-        /// Start of the training range: `-1h`, `now-1d` or nanoseconds since the epoch.
-        #[arg(long, default_value = "-1h", allow_hyphen_values = true)]
+        /// Start of the training range: `-12h`, `now-1d` or nanoseconds since the epoch
+        /// (default: a day, every kind's training span).
+        #[arg(long, default_value = "-1d", allow_hyphen_values = true)]
         start: String,
         #[arg(long, default_value = "now", allow_hyphen_values = true)]
         end: String,
@@ -350,6 +351,9 @@ fn print_model(m: &proto::ModelInfo) {
             m.end_ns,
             m.training_alarm_rate
         );
+    }
+    for w in &m.warnings {
+        println!("  warning: {w}");
     }
     for d in &m.deployments {
         println!(

@@ -42,11 +42,12 @@ pub struct EvalArgs {
     /// Healthy windows to train on (at least; see `--train-hours`).
     #[arg(long, default_value_t = 5000)]
     pub train: usize,
-    /// Hours of healthy operation to train on at least: 5,000 one-second windows are
-    /// under an hour and a half of a wind turbine's or a spindle's life, too short to
-    /// see their operating regimes. 0: `--train` windows for every kind.
-    #[arg(long, default_value_t = 6.0)]
-    pub train_hours: f64,
+    /// Hours of healthy operation to train on at least (default: the kind's training
+    /// span, long enough to see its operating regimes: 12 h for a wind turbine, 6 h for a
+    /// spindle, a day for the others; 5,000 one-second windows are under an hour and a
+    /// half). 0: `--train` windows for every kind.
+    #[arg(long)]
+    pub train_hours: Option<f64>,
     /// Healthy windows of another asset that count false alarms.
     #[arg(long, default_value_t = 10_000)]
     pub healthy: usize,
@@ -142,10 +143,16 @@ fn shortest_window_s(kind: AssetKind) -> f64 {
         .max(1e-3)
 }
 
-/// Training windows for `kind`: `--train`, or more to cover `--train-hours`.
+/// Hours of operation to train `kind` on at least: `--train-hours` or the kind's span.
+fn training_hours(kind: AssetKind, args: &EvalArgs) -> f64 {
+    args.train_hours
+        .unwrap_or(kind.schema().training_span_s as f64 / 3600.0)
+}
+
+/// Training windows for `kind`: `--train`, or more to cover its training hours.
 fn training_windows(kind: AssetKind, args: &EvalArgs) -> usize {
-    let hours = (args.train_hours * 3600.0 / shortest_window_s(kind)).ceil() as usize;
-    args.train.max(hours)
+    let windows = (training_hours(kind, args) * 3600.0 / shortest_window_s(kind)).ceil();
+    args.train.max(windows as usize)
 }
 
 /// Runs a healthy device and collects `count` feature vectors (the first full one and
@@ -323,6 +330,10 @@ struct KindResult {
     kind: AssetKind,
     features: usize,
     train_rows: usize,
+    /// Hours of operation the training windows cover.
+    train_hours: f64,
+    /// Mean time between the healthy windows (the unit of the delays), s.
+    window_s: f64,
     /// (row label, one cell per algorithm)
     rows: Vec<(String, Vec<String>)>,
     seconds: f64,
@@ -400,6 +411,13 @@ fn evaluate_kind(kind: AssetKind, args: &EvalArgs) -> anyhow::Result<KindResult>
         kind,
         features: names.len(),
         train_rows,
+        train_hours: (train_end_ns - START_NS) as f64 / 3.6e12,
+        window_s: match (healthy.end_ns.first(), healthy.end_ns.last()) {
+            (Some(a), Some(b)) if healthy.end_ns.len() > 1 => {
+                (b - a) as f64 / 1e9 / (healthy.end_ns.len() - 1) as f64
+            }
+            _ => f64::NAN,
+        },
         rows,
         seconds: t0.elapsed().as_secs_f64(),
     })
@@ -442,10 +460,12 @@ fn collect_until_after(
 
 pub fn run(args: EvalArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     anyhow::ensure!(args.train >= 10, "--train needs at least 10 windows");
-    anyhow::ensure!(
-        args.train_hours.is_finite() && (0.0..=1000.0).contains(&args.train_hours),
-        "--train-hours must be between 0 and 1000"
-    );
+    if let Some(h) = args.train_hours {
+        anyhow::ensure!(
+            h.is_finite() && (0.0..=1000.0).contains(&h),
+            "--train-hours must be between 0 and 1000"
+        );
+    }
     anyhow::ensure!(
         args.healthy >= 1 && args.horizon >= 1,
         "--healthy and --horizon must be positive"
@@ -482,12 +502,15 @@ pub fn run(args: EvalArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let algs: Vec<String> = args.algorithms.iter().map(|a| a.to_string()).collect();
     writeln!(
         out,
-        "One simulated asset per kind: trained on its first {} windows or {} hours, whichever is \
+        "One simulated asset per kind: trained on its first {} windows or {}, whichever is \
          more; false alarms over its next {} windows; each fault starts {LEAD_WINDOWS} windows \
          after the training period; an alarm is raised when {} of the last {} windows score \
          above the threshold or the sustained-shift sum passes its limit.\n",
         args.train,
-        args.train_hours,
+        match args.train_hours {
+            Some(h) => format!("{h} hours"),
+            None => "the kind's training span".to_owned(),
+        },
         args.healthy,
         MonitorConfig::default().alarm_after,
         MonitorConfig::default().alarm_window
@@ -496,8 +519,8 @@ pub fn run(args: EvalArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         let r = r?;
         writeln!(
             out,
-            "### {} ({} features, {} training windows)\n",
-            r.kind, r.features, r.train_rows
+            "### {} ({} features, {} training windows over {:.0} h; a window every {:.1} s)\n",
+            r.kind, r.features, r.train_rows, r.train_hours, r.window_s
         )?;
         writeln!(out, "| | {} |", algs.join(" | "))?;
         writeln!(out, "|---|{}", "---|".repeat(algs.len()))?;

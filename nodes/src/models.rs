@@ -211,6 +211,14 @@ pub struct TrainJob {
     pub params: TrainParams,
 }
 
+/// Feature vectors read for a training.
+#[derive(Debug)]
+pub struct TrainingRows {
+    pub rows: Vec<Vec<f64>>,
+    /// The longest stretch of operation one twin's vectors cover (first to last), ns.
+    pub span_ns: i64,
+}
+
 /// Feature vectors of `twins` in the range: one per stored feature window, the other
 /// features held at their latest value (as [`twinmesh_twins::monitor::Monitor`] scores).
 /// `progress(done, total, rows)` returns false to cancel.
@@ -221,10 +229,11 @@ pub fn read_rows(
     start_ns: i64,
     end_ns: i64,
     progress: &mut dyn FnMut(u64, u64, u64) -> bool,
-) -> Result<Vec<Vec<f64>>, Status> {
+) -> Result<TrainingRows, Status> {
     let total = (twins.len() * features.len()) as u64;
     let mut done = 0u64;
     let mut rows: Vec<Vec<f64>> = Vec::new();
+    let mut span_ns = 0;
     for twin in twins {
         // Feature windows by end time: (feature index, value) of each.
         let mut windows: BTreeMap<i64, Vec<(usize, f64)>> = BTreeMap::new();
@@ -241,8 +250,11 @@ pub fn read_rows(
             }
         }
         let mut vector = FeatureVector::new(features);
-        for w in windows.values() {
+        let mut first = None;
+        for (&t, w) in &windows {
             if let Some(x) = vector.update_indexed(w) {
+                let first = *first.get_or_insert(t);
+                span_ns = span_ns.max(t - first);
                 rows.push(x);
                 if rows.len() > MAX_TRAINING_ROWS {
                     return Err(Status::invalid_argument(format!(
@@ -252,7 +264,34 @@ pub fn read_rows(
             }
         }
     }
-    Ok(rows)
+    Ok(TrainingRows { rows, span_ns })
+}
+
+/// A span for people: seconds, minutes or hours.
+fn human_span(ns: i64) -> String {
+    let s = ns as f64 / 1e9;
+    if s >= 7200.0 {
+        format!("{:.1} h", s / 3600.0)
+    } else if s >= 120.0 {
+        format!("{:.0} min", s / 60.0)
+    } else {
+        format!("{s:.0} s")
+    }
+}
+
+/// Warnings about training on `rows`: data that cover less than the kind's training span.
+fn training_warnings(kind: AssetKind, rows: &TrainingRows) -> Vec<String> {
+    let want_ns = kind.schema().training_span_s.saturating_mul(1_000_000_000);
+    if rows.span_ns >= want_ns {
+        return Vec::new();
+    }
+    vec![format!(
+        "the training data cover {} of operation, less than the {} a {kind} model should see \
+         (its training span, long enough for its operating regimes): expect alarms on the \
+         regimes the training did not see; train on a longer range",
+        human_span(rows.span_ns),
+        human_span(want_ns)
+    )]
 }
 
 /// Runs a training job (blocking: call on a blocking thread); the model's record.
@@ -262,7 +301,7 @@ pub fn train(
     now_ns: i64,
     progress: &mut dyn FnMut(TrainModelProgress) -> bool,
 ) -> Result<ModelRecord, Status> {
-    let rows = read_rows(
+    let read = read_rows(
         store,
         &job.twins,
         &job.features,
@@ -278,6 +317,8 @@ pub fn train(
             })
         },
     )?;
+    let warnings = training_warnings(job.kind, &read);
+    let rows = read.rows;
     if rows.len() < 10 {
         return Err(Status::failed_precondition(format!(
             "only {} feature windows of {} in the range: training needs at least 10 (is the chain archiving features?)",
@@ -317,6 +358,7 @@ pub fn train(
         deployments: Vec::new(),
         training_alarm_rate: model.training_alarm_rate,
         size_bytes: 0,
+        warnings,
     };
     Ok(ModelRecord {
         info: Some(info),
@@ -769,7 +811,7 @@ mod tests {
         names.sort();
         assert_eq!(names, ["current.rms", "voltage.rms", "voltage.thd"]);
         let mut calls = 0;
-        let rows = read_rows(
+        let read = read_rows(
             &store,
             std::slice::from_ref(&twin),
             &names,
@@ -783,8 +825,9 @@ mod tests {
         )
         .unwrap();
         // Vectors start at the first window with every feature (window 0), one per window.
-        assert_eq!((rows.len(), calls), (100, 3));
-        assert_eq!(rows[1], vec![10.0, 231.0, 0.021]);
+        assert_eq!((read.rows.len(), calls), (100, 3));
+        assert_eq!(read.rows[1], vec![10.0, 231.0, 0.021]);
+        assert_eq!(read.span_ns, 99_000_000_000);
         // In range only.
         let some = read_rows(
             &store,
@@ -795,7 +838,7 @@ mod tests {
             &mut |_, _, _| true,
         )
         .unwrap();
-        assert_eq!(some.len(), 50);
+        assert_eq!((some.rows.len(), some.span_ns), (50, 49_000_000_000));
         let e = read_rows(
             &store,
             std::slice::from_ref(&twin),
@@ -825,6 +868,13 @@ mod tests {
         assert_eq!(phases.last().map(String::as_str), Some("training"));
         let info = record.info.clone().unwrap();
         assert_eq!((info.trained_rows, info.created_ns), (100, 7));
+        // 99 s of a power meter: far less than the day its model should see.
+        assert_eq!(info.warnings.len(), 1, "{:?}", info.warnings);
+        assert!(
+            info.warnings[0].contains("cover 99 s of operation, less than the 24.0 h"),
+            "{}",
+            info.warnings[0]
+        );
         assert!(
             info.training_alarm_rate <= 0.01,
             "{}",
@@ -834,6 +884,25 @@ mod tests {
         assert_eq!(model.threshold, info.threshold);
         let e = train(&store, &job, 7, &mut |p| p.phase != "training").unwrap_err();
         assert_eq!(e.code(), tonic::Code::Cancelled);
+    }
+
+    #[test]
+    fn a_training_over_the_kind_s_span_has_no_warning() {
+        let rows = |span_ns| TrainingRows {
+            rows: Vec::new(),
+            span_ns,
+        };
+        let day_ns = 86_400 * 1_000_000_000;
+        assert!(training_warnings(AssetKind::PowerMeter, &rows(day_ns)).is_empty());
+        let w = training_warnings(AssetKind::PowerMeter, &rows(day_ns / 2));
+        assert!(w[0].contains("cover 12.0 h of operation"), "{w:?}");
+        // A wind turbine needs half a day, a spindle 6 hours.
+        assert!(training_warnings(AssetKind::WindTurbine, &rows(day_ns / 2)).is_empty());
+        let w = training_warnings(AssetKind::Spindle, &rows(3_600_000_000_000));
+        assert!(
+            w[0].contains("cover 60 min of operation, less than the 6.0 h"),
+            "{w:?}"
+        );
     }
 
     #[test]

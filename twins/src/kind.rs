@@ -63,7 +63,14 @@ pub struct KindSchema {
     /// point): records of identifiers, not samples. They are personal data and leave
     /// the device only pseudonymised (keyed HMAC) unless the policy says otherwise.
     pub identifiers: &'static [IdentifierSpec],
+    /// Healthy history a model of this kind should be trained on at least, in seconds:
+    /// long enough to see the asset's normal operating regimes (a day for assets with a
+    /// daily cycle). A model trained on less alarms on the regimes it has not seen.
+    /// `twinmesh eval` trains on it; a training over less data gets a warning.
+    pub training_span_s: i64,
 }
+
+const DAY_S: i64 = 86_400;
 
 /// A stream of identifiers a device reports (DESIGN §4: device associations).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -277,6 +284,8 @@ static WIND_TURBINE: KindSchema = KindSchema {
     kind: AssetKind::WindTurbine,
     title: "Wind turbine",
     description: "Horizontal-axis wind turbine with a main-bearing vibration channel",
+    // The wind wanders over hours (calm spells, rated power, curtailment).
+    training_span_s: 12 * 3600,
     signals: &[
         scalar(
             "wind_speed",
@@ -341,6 +350,8 @@ static SPINDLE: KindSchema = KindSchema {
     kind: AssetKind::Spindle,
     title: "Machine-tool spindle",
     description: "Milling spindle with speed programme, load, vibration and temperature",
+    // Two tool lives of cutting (wear from fresh to worn, then a tool change).
+    training_span_s: 6 * 3600,
     signals: &[
         scalar(
             "spindle_speed",
@@ -394,6 +405,7 @@ static CRANKSHAFT_LINE: KindSchema = KindSchema {
     kind: AssetKind::CrankshaftLine,
     title: "Crankshaft machining line",
     description: "Line of machining stations with cycle times, torque, pressure and part counts",
+    training_span_s: DAY_S,
     signals: &[
         scalar(
             "cycle_time",
@@ -448,6 +460,7 @@ static CLOSURE_LINE: KindSchema = KindSchema {
     kind: AssetKind::ClosureLine,
     title: "Closure production line",
     description: "Bottle-closure line with production counts, machine states and energy",
+    training_span_s: DAY_S,
     signals: &[
         scalar(
             "production_count",
@@ -502,6 +515,8 @@ static TURNSTILE_GATE: KindSchema = KindSchema {
     kind: AssetKind::TurnstileGate,
     title: "Venue turnstile gate",
     description: "Entrance gate counting people in and out (personal data)",
+    // Quiet days, doors opening before an event, the crowd leaving after it.
+    training_span_s: DAY_S,
     signals: &[
         scalar(
             "people_in",
@@ -538,6 +553,8 @@ static WIFI_AP: KindSchema = KindSchema {
     kind: AssetKind::WifiAp,
     title: "Venue Wi-Fi access point",
     description: "Access point reporting device associations (personal data) and throughput",
+    // The evening peak of associations.
+    training_span_s: DAY_S,
     signals: &[
         scalar(
             "associated_devices",
@@ -577,6 +594,8 @@ static POWER_METER: KindSchema = KindSchema {
     kind: AssetKind::PowerMeter,
     title: "Smart-grid power meter",
     description: "Feeder meter with 50 Hz voltage/current waveforms and household energy",
+    // The daily load profile: night, the morning and the evening peaks.
+    training_span_s: DAY_S,
     signals: &[
         waveform(
             "voltage",
@@ -620,6 +639,7 @@ static HPC_NODE: KindSchema = KindSchema {
     kind: AssetKind::HpcNode,
     title: "HPC compute node",
     description: "Compute node with temperatures, power, fan speed and job load",
+    training_span_s: DAY_S,
     signals: &[
         scalar(
             "cpu_temperature",

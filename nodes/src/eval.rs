@@ -135,43 +135,44 @@ fn longest_window_s(kind: AssetKind) -> f64 {
     window_lengths_s(kind).fold(1.0, f64::max)
 }
 
-/// Shortest window of the kind's default chain's edge stages, in seconds: about how
-/// often a feature vector comes.
-fn shortest_window_s(kind: AssetKind) -> f64 {
-    window_lengths_s(kind)
-        .fold(f64::INFINITY, f64::min)
-        .max(1e-3)
-}
-
 /// Hours of operation to train `kind` on at least: `--train-hours` or the kind's span.
 fn training_hours(kind: AssetKind, args: &EvalArgs) -> f64 {
     args.train_hours
         .unwrap_or(kind.schema().training_span_s as f64 / 3600.0)
 }
 
-/// Training windows for `kind`: `--train`, or more to cover its training hours.
-fn training_windows(kind: AssetKind, args: &EvalArgs) -> usize {
-    let windows = (training_hours(kind, args) * 3600.0 / shortest_window_s(kind)).ceil();
-    args.train.max(windows as usize)
-}
-
-/// Runs a healthy device and collects `count` feature vectors (the first full one and
-/// then one per window), over every feature its first windows produce.
-fn collect(kind: AssetKind, seed: u64, count: usize) -> anyhow::Result<Rows> {
+/// Runs a healthy device and collects feature vectors (the first full one and then one
+/// per window), over every feature its first windows produce: training rows until there
+/// are at least `train_min` of them and they reach `train_until_ns`, then `healthy` more.
+fn collect(
+    kind: AssetKind,
+    seed: u64,
+    train_min: usize,
+    train_until_ns: i64,
+    healthy: usize,
+) -> anyhow::Result<(Rows, Rows)> {
     let mut run = FeatureRun::new(kind, seed, &[], START_NS)?;
-    let max_steps = (count as f64 * longest_window_s(kind) * 2.0) as usize + 1000;
+    // Time enough for every row at a quarter of the slowest window's rate.
+    let limit_ns = train_until_ns
+        + ((train_min + healthy) as f64 * longest_window_s(kind) * 4e9) as i64
+        + 60_000_000_000;
     let mut rows = Rows {
         names: Vec::new(),
-        rows: Vec::with_capacity(count),
-        after_onset: Vec::with_capacity(count),
-        end_ns: Vec::with_capacity(count),
+        rows: Vec::new(),
+        after_onset: Vec::new(),
+        end_ns: Vec::new(),
     };
+    // Training rows, once known: the first index past both bounds.
+    let mut split: Option<usize> = None;
     let mut vector: Option<FeatureVector> = None;
     let mut pending: Vec<_> = Vec::new();
-    for _ in 0..max_steps {
-        if rows.rows.len() >= count {
-            break;
-        }
+    while split.is_none_or(|n| rows.rows.len() < n + healthy) {
+        anyhow::ensure!(
+            run.now_ns() < limit_ns,
+            "{kind}: only {} windows by {:.1} h of operation",
+            rows.rows.len(),
+            (run.now_ns() - START_NS) as f64 / 3.6e12
+        );
         let windows = run.step();
         if vector.is_none() {
             // Learn the feature names from the first minutes: every feature any window
@@ -188,30 +189,26 @@ fn collect(kind: AssetKind, seed: u64, count: usize) -> anyhow::Result<Rows> {
             all.dedup();
             vector = Some(FeatureVector::new(&all));
             rows.names = all;
-            let v = vector.as_mut().expect("set");
-            for w in pending.drain(..) {
-                if let Some(x) = v.update(&w.features) {
-                    rows.push(x, false, w.end_ns);
-                }
-            }
-            continue;
+        } else {
+            pending.extend(windows);
         }
         let v = vector.as_mut().expect("set");
-        for w in windows {
+        for w in pending.drain(..) {
             if let Some(x) = v.update(&w.features) {
                 rows.push(x, false, w.end_ns);
+                let n = rows.rows.len();
+                if split.is_none() && n >= train_min && w.end_ns >= train_until_ns {
+                    split = Some(n);
+                }
             }
         }
     }
+    let split = split.expect("the loop ends once the training rows are known");
+    let count = split + healthy;
     rows.rows.truncate(count);
     rows.after_onset.truncate(count);
     rows.end_ns.truncate(count);
-    anyhow::ensure!(
-        rows.rows.len() == count,
-        "{kind}: only {} of {count} windows",
-        rows.rows.len()
-    );
-    Ok(rows)
+    Ok(rows.split_at(split))
 }
 
 /// The fault modes evaluated for `kind`: its asset faults, and a drifting and a stuck
@@ -344,8 +341,9 @@ fn evaluate_kind(kind: AssetKind, args: &EvalArgs) -> anyhow::Result<KindResult>
     // One asset: its first windows train, the ones after them count false alarms, and
     // each fault run is the same asset (same seed: the same samples up to the onset).
     let seed = args.seed.wrapping_mul(1000) + kind as u64;
-    let train_rows = training_windows(kind, args);
-    let (train, healthy) = collect(kind, seed, train_rows + args.healthy)?.split_at(train_rows);
+    let train_until_ns = START_NS + (training_hours(kind, args) * 3.6e12) as i64;
+    let (train, healthy) = collect(kind, seed, args.train, train_until_ns, args.healthy)?;
+    let train_rows = train.rows.len();
     let names = train.names.clone();
     let x = matrix(&train);
     let mut models = Vec::new();

@@ -1002,8 +1002,20 @@ fn train_pca(rows: ArrayView2<f64>, variance: f64) -> Result<Body> {
         .mapv(|v| v * v)
         .sum_axis(Axis(0))
         .mapv(|s| (s / (n - 1.0)).sqrt());
-    // Constant features carry no information: scale 1 keeps them harmless.
-    let scale: Array1<f64> = std.mapv(|s| if s > 1e-12 { s } else { 1.0 });
+    // A feature constant in training (a turnstile's `people_in.min`, always 0): any
+    // change is a regime it never saw, scaled by its magnitude as the robust baseline
+    // scales it. Scale 1 would weigh a stuck count of 2 like two standard deviations.
+    let scale: Array1<f64> = std
+        .iter()
+        .zip(&mean)
+        .map(|(&s, m)| {
+            if s > 1e-12 {
+                s
+            } else {
+                (m.abs() * 1e-6).max(1e-9)
+            }
+        })
+        .collect();
     let z = &centred / &scale;
     let cov: Array2<f64> = z.t().dot(&z) / (n - 1.0);
     let (values, vectors) = jacobi_eigen(cov);
@@ -1395,6 +1407,29 @@ mod tests {
         assert!(m.score(&[0.9, 2.5]).unwrap() < m.threshold);
         // And a stuck feature 0 (1.0 instead of 0.9) is seen too.
         assert!(m.score(&[1.0, 2.5]).unwrap() > m.threshold);
+    }
+
+    #[test]
+    fn a_feature_constant_in_training_alarms_when_it_changes() {
+        // The healthy features plus a count that training only ever saw at 0 (a
+        // turnstile's slowest second): a stuck count of 2 alone is an alarm for PCA on
+        // raw and on normal-scored features, while healthy rows stay under.
+        let base = healthy(2000, 1);
+        let mut train = Array2::zeros((2000, 5));
+        train.slice_mut(ndarray::s![.., ..4]).assign(&base);
+        for alg in [Algorithm::Pca, Algorithm::PcaNormal] {
+            let m = Model::train(&names(5), train.view(), &params(alg)).unwrap();
+            let typical = [10.0, 20.0, 5.0, 100.0, 0.0];
+            let stuck = [10.0, 20.0, 5.0, 100.0, 2.0];
+            assert!(m.score(&typical).unwrap() < m.threshold, "{alg}");
+            assert!(
+                m.score(&stuck).unwrap() > 100.0 * m.threshold,
+                "{alg}: {} against {}",
+                m.score(&stuck).unwrap(),
+                m.threshold
+            );
+            assert_eq!(m.contributions(&stuck).unwrap()[0].0, "f4", "{alg}");
+        }
     }
 
     fn sorted(mut v: Vec<f64>) -> Vec<f64> {

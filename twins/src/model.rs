@@ -1609,11 +1609,15 @@ mod tests {
         let plain = Model::train(&names, rows.view(), &params(Algorithm::Pca)).unwrap();
         let normal = Model::train(&names, rows.view(), &params(Algorithm::PcaNormal)).unwrap();
         // Each value in range, the relation broken: f1 of a = −0.5 or 0 at a = 0.5 or 1.
+        // (Cross-fitted, the threshold is higher than in-sample: held-out tails of a
+        // cubic are extrapolated by the other folds' maps. 1.9× at the first.)
         for broken in [[10.5, -0.125, 100.0], [11.0, 0.0, 100.0]] {
             assert!(!plain.is_alarm(&broken).unwrap(), "{broken:?}");
             assert!(
-                normal.score(&broken).unwrap() > 2.0 * normal.threshold,
-                "{broken:?}"
+                normal.score(&broken).unwrap() > 1.5 * normal.threshold,
+                "{broken:?}: {} against {}",
+                normal.score(&broken).unwrap(),
+                normal.threshold
             );
         }
         assert!(normal.is_alarm(&[10.0, 0.0, 100.0]).is_ok_and(|a| !a));

@@ -768,16 +768,23 @@ mod tests {
         Arc::new(KeyRing::parse(lines).unwrap())
     }
 
-    /// Opens `dir` sealed with `keys`. A store just dropped may still hold sled's file
-    /// lock for a moment (its flusher thread): wait until it is released.
+    /// Opens `dir` sealed with `keys`.
     fn encrypted(dir: &Path, keys: &Arc<KeyRing>) -> SledStore {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            let at_rest = AtRest {
+        reopened(dir, || {
+            Some(AtRest {
                 keys: keys.clone(),
                 trees: SENSITIVE_TREES.iter().map(|s| s.to_string()).collect(),
-            };
-            match SledStore::open_with(dir, 8, Some(at_rest)) {
+            })
+        })
+    }
+
+    /// Opens `dir` (sealed when `at_rest` gives keys). A store just dropped may still
+    /// hold sled's file lock for a moment (its flusher thread): wait until it is
+    /// released.
+    fn reopened(dir: &Path, at_rest: impl Fn() -> Option<AtRest>) -> SledStore {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match SledStore::open_with(dir, 8, at_rest()) {
                 Ok(s) => return s,
                 Err(e)
                     if e.to_string().contains("could not acquire lock")
@@ -1047,7 +1054,7 @@ mod tests {
             .unwrap();
             s.flush().await.unwrap();
         }
-        let s = SledStore::open(dir.path(), 8).unwrap();
+        let s = reopened(dir.path(), || None);
         assert_eq!(s.frame_seqs(&id, "v").unwrap(), vec![1]);
         assert_eq!(s.hosted().unwrap()[0].epoch, 3);
     }

@@ -1044,6 +1044,12 @@ fn pca_terms(
         .collect()
 }
 
+/// The scale of a feature that did not vary in training, around `centre`: a millionth
+/// of its magnitude (at least 1e-9), so any change in it is notable.
+fn constant_scale(centre: f64) -> f64 {
+    (centre.abs() * 1e-6).max(1e-9)
+}
+
 fn train_pca(rows: ArrayView2<f64>, variance: f64) -> Result<Body> {
     if !(variance > 0.0 && variance <= 1.0) {
         return Err(ModelError::InvalidParameter(format!(
@@ -1063,13 +1069,7 @@ fn train_pca(rows: ArrayView2<f64>, variance: f64) -> Result<Body> {
     let scale: Array1<f64> = std
         .iter()
         .zip(&mean)
-        .map(|(&s, m)| {
-            if s > 1e-12 {
-                s
-            } else {
-                (m.abs() * 1e-6).max(1e-9)
-            }
-        })
+        .map(|(&s, &m)| if s > 1e-12 { s } else { constant_scale(m) })
         .collect();
     let z = &centred / &scale;
     let cov: Array2<f64> = z.t().dot(&z) / (n - 1.0);
@@ -1178,9 +1178,7 @@ fn train_robust(rows: ArrayView2<f64>) -> Body {
         let mean = c.iter().sum::<f64>() / n;
         let sd = (c.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n).sqrt();
         let d = if d < 0.1 * sd { sd } else { d };
-        // A constant feature: any change is notable, scaled by its magnitude.
-        let floor = (m.abs() * 1e-6).max(1e-9);
-        let d = d.max(floor);
+        let d = d.max(constant_scale(m));
         // Heavy-tailed features (kurtosis, crest factors of windows where a job starts)
         // would set the threshold for all: each feature's scale is widened by its own
         // 0.99 quantile of |z|, so every feature's healthy tail ends near 1.

@@ -101,16 +101,20 @@ pub enum Algorithm {
     IsolationForest,
     /// PCA on the features' normal scores (see the module documentation).
     PcaNormal,
+    /// PCA and pca_normal together: the larger of their scores over their own
+    /// thresholds (see the module documentation).
+    Ensemble,
     /// Imported, not trained: an ONNX model ([`crate::onnx`]).
     Onnx,
 }
 
 impl Algorithm {
-    pub const ALL: [Algorithm; 4] = [
+    pub const ALL: [Algorithm; 5] = [
         Algorithm::Pca,
         Algorithm::Robust,
         Algorithm::IsolationForest,
         Algorithm::PcaNormal,
+        Algorithm::Ensemble,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -119,6 +123,7 @@ impl Algorithm {
             Algorithm::Robust => "robust",
             Algorithm::IsolationForest => "isolation_forest",
             Algorithm::PcaNormal => "pca_normal",
+            Algorithm::Ensemble => "ensemble",
             Algorithm::Onnx => "onnx",
         }
     }
@@ -138,9 +143,11 @@ impl std::str::FromStr for Algorithm {
             "robust" => Ok(Algorithm::Robust),
             "isolation_forest" | "iforest" => Ok(Algorithm::IsolationForest),
             "pca_normal" => Ok(Algorithm::PcaNormal),
+            "ensemble" => Ok(Algorithm::Ensemble),
             "onnx" => Ok(Algorithm::Onnx),
             other => Err(ModelError::InvalidParameter(format!(
-                "unknown algorithm {other:?} (pca, robust, isolation_forest, pca_normal)"
+                "unknown algorithm {other:?} (pca, robust, isolation_forest, pca_normal, \
+                 ensemble)"
             ))),
         }
     }
@@ -224,7 +231,14 @@ enum Body {
         #[serde(skip)]
         scorer: ScorerCell,
     },
+    /// [`Algorithm::Ensemble`]: its members ([`ENSEMBLE_MEMBERS`]), each calibrated.
+    Ensemble {
+        members: Vec<Model>,
+    },
 }
+
+/// The algorithms an [`Algorithm::Ensemble`] combines.
+pub const ENSEMBLE_MEMBERS: [Algorithm; 2] = [Algorithm::Pca, Algorithm::PcaNormal];
 
 /// A compiled ONNX plan attached to a model; not part of its data (equal, cloned and
 /// serialised as if absent).
@@ -363,20 +377,39 @@ impl Model {
         rows: ArrayView2<f64>,
         params: &TrainParams,
     ) -> Result<Model> {
+        Ok(Model::train_scored(features, rows, params)?.0)
+    }
+
+    /// [`Model::train`], and the training rows' scores its calibration used, in order.
+    fn train_scored(
+        features: &[String],
+        rows: ArrayView2<f64>,
+        params: &TrainParams,
+    ) -> Result<(Model, Vec<f64>)> {
         let n = rows.nrows();
-        let mut model = Model::fit(features, rows, params)?;
-        let in_order: Vec<f64> = if params.algorithm == Algorithm::PcaNormal
-            && n >= CROSS_FIT_FOLDS * CROSS_FIT_MIN_ROWS
-        {
-            cross_fitted_scores(features, rows, params)?
+        let (mut model, in_order) = if params.algorithm == Algorithm::Ensemble {
+            train_ensemble(features, rows, params)?
         } else {
-            rows.outer_iter()
-                .map(|r| model.raw_score(r.as_slice().expect("row")))
-                .collect()
+            let model = Model::fit(features, rows, params)?;
+            let in_order: Vec<f64> = if params.algorithm == Algorithm::PcaNormal
+                && n >= CROSS_FIT_FOLDS * CROSS_FIT_MIN_ROWS
+            {
+                cross_fitted_scores(features, rows, params)?
+            } else {
+                rows.outer_iter()
+                    .map(|r| model.raw_score(r.as_slice().expect("row")))
+                    .collect()
+            };
+            (model, in_order)
         };
         let mut scores = in_order.clone();
         scores.sort_by(f64::total_cmp);
-        model.threshold = threshold_at(&scores, params.quantile);
+        model.threshold = if params.algorithm == Algorithm::Ensemble {
+            // Each member's threshold took its share of the budget (`train_ensemble`).
+            1.0
+        } else {
+            threshold_at(&scores, params.quantile)
+        };
         if model.threshold > 0.0 {
             model.sustained = Sustained::calibrate(&in_order, &scores, model.threshold);
         }
@@ -385,7 +418,7 @@ impl Model {
         model.reference = (1..REFERENCE_BINS)
             .map(|i| quantile(&scores, i as f64 / REFERENCE_BINS as f64))
             .collect();
-        Ok(model)
+        Ok((model, in_order))
     }
 
     /// The transforms and the body of a model trained on `rows`, not yet calibrated
@@ -447,6 +480,11 @@ impl Model {
             Algorithm::Pca | Algorithm::PcaNormal => train_pca(prepared.view(), params.variance)?,
             Algorithm::Robust => train_robust(prepared.view()),
             Algorithm::IsolationForest => train_forest(prepared.view(), params)?,
+            Algorithm::Ensemble => {
+                return Err(ModelError::InvalidParameter(
+                    "an ensemble is trained member by member (Model::train)".to_owned(),
+                ))
+            }
             Algorithm::Onnx => {
                 return Err(ModelError::InvalidParameter(
                     "onnx models are imported (ImportModel), not trained here".to_owned(),
@@ -555,6 +593,14 @@ impl Model {
             }
             // An opaque model: no per-feature explanation.
             Body::Onnx { .. } => return Ok(Vec::new()),
+            // The member that scores `x` highest over its threshold explains it.
+            Body::Ensemble { members } => {
+                return members
+                    .iter()
+                    .map(|m| (m.raw_score(x) / m.threshold, m))
+                    .max_by(|a, b| a.0.total_cmp(&b.0))
+                    .map_or(Ok(Vec::new()), |(_, m)| m.contributions(x));
+            }
             Body::Forest { trees, .. } => {
                 // How often each feature isolates `x` along its paths, weighted by how
                 // early (shallow splits isolate the most anomalous points).
@@ -649,6 +695,10 @@ impl Model {
                     trees.iter().map(|t| path_length(t, x, 0)).sum::<f64>() / trees.len() as f64;
                 2f64.powf(-mean_path / average_path(*sample_size))
             }
+            Body::Ensemble { members } => members
+                .iter()
+                .map(|m| m.raw_score(x) / m.threshold)
+                .fold(0.0, f64::max),
         }
     }
 
@@ -769,6 +819,23 @@ impl Model {
                 }
                 if trees.is_empty() || *sample_size < 2 || !trees.iter().all(|t| ok(t, d)) {
                     return bad("isolation forest trees do not agree with the features");
+                }
+            }
+            Body::Ensemble { members } => {
+                if members.is_empty()
+                    || !self.log_features.is_empty()
+                    || !self.normal_scores.is_empty()
+                {
+                    return bad("an ensemble needs members and has no transforms of its own");
+                }
+                for m in members {
+                    if m.features != self.features
+                        || !ENSEMBLE_MEMBERS.contains(&m.algorithm)
+                        || !(m.threshold.is_finite() && m.threshold > 0.0)
+                    {
+                        return bad("ensemble members do not agree with the ensemble");
+                    }
+                    m.validate()?;
                 }
             }
         }
@@ -893,6 +960,50 @@ fn wants_log(col: &[f64]) -> bool {
 /// Folds of [`cross_fitted_scores`], and the fewest rows each must have.
 const CROSS_FIT_FOLDS: usize = 5;
 const CROSS_FIT_MIN_ROWS: usize = 100;
+
+/// An [`Algorithm::Ensemble`], uncalibrated, and its training rows' scores: each row's
+/// largest member score over that member's threshold, by the scores each member was
+/// calibrated on (cross-fitted ones for pca_normal).
+fn train_ensemble(
+    features: &[String],
+    rows: ArrayView2<f64>,
+    params: &TrainParams,
+) -> Result<(Model, Vec<f64>)> {
+    let mut combined = vec![0.0f64; rows.nrows()];
+    let mut members = Vec::new();
+    for algorithm in ENSEMBLE_MEMBERS {
+        // Bonferroni: the members share the false-alarm budget 1 − quantile.
+        let p = TrainParams {
+            algorithm,
+            quantile: 1.0 - (1.0 - params.quantile) / ENSEMBLE_MEMBERS.len() as f64,
+            ..params.clone()
+        };
+        let (m, scores) = Model::train_scored(features, rows, &p)?;
+        if !(m.threshold.is_finite() && m.threshold > 0.0) {
+            return Err(ModelError::InvalidData(format!(
+                "ensemble member {algorithm}: threshold {} (the training rows score alike)",
+                m.threshold
+            )));
+        }
+        for (c, s) in combined.iter_mut().zip(&scores) {
+            *c = c.max(s / m.threshold);
+        }
+        members.push(m);
+    }
+    let model = Model {
+        algorithm: Algorithm::Ensemble,
+        features: features.to_vec(),
+        threshold: f64::INFINITY,
+        trained_rows: rows.nrows(),
+        reference: Vec::new(),
+        log_features: Vec::new(),
+        normal_scores: Vec::new(),
+        training_alarm_rate: 0.0,
+        sustained: None,
+        body: Body::Ensemble { members },
+    };
+    Ok((model, combined))
+}
 
 /// Scores of `rows`, in their order, each by a model fitted on the other folds: the
 /// training rows cut into [`CROSS_FIT_FOLDS`] consecutive blocks, each scored by a model
@@ -1345,12 +1456,7 @@ mod tests {
         let joint = [16.0, 32.0, -1.0, 100.0];
         let single = [10.0, 20.0, 5.0, 140.0];
         let broken = [10.0, 23.0, 5.0, 100.0];
-        for alg in [
-            Algorithm::Pca,
-            Algorithm::Robust,
-            Algorithm::IsolationForest,
-            Algorithm::PcaNormal,
-        ] {
+        for alg in Algorithm::ALL {
             // The forest's scores saturate for points outside its sub-samples' range,
             // where the healthy tail already is: it needs a lower quantile.
             let (quantile, max_alarms) = match alg {
@@ -1400,7 +1506,10 @@ mod tests {
             // Only the correlation-aware models see a broken correlation.
             assert_eq!(
                 m.is_alarm(&broken).unwrap(),
-                matches!(alg, Algorithm::Pca | Algorithm::PcaNormal),
+                matches!(
+                    alg,
+                    Algorithm::Pca | Algorithm::PcaNormal | Algorithm::Ensemble
+                ),
                 "{alg:?}"
             );
         }
@@ -1624,6 +1733,88 @@ mod tests {
     }
 
     #[test]
+    fn an_ensemble_alarms_where_either_member_does_within_one_budget() {
+        // f1 = (f0 − 10)³ (monotone, not linear: pca_normal's), f3 ≈ 2·f2 (linear: PCA's
+        // strength too), f4 independent.
+        let mut rng = ChaCha8Rng::seed_from_u64(12);
+        let g = Normal::new(0.0, 1.0).unwrap();
+        let rows_of = |n: usize, rng: &mut ChaCha8Rng| {
+            let mut rows = Array2::zeros((n, 5));
+            for i in 0..n {
+                let a: f64 = g.sample(rng);
+                let b: f64 = g.sample(rng);
+                rows[[i, 0]] = 10.0 + a;
+                rows[[i, 1]] = a.powi(3) + 0.01 * g.sample(rng);
+                rows[[i, 2]] = 50.0 + b;
+                rows[[i, 3]] = 100.0 + 2.0 * b + 0.05 * g.sample(rng);
+                rows[[i, 4]] = 7.0 + g.sample(rng);
+            }
+            rows
+        };
+        let rows = rows_of(5000, &mut rng);
+        let names = names(5);
+        let m = Model::train(&names, rows.view(), &params(Algorithm::Ensemble)).unwrap();
+        let Body::Ensemble { members } = &m.body else {
+            panic!("{:?}", m.body)
+        };
+        let algorithms: Vec<Algorithm> = members.iter().map(|m| m.algorithm).collect();
+        assert_eq!(algorithms, ENSEMBLE_MEMBERS);
+        // Each member at half the budget: the same models trained at quantile 0.99995.
+        for member in members {
+            let alone = Model::train(
+                &names,
+                rows.view(),
+                &TrainParams {
+                    quantile: 1.0 - (1.0 - DEFAULT_QUANTILE) / 2.0,
+                    ..params(member.algorithm)
+                },
+            )
+            .unwrap();
+            assert_eq!(&alone, member);
+        }
+        assert_eq!(m.threshold, 1.0);
+        let ratio = |x: &[f64]| -> Vec<f64> {
+            members
+                .iter()
+                .map(|p| p.score(x).unwrap() / p.threshold)
+                .collect()
+        };
+        // The broken monotone relation (each value in range) is pca_normal's; a broken
+        // linear one with both values far out along their axis, PCA's too.
+        let cubic = [11.0, 0.0, 50.0, 100.0, 7.0];
+        let linear = [10.0, 0.0, 50.0, 106.0, 7.0];
+        for x in [cubic, linear] {
+            let r = ratio(&x);
+            let most = r.iter().copied().fold(0.0, f64::max);
+            assert_eq!(m.score(&x).unwrap(), most, "{x:?}");
+            assert!(m.is_alarm(&x).unwrap(), "{x:?}: member ratios {r:?}");
+        }
+        assert!(ratio(&cubic)[0] < 1.0, "plain PCA misses the cubic");
+        assert_eq!(m.contributions(&linear).unwrap()[0].0, "f3");
+        // A healthy day: about 1 in 10,000 above, for the two members together.
+        let test = rows_of(20_000, &mut rng);
+        let alarms = test
+            .outer_iter()
+            .filter(|r| m.is_alarm(r.as_slice().unwrap()).unwrap())
+            .count();
+        assert!(alarms <= 10, "{alarms} of 20,000 healthy windows");
+        let sustained = m.sustained.expect("calibrated on the combined ratios");
+        assert!(sustained.reference > 0.0 && sustained.reference < 1.0);
+
+        // A member that disagrees with the ensemble is a corrupt file.
+        let mut bad = m.clone();
+        if let Body::Ensemble { members } = &mut bad.body {
+            members[1].features[0] = "other".to_owned();
+        }
+        assert_eq!(
+            Model::from_bytes(&bad.to_bytes()),
+            Err(ModelError::Corrupt(
+                "ensemble members do not agree with the ensemble".to_owned()
+            ))
+        );
+    }
+
+    #[test]
     fn corrupt_normal_score_maps_are_refused() {
         let train = healthy(300, 12);
         let mut m = Model::train(&names(4), train.view(), &params(Algorithm::PcaNormal)).unwrap();
@@ -1717,12 +1908,7 @@ mod tests {
     #[test]
     fn files_round_trip_and_corruption_is_detected() {
         let train = healthy(300, 4);
-        for alg in [
-            Algorithm::Pca,
-            Algorithm::Robust,
-            Algorithm::IsolationForest,
-            Algorithm::PcaNormal,
-        ] {
+        for alg in Algorithm::ALL {
             let m = Model::train(&names(4), train.view(), &params(alg)).unwrap();
             let bytes = m.to_bytes();
             let back = Model::from_bytes(&bytes).unwrap();

@@ -11,7 +11,7 @@
 //! which runs scikit-learn's algorithms on the very same rows.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -36,7 +36,7 @@ pub struct EvalArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "pca,pca_normal,robust,isolation_forest"
+        default_value = "pca,pca_normal,ensemble,robust,isolation_forest"
     )]
     pub algorithms: Vec<Algorithm>,
     /// Healthy windows to train on (at least; see `--train-hours`).
@@ -66,9 +66,16 @@ pub struct EvalArgs {
     /// Seed of the simulated assets.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Directory for the feature matrices as CSV (for the scikit-learn comparison).
+    /// Directory for the feature matrices as CSV (for the scikit-learn comparison, and
+    /// for `--from`).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Evaluate on the feature matrices an earlier `--out DIR` wrote instead of
+    /// simulating (seconds instead of minutes: to measure a model change on the very same
+    /// rows). `--train`, `--train-hours`, `--healthy`, `--horizon` and `--seed` are those
+    /// of that run.
+    #[arg(long, conflicts_with_all = ["out", "train_hours", "seed"])]
+    pub from: Option<PathBuf>,
 }
 
 const START_NS: i64 = 1_767_225_600_000_000_000; // 2026-01-01T00:00:00Z
@@ -115,6 +122,51 @@ impl Rows {
         }
         w.flush()?;
         Ok(())
+    }
+
+    /// Reads what [`Rows::write_csv`] wrote; `names`: the columns it must have.
+    fn read_csv(path: &Path, names: Option<&[String]>) -> anyhow::Result<Rows> {
+        let mut r = csv::Reader::from_path(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let header: Vec<String> = r.headers()?.iter().map(str::to_owned).collect();
+        anyhow::ensure!(
+            header.first().map(String::as_str) == Some("after_onset"),
+            "{}: the first column must be after_onset",
+            path.display()
+        );
+        let found = &header[1..];
+        if let Some(names) = names {
+            anyhow::ensure!(
+                found == names,
+                "{}: its columns are not those of train.csv",
+                path.display()
+            );
+        }
+        let mut rows = Rows {
+            names: found.to_vec(),
+            rows: Vec::new(),
+            after_onset: Vec::new(),
+            end_ns: Vec::new(),
+        };
+        for (i, rec) in r.records().enumerate() {
+            let rec = rec.with_context(|| format!("{}: row {}", path.display(), i + 1))?;
+            let x = rec
+                .iter()
+                .skip(1)
+                .map(str::parse::<f64>)
+                .collect::<Result<Vec<f64>, _>>()
+                .with_context(|| format!("{}: row {}: not a number", path.display(), i + 1))?;
+            anyhow::ensure!(
+                x.len() == rows.names.len(),
+                "{}: row {} has {} values for {} columns",
+                path.display(),
+                i + 1,
+                x.len(),
+                rows.names.len()
+            );
+            rows.push(x, rec.get(0) == Some("1"), 0);
+        }
+        Ok(rows)
     }
 }
 
@@ -249,7 +301,7 @@ fn detection_delay(model: &Arc<Model>, rows: &Rows) -> Option<usize> {
 /// largest contributions to the first of them.
 fn trace(
     kind: AssetKind,
-    mode: &FaultMode,
+    mode: &str,
     alg: Algorithm,
     model: &Model,
     rows: &Rows,
@@ -336,16 +388,129 @@ struct KindResult {
     seconds: f64,
 }
 
-fn evaluate_kind(kind: AssetKind, args: &EvalArgs) -> anyhow::Result<KindResult> {
-    let t0 = Instant::now();
+/// The feature rows of one kind: training, healthy, and one run per fault mode.
+struct Recorded {
+    train: Rows,
+    healthy: Rows,
+    /// `(mode, rows)`, `mode` as `FaultMode` prints it.
+    faults: Vec<(String, Rows)>,
+    /// Hours of operation the training windows cover, and the mean window spacing of the
+    /// healthy windows (NaN: unknown).
+    train_hours: f64,
+    window_s: f64,
+}
+
+/// What `--out` writes next to the CSV files: what the rows themselves do not say.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Summary {
+    train_hours: f64,
+    window_s: f64,
+    /// Fault modes, in order; each one's rows are in `fault_{mode with ':' as '_'}.csv`.
+    faults: Vec<String>,
+}
+
+fn fault_file(mode: &str) -> String {
+    format!("fault_{}.csv", mode.replace(':', "_"))
+}
+
+/// Simulates one asset of `kind` (see the module documentation).
+fn simulate(kind: AssetKind, args: &EvalArgs) -> anyhow::Result<Recorded> {
     // One asset: its first windows train, the ones after them count false alarms, and
     // each fault run is the same asset (same seed: the same samples up to the onset).
     let seed = args.seed.wrapping_mul(1000) + kind as u64;
     let train_until_ns = START_NS + (training_hours(kind, args) * 3.6e12) as i64;
     let (train, healthy) = collect(kind, seed, args.train, train_until_ns, args.healthy)?;
-    let train_rows = train.rows.len();
-    let names = train.names.clone();
-    let x = matrix(&train);
+    let window_ns = (longest_window_s(kind) * 1e9) as i64;
+    let train_end_ns = *train.end_ns.last().expect("training rows");
+    let onset_ns = train_end_ns + LEAD_WINDOWS as i64 * window_ns;
+    let mut faults = Vec::new();
+    for mode in fault_modes(kind) {
+        let fault = Fault {
+            mode: mode.clone(),
+            at_ns: onset_ns,
+        };
+        let run =
+            collect_until_after(kind, seed, &fault, &train.names, train_end_ns, args.horizon)?;
+        faults.push((mode.to_string(), run));
+    }
+    let window_s = match (healthy.end_ns.first(), healthy.end_ns.last()) {
+        (Some(a), Some(b)) if healthy.end_ns.len() > 1 => {
+            (b - a) as f64 / 1e9 / (healthy.end_ns.len() - 1) as f64
+        }
+        _ => f64::NAN,
+    };
+    Ok(Recorded {
+        train_hours: (train_end_ns - START_NS) as f64 / 3.6e12,
+        window_s,
+        train,
+        healthy,
+        faults,
+    })
+}
+
+/// Writes `rec` as `--out` does: `train.csv`, `healthy.csv`, a `fault_*.csv` per mode
+/// and `summary.json`, in `dir`.
+fn write_recorded(rec: &Recorded, dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    rec.train.write_csv(&dir.join("train.csv"))?;
+    rec.healthy.write_csv(&dir.join("healthy.csv"))?;
+    for (mode, rows) in &rec.faults {
+        rows.write_csv(&dir.join(fault_file(mode)))?;
+    }
+    let summary = Summary {
+        train_hours: rec.train_hours,
+        window_s: rec.window_s,
+        faults: rec.faults.iter().map(|(m, _)| m.clone()).collect(),
+    };
+    let path = dir.join("summary.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&summary)?)
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Reads what [`write_recorded`] wrote in `dir`.
+fn read_recorded(dir: &Path) -> anyhow::Result<Recorded> {
+    let path = dir.join("summary.json");
+    let summary: Summary = serde_json::from_slice(
+        &std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?,
+    )
+    .with_context(|| format!("{}: not an evaluation summary", path.display()))?;
+    let train = Rows::read_csv(&dir.join("train.csv"), None)?;
+    let healthy = Rows::read_csv(&dir.join("healthy.csv"), Some(&train.names))?;
+    let faults = summary
+        .faults
+        .iter()
+        .map(|m| {
+            Ok((
+                m.clone(),
+                Rows::read_csv(&dir.join(fault_file(m)), Some(&train.names))?,
+            ))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    anyhow::ensure!(
+        train.rows.len() >= 2 && !healthy.rows.is_empty(),
+        "{}: too few training or healthy rows",
+        dir.display()
+    );
+    Ok(Recorded {
+        train,
+        healthy,
+        faults,
+        train_hours: summary.train_hours,
+        window_s: summary.window_s,
+    })
+}
+
+fn evaluate_kind(kind: AssetKind, args: &EvalArgs) -> anyhow::Result<KindResult> {
+    let t0 = Instant::now();
+    let rec = match &args.from {
+        Some(dir) => read_recorded(&dir.join(kind.as_str()))?,
+        None => simulate(kind, args)?,
+    };
+    if let Some(dir) = &args.out {
+        write_recorded(&rec, &dir.join(kind.as_str()))?;
+    }
+    let names = rec.train.names.clone();
+    let x = matrix(&rec.train);
     let mut models = Vec::new();
     for &alg in &args.algorithms {
         let mut params = TrainParams::for_algorithm(alg);
@@ -358,9 +523,10 @@ fn evaluate_kind(kind: AssetKind, args: &EvalArgs) -> anyhow::Result<KindResult>
     }
     let counts: Vec<(usize, usize)> = models
         .iter()
-        .map(|m| false_alarms(m, &healthy, args.trace > 0))
+        .map(|m| false_alarms(m, &rec.healthy, args.trace > 0))
         .collect();
-    let per_10k = |n: usize| format!("{:.1}", n as f64 * 10_000.0 / args.healthy as f64);
+    let healthy_n = rec.healthy.rows.len();
+    let per_10k = |n: usize| format!("{:.1}", n as f64 * 10_000.0 / healthy_n as f64);
     let mut rows = vec![
         (
             "false alarms raised / 10,000 healthy windows".to_owned(),
@@ -371,36 +537,20 @@ fn evaluate_kind(kind: AssetKind, args: &EvalArgs) -> anyhow::Result<KindResult>
             counts.iter().map(|c| per_10k(c.1)).collect(),
         ),
     ];
-    let dir = args.out.as_ref().map(|d| d.join(kind.as_str()));
-    if let Some(dir) = &dir {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        train.write_csv(&dir.join("train.csv"))?;
-        healthy.write_csv(&dir.join("healthy.csv"))?;
-    }
-    let window_ns = (longest_window_s(kind) * 1e9) as i64;
-    let train_end_ns = *train.end_ns.last().expect("training rows");
-    let onset_ns = train_end_ns + LEAD_WINDOWS as i64 * window_ns;
-    for mode in fault_modes(kind) {
-        let fault = Fault {
-            mode: mode.clone(),
-            at_ns: onset_ns,
-        };
-        let run = collect_until_after(kind, seed, &fault, &names, train_end_ns, args.horizon)?;
-        if let Some(dir) = &dir {
-            run.write_csv(&dir.join(format!("fault_{}.csv", mode.to_string().replace(':', "_"))))?;
-        }
+    for (mode, run) in &rec.faults {
         if args.trace > 0 {
             for (m, alg) in models.iter().zip(&args.algorithms) {
-                eprintln!("{}", trace(kind, &mode, *alg, m, &run, args.trace));
+                eprintln!("{}", trace(kind, mode, *alg, m, run, args.trace));
             }
         }
+        let watched = run.after_onset.iter().filter(|a| **a).count();
         rows.push((
             format!("delay, `{mode}` (windows)"),
             models
                 .iter()
-                .map(|m| match detection_delay(m, &run) {
+                .map(|m| match detection_delay(m, run) {
                     Some(d) => d.to_string(),
-                    None => format!("missed (> {})", args.horizon),
+                    None => format!("missed (> {watched})"),
                 })
                 .collect(),
         ));
@@ -408,14 +558,9 @@ fn evaluate_kind(kind: AssetKind, args: &EvalArgs) -> anyhow::Result<KindResult>
     Ok(KindResult {
         kind,
         features: names.len(),
-        train_rows,
-        train_hours: (train_end_ns - START_NS) as f64 / 3.6e12,
-        window_s: match (healthy.end_ns.first(), healthy.end_ns.last()) {
-            (Some(a), Some(b)) if healthy.end_ns.len() > 1 => {
-                (b - a) as f64 / 1e9 / (healthy.end_ns.len() - 1) as f64
-            }
-            _ => f64::NAN,
-        },
+        train_rows: rec.train.rows.len(),
+        train_hours: rec.train_hours,
+        window_s: rec.window_s,
         rows,
         seconds: t0.elapsed().as_secs_f64(),
     })
@@ -468,10 +613,22 @@ pub fn run(args: EvalArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         args.healthy >= 1 && args.horizon >= 1,
         "--healthy and --horizon must be positive"
     );
-    let kinds = if args.kinds.is_empty() {
-        AssetKind::ALL.to_vec()
-    } else {
-        args.kinds.clone()
+    let kinds = match (&args.from, args.kinds.is_empty()) {
+        (_, false) => args.kinds.clone(),
+        // The kinds that run recorded.
+        (Some(dir), true) => {
+            let kinds: Vec<AssetKind> = AssetKind::ALL
+                .into_iter()
+                .filter(|k| dir.join(k.as_str()).join("summary.json").is_file())
+                .collect();
+            anyhow::ensure!(
+                !kinds.is_empty(),
+                "{}: no kind's summary.json (written by `twinmesh eval --out`)",
+                dir.display()
+            );
+            kinds
+        }
+        (None, true) => AssetKind::ALL.to_vec(),
     };
     let t0 = Instant::now();
     // One thread per kind; the OS shares the cores.
@@ -498,18 +655,28 @@ pub fn run(args: EvalArgs, out: &mut dyn Write) -> anyhow::Result<()> {
             .collect()
     });
     let algs: Vec<String> = args.algorithms.iter().map(|a| a.to_string()).collect();
+    let trained = match &args.from {
+        Some(dir) => format!(
+            "Feature rows recorded in {} by `twinmesh eval --out`: one simulated asset per \
+             kind, trained on its first windows, false alarms over its next",
+            dir.display()
+        ),
+        None => format!(
+            "One simulated asset per kind: trained on its first {} windows or {}, whichever \
+             is more; false alarms over its next {} windows",
+            args.train,
+            match args.train_hours {
+                Some(h) => format!("{h} hours"),
+                None => "the kind's training span".to_owned(),
+            },
+            args.healthy
+        ),
+    };
     writeln!(
         out,
-        "One simulated asset per kind: trained on its first {} windows or {}, whichever is \
-         more; false alarms over its next {} windows; each fault starts {LEAD_WINDOWS} windows \
-         after the training period; an alarm is raised when {} of the last {} windows score \
-         above the threshold or the sustained-shift sum passes its limit.\n",
-        args.train,
-        match args.train_hours {
-            Some(h) => format!("{h} hours"),
-            None => "the kind's training span".to_owned(),
-        },
-        args.healthy,
+        "{trained}; each fault starts {LEAD_WINDOWS} windows after the training period; an \
+         alarm is raised when {} of the last {} windows score above the threshold or the \
+         sustained-shift sum passes its limit.\n",
         MonitorConfig::default().alarm_after,
         MonitorConfig::default().alarm_window
     )?;
@@ -529,4 +696,97 @@ pub fn run(args: EvalArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     }
     eprintln!("evaluation took {:.0} s", t0.elapsed().as_secs_f64());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        eval: EvalArgs,
+    }
+
+    fn args(line: &[&str]) -> EvalArgs {
+        Cli::try_parse_from(std::iter::once("eval").chain(line.iter().copied()))
+            .expect("arguments")
+            .eval
+    }
+
+    /// The per-kind tables (after the introduction).
+    fn tables(out: &[u8]) -> String {
+        let text = String::from_utf8(out.to_vec()).expect("utf-8");
+        text.split_once("\n\n")
+            .expect("an introduction")
+            .1
+            .to_owned()
+    }
+
+    #[test]
+    fn recorded_rows_give_the_table_of_the_run_that_recorded_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let small = [
+            "--kinds",
+            "wifi_ap",
+            "--algorithms",
+            "pca,robust",
+            "--train",
+            "300",
+            "--train-hours",
+            "0",
+            "--healthy",
+            "200",
+            "--horizon",
+            "10",
+        ];
+        let mut line = small.to_vec();
+        let out_dir = dir.path().to_str().expect("utf-8 path");
+        line.extend(["--out", out_dir]);
+        let mut simulated = Vec::new();
+        run(args(&line), &mut simulated).expect("simulated run");
+        let kind_dir = dir.path().join("wifi_ap");
+        for f in [
+            "train.csv",
+            "healthy.csv",
+            "summary.json",
+            "fault_outage.csv",
+        ] {
+            assert!(kind_dir.join(f).is_file(), "{f} written");
+        }
+
+        let mut recorded = Vec::new();
+        run(
+            args(&[
+                "--algorithms",
+                "pca,robust",
+                "--from",
+                dir.path().to_str().expect("utf-8 path"),
+            ]),
+            &mut recorded,
+        )
+        .expect("recorded run");
+        let table = tables(&simulated);
+        assert!(table.contains("delay, `outage` (windows)"), "{table}");
+        assert_eq!(tables(&recorded), table);
+
+        // A recorded file that lost a column is refused with its name, not misread.
+        let healthy = kind_dir.join("healthy.csv");
+        let text = std::fs::read_to_string(&healthy).expect("healthy.csv");
+        let cut: String = text
+            .lines()
+            .map(|l| l.rsplit_once(',').expect("columns").0.to_owned() + "\n")
+            .collect();
+        std::fs::write(&healthy, cut).expect("write");
+        let err = run(
+            args(&["--from", dir.path().to_str().expect("utf-8 path")]),
+            &mut Vec::new(),
+        )
+        .expect_err("a cut file");
+        assert!(
+            format!("{err:#}").contains("healthy.csv: its columns are not those of train.csv"),
+            "{err:#}"
+        );
+    }
 }

@@ -80,6 +80,7 @@ pub fn bench_models(train_rows: usize, machine: String) -> anyhow::Result<Models
     for alg in [
         Algorithm::Pca,
         Algorithm::PcaNormal,
+        Algorithm::Ensemble,
         Algorithm::Robust,
         Algorithm::IsolationForest,
     ] {
@@ -203,7 +204,11 @@ pub async fn bench_scored(
     };
     let chain = Chain::validate(&spec, kind)?;
     let (names, rows) = training_rows(&chain, signal);
-    let model = Model::train(&names, rows.view(), &TrainParams::default())?;
+    let model = Model::train(
+        &names,
+        rows.view(),
+        &TrainParams::for_algorithm(Algorithm::Pca),
+    )?;
     let model_bytes = model.to_bytes();
 
     let dir = tempfile::tempdir()?;

@@ -124,8 +124,9 @@ pub enum CtlCommand {
         start: String,
         #[arg(long, default_value = "now", allow_hyphen_values = true)]
         end: String,
-        /// pca, pca_normal, robust or isolation_forest.
-        #[arg(long, default_value = "pca")]
+        /// ensemble (PCA and pca_normal together), pca, pca_normal, robust or
+        /// isolation_forest.
+        #[arg(long, default_value = "ensemble")]
         algorithm: String,
         /// Registry name (default `{kind}-{algorithm}`).
         #[arg(long, default_value = "")]

@@ -29,7 +29,7 @@ use tonic::{Request, Response, Status};
 use twinmesh_actors::context::NodeContext;
 use twinmesh_proto::encoding;
 use twinmesh_proto::v1::model_service_server::ModelService;
-use twinmesh_twins::model::{validate_model_id, Algorithm, Model, TrainParams};
+use twinmesh_twins::model::{validate_model_id, Algorithm, Model, TrainParams, DEFAULT_ALGORITHM};
 use twinmesh_twins::monitor::FeatureVector;
 use twinmesh_twins::proto::{
     twin_reply, twin_request, DeployModelRequest, DeployModelResponse, Deployment,
@@ -426,7 +426,7 @@ impl Models {
 
     async fn job(&self, req: &TrainModelRequest, store: &SledStore) -> Result<TrainJob, Status> {
         let algorithm: Algorithm = match req.algorithm.as_str() {
-            "" => Algorithm::Pca,
+            "" => DEFAULT_ALGORITHM,
             a => a.parse().map_err(|e: twinmesh_twins::model::ModelError| {
                 Status::invalid_argument(e.to_string())
             })?,

@@ -96,7 +96,7 @@ async fn a_model_trained_in_the_cloud_scores_at_the_edge_and_moves_with_its_twin
             twin_ids: vec![ID.into()],
             start_ns: t0 - 60_000_000_000,
             end_ns: train_end,
-            algorithm: "pca".into(),
+            // No algorithm named: the default, the PCA + pca_normal ensemble.
             ..Default::default()
         })
         .await
@@ -115,7 +115,7 @@ async fn a_model_trained_in_the_cloud_scores_at_the_edge_and_moves_with_its_twin
     assert_eq!(phases.last().map(String::as_str), Some("done"));
     assert_eq!(
         (info.model_id.as_str(), info.version),
-        ("power_meter-pca", 1)
+        ("power_meter-ensemble", 1)
     );
     assert!(
         info.features.iter().any(|f| f == "voltage.thd"),
@@ -131,6 +131,7 @@ async fn a_model_trained_in_the_cloud_scores_at_the_edge_and_moves_with_its_twin
         "{} rows from {windows} windows per signal",
         info.trained_rows
     );
+    assert_eq!(info.algorithm, "ensemble");
     assert!(info.threshold.is_finite() && info.threshold > 0.0);
     assert!(info.size_bytes > 0);
     let listed = models(&cloud)
@@ -167,7 +168,7 @@ async fn a_model_trained_in_the_cloud_scores_at_the_edge_and_moves_with_its_twin
     );
     // The registry answers on the key space too (twins that move fetch from it).
     let replies = outside
-        .get("twinmesh/models/power_meter-pca/1")
+        .get("twinmesh/models/power_meter-ensemble/1")
         .await
         .unwrap();
     let mut records = Vec::new();
@@ -279,14 +280,15 @@ async fn a_model_trained_in_the_cloud_scores_at_the_edge_and_moves_with_its_twin
         .into_inner()
         .deployments;
     assert!(
-        d[0].status.contains("model rejected") && d[0].status.contains("keeps power_meter-pca v1"),
+        d[0].status.contains("model rejected")
+            && d[0].status.contains("keeps power_meter-ensemble v1"),
         "{}",
         d[0].status
     );
     let h = health(&edge).await.unwrap();
     assert_eq!(
         (h.model_id.as_str(), h.model_version),
-        ("power_meter-pca", 1)
+        ("power_meter-ensemble", 1)
     );
 
     // An ONNX model trained in Python goes into the registry like any other; a
@@ -355,7 +357,7 @@ async fn a_model_trained_in_the_cloud_scores_at_the_edge_and_moves_with_its_twin
         let h = t.health.clone()?;
         (t.revision > revision_before + 5
             && t.placement.as_ref()?.tier == "edge"
-            && h.model_id == "power_meter-pca"
+            && h.model_id == "power_meter-ensemble"
             && h.model_version == 1)
             .then_some(())
     })
@@ -395,12 +397,12 @@ async fn a_model_trained_in_the_cloud_scores_at_the_edge_and_moves_with_its_twin
     let first = health(&cloud).await.unwrap();
     assert_eq!(
         (first.model_id.as_str(), first.model_version),
-        ("power_meter-pca", 1)
+        ("power_meter-ensemble", 1)
     );
     let scored_there = tokio::time::timeout(WAIT, async {
         loop {
             if let Some(h) = health(&cloud).await {
-                if h.model_id == "power_meter-pca" && h.anomaly_score != first.anomaly_score {
+                if h.model_id == "power_meter-ensemble" && h.anomaly_score != first.anomaly_score {
                     return;
                 }
             }

@@ -14,6 +14,12 @@
 //!   feature gets a Gaussian marginal (the log transform's job, for all). Staleness
 //!   features stay linear (their growth is what a stuck sensor shows). More sensitive
 //!   than PCA to values beyond the training range (EVALUATION.md).
+//! - [`Algorithm::Ensemble`] (the default, [`DEFAULT_ALGORITHM`]): PCA and
+//!   `pca_normal` trained on the same rows, each calibrated at the 1 − (1 − q)/2
+//!   quantile (Bonferroni: the two share the false-alarm budget of one); score = the
+//!   larger of their score / threshold ratios, threshold 1. PCA is the quicker of the two
+//!   on most faults, `pca_normal` the one that sees values beyond a non-linear relation
+//!   (EVALUATION.md).
 //! - [`Algorithm::Robust`]: per-feature median and MAD (× 1.4826; the standard
 //!   deviation for a feature whose MAD is under a tenth of it, i.e. one that mostly
 //!   repeats one value), each feature's scale widened by the 0.99 quantile of its own
@@ -167,6 +173,11 @@ pub struct TrainParams {
     pub seed: u64,
 }
 
+/// The algorithm `TrainModel` and `ctl train` use when none is named: PCA and pca_normal
+/// together (EVALUATION.md: pca_normal's non-linear relations, PCA's speed on the rest,
+/// no more false alarms than either).
+pub const DEFAULT_ALGORITHM: Algorithm = Algorithm::Ensemble;
+
 /// The default alarm-threshold quantile (PCA, robust): one healthy window in 10,000
 /// above it, beyond what a few thousand training rows resolve, so the tail is
 /// extrapolated ([`threshold_at`]).
@@ -191,7 +202,7 @@ impl TrainParams {
 impl Default for TrainParams {
     fn default() -> Self {
         TrainParams {
-            algorithm: Algorithm::Pca,
+            algorithm: DEFAULT_ALGORITHM,
             quantile: DEFAULT_QUANTILE,
             variance: 0.95,
             trees: 100,

@@ -204,11 +204,8 @@ pub async fn bench_scored(
     };
     let chain = Chain::validate(&spec, kind)?;
     let (names, rows) = training_rows(&chain, signal);
-    let model = Model::train(
-        &names,
-        rows.view(),
-        &TrainParams::for_algorithm(Algorithm::Pca),
-    )?;
+    // The default algorithm: what a twin trained without one named runs.
+    let model = Model::train(&names, rows.view(), &TrainParams::default())?;
     let model_bytes = model.to_bytes();
 
     let dir = tempfile::tempdir()?;

@@ -333,8 +333,18 @@ fn sorted<V>(map: &std::collections::HashMap<String, V>) -> Vec<(&String, &V)> {
 }
 
 fn print_model(m: &proto::ModelInfo) {
+    // An ensemble's threshold is 1 (a ratio): its members' own say more.
+    let members: Vec<String> = sorted(&m.member_thresholds)
+        .into_iter()
+        .map(|(a, t)| format!("{a} {t:.4}"))
+        .collect();
+    let members = if members.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", members.join(", "))
+    };
     println!(
-        "{} v{}  {} for {}  threshold {:.4}  {} rows  {} features  {} bytes",
+        "{} v{}  {} for {}  threshold {:.4}{members}  {} rows  {} features  {} bytes",
         m.model_id,
         m.version,
         m.algorithm,

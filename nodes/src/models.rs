@@ -359,11 +359,21 @@ pub fn train(
         training_alarm_rate: model.training_alarm_rate,
         size_bytes: 0,
         warnings,
+        member_thresholds: member_thresholds(&model),
     };
     Ok(ModelRecord {
         info: Some(info),
         model: model.to_bytes(),
     })
+}
+
+/// [`ModelInfo::member_thresholds`] of `model`.
+fn member_thresholds(model: &Model) -> std::collections::HashMap<String, f64> {
+    model
+        .member_thresholds()
+        .into_iter()
+        .map(|(a, t)| (a.to_string(), t))
+        .collect()
 }
 
 /// `ModelService`, served by every node; the registry answers on cloud nodes.
@@ -761,6 +771,7 @@ impl ModelService for Models {
             features: model.features.clone(),
             trained_rows: model.trained_rows as u64,
             created_ns: self.ctx.now_ns(),
+            member_thresholds: member_thresholds(&model),
             ..Default::default()
         };
         Ok(Response::new(registry.add(ModelRecord {

@@ -132,6 +132,20 @@ async fn a_model_trained_in_the_cloud_scores_at_the_edge_and_moves_with_its_twin
         info.trained_rows
     );
     assert_eq!(info.algorithm, "ensemble");
+    let mut members: Vec<(&str, f64)> = info
+        .member_thresholds
+        .iter()
+        .map(|(a, t)| (a.as_str(), *t))
+        .collect();
+    members.sort_by(|a, b| a.0.cmp(b.0));
+    assert_eq!(
+        members.iter().map(|m| m.0).collect::<Vec<_>>(),
+        ["pca", "pca_normal"]
+    );
+    assert!(
+        members.iter().all(|m| m.1.is_finite() && m.1 > 0.0),
+        "{members:?}"
+    );
     assert!(info.threshold.is_finite() && info.threshold > 0.0);
     assert!(info.size_bytes > 0);
     let listed = models(&cloud)

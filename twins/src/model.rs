@@ -583,6 +583,16 @@ impl Model {
         Ok(self.score(x)? > self.threshold)
     }
 
+    /// An ensemble's members and their thresholds; empty for other algorithms.
+    pub fn member_thresholds(&self) -> Vec<(Algorithm, f64)> {
+        match &self.body {
+            Body::Ensemble { members } => {
+                members.iter().map(|m| (m.algorithm, m.threshold)).collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+
     /// Each feature's share in the score of `x`, largest first.
     pub fn contributions(&self, x: &[f64]) -> Result<Vec<(String, f64)>> {
         self.check(x)?;

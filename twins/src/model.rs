@@ -618,7 +618,7 @@ impl Model {
             Body::Ensemble { members } => {
                 return members
                     .iter()
-                    .map(|m| (m.raw_score(x) / m.threshold, m))
+                    .map(|m| (m.ratio(x), m))
                     .max_by(|a, b| a.0.total_cmp(&b.0))
                     .map_or(Ok(Vec::new()), |(_, m)| m.contributions(x));
             }
@@ -679,6 +679,11 @@ impl Model {
         )
     }
 
+    /// The score of `x` over the threshold: what an ensemble compares its members by.
+    fn ratio(&self, x: &[f64]) -> f64 {
+        self.raw_score(x) / self.threshold
+    }
+
     fn raw_score(&self, x: &[f64]) -> f64 {
         let x = &*self.prepare(x);
         match &self.body {
@@ -716,10 +721,7 @@ impl Model {
                     trees.iter().map(|t| path_length(t, x, 0)).sum::<f64>() / trees.len() as f64;
                 2f64.powf(-mean_path / average_path(*sample_size))
             }
-            Body::Ensemble { members } => members
-                .iter()
-                .map(|m| m.raw_score(x) / m.threshold)
-                .fold(0.0, f64::max),
+            Body::Ensemble { members } => members.iter().map(|m| m.ratio(x)).fold(0.0, f64::max),
         }
     }
 

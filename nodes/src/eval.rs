@@ -164,6 +164,8 @@ impl Rows {
                 x.len(),
                 rows.names.len()
             );
+            // The CSV keeps no times: what needs them (spacing, training hours) comes from
+            // summary.json.
             rows.push(x, rec.get(0) == Some("1"), 0);
         }
         Ok(rows)

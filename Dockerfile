@@ -2,7 +2,7 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked -p twinmesh-nodes --bin twinmesh
+RUN cargo build --release --locked -p twinmesh-cli --bin twinmesh
 
 FROM debian:bookworm-slim
 RUN useradd --system --home /data twinmesh && mkdir -p /data && chown twinmesh /data

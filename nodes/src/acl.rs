@@ -176,24 +176,6 @@ impl Roster {
     }
 }
 
-#[derive(Debug, clap::Args)]
-pub struct AclArgs {
-    /// The roster file (TOML: `mesh = [...]`, `readers = [...]`, `[gateways]
-    /// SITE = [...]`), the one given to every node with `--acl`.
-    pub roster: std::path::PathBuf,
-}
-
-/// `twinmesh acl ROSTER`: validates the roster and prints the generated block (JSON).
-pub fn run(args: AclArgs) -> anyhow::Result<()> {
-    use std::io::Write;
-    let roster = Roster::from_file(&args.roster)?;
-    let text = format!("{:#}\n", json!({ "access_control": roster.zenoh_acl() }));
-    match std::io::stdout().write_all(text.as_bytes()) {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
-        _ => Ok(()),
-    }
-}
-
 fn rule(id: &str, flows: &[&str], messages: &[&str], keys: &[String]) -> Value {
     json!({
         "id": id,

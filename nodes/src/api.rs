@@ -11,14 +11,58 @@ use tonic::Status;
 use twinmesh_actors::ports::SharedFabric;
 use twinmesh_proto::encoding;
 use twinmesh_twins::proto::{
-    self, twin_reply, twin_request, ListTwinsRequest, ListTwinsResponse, NodeInfo, NodeTwins,
-    Placement, TwinReply, TwinRequest, TwinSummary,
+    self, twin_reply, twin_request, Budget, GetBudgetRequest, GetPolicyRequest,
+    GetThingDescriptionRequest, GetTwinRequest, ImportHistoryRequest, ImportHistoryResponse,
+    InstallModelRequest, InstallModelResponse, ListTwinsRequest, ListTwinsResponse, NodeInfo,
+    NodeTwins, Placement, PrivacyPolicy, QueryHistoryRequest, QueryHistoryResponse,
+    ReleaseAggregateRequest, ReleaseAggregateResponse, SetChainRequest, SetChainResponse,
+    SetDesiredRequest, SetDesiredResponse, SetPolicyRequest, ThingDescription, Twin, TwinReply,
+    TwinRequest, TwinSummary,
 };
 use twinmesh_twins::{keys, ErrorCode, TwinId};
 
 /// Default and largest `ListTwins` page.
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
 pub const MAX_PAGE_SIZE: u32 = 1000;
+
+/// A request one twin answers, tied to its [`TwinRequest`] variant and the
+/// [`TwinReply`] variant that answers it, so no caller matches replies by hand.
+pub trait TwinCall: Send + Sized + 'static {
+    type Reply: Send + 'static;
+    fn into_request(self) -> twin_request::Request;
+    fn from_reply(reply: twin_reply::Reply) -> Option<Self::Reply>;
+}
+
+macro_rules! twin_calls {
+    ($($request:ty => $variant:ident, $reply:ident($out:ty);)*) => {$(
+        impl TwinCall for $request {
+            type Reply = $out;
+            fn into_request(self) -> twin_request::Request {
+                twin_request::Request::$variant(self)
+            }
+            fn from_reply(reply: twin_reply::Reply) -> Option<$out> {
+                match reply {
+                    twin_reply::Reply::$reply(r) => Some(r),
+                    _ => None,
+                }
+            }
+        }
+    )*};
+}
+
+twin_calls! {
+    GetTwinRequest => GetTwin, Twin(Twin);
+    GetThingDescriptionRequest => ThingDescription, ThingDescription(ThingDescription);
+    QueryHistoryRequest => QueryHistory, QueryHistory(QueryHistoryResponse);
+    SetDesiredRequest => SetDesired, SetDesired(SetDesiredResponse);
+    SetChainRequest => SetChain, SetChain(SetChainResponse);
+    ImportHistoryRequest => ImportHistory, ImportHistory(ImportHistoryResponse);
+    InstallModelRequest => InstallModel, InstallModel(InstallModelResponse);
+    GetPolicyRequest => GetPolicy, Policy(PrivacyPolicy);
+    SetPolicyRequest => SetPolicy, Policy(PrivacyPolicy);
+    GetBudgetRequest => GetBudget, Budget(Budget);
+    ReleaseAggregateRequest => Release, Release(ReleaseAggregateResponse);
+}
 
 #[derive(Clone)]
 pub struct Api {
@@ -108,6 +152,21 @@ impl Api {
             role: who.role.as_str().to_owned(),
             subject: who.subject.clone(),
         }
+    }
+
+    /// A typed call to the twin `id` on behalf of `caller`: the reply variant that
+    /// answers `request`, or an error.
+    pub async fn call<R: TwinCall>(
+        &self,
+        id: &TwinId,
+        request: R,
+        deadline: Option<Duration>,
+        caller: proto::Caller,
+    ) -> Result<R::Reply, Status> {
+        let reply = self
+            .twin_call_as(id, request.into_request(), deadline, caller)
+            .await?;
+        R::from_reply(reply).ok_or_else(|| Status::internal(format!("unexpected reply from {id}")))
     }
 
     /// [`Api::twin_call`] on behalf of `caller`.

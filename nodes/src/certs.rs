@@ -1,4 +1,4 @@
-//! `twinmesh certs`: a site CA and one certificate per node or device (rcgen, ECDSA
+//! Key material for TLS: a site CA and one certificate per node or device (rcgen, ECDSA
 //! P-256), for mutual TLS on Zenoh links and TLS on gRPC.
 //!
 //! `init` writes `ca.pem` and `ca.key`; `issue NAME` writes `NAME.pem` and `NAME.key`
@@ -13,65 +13,6 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
-
-use clap::{Args, Subcommand};
-
-#[derive(Debug, Args)]
-pub struct CertsArgs {
-    #[command(subcommand)]
-    pub command: CertsCommand,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum CertsCommand {
-    /// Create a site CA (ca.pem, ca.key) in DIR.
-    Init {
-        #[arg(long)]
-        dir: PathBuf,
-        /// Common name of the CA.
-        #[arg(long, default_value = "twinmesh site CA")]
-        name: String,
-        /// Validity in days.
-        #[arg(long, default_value_t = 3650)]
-        days: u32,
-    },
-    /// Issue a certificate for a node or device, signed by the CA in DIR.
-    Issue {
-        /// Node or device name (the certificate's CN).
-        name: String,
-        #[arg(long)]
-        dir: PathBuf,
-        /// DNS name or IP address it is reached at (repeatable; default localhost,
-        /// 127.0.0.1, ::1 and the name).
-        #[arg(long)]
-        san: Vec<String>,
-        /// Validity in days.
-        #[arg(long, default_value_t = 365)]
-        days: u32,
-    },
-}
-
-pub fn run(args: CertsArgs) -> anyhow::Result<()> {
-    match args.command {
-        CertsCommand::Init { dir, name, days } => {
-            init_ca(&dir, &name, days)?;
-            println!(
-                "site CA written to {} (keep ca.key offline; nodes need only ca.pem)",
-                dir.join("ca.pem").display()
-            );
-        }
-        CertsCommand::Issue {
-            name,
-            dir,
-            san,
-            days,
-        } => {
-            let (cert, _) = issue(&dir, &name, &san, days)?;
-            println!("certificate for {name} written to {}", cert.display());
-        }
-    }
-    Ok(())
-}
 
 fn write_new(path: &Path, content: &str, private: bool) -> anyhow::Result<()> {
     let mut o = std::fs::OpenOptions::new();

@@ -150,7 +150,8 @@ impl fmt::Display for FaultSpec {
     }
 }
 
-pub(crate) fn default_lease_ms() -> u64 {
+/// The liveliness lease of a node when its configuration names none, ms.
+pub fn default_lease_ms() -> u64 {
     2000
 }
 fn default_max_frame_bytes() -> usize {

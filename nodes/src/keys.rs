@@ -1,29 +1,10 @@
-//! `twinmesh keys`: AES-256 key files (`KEY_ID HEX64` per line, the last one seals).
+//! AES-256 key files (`KEY_ID HEX64` per line, the last one seals).
 //! Files are created with mode 0600 and their keys are never printed.
 
 use std::io::Write;
 use std::path::Path;
 
 use twinmesh_actors::seal::KeyRing;
-
-use crate::cli::{KeysArgs, KeysCommand};
-
-pub fn run(args: KeysArgs) -> anyhow::Result<()> {
-    match args.command {
-        KeysCommand::New { out, id } => {
-            new_key_file(&out, &id)?;
-            println!("wrote key {id} to {}", out.display());
-        }
-        KeysCommand::Rotate { file, id } => {
-            rotate(&file, &id)?;
-            println!(
-                "key {id} added to {}: new values are sealed with it",
-                file.display()
-            );
-        }
-    }
-    Ok(())
-}
 
 fn open_private(path: &Path, create_new: bool) -> anyhow::Result<std::fs::File> {
     let mut o = std::fs::OpenOptions::new();

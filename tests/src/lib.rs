@@ -20,7 +20,10 @@ use zenoh::bytes::Encoding;
 /// How long a node may take to print its ready line.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The `twinmesh` binary, built once per test run.
+/// The `twinmesh` binary: `TWINMESH_BIN`, else `target/<profile>/twinmesh` beside this
+/// test executable. `cargo test --workspace` (the README's test command) builds it
+/// before any test runs, because `twinmesh-cli` has integration tests of its own; a
+/// narrower `cargo test -p twinmesh-tests` needs `cargo build --bin twinmesh` first.
 pub fn twinmesh_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -29,23 +32,17 @@ pub fn twinmesh_bin() -> PathBuf {
         }
         // target/<profile>/deps/<test-exe> → target/<profile>/twinmesh
         let exe = std::env::current_exe().expect("test executable path");
-        let profile_dir = exe
+        let bin = exe
             .parent()
             .and_then(Path::parent)
             .expect("target/<profile>")
-            .to_path_buf();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut build = Command::new(cargo);
-        build.args(["build", "-q", "-p", "twinmesh-nodes", "--bin", "twinmesh"]);
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            build.arg("--release");
-        }
-        let status = build
-            .status()
-            .expect("run cargo build for the twinmesh binary");
-        assert!(status.success(), "building the twinmesh binary failed");
-        let bin = profile_dir.join("twinmesh");
-        assert!(bin.exists(), "{} missing after build", bin.display());
+            .join(format!("twinmesh{}", std::env::consts::EXE_SUFFIX));
+        assert!(
+            bin.exists(),
+            "{} is missing: run the tests with `cargo test --workspace`, or build it first \
+             (`cargo build --bin twinmesh`), or set TWINMESH_BIN",
+            bin.display()
+        );
         bin
     })
     .clone()

@@ -89,7 +89,7 @@ async fn secure_nodes_refuse_plaintext_and_certificates_of_another_ca() {
         .grpc_endpoint()
         .replace("http://", "https://");
     let ca = certs.join("ca.pem");
-    let channel = twinmesh_nodes::ctl::connect_tls(&https, Duration::from_secs(10), Some(&ca))
+    let channel = twinmesh_nodes::client::connect_tls(&https, Duration::from_secs(10), Some(&ca))
         .await
         .unwrap();
     let nodes = eventually(WAIT, "the edge seen by the cloud over TLS", || {
@@ -126,7 +126,7 @@ async fn secure_nodes_refuse_plaintext_and_certificates_of_another_ca() {
         );
     }
     // Without the CA, the client does not trust the server.
-    assert!(twinmesh_nodes::ctl::connect_tls(
+    assert!(twinmesh_nodes::client::connect_tls(
         &https,
         Duration::from_secs(5),
         Some(&foreign.join("ca.pem"))
@@ -337,7 +337,7 @@ async fn the_generated_acl_confines_gateways_to_their_site_and_readers_to_readin
         .node("cloud")
         .grpc_endpoint()
         .replace("http://", "https://");
-    let channel = twinmesh_nodes::ctl::connect_tls(&https, Duration::from_secs(10), Some(&ca))
+    let channel = twinmesh_nodes::client::connect_tls(&https, Duration::from_secs(10), Some(&ca))
         .await
         .unwrap();
     let id = "site-a/wt-01";

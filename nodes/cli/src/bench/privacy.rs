@@ -13,7 +13,7 @@ use twinmesh_proto::encoding;
 use twinmesh_proto::v1::privacy_service_client::PrivacyServiceClient;
 use twinmesh_twins::proto::{self, ReleaseAggregateRequest, TelemetryFrame};
 
-use crate::bench::Rig;
+use super::rig::Rig;
 
 #[derive(Debug, Serialize)]
 pub struct PrivacyReport {

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
-use twinmesh_nodes::cli::{Cli, Command};
+use twinmesh_cli::args::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -22,6 +22,9 @@ fn main() -> ExitCode {
         | Command::Certs(_)
         | Command::Acl(_) => "warn",
     };
+    if !matches!(cli.command, Command::Up(_) | Command::Node(_)) {
+        twinmesh_cli::quiet_on_closed_stdout();
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -36,54 +39,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(async { twinmesh_cli::run(cli, shutdown_signal()).await }) {
         Ok(()) => ExitCode::SUCCESS,
         // The reader went away (`| head`): not an error of ours.
-        Err(e)
-            if e.chain().any(|c| {
-                c.downcast_ref::<std::io::Error>()
-                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-                    || c.downcast_ref::<csv::Error>().is_some_and(|ce| {
-                        matches!(ce.kind(), csv::ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::BrokenPipe)
-                    })
-            }) =>
-        {
-            ExitCode::SUCCESS
-        }
+        Err(e) if twinmesh_cli::is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
-        Command::Up(args) => {
-            let opts = twinmesh_nodes::up::UpOptions {
-                assets_per_kind: args.assets_per_kind,
-                grpc: args.grpc,
-                http: args.http,
-                zenoh: args.zenoh,
-                data: args.data,
-                seed: args.seed,
-                passivate_after_s: args.passivate_after,
-                secure: args.secure,
-            };
-            twinmesh_nodes::up::up(opts, shutdown_signal()).await
-        }
-        Command::Node(args) => twinmesh_nodes::run(args.into_config()?, shutdown_signal()).await,
-        Command::Ctl(args) => twinmesh_nodes::ctl::run(args).await,
-        Command::Bench(args) => twinmesh_nodes::bench::run(args).await,
-        Command::Eval(args) => twinmesh_nodes::eval::run(args, &mut std::io::stdout().lock()),
-        Command::Sim(args) => twinmesh_nodes::tools::sim(args, &mut std::io::stdout().lock()),
-        Command::Dsp(args) => {
-            twinmesh_nodes::tools::dsp(args, std::io::stdin().lock(), &mut std::io::stdout().lock())
-        }
-        Command::Ingest(args) => twinmesh_nodes::tools::ingest(args).await,
-        Command::Keys(args) => twinmesh_nodes::keys::run(args),
-        Command::Certs(args) => twinmesh_nodes::certs::run(args),
-        Command::Acl(args) => twinmesh_nodes::acl::run(args),
     }
 }
 

@@ -417,10 +417,13 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
             sample_period_ns: series.sample_period_ns,
             samples: chunk.to_vec(),
         };
-        let resp = client
-            .import_history(req)
-            .await
-            .map_err(|s| anyhow::anyhow!("{}: {}", crate::ctl::code_name(s.code()), s.message()))?;
+        let resp = client.import_history(req).await.map_err(|s| {
+            anyhow::anyhow!(
+                "{}: {}",
+                twinmesh_nodes::client::code_name(s.code()),
+                s.message()
+            )
+        })?;
         stored += resp.into_inner().samples;
         bar.inc(chunk.len() as u64);
     }

@@ -10,8 +10,8 @@ use tokio_util::sync::CancellationToken;
 use twinmesh_sim::model::SIMULATED_KINDS;
 use twinmesh_twins::Tier;
 
-use crate::config::{NodeConfig, SimSpec, CLOUD_SITE};
-use crate::runtime::RunningNode;
+use twinmesh_nodes::config::{NodeConfig, SimSpec, CLOUD_SITE};
+use twinmesh_nodes::RunningNode;
 
 pub const SITES: [&str; 2] = ["site-a", "site-b"];
 
@@ -43,8 +43,8 @@ pub const READER: &str = "reader";
 
 /// The ACL roster of the planned nodes: edge and cloud nodes are the mesh, IoT nodes
 /// the gateways of their sites, plus one read-only client, [`READER`].
-pub fn roster(nodes: &[NodeConfig]) -> anyhow::Result<crate::acl::Roster> {
-    let mut roster = crate::acl::Roster {
+pub fn roster(nodes: &[NodeConfig]) -> anyhow::Result<twinmesh_nodes::acl::Roster> {
+    let mut roster = twinmesh_nodes::acl::Roster {
         readers: vec![READER.parse()?],
         ..Default::default()
     };
@@ -117,7 +117,7 @@ pub fn plan(opts: &UpOptions) -> anyhow::Result<Vec<NodeConfig>> {
                 }
             };
             tls(&mut n.listen);
-            n.tls = Some(crate::config::TlsConfig {
+            n.tls = Some(twinmesh_nodes::config::TlsConfig {
                 ca_file: certs.join("ca.pem"),
                 cert_file: certs.join(format!("{}.pem", n.id)),
                 key_file: certs.join(format!("{}.key", n.id)),
@@ -140,12 +140,12 @@ pub async fn start(mut plan: Vec<NodeConfig>) -> anyhow::Result<Vec<RunningNode>
     if let Some(tls) = plan.iter().find_map(|c| c.tls.as_ref()) {
         let dir = tls.ca_file.parent().unwrap_or(std::path::Path::new("."));
         if !tls.ca_file.exists() {
-            crate::certs::init_ca(dir, "twinmesh up CA", 3650)?;
+            twinmesh_nodes::certs::init_ca(dir, "twinmesh up CA", 3650)?;
         }
         let names = plan.iter().map(|c| c.id.as_str()).chain([READER]);
         for name in names {
             if !dir.join(format!("{name}.pem")).exists() {
-                crate::certs::issue(dir, name, &[], 365)?;
+                twinmesh_nodes::certs::issue(dir, name, &[], 365)?;
             }
         }
     }
@@ -160,7 +160,7 @@ pub async fn start(mut plan: Vec<NodeConfig>) -> anyhow::Result<Vec<RunningNode>
     }
     for key in plan.iter().filter_map(|c| c.site_key_file.as_ref()) {
         if !key.exists() {
-            crate::keys::new_key_file(key, "k1")?;
+            twinmesh_nodes::keys::new_key_file(key, "k1")?;
         }
     }
     let mut running: Vec<RunningNode> = Vec::new();

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{FaultSpec, NodeConfig, SimSpec, ZenohMode};
+use twinmesh_nodes::config::{FaultSpec, NodeConfig, SimSpec, ZenohMode};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -37,36 +37,11 @@ pub enum Command {
     /// Upload a CSV/JSON file into a twin's history through gRPC.
     Ingest(crate::tools::IngestArgs),
     /// Create or rotate AES-256 key files (site keys).
-    Keys(KeysArgs),
+    Keys(crate::admin::KeysArgs),
     /// Create a site CA and issue node/device certificates.
-    Certs(crate::certs::CertsArgs),
+    Certs(crate::admin::CertsArgs),
     /// Check an ACL roster and print the Zenoh access control it generates.
-    Acl(crate::acl::AclArgs),
-}
-
-#[derive(Debug, Args)]
-pub struct KeysArgs {
-    #[command(subcommand)]
-    pub command: KeysCommand,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum KeysCommand {
-    /// Write a new key file with one random key (refuses to overwrite).
-    New {
-        /// The key file to create (mode 0600).
-        #[arg(long)]
-        out: PathBuf,
-        /// Id of the key (stored with every value it seals).
-        #[arg(long, default_value = "k1")]
-        id: String,
-    },
-    /// Append a new key: new values are sealed with it, old ones still open.
-    Rotate {
-        file: PathBuf,
-        #[arg(long)]
-        id: String,
-    },
+    Acl(crate::admin::AclArgs),
 }
 
 #[derive(Debug, Args)]
@@ -226,13 +201,13 @@ impl NodeArgs {
         cfg.at_rest_key_file = self.at_rest_key;
         cfg.acl_file = self.acl;
         if let (Some(ca), Some(cert), Some(key)) = (self.tls_ca, self.tls_cert, self.tls_key) {
-            cfg.tls = Some(crate::config::TlsConfig {
+            cfg.tls = Some(twinmesh_nodes::config::TlsConfig {
                 ca_file: ca,
                 cert_file: cert,
                 key_file: key,
             });
         }
-        cfg.auth = crate::auth::AuthConfig {
+        cfg.auth = twinmesh_nodes::auth::AuthConfig {
             hs256_secret_file: self.auth_hs256_secret,
             public_key_file: self.auth_public_key,
             jwks_file: self.auth_jwks,

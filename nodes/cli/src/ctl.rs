@@ -3,7 +3,8 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Subcommand};
-use tonic::transport::Channel;
+
+use twinmesh_nodes::client::{code_name, connect_tls};
 
 use twinmesh_proto::v1::mesh_service_client::MeshServiceClient;
 use twinmesh_proto::v1::model_service_client::ModelServiceClient;
@@ -275,49 +276,8 @@ pub fn parse_time(s: &str, now: i64) -> anyhow::Result<i64> {
     })
 }
 
-/// `not_found`, `invalid_argument`, ... for a gRPC code.
-pub fn code_name(code: tonic::Code) -> String {
-    let code = format!("{code:?}");
-    let mut snake = String::new();
-    for (i, c) in code.chars().enumerate() {
-        if c.is_uppercase() && i > 0 {
-            snake.push('_');
-        }
-        snake.push(c.to_ascii_lowercase());
-    }
-    snake
-}
-
 fn status_error(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}: {}", code_name(s.code()), s.message())
-}
-
-/// A channel to `endpoint`; `https://` endpoints are verified against `ca`.
-pub async fn connect_tls(
-    endpoint: &str,
-    timeout: Duration,
-    ca: Option<&std::path::Path>,
-) -> anyhow::Result<Channel> {
-    let mut ep = Channel::from_shared(endpoint.to_owned())
-        .map_err(|e| anyhow::anyhow!("invalid endpoint {endpoint:?}: {e}"))?;
-    if endpoint.starts_with("https://") {
-        let Some(ca) = ca else {
-            anyhow::bail!("{endpoint} is https: give the CA certificate with --ca FILE");
-        };
-        let pem = std::fs::read(ca)
-            .map_err(|e| anyhow::anyhow!("cannot read CA {}: {e}", ca.display()))?;
-        ep = ep
-            .tls_config(
-                tonic::transport::ClientTlsConfig::new()
-                    .ca_certificate(tonic::transport::Certificate::from_pem(pem)),
-            )
-            .map_err(|e| anyhow::anyhow!("tls: {e}"))?;
-    }
-    ep.timeout(timeout)
-        .connect_timeout(Duration::from_secs(3))
-        .connect()
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to {endpoint}: {e}"))
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {

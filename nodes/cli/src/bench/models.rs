@@ -22,7 +22,7 @@ const FEATURES: usize = 24;
 const FACTORS: usize = 4;
 /// Windows scored per algorithm.
 const SCORED: usize = 200_000;
-const ONNX_FIXTURE: &[u8] = include_bytes!("../../twins/tests/fixtures/pca_autoencoder.onnx");
+const ONNX_FIXTURE: &[u8] = include_bytes!("../../../../twins/tests/fixtures/pca_autoencoder.onnx");
 
 #[derive(Debug, Serialize)]
 pub struct AlgorithmCost {
@@ -209,9 +209,9 @@ pub async fn bench_scored(
     let model_bytes = model.to_bytes();
 
     let dir = tempfile::tempdir()?;
-    let mut cfg = crate::bench::scale_node_config(dir.path())?;
+    let mut cfg = super::rig::scale_node_config(dir.path())?;
     cfg.normalize()?;
-    let node = crate::runtime::RunningNode::start(cfg).await?;
+    let node = twinmesh_nodes::RunningNode::start(cfg).await?;
     let ctx = node.ctx.clone();
     let supervisor = node.supervisor.clone().expect("edge supervisor");
     let ids: Vec<TwinId> = (0..twins)
@@ -222,10 +222,10 @@ pub async fn bench_scored(
             twin_id: id.to_string(),
             kind: kind.to_string(),
             initial_chain: Some((&spec).into()),
-            ..crate::bench::scale_placement("", 0, crate::bench::SCALE_NODE)
+            ..super::rig::scale_placement("", 0, super::rig::SCALE_NODE)
         }))?;
     }
-    crate::bench::wait_for("twins started", twins, Duration::from_secs(600), || {
+    super::rig::wait_for("twins started", twins, Duration::from_secs(600), || {
         ctx.directory.len()
     })
     .await?;

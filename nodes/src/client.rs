@@ -1,0 +1,46 @@
+//! gRPC client helpers shared by `twinmesh ctl`, the benchmarks and the tests.
+
+use std::time::Duration;
+
+use tonic::transport::Channel;
+
+/// `not_found`, `invalid_argument`, ... for a gRPC code.
+pub fn code_name(code: tonic::Code) -> String {
+    let code = format!("{code:?}");
+    let mut snake = String::new();
+    for (i, c) in code.chars().enumerate() {
+        if c.is_uppercase() && i > 0 {
+            snake.push('_');
+        }
+        snake.push(c.to_ascii_lowercase());
+    }
+    snake
+}
+
+/// A channel to `endpoint`; `https://` endpoints are verified against `ca`.
+pub async fn connect_tls(
+    endpoint: &str,
+    timeout: Duration,
+    ca: Option<&std::path::Path>,
+) -> anyhow::Result<Channel> {
+    let mut ep = Channel::from_shared(endpoint.to_owned())
+        .map_err(|e| anyhow::anyhow!("invalid endpoint {endpoint:?}: {e}"))?;
+    if endpoint.starts_with("https://") {
+        let Some(ca) = ca else {
+            anyhow::bail!("{endpoint} is https: give the CA certificate with --ca FILE");
+        };
+        let pem = std::fs::read(ca)
+            .map_err(|e| anyhow::anyhow!("cannot read CA {}: {e}", ca.display()))?;
+        ep = ep
+            .tls_config(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(pem)),
+            )
+            .map_err(|e| anyhow::anyhow!("tls: {e}"))?;
+    }
+    ep.timeout(timeout)
+        .connect_timeout(Duration::from_secs(3))
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to {endpoint}: {e}"))
+}

@@ -1,0 +1,87 @@
+//! `MeshService`: nodes, placements, migrations and drains, answered by the placement
+//! authority (the cloud's `MeshSupervisor`) over the fabric.
+
+use std::time::Duration;
+
+use tonic::{Request, Response, Status};
+
+use twinmesh_proto::v1::mesh_service_server::MeshService;
+use twinmesh_twins::privacy::Role;
+use twinmesh_twins::proto::{
+    mesh_reply, mesh_request, DrainNodeRequest, DrainNodeResponse, GetPlacementRequest,
+    ListNodesRequest, ListNodesResponse, MigrateTwinRequest, MigrateTwinResponse, Placement,
+};
+
+use super::Services;
+use crate::api::parse_twin_id;
+
+/// How long a migration may take before the caller hears `UNAVAILABLE`.
+const MIGRATE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a drain (one migration per twin of the node) may take.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn unexpected() -> Status {
+    Status::internal("unexpected reply from the placement authority")
+}
+
+#[tonic::async_trait]
+impl MeshService for Services {
+    async fn list_nodes(
+        &self,
+        request: Request<ListNodesRequest>,
+    ) -> Result<Response<ListNodesResponse>, Status> {
+        crate::auth::require(&request, Role::Viewer)?;
+        Ok(Response::new(ListNodesResponse {
+            nodes: self.api.list_nodes().await?,
+        }))
+    }
+
+    async fn migrate_twin(
+        &self,
+        request: Request<MigrateTwinRequest>,
+    ) -> Result<Response<MigrateTwinResponse>, Status> {
+        crate::auth::require(&request, Role::DataManager)?;
+        let req = request.into_inner();
+        parse_twin_id(&req.twin_id)?;
+        match self
+            .api
+            .mesh_request(mesh_request::Request::Migrate(req), MIGRATE_TIMEOUT)
+            .await?
+        {
+            mesh_reply::Reply::Migrate(r) => Ok(Response::new(r)),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn drain_node(
+        &self,
+        request: Request<DrainNodeRequest>,
+    ) -> Result<Response<DrainNodeResponse>, Status> {
+        crate::auth::require(&request, Role::DataManager)?;
+        let req = request.into_inner();
+        req.node
+            .parse::<twinmesh_twins::NodeId>()
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        match self
+            .api
+            .mesh_request(mesh_request::Request::Drain(req), DRAIN_TIMEOUT)
+            .await?
+        {
+            mesh_reply::Reply::Drain(r) => Ok(Response::new(r)),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn get_placement(
+        &self,
+        request: Request<GetPlacementRequest>,
+    ) -> Result<Response<Placement>, Status> {
+        crate::auth::require(&request, Role::Viewer)?;
+        let id = parse_twin_id(&request.get_ref().twin_id)?;
+        self.api
+            .placement(&id)
+            .await?
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("unknown twin {id}")))
+    }
+}

@@ -1,0 +1,162 @@
+//! The gRPC API (DESIGN §9), served by every node, with standard health checking and
+//! server reflection. Every service is written the same way: an `impl` on [`Services`]
+//! in its own file, and every call that goes to one twin through [`Services::forward`]
+//! (least role → deadline → twin id → typed twin call → reply).
+//!
+//! # Layout
+//!
+//! - `twins`: `TwinService`.
+//! - `mesh`: `MeshService`.
+//! - `privacy`: `PrivacyService`.
+//! - `ModelService` is [`crate::models::Models`].
+
+mod mesh;
+mod privacy;
+mod twins;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use twinmesh_proto::v1::mesh_service_server::MeshServiceServer;
+use twinmesh_proto::v1::model_service_server::ModelServiceServer;
+use twinmesh_proto::v1::privacy_service_server::PrivacyServiceServer;
+use twinmesh_proto::v1::twin_service_server::TwinServiceServer;
+use twinmesh_twins::privacy::Role;
+use twinmesh_twins::TwinId;
+
+use crate::api::{parse_twin_id, Api, TwinCall};
+
+/// The client's deadline (`grpc-timeout`), if it sent one.
+fn deadline<T>(req: &Request<T>) -> Option<Duration> {
+    let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = num.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[derive(Clone)]
+pub struct Services {
+    pub api: Api,
+    /// Bearer-token checks; `None`: every caller is trusted.
+    pub auth: Option<std::sync::Arc<crate::auth::Authenticator>>,
+    pub cancel: CancellationToken,
+    pub tasks: tokio_util::task::TaskTracker,
+}
+
+/// A gRPC request that one twin answers: what [`Services::forward`] needs beyond the
+/// wire mapping of [`TwinCall`].
+pub(crate) trait TwinRpc: TwinCall {
+    /// The least role of the RPC (DESIGN §10).
+    const LEAST_ROLE: Role;
+    /// The twin it goes to.
+    fn twin_id(&self) -> &str;
+    /// Checks that need no twin, so a bad request never travels.
+    fn check(&self, _id: &TwinId) -> Result<(), Status> {
+        Ok(())
+    }
+    /// The deadline of the twin call, from the client's.
+    fn deadline(&self, client: Option<Duration>) -> Option<Duration> {
+        client
+    }
+}
+
+impl Services {
+    /// The one forwarding sequence of the API: the caller's role, the deadline, the
+    /// twin id, the typed twin call on the caller's behalf, the reply.
+    pub(crate) async fn forward<R: TwinRpc>(
+        &self,
+        request: Request<R>,
+    ) -> Result<Response<R::Reply>, Status> {
+        let who = crate::auth::require(&request, R::LEAST_ROLE)?;
+        let client_deadline = deadline(&request);
+        let req = request.into_inner();
+        let id = parse_twin_id(req.twin_id())?;
+        req.check(&id)?;
+        let deadline = req.deadline(client_deadline);
+        self.api
+            .call(&id, req, deadline, self.api.caller_of(&who))
+            .await
+            .map(Response::new)
+    }
+}
+
+/// Serves the API on `listener` until `cancel`.
+pub async fn serve(
+    listener: TcpListener,
+    services: Services,
+    models: crate::models::Models,
+    tls: Option<crate::config::TlsConfig>,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<TwinServiceServer<Services>>()
+        .await;
+    health_reporter
+        .set_serving::<MeshServiceServer<Services>>()
+        .await;
+    health_reporter
+        .set_serving::<ModelServiceServer<crate::models::Models>>()
+        .await;
+    health_reporter
+        .set_serving::<PrivacyServiceServer<Services>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(twinmesh_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    // Health and reflection stay open; every twinmesh service checks its callers.
+    let auth = crate::auth::AuthInterceptor {
+        auth: services.auth.clone(),
+    };
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(t) = &tls {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))
+        };
+        let identity =
+            tonic::transport::Identity::from_pem(read(&t.cert_file)?, read(&t.key_file)?);
+        builder = builder
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .map_err(|e| anyhow::anyhow!("grpc tls: {e}"))?;
+    }
+    builder
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(TwinServiceServer::with_interceptor(
+            services.clone(),
+            auth.clone(),
+        ))
+        .add_service(MeshServiceServer::with_interceptor(
+            services.clone(),
+            auth.clone(),
+        ))
+        .add_service(ModelServiceServer::with_interceptor(models, auth.clone()))
+        .add_service(PrivacyServiceServer::with_interceptor(services, auth))
+        .serve_with_incoming_shutdown(
+            // Small RPCs must not wait for Nagle's algorithm.
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            cancel.cancelled_owned(),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Binds a gRPC listener, failing with a clear message.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot bind gRPC address {addr}: {e}"))
+}

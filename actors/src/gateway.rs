@@ -90,6 +90,9 @@ pub struct StreamStatus {
     pub last_seq: u64,
     /// Highest seq the twin acknowledged as durable.
     pub acked: u64,
+    /// Lowest seq still spooled (resendable): acknowledged frames below it, but for the
+    /// `retain_frames` kept for a twin that moves, are truncated.
+    pub spool_base: u64,
     /// Frames dropped from a full spool.
     pub dropped: u64,
 }
@@ -826,6 +829,7 @@ impl Actor for GatewayActor {
                         signal: signal.clone(),
                         last_seq: s.next_seq - 1,
                         acked: s.acked,
+                        spool_base: s.base,
                         dropped: s.dropped,
                     })
                     .collect();

@@ -10,7 +10,10 @@
 //! - [`context`]: [`context::NodeContext`], what every actor of one node shares
 //!   (ports, counters, config, the task tracker that owns every background task).
 //! - [`twin`]: [`twin::TwinActor`], one per asset: ingest → durable → ack; state;
-//!   set-points; RPCs.
+//!   set-points; RPCs; analysis; lifecycle (start, freeze, migration, passivation); the
+//!   twin side of privacy and the DP releases served where the twin lives
+//!   ([`twin::release`]: single twin, and set releases coordinated on the site with
+//!   sealed contributions). Its own `//!` layout lists its modules.
 //! - [`node`]: [`node::NodeSupervisor`], hosts and restarts the twins placed on a node.
 //! - [`mesh`]: [`mesh::MeshSupervisor`], the placement authority on the cloud node.
 //! - [`gateway`]: [`gateway::GatewayActor`], the IoT tier: devices → numbered frames →
@@ -18,8 +21,6 @@
 //! - [`router`]: [`router::Router`], node-level dispatch on edges: one set of
 //!   declarations per node hands frames, calls and delivery reports to the twin by id
 //!   and wakes dormant (passivated) twins.
-//! - [`privacy`]: DP releases served where the twin lives (single twin, and set
-//!   releases coordinated on the site with sealed contributions).
 //! - [`seal`]: AES-256-GCM key rings: the site key (protected telemetry and values
 //!   that cross the fabric) and the at-rest key (sensitive trees).
 //! - [`metrics`]: per-node counters behind `NodeLoad` and `/metrics`.
@@ -32,7 +33,6 @@ pub mod mesh;
 pub mod metrics;
 pub mod node;
 pub mod ports;
-pub mod privacy;
 pub mod router;
 pub mod seal;
 pub mod services;

@@ -82,6 +82,23 @@ pub enum MeshMsg {
         SiteBudgetRequest,
         RpcReplyPort<Result<Budget, (ErrorCode, String)>>,
     ),
+    /// What the authority knows now, for tests and admin.
+    Inspect(RpcReplyPort<MeshSnapshot>),
+}
+
+/// Observable state of the placement authority.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MeshSnapshot {
+    /// Live nodes, by name.
+    pub members: Vec<NodeInfo>,
+    /// Every placement, by twin.
+    pub placements: Vec<Placement>,
+    /// Nodes being drained.
+    pub draining: Vec<String>,
+    /// Active twins placed on each live node (the load placement compares).
+    pub load: BTreeMap<String, usize>,
+    /// Replicated snapshots refused because they came from an older epoch (fencing).
+    pub fenced_replicas: u64,
 }
 
 pub struct MeshSupervisor;
@@ -98,6 +115,8 @@ pub struct MeshState {
     rebalance_until: Option<tokio::time::Instant>,
     /// Snapshots kept since the last flush.
     replicas_dirty: bool,
+    /// Snapshots refused as coming from an older epoch.
+    fenced_replicas: u64,
     flush_timer: Option<ractor::concurrency::JoinHandle<()>>,
     cancel: CancellationToken,
 }
@@ -228,6 +247,20 @@ impl MeshState {
                 })?
         };
         Ok((p.clone(), target))
+    }
+
+    fn inspect(&self) -> MeshSnapshot {
+        MeshSnapshot {
+            members: self.members.values().cloned().collect(),
+            placements: self.placements.values().cloned().collect(),
+            draining: self.draining.iter().cloned().collect(),
+            load: self
+                .members
+                .keys()
+                .map(|n| (n.clone(), self.load(n)))
+                .collect(),
+            fenced_replicas: self.fenced_replicas,
+        }
     }
 
     /// Active twins placed on `node`.
@@ -455,6 +488,7 @@ impl Actor for MeshSupervisor {
             draining: Default::default(),
             rebalance_until: None,
             replicas_dirty: false,
+            fenced_replicas: 0,
             flush_timer: None,
             cancel,
         })
@@ -604,6 +638,7 @@ impl Actor for MeshSupervisor {
                 // Fencing: an owner of an older epoch may not overwrite the newer state.
                 if let Some(p) = state.placements.get(&id) {
                     if snapshot.epoch < p.epoch {
+                        state.fenced_replicas += 1;
                         tracing::debug!(twin = %id, epoch = snapshot.epoch, current = p.epoch, "refusing a snapshot of an older epoch");
                         return Ok(());
                     }
@@ -664,6 +699,9 @@ impl Actor for MeshSupervisor {
             }
             MeshMsg::SiteBudget(req, reply) => {
                 let _ = reply.send(state.site_budget(req).await);
+            }
+            MeshMsg::Inspect(reply) => {
+                let _ = reply.send(state.inspect());
             }
         }
         Ok(())

@@ -43,6 +43,31 @@ pub enum NodeMsg {
     Hosted(RpcReplyPort<Vec<Placement>>),
     /// A frame or a call arrived for a twin that is dormant here: start it.
     Wake(TwinId),
+    /// What the node hosts now, for tests and admin.
+    Inspect(RpcReplyPort<NodeSnapshot>),
+}
+
+/// Observable state of a node supervisor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeSnapshot {
+    /// Twins hosted here (running or dormant), by id.
+    pub twins: Vec<HostedTwin>,
+    /// Twins given up on after failing `MAX_RESTARTS` times within `RESTART_WINDOW`: not
+    /// restarted until they are placed here again.
+    pub given_up: Vec<String>,
+}
+
+/// One twin hosted by a node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostedTwin {
+    pub twin_id: String,
+    pub epoch: u64,
+    /// Its actor is up.
+    pub running: bool,
+    /// Passivated: registered here, started on its next frame or call.
+    pub dormant: bool,
+    /// Restarts after a failure within the restart window.
+    pub restarts: usize,
 }
 
 struct Hosted {
@@ -60,6 +85,8 @@ pub struct NodeSupervisorState {
     ctx: Arc<NodeContext>,
     twins: std::collections::BTreeMap<TwinId, Hosted>,
     by_actor: HashMap<ActorId, TwinId>,
+    /// Twins that failed too often (observability: they are not hosted any more).
+    given_up: std::collections::BTreeSet<TwinId>,
     cancel: CancellationToken,
 }
 
@@ -128,6 +155,7 @@ impl NodeSupervisorState {
             tracing::error!(twin = %id, "twin failed {MAX_RESTARTS} times within {RESTART_WINDOW:?} ({why}); not restarting");
             self.twins.remove(&id);
             self.ctx.directory.remove(&id);
+            self.given_up.insert(id);
             return;
         }
         hosted.restarts.push(now);
@@ -172,6 +200,7 @@ impl Actor for NodeSupervisor {
             ctx,
             twins: std::collections::BTreeMap::new(),
             by_actor: HashMap::new(),
+            given_up: Default::default(),
             cancel,
         })
     }
@@ -261,6 +290,7 @@ impl Actor for NodeSupervisor {
                     }
                 }
                 state.ctx.store.save_hosted(&placement)?;
+                state.given_up.remove(&id);
                 let restarts = state
                     .twins
                     .get_mut(&id)
@@ -325,6 +355,21 @@ impl Actor for NodeSupervisor {
             }
             NodeMsg::Hosted(reply) => {
                 let _ = reply.send(state.twins.values().map(|h| h.placement.clone()).collect());
+            }
+            NodeMsg::Inspect(reply) => {
+                let twins = state
+                    .twins
+                    .iter()
+                    .map(|(id, h)| HostedTwin {
+                        twin_id: id.to_string(),
+                        epoch: h.placement.epoch,
+                        running: h.actor.is_some(),
+                        dormant: h.actor.is_none() && state.ctx.router.is_dormant(id),
+                        restarts: h.restarts.len(),
+                    })
+                    .collect();
+                let given_up = state.given_up.iter().map(|id| id.to_string()).collect();
+                let _ = reply.send(NodeSnapshot { twins, given_up });
             }
         }
         Ok(())

@@ -77,6 +77,8 @@ pub struct SimCluster {
     /// Twin settings of the nodes started from now on (analysis off: it runs on a
     /// thread pool, outside virtual time).
     pub twin_config: TwinConfig,
+    /// Gateway settings of the iot nodes started from now on.
+    pub gateway_config: GatewayConfig,
 }
 
 impl SimCluster {
@@ -91,6 +93,7 @@ impl SimCluster {
                 analysis: false,
                 ..TwinConfig::default()
             },
+            gateway_config: GatewayConfig::default(),
         }
     }
 
@@ -175,7 +178,7 @@ impl SimCluster {
             let args = GatewayArgs {
                 ctx: ctx.clone(),
                 devices,
-                config: GatewayConfig::default(),
+                config: self.gateway_config.clone(),
                 chains: BTreeMap::new(),
             };
             let (a, _) = Actor::spawn(None, GatewayActor, args)

@@ -2,7 +2,7 @@
 //! crash unless a `flush` covered them.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 
@@ -29,6 +29,8 @@ struct Data {
 pub struct MemStore {
     current: Mutex<Data>,
     durable: Mutex<Data>,
+    /// Flushes wait while a test holds it for writing (a slow disk).
+    flush_gate: Arc<tokio::sync::RwLock<()>>,
 }
 
 impl MemStore {
@@ -36,6 +38,22 @@ impl MemStore {
     pub fn crash(&self) {
         let durable = self.durable.lock().expect("store").clone();
         *self.current.lock().expect("store") = durable;
+    }
+
+    /// Holds every flush until the guard is dropped (a disk that stalls): what a flush
+    /// would make durable stays volatile meanwhile.
+    pub async fn hold_flushes(&self) -> tokio::sync::OwnedRwLockWriteGuard<()> {
+        self.flush_gate.clone().write_owned().await
+    }
+
+    /// Whether a frame of `signal` with `seq` would survive a crash now.
+    pub fn is_durable(&self, twin: &TwinId, signal: &str, seq: u64) -> bool {
+        self.durable
+            .lock()
+            .expect("store")
+            .history
+            .keys()
+            .any(|(t, s, _, q)| t == twin && s == signal && *q == seq)
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Data) -> T) -> T {
@@ -305,6 +323,7 @@ impl Store for MemStore {
     }
 
     async fn flush(&self) -> Result<()> {
+        let _open = self.flush_gate.read().await;
         let current = self.current.lock().expect("store").clone();
         *self.durable.lock().expect("store") = current;
         Ok(())

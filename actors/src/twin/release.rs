@@ -31,8 +31,8 @@ use twinmesh_twins::proto::{
 };
 use twinmesh_twins::{keys, AssetKind, Error as DomainError, TwinId};
 
+use super::{Charge, TwinMsg};
 use crate::context::NodeContext;
-use crate::twin::{Charge, TwinMsg};
 
 /// Most records one single-twin release reads.
 pub const MAX_RELEASE_RECORDS: usize = 1 << 20;

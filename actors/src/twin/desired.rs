@@ -1,0 +1,119 @@
+//! Set-points: sent to the gateway on the twin's control key, re-sent until the
+//! gateway's delivery report (delivered or rejected) comes back through the control
+//! listener.
+
+use prost::Message;
+use ractor::ActorRef;
+use tokio_util::sync::CancellationToken;
+
+use twinmesh_proto::encoding;
+use twinmesh_twins::keys;
+use twinmesh_twins::proto::{self, DesiredUpdate};
+use twinmesh_twins::state::DeliveryStatus;
+
+use super::{TwinActorState, TwinMsg};
+use crate::error::Result;
+use crate::ports::{Qos, Subscription};
+use tokio::time::Instant;
+
+impl TwinActorState {
+    /// A delivery report from the gateway: the set-point is delivered or rejected.
+    pub(super) async fn on_desired_outcome(
+        &mut self,
+        myself: &ActorRef<TwinMsg>,
+        update: DesiredUpdate,
+    ) -> Result<()> {
+        let status = proto::DeliveryStatus::try_from(update.status)
+            .ok()
+            .and_then(|s| DeliveryStatus::try_from(s).ok());
+        let Some(status) = status else {
+            tracing::warn!(twin = %self.core.id, "delivery report without status");
+            return Ok(());
+        };
+        let now = self.ctx.now_ns();
+        if self.core.desired_outcome(
+            &update.property,
+            update.revision,
+            status,
+            &update.reason,
+            now,
+        ) {
+            self.persist()?;
+            let kind = match status {
+                DeliveryStatus::Rejected => "desired_rejected",
+                _ => "desired_delivered",
+            };
+            self.publish_event(
+                kind,
+                format!(
+                    "set-point {}={} {}",
+                    update.property,
+                    update.value,
+                    if status == DeliveryStatus::Rejected {
+                        format!("rejected: {}", update.reason)
+                    } else {
+                        "delivered".to_owned()
+                    }
+                ),
+                vec![
+                    ("property", update.property.clone()),
+                    ("revision", update.revision.to_string()),
+                ],
+            )
+            .await;
+            self.state_changed(myself).await;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn send_pending_desired(&mut self) {
+        let updates: Vec<DesiredUpdate> = self
+            .core
+            .pending_desired()
+            .map(|(property, d)| DesiredUpdate {
+                twin_id: self.core.id.to_string(),
+                property: property.to_owned(),
+                value: d.value,
+                revision: d.revision,
+                epoch: self.placement.epoch,
+                status: proto::DeliveryStatus::Pending as i32,
+                timestamp_ns: d.updated_ns,
+                reason: String::new(),
+            })
+            .collect();
+        for update in &updates {
+            self.publish(
+                keys::control(&self.core.id),
+                update.encode_to_vec(),
+                encoding::DESIRED_UPDATE,
+                Qos::Reliable,
+            )
+            .await;
+        }
+        if !updates.is_empty() {
+            self.last_desired_send = Some(Instant::now());
+        }
+    }
+}
+
+pub(super) async fn control_listener(
+    actor: ActorRef<TwinMsg>,
+    sub: Subscription,
+    cancel: CancellationToken,
+) {
+    loop {
+        let sample = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            s = sub.rx.recv_async() => match s { Ok(s) => s, Err(_) => break },
+        };
+        match DesiredUpdate::decode(sample.payload) {
+            Ok(update) => {
+                if actor.cast(TwinMsg::DesiredOutcome(update)).is_err() {
+                    break;
+                }
+            }
+            Err(e) => tracing::warn!(key = sample.key, "malformed delivery report: {e}"),
+        }
+    }
+}

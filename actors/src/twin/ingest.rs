@@ -1,0 +1,360 @@
+//! The ingest side: the ingest pump (subscription → decode and validate → batch →
+//! apply → flush → watermarks) and what the actor does with a batch (admission by
+//! `seq`, history, analysis windows). Identifier streams are checked here and handed to
+//! [`super::privacy`].
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use prost::Message;
+use ractor::{ActorRef, RpcReplyPort};
+use tokio_util::sync::CancellationToken;
+
+use twinmesh_proto::encoding;
+use twinmesh_twins::chain::{self, WindowJob};
+use twinmesh_twins::proto::{self, TelemetryFrame, Watermark};
+use twinmesh_twins::state::Admission;
+use twinmesh_twins::{frame, keys, AssetKind, TwinId};
+
+use super::{IngestAck, TwinActorState, TwinMsg};
+use crate::context::NodeContext;
+use crate::error::Result;
+use crate::metrics::NodeMetrics;
+use crate::ports::{Qos, Sample, StoredFrame, Subscription};
+
+/// Points kept per process signal for analysis context.
+const RECENT_POINTS: usize = 64;
+
+/// What applying a batch of frames produced.
+struct Applied {
+    /// Last applied seq of each signal the batch touched.
+    watermarks: Vec<(String, u64)>,
+    /// Frames skipped because the gateway no longer held them.
+    lost: u64,
+    /// Analysis windows the batch completed.
+    jobs: Vec<WindowJob>,
+}
+
+/// Most records one identifier batch may carry.
+pub const MAX_IDENTIFIER_RECORDS: usize = 10_000;
+
+/// Longest identifier accepted.
+pub const MAX_IDENTIFIER_LEN: usize = 128;
+
+impl TwinActorState {
+    /// Applies a batch and replies with the watermarks to acknowledge once the store has
+    /// flushed. A frozen twin applies nothing.
+    pub(super) async fn on_ingest(
+        &mut self,
+        myself: &ActorRef<TwinMsg>,
+        frames: Vec<TelemetryFrame>,
+        reply: RpcReplyPort<IngestAck>,
+    ) -> Result<()> {
+        if self.frozen {
+            // Moving: the new owner applies these (the gateway re-sends them).
+            let _ = reply.send(IngestAck {
+                epoch: self.placement.epoch,
+                watermarks: Vec::new(),
+            });
+            return Ok(());
+        }
+        let Applied {
+            watermarks,
+            lost,
+            jobs,
+        } = self.apply_frames(frames)?;
+        self.analyse(myself, jobs);
+        let _ = reply.send(IngestAck {
+            epoch: self.placement.epoch,
+            watermarks,
+        });
+        if lost > 0 {
+            self.publish_event(
+                "frames_lost",
+                format!("{lost} frames could no longer be resent by the gateway"),
+                vec![("frames", lost.to_string())],
+            )
+            .await;
+        }
+        self.state_changed(myself).await;
+        Ok(())
+    }
+    fn apply_frames(&mut self, frames: Vec<TelemetryFrame>) -> Result<Applied> {
+        let mut stored = Vec::with_capacity(frames.len());
+        let mut jobs = Vec::new();
+        let mut touched: Vec<String> = Vec::new();
+        let mut lost_total = 0;
+        for f in frames {
+            if !touched.contains(&f.signal) {
+                touched.push(f.signal.clone());
+            }
+            match self.core.admit(&f.signal, f.seq, f.spool_base_seq) {
+                Admission::Apply { lost } => {
+                    self.core.apply_frame(
+                        &f.signal,
+                        f.seq,
+                        f.start_ns,
+                        f.sample_period_ns,
+                        &f.samples,
+                        lost,
+                    );
+                    lost_total += lost;
+                    NodeMetrics::add(&self.ctx.metrics.samples_in, f.samples.len() as u64);
+                    if self
+                        .core
+                        .kind
+                        .schema()
+                        .signal(&f.signal)
+                        .is_ok_and(|s| !s.waveform)
+                    {
+                        let recent = self.recent.entry(f.signal.clone()).or_default();
+                        for (i, v) in f.samples.iter().enumerate() {
+                            recent.push_back((f.start_ns + i as i64 * f.sample_period_ns, *v));
+                        }
+                        while recent.len() > RECENT_POINTS {
+                            recent.pop_front();
+                        }
+                    }
+                    if self.ctx.twin_config.analysis && self.analyzer.wants(&f.signal) {
+                        let block = chain::Block {
+                            start_ns: f.start_ns,
+                            period_ns: f.sample_period_ns,
+                            samples: f.samples.clone(),
+                        };
+                        jobs.extend(self.analyzer.push(&f.signal, block));
+                    }
+                    stored.push(StoredFrame {
+                        signal: f.signal,
+                        seq: f.seq,
+                        start_ns: f.start_ns,
+                        sample_period_ns: f.sample_period_ns,
+                        samples: f.samples,
+                        scale: f.scale,
+                    });
+                }
+                Admission::Duplicate => {
+                    // Already applied to the state; a replay after a move still fills this
+                    // node's history (same key: storing it again changes nothing).
+                    NodeMetrics::add(&self.ctx.metrics.frames_duplicate, 1);
+                    stored.push(StoredFrame {
+                        signal: f.signal,
+                        seq: f.seq,
+                        start_ns: f.start_ns,
+                        sample_period_ns: f.sample_period_ns,
+                        samples: f.samples,
+                        scale: f.scale,
+                    });
+                }
+                Admission::Gap { .. } => {
+                    NodeMetrics::add(&self.ctx.metrics.frames_gap, 1);
+                }
+            }
+        }
+        if !stored.is_empty() {
+            self.ctx.store.append_frames(&self.core.id, &stored)?;
+            self.persist()?;
+        }
+        let acks = touched
+            .into_iter()
+            .map(|s| {
+                let seq = self.core.last_seq(&s);
+                (s, seq)
+            })
+            .collect();
+        for job in &mut jobs {
+            job.context = self
+                .core
+                .reported
+                .iter()
+                .map(|(k, r)| {
+                    let v = self
+                        .recent
+                        .get(k)
+                        .and_then(|pts| {
+                            let pts: Vec<(i64, f64)> = pts.iter().copied().collect();
+                            chain::hold_average(&pts, job.start_ns, job.end_ns)
+                        })
+                        .unwrap_or(r.value);
+                    (k.clone(), v)
+                })
+                .collect();
+        }
+        Ok(Applied {
+            watermarks: acks,
+            lost: lost_total,
+            jobs,
+        })
+    }
+}
+
+/// A sample on one of the kind's identifier streams: checked, then handed to the actor
+/// (which checks it against the policy). Never a frame.
+pub(super) fn decode_identifiers(
+    ctx: &NodeContext,
+    actor: &ActorRef<TwinMsg>,
+    id: &TwinId,
+    stream: &str,
+    sample: &Sample,
+) {
+    use twinmesh_twins::frame::FrameRejection;
+    let batch = match proto::IdentifierBatch::decode(sample.payload.clone()) {
+        Ok(b) => b,
+        Err(e) => {
+            ctx.metrics
+                .reject(&sample.key, &FrameRejection::Malformed(e.to_string()));
+            return;
+        }
+    };
+    let bad = if batch.twin_id != id.to_string() || batch.stream != stream {
+        Some("identifier batch for another twin or stream than its key")
+    } else if batch.records.is_empty() || batch.records.len() > MAX_IDENTIFIER_RECORDS {
+        Some("identifier batch with no records, or too many")
+    } else if batch.records.iter().any(|r| {
+        r.identifier.is_empty()
+            || r.identifier.len() > MAX_IDENTIFIER_LEN
+            || r.identifier.chars().any(|c| c.is_control() || c == ',')
+    }) {
+        Some("identifier empty, too long or with control characters or commas")
+    } else {
+        None
+    };
+    match bad {
+        Some(why) => ctx
+            .metrics
+            .reject(&sample.key, &FrameRejection::Invalid(why)),
+        None => {
+            let _ = actor.cast(TwinMsg::Identifiers(batch));
+        }
+    }
+}
+
+/// Decodes and validates one telemetry sample, counting and logging what it drops.
+fn decode_frame(
+    ctx: &NodeContext,
+    actor: &ActorRef<TwinMsg>,
+    id: &TwinId,
+    kind: AssetKind,
+    sample: &Sample,
+) -> Option<TelemetryFrame> {
+    use twinmesh_twins::frame::FrameRejection;
+    NodeMetrics::add(&ctx.metrics.frames_in, 1);
+    let limit = ctx.twin_config.max_frame_bytes;
+    let rejected = |why: FrameRejection| {
+        ctx.metrics.reject(&sample.key, &why);
+        None
+    };
+    if sample.payload.len() > limit {
+        return rejected(FrameRejection::Oversized {
+            bytes: sample.payload.len(),
+            limit,
+        });
+    }
+    let Some((_, _, key_signal)) = keys::parse_telemetry(&sample.key) else {
+        return rejected(FrameRejection::Invalid("not a telemetry key"));
+    };
+    if kind.schema().identifier(key_signal).is_some() {
+        decode_identifiers(ctx, actor, id, key_signal, sample);
+        return None;
+    }
+    let mut f = match TelemetryFrame::decode(sample.payload.clone()) {
+        Ok(f) => f,
+        Err(e) => return rejected(FrameRejection::Malformed(e.to_string())),
+    };
+    if !f.sealed.is_empty() {
+        // A protected signal: its samples travel sealed with the site key.
+        let Some(ring) = ctx.site_key.as_ref() else {
+            return rejected(FrameRejection::Invalid(
+                "sealed frame, and this node has no site key",
+            ));
+        };
+        let plain = match ring.open(&frame::seal_context(&f), &f.sealed) {
+            Ok(p) => p,
+            Err(_) => return rejected(FrameRejection::Invalid("sealed frame does not open")),
+        };
+        match proto::SealedSamples::decode(plain.as_slice()) {
+            Ok(inner) => {
+                f.samples = inner.samples;
+                f.packed = inner.packed;
+                f.sealed.clear();
+            }
+            Err(e) => return rejected(FrameRejection::Malformed(e.to_string())),
+        }
+    }
+    if let Err(why) = frame::unpack(&mut f) {
+        return rejected(why);
+    }
+    match frame::validate(&f, &sample.key, id, key_signal, kind) {
+        Ok(()) => Some(f),
+        Err(why) => rejected(why),
+    }
+}
+
+pub(super) async fn ingest_pump(
+    actor: ActorRef<TwinMsg>,
+    ctx: Arc<NodeContext>,
+    id: TwinId,
+    kind: AssetKind,
+    sub: Subscription,
+    cancel: CancellationToken,
+) {
+    let batch_max = ctx.twin_config.ingest_batch;
+    loop {
+        let first = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            s = sub.rx.recv_async() => match s { Ok(s) => s, Err(_) => break },
+        };
+        let mut batch = Vec::with_capacity(batch_max);
+        batch.extend(decode_frame(&ctx, &actor, &id, kind, &first));
+        while batch.len() < batch_max {
+            match sub.rx.try_recv() {
+                Ok(s) => batch.extend(decode_frame(&ctx, &actor, &id, kind, &s)),
+                Err(_) => break,
+            }
+        }
+        let overflow = sub.dropped.swap(0, std::sync::atomic::Ordering::Relaxed);
+        if overflow > 0 {
+            NodeMetrics::add(&ctx.metrics.frames_overflow, overflow);
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let acks = match actor
+            .call(
+                |tx| TwinMsg::Ingest(batch, tx),
+                Some(ctx.twin_config.call_timeout),
+            )
+            .await
+        {
+            Ok(ractor::rpc::CallResult::Success(acks)) => acks,
+            // The actor stopped or failed: its supervisor restarts it with a new pump;
+            // the gateway re-sends what was not acknowledged.
+            _ => break,
+        };
+        if let Err(e) = ctx.store.flush().await {
+            tracing::error!(twin = %id, "flush failed, frames stay unacknowledged: {e}");
+            continue;
+        }
+        for (signal, seq) in acks.watermarks {
+            let wm = Watermark {
+                twin_id: id.to_string(),
+                signal,
+                seq,
+                epoch: acks.epoch,
+            };
+            if let Err(e) = ctx
+                .fabric
+                .publish(
+                    &keys::acks(&id),
+                    Bytes::from(wm.encode_to_vec()),
+                    encoding::WATERMARK,
+                    Qos::Reliable,
+                )
+                .await
+            {
+                tracing::warn!(twin = %id, "ack not published: {e}");
+            }
+        }
+    }
+    drop(sub);
+}

@@ -1,0 +1,601 @@
+//! The actors one at a time, on the in-memory fabric and store and tokio's paused clock:
+//! the twin (admission and acknowledgement after the flush, freeze and release,
+//! passivation and wake), the placement authority (placement choice, fencing of
+//! replicas), the node supervisor (restart limit) and the gateway (spool truncation).
+//!
+//! The test stands in for the gateway where it needs exact frames: it publishes them
+//! through an observer that the network never cuts off. Every wait polls a predicate
+//! under a deadline of virtual time.
+
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+use prost::Message;
+use ractor::ActorRef;
+
+use twinmesh_actors::gateway::{GatewayConfig, GatewayMsg};
+use twinmesh_actors::mesh::{MeshMsg, MeshSnapshot};
+use twinmesh_actors::node::{NodeMsg, NodeSnapshot};
+use twinmesh_actors::ports::{Fabric, Qos, Store, Subscription};
+use twinmesh_actors::twin::TwinMsg;
+use twinmesh_proto::encoding;
+use twinmesh_sim::mesh::cluster::{NodeSpec, SimCluster};
+use twinmesh_sim::mesh::fabric::{NetConfig, Network, SimFabric};
+use twinmesh_twins::proto::{
+    self, twin_reply, twin_request, FreezeRequest, GetTwinRequest, Placement, PlacementRequest,
+    SetDesiredRequest, TelemetryFrame, TwinReply, TwinRequest, TwinSnapshot, Watermark,
+};
+use twinmesh_twins::{keys, AssetKind, Tier, TwinId};
+
+/// Longest any single wait may take, in virtual time.
+const WAIT: Duration = Duration::from_secs(30);
+/// How long "nothing happens" is watched for, in virtual time.
+const QUIET: Duration = Duration::from_secs(3);
+const SIGNAL: &str = "spindle_speed";
+
+/// Polls `f` every 20 ms of virtual time until it gives a value; panics after `WAIT`.
+async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+struct Rig {
+    c: SimCluster,
+    obs: SimFabric,
+}
+
+fn spec(id: &str, tier: Tier, site: &str) -> NodeSpec {
+    NodeSpec {
+        id: id.into(),
+        tier,
+        site: site.into(),
+        devices: vec![],
+    }
+}
+
+/// A cloud node and `edges` (name, site), with the authority seeing every one of them.
+async fn rig(edges: &[(&str, &str)], passivate_after: Option<Duration>) -> Rig {
+    let net = Network::new(
+        7,
+        NetConfig {
+            min_delay: Duration::from_micros(100),
+            max_delay: Duration::from_millis(2),
+            lease: Duration::from_secs(2),
+        },
+    );
+    let obs = net.observer("observer");
+    let mut c = SimCluster::new(net, 7);
+    c.twin_config.passivate_after = passivate_after;
+    c.add(spec("cloud", Tier::Cloud, "cloud")).await.unwrap();
+    for (id, site) in edges {
+        c.add(spec(id, Tier::Edge, site)).await.unwrap();
+    }
+    let r = Rig { c, obs };
+    let n = edges.len() + 1;
+    let rr = &r;
+    eventually("every node to join the authority", || async move {
+        (rr.mesh().await.members.len() == n).then_some(())
+    })
+    .await;
+    r
+}
+
+impl Rig {
+    fn mesh_ref(&self) -> ActorRef<MeshMsg> {
+        self.c.nodes["cloud"].mesh.clone().expect("cloud is up")
+    }
+
+    async fn mesh(&self) -> MeshSnapshot {
+        ractor::call_t!(self.mesh_ref(), MeshMsg::Inspect, 5000).unwrap()
+    }
+
+    async fn node(&self, node: &str) -> NodeSnapshot {
+        let sup = self.c.nodes[node].supervisor.clone().expect("node is up");
+        ractor::call_t!(sup, NodeMsg::Inspect, 5000).unwrap()
+    }
+
+    async fn register(&self, id: &TwinId, kind: AssetKind) -> Placement {
+        let req = PlacementRequest {
+            twin_id: id.to_string(),
+            kind: kind.to_string(),
+            gateway: "test".into(),
+            chain: None,
+        };
+        ractor::call_t!(self.mesh_ref(), MeshMsg::Register, 5000, req)
+            .unwrap()
+            .unwrap()
+    }
+
+    /// The actor of `id` on `node`, once it runs there.
+    async fn twin(&self, node: &str, id: &TwinId) -> ActorRef<TwinMsg> {
+        let sup = self.c.nodes[node].supervisor.clone().expect("node is up");
+        eventually("the twin to run", || {
+            let sup = sup.clone();
+            async move {
+                ractor::call_t!(sup, NodeMsg::Lookup, 5000, id.clone())
+                    .ok()
+                    .flatten()
+            }
+        })
+        .await
+    }
+
+    async fn send_frame(&self, id: &TwinId, seq: u64) {
+        let frame = TelemetryFrame {
+            twin_id: id.to_string(),
+            signal: SIGNAL.into(),
+            seq,
+            start_ns: 1_767_268_800_000_000_000 + seq as i64 * 1_000_000_000,
+            sample_period_ns: 1_000_000_000,
+            samples: vec![1000.0 + seq as f64],
+            spool_base_seq: 1,
+            ..Default::default()
+        };
+        self.obs
+            .publish(
+                &keys::telemetry(id, SIGNAL),
+                Bytes::from(frame.encode_to_vec()),
+                encoding::TELEMETRY_FRAME,
+                Qos::Reliable,
+            )
+            .await
+            .unwrap();
+    }
+
+    async fn call(&self, id: &TwinId, request: twin_request::Request) -> twin_reply::Reply {
+        let payload = TwinRequest {
+            request: Some(request),
+            caller: None,
+        }
+        .encode_to_vec();
+        let replies = self
+            .obs
+            .query(
+                &keys::twin_rpc(id),
+                Some((Bytes::from(payload), encoding::TWIN_REQUEST)),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+        let reply = replies.into_iter().next().expect("the twin answers");
+        TwinReply::decode(reply.payload).unwrap().reply.unwrap()
+    }
+}
+
+/// The applied seq of `SIGNAL` in the twin's state (0: none).
+async fn applied(actor: &ActorRef<TwinMsg>) -> u64 {
+    let t = ractor::call_t!(actor, TwinMsg::Inspect, 5000).unwrap();
+    t.reported.get(SIGNAL).map_or(0, |r| r.seq)
+}
+
+/// The next watermark of `SIGNAL` at `seq` or above, if one comes within `within`.
+async fn ack_at_least(acks: &Subscription, seq: u64, within: Duration) -> Option<Watermark> {
+    tokio::time::timeout(within, async {
+        loop {
+            let s = acks.rx.recv_async().await.ok()?;
+            let wm = Watermark::decode(s.payload).ok()?;
+            if wm.signal == SIGNAL && wm.seq >= seq {
+                return Some(wm);
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+#[tokio::test(start_paused = true)]
+async fn twin_acknowledges_a_frame_only_after_the_flush_that_covers_it() {
+    let r = rig(&[("edge-a", "a")], None).await;
+    let id: TwinId = "a/sp-01".parse().unwrap();
+    let placed = r.register(&id, AssetKind::Spindle).await;
+    assert_eq!(placed.node, "edge-a");
+    let twin = r.twin("edge-a", &id).await;
+    let acks = r.obs.subscribe(&keys::acks(&id), 1024).await.unwrap();
+    let store = r.c.nodes["edge-a"].store.clone();
+
+    r.send_frame(&id, 1).await;
+    let wm = ack_at_least(&acks, 1, WAIT)
+        .await
+        .expect("frame 1 acknowledged");
+    assert_eq!((wm.seq, wm.epoch), (1, placed.epoch));
+    assert!(store.is_durable(&id, SIGNAL, 1));
+
+    // A stalled disk: frame 2 is applied to the state, but not acknowledged.
+    let held = store.hold_flushes().await;
+    r.send_frame(&id, 2).await;
+    let t = &twin;
+    eventually("frame 2 applied", || async move {
+        (applied(t).await == 2).then_some(())
+    })
+    .await;
+    assert_eq!(ack_at_least(&acks, 2, QUIET).await, None);
+    assert!(!store.is_durable(&id, SIGNAL, 2));
+    drop(held);
+    let wm = ack_at_least(&acks, 2, WAIT)
+        .await
+        .expect("frame 2 acknowledged");
+    assert_eq!(wm.seq, 2);
+    assert!(store.is_durable(&id, SIGNAL, 2));
+
+    // Admission by seq: a duplicate and a frame after a gap change nothing; the
+    // watermark stays at the last applied seq.
+    r.send_frame(&id, 2).await;
+    r.send_frame(&id, 4).await;
+    let wm = ack_at_least(&acks, 2, WAIT).await.expect("a watermark");
+    assert_eq!(wm.seq, 2);
+    assert_eq!(ack_at_least(&acks, 3, QUIET).await, None);
+    assert_eq!(applied(&twin).await, 2);
+    let t = ractor::call_t!(twin, TwinMsg::Inspect, 5000).unwrap();
+    assert_eq!(t.duplicate_frames.get(SIGNAL), Some(&1));
+    r.send_frame(&id, 3).await;
+    let wm = ack_at_least(&acks, 3, WAIT)
+        .await
+        .expect("frame 3 acknowledged");
+    assert_eq!(wm.seq, 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn frozen_twin_applies_nothing_until_released() {
+    let r = rig(&[("edge-a", "a")], None).await;
+    let id: TwinId = "a/sp-01".parse().unwrap();
+    let placed = r.register(&id, AssetKind::Spindle).await;
+    let twin = r.twin("edge-a", &id).await;
+    let acks = r.obs.subscribe(&keys::acks(&id), 1024).await.unwrap();
+    r.send_frame(&id, 1).await;
+    ack_at_least(&acks, 1, WAIT)
+        .await
+        .expect("frame 1 acknowledged");
+
+    let freeze = |epoch, release| {
+        twin_request::Request::Freeze(FreezeRequest {
+            twin_id: id.to_string(),
+            epoch,
+            release,
+        })
+    };
+    // Only at the twin's own epoch.
+    match r.call(&id, freeze(placed.epoch + 1, false)).await {
+        twin_reply::Reply::Error(e) => assert_eq!(e.code, proto::ErrorCode::InvalidArgument as i32),
+        other => panic!("freeze at another epoch answered {other:?}"),
+    }
+    match r.call(&id, freeze(placed.epoch, false)).await {
+        twin_reply::Reply::Snapshot(s) => {
+            assert_eq!(s.epoch, placed.epoch);
+            assert_eq!(s.twin.unwrap().reported[SIGNAL].seq, 1);
+        }
+        other => panic!("freeze answered {other:?}"),
+    }
+    r.send_frame(&id, 2).await;
+    assert_eq!(ack_at_least(&acks, 2, QUIET).await, None);
+    assert_eq!(applied(&twin).await, 1);
+    let set = twin_request::Request::SetDesired(SetDesiredRequest {
+        twin_id: id.to_string(),
+        property: "speed_override".into(),
+        value: 90.0,
+        expected_revision: None,
+    });
+    match r.call(&id, set.clone()).await {
+        twin_reply::Reply::Error(e) => {
+            assert_eq!(
+                e.code,
+                proto::ErrorCode::Unavailable as i32,
+                "{}",
+                e.message
+            )
+        }
+        other => panic!("set-point on a frozen twin answered {other:?}"),
+    }
+
+    // Released (the move did not happen): the re-sent frame is applied and acknowledged.
+    assert!(matches!(
+        r.call(&id, freeze(placed.epoch, true)).await,
+        twin_reply::Reply::Snapshot(_)
+    ));
+    r.send_frame(&id, 2).await;
+    let wm = ack_at_least(&acks, 2, WAIT)
+        .await
+        .expect("frame 2 acknowledged");
+    assert_eq!(wm.seq, 2);
+    assert_eq!(applied(&twin).await, 2);
+    assert!(matches!(
+        r.call(&id, set).await,
+        twin_reply::Reply::SetDesired(_)
+    ));
+}
+
+const IDLE: Duration = Duration::from_secs(2);
+
+/// Waits until `id` is dormant on `node`; returns how long that took.
+async fn until_dormant(r: &Rig, node: &str, id: &TwinId) -> Duration {
+    let start = tokio::time::Instant::now();
+    eventually("the twin to passivate", || async move {
+        let n = r.node(node).await;
+        n.twins
+            .iter()
+            .any(|t| t.twin_id == id.to_string() && t.dormant && !t.running)
+            .then_some(())
+    })
+    .await;
+    start.elapsed()
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_twin_passivates_and_wakes_on_a_frame_or_a_call() {
+    let r = rig(&[("edge-a", "a")], Some(IDLE)).await;
+    let id: TwinId = "a/sp-01".parse().unwrap();
+    r.register(&id, AssetKind::Spindle).await;
+    r.twin("edge-a", &id).await;
+    let acks = r.obs.subscribe(&keys::acks(&id), 1024).await.unwrap();
+    r.send_frame(&id, 1).await;
+    ack_at_least(&acks, 1, WAIT)
+        .await
+        .expect("frame 1 acknowledged");
+
+    let slept_after = until_dormant(&r, "edge-a", &id).await;
+    assert!(
+        slept_after >= IDLE - Duration::from_millis(100),
+        "passivated {slept_after:?} after its last frame, before its idle time of {IDLE:?}"
+    );
+    // Its state is durable on the node before it stops.
+    let snap: TwinSnapshot = r.c.nodes["edge-a"]
+        .store
+        .load_snapshot(&id)
+        .unwrap()
+        .unwrap();
+    assert_eq!(snap.twin.unwrap().reported[SIGNAL].seq, 1);
+
+    // A frame wakes it; it goes on from its snapshot (seq 2 follows 1).
+    r.send_frame(&id, 2).await;
+    let wm = ack_at_least(&acks, 2, WAIT)
+        .await
+        .expect("frame 2 acknowledged");
+    assert_eq!(wm.seq, 2);
+    let twin = r.twin("edge-a", &id).await;
+    assert_eq!(applied(&twin).await, 2);
+
+    // Idle again; a call wakes it and is answered by the woken twin.
+    until_dormant(&r, "edge-a", &id).await;
+    match r
+        .call(
+            &id,
+            twin_request::Request::GetTwin(GetTwinRequest {
+                twin_id: id.to_string(),
+            }),
+        )
+        .await
+    {
+        twin_reply::Reply::Twin(t) => assert_eq!(t.reported[SIGNAL].seq, 2),
+        other => panic!("get twin answered {other:?}"),
+    }
+    let n = r.node("edge-a").await;
+    assert!(n.twins.iter().any(|t| t.running && !t.dormant));
+}
+
+#[tokio::test(start_paused = true)]
+async fn mesh_places_on_the_least_loaded_feasible_node() {
+    let r = rig(
+        &[("edge-a1", "a"), ("edge-a2", "a"), ("edge-b1", "b")],
+        None,
+    )
+    .await;
+    let public = AssetKind::Spindle;
+    let site_only = AssetKind::CrankshaftLine;
+    let is_public = |k: AssetKind| {
+        k.schema()
+            .signals
+            .iter()
+            .all(|s| s.sensitivity == twinmesh_twins::kind::Sensitivity::Public)
+    };
+    assert!(is_public(public) && !is_public(site_only));
+    let r = &r;
+    let place = |id: &'static str, kind| async move {
+        let p = r.register(&id.parse().unwrap(), kind).await;
+        (p.node, p.status)
+    };
+    let active = |n: &str| (n.to_owned(), "active".to_owned());
+    // Least loaded first; the name only breaks ties.
+    assert_eq!(place("a/sp-01", public).await, active("edge-a1"));
+    assert_eq!(place("a/sp-02", public).await, active("edge-a2"));
+    assert_eq!(place("a/sp-03", public).await, active("edge-a1"));
+    assert_eq!(place("a/cs-01", site_only).await, active("edge-a2"));
+    // Site affinity: an edge of the twin's own site, never another site's.
+    assert_eq!(place("b/cs-01", site_only).await, active("edge-b1"));
+    // No edge on site c: public data may go to the cloud, site-only data nowhere.
+    assert_eq!(place("c/sp-01", public).await, active("cloud"));
+    let (node, status) = place("c/cs-01", site_only).await;
+    assert_eq!((node.as_str(), status.as_str()), ("", "stale"));
+    let m = r.mesh().await;
+    let stale = m
+        .placements
+        .iter()
+        .find(|p| p.twin_id == "c/cs-01")
+        .unwrap();
+    assert!(stale.reason.contains("site c"), "{}", stale.reason);
+    let load: Vec<(&str, usize)> = m.load.iter().map(|(n, l)| (n.as_str(), *l)).collect();
+    assert_eq!(
+        load,
+        [("cloud", 1), ("edge-a1", 2), ("edge-a2", 2), ("edge-b1", 1)]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn mesh_refuses_replicas_of_an_older_epoch() {
+    let r = rig(&[("edge-a", "a")], None).await;
+    let id: TwinId = "a/sp-01".parse().unwrap();
+    let placed = r.register(&id, AssetKind::Spindle).await;
+    assert!(placed.epoch >= 1);
+    r.twin("edge-a", &id).await;
+    // A frame changes the state: the twin replicates it to the cloud.
+    r.send_frame(&id, 1).await;
+    let cloud = r.c.nodes["cloud"].store.clone();
+    let (cl, i) = (&cloud, &id);
+    eventually("the twin's own replica", || async move {
+        cl.load_replica(i).unwrap().map(|_| ())
+    })
+    .await;
+    let replica = |epoch, revision| {
+        let mut twin = cloud.load_replica(&id).unwrap().unwrap().twin.unwrap();
+        twin.revision = revision;
+        TwinSnapshot {
+            twin: Some(twin),
+            epoch,
+            saved_ns: 0,
+            node: "edge-old".into(),
+        }
+    };
+    // An owner of an older epoch may not overwrite the state, whatever its revision.
+    r.mesh_ref()
+        .cast(MeshMsg::Replica(replica(placed.epoch - 1, 1_000_000)))
+        .unwrap();
+    assert_eq!(r.mesh().await.fenced_replicas, 1);
+    let kept = cloud.load_replica(&id).unwrap().unwrap();
+    assert_eq!(kept.epoch, placed.epoch);
+    assert_ne!(kept.node, "edge-old");
+    // The current owner's newer revision is kept.
+    r.mesh_ref()
+        .cast(MeshMsg::Replica(replica(placed.epoch, 1_000_000)))
+        .unwrap();
+    assert_eq!(r.mesh().await.fenced_replicas, 1);
+    let kept = cloud.load_replica(&id).unwrap().unwrap();
+    assert_eq!((kept.epoch, kept.node.as_str()), (placed.epoch, "edge-old"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn node_supervisor_gives_up_on_a_twin_that_keeps_failing() {
+    let r = rig(&[("edge-a", "a")], None).await;
+    let id: TwinId = "a/sp-01".parse().unwrap();
+    r.register(&id, AssetKind::Spindle).await;
+    let mut twin = r.twin("edge-a", &id).await;
+    // Five failures within the window: restarted each time.
+    for n in 1..=5 {
+        twin.cast(TwinMsg::Fail(format!("injected failure {n}")))
+            .unwrap();
+        let failed = twin.get_id();
+        let (rr, i) = (&r, &id);
+        twin = eventually("the twin to be restarted", || async move {
+            let t = rr.twin("edge-a", i).await;
+            (t.get_id() != failed).then_some(t)
+        })
+        .await;
+        let node = r.node("edge-a").await;
+        assert_eq!(node.twins.len(), 1);
+        assert_eq!(node.twins[0].restarts, n);
+        assert!(node.twins[0].running);
+    }
+    // The sixth: given up, not restarted, not hosted any more.
+    twin.cast(TwinMsg::Fail("injected failure 6".into()))
+        .unwrap();
+    let rr = &r;
+    let node = eventually("the supervisor to give up", || async move {
+        let n = rr.node("edge-a").await;
+        (!n.given_up.is_empty()).then_some(n)
+    })
+    .await;
+    assert_eq!(node.given_up, vec![id.to_string()]);
+    assert!(node.twins.is_empty(), "{:?}", node.twins);
+    // ... and it stays so (reconciliation with the authority does not bring it back).
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let node = r.node("edge-a").await;
+    assert!(node.twins.is_empty(), "{:?}", node.twins);
+    let sup = r.c.nodes["edge-a"].supervisor.clone().unwrap();
+    assert!(ractor::call_t!(sup, NodeMsg::Lookup, 5000, id.clone())
+        .unwrap()
+        .is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn gateway_truncates_its_spool_on_a_valid_watermark() {
+    let net = Network::new(11, NetConfig::default());
+    let obs = net.observer("observer");
+    let mut c = SimCluster::new(net, 11);
+    c.gateway_config = GatewayConfig {
+        retain_frames: 2,
+        ..GatewayConfig::default()
+    };
+    // Site-only data and no edge on its site: the twin is placed nowhere, so the only
+    // watermarks the gateway sees are the test's.
+    let id: TwinId = "a/cs-01".parse().unwrap();
+    c.add(spec("cloud", Tier::Cloud, "cloud")).await.unwrap();
+    c.add(NodeSpec {
+        devices: vec![(id.clone(), AssetKind::CrankshaftLine)],
+        ..spec("iot", Tier::Iot, "a")
+    })
+    .await
+    .unwrap();
+    let gw = c.nodes["iot"].gateway.clone().unwrap();
+    let store = c.nodes["iot"].store.clone();
+    let signal = AssetKind::CrankshaftLine.schema().signals[0].name;
+    let (gw, id, obs) = (&gw, &id, &obs);
+    let status = || async move {
+        ractor::call_t!(gw, GatewayMsg::Inspect, 5000)
+            .unwrap()
+            .into_iter()
+            .find(|s| s.twin_id == id.to_string() && s.signal == signal)
+    };
+    eventually("six frames spooled", || async move {
+        status().await.filter(|s| s.last_seq >= 6).map(|_| ())
+    })
+    .await;
+    let mesh = c.nodes["cloud"].mesh.clone().unwrap();
+    let placed = eventually("the stale placement", || {
+        let mesh = mesh.clone();
+        async move {
+            ractor::call_t!(mesh, MeshMsg::Get, 5000, id.clone())
+                .unwrap()
+                .filter(|p| p.status == "stale")
+        }
+    })
+    .await;
+    assert_eq!(store.spool_first(id, signal).unwrap(), Some(1));
+
+    let ack = |seq: u64, epoch: u64| async move {
+        let wm = Watermark {
+            twin_id: id.to_string(),
+            signal: signal.into(),
+            seq,
+            epoch,
+        };
+        obs.publish(
+            &keys::acks(id),
+            Bytes::from(wm.encode_to_vec()),
+            encoding::WATERMARK,
+            Qos::Reliable,
+        )
+        .await
+        .unwrap();
+    };
+    // Acknowledged up to 5: all but the last `retain_frames` of them go.
+    let epoch = placed.epoch + 1;
+    ack(5, epoch).await;
+    let s = eventually("the acknowledgement", || async move {
+        status().await.filter(|s| s.acked == 5)
+    })
+    .await;
+    assert_eq!(s.spool_base, 4);
+    assert_eq!(store.spool_first(id, signal).unwrap(), Some(4));
+    // A watermark of an older owner (fenced) moves nothing; the next valid one, which
+    // comes after it on the same link, does.
+    ack(9, epoch - 1).await;
+    ack(6, epoch).await;
+    let s = eventually("the valid acknowledgement", || async move {
+        status().await.filter(|s| s.acked == 6)
+    })
+    .await;
+    assert_eq!(s.spool_base, 5);
+    assert_eq!(store.spool_first(id, signal).unwrap(), Some(5));
+}

@@ -25,6 +25,19 @@ pub enum Error {
 }
 
 impl Error {
+    /// The class of the error (DESIGN §9): what a caller at the API sees.
+    pub fn code(&self) -> twinmesh_twins::ErrorCode {
+        use twinmesh_twins::ErrorCode;
+        match self {
+            Error::Domain(e) => e.code(),
+            Error::Decode { .. } => ErrorCode::InvalidArgument,
+            // The fabric, the store or an actor failed: the caller may retry.
+            Error::Fabric(_) | Error::Store(_) | Error::Actor(_) | Error::NotHosted(_) => {
+                ErrorCode::Unavailable
+            }
+        }
+    }
+
     pub fn fabric(e: impl std::fmt::Display) -> Self {
         Error::Fabric(e.to_string())
     }

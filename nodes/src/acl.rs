@@ -46,37 +46,42 @@ const ROUTES: &str = "routes to the mesh";
 
 impl Roster {
     /// Reads and validates a roster file.
-    pub fn from_file(path: &Path) -> anyhow::Result<Roster> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("cannot read ACL roster {}: {e}", path.display()))?;
+    pub fn from_file(path: &Path) -> crate::Result<Roster> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            crate::Error::config(format!("cannot read ACL roster {}: {e}", path.display()))
+        })?;
         let roster: Roster = toml::from_str(&text).map_err(|e| {
-            anyhow::anyhow!(
+            crate::Error::config(format!(
                 "invalid ACL roster {}: {}",
                 path.display(),
                 e.to_string().trim().replace('\n', " ")
-            )
+            ))
         })?;
-        roster
-            .validate()
-            .map_err(|e| anyhow::anyhow!("invalid ACL roster {}: {e}", path.display()))?;
+        roster.validate().map_err(|e| {
+            crate::Error::config(format!("invalid ACL roster {}: {e}", path.display()))
+        })?;
         Ok(roster)
     }
 
     /// Every name once, sites valid, at least one mesh node.
-    pub fn validate(&self) -> anyhow::Result<()> {
+    pub fn validate(&self) -> crate::Result<()> {
         if self.mesh.is_empty() {
-            anyhow::bail!("`mesh` lists no node: no edge or cloud node could reach another");
+            return Err(crate::Error::config(
+                "`mesh` lists no node: no edge or cloud node could reach another".to_string(),
+            ));
         }
         let mut seen = BTreeSet::new();
         for name in self.names() {
             if !seen.insert(name.as_str()) {
-                anyhow::bail!("{name} is listed twice (a name belongs to one tier)");
+                return Err(crate::Error::config(format!(
+                    "{name} is listed twice (a name belongs to one tier)"
+                )));
             }
         }
         for (site, names) in &self.gateways {
-            validate_site(site).map_err(|e| anyhow::anyhow!("gateways: {e}"))?;
+            validate_site(site).map_err(|e| crate::Error::config(format!("gateways: {e}")))?;
             if names.is_empty() {
-                anyhow::bail!("gateways of {site}: no name");
+                return Err(crate::Error::config(format!("gateways of {site}: no name")));
             }
         }
         Ok(())

@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prost::Message;
-use tonic::Status;
 
 use twinmesh_actors::ports::SharedFabric;
 use twinmesh_proto::encoding;
@@ -19,7 +18,9 @@ use twinmesh_twins::proto::{
     SetDesiredRequest, SetDesiredResponse, SetPolicyRequest, ThingDescription, Twin, TwinReply,
     TwinRequest, TwinSummary,
 };
-use twinmesh_twins::{keys, ErrorCode, TwinId};
+use twinmesh_twins::{keys, TwinId};
+
+use crate::{Error, Result};
 
 /// Default and largest `ListTwins` page.
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
@@ -73,38 +74,8 @@ pub struct Api {
     pub default_deadline: Duration,
 }
 
-/// The gRPC status of a domain error (DESIGN §9).
-pub fn status_of(code: ErrorCode, message: String) -> Status {
-    match code {
-        ErrorCode::NotFound => Status::not_found(message),
-        ErrorCode::InvalidArgument => Status::invalid_argument(message),
-        ErrorCode::FailedPrecondition => Status::failed_precondition(message),
-        ErrorCode::Unavailable => Status::unavailable(message),
-        ErrorCode::PermissionDenied => Status::permission_denied(message),
-        ErrorCode::Internal => Status::internal(message),
-    }
-}
-
-fn status_of_proto(e: proto::Error) -> Status {
-    use proto::ErrorCode as P;
-    let code = match P::try_from(e.code).unwrap_or(P::Internal) {
-        P::NotFound => ErrorCode::NotFound,
-        P::InvalidArgument => ErrorCode::InvalidArgument,
-        P::FailedPrecondition => ErrorCode::FailedPrecondition,
-        P::Unavailable => ErrorCode::Unavailable,
-        P::PermissionDenied => ErrorCode::PermissionDenied,
-        P::Internal | P::Unspecified => ErrorCode::Internal,
-    };
-    status_of(code, e.message)
-}
-
-pub fn parse_twin_id(s: &str) -> Result<TwinId, Status> {
-    s.parse::<TwinId>()
-        .map_err(|e| Status::invalid_argument(e.to_string()))
-}
-
-fn fabric_error(e: impl std::fmt::Display) -> Status {
-    Status::unavailable(format!("fabric: {e}"))
+pub fn parse_twin_id(s: &str) -> Result<TwinId> {
+    Ok(s.parse::<TwinId>()?)
 }
 
 impl Api {
@@ -127,7 +98,7 @@ impl Api {
         id: &TwinId,
         request: twin_request::Request,
         deadline: Option<Duration>,
-    ) -> Result<twin_reply::Reply, Status> {
+    ) -> Result<twin_reply::Reply> {
         self.twin_call_as(id, request, deadline, self.caller(None))
             .await
     }
@@ -162,11 +133,11 @@ impl Api {
         request: R,
         deadline: Option<Duration>,
         caller: proto::Caller,
-    ) -> Result<R::Reply, Status> {
+    ) -> Result<R::Reply> {
         let reply = self
             .twin_call_as(id, request.into_request(), deadline, caller)
             .await?;
-        R::from_reply(reply).ok_or_else(|| Status::internal(format!("unexpected reply from {id}")))
+        R::from_reply(reply).ok_or_else(|| Error::internal(format!("unexpected reply from {id}")))
     }
 
     /// [`Api::twin_call`] on behalf of `caller`.
@@ -176,7 +147,7 @@ impl Api {
         request: twin_request::Request,
         deadline: Option<Duration>,
         caller: proto::Caller,
-    ) -> Result<twin_reply::Reply, Status> {
+    ) -> Result<twin_reply::Reply> {
         let deadline = deadline.unwrap_or(self.default_deadline);
         let start = Instant::now();
         let payload = Bytes::from(
@@ -198,11 +169,10 @@ impl Api {
                     Some((payload.clone(), encoding::TWIN_REQUEST)),
                     left.max(Duration::from_millis(10)),
                 )
-                .await
-                .map_err(fabric_error)?;
+                .await?;
             if let Some(reply) = replies.into_iter().next() {
                 let reply = TwinReply::decode(reply.payload)
-                    .map_err(|e| Status::internal(format!("malformed twin reply: {e}")))?;
+                    .map_err(|e| Error::internal(format!("malformed twin reply: {e}")))?;
                 match reply.reply {
                     // Moving or restarting: retry within the deadline.
                     Some(twin_reply::Reply::Error(e))
@@ -210,9 +180,9 @@ impl Api {
                     {
                         last_unavailable = Some(e.message);
                     }
-                    Some(twin_reply::Reply::Error(e)) => return Err(status_of_proto(e)),
+                    Some(twin_reply::Reply::Error(e)) => return Err(e.into()),
                     Some(r) => return Ok(r),
-                    None => return Err(Status::internal("empty twin reply")),
+                    None => return Err(Error::internal("empty twin reply")),
                 }
             } else {
                 // Nobody answered: unknown twin, one between two homes, or one with no
@@ -220,7 +190,7 @@ impl Api {
                 if known.is_none() {
                     let placement = self.placement(id).await?;
                     if let Some(p) = placement.as_ref().filter(|p| p.status == "stale") {
-                        return Err(Status::unavailable(format!(
+                        return Err(Error::unavailable(format!(
                             "twin {id} is stale: {}",
                             p.reason
                         )));
@@ -228,11 +198,11 @@ impl Api {
                     known = Some(placement.is_some());
                 }
                 if known == Some(false) {
-                    return Err(Status::not_found(format!("unknown twin {id}")));
+                    return Err(Error::not_found(format!("unknown twin {id}")));
                 }
             }
             if start.elapsed() + backoff >= deadline {
-                return Err(Status::unavailable(last_unavailable.unwrap_or_else(|| {
+                return Err(Error::unavailable(last_unavailable.unwrap_or_else(|| {
                     format!("twin {id} did not answer within {deadline:?}")
                 })));
             }
@@ -242,12 +212,11 @@ impl Api {
     }
 
     /// The placement record of a twin, from the placement authority.
-    pub async fn placement(&self, id: &TwinId) -> Result<Option<Placement>, Status> {
+    pub async fn placement(&self, id: &TwinId) -> Result<Option<Placement>> {
         let replies = self
             .fabric
             .query(&keys::placement(id), None, Duration::from_secs(2))
-            .await
-            .map_err(fabric_error)?;
+            .await?;
         Ok(replies
             .into_iter()
             .find_map(|r| Placement::decode(r.payload).ok()))
@@ -258,18 +227,17 @@ impl Api {
         &self,
         request: proto::mesh_request::Request,
         timeout: Duration,
-    ) -> Result<proto::mesh_reply::Reply, Status> {
+    ) -> Result<proto::mesh_reply::Reply> {
         twinmesh_actors::mesh::ask_authority(&*self.fabric, request, timeout)
             .await
-            .map_err(status_of_proto)
+            .map_err(Error::from)
     }
 
-    pub async fn list_nodes(&self) -> Result<Vec<NodeInfo>, Status> {
+    pub async fn list_nodes(&self) -> Result<Vec<NodeInfo>> {
         let replies = self
             .fabric
             .query(keys::NODE_INFO_ALL, None, Duration::from_secs(2))
-            .await
-            .map_err(fabric_error)?;
+            .await?;
         let mut nodes: Vec<NodeInfo> = replies
             .into_iter()
             .filter_map(|r| NodeInfo::decode(r.payload).ok())
@@ -279,11 +247,11 @@ impl Api {
         Ok(nodes)
     }
 
-    pub async fn list_twins(&self, req: &ListTwinsRequest) -> Result<ListTwinsResponse, Status> {
+    pub async fn list_twins(&self, req: &ListTwinsRequest) -> Result<ListTwinsResponse> {
         let page_size = match req.page_size {
             0 => DEFAULT_PAGE_SIZE,
             n if n > MAX_PAGE_SIZE => {
-                return Err(Status::invalid_argument(format!(
+                return Err(Error::invalid_argument(format!(
                     "page_size {n} exceeds the maximum of {MAX_PAGE_SIZE}"
                 )))
             }
@@ -291,24 +259,23 @@ impl Api {
         } as usize;
         if !req.page_token.is_empty() {
             parse_twin_id(&req.page_token).map_err(|_| {
-                Status::invalid_argument(format!("invalid page_token {:?}", req.page_token))
+                Error::invalid_argument(format!("invalid page_token {:?}", req.page_token))
             })?;
         }
         if !req.tier.is_empty() {
             req.tier
                 .parse::<twinmesh_twins::Tier>()
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                .map_err(|e| Error::invalid_argument(e.to_string()))?;
         }
         if !req.kind.is_empty() {
             req.kind
                 .parse::<twinmesh_twins::AssetKind>()
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                .map_err(|e| Error::invalid_argument(e.to_string()))?;
         }
         let replies = self
             .fabric
             .query(keys::NODE_TWINS_ALL, None, Duration::from_secs(2))
-            .await
-            .map_err(fabric_error)?;
+            .await?;
         let mut twins: Vec<TwinSummary> = replies
             .into_iter()
             .filter_map(|r| NodeTwins::decode(r.payload).ok())

@@ -19,6 +19,8 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::{Deserialize, Serialize};
 use tonic::{Request, Status};
 
+use twinmesh_twins::ErrorCode;
+
 use twinmesh_twins::privacy::Role;
 
 /// How a node checks callers (all optional: none → no authentication).
@@ -57,6 +59,31 @@ impl AuthConfig {
     }
 }
 
+/// Why a caller is turned away: no valid credentials (`UNAUTHENTICATED`) or too low a
+/// role (`PERMISSION_DENIED`). Messages never echo the token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("token carries no twinmesh role in claim {0:?} (viewer, data_operator, data_manager or data_owner)")]
+    NoRole(String),
+    #[error("this call needs the {} role, the caller has {}", least.as_str(), has.as_str())]
+    RoleTooLow { least: Role, has: Role },
+}
+
+impl AuthError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            AuthError::Unauthenticated(_) => ErrorCode::Unauthenticated,
+            AuthError::NoRole(_) | AuthError::RoleTooLow { .. } => ErrorCode::PermissionDenied,
+        }
+    }
+
+    fn unauthenticated(why: impl Into<String>) -> Self {
+        AuthError::Unauthenticated(why.into())
+    }
+}
+
 /// Who is calling, as established by the token (or the default without auth).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
@@ -78,12 +105,13 @@ pub struct Authenticator {
     roles_claim: String,
 }
 
-fn read(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
-    std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {what} {}: {e}", path.display()))
+fn read(path: &Path, what: &str) -> crate::Result<Vec<u8>> {
+    std::fs::read(path)
+        .map_err(|e| crate::Error::config(format!("cannot read {what} {}: {e}", path.display())))
 }
 
 impl Authenticator {
-    pub fn load(cfg: &AuthConfig) -> anyhow::Result<Option<Arc<Authenticator>>> {
+    pub fn load(cfg: &AuthConfig) -> crate::Result<Option<Arc<Authenticator>>> {
         if !cfg.enabled() {
             return Ok(None);
         }
@@ -94,11 +122,11 @@ impl Authenticator {
                 secret.pop();
             }
             if secret.len() < 32 {
-                anyhow::bail!(
+                return Err(crate::Error::config(format!(
                     "hs256 secret file {}: at least 32 bytes needed, {} found",
                     p.display(),
                     secret.len()
-                );
+                )));
             }
             keys.push(Key {
                 kid: None,
@@ -121,34 +149,35 @@ impl Authenticator {
                     key: k,
                 }
             } else {
-                anyhow::bail!(
+                return Err(crate::Error::config(format!(
                     "public key file {}: not an RSA or EC public key in PEM",
                     p.display()
-                );
+                )));
             };
             keys.push(key);
         }
         if let Some(p) = &cfg.jwks_file {
             let text = read(p, "jwks file")?;
             let set: JwkSet = serde_json::from_slice(&text)
-                .map_err(|e| anyhow::anyhow!("jwks file {}: {e}", p.display()))?;
+                .map_err(|e| crate::Error::config(format!("jwks file {}: {e}", p.display())))?;
             for jwk in &set.keys {
                 let key = DecodingKey::from_jwk(jwk)
-                    .map_err(|e| anyhow::anyhow!("jwks file {}: {e}", p.display()))?;
+                    .map_err(|e| crate::Error::config(format!("jwks file {}: {e}", p.display())))?;
                 let algorithms = match jwk.common.key_algorithm {
-                    Some(a) => vec![a
-                        .to_string()
-                        .parse::<Algorithm>()
-                        .map_err(|e| anyhow::anyhow!("jwks file {}: {e}", p.display()))?],
+                    Some(a) => vec![a.to_string().parse::<Algorithm>().map_err(|e| {
+                        crate::Error::config(format!("jwks file {}: {e}", p.display()))
+                    })?],
                     None => match &jwk.algorithm {
                         jsonwebtoken::jwk::AlgorithmParameters::RSA(_) => vec![Algorithm::RS256],
                         jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(_) => {
                             vec![Algorithm::ES256]
                         }
-                        _ => anyhow::bail!(
-                            "jwks file {}: key without alg of an unsupported type",
-                            p.display()
-                        ),
+                        _ => {
+                            return Err(crate::Error::config(format!(
+                                "jwks file {}: key without alg of an unsupported type",
+                                p.display()
+                            )))
+                        }
                     },
                 };
                 keys.push(Key {
@@ -158,7 +187,10 @@ impl Authenticator {
                 });
             }
             if set.keys.is_empty() {
-                anyhow::bail!("jwks file {}: no keys", p.display());
+                return Err(crate::Error::config(format!(
+                    "jwks file {}: no keys",
+                    p.display()
+                )));
             }
         }
         Ok(Some(Arc::new(Authenticator {
@@ -170,10 +202,10 @@ impl Authenticator {
     }
 
     /// Checks one token; errors say what is wrong without echoing it.
-    pub fn authenticate(&self, token: &str) -> Result<Identity, Status> {
+    pub fn authenticate(&self, token: &str) -> Result<Identity, AuthError> {
         let header = jsonwebtoken::decode_header(token)
-            .map_err(|_| Status::unauthenticated("malformed bearer token"))?;
-        let mut last = Status::unauthenticated(format!(
+            .map_err(|_| AuthError::unauthenticated("malformed bearer token"))?;
+        let mut last = AuthError::unauthenticated(format!(
             "no configured key accepts tokens signed with {:?}",
             header.alg
         ));
@@ -210,14 +242,14 @@ impl Authenticator {
                         K::ImmatureSignature => "token not yet valid",
                         _ => "invalid bearer token",
                     };
-                    last = Status::unauthenticated(why);
+                    last = AuthError::unauthenticated(why);
                 }
             }
         }
         Err(last)
     }
 
-    fn identity(&self, claims: &serde_json::Value) -> Result<Identity, Status> {
+    fn identity(&self, claims: &serde_json::Value) -> Result<Identity, AuthError> {
         let mut v = claims;
         for part in self.roles_claim.split('.') {
             v = v.get(part).unwrap_or(&serde_json::Value::Null);
@@ -227,12 +259,11 @@ impl Authenticator {
             serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_str()).collect(),
             _ => Vec::new(),
         };
-        let role = names.into_iter().filter_map(Role::parse).max().ok_or_else(|| {
-            Status::permission_denied(format!(
-                "token carries no twinmesh role in claim {:?} (viewer, data_operator, data_manager or data_owner)",
-                self.roles_claim
-            ))
-        })?;
+        let role = names
+            .into_iter()
+            .filter_map(Role::parse)
+            .max()
+            .ok_or_else(|| AuthError::NoRole(self.roles_claim.clone()))?;
         Ok(Identity {
             subject: claims
                 .get("sub")
@@ -253,7 +284,7 @@ pub struct AuthInterceptor {
 /// A failed authentication, kept for [`require`] to report (so an RPC that needs no
 /// token could still run; every twinmesh RPC needs at least `viewer`).
 #[derive(Clone)]
-struct Refused(Status);
+struct Refused(AuthError);
 
 impl tonic::service::Interceptor for AuthInterceptor {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
@@ -270,13 +301,13 @@ impl tonic::service::Interceptor for AuthInterceptor {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         let outcome = match header.as_deref() {
-            None => Err(Status::unauthenticated("missing bearer token")),
+            None => Err(AuthError::unauthenticated("missing bearer token")),
             Some(h) => match h
                 .strip_prefix("Bearer ")
                 .or_else(|| h.strip_prefix("bearer "))
             {
                 Some(token) => auth.authenticate(token.trim()),
-                None => Err(Status::unauthenticated(
+                None => Err(AuthError::unauthenticated(
                     "authorization header is not a bearer token",
                 )),
             },
@@ -294,7 +325,7 @@ impl tonic::service::Interceptor for AuthInterceptor {
 }
 
 /// The caller of `req` if it holds at least `least`.
-pub fn require<T>(req: &Request<T>, least: Role) -> Result<Identity, Status> {
+pub fn require<T>(req: &Request<T>, least: Role) -> Result<Identity, AuthError> {
     if let Some(Refused(s)) = req.extensions().get::<Refused>() {
         return Err(s.clone());
     }
@@ -302,13 +333,12 @@ pub fn require<T>(req: &Request<T>, least: Role) -> Result<Identity, Status> {
         .extensions()
         .get::<Identity>()
         .cloned()
-        .ok_or_else(|| Status::unauthenticated("missing bearer token"))?;
+        .ok_or_else(|| AuthError::unauthenticated("missing bearer token"))?;
     if id.role < least {
-        return Err(Status::permission_denied(format!(
-            "this call needs the {} role, the caller has {}",
-            least.as_str(),
-            id.role.as_str()
-        )));
+        return Err(AuthError::RoleTooLow {
+            least,
+            has: id.role,
+        });
     }
     Ok(id)
 }
@@ -360,14 +390,14 @@ mod tests {
         assert_eq!(id.subject, "ops-1");
         let check = |claims: serde_json::Value, key: &[u8], want: &str| {
             let e = a.authenticate(&token(key, claims)).unwrap_err();
-            assert!(e.message().contains(want), "{}", e.message());
+            assert!(e.to_string().contains(want), "{}", e.to_string());
             e.code()
         };
         let mut expired = good.clone();
         expired["exp"] = (now() - 3600).into();
         assert_eq!(
             check(expired, secret, "expired"),
-            tonic::Code::Unauthenticated
+            ErrorCode::Unauthenticated
         );
         let mut aud = good.clone();
         aud["aud"] = "someone-else".into();
@@ -384,11 +414,11 @@ mod tests {
         no_role["realm_access"]["roles"] = serde_json::json!(["admin"]);
         assert_eq!(
             check(no_role, secret, "no twinmesh role"),
-            tonic::Code::PermissionDenied
+            ErrorCode::PermissionDenied
         );
         let e = a.authenticate("not.a.token").unwrap_err();
-        assert_eq!(e.code(), tonic::Code::Unauthenticated);
-        assert!(!e.message().contains("not.a.token"));
+        assert_eq!(e.code(), ErrorCode::Unauthenticated);
+        assert!(!e.to_string().contains("not.a.token"));
     }
 
     #[test]
@@ -407,7 +437,7 @@ mod tests {
         let req = i.call(Request::new(())).unwrap();
         assert_eq!(
             require(&req, Role::Viewer).unwrap_err().code(),
-            tonic::Code::Unauthenticated
+            ErrorCode::Unauthenticated
         );
         let t = token(
             b"0123456789abcdef0123456789abcdef",
@@ -419,8 +449,8 @@ mod tests {
         let req = i.call(r).unwrap();
         assert!(require(&req, Role::Viewer).is_ok());
         let e = require(&req, Role::DataOperator).unwrap_err();
-        assert_eq!(e.code(), tonic::Code::PermissionDenied);
-        assert!(e.message().contains("needs the data_operator role"));
+        assert_eq!(e.code(), ErrorCode::PermissionDenied);
+        assert!(e.to_string().contains("needs the data_operator role"));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use rcgen::{
     Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 
-fn write_new(path: &Path, content: &str, private: bool) -> anyhow::Result<()> {
+fn write_new(path: &Path, content: &str, private: bool) -> crate::Result<()> {
     let mut o = std::fs::OpenOptions::new();
     o.write(true).create_new(true);
     #[cfg(unix)]
@@ -26,7 +26,7 @@ fn write_new(path: &Path, content: &str, private: bool) -> anyhow::Result<()> {
     let _ = private;
     let mut f = o
         .open(path)
-        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", path.display()))?;
+        .map_err(|e| crate::Error::config(format!("cannot create {}: {e}", path.display())))?;
     f.write_all(content.as_bytes())?;
     f.sync_all()?;
     Ok(())
@@ -39,9 +39,9 @@ fn validity(params: &mut CertificateParams, days: u32) {
 }
 
 /// Creates `dir/ca.pem` and `dir/ca.key`.
-pub fn init_ca(dir: &Path, name: &str, days: u32) -> anyhow::Result<()> {
+pub fn init_ca(dir: &Path, name: &str, days: u32) -> crate::Result<()> {
     std::fs::create_dir_all(dir)
-        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+        .map_err(|e| crate::Error::config(format!("cannot create {}: {e}", dir.display())))?;
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, name);
@@ -67,24 +67,27 @@ pub fn issue(
     name: &str,
     sans: &[String],
     days: u32,
-) -> anyhow::Result<(PathBuf, PathBuf)> {
+) -> crate::Result<(PathBuf, PathBuf)> {
     if !twinmesh_twins::id::is_valid_segment(name) {
-        anyhow::bail!("invalid certificate name {name:?}: expected [a-z0-9][a-z0-9_-]{{0,62}}");
+        return Err(crate::Error::config(format!(
+            "invalid certificate name {name:?}: expected [a-z0-9][a-z0-9_-]{{0,62}}"
+        )));
     }
     let read = |f: &str| {
         let p = dir.join(f);
         std::fs::read_to_string(&p).map_err(|e| {
-            anyhow::anyhow!(
+            crate::Error::config(format!(
                 "cannot read {} (run `twinmesh certs init --dir {}` first): {e}",
                 p.display(),
                 dir.display()
-            )
+            ))
         })
     };
     let ca_key = KeyPair::from_pem(&read("ca.key")?)
-        .map_err(|e| anyhow::anyhow!("invalid CA key in {}: {e}", dir.display()))?;
-    let issuer = Issuer::from_ca_cert_pem(&read("ca.pem")?, ca_key)
-        .map_err(|e| anyhow::anyhow!("invalid CA certificate in {}: {e}", dir.display()))?;
+        .map_err(|e| crate::Error::config(format!("invalid CA key in {}: {e}", dir.display())))?;
+    let issuer = Issuer::from_ca_cert_pem(&read("ca.pem")?, ca_key).map_err(|e| {
+        crate::Error::config(format!("invalid CA certificate in {}: {e}", dir.display()))
+    })?;
     let mut names: Vec<String> = if sans.is_empty() {
         vec!["localhost".into(), "127.0.0.1".into(), "::1".into()]
     } else {
@@ -102,7 +105,7 @@ pub fn issue(
                 Err(_) => SanType::DnsName(
                     n.clone()
                         .try_into()
-                        .map_err(|e| anyhow::anyhow!("invalid name {n:?}: {e}"))?,
+                        .map_err(|e| crate::Error::config(format!("invalid name {n:?}: {e}")))?,
                 ),
             });
     }

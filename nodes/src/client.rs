@@ -22,25 +22,27 @@ pub async fn connect_tls(
     endpoint: &str,
     timeout: Duration,
     ca: Option<&std::path::Path>,
-) -> anyhow::Result<Channel> {
+) -> crate::Result<Channel> {
     let mut ep = Channel::from_shared(endpoint.to_owned())
-        .map_err(|e| anyhow::anyhow!("invalid endpoint {endpoint:?}: {e}"))?;
+        .map_err(|e| crate::Error::config(format!("invalid endpoint {endpoint:?}: {e}")))?;
     if endpoint.starts_with("https://") {
         let Some(ca) = ca else {
-            anyhow::bail!("{endpoint} is https: give the CA certificate with --ca FILE");
+            return Err(crate::Error::config(format!(
+                "{endpoint} is https: give the CA certificate with --ca FILE"
+            )));
         };
         let pem = std::fs::read(ca)
-            .map_err(|e| anyhow::anyhow!("cannot read CA {}: {e}", ca.display()))?;
+            .map_err(|e| crate::Error::config(format!("cannot read CA {}: {e}", ca.display())))?;
         ep = ep
             .tls_config(
                 tonic::transport::ClientTlsConfig::new()
                     .ca_certificate(tonic::transport::Certificate::from_pem(pem)),
             )
-            .map_err(|e| anyhow::anyhow!("tls: {e}"))?;
+            .map_err(|e| crate::Error::config(format!("tls: {e}")))?;
     }
     ep.timeout(timeout)
         .connect_timeout(Duration::from_secs(3))
         .connect()
         .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to {endpoint}: {e}"))
+        .map_err(|e| crate::Error::config(format!("cannot connect to {endpoint}: {e}")))
 }

@@ -275,11 +275,12 @@ pub struct TlsConfig {
 }
 
 /// Reads a key file (`KEY_ID HEX64` lines). Errors name the file, never a key.
-pub fn load_key_ring(path: &Path, what: &str) -> anyhow::Result<twinmesh_actors::seal::KeyRing> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| anyhow::anyhow!("cannot read {what} file {}: {e}", path.display()))?;
+pub fn load_key_ring(path: &Path, what: &str) -> crate::Result<twinmesh_actors::seal::KeyRing> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        crate::Error::config(format!("cannot read {what} file {}: {e}", path.display()))
+    })?;
     twinmesh_actors::seal::KeyRing::parse(&text)
-        .map_err(|e| anyhow::anyhow!("{what} file {}: {e}", path.display()))
+        .map_err(|e| crate::Error::config(format!("{what} file {}: {e}", path.display())))
 }
 
 impl NodeConfig {
@@ -316,134 +317,147 @@ impl NodeConfig {
     }
 
     /// Reads and validates a TOML file.
-    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
+    pub fn from_file(path: &Path) -> crate::Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            crate::Error::config(format!("cannot read config {}: {e}", path.display()))
+        })?;
         let mut cfg: NodeConfig = toml::from_str(&text).map_err(|e| {
-            anyhow::anyhow!(
+            crate::Error::config(format!(
                 "invalid config {}: {}",
                 path.display(),
                 e.to_string().trim().replace('\n', " ")
-            )
+            ))
         })?;
         cfg.normalize()?;
         Ok(cfg)
     }
 
     /// Fills defaults that depend on other fields and rejects inconsistent settings.
-    pub fn normalize(&mut self) -> anyhow::Result<()> {
+    pub fn normalize(&mut self) -> crate::Result<()> {
         if self.tier == Tier::Cloud {
             if self.site.is_empty() {
                 self.site = CLOUD_SITE.to_owned();
             } else if self.site != CLOUD_SITE {
-                anyhow::bail!(
+                return Err(crate::Error::config(format!(
                     "invalid site {:?} for cloud node {}: cloud nodes belong to the site {CLOUD_SITE:?}",
                     self.site,
                     self.id
-                );
+                )));
             }
         }
         if self.site.is_empty() {
-            anyhow::bail!("node {} ({}) needs a site", self.id, self.tier);
+            return Err(crate::Error::config(format!(
+                "node {} ({}) needs a site",
+                self.id, self.tier
+            )));
         }
         validate_site(&self.site)?;
         if !self.faults.is_empty() && self.simulate.is_empty() {
-            anyhow::bail!("node {} has faults but simulates no assets", self.id);
+            return Err(crate::Error::config(format!(
+                "node {} has faults but simulates no assets",
+                self.id
+            )));
         }
         if !self.chains.is_empty() && self.tier != Tier::Iot {
-            anyhow::bail!(
+            return Err(crate::Error::config(format!(
                 "node {} is a {} node: chains are configured on iot gateways",
-                self.id,
-                self.tier
-            );
+                self.id, self.tier
+            )));
         }
         for (kind, spec) in &self.chains {
             Chain::validate(spec, *kind).map_err(|e| {
-                anyhow::anyhow!("invalid chain for {kind} in the configuration: {e}")
+                crate::Error::config(format!(
+                    "invalid chain for {kind} in the configuration: {e}"
+                ))
             })?;
         }
         if self.passivate_after_s > 0 && self.tier != Tier::Edge {
-            anyhow::bail!(
+            return Err(crate::Error::config(format!(
                 "node {} is a {} node: passivation (passivate_after_s) applies to edge nodes",
-                self.id,
-                self.tier
-            );
+                self.id, self.tier
+            )));
         }
         if !self.simulate.is_empty() && self.tier != Tier::Iot {
-            anyhow::bail!(
+            return Err(crate::Error::config(format!(
                 "node {} is a {} node: only iot gateways drive simulated assets",
-                self.id,
-                self.tier
-            );
+                self.id, self.tier
+            )));
         }
         for ep in self.listen.iter().chain(&self.connect) {
             let parsed = zenoh::config::EndPoint::from_str(ep)
-                .map_err(|e| anyhow::anyhow!("invalid zenoh endpoint {ep:?}: {e}"))?;
+                .map_err(|e| crate::Error::config(format!("invalid zenoh endpoint {ep:?}: {e}")))?;
             let protocol = parsed.protocol();
             if !SUPPORTED_PROTOCOLS.contains(&protocol.as_str()) {
-                anyhow::bail!(
+                return Err(crate::Error::config(format!(
                     "invalid zenoh endpoint {ep:?}: protocol {:?} is not supported (use {})",
                     protocol.as_str(),
                     SUPPORTED_PROTOCOLS.join(" or ")
-                );
+                )));
             }
         }
         for ep in self.listen.iter().chain(&self.connect) {
             let tls = ep.starts_with("tls/") || ep.starts_with("quic/");
             match (&self.tls, tls) {
-                (Some(_), false) => anyhow::bail!(
+                (Some(_), false) => return Err(crate::Error::config(format!(
                     "zenoh endpoint {ep:?} is neither tls/ nor quic/: with TLS configured every link is encrypted"
-                ),
-                (None, true) => anyhow::bail!(
+                ))),
+                (None, true) => return Err(crate::Error::config(format!(
                     "zenoh endpoint {ep:?} needs TLS certificates (--tls-ca, --tls-cert, --tls-key)"
-                ),
+                ))),
                 _ => {}
             }
         }
         if self.acl_file.is_some() && self.tls.is_none() {
-            anyhow::bail!(
+            return Err(crate::Error::config(format!(
                 "node {}: an ACL roster (--acl) needs TLS (--tls-ca, --tls-cert, --tls-key): \
                  links are told apart by their certificate names",
                 self.id
-            );
+            )));
         }
         if self.mode == ZenohMode::Client && self.connect.is_empty() {
-            anyhow::bail!(
+            return Err(crate::Error::config(format!(
                 "node {} in client mode needs at least one --connect endpoint",
                 self.id
-            );
+            )));
         }
         if self.lease_ms < 100 {
-            anyhow::bail!("invalid lease_ms {}: at least 100", self.lease_ms);
+            return Err(crate::Error::config(format!(
+                "invalid lease_ms {}: at least 100",
+                self.lease_ms
+            )));
         }
         if self.max_frame_bytes < 64 {
-            anyhow::bail!(
+            return Err(crate::Error::config(format!(
                 "invalid max_frame_bytes {}: at least 64",
                 self.max_frame_bytes
-            );
+            )));
         }
         if self.site_key_file.is_some() && self.tier == Tier::Cloud {
-            anyhow::bail!(
+            return Err(crate::Error::config(format!(
                 "node {} is a cloud node: site keys belong to the nodes of one site",
                 self.id
-            );
+            )));
         }
         if (self.site_epsilon_per_period.is_some() || self.site_budget_period_s.is_some())
             && self.tier != Tier::Cloud
         {
-            anyhow::bail!(
+            return Err(crate::Error::config(format!(
                 "node {} is a {} node: site budgets (site_epsilon_per_period, site_budget_period_s) are kept by the cloud node",
                 self.id,
                 self.tier
-            );
+            )));
         }
         if let Some(e) = self.site_epsilon_per_period {
             if !(e.is_finite() && e > 0.0) {
-                anyhow::bail!("invalid site_epsilon_per_period {e}: must be positive");
+                return Err(crate::Error::config(format!(
+                    "invalid site_epsilon_per_period {e}: must be positive"
+                )));
             }
         }
         if self.site_budget_period_s == Some(0) {
-            anyhow::bail!("invalid site_budget_period_s 0: at least 1 s");
+            return Err(crate::Error::config(
+                "invalid site_budget_period_s 0: at least 1 s".to_string(),
+            ));
         }
         if self.data.as_os_str().is_empty() {
             self.data = PathBuf::from("data").join(self.id.as_str());

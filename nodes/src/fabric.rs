@@ -47,11 +47,11 @@ fn to_bytes(z: &ZBytes) -> Bytes {
 
 /// The Zenoh configuration of a node: explicit endpoints, multicast scouting off unless
 /// asked, and the liveliness lease of DESIGN §7.
-pub fn zenoh_config(cfg: &NodeConfig) -> anyhow::Result<zenoh::Config> {
+pub fn zenoh_config(cfg: &NodeConfig) -> crate::Result<zenoh::Config> {
     let mut c = zenoh::Config::default();
     let set = |c: &mut zenoh::Config, key: &str, value: String| {
         c.insert_json5(key, &value)
-            .map_err(|e| anyhow::anyhow!("zenoh config {key}={value}: {e}"))
+            .map_err(|e| crate::Error::config(format!("zenoh config {key}={value}: {e}")))
     };
     let mode = match cfg.mode {
         ZenohMode::Peer => "peer",
@@ -85,9 +85,12 @@ pub fn zenoh_config(cfg: &NodeConfig) -> anyhow::Result<zenoh::Config> {
         )?;
     }
     if let Some(tls) = &cfg.tls {
-        let path = |p: &std::path::Path| -> anyhow::Result<String> {
+        let path = |p: &std::path::Path| -> crate::Result<String> {
             if !p.is_file() {
-                anyhow::bail!("tls file {} does not exist", p.display());
+                return Err(crate::Error::config(format!(
+                    "tls file {} does not exist",
+                    p.display()
+                )));
             }
             Ok(serde_json::to_string(&p.display().to_string())?)
         };
@@ -128,11 +131,11 @@ pub fn zenoh_config(cfg: &NodeConfig) -> anyhow::Result<zenoh::Config> {
     if let Some(path) = &cfg.acl_file {
         let roster = crate::acl::Roster::from_file(path)?;
         if !roster.lists(&cfg.id) {
-            anyhow::bail!(
+            return Err(crate::Error::config(format!(
                 "node {} is not in the ACL roster {}: the other nodes would refuse it",
                 cfg.id,
                 path.display()
-            );
+            )));
         }
         set(&mut c, "access_control", roster.zenoh_acl().to_string())?;
     }
@@ -143,11 +146,11 @@ pub fn zenoh_config(cfg: &NodeConfig) -> anyhow::Result<zenoh::Config> {
 
 /// Fails early, with one clear line, when a TCP/TLS (or, for QUIC, UDP) listen address
 /// cannot be bound.
-fn check_listen_endpoints(endpoints: &[String]) -> anyhow::Result<()> {
+fn check_listen_endpoints(endpoints: &[String]) -> crate::Result<()> {
     for ep in endpoints {
         let parsed: zenoh::config::EndPoint = ep
             .parse()
-            .map_err(|e| anyhow::anyhow!("invalid zenoh endpoint {ep:?}: {e}"))?;
+            .map_err(|e| crate::Error::config(format!("invalid zenoh endpoint {ep:?}: {e}")))?;
         let address = parsed.address();
         let addr = address.as_str();
         if addr.ends_with(":0") {
@@ -159,19 +162,21 @@ fn check_listen_endpoints(endpoints: &[String]) -> anyhow::Result<()> {
             } else {
                 std::net::TcpListener::bind(sock).map(drop)
             };
-            bound.map_err(|e| anyhow::anyhow!("cannot listen on zenoh endpoint {ep}: {e}"))?;
+            bound.map_err(|e| {
+                crate::Error::config(format!("cannot listen on zenoh endpoint {ep}: {e}"))
+            })?;
         }
     }
     Ok(())
 }
 
 impl ZenohFabric {
-    pub async fn open(cfg: &NodeConfig) -> anyhow::Result<Self> {
+    pub async fn open(cfg: &NodeConfig) -> crate::Result<Self> {
         check_listen_endpoints(&cfg.listen)?;
         let config = zenoh_config(cfg)?;
         let session = zenoh::open(config)
             .await
-            .map_err(|e| anyhow::anyhow!("cannot open zenoh session: {e}"))?;
+            .map_err(|e| crate::Error::config(format!("cannot open zenoh session: {e}")))?;
         Ok(ZenohFabric {
             session,
             publishers: Mutex::new(HashMap::new()),

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
-use axum::http::{header, StatusCode};
+use axum::http::header;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use twinmesh_actors::context::NodeContext;
 use twinmesh_actors::metrics::NodeMetrics;
 use twinmesh_actors::ports::Store;
-use twinmesh_twins::proto::{twin_reply, twin_request, GetTwinRequest, ListTwinsRequest};
+use twinmesh_twins::proto::{GetTwinRequest, ListTwinsRequest};
 
 use crate::api::{parse_twin_id, Api};
 use crate::store::SledStore;
@@ -28,17 +28,21 @@ pub struct HttpState {
     pub store: Arc<SledStore>,
 }
 
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+pub async fn bind(addr: SocketAddr) -> crate::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot bind HTTP address {addr}: {e}"))
+        .map_err(|source| crate::Error::Bind {
+            what: "HTTP",
+            addr,
+            source,
+        })
 }
 
 pub async fn serve(
     listener: TcpListener,
     state: HttpState,
     cancel: CancellationToken,
-) -> anyhow::Result<()> {
+) -> crate::Result<()> {
     let app = Router::new()
         .route("/", get(dashboard))
         .route("/metrics", get(metrics))
@@ -52,55 +56,32 @@ pub async fn serve(
     Ok(())
 }
 
-fn json_response<T: serde::Serialize>(value: &T) -> Response {
-    match serde_json::to_string(value) {
-        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
-    }
+fn json_response<T: serde::Serialize>(value: &T) -> crate::Result<Response> {
+    let body = serde_json::to_string(value)
+        .map_err(|e| crate::Error::internal(format!("json encoding: {e}")))?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
-fn status_response(s: tonic::Status) -> Response {
-    let code = match s.code() {
-        tonic::Code::NotFound => StatusCode::NOT_FOUND,
-        tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
-        _ => StatusCode::SERVICE_UNAVAILABLE,
-    };
-    (code, s.message().to_owned()).into_response()
+async fn nodes(State(s): State<HttpState>) -> crate::Result<Response> {
+    json_response(&s.api.list_nodes().await?)
 }
 
-async fn nodes(State(s): State<HttpState>) -> Response {
-    match s.api.list_nodes().await {
-        Ok(nodes) => json_response(&nodes),
-        Err(e) => status_response(e),
-    }
-}
-
-async fn twins(State(s): State<HttpState>) -> Response {
+async fn twins(State(s): State<HttpState>) -> crate::Result<Response> {
     let req = ListTwinsRequest {
         page_size: crate::api::MAX_PAGE_SIZE,
         ..Default::default()
     };
-    match s.api.list_twins(&req).await {
-        Ok(r) => json_response(&r),
-        Err(e) => status_response(e),
-    }
+    json_response(&s.api.list_twins(&req).await?)
 }
 
-async fn twin(State(s): State<HttpState>, Path(id): Path<String>) -> Response {
-    let id = match parse_twin_id(&id) {
-        Ok(id) => id,
-        Err(e) => return status_response(e),
-    };
-    let req = twin_request::Request::GetTwin(GetTwinRequest {
+async fn twin(State(s): State<HttpState>, Path(id): Path<String>) -> crate::Result<Response> {
+    let id = parse_twin_id(&id)?;
+    let req = GetTwinRequest {
         twin_id: id.to_string(),
-    });
+    };
     // The dashboard has no login: it sees what a viewer sees (no raw protected values).
     let viewer = s.api.caller(Some(twinmesh_twins::privacy::Role::Viewer));
-    match s.api.twin_call_as(&id, req, None, viewer).await {
-        Ok(twin_reply::Reply::Twin(t)) => json_response(&t),
-        Ok(_) => (StatusCode::INTERNAL_SERVER_ERROR, "unexpected reply").into_response(),
-        Err(e) => status_response(e),
-    }
+    json_response(&s.api.call(&id, req, None, viewer).await?)
 }
 
 /// Prometheus text exposition of the node's counters.

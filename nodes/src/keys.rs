@@ -6,7 +6,7 @@ use std::path::Path;
 
 use twinmesh_actors::seal::KeyRing;
 
-fn open_private(path: &Path, create_new: bool) -> anyhow::Result<std::fs::File> {
+fn open_private(path: &Path, create_new: bool) -> crate::Result<std::fs::File> {
     let mut o = std::fs::OpenOptions::new();
     if create_new {
         o.write(true).create_new(true);
@@ -19,15 +19,15 @@ fn open_private(path: &Path, create_new: bool) -> anyhow::Result<std::fs::File> 
         o.mode(0o600);
     }
     o.open(path)
-        .map_err(|e| anyhow::anyhow!("cannot write key file {}: {e}", path.display()))
+        .map_err(|e| crate::Error::config(format!("cannot write key file {}: {e}", path.display())))
 }
 
 /// Creates `path` with one new key; refuses to overwrite an existing file.
-pub fn new_key_file(path: &Path, id: &str) -> anyhow::Result<()> {
+pub fn new_key_file(path: &Path, id: &str) -> crate::Result<()> {
     let line = KeyRing::generate_line(id)?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
-            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+            .map_err(|e| crate::Error::config(format!("cannot create {}: {e}", dir.display())))?;
     }
     let mut f = open_private(path, true)?;
     f.write_all(
@@ -39,10 +39,13 @@ pub fn new_key_file(path: &Path, id: &str) -> anyhow::Result<()> {
 }
 
 /// Appends a new key after checking that the file and the new id are valid.
-pub fn rotate(path: &Path, id: &str) -> anyhow::Result<()> {
+pub fn rotate(path: &Path, id: &str) -> crate::Result<()> {
     let ring = crate::config::load_key_ring(path, "key")?;
     if ring.key_ids().iter().any(|k| k == id) {
-        anyhow::bail!("key file {} already has a key {id:?}", path.display());
+        return Err(crate::Error::config(format!(
+            "key file {} already has a key {id:?}",
+            path.display()
+        )));
     }
     let line = KeyRing::generate_line(id)?;
     let mut f = open_private(path, false)?;

@@ -19,6 +19,7 @@
 //! - [`certs`]: a site CA and node certificates (files for TLS).
 //! - [`keys`]: AES-256 key files (site keys, at-rest keys).
 //! - [`client`]: gRPC channels for clients (`ctl`, benchmarks, tests).
+//! - [`error`]: [`Error`], with the only conversions to a gRPC status and to HTTP.
 
 pub mod acl;
 pub mod api;
@@ -26,6 +27,7 @@ pub mod auth;
 pub mod certs;
 pub mod client;
 pub mod config;
+pub mod error;
 pub mod fabric;
 pub mod grpc;
 pub mod http;
@@ -34,4 +36,5 @@ pub mod models;
 pub mod runtime;
 pub mod store;
 
+pub use error::{Error, Result};
 pub use runtime::{run, RunningNode};

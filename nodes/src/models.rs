@@ -589,7 +589,7 @@ async fn install_all(
                 {
                     Ok(twin_reply::Reply::InstallModel(_)) => "installed".to_owned(),
                     Ok(_) => "unexpected reply from twin".to_owned(),
-                    Err(s) => format!("{:?}: {}", s.code(), s.message()),
+                    Err(e) => format!("{:?}: {e}", e.code()),
                 };
                 Deployment {
                     twin_id: id.to_string(),

@@ -53,7 +53,7 @@ pub struct RunningNode {
 
 /// Simulated devices of an IoT node, named `{site}/{prefix}-{nn}`, with their faults
 /// (fault times count from `start_ns`).
-pub fn simulated_devices(cfg: &NodeConfig, start_ns: i64) -> anyhow::Result<Vec<Box<dyn Device>>> {
+pub fn simulated_devices(cfg: &NodeConfig, start_ns: i64) -> crate::Result<Vec<Box<dyn Device>>> {
     let mut devices: Vec<Box<dyn Device>> = Vec::new();
     let mut unused: Vec<&str> = cfg.faults.iter().map(|f| f.asset.as_str()).collect();
     for spec in &cfg.simulate {
@@ -72,12 +72,14 @@ pub fn simulated_devices(cfg: &NodeConfig, start_ns: i64) -> anyhow::Result<Vec<
             unused.retain(|a| *a != asset);
             let device = SimDevice::new(id, spec.kind, cfg.seed)
                 .with_faults(&faults)
-                .map_err(|e| anyhow::anyhow!("asset {asset}: {e}"))?;
+                .map_err(|e| crate::Error::config(format!("asset {asset}: {e}")))?;
             devices.push(Box::new(device));
         }
     }
     if let Some(a) = unused.first() {
-        anyhow::bail!("fault for unknown asset {a:?}: this node simulates no such asset");
+        return Err(crate::Error::config(format!(
+            "fault for unknown asset {a:?}: this node simulates no such asset"
+        )));
     }
     Ok(devices)
 }
@@ -85,7 +87,7 @@ pub fn simulated_devices(cfg: &NodeConfig, start_ns: i64) -> anyhow::Result<Vec<
 impl RunningNode {
     /// Starts a node. Errors (bad address, locked database, unusable endpoint) are
     /// reported before anything is left half-started.
-    pub async fn start(config: NodeConfig) -> anyhow::Result<Self> {
+    pub async fn start(config: NodeConfig) -> crate::Result<Self> {
         Self::start_with(config, TwinConfig::default(), GatewayConfig::default()).await
     }
 
@@ -93,7 +95,7 @@ impl RunningNode {
         config: NodeConfig,
         twin_config: TwinConfig,
         gateway_config: GatewayConfig,
-    ) -> anyhow::Result<Self> {
+    ) -> crate::Result<Self> {
         let devices = simulated_devices(&config, SystemClock.now_ns())?;
         // Bind the servers first: a taken port fails the start with one clear line.
         let grpc_listener = match config.grpc {
@@ -276,7 +278,7 @@ impl RunningNode {
     }
 
     /// Stops servers and actors, flushes storage and closes the session, within a bound.
-    pub async fn stop(mut self) -> anyhow::Result<()> {
+    pub async fn stop(mut self) -> crate::Result<()> {
         let result = tokio::time::timeout(SHUTDOWN_BOUND, async {
             self.servers.cancel();
             if let Some(g) = self.gateway.take() {
@@ -388,7 +390,7 @@ async fn archive_features(ctx: Arc<NodeContext>, features: Subscription) {
 }
 
 /// Runs a node until `shutdown` fires (the binary passes Ctrl-C).
-pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> crate::Result<()> {
     let node = RunningNode::start(config).await?;
     println!("{}", node.ready_line());
     shutdown.cancelled().await;

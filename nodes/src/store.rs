@@ -173,34 +173,34 @@ fn decode<M: Message + Default>(what: &'static str, bytes: &[u8]) -> Result<M> {
 }
 
 impl SledStore {
-    pub fn open(dir: &Path, cache_mb: u64) -> anyhow::Result<Self> {
+    pub fn open(dir: &Path, cache_mb: u64) -> crate::Result<Self> {
         Self::open_with(dir, cache_mb, None)
     }
 
     /// Opens the database, sealing the values of `at_rest.trees` with its keys.
-    pub fn open_with(dir: &Path, cache_mb: u64, at_rest: Option<AtRest>) -> anyhow::Result<Self> {
+    pub fn open_with(dir: &Path, cache_mb: u64, at_rest: Option<AtRest>) -> crate::Result<Self> {
         if let Some(a) = &at_rest {
             for t in &a.trees {
                 if !SENSITIVE_TREES.contains(&t.as_str()) {
-                    anyhow::bail!(
+                    return Err(crate::Error::config(format!(
                         "unknown tree {t:?} to encrypt: expected some of {}",
                         SENSITIVE_TREES.join(", ")
-                    );
+                    )));
                 }
             }
         }
         std::fs::create_dir_all(dir)
-            .map_err(|e| anyhow::anyhow!("cannot create data directory {}: {e}", dir.display()))?;
+            .map_err(|e| crate::Error::file("create data directory", dir, e))?;
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_mb * 1024 * 1024)
             .mode(sled::Mode::HighThroughput)
             .flush_every_ms(Some(500))
             .open()
-            .map_err(|e| anyhow::anyhow!("cannot open database in {}: {e}", dir.display()))?;
+            .map_err(|e| Error::store(format!("cannot open database in {}: {e}", dir.display())))?;
         let tree = |name: &str| {
             db.open_tree(name)
-                .map_err(|e| anyhow::anyhow!("cannot open tree {name}: {e}"))
+                .map_err(|e| Error::store(format!("cannot open tree {name}: {e}")))
         };
         let spool = tree("spool")?;
         let spool_len = spool.len() as u64;

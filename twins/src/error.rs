@@ -5,7 +5,9 @@ use thiserror::Error;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Stable error classes, one per gRPC status code the API uses.
+/// Stable error classes, one per gRPC status code the API uses (DESIGN §9). Every
+/// crate's error carries one; `nodes` alone turns it into a gRPC status or an HTTP
+/// response, and the fabric carries it as `proto::ErrorCode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
     NotFound,
@@ -13,6 +15,10 @@ pub enum ErrorCode {
     FailedPrecondition,
     Unavailable,
     PermissionDenied,
+    /// No valid credentials (a missing, malformed or expired bearer token).
+    Unauthenticated,
+    /// The caller went away or asked to stop (a training whose stream was closed).
+    Cancelled,
     Internal,
 }
 
@@ -104,8 +110,33 @@ impl From<ErrorCode> for crate::proto::ErrorCode {
             ErrorCode::FailedPrecondition => P::FailedPrecondition,
             ErrorCode::Unavailable => P::Unavailable,
             ErrorCode::PermissionDenied => P::PermissionDenied,
+            ErrorCode::Unauthenticated => P::Unauthenticated,
+            ErrorCode::Cancelled => P::Cancelled,
             ErrorCode::Internal => P::Internal,
         }
+    }
+}
+
+impl From<crate::proto::ErrorCode> for ErrorCode {
+    fn from(code: crate::proto::ErrorCode) -> Self {
+        use crate::proto::ErrorCode as P;
+        match code {
+            P::NotFound => ErrorCode::NotFound,
+            P::InvalidArgument => ErrorCode::InvalidArgument,
+            P::FailedPrecondition => ErrorCode::FailedPrecondition,
+            P::Unavailable => ErrorCode::Unavailable,
+            P::PermissionDenied => ErrorCode::PermissionDenied,
+            P::Unauthenticated => ErrorCode::Unauthenticated,
+            P::Cancelled => ErrorCode::Cancelled,
+            P::Internal | P::Unspecified => ErrorCode::Internal,
+        }
+    }
+}
+
+impl ErrorCode {
+    /// The class of an error that came over the fabric (unknown values are internal).
+    pub fn of_proto(code: i32) -> Self {
+        crate::proto::ErrorCode::try_from(code).map_or(ErrorCode::Internal, Into::into)
     }
 }
 

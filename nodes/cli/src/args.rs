@@ -175,7 +175,7 @@ pub struct NodeArgs {
 impl NodeArgs {
     pub fn into_config(self) -> anyhow::Result<NodeConfig> {
         if let Some(path) = self.config {
-            return NodeConfig::from_file(&path);
+            return Ok(NodeConfig::from_file(&path)?);
         }
         let tier = self.tier.unwrap_or_default().parse()?;
         let id = self.id.unwrap_or_default().parse()?;

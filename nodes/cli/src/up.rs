@@ -184,7 +184,7 @@ pub async fn start(mut plan: Vec<NodeConfig>) -> anyhow::Result<Vec<RunningNode>
                 for n in running.into_iter().rev() {
                     let _ = n.stop().await;
                 }
-                return Err(e.context(format!("starting node {}", cfg.id)));
+                return Err(anyhow::Error::from(e).context(format!("starting node {}", cfg.id)));
             }
         }
     }

@@ -20,8 +20,8 @@ const MIGRATE_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a drain (one migration per twin of the node) may take.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
 
-fn unexpected() -> Status {
-    Status::internal("unexpected reply from the placement authority")
+fn unexpected() -> crate::Error {
+    crate::Error::internal("unexpected reply from the placement authority")
 }
 
 #[tonic::async_trait]
@@ -49,7 +49,7 @@ impl MeshService for Services {
             .await?
         {
             mesh_reply::Reply::Migrate(r) => Ok(Response::new(r)),
-            _ => Err(unexpected()),
+            _ => Err(unexpected().into()),
         }
     }
 
@@ -61,14 +61,14 @@ impl MeshService for Services {
         let req = request.into_inner();
         req.node
             .parse::<twinmesh_twins::NodeId>()
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            .map_err(crate::Error::from)?;
         match self
             .api
             .mesh_request(mesh_request::Request::Drain(req), DRAIN_TIMEOUT)
             .await?
         {
             mesh_reply::Reply::Drain(r) => Ok(Response::new(r)),
-            _ => Err(unexpected()),
+            _ => Err(unexpected().into()),
         }
     }
 
@@ -82,6 +82,6 @@ impl MeshService for Services {
             .placement(&id)
             .await?
             .map(Response::new)
-            .ok_or_else(|| Status::not_found(format!("unknown twin {id}")))
+            .ok_or_else(|| crate::Error::not_found(format!("unknown twin {id}")).into())
     }
 }

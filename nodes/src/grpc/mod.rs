@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response};
 
 use twinmesh_proto::v1::mesh_service_server::MeshServiceServer;
 use twinmesh_proto::v1::model_service_server::ModelServiceServer;
@@ -63,7 +63,7 @@ pub(crate) trait TwinRpc: TwinCall {
     /// The twin it goes to.
     fn twin_id(&self) -> &str;
     /// Checks that need no twin, so a bad request never travels.
-    fn check(&self, _id: &TwinId) -> Result<(), Status> {
+    fn check(&self, _id: &TwinId) -> crate::Result<()> {
         Ok(())
     }
     /// The deadline of the twin call, from the client's.
@@ -78,7 +78,7 @@ impl Services {
     pub(crate) async fn forward<R: TwinRpc>(
         &self,
         request: Request<R>,
-    ) -> Result<Response<R::Reply>, Status> {
+    ) -> crate::Result<Response<R::Reply>> {
         let who = crate::auth::require(&request, R::LEAST_ROLE)?;
         let client_deadline = deadline(&request);
         let req = request.into_inner();
@@ -99,7 +99,7 @@ pub async fn serve(
     models: crate::models::Models,
     tls: Option<crate::config::TlsConfig>,
     cancel: CancellationToken,
-) -> anyhow::Result<()> {
+) -> crate::Result<()> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<TwinServiceServer<Services>>()
@@ -124,13 +124,14 @@ pub async fn serve(
     let mut builder = tonic::transport::Server::builder();
     if let Some(t) = &tls {
         let read = |p: &std::path::Path| {
-            std::fs::read(p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))
+            std::fs::read(p)
+                .map_err(|e| crate::Error::config(format!("cannot read {}: {e}", p.display())))
         };
         let identity =
             tonic::transport::Identity::from_pem(read(&t.cert_file)?, read(&t.key_file)?);
         builder = builder
             .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
-            .map_err(|e| anyhow::anyhow!("grpc tls: {e}"))?;
+            .map_err(|e| crate::Error::config(format!("grpc tls: {e}")))?;
     }
     builder
         .add_service(health_service)
@@ -155,8 +156,12 @@ pub async fn serve(
 }
 
 /// Binds a gRPC listener, failing with a clear message.
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+pub async fn bind(addr: SocketAddr) -> crate::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot bind gRPC address {addr}: {e}"))
+        .map_err(|source| crate::Error::Bind {
+            what: "gRPC",
+            addr,
+            source,
+        })
 }

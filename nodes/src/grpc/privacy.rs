@@ -48,7 +48,7 @@ impl TwinRpc for ReleaseAggregateRequest {
     fn twin_id(&self) -> &str {
         self.twin_ids.first().map_or("", String::as_str)
     }
-    fn check(&self, _first: &TwinId) -> Result<(), Status> {
+    fn check(&self, _first: &TwinId) -> crate::Result<()> {
         for t in &self.twin_ids {
             parse_twin_id(t)?;
         }
@@ -69,14 +69,14 @@ impl PrivacyService for Services {
         &self,
         request: Request<GetPolicyRequest>,
     ) -> Result<Response<PrivacyPolicy>, Status> {
-        self.forward(request).await
+        Ok(self.forward(request).await?)
     }
 
     async fn set_policy(
         &self,
         request: Request<SetPolicyRequest>,
     ) -> Result<Response<PrivacyPolicy>, Status> {
-        self.forward(request).await
+        Ok(self.forward(request).await?)
     }
 
     async fn get_budget(
@@ -85,18 +85,18 @@ impl PrivacyService for Services {
     ) -> Result<Response<Budget>, Status> {
         let req = request.get_ref();
         if req.site.is_empty() {
-            return self.forward(request).await;
+            return Ok(self.forward(request).await?);
         }
         // A site's ledger is kept by the placement authority.
         crate::auth::require(&request, GetBudgetRequest::LEAST_ROLE)?;
         let req = request.into_inner();
         if !req.twin_id.is_empty() {
-            return Err(Status::invalid_argument(
+            return Err(crate::Error::invalid_argument(
                 "a budget request names a twin or a site, not both",
-            ));
+            )
+            .into());
         }
-        twinmesh_twins::id::validate_site(&req.site)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        twinmesh_twins::id::validate_site(&req.site).map_err(crate::Error::from)?;
         let read = proto::SiteBudgetRequest {
             site: req.site,
             ..Default::default()
@@ -110,9 +110,9 @@ impl PrivacyService for Services {
             .await?
         {
             proto::mesh_reply::Reply::SiteBudget(b) => Ok(Response::new(b)),
-            _ => Err(Status::internal(
-                "unexpected reply from the placement authority",
-            )),
+            _ => {
+                Err(crate::Error::internal("unexpected reply from the placement authority").into())
+            }
         }
     }
 
@@ -122,10 +122,8 @@ impl PrivacyService for Services {
     ) -> Result<Response<ReleaseAggregateResponse>, Status> {
         if request.get_ref().twin_ids.is_empty() {
             crate::auth::require(&request, ReleaseAggregateRequest::LEAST_ROLE)?;
-            return Err(Status::invalid_argument(
-                "a release names at least one twin",
-            ));
+            return Err(crate::Error::invalid_argument("a release names at least one twin").into());
         }
-        self.forward(request).await
+        Ok(self.forward(request).await?)
     }
 }

@@ -41,10 +41,9 @@ impl TwinRpc for QueryHistoryRequest {
     fn twin_id(&self) -> &str {
         &self.twin_id
     }
-    fn check(&self, id: &TwinId) -> Result<(), Status> {
-        twinmesh_actors::twin::validate_history(id, self)
-            .map(|_| ())
-            .map_err(|e| crate::api::status_of(e.code(), e.to_string()))
+    fn check(&self, id: &TwinId) -> crate::Result<()> {
+        twinmesh_actors::twin::validate_history(id, self)?;
+        Ok(())
     }
 }
 
@@ -60,10 +59,10 @@ impl TwinRpc for SetChainRequest {
     fn twin_id(&self) -> &str {
         &self.twin_id
     }
-    fn check(&self, _id: &TwinId) -> Result<(), Status> {
+    fn check(&self, _id: &TwinId) -> crate::Result<()> {
         match self.chain {
             Some(_) => Ok(()),
-            None => Err(Status::invalid_argument("invalid chain: missing")),
+            None => Err(crate::Error::invalid_argument("invalid chain: missing")),
         }
     }
 }
@@ -88,21 +87,21 @@ impl TwinService for Services {
     }
 
     async fn get_twin(&self, request: Request<GetTwinRequest>) -> Result<Response<Twin>, Status> {
-        self.forward(request).await
+        Ok(self.forward(request).await?)
     }
 
     async fn get_thing_description(
         &self,
         request: Request<GetThingDescriptionRequest>,
     ) -> Result<Response<ThingDescription>, Status> {
-        self.forward(request).await
+        Ok(self.forward(request).await?)
     }
 
     async fn query_history(
         &self,
         request: Request<QueryHistoryRequest>,
     ) -> Result<Response<QueryHistoryResponse>, Status> {
-        self.forward(request).await
+        Ok(self.forward(request).await?)
     }
 
     type WatchTwinStream = WatchStream;
@@ -120,7 +119,7 @@ impl TwinService for Services {
             .fabric()
             .subscribe(&keys::twin_updates(&id), 256)
             .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+            .map_err(|e| crate::Error::unavailable(e.to_string()))?;
         let get = GetTwinRequest {
             twin_id: id.to_string(),
         };
@@ -178,20 +177,20 @@ impl TwinService for Services {
         &self,
         request: Request<SetDesiredRequest>,
     ) -> Result<Response<SetDesiredResponse>, Status> {
-        self.forward(request).await
+        Ok(self.forward(request).await?)
     }
 
     async fn set_chain(
         &self,
         request: Request<SetChainRequest>,
     ) -> Result<Response<SetChainResponse>, Status> {
-        self.forward(request).await
+        Ok(self.forward(request).await?)
     }
 
     async fn import_history(
         &self,
         request: Request<ImportHistoryRequest>,
     ) -> Result<Response<ImportHistoryResponse>, Status> {
-        self.forward(request).await
+        Ok(self.forward(request).await?)
     }
 }

@@ -121,14 +121,14 @@ impl Rig {
     /// A gRPC channel to the cloud node (TLS when the rig is).
     pub(crate) async fn cloud_channel(&self) -> anyhow::Result<tonic::transport::Channel> {
         let addr = self.cloud.grpc_addr.expect("grpc");
-        match &self.cloud.config.tls {
+        Ok(match &self.cloud.config.tls {
             Some(t) => {
                 twinmesh_nodes::client::connect_tls(
                     &format!("https://{addr}"),
                     Duration::from_secs(30),
                     Some(&t.ca_file),
                 )
-                .await
+                .await?
             }
             None => {
                 twinmesh_nodes::client::connect_tls(
@@ -136,9 +136,9 @@ impl Rig {
                     Duration::from_secs(30),
                     None,
                 )
-                .await
+                .await?
             }
-        }
+        })
     }
 
     /// Registers `n` twins of `bench` and waits until each answers.
@@ -196,7 +196,7 @@ impl Rig {
     pub(crate) async fn stop(self) -> anyhow::Result<()> {
         let _ = self.gateway.close().await;
         self.edge.stop().await?;
-        self.cloud.stop().await
+        Ok(self.cloud.stop().await?)
     }
 }
 

@@ -29,7 +29,7 @@ use twinmesh_twins::{keys, Tier, TwinId};
 
 use crate::context::NodeContext;
 use crate::metrics::NodeMetrics;
-use crate::ports::{Device, Qos};
+use crate::ports::{Device, Qos, SpoolStore};
 
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
@@ -141,6 +141,8 @@ struct Slot {
 
 pub struct GatewayState {
     ctx: Arc<NodeContext>,
+    /// The one store concern of a gateway: the node store's spool.
+    spool: Arc<dyn SpoolStore>,
     config: GatewayConfig,
     devices: BTreeMap<TwinId, Slot>,
     streams: BTreeMap<(TwinId, String), Stream>,
@@ -157,7 +159,7 @@ impl GatewayState {
     async fn stream(&mut self, twin: &TwinId, signal: &str) -> crate::Result<&mut Stream> {
         let key = (twin.clone(), signal.to_owned());
         if !self.streams.contains_key(&key) {
-            let store = &self.ctx.store;
+            let store = &self.spool;
             let next_seq = store.reserve_seqs(twin, signal, self.config.seq_block)?;
             store.flush().await?;
             let base = store.spool_first(twin, signal)?.unwrap_or(next_seq);
@@ -182,10 +184,9 @@ impl GatewayState {
         let stream = self.streams.get_mut(&key).expect("inserted above");
         if stream.next_seq == stream.reserved_end {
             let first = self
-                .ctx
-                .store
+                .spool
                 .reserve_seqs(twin, signal, self.config.seq_block)?;
-            self.ctx.store.flush().await?;
+            self.spool.flush().await?;
             stream.next_seq = first;
             stream.reserved_end = first + self.config.seq_block;
         }
@@ -438,7 +439,7 @@ impl GatewayState {
             let upto = seq - max_spool;
             stream.dropped += upto + 1 - stream.base;
             stream.base = upto + 1;
-            self.ctx.store.spool_truncate(twin, signal, upto)?;
+            self.spool.spool_truncate(twin, signal, upto)?;
         }
         let stream = &self.streams[&(twin.clone(), signal.to_owned())];
         let (samples, packed) = if compress {
@@ -460,7 +461,7 @@ impl GatewayState {
             packed,
             sealed: Vec::new(),
         };
-        self.ctx.store.spool_put(&frame)?;
+        self.spool.spool_put(&frame)?;
         self.publish_frame(&frame, twin).await;
         Ok(())
     }
@@ -472,8 +473,7 @@ impl GatewayState {
         stream.last_resend = Some(Instant::now());
         let (from, base) = (stream.acked + 1, stream.base);
         let frames =
-            self.ctx
-                .store
+            self.spool
                 .spool_read(twin, signal, from.max(base), self.config.resend_batch)?;
         tracing::debug!(twin = %twin, signal, from, frames = frames.len(), "re-sending unacknowledged frames");
         for mut frame in frames {
@@ -522,7 +522,7 @@ impl GatewayState {
             stream.last_progress = Instant::now();
             let upto = wm.seq.saturating_sub(retain);
             if upto >= stream.base {
-                self.ctx.store.spool_truncate(&twin, &wm.signal, upto)?;
+                self.spool.spool_truncate(&twin, &wm.signal, upto)?;
                 stream.base = upto + 1;
             }
             if new_owner && stream.acked + 1 < stream.next_seq {
@@ -568,7 +568,7 @@ impl GatewayState {
             .filter_map(|((t, s), st)| st.replay_from.map(|f| (t.clone(), s.clone(), f)))
             .collect();
         for (twin, signal, from) in due {
-            let frames = self.ctx.store.spool_read(&twin, &signal, from, per_tick)?;
+            let frames = self.spool.spool_read(&twin, &signal, from, per_tick)?;
             let key = (twin.clone(), signal.clone());
             let (base, next_seq) = {
                 let st = &self.streams[&key];
@@ -745,6 +745,7 @@ impl Actor for GatewayActor {
             })
             .collect();
         Ok(GatewayState {
+            spool: ctx.store.clone(),
             ctx,
             config,
             devices,
@@ -776,12 +777,9 @@ impl Actor for GatewayActor {
         }
         // Clean stop: the next start continues numbering exactly where this one ended.
         for ((twin, signal), stream) in &state.streams {
-            state
-                .ctx
-                .store
-                .release_seqs(twin, signal, stream.next_seq)?;
+            state.spool.release_seqs(twin, signal, stream.next_seq)?;
         }
-        state.ctx.store.flush().await?;
+        state.spool.flush().await?;
         Ok(())
     }
 

@@ -4,9 +4,13 @@
 //!
 //! # Layout
 //!
-//! - [`ports`]: the [`ports::Fabric`] (pub/sub, queries, liveliness), [`ports::Store`]
-//!   (history, snapshots, placements, gateway spool), [`ports::Clock`] and
-//!   [`ports::Device`] traits. Nothing here knows Zenoh or sled.
+//! - [`ports`]: the [`ports::Fabric`] (pub/sub, queries, liveliness), the store port in
+//!   small traits — [`ports::SeriesStore`] (history, archive), [`ports::SnapshotStore`]
+//!   (snapshots, installed models, replicas), [`ports::PlacementStore`] (placement table,
+//!   ε ledgers, hosted twins), [`ports::SpoolStore`] (gateway spool),
+//!   [`ports::ModelStore`] (model registry), each [`ports::Durable`], and
+//!   [`ports::Store`], all of them — [`ports::Clock`] and [`ports::Device`] traits.
+//!   Nothing here knows Zenoh or sled.
 //! - [`context`]: [`context::NodeContext`], what every actor of one node shares
 //!   (ports, counters, config, the task tracker that owns every background task).
 //! - [`twin`]: [`twin::TwinActor`], one per asset: ingest → durable → ack; state;

@@ -22,7 +22,7 @@ use twinmesh_twins::{keys, TwinId};
 use crate::context::NodeContext;
 use crate::mesh::{STATUS_ACTIVE, STATUS_STALE};
 use crate::metrics::NodeMetrics;
-use crate::ports::SampleKind;
+use crate::ports::{PlacementStore, SampleKind};
 use crate::twin::{TwinActor, TwinArgs, TwinMsg};
 
 /// A twin that fails more often than this within `RESTART_WINDOW` is given up on.
@@ -83,6 +83,8 @@ pub struct NodeSupervisor;
 
 pub struct NodeSupervisorState {
     ctx: Arc<NodeContext>,
+    /// The one store concern of the supervisor: the twins this node hosts.
+    hosted: Arc<dyn PlacementStore>,
     twins: std::collections::BTreeMap<TwinId, Hosted>,
     by_actor: HashMap<ActorId, TwinId>,
     /// Twins that failed too often (observability: they are not hosted any more).
@@ -139,7 +141,7 @@ impl NodeSupervisorState {
             // Registered here without an actor: a restart of the node keeps it asleep.
             let mut record = hosted.placement.clone();
             record.status = STATUS_DORMANT.to_owned();
-            if let Err(e) = self.ctx.store.save_hosted(&record) {
+            if let Err(e) = self.hosted.save_hosted(&record) {
                 tracing::warn!(twin = %id, "dormant record not stored: {e}");
             }
             NodeMetrics::add(&self.ctx.metrics.twins_passivated, 1);
@@ -197,6 +199,7 @@ impl Actor for NodeSupervisor {
             cancel.clone(),
         ));
         Ok(NodeSupervisorState {
+            hosted: ctx.store.clone(),
             ctx,
             twins: std::collections::BTreeMap::new(),
             by_actor: HashMap::new(),
@@ -212,7 +215,7 @@ impl Actor for NodeSupervisor {
     ) -> Result<(), ActorProcessingErr> {
         // Twins this node hosted before it stopped come back at once, cloud or not.
         let mut dormant = Vec::new();
-        for mut placement in state.ctx.store.hosted()? {
+        for mut placement in state.hosted.hosted()? {
             if placement.status != STATUS_DORMANT {
                 myself.cast(NodeMsg::Place(placement))?;
                 continue;
@@ -289,7 +292,7 @@ impl Actor for NodeSupervisor {
                         return Ok(());
                     }
                 }
-                state.ctx.store.save_hosted(&placement)?;
+                state.hosted.save_hosted(&placement)?;
                 state.given_up.remove(&id);
                 let restarts = state
                     .twins
@@ -310,7 +313,7 @@ impl Actor for NodeSupervisor {
             NodeMsg::Unplace(id) => {
                 if state.twins.contains_key(&id) {
                     state.forget(&id, "unplaced");
-                    state.ctx.store.remove_hosted(&id)?;
+                    state.hosted.remove_hosted(&id)?;
                     state.ctx.directory.remove(&id);
                 }
             }
@@ -330,7 +333,7 @@ impl Actor for NodeSupervisor {
                 if stale {
                     tracing::warn!(twin = %id, epoch = p.epoch, owner = p.node, "twin placed elsewhere at a newer epoch: stopping the stale copy here");
                     state.forget(&id, "fenced");
-                    state.ctx.store.remove_hosted(&id)?;
+                    state.hosted.remove_hosted(&id)?;
                     state.ctx.directory.remove(&id);
                 }
             }
@@ -345,7 +348,7 @@ impl Actor for NodeSupervisor {
                 else {
                     return Ok(());
                 };
-                state.ctx.store.save_hosted(&record)?;
+                state.hosted.save_hosted(&record)?;
                 tracing::debug!(twin = %id, "waking a dormant twin");
                 NodeMetrics::add(&state.ctx.metrics.twins_woken, 1);
                 state.spawn_twin(&myself, id).await;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use twinmesh_twins::proto::{Bucket, ModelRecord, Placement, TelemetryFrame, TwinSnapshot};
+use twinmesh_twins::proto::{Bucket, Budget, ModelRecord, Placement, TelemetryFrame, TwinSnapshot};
 use twinmesh_twins::stats::Aggregation;
 use twinmesh_twins::TwinId;
 
@@ -167,15 +167,29 @@ pub struct StoredFrame {
 /// Most buckets one history query may produce.
 pub const MAX_HISTORY_BUCKETS: u64 = 100_000;
 
-/// The node's durable storage (DESIGN §8). Methods are synchronous and fast except
-/// `query_history` (scans: call it from a blocking pool) and `flush` (durability).
+// --- storage (DESIGN §8) ---
+//
+// The store port is split by concern, the way TiKV splits `engine_traits`: an actor
+// names the one it uses, and an engine implements each on its own. Methods are
+// synchronous and fast except the series scans (`query_history`, `read_samples`,
+// `read_points`: call them from a blocking pool) and `flush` (durability). [`Store`] is
+// all of them, for code that needs a node's whole store.
+
+/// Durability, shared by every concern: one flush covers every write of the node's store.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
-    // --- time series ---
+pub trait Durable: Send + Sync + 'static {
+    /// Makes every write made before this call durable. Concurrent callers share flushes.
+    async fn flush(&self) -> Result<()>;
+}
+
+/// Time series (the twins' history; on cloud nodes also the archive of every twin's
+/// feature windows, which trainings read).
+pub trait SeriesStore: Durable {
     /// Appends frames of one twin. Idempotent: a frame stored twice (same signal, start
     /// and seq) occupies one entry.
     fn append_frames(&self, twin: &TwinId, frames: &[StoredFrame]) -> Result<()>;
-    /// Bucketed aggregation of `signal` over `[start_ns, end_ns)`; empty buckets omitted.
+    /// Bucketed aggregation of `signal` over `[start_ns, end_ns)`; empty buckets omitted
+    /// (bucketing of [`twinmesh_twins::stats::HistoryBuckets`]).
     fn query_history(
         &self,
         twin: &TwinId,
@@ -185,7 +199,6 @@ pub trait Store: Send + Sync + 'static {
         bucket_ns: i64,
         agg: Aggregation,
     ) -> Result<Vec<Bucket>>;
-    /// Sequence numbers of every stored frame of `signal`, in time order.
     /// The samples of `signal` in `[start_ns, end_ns)`, in time order, at most `limit`
     /// (the records of a privacy release).
     fn read_samples(
@@ -196,6 +209,18 @@ pub trait Store: Send + Sync + 'static {
         end_ns: i64,
         limit: usize,
     ) -> Result<Vec<f64>>;
+    /// `(time, value)` of every sample of the frames of `signal` that start in
+    /// `[start_ns, end_ns)`, in time order (the archive's feature windows, one sample each).
+    fn read_points(
+        &self,
+        twin: &TwinId,
+        signal: &str,
+        start_ns: i64,
+        end_ns: i64,
+    ) -> Result<Vec<(i64, f64)>>;
+    /// Names of the series stored for `twin`, in order.
+    fn signals_of(&self, twin: &TwinId) -> Result<Vec<String>>;
+    /// Sequence numbers of every stored frame of `signal`, in time order.
     fn frame_seqs(&self, twin: &TwinId, signal: &str) -> Result<Vec<u64>>;
     /// Highest live seq stored for `signal` (imports, with seq 0, do not count).
     fn last_stored_seq(&self, twin: &TwinId, signal: &str) -> Result<u64>;
@@ -207,33 +232,40 @@ pub trait Store: Send + Sync + 'static {
         from: u64,
         upto: u64,
     ) -> Result<Option<u64>>;
+}
 
-    // --- twins hosted on this node ---
+/// Twin state: snapshots of the twins hosted here, their installed models, and the
+/// replicated snapshots the placement authority keeps. A snapshot that names no valid
+/// twin is refused with an error ([`twinmesh_twins::snapshot::twin_of`]).
+pub trait SnapshotStore: Durable {
     fn save_snapshot(&self, snapshot: &TwinSnapshot) -> Result<()>;
     fn load_snapshot(&self, twin: &TwinId) -> Result<Option<TwinSnapshot>>;
-    /// Remembers that this node hosts `placement.twin_id` (to restart it after a crash).
-    fn save_hosted(&self, placement: &Placement) -> Result<()>;
-    fn remove_hosted(&self, twin: &TwinId) -> Result<()>;
-    fn hosted(&self) -> Result<Vec<Placement>>;
     /// The anomaly model installed on a hosted twin (a `ModelRecord`), kept apart from
     /// the snapshot, which is written on every batch and names the model only.
     fn save_twin_model(&self, twin: &TwinId, record: &ModelRecord) -> Result<()>;
     fn load_twin_model(&self, twin: &TwinId) -> Result<Option<ModelRecord>>;
-
-    // --- replicated snapshots (kept by the placement authority) ---
-    /// Keeps `snapshot` if it is newer, by (epoch, revision), than the one held; returns
-    /// whether it was kept.
+    /// Keeps `snapshot` if it is newer, by (epoch, revision), than the one held
+    /// ([`twinmesh_twins::snapshot::supersedes`]); returns whether it was kept.
     fn save_replica(&self, snapshot: &TwinSnapshot) -> Result<bool>;
     fn load_replica(&self, twin: &TwinId) -> Result<Option<TwinSnapshot>>;
+}
 
-    // --- placement table (placement authority) ---
+/// Where twins live: the placement authority's table and ε ledgers, and the twins this
+/// node hosts. A placement that names no valid twin is refused with an error.
+pub trait PlacementStore: Durable {
     fn save_placement(&self, placement: &Placement) -> Result<()>;
     fn placements(&self) -> Result<Vec<Placement>>;
     /// The ε ledger of a site's set releases (placement authority).
-    fn save_site_budget(&self, budget: &twinmesh_twins::proto::Budget) -> Result<()>;
-    fn site_budgets(&self) -> Result<Vec<twinmesh_twins::proto::Budget>>;
+    fn save_site_budget(&self, budget: &Budget) -> Result<()>;
+    fn site_budgets(&self) -> Result<Vec<Budget>>;
+    /// Remembers that this node hosts `placement.twin_id` (to restart it after a crash).
+    fn save_hosted(&self, placement: &Placement) -> Result<()>;
+    fn remove_hosted(&self, twin: &TwinId) -> Result<()>;
+    fn hosted(&self) -> Result<Vec<Placement>>;
+}
 
-    // --- gateway spool ---
+/// The gateway spool (DESIGN §7): durable seq numbering and frames not yet acknowledged.
+pub trait SpoolStore: Durable {
     /// Reserves the next `count` sequence numbers of (twin, signal) durably and returns the
     /// first. Numbering survives restarts; a crash skips at most the unused reservation.
     fn reserve_seqs(&self, twin: &TwinId, signal: &str, count: u64) -> Result<u64>;
@@ -254,10 +286,24 @@ pub trait Store: Send + Sync + 'static {
     /// Lowest spooled seq of (twin, signal), if any.
     fn spool_first(&self, twin: &TwinId, signal: &str) -> Result<Option<u64>>;
     fn spool_len(&self) -> u64;
-
-    /// Makes every write made before this call durable. Concurrent callers share flushes.
-    async fn flush(&self) -> Result<()>;
 }
+
+/// The model registry of cloud nodes: every version of every model, by (id, version).
+pub trait ModelStore: Durable {
+    /// Stores `record` as `version` of `model_id` (replacing one stored there); durable
+    /// when it returns (a registry acknowledges a version only once it is kept).
+    fn put_model(&self, model_id: &str, version: u64, record: &ModelRecord) -> Result<()>;
+    fn get_model(&self, model_id: &str, version: u64) -> Result<Option<ModelRecord>>;
+    /// The highest stored version of `model_id`; 0 when there is none.
+    fn newest_model_version(&self, model_id: &str) -> Result<u64>;
+    /// Every stored record, by model id then version.
+    fn models(&self) -> Result<Vec<ModelRecord>>;
+}
+
+/// A node's whole store: every concern above.
+pub trait Store: SeriesStore + SnapshotStore + PlacementStore + SpoolStore + ModelStore {}
+
+impl<T> Store for T where T: SeriesStore + SnapshotStore + PlacementStore + SpoolStore + ModelStore {}
 
 /// Where time comes from (so simulations can run on virtual time).
 pub trait Clock: Send + Sync + 'static {

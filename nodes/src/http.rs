@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use twinmesh_actors::context::NodeContext;
 use twinmesh_actors::metrics::NodeMetrics;
-use twinmesh_actors::ports::Store;
+use twinmesh_actors::ports::SpoolStore;
 use twinmesh_twins::proto::{GetTwinRequest, ListTwinsRequest};
 
 use crate::api::{parse_twin_id, Api};

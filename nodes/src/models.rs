@@ -1,8 +1,9 @@
 //! Anomaly models across tiers (issue 6): the cloud's model registry, training on the
 //! archived features, deployment to twins, and `ModelService`.
 //!
-//! - **Registry** (sled tree `models` of the cloud node): `{model_id}\0{version BE}` →
-//!   `ModelRecord` (info, deployments, the model file). It also answers
+//! - **Registry** (the [`ModelStore`] of the cloud node's store; in sled the tree
+//!   `models`, `{model_id}\0{version BE}` → `ModelRecord`): info, deployments, the model
+//!   file. It also answers
 //!   `twinmesh/models/{id}/{version}`, which a twin queries when it starts on a node
 //!   that does not hold its model yet (after a migration or a failover).
 //! - **Training** reads the cloud's archive (the `archive` stage keeps every twin's
@@ -27,6 +28,7 @@ use prost::Message;
 use tonic::{Request, Response, Status};
 
 use twinmesh_actors::context::NodeContext;
+use twinmesh_actors::ports::{ModelStore, SeriesStore};
 use twinmesh_proto::encoding;
 use twinmesh_proto::v1::model_service_server::ModelService;
 use twinmesh_twins::model::{validate_model_id, Algorithm, Model, TrainParams, DEFAULT_ALGORITHM};
@@ -39,20 +41,11 @@ use twinmesh_twins::proto::{
 use twinmesh_twins::{keys, AssetKind, Tier, TwinId};
 
 use crate::api::{parse_twin_id, Api, MAX_PAGE_SIZE};
-use crate::store::SledStore;
 
 /// Most feature vectors one training reads (about 160 MB at 20 features).
 pub const MAX_TRAINING_ROWS: usize = 2_000_000;
 /// Twins a deployment installs on at once.
 const DEPLOY_CONCURRENCY: usize = 8;
-
-fn registry_key(model_id: &str, version: u64) -> Vec<u8> {
-    let mut k = Vec::with_capacity(model_id.len() + 9);
-    k.extend_from_slice(model_id.as_bytes());
-    k.push(0);
-    k.extend_from_slice(&version.to_be_bytes());
-    k
-}
 
 fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal(format!("model registry: {e}"))
@@ -60,29 +53,21 @@ fn internal(e: impl std::fmt::Display) -> Status {
 
 /// The cloud's model registry.
 pub struct Registry {
-    tree: sled::Tree,
+    store: Arc<dyn ModelStore>,
     /// Serialises version allocation and deployment updates.
     write: Mutex<()>,
 }
 
 impl Registry {
-    pub fn new(tree: sled::Tree) -> Self {
+    pub fn new(store: Arc<dyn ModelStore>) -> Self {
         Registry {
-            tree,
+            store,
             write: Mutex::new(()),
         }
     }
 
     fn newest_version(&self, model_id: &str) -> Result<u64, Status> {
-        let mut prefix = model_id.as_bytes().to_vec();
-        prefix.push(0);
-        match self.tree.scan_prefix(&prefix).next_back() {
-            Some(Ok((k, _))) => Ok(u64::from_be_bytes(
-                k[prefix.len()..].try_into().map_err(internal)?,
-            )),
-            Some(Err(e)) => Err(internal(e)),
-            None => Ok(0),
-        }
+        self.store.newest_model_version(model_id).map_err(internal)
     }
 
     /// Stores `record` as the next version of its model; returns the stored info.
@@ -92,13 +77,9 @@ impl Registry {
         info.version = self.newest_version(&info.model_id)? + 1;
         info.size_bytes = record.model.len() as u64;
         let out = info.clone();
-        self.tree
-            .insert(
-                registry_key(&out.model_id, out.version),
-                record.encode_to_vec(),
-            )
+        self.store
+            .put_model(&out.model_id, out.version, &record)
             .map_err(internal)?;
-        self.tree.flush().map_err(internal)?;
         Ok(out)
     }
 
@@ -108,22 +89,14 @@ impl Registry {
             0 => self.newest_version(model_id)?,
             v => v,
         };
-        self.tree
-            .get(registry_key(model_id, version))
-            .map_err(internal)?
-            .map(|v| ModelRecord::decode(&*v).map_err(internal))
-            .transpose()
+        self.store.get_model(model_id, version).map_err(internal)
     }
 
     /// Every version's info, newest first, filtered by id and kind.
     pub fn list(&self, model_id: &str, kind: &str) -> Result<Vec<ModelInfo>, Status> {
         let mut out = Vec::new();
-        for entry in self.tree.iter() {
-            let (_, v) = entry.map_err(internal)?;
-            let info = ModelRecord::decode(&*v)
-                .map_err(internal)?
-                .info
-                .unwrap_or_default();
+        for record in self.store.models().map_err(internal)? {
+            let info = record.info.unwrap_or_default();
             if (model_id.is_empty() || info.model_id == model_id)
                 && (kind.is_empty() || info.kind == kind)
             {
@@ -157,10 +130,9 @@ impl Registry {
             info.deployments.push(d.clone());
         }
         info.deployments.sort_by(|a, b| a.twin_id.cmp(&b.twin_id));
-        self.tree
-            .insert(registry_key(model_id, version), record.encode_to_vec())
+        self.store
+            .put_model(model_id, version, &record)
             .map_err(internal)?;
-        self.tree.flush().map_err(internal)?;
         Ok(())
     }
 }
@@ -223,7 +195,7 @@ pub struct TrainingRows {
 /// features held at their latest value (as [`twinmesh_twins::monitor::Monitor`] scores).
 /// `progress(done, total, rows)` returns false to cancel.
 pub fn read_rows(
-    store: &SledStore,
+    store: &dyn SeriesStore,
     twins: &[TwinId],
     features: &[String],
     start_ns: i64,
@@ -296,7 +268,7 @@ fn training_warnings(kind: AssetKind, rows: &TrainingRows) -> Vec<String> {
 
 /// Runs a training job (blocking: call on a blocking thread); the model's record.
 pub fn train(
-    store: &SledStore,
+    store: &dyn SeriesStore,
     job: &TrainJob,
     now_ns: i64,
     progress: &mut dyn FnMut(TrainModelProgress) -> bool,
@@ -382,11 +354,11 @@ pub struct Models {
     pub api: Api,
     pub ctx: Arc<NodeContext>,
     /// Cloud nodes: the store with the archive, and the registry.
-    pub cloud: Option<(Arc<SledStore>, Arc<Registry>)>,
+    pub cloud: Option<(Arc<dyn SeriesStore>, Arc<Registry>)>,
 }
 
 impl Models {
-    async fn cloud(&self) -> Result<(Arc<SledStore>, Arc<Registry>), Status> {
+    async fn cloud(&self) -> Result<(Arc<dyn SeriesStore>, Arc<Registry>), Status> {
         if let Some(c) = &self.cloud {
             return Ok(c.clone());
         }
@@ -434,7 +406,11 @@ impl Models {
         }
     }
 
-    async fn job(&self, req: &TrainModelRequest, store: &SledStore) -> Result<TrainJob, Status> {
+    async fn job(
+        &self,
+        req: &TrainModelRequest,
+        store: &dyn SeriesStore,
+    ) -> Result<TrainJob, Status> {
         let algorithm: Algorithm = match req.algorithm.as_str() {
             "" => DEFAULT_ALGORITHM,
             a => a.parse().map_err(|e: twinmesh_twins::model::ModelError| {
@@ -616,7 +592,7 @@ impl ModelService for Models {
     ) -> Result<Response<ProgressStream>, Status> {
         let _who = crate::auth::require(&request, twinmesh_twins::privacy::Role::DataManager)?;
         let (store, registry) = self.cloud().await?;
-        let job = self.job(request.get_ref(), &store).await?;
+        let job = self.job(request.get_ref(), &*store).await?;
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<TrainModelProgress, Status>>(16);
         let now_ns = self.ctx.now_ns();
         tracing::info!(model = %job.model_id, twins = job.twins.len(), features = job.features.len(), "training");
@@ -624,7 +600,7 @@ impl ModelService for Models {
             let tx2 = tx.clone();
             let result = tokio::task::spawn_blocking(move || {
                 let mut last = std::time::Instant::now() - Duration::from_secs(1);
-                train(&store, &job, now_ns, &mut |p| {
+                train(&*store, &job, now_ns, &mut |p| {
                     if tx2.is_closed() {
                         return false;
                     }
@@ -784,7 +760,9 @@ impl ModelService for Models {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use twinmesh_actors::ports::{Store, StoredFrame};
+    use crate::store::SledStore;
+    use twinmesh_actors::ports::StoredFrame;
+    use twinmesh_sim::mesh::store::MemStore;
 
     fn point(signal: &str, t: i64, v: f64) -> StoredFrame {
         StoredFrame {
@@ -798,7 +776,7 @@ mod tests {
     }
 
     /// Windows of two signals at their own pace, as the archive keeps them.
-    fn archive(store: &SledStore, twin: &TwinId, windows: i64) {
+    fn archive(store: &dyn SeriesStore, twin: &TwinId, windows: i64) {
         for i in 0..windows {
             let t = 1_000_000_000 * (i + 1);
             let mut frames = vec![
@@ -919,8 +897,7 @@ mod tests {
     #[test]
     fn the_registry_numbers_versions_and_keeps_the_latest_deployment_per_twin() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
-        let reg = Registry::new(db.open_tree("models").unwrap());
+        let reg = Registry::new(Arc::new(SledStore::open(dir.path(), 8).unwrap()));
         let record = |id: &str, kind: &str, created: i64| ModelRecord {
             info: Some(ModelInfo {
                 model_id: id.into(),
@@ -968,5 +945,44 @@ mod tests {
             reg.record_deployments("zzz", 1, &[]).unwrap_err().code(),
             tonic::Code::NotFound
         );
+    }
+
+    /// The registry and the archive run on any store of the port: the simulation's too.
+    #[test]
+    fn the_registry_and_the_archive_run_on_the_simulation_s_store() {
+        let store = Arc::new(MemStore::default());
+        let twin: TwinId = "site-a/pm-01".parse().unwrap();
+        archive(&*store, &twin, 30);
+        assert_eq!(
+            store.signals_of(&twin).unwrap(),
+            ["current.rms", "voltage.rms", "voltage.thd"]
+        );
+        let read = read_rows(
+            &*store,
+            std::slice::from_ref(&twin),
+            &["voltage.rms".into(), "current.rms".into()],
+            0,
+            i64::MAX,
+            &mut |_, _, _| true,
+        )
+        .unwrap();
+        assert_eq!((read.rows.len(), read.span_ns), (30, 29_000_000_000));
+        assert_eq!(read.rows[1], vec![231.0, 10.0]);
+        let reg = Registry::new(store.clone());
+        let record = ModelRecord {
+            info: Some(ModelInfo {
+                model_id: "pm".into(),
+                ..Default::default()
+            }),
+            model: vec![7; 5],
+        };
+        assert_eq!(reg.add(record.clone()).unwrap().version, 1);
+        let info = reg.add(record).unwrap();
+        assert_eq!((info.version, info.size_bytes), (2, 5));
+        // `add` is durable on return: a crash keeps both versions.
+        store.crash();
+        assert_eq!(reg.get("pm", 0).unwrap().unwrap().info.unwrap().version, 2);
+        assert_eq!(reg.list("pm", "").unwrap().len(), 2);
+        assert!(reg.get("pm", 3).unwrap().is_none());
     }
 }

@@ -17,7 +17,8 @@ use twinmesh_actors::mesh::{MeshMsg, MeshSupervisor};
 use twinmesh_actors::metrics::NodeMetrics;
 use twinmesh_actors::node::{NodeMsg, NodeSupervisor};
 use twinmesh_actors::ports::{
-    Clock, Device, Guard, Qos, SharedFabric, Store, StoredFrame, Subscription, SystemClock,
+    Clock, Device, Durable, Guard, Qos, SeriesStore, SharedFabric, SpoolStore, StoredFrame,
+    Subscription, SystemClock,
 };
 use twinmesh_proto::encoding;
 use twinmesh_sim::{Fault, SimDevice};
@@ -171,7 +172,7 @@ impl RunningNode {
         let registry = if config.tier == Tier::Cloud {
             let features = ctx.fabric.subscribe(keys::FEATURES_ALL, 4096).await?;
             ctx.tasks.spawn(archive_features(ctx.clone(), features));
-            let registry = Arc::new(models::Registry::new(store.models_tree()));
+            let registry = Arc::new(models::Registry::new(store.clone()));
             models::serve_registry(ctx.clone(), registry.clone()).await?;
             Some(registry)
         } else {
@@ -224,7 +225,7 @@ impl RunningNode {
             let models = models::Models {
                 api: api.clone(),
                 ctx: ctx.clone(),
-                cloud: registry.map(|r| (store.clone(), r)),
+                cloud: registry.map(|r| (store.clone() as Arc<dyn SeriesStore>, r)),
             };
             let cancel = servers.clone();
             let tls = config.tls.clone();

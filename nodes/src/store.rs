@@ -1,4 +1,6 @@
-//! The real [`Store`]: one sled database per node (DESIGN §8).
+//! The real [`Store`](twinmesh_actors::ports::Store): one sled database per node
+//! (DESIGN §8), implementing each store trait of the port. Nothing else in `nodes` touches
+//! sled.
 //!
 //! Trees and keys (`\0` separates id parts; ids never contain it):
 //! - `ts`: `{twin}\0{signal}\0{start_ns: i64 order-preserving BE}{seq: u64 BE}` → frame
@@ -9,10 +11,10 @@
 //!   `Budget` (the authority's ε ledger of each site's set releases).
 //! - `spool`: `{twin}\0{signal}\0{seq BE}` → `TelemetryFrame`; `seq`: `{twin}\0{signal}` →
 //!   next unreserved seq (BE).
+//! - `replica`: `{twin}` → `TwinSnapshot` (the authority's newest replicated snapshot).
 //! - `twin_model`: `{twin}` → `ModelRecord` of the model installed on a hosted twin.
 //! - `models`: `{model_id}\0{version BE}` → `ModelRecord` (the cloud's model registry).
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
@@ -20,12 +22,15 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use prost::Message;
 
-use twinmesh_actors::ports::{Store, StoredFrame};
+use twinmesh_actors::ports::{
+    Durable, ModelStore, PlacementStore, SeriesStore, SnapshotStore, SpoolStore, StoredFrame,
+};
 use twinmesh_actors::seal::KeyRing;
 use twinmesh_actors::{Error, Result};
 use twinmesh_twins::dsp::codec;
 use twinmesh_twins::proto::{Bucket, Budget, ModelRecord, Placement, TelemetryFrame, TwinSnapshot};
-use twinmesh_twins::stats::{Accumulator, Aggregation};
+use twinmesh_twins::snapshot;
+use twinmesh_twins::stats::{sample_time, Aggregation, HistoryBuckets};
 use twinmesh_twins::TwinId;
 
 pub struct SledStore {
@@ -138,7 +143,7 @@ impl FrameView {
         self.samples
             .iter()
             .enumerate()
-            .map(|(i, &x)| (self.start_ns + i as i64 * self.period, x))
+            .map(|(i, &x)| (sample_time(self.start_ns, self.period, i), x))
     }
 }
 
@@ -165,6 +170,15 @@ fn spool_key(twin: &TwinId, signal: &str, seq: u64) -> Vec<u8> {
 fn seq_key(twin: &TwinId, signal: &str) -> Vec<u8> {
     let mut k = series_prefix(twin, signal);
     k.pop();
+    k
+}
+
+/// `{model_id}\0{version BE}`: a model's versions sort together, oldest first.
+fn model_key(model_id: &str, version: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(model_id.len() + 9);
+    k.extend_from_slice(model_id.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&version.to_be_bytes());
     k
 }
 
@@ -274,59 +288,6 @@ impl SledStore {
         self.writes.fetch_add(1, SeqCst);
     }
 
-    /// The model registry's tree (cloud nodes; see [`crate::models::Registry`]).
-    pub fn models_tree(&self) -> sled::Tree {
-        self.models.clone()
-    }
-
-    /// Every stored sample of `signal` in `[start_ns, end_ns)`, in time order.
-    pub fn read_points(
-        &self,
-        twin: &TwinId,
-        signal: &str,
-        start_ns: i64,
-        end_ns: i64,
-    ) -> Result<Vec<(i64, f64)>> {
-        let prefix = series_prefix(twin, signal);
-        let mut out = Vec::new();
-        for entry in self
-            .ts
-            .range(ts_key(&prefix, start_ns, 0)..ts_key(&prefix, end_ns, 0))
-        {
-            let (k, v) = entry.map_err(Error::store)?;
-            let view = self.view(prefix.len(), &k, &v)?;
-            out.extend(
-                view.samples()
-                    .filter(|(t, _)| *t >= start_ns && *t < end_ns),
-            );
-        }
-        Ok(out)
-    }
-
-    /// Names of the series stored for `twin` (one seek per name, not a scan).
-    pub fn signals_of(&self, twin: &TwinId) -> Result<Vec<String>> {
-        let mut base = twin.to_string().into_bytes();
-        base.push(0);
-        let mut out = Vec::new();
-        let mut from = base.clone();
-        while let Some(entry) = self.ts.range(from.clone()..).next() {
-            let (k, _) = entry.map_err(Error::store)?;
-            if !k.starts_with(&base) {
-                break;
-            }
-            let rest = &k[base.len()..];
-            let Some(end) = rest.iter().position(|b| *b == 0) else {
-                break;
-            };
-            out.push(String::from_utf8_lossy(&rest[..end]).into_owned());
-            // Skip to the first key after this signal: `{twin}\0{signal}\x01`.
-            from = base.clone();
-            from.extend_from_slice(&rest[..end]);
-            from.push(1);
-        }
-        Ok(out)
-    }
-
     /// Calls `f(t, x)` for every stored sample of `signal` in `[start_ns, end_ns)`, in
     /// time order, until it returns false.
     fn visit_range(
@@ -380,7 +341,29 @@ impl SledStore {
 }
 
 #[async_trait]
-impl Store for SledStore {
+impl Durable for SledStore {
+    async fn flush(&self) -> Result<()> {
+        let target = self.writes.load(SeqCst);
+        if self.durable.load(SeqCst) >= target {
+            return Ok(());
+        }
+        let _guard = self.flush_lock.lock().await;
+        if self.durable.load(SeqCst) >= target {
+            return Ok(());
+        }
+        // Everything counted now is complete and covered by this flush.
+        let covered = self.writes.load(SeqCst);
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(Error::store)?
+            .map_err(Error::store)?;
+        self.durable.fetch_max(covered, SeqCst);
+        Ok(())
+    }
+}
+
+impl SeriesStore for SledStore {
     fn append_frames(&self, twin: &TwinId, frames: &[StoredFrame]) -> Result<()> {
         let mut batch = sled::Batch::default();
         for f in frames {
@@ -403,20 +386,12 @@ impl Store for SledStore {
         bucket_ns: i64,
         agg: Aggregation,
     ) -> Result<Vec<Bucket>> {
-        let mut buckets: BTreeMap<i64, Accumulator> = BTreeMap::new();
+        let mut buckets = HistoryBuckets::new(start_ns, end_ns, bucket_ns);
         self.visit_range(twin, signal, start_ns, end_ns, |t, x| {
-            let b = (t - start_ns) / bucket_ns;
-            buckets.entry(b).or_default().push(x);
+            buckets.push(t, x);
             true
         })?;
-        Ok(buckets
-            .into_iter()
-            .map(|(b, acc)| Bucket {
-                start_ns: start_ns + b * bucket_ns,
-                value: acc.value(agg),
-                count: acc.count,
-            })
-            .collect())
+        Ok(buckets.finish(agg))
     }
 
     fn read_samples(
@@ -429,9 +404,58 @@ impl Store for SledStore {
     ) -> Result<Vec<f64>> {
         let mut out = Vec::new();
         self.visit_range(twin, signal, start_ns, end_ns, |_, x| {
-            out.push(x);
+            if out.len() < limit {
+                out.push(x);
+            }
             out.len() < limit
         })?;
+        Ok(out)
+    }
+
+    fn read_points(
+        &self,
+        twin: &TwinId,
+        signal: &str,
+        start_ns: i64,
+        end_ns: i64,
+    ) -> Result<Vec<(i64, f64)>> {
+        let prefix = series_prefix(twin, signal);
+        let mut out = Vec::new();
+        for entry in self
+            .ts
+            .range(ts_key(&prefix, start_ns, 0)..ts_key(&prefix, end_ns, 0))
+        {
+            let (k, v) = entry.map_err(Error::store)?;
+            let view = self.view(prefix.len(), &k, &v)?;
+            out.extend(
+                view.samples()
+                    .filter(|(t, _)| *t >= start_ns && *t < end_ns),
+            );
+        }
+        Ok(out)
+    }
+
+    // One seek per name, not a scan.
+    fn signals_of(&self, twin: &TwinId) -> Result<Vec<String>> {
+        let mut base = twin.to_string().into_bytes();
+        base.push(0);
+        let mut out = Vec::new();
+        let mut from = base.clone();
+        while let Some(entry) = self.ts.range(from.clone()..).next() {
+            let (k, _) = entry.map_err(Error::store)?;
+            if !k.starts_with(&base) {
+                break;
+            }
+            let rest = &k[base.len()..];
+            let Some(end) = rest.iter().position(|b| *b == 0) else {
+                break;
+            };
+            out.push(String::from_utf8_lossy(&rest[..end]).into_owned());
+            // Skip to the first key after this signal: `{twin}\0{signal}\x01`.
+            from = base.clone();
+            from.extend_from_slice(&rest[..end]);
+            from.push(1);
+        }
         Ok(out)
     }
 
@@ -486,14 +510,51 @@ impl Store for SledStore {
         }
         Ok((from..=upto).find(|s| !present.contains(s)))
     }
+}
+
+impl SnapshotStore for SledStore {
+    fn save_snapshot(&self, snapshot: &TwinSnapshot) -> Result<()> {
+        let id = snapshot::twin_of(snapshot)?.to_string();
+        let value = self.seal("snap", id.as_bytes(), snapshot.encode_to_vec());
+        self.snap
+            .insert(id.as_bytes(), value)
+            .map_err(Error::store)?;
+        self.wrote();
+        Ok(())
+    }
+
+    fn load_snapshot(&self, twin: &TwinId) -> Result<Option<TwinSnapshot>> {
+        let key = twin.to_string();
+        self.snap
+            .get(key.as_bytes())
+            .map_err(Error::store)?
+            .map(|v| {
+                decode(
+                    "twin snapshot",
+                    &self.open_value("snap", key.as_bytes(), &v)?,
+                )
+            })
+            .transpose()
+    }
+
+    fn save_twin_model(&self, twin: &TwinId, record: &ModelRecord) -> Result<()> {
+        self.twin_model
+            .insert(twin.to_string().as_bytes(), record.encode_to_vec())
+            .map_err(Error::store)?;
+        self.wrote();
+        Ok(())
+    }
+
+    fn load_twin_model(&self, twin: &TwinId) -> Result<Option<ModelRecord>> {
+        self.twin_model
+            .get(twin.to_string().as_bytes())
+            .map_err(Error::store)?
+            .map(|v| decode("model record", &v))
+            .transpose()
+    }
 
     fn save_replica(&self, snapshot: &TwinSnapshot) -> Result<bool> {
-        let id = snapshot
-            .twin
-            .as_ref()
-            .map(|t| t.twin_id.clone())
-            .unwrap_or_default();
-        let rank = |s: &TwinSnapshot| (s.epoch, s.twin.as_ref().map_or(0, |t| t.revision));
+        let id = snapshot::twin_of(snapshot)?.to_string();
         let mut kept = false;
         let new = self.seal("replica", id.as_bytes(), snapshot.encode_to_vec());
         self.replica
@@ -503,10 +564,8 @@ impl Store for SledStore {
                         .ok()
                         .and_then(|p| TwinSnapshot::decode(&*p).ok())
                 });
-                let newer = match old_snap {
-                    Some(Some(old)) => rank(snapshot) > rank(&old),
-                    _ => true,
-                };
+                // An unreadable replica is replaced.
+                let newer = snapshot::supersedes(snapshot, old_snap.flatten().as_ref());
                 kept = newer;
                 if newer {
                     Some(new.clone())
@@ -534,77 +593,13 @@ impl Store for SledStore {
             })
             .transpose()
     }
+}
 
-    fn save_snapshot(&self, snapshot: &TwinSnapshot) -> Result<()> {
-        let id = snapshot
-            .twin
-            .as_ref()
-            .map(|t| t.twin_id.clone())
-            .unwrap_or_default();
-        let value = self.seal("snap", id.as_bytes(), snapshot.encode_to_vec());
-        self.snap
-            .insert(id.as_bytes(), value)
-            .map_err(Error::store)?;
-        self.wrote();
-        Ok(())
-    }
-
-    fn save_twin_model(&self, twin: &TwinId, record: &ModelRecord) -> Result<()> {
-        self.twin_model
-            .insert(twin.to_string().as_bytes(), record.encode_to_vec())
-            .map_err(Error::store)?;
-        self.wrote();
-        Ok(())
-    }
-
-    fn load_twin_model(&self, twin: &TwinId) -> Result<Option<ModelRecord>> {
-        self.twin_model
-            .get(twin.to_string().as_bytes())
-            .map_err(Error::store)?
-            .map(|v| decode("model record", &v))
-            .transpose()
-    }
-
-    fn load_snapshot(&self, twin: &TwinId) -> Result<Option<TwinSnapshot>> {
-        let key = twin.to_string();
-        self.snap
-            .get(key.as_bytes())
-            .map_err(Error::store)?
-            .map(|v| {
-                decode(
-                    "twin snapshot",
-                    &self.open_value("snap", key.as_bytes(), &v)?,
-                )
-            })
-            .transpose()
-    }
-
-    fn save_hosted(&self, placement: &Placement) -> Result<()> {
-        self.hosted
-            .insert(placement.twin_id.as_bytes(), placement.encode_to_vec())
-            .map_err(Error::store)?;
-        self.wrote();
-        Ok(())
-    }
-
-    fn remove_hosted(&self, twin: &TwinId) -> Result<()> {
-        self.hosted
-            .remove(twin.to_string().as_bytes())
-            .map_err(Error::store)?;
-        self.wrote();
-        Ok(())
-    }
-
-    fn hosted(&self) -> Result<Vec<Placement>> {
-        self.hosted
-            .iter()
-            .map(|e| decode("placement", &e.map_err(Error::store)?.1))
-            .collect()
-    }
-
+impl PlacementStore for SledStore {
     fn save_placement(&self, placement: &Placement) -> Result<()> {
+        let id: TwinId = placement.twin_id.parse()?;
         self.placement
-            .insert(placement.twin_id.as_bytes(), placement.encode_to_vec())
+            .insert(id.to_string().as_bytes(), placement.encode_to_vec())
             .map_err(Error::store)?;
         self.wrote();
         Ok(())
@@ -632,6 +627,32 @@ impl Store for SledStore {
             .collect()
     }
 
+    fn save_hosted(&self, placement: &Placement) -> Result<()> {
+        let id: TwinId = placement.twin_id.parse()?;
+        self.hosted
+            .insert(id.to_string().as_bytes(), placement.encode_to_vec())
+            .map_err(Error::store)?;
+        self.wrote();
+        Ok(())
+    }
+
+    fn remove_hosted(&self, twin: &TwinId) -> Result<()> {
+        self.hosted
+            .remove(twin.to_string().as_bytes())
+            .map_err(Error::store)?;
+        self.wrote();
+        Ok(())
+    }
+
+    fn hosted(&self) -> Result<Vec<Placement>> {
+        self.hosted
+            .iter()
+            .map(|e| decode("placement", &e.map_err(Error::store)?.1))
+            .collect()
+    }
+}
+
+impl SpoolStore for SledStore {
     fn reserve_seqs(&self, twin: &TwinId, signal: &str, count: u64) -> Result<u64> {
         let key = seq_key(twin, signal);
         let mut first = 1;
@@ -721,25 +742,44 @@ impl Store for SledStore {
     fn spool_len(&self) -> u64 {
         self.spool_len.load(SeqCst)
     }
+}
 
-    async fn flush(&self) -> Result<()> {
-        let target = self.writes.load(SeqCst);
-        if self.durable.load(SeqCst) >= target {
-            return Ok(());
-        }
-        let _guard = self.flush_lock.lock().await;
-        if self.durable.load(SeqCst) >= target {
-            return Ok(());
-        }
-        // Everything counted now is complete and covered by this flush.
-        let covered = self.writes.load(SeqCst);
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush())
-            .await
-            .map_err(Error::store)?
+impl ModelStore for SledStore {
+    fn put_model(&self, model_id: &str, version: u64, record: &ModelRecord) -> Result<()> {
+        self.models
+            .insert(model_key(model_id, version), record.encode_to_vec())
             .map_err(Error::store)?;
-        self.durable.fetch_max(covered, SeqCst);
+        self.models.flush().map_err(Error::store)?;
         Ok(())
+    }
+
+    fn get_model(&self, model_id: &str, version: u64) -> Result<Option<ModelRecord>> {
+        self.models
+            .get(model_key(model_id, version))
+            .map_err(Error::store)?
+            .map(|v| decode("model record", &v))
+            .transpose()
+    }
+
+    fn newest_model_version(&self, model_id: &str) -> Result<u64> {
+        let mut prefix = model_id.as_bytes().to_vec();
+        prefix.push(0);
+        match self.models.scan_prefix(&prefix).next_back() {
+            Some(e) => {
+                let (k, _) = e.map_err(Error::store)?;
+                Ok(u64::from_be_bytes(
+                    k[prefix.len()..].try_into().map_err(Error::store)?,
+                ))
+            }
+            None => Ok(0),
+        }
+    }
+
+    fn models(&self) -> Result<Vec<ModelRecord>> {
+        self.models
+            .iter()
+            .map(|e| decode("model record", &e.map_err(Error::store)?.1))
+            .collect()
     }
 }
 
@@ -1036,6 +1076,70 @@ mod tests {
         .unwrap();
         assert_eq!(s.last_stored_seq(&id, "v").unwrap(), 7);
         assert_eq!(s.last_stored_seq(&id, "w").unwrap(), 0);
+    }
+
+    #[test]
+    fn records_of_an_invalid_twin_id_are_refused() {
+        let (_d, s) = store();
+        for bad in ["", "no-site", "s/a/b"] {
+            let snap = TwinSnapshot {
+                twin: Some(twinmesh_twins::proto::Twin {
+                    twin_id: bad.into(),
+                    ..Default::default()
+                }),
+                epoch: 1,
+                ..Default::default()
+            };
+            assert!(s.save_snapshot(&snap).is_err(), "{bad:?}");
+            assert!(s.save_replica(&snap).is_err(), "{bad:?}");
+            let p = Placement {
+                twin_id: bad.into(),
+                ..Default::default()
+            };
+            assert!(s.save_hosted(&p).is_err(), "{bad:?}");
+            assert!(s.save_placement(&p).is_err(), "{bad:?}");
+        }
+        assert!(s.save_snapshot(&TwinSnapshot::default()).is_err());
+        assert_eq!((s.snap.len(), s.replica.len()), (0, 0));
+        assert!(s.hosted().unwrap().is_empty() && s.placements().unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_archive_lists_series_and_reads_points() {
+        let (_d, s) = store();
+        let id: TwinId = "s/a".parse().unwrap();
+        let point = |signal: &str, t, x| StoredFrame {
+            signal: signal.into(),
+            ..frame(0, t, vec![x])
+        };
+        s.append_frames(&id, &[point("b.mean", 10, 1.0), point("a.rms", 10, 2.0)])
+            .unwrap();
+        s.append_frames(&id, &[point("b.mean", 20, 3.0)]).unwrap();
+        s.append_frames(&"s/ab".parse().unwrap(), &[point("c", 0, 0.0)])
+            .unwrap();
+        assert_eq!(s.signals_of(&id).unwrap(), ["a.rms", "b.mean"]);
+        assert_eq!(s.read_points(&id, "b.mean", 10, 20).unwrap(), [(10, 1.0)]);
+        assert_eq!(s.read_points(&id, "b.mean", 0, 100).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn the_registry_keeps_versions_apart_and_in_order() {
+        let (_d, s) = store();
+        let rec = |v: u64| ModelRecord {
+            model: vec![v as u8],
+            ..Default::default()
+        };
+        assert_eq!(s.newest_model_version("m").unwrap(), 0);
+        for v in [1, 2, 256] {
+            s.put_model("m", v, &rec(v)).unwrap();
+        }
+        // A model whose id extends another's is not one of its versions.
+        s.put_model("m2", 9, &rec(9)).unwrap();
+        assert_eq!(s.newest_model_version("m").unwrap(), 256);
+        assert_eq!(s.get_model("m", 2).unwrap().unwrap().model, [2]);
+        assert!(s.get_model("m", 3).unwrap().is_none());
+        let all: Vec<Vec<u8>> = s.models().unwrap().into_iter().map(|r| r.model).collect();
+        assert_eq!(all, [[1], [2], [0], [9]]);
     }
 
     #[tokio::test]

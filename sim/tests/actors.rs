@@ -17,7 +17,7 @@ use ractor::ActorRef;
 use twinmesh_actors::gateway::{GatewayConfig, GatewayMsg};
 use twinmesh_actors::mesh::{MeshMsg, MeshSnapshot};
 use twinmesh_actors::node::{NodeMsg, NodeSnapshot};
-use twinmesh_actors::ports::{Fabric, Qos, Store, Subscription};
+use twinmesh_actors::ports::{Fabric, Qos, SnapshotStore, SpoolStore, Subscription};
 use twinmesh_actors::twin::TwinMsg;
 use twinmesh_proto::encoding;
 use twinmesh_sim::mesh::cluster::{NodeSpec, SimCluster};

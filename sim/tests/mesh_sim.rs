@@ -17,7 +17,7 @@ use prost::Message;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use twinmesh_actors::ports::{Fabric, Store};
+use twinmesh_actors::ports::{Fabric, PlacementStore, SeriesStore};
 use twinmesh_sim::mesh::cluster::{NodeSpec, SimCluster};
 use twinmesh_sim::mesh::fabric::{NetConfig, Network};
 use twinmesh_twins::proto::{TwinEvent, TwinState, Watermark};

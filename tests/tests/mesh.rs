@@ -7,7 +7,7 @@ use std::time::Duration;
 use prost::Message;
 use tonic::Code;
 
-use twinmesh_actors::ports::Store;
+use twinmesh_actors::ports::SeriesStore;
 use twinmesh_proto::encoding;
 use twinmesh_proto::v1::{
     self as proto, GetPlacementRequest, GetThingDescriptionRequest, GetTwinRequest,

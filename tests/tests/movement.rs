@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use prost::Message;
 use tonic::Code;
 
-use twinmesh_actors::ports::Store;
+use twinmesh_actors::ports::{PlacementStore, SeriesStore};
 use twinmesh_proto::v1::{
     watch_twin_response, GetPlacementRequest, GetTwinRequest, ListTwinsRequest, MigrateTwinRequest,
     NodeLoad, WatchTwinRequest,

@@ -8,7 +8,10 @@
 //! - [`state`]: [`TwinCore`], the twin's state and its transitions — frame admission
 //!   by sequence number, reported values, desired values with delivery status, revision.
 //! - [`stats`]: window statistics (count, min, max, mean, rms) and their mergeable
-//!   accumulator, used for derived features and history buckets.
+//!   accumulator, used for derived features; [`stats::HistoryBuckets`], the bucketing
+//!   of history queries every store uses.
+//! - [`snapshot`]: which twin a snapshot is of and which of two is newer (replicas keep
+//!   the newest by epoch, then revision).
 //! - [`keys`]: the Zenoh key space of DESIGN §6 as functions.
 //! - [`frame`]: validation of telemetry frames (bad input never reaches a twin).
 //! - [`model`]: anomaly models over feature vectors (PCA, robust baseline, isolation
@@ -33,6 +36,7 @@ pub mod model;
 pub mod monitor;
 pub mod onnx;
 pub mod privacy;
+pub mod snapshot;
 pub mod state;
 pub mod stats;
 pub mod td;

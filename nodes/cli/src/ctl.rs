@@ -229,28 +229,14 @@ pub enum CtlCommand {
     },
 }
 
-/// `10s`, `500ms`, `1m`, `2h`, `250us`, `100ns`.
+/// `10s`, `500ms`, `1m`, `2h`, `250us`, `100ns`, `1h 30m` (humantime's syntax).
 pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .ok_or_else(|| {
-            anyhow::anyhow!("invalid duration {s:?}: add a unit (ns, us, ms, s, m, h)")
-        })?;
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| anyhow::anyhow!("invalid duration {s:?}"))?;
-    let secs = match unit {
-        "ns" => n * 1e-9,
-        "us" => n * 1e-6,
-        "ms" => n * 1e-3,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => anyhow::bail!("invalid duration {s:?}: unit must be ns, us, ms, s, m or h"),
-    };
-    Ok(Duration::from_secs_f64(secs))
+    humantime::parse_duration(s).map_err(|e| {
+        anyhow::anyhow!(
+            "invalid duration {s:?}: {e} (e.g. 10s, 500ms, 2m, 1h; units ns, us, ms, s, m, h, d)"
+        )
+    })
 }
 
 fn now_ns() -> i64 {
@@ -1003,6 +989,14 @@ mod tests {
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert!(parse_duration("10").is_err());
         assert!(parse_duration("10 parsecs").is_err());
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(
+            parse_duration(" 1h 30m ").unwrap(),
+            Duration::from_secs(5400)
+        );
+        assert_eq!(parse_duration("100ns").unwrap(), Duration::from_nanos(100));
+        assert!(parse_duration("-1s").is_err());
+        assert_eq!(parse_time("-500ms", 1_000_000_000).unwrap(), 500_000_000);
         assert_eq!(parse_time("now", 1_000).unwrap(), 1_000);
         assert_eq!(parse_time("-1s", 5_000_000_000).unwrap(), 4_000_000_000);
         assert_eq!(parse_time("now-1s", 5_000_000_000).unwrap(), 4_000_000_000);

@@ -16,27 +16,18 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
+use zenoh::key_expr::KeyExpr;
 
 use twinmesh_actors::ports::{
     Fabric, Guard, Qos, Query, Queryable, Reply, Responder, Sample, SampleKind, Subscription,
 };
-use twinmesh_actors::Result;
+use twinmesh_actors::{Error, Result};
 
-/// Whether two key expressions (chunks separated by `/`, `*` = one chunk, `**` = zero or
-/// more chunks) have a key in common.
-pub fn intersects(a: &str, b: &str) -> bool {
-    fn go(a: &[&str], b: &[&str]) -> bool {
-        match (a.first(), b.first()) {
-            (None, None) => true,
-            (Some(&"**"), _) => go(&a[1..], b) || (!b.is_empty() && go(a, &b[1..])),
-            (_, Some(&"**")) => go(a, &b[1..]) || (!a.is_empty() && go(&a[1..], b)),
-            (None, _) | (_, None) => false,
-            (Some(x), Some(y)) => (*x == "*" || *y == "*" || x == y) && go(&a[1..], &b[1..]),
-        }
-    }
-    let a: Vec<&str> = a.split('/').collect();
-    let b: Vec<&str> = b.split('/').collect();
-    go(&a, &b)
+/// A key expression as Zenoh reads it: canonical form required (as a Zenoh session
+/// refuses anything else), matched with Zenoh's own `intersects`, so the simulation
+/// matches exactly what Zenoh matches.
+fn key_expr(s: &str) -> Result<KeyExpr<'static>> {
+    KeyExpr::try_from(s.to_owned()).map_err(|e| Error::fabric(format!("key expression {s:?}: {e}")))
 }
 
 #[derive(Debug, Clone)]
@@ -60,25 +51,25 @@ impl Default for NetConfig {
 
 struct Sub {
     node: String,
-    keyexpr: String,
+    keyexpr: KeyExpr<'static>,
     tx: flume::Sender<Sample>,
     dropped: Arc<AtomicU64>,
 }
 
 struct Qbl {
     node: String,
-    keyexpr: String,
+    keyexpr: KeyExpr<'static>,
     tx: flume::Sender<Query>,
 }
 
 struct Token {
     node: String,
-    key: String,
+    key: KeyExpr<'static>,
 }
 
 struct LiveSub {
     node: String,
-    keyexpr: String,
+    keyexpr: KeyExpr<'static>,
     tx: flume::Sender<Sample>,
     seen: BTreeSet<u64>,
 }
@@ -111,7 +102,7 @@ impl NetState {
                     .tokens
                     .iter()
                     .filter(|(_, t)| {
-                        intersects(&l.keyexpr, &t.key) && self.reachable(&l.node, &t.node)
+                        l.keyexpr.intersects(&t.key) && self.reachable(&l.node, &t.node)
                     })
                     .map(|(tid, _)| *tid)
                     .collect();
@@ -122,7 +113,7 @@ impl NetState {
             let keys: BTreeMap<u64, String> = self
                 .tokens
                 .iter()
-                .map(|(k, t)| (*k, t.key.clone()))
+                .map(|(k, t)| (*k, t.key.to_string()))
                 .collect();
             let l = self.live.get_mut(&id).expect("listed");
             for gone in l.seen.difference(&now) {
@@ -248,7 +239,7 @@ impl Network {
         let mut tomb = self.tombstones.lock().expect("net");
         for id in ids {
             if let Some(t) = st.tokens.remove(id) {
-                tomb.insert(*id, t.key);
+                tomb.insert(*id, t.key.to_string());
             }
         }
         // Tell subscribers (keys of removed tokens come from the tombstones).
@@ -385,11 +376,12 @@ impl Fabric for SimFabric {
         _encoding: &'static str,
         _qos: Qos,
     ) -> Result<()> {
+        let key_expr = key_expr(key)?;
         let mut st = self.net.lock();
         let targets: Vec<(String, flume::Sender<Sample>, Arc<AtomicU64>)> = st
             .subs
             .values()
-            .filter(|s| intersects(&s.keyexpr, key))
+            .filter(|s| s.keyexpr.intersects(&key_expr))
             .map(|s| (s.node.clone(), s.tx.clone(), s.dropped.clone()))
             .collect();
         for (node, tx, dropped) in targets {
@@ -412,6 +404,7 @@ impl Fabric for SimFabric {
     }
 
     async fn subscribe(&self, keyexpr: &str, capacity: usize) -> Result<Subscription> {
+        let keyexpr = key_expr(keyexpr)?;
         let (tx, rx) = flume::bounded(capacity);
         let dropped = Arc::new(AtomicU64::new(0));
         let mut st = self.net.lock();
@@ -421,7 +414,7 @@ impl Fabric for SimFabric {
             id,
             Sub {
                 node: self.node.clone(),
-                keyexpr: keyexpr.to_owned(),
+                keyexpr,
                 tx,
                 dropped: dropped.clone(),
             },
@@ -438,6 +431,7 @@ impl Fabric for SimFabric {
     }
 
     async fn queryable(&self, keyexpr: &str, capacity: usize) -> Result<Queryable> {
+        let keyexpr = key_expr(keyexpr)?;
         let (tx, rx) = flume::bounded(capacity);
         let mut st = self.net.lock();
         st.next_id += 1;
@@ -446,7 +440,7 @@ impl Fabric for SimFabric {
             id,
             Qbl {
                 node: self.node.clone(),
-                keyexpr: keyexpr.to_owned(),
+                keyexpr,
                 tx,
             },
         );
@@ -466,13 +460,14 @@ impl Fabric for SimFabric {
         payload: Option<(Bytes, &'static str)>,
         timeout: Duration,
     ) -> Result<Vec<Reply>> {
+        let asked = key_expr(keyexpr)?;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         {
             let mut st = self.net.lock();
             let targets: Vec<(String, flume::Sender<Query>)> = st
                 .queryables
                 .values()
-                .filter(|q| intersects(&q.keyexpr, keyexpr))
+                .filter(|q| q.keyexpr.intersects(&asked))
                 .map(|q| (q.node.clone(), q.tx.clone()))
                 .collect();
             for (node, qtx) in targets {
@@ -506,6 +501,7 @@ impl Fabric for SimFabric {
     }
 
     async fn liveliness_token(&self, key: &str) -> Result<Guard> {
+        let key = key_expr(key)?;
         let mut st = self.net.lock();
         st.next_id += 1;
         let id = st.next_id;
@@ -513,7 +509,7 @@ impl Fabric for SimFabric {
             id,
             Token {
                 node: self.node.clone(),
-                key: key.to_owned(),
+                key,
             },
         );
         st.refresh_liveliness(None);
@@ -525,6 +521,7 @@ impl Fabric for SimFabric {
     }
 
     async fn liveliness_subscribe(&self, keyexpr: &str) -> Result<Subscription> {
+        let keyexpr = key_expr(keyexpr)?;
         let (tx, rx) = flume::unbounded();
         let mut st = self.net.lock();
         st.next_id += 1;
@@ -533,7 +530,7 @@ impl Fabric for SimFabric {
             id,
             LiveSub {
                 node: self.node.clone(),
-                keyexpr: keyexpr.to_owned(),
+                keyexpr,
                 tx,
                 seen: BTreeSet::new(),
             },
@@ -554,6 +551,11 @@ impl Fabric for SimFabric {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Zenoh's own matching, as the fabric applies it.
+    fn intersects(a: &str, b: &str) -> bool {
+        key_expr(a).unwrap().intersects(&key_expr(b).unwrap())
+    }
 
     #[test]
     fn key_expressions() {
@@ -578,5 +580,82 @@ mod tests {
         assert!(!intersects("twinmesh/nodes/*", "twinmesh/nodes/edge/info"));
         assert!(intersects("a/**/c", "a/b/x/c"));
         assert!(!intersects("a/**/c", "a/b/x/d"));
+    }
+
+    /// Which of the subscriptions a publication on `key` reaches.
+    async fn reached(net: &Arc<Network>, subs: &[(&str, &Subscription)], key: &str) -> Vec<String> {
+        net.fabric("pub")
+            .publish(key, Bytes::from_static(b"x"), "", Qos::Reliable)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        subs.iter()
+            .filter(|(_, s)| s.rx.drain().any(|m| m.key == key))
+            .map(|(name, _)| name.to_string())
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_fabric_matches_as_zenoh_does() {
+        let net = Network::new(1, NetConfig::default());
+        let f = net.fabric("sub");
+        let one = f.subscribe("twinmesh/telemetry/*/power", 16).await.unwrap();
+        let any = f.subscribe("twinmesh/**", 16).await.unwrap();
+        let mid = f.subscribe("twinmesh/**/info", 16).await.unwrap();
+        let exact = f.subscribe("twinmesh/nodes/e1/info", 16).await.unwrap();
+        let subs = [
+            ("one", &one),
+            ("any", &any),
+            ("mid", &mid),
+            ("exact", &exact),
+        ];
+        assert_eq!(
+            reached(&net, &subs, "twinmesh/telemetry/s-a/power").await,
+            ["one", "any"]
+        );
+        // `*` is one chunk, never zero or two.
+        assert_eq!(
+            reached(&net, &subs, "twinmesh/telemetry/s/a/power").await,
+            ["any"]
+        );
+        assert_eq!(
+            reached(&net, &subs, "twinmesh/telemetry/power").await,
+            ["any"]
+        );
+        // `**` is zero or more chunks.
+        assert_eq!(reached(&net, &subs, "twinmesh/info").await, ["any", "mid"]);
+        assert_eq!(
+            reached(&net, &subs, "twinmesh/nodes/e1/info").await,
+            ["any", "mid", "exact"]
+        );
+        assert!(reached(&net, &subs, "other/nodes/e1/info").await.is_empty());
+        assert!(reached(&net, &subs, "twinmesh/nodes/e1/info/x").await == ["any"]);
+        // Zenoh refuses what is not a canonical key expression; so does the fabric.
+        for bad in ["twinmesh/**/**", "twinmesh//a", "twinmesh/a/", "a/$*b/**/*"] {
+            assert!(f.subscribe(bad, 1).await.is_err(), "{bad}");
+        }
+        assert!(f
+            .publish("twinmesh/a#b", Bytes::new(), "", Qos::Reliable)
+            .await
+            .is_err());
+        // Queries: a wildcard query reaches the queryables it intersects, not the others.
+        let q = net.fabric("q");
+        let placement = q.queryable("twinmesh/placement/*/*", 4).await.unwrap();
+        let other = q.queryable("twinmesh/models/**", 4).await.unwrap();
+        let asker = net.fabric("ask");
+        let ask = tokio::spawn(async move {
+            asker
+                .query("twinmesh/placement/**", None, Duration::from_millis(100))
+                .await
+        });
+        let got = tokio::time::timeout(Duration::from_secs(1), placement.rx.recv_async())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.key, "twinmesh/placement/**");
+        drop(got);
+        assert!(ask.await.unwrap().unwrap().is_empty());
+        assert!(other.rx.is_empty());
+        net.shutdown().await;
     }
 }

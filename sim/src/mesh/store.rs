@@ -1,15 +1,19 @@
-//! An in-memory [`Store`] with the crash semantics of a real one: writes are lost by a
-//! crash unless a `flush` covered them.
+//! An in-memory [`Store`](twinmesh_actors::ports::Store) — every store trait of the
+//! port — with the crash semantics of a real one: writes are lost by a crash unless a
+//! `flush` covered them (the model registry's `put_model`, durable on return, excepted).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 
-use twinmesh_actors::ports::{Store, StoredFrame};
+use twinmesh_actors::ports::{
+    Durable, ModelStore, PlacementStore, SeriesStore, SnapshotStore, SpoolStore, StoredFrame,
+};
 use twinmesh_actors::Result;
 use twinmesh_twins::proto::{Bucket, Budget, ModelRecord, Placement, TelemetryFrame, TwinSnapshot};
-use twinmesh_twins::stats::{Accumulator, Aggregation};
+use twinmesh_twins::snapshot;
+use twinmesh_twins::stats::{sample_time, Aggregation, HistoryBuckets};
 use twinmesh_twins::TwinId;
 
 #[derive(Debug, Clone, Default)]
@@ -23,6 +27,23 @@ struct Data {
     replicas: BTreeMap<TwinId, TwinSnapshot>,
     seqs: BTreeMap<(TwinId, String), u64>,
     spool: BTreeMap<(TwinId, String, u64), TelemetryFrame>,
+    /// The model registry, by (model id, version).
+    registry: BTreeMap<(String, u64), ModelRecord>,
+}
+
+impl Data {
+    /// The frames of one series, in time order.
+    fn series<'a>(
+        &'a self,
+        twin: &TwinId,
+        signal: &str,
+    ) -> impl Iterator<Item = &'a StoredFrame> + 'a {
+        let (lo, hi) = (
+            (twin.clone(), signal.to_owned(), i64::MIN, 0),
+            (twin.clone(), signal.to_owned(), i64::MAX, u64::MAX),
+        );
+        self.history.range(lo..=hi).map(|(_, f)| f)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -61,12 +82,17 @@ impl MemStore {
     }
 }
 
-fn rank(s: &TwinSnapshot) -> (u64, u64) {
-    (s.epoch, s.twin.as_ref().map_or(0, |t| t.revision))
+#[async_trait]
+impl Durable for MemStore {
+    async fn flush(&self) -> Result<()> {
+        let _open = self.flush_gate.read().await;
+        let current = self.current.lock().expect("store").clone();
+        *self.durable.lock().expect("store") = current;
+        Ok(())
+    }
 }
 
-#[async_trait]
-impl Store for MemStore {
+impl SeriesStore for MemStore {
     fn append_frames(&self, twin: &TwinId, frames: &[StoredFrame]) -> Result<()> {
         self.with(|d| {
             for f in frames {
@@ -79,31 +105,6 @@ impl Store for MemStore {
         Ok(())
     }
 
-    fn read_samples(
-        &self,
-        twin: &TwinId,
-        signal: &str,
-        start_ns: i64,
-        end_ns: i64,
-        limit: usize,
-    ) -> Result<Vec<f64>> {
-        let mut out = Vec::new();
-        self.with(|d| {
-            for ((t, s, _, _), f) in &d.history {
-                if t != twin || s != signal {
-                    continue;
-                }
-                for (i, x) in f.samples.iter().enumerate() {
-                    let ts = f.start_ns + i as i64 * f.sample_period_ns;
-                    if ts >= start_ns && ts < end_ns && out.len() < limit {
-                        out.push(*x);
-                    }
-                }
-            }
-        });
-        Ok(out)
-    }
-
     fn query_history(
         &self,
         twin: &TwinId,
@@ -113,41 +114,73 @@ impl Store for MemStore {
         bucket_ns: i64,
         agg: Aggregation,
     ) -> Result<Vec<Bucket>> {
-        let mut buckets: BTreeMap<i64, Accumulator> = BTreeMap::new();
+        let mut buckets = HistoryBuckets::new(start_ns, end_ns, bucket_ns);
         self.with(|d| {
-            for ((t, s, _, _), f) in &d.history {
-                if t != twin || s != signal {
-                    continue;
-                }
-                for (i, x) in f.samples.iter().enumerate() {
-                    let ts = f.start_ns + i as i64 * f.sample_period_ns;
-                    if ts >= start_ns && ts < end_ns {
-                        buckets
-                            .entry((ts - start_ns) / bucket_ns)
-                            .or_default()
-                            .push(*x);
-                    }
-                }
+            for f in d.series(twin, signal) {
+                buckets.push_frame(f.start_ns, f.sample_period_ns, &f.samples);
             }
         });
-        Ok(buckets
-            .into_iter()
-            .map(|(b, acc)| Bucket {
-                start_ns: start_ns + b * bucket_ns,
-                value: acc.value(agg),
-                count: acc.count,
-            })
-            .collect())
+        Ok(buckets.finish(agg))
+    }
+
+    fn read_samples(
+        &self,
+        twin: &TwinId,
+        signal: &str,
+        start_ns: i64,
+        end_ns: i64,
+        limit: usize,
+    ) -> Result<Vec<f64>> {
+        Ok(self.with(|d| {
+            d.series(twin, signal)
+                .flat_map(|f| {
+                    f.samples
+                        .iter()
+                        .enumerate()
+                        .map(|(i, x)| (sample_time(f.start_ns, f.sample_period_ns, i), *x))
+                })
+                .filter(|(t, _)| *t >= start_ns && *t < end_ns)
+                .map(|(_, x)| x)
+                .take(limit)
+                .collect()
+        }))
+    }
+
+    fn read_points(
+        &self,
+        twin: &TwinId,
+        signal: &str,
+        start_ns: i64,
+        end_ns: i64,
+    ) -> Result<Vec<(i64, f64)>> {
+        Ok(self.with(|d| {
+            d.series(twin, signal)
+                .filter(|f| f.start_ns >= start_ns && f.start_ns < end_ns)
+                .flat_map(|f| {
+                    f.samples
+                        .iter()
+                        .enumerate()
+                        .map(|(i, x)| (sample_time(f.start_ns, f.sample_period_ns, i), *x))
+                })
+                .filter(|(t, _)| *t >= start_ns && *t < end_ns)
+                .collect()
+        }))
+    }
+
+    fn signals_of(&self, twin: &TwinId) -> Result<Vec<String>> {
+        Ok(self.with(|d| {
+            let names: std::collections::BTreeSet<&String> = d
+                .history
+                .keys()
+                .filter(|(t, _, _, _)| t == twin)
+                .map(|(_, s, _, _)| s)
+                .collect();
+            names.into_iter().cloned().collect()
+        }))
     }
 
     fn frame_seqs(&self, twin: &TwinId, signal: &str) -> Result<Vec<u64>> {
-        Ok(self.with(|d| {
-            d.history
-                .keys()
-                .filter(|(t, s, _, _)| t == twin && s == signal)
-                .map(|(_, _, _, seq)| *seq)
-                .collect()
-        }))
+        Ok(self.with(|d| d.series(twin, signal).map(|f| f.seq).collect()))
     }
 
     fn last_stored_seq(&self, twin: &TwinId, signal: &str) -> Result<u64> {
@@ -169,39 +202,12 @@ impl Store for MemStore {
             self.frame_seqs(twin, signal)?.into_iter().collect();
         Ok((from..=upto).find(|s| !present.contains(s)))
     }
+}
 
-    fn save_replica(&self, snapshot: &TwinSnapshot) -> Result<bool> {
-        let Some(id) = snapshot
-            .twin
-            .as_ref()
-            .and_then(|t| t.twin_id.parse::<TwinId>().ok())
-        else {
-            return Ok(false);
-        };
-        Ok(self.with(|d| {
-            let newer = d
-                .replicas
-                .get(&id)
-                .is_none_or(|old| rank(snapshot) > rank(old));
-            if newer {
-                d.replicas.insert(id, snapshot.clone());
-            }
-            newer
-        }))
-    }
-
-    fn load_replica(&self, twin: &TwinId) -> Result<Option<TwinSnapshot>> {
-        Ok(self.with(|d| d.replicas.get(twin).cloned()))
-    }
-
+impl SnapshotStore for MemStore {
     fn save_snapshot(&self, snapshot: &TwinSnapshot) -> Result<()> {
-        if let Some(id) = snapshot
-            .twin
-            .as_ref()
-            .and_then(|t| t.twin_id.parse::<TwinId>().ok())
-        {
-            self.with(|d| d.snapshots.insert(id, snapshot.clone()));
-        }
+        let id = snapshot::twin_of(snapshot)?;
+        self.with(|d| d.snapshots.insert(id, snapshot.clone()));
         Ok(())
     }
 
@@ -218,27 +224,26 @@ impl Store for MemStore {
         Ok(self.with(|d| d.models.get(twin).cloned()))
     }
 
-    fn save_hosted(&self, placement: &Placement) -> Result<()> {
-        if let Ok(id) = placement.twin_id.parse::<TwinId>() {
-            self.with(|d| d.hosted.insert(id, placement.clone()));
-        }
-        Ok(())
+    fn save_replica(&self, snapshot: &TwinSnapshot) -> Result<bool> {
+        let id = snapshot::twin_of(snapshot)?;
+        Ok(self.with(|d| {
+            let newer = snapshot::supersedes(snapshot, d.replicas.get(&id));
+            if newer {
+                d.replicas.insert(id, snapshot.clone());
+            }
+            newer
+        }))
     }
 
-    fn remove_hosted(&self, twin: &TwinId) -> Result<()> {
-        self.with(|d| d.hosted.remove(twin));
-        Ok(())
+    fn load_replica(&self, twin: &TwinId) -> Result<Option<TwinSnapshot>> {
+        Ok(self.with(|d| d.replicas.get(twin).cloned()))
     }
+}
 
-    fn hosted(&self) -> Result<Vec<Placement>> {
-        Ok(self.with(|d| d.hosted.values().cloned().collect()))
-    }
-
+impl PlacementStore for MemStore {
     fn save_placement(&self, placement: &Placement) -> Result<()> {
-        self.with(|d| {
-            d.placements
-                .insert(placement.twin_id.clone(), placement.clone())
-        });
+        let id: TwinId = placement.twin_id.parse()?;
+        self.with(|d| d.placements.insert(id.to_string(), placement.clone()));
         Ok(())
     }
 
@@ -255,6 +260,23 @@ impl Store for MemStore {
         Ok(self.with(|d| d.site_budgets.values().cloned().collect()))
     }
 
+    fn save_hosted(&self, placement: &Placement) -> Result<()> {
+        let id: TwinId = placement.twin_id.parse()?;
+        self.with(|d| d.hosted.insert(id, placement.clone()));
+        Ok(())
+    }
+
+    fn remove_hosted(&self, twin: &TwinId) -> Result<()> {
+        self.with(|d| d.hosted.remove(twin));
+        Ok(())
+    }
+
+    fn hosted(&self) -> Result<Vec<Placement>> {
+        Ok(self.with(|d| d.hosted.values().cloned().collect()))
+    }
+}
+
+impl SpoolStore for MemStore {
     fn reserve_seqs(&self, twin: &TwinId, signal: &str, count: u64) -> Result<u64> {
         Ok(self.with(|d| {
             let next = d.seqs.entry((twin.clone(), signal.to_owned())).or_insert(1);
@@ -321,11 +343,114 @@ impl Store for MemStore {
     fn spool_len(&self) -> u64 {
         self.with(|d| d.spool.len() as u64)
     }
+}
 
-    async fn flush(&self) -> Result<()> {
-        let _open = self.flush_gate.read().await;
-        let current = self.current.lock().expect("store").clone();
-        *self.durable.lock().expect("store") = current;
+impl ModelStore for MemStore {
+    fn put_model(&self, model_id: &str, version: u64, record: &ModelRecord) -> Result<()> {
+        // Durable on return: into the durable copy as well.
+        let key = (model_id.to_owned(), version);
+        self.with(|d| d.registry.insert(key.clone(), record.clone()));
+        self.durable
+            .lock()
+            .expect("store")
+            .registry
+            .insert(key, record.clone());
         Ok(())
+    }
+
+    fn get_model(&self, model_id: &str, version: u64) -> Result<Option<ModelRecord>> {
+        Ok(self.with(|d| d.registry.get(&(model_id.to_owned(), version)).cloned()))
+    }
+
+    fn newest_model_version(&self, model_id: &str) -> Result<u64> {
+        Ok(self.with(|d| {
+            d.registry
+                .range((model_id.to_owned(), 0)..=(model_id.to_owned(), u64::MAX))
+                .next_back()
+                .map_or(0, |((_, v), _)| *v)
+        }))
+    }
+
+    fn models(&self) -> Result<Vec<ModelRecord>> {
+        Ok(self.with(|d| d.registry.values().cloned().collect()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(signal: &str, seq: u64, start_ns: i64, samples: Vec<f64>) -> StoredFrame {
+        StoredFrame {
+            signal: signal.into(),
+            seq,
+            start_ns,
+            sample_period_ns: 10,
+            samples,
+            scale: 0.0,
+        }
+    }
+
+    /// The assertions of the sled store's own test, on this one: the two bucket alike.
+    #[test]
+    fn history_buckets_match_the_sled_store() {
+        let s = MemStore::default();
+        let id: TwinId = "s/a".parse().unwrap();
+        s.append_frames(
+            &id,
+            &[
+                frame("v", 1, 0, vec![1.0, 2.0, 3.0, 4.0]),
+                frame("v", 2, 40, vec![5.0, 6.0, 7.0, 8.0]),
+            ],
+        )
+        .unwrap();
+        s.append_frames(&id, &[frame("v", 2, 40, vec![5.0, 6.0, 7.0, 8.0])])
+            .unwrap();
+        assert_eq!(s.frame_seqs(&id, "v").unwrap(), vec![1, 2]);
+        let b = s
+            .query_history(&id, "v", 20, 70, 20, Aggregation::Mean)
+            .unwrap();
+        let got: Vec<(i64, f64, u64)> = b.iter().map(|b| (b.start_ns, b.value, b.count)).collect();
+        assert_eq!(got, [(20, 3.5, 2), (40, 5.5, 2), (60, 7.0, 1)]);
+        assert_eq!(
+            s.read_samples(&id, "v", 20, 70, 3).unwrap(),
+            [3.0, 4.0, 5.0]
+        );
+        assert!(s.read_samples(&id, "v", 20, 70, 0).unwrap().is_empty());
+        s.append_frames(&id, &[frame("v", 3, -40, vec![-1.0])])
+            .unwrap();
+        assert_eq!(s.frame_seqs(&id, "v").unwrap(), vec![3, 1, 2]);
+        s.append_frames(&id, &[frame("w.rms", 0, 5, vec![9.0])])
+            .unwrap();
+        assert_eq!(s.signals_of(&id).unwrap(), ["v", "w.rms"]);
+        assert_eq!(s.read_points(&id, "w.rms", 0, 10).unwrap(), [(5, 9.0)]);
+    }
+
+    #[test]
+    fn replicas_rank_and_invalid_ids_are_refused() {
+        let s = MemStore::default();
+        let snap = |id: &str, epoch, revision| TwinSnapshot {
+            twin: Some(twinmesh_twins::proto::Twin {
+                twin_id: id.into(),
+                revision,
+                ..Default::default()
+            }),
+            epoch,
+            ..Default::default()
+        };
+        assert!(s.save_replica(&snap("s/a", 2, 10)).unwrap());
+        assert!(!s.save_replica(&snap("s/a", 1, 99)).unwrap());
+        assert!(!s.save_replica(&snap("s/a", 2, 10)).unwrap());
+        assert!(s.save_replica(&snap("s/a", 3, 0)).unwrap());
+        assert!(s.save_replica(&snap("S/a", 9, 9)).is_err());
+        assert!(s.save_snapshot(&snap("", 1, 1)).is_err());
+        let p = Placement {
+            twin_id: "nope".into(),
+            ..Default::default()
+        };
+        assert!(s.save_hosted(&p).is_err() && s.save_placement(&p).is_err());
+        assert!(s.hosted().unwrap().is_empty() && s.placements().unwrap().is_empty());
+        let id: TwinId = "s/a".parse().unwrap();
+        assert_eq!(s.load_replica(&id).unwrap().unwrap().epoch, 3);
     }
 }

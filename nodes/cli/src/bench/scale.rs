@@ -60,7 +60,7 @@ async fn scale_live(args: &BenchArgs) -> anyhow::Result<LivePhase> {
 /// Registers `--registered` dormant twins in a node database, as an edge that
 /// passivated them leaves it.
 fn scale_seed(args: &BenchArgs, data: &std::path::Path) -> anyhow::Result<f64> {
-    use twinmesh_actors::ports::Store;
+    use twinmesh_actors::ports::{Durable, PlacementStore};
     let start = Instant::now();
     let store = twinmesh_nodes::store::SledStore::open(data, 64)?;
     for i in 0..args.registered {

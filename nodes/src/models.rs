@@ -17,26 +17,22 @@
 //! `FAILED_PRECONDITION` with the address of a cloud node's gRPC endpoint.
 
 use std::collections::BTreeMap;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use ndarray::Array2;
 use prost::Message;
-use tonic::{Request, Response, Status};
 
 use twinmesh_actors::context::NodeContext;
 use twinmesh_actors::ports::{ModelStore, SeriesStore};
 use twinmesh_proto::encoding;
-use twinmesh_proto::v1::model_service_server::ModelService;
 use twinmesh_twins::model::{validate_model_id, Algorithm, Model, TrainParams, DEFAULT_ALGORITHM};
 use twinmesh_twins::monitor::FeatureVector;
 use twinmesh_twins::proto::{
-    twin_reply, twin_request, DeployModelRequest, DeployModelResponse, Deployment,
-    ImportModelRequest, InstallModelRequest, ListModelsRequest, ListModelsResponse,
-    ListTwinsRequest, ModelInfo, ModelRecord, TrainModelProgress, TrainModelRequest,
+    Deployment, InstallModelRequest, ListTwinsRequest, ModelInfo, ModelRecord, TrainModelProgress,
+    TrainModelRequest,
 };
 use twinmesh_twins::{keys, AssetKind, Tier, TwinId};
 
@@ -44,11 +40,13 @@ use crate::api::{parse_twin_id, Api, MAX_PAGE_SIZE};
 
 /// Most feature vectors one training reads (about 160 MB at 20 features).
 pub const MAX_TRAINING_ROWS: usize = 2_000_000;
+/// How long one twin may take to install a model.
+const INSTALL_DEADLINE: Duration = Duration::from_secs(10);
 /// Twins a deployment installs on at once.
 const DEPLOY_CONCURRENCY: usize = 8;
 
-fn internal(e: impl std::fmt::Display) -> Status {
-    Status::internal(format!("model registry: {e}"))
+fn internal(e: impl std::fmt::Display) -> crate::Error {
+    crate::Error::internal(format!("model registry: {e}"))
 }
 
 /// The cloud's model registry.
@@ -66,12 +64,12 @@ impl Registry {
         }
     }
 
-    fn newest_version(&self, model_id: &str) -> Result<u64, Status> {
+    fn newest_version(&self, model_id: &str) -> crate::Result<u64> {
         self.store.newest_model_version(model_id).map_err(internal)
     }
 
     /// Stores `record` as the next version of its model; returns the stored info.
-    pub fn add(&self, mut record: ModelRecord) -> Result<ModelInfo, Status> {
+    pub fn add(&self, mut record: ModelRecord) -> crate::Result<ModelInfo> {
         let _w = self.write.lock().expect("registry lock");
         let info = record.info.as_mut().ok_or_else(|| internal("no info"))?;
         info.version = self.newest_version(&info.model_id)? + 1;
@@ -84,7 +82,7 @@ impl Registry {
     }
 
     /// A version (0: the newest).
-    pub fn get(&self, model_id: &str, version: u64) -> Result<Option<ModelRecord>, Status> {
+    pub fn get(&self, model_id: &str, version: u64) -> crate::Result<Option<ModelRecord>> {
         let version = match version {
             0 => self.newest_version(model_id)?,
             v => v,
@@ -93,7 +91,7 @@ impl Registry {
     }
 
     /// Every version's info, newest first, filtered by id and kind.
-    pub fn list(&self, model_id: &str, kind: &str) -> Result<Vec<ModelInfo>, Status> {
+    pub fn list(&self, model_id: &str, kind: &str) -> crate::Result<Vec<ModelInfo>> {
         let mut out = Vec::new();
         for record in self.store.models().map_err(internal)? {
             let info = record.info.unwrap_or_default();
@@ -117,10 +115,10 @@ impl Registry {
         model_id: &str,
         version: u64,
         deployments: &[Deployment],
-    ) -> Result<(), Status> {
+    ) -> crate::Result<()> {
         let _w = self.write.lock().expect("registry lock");
         let Some(mut record) = self.get(model_id, version)? else {
-            return Err(Status::not_found(format!(
+            return Err(crate::Error::not_found(format!(
                 "unknown model {model_id} v{version}"
             )));
         };
@@ -201,7 +199,7 @@ pub fn read_rows(
     start_ns: i64,
     end_ns: i64,
     progress: &mut dyn FnMut(u64, u64, u64) -> bool,
-) -> Result<TrainingRows, Status> {
+) -> crate::Result<TrainingRows> {
     let total = (twins.len() * features.len()) as u64;
     let mut done = 0u64;
     let mut rows: Vec<Vec<f64>> = Vec::new();
@@ -212,13 +210,13 @@ pub fn read_rows(
         for (i, f) in features.iter().enumerate() {
             for (t, v) in store
                 .read_points(twin, f, start_ns, end_ns)
-                .map_err(|e| Status::unavailable(format!("reading the archive: {e}")))?
+                .map_err(|e| crate::Error::unavailable(format!("reading the archive: {e}")))?
             {
                 windows.entry(t).or_default().push((i, v));
             }
             done += 1;
             if !progress(done, total, rows.len() as u64) {
-                return Err(Status::cancelled("training cancelled"));
+                return Err(crate::Error::cancelled("training cancelled"));
             }
         }
         let mut vector = FeatureVector::new(features);
@@ -229,7 +227,7 @@ pub fn read_rows(
                 span_ns = span_ns.max(t - first);
                 rows.push(x);
                 if rows.len() > MAX_TRAINING_ROWS {
-                    return Err(Status::invalid_argument(format!(
+                    return Err(crate::Error::invalid_argument(format!(
                         "the range holds more than {MAX_TRAINING_ROWS} feature windows; narrow it"
                     )));
                 }
@@ -272,7 +270,7 @@ pub fn train(
     job: &TrainJob,
     now_ns: i64,
     progress: &mut dyn FnMut(TrainModelProgress) -> bool,
-) -> Result<ModelRecord, Status> {
+) -> crate::Result<ModelRecord> {
     let read = read_rows(
         store,
         &job.twins,
@@ -292,7 +290,7 @@ pub fn train(
     let warnings = training_warnings(job.kind, &read);
     let rows = read.rows;
     if rows.len() < 10 {
-        return Err(Status::failed_precondition(format!(
+        return Err(crate::Error::failed_precondition(format!(
             "only {} feature windows of {} in the range: training needs at least 10 (is the chain archiving features?)",
             rows.len(),
             job.twins
@@ -309,12 +307,12 @@ pub fn train(
         rows: rows.len() as u64,
         model: None,
     }) {
-        return Err(Status::cancelled("training cancelled"));
+        return Err(crate::Error::cancelled("training cancelled"));
     }
     let d = job.features.len();
     let x = Array2::from_shape_fn((rows.len(), d), |(i, j)| rows[i][j]);
     let model = Model::train(&job.features, x.view(), &job.params)
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        .map_err(|e| crate::Error::invalid_argument(e.to_string()))?;
     let info = ModelInfo {
         model_id: job.model_id.clone(),
         version: 0,
@@ -340,7 +338,7 @@ pub fn train(
 }
 
 /// [`ModelInfo::member_thresholds`] of `model`.
-fn member_thresholds(model: &Model) -> std::collections::HashMap<String, f64> {
+pub(crate) fn member_thresholds(model: &Model) -> std::collections::HashMap<String, f64> {
     model
         .member_thresholds()
         .into_iter()
@@ -348,7 +346,7 @@ fn member_thresholds(model: &Model) -> std::collections::HashMap<String, f64> {
         .collect()
 }
 
-/// `ModelService`, served by every node; the registry answers on cloud nodes.
+/// What `ModelService` needs beyond the API: the registry answers on cloud nodes.
 #[derive(Clone)]
 pub struct Models {
     pub api: Api,
@@ -358,7 +356,7 @@ pub struct Models {
 }
 
 impl Models {
-    async fn cloud(&self) -> Result<(Arc<dyn SeriesStore>, Arc<Registry>), Status> {
+    pub(crate) async fn cloud(&self) -> crate::Result<(Arc<dyn SeriesStore>, Arc<Registry>)> {
         if let Some(c) = &self.cloud {
             return Ok(c.clone());
         }
@@ -374,13 +372,17 @@ impl Models {
             })
             .map(|n| format!(" (e.g. {} at {})", n.node, n.grpc_addr))
             .unwrap_or_default();
-        Err(Status::failed_precondition(format!(
+        Err(crate::Error::failed_precondition(format!(
             "the model registry and the feature archive live on cloud nodes: call a cloud node's gRPC endpoint{hint}"
         )))
     }
 
     /// Every twin the listing filters select, with its kind.
-    async fn twins(&self, kind: &str, site: &str) -> Result<Vec<(TwinId, String)>, Status> {
+    pub(crate) async fn twins(
+        &self,
+        kind: &str,
+        site: &str,
+    ) -> crate::Result<Vec<(TwinId, String)>> {
         let mut out = Vec::new();
         let mut token = String::new();
         loop {
@@ -406,19 +408,19 @@ impl Models {
         }
     }
 
-    async fn job(
+    pub(crate) async fn job(
         &self,
         req: &TrainModelRequest,
         store: &dyn SeriesStore,
-    ) -> Result<TrainJob, Status> {
+    ) -> crate::Result<TrainJob> {
         let algorithm: Algorithm = match req.algorithm.as_str() {
             "" => DEFAULT_ALGORITHM,
             a => a.parse().map_err(|e: twinmesh_twins::model::ModelError| {
-                Status::invalid_argument(e.to_string())
+                crate::Error::invalid_argument(e.to_string())
             })?,
         };
         if req.end_ns <= req.start_ns {
-            return Err(Status::invalid_argument(format!(
+            return Err(crate::Error::invalid_argument(format!(
                 "empty time range: start_ns {} is not before end_ns {}",
                 req.start_ns, req.end_ns
             )));
@@ -429,14 +431,13 @@ impl Models {
         }
         let (twins, kind): (Vec<TwinId>, AssetKind) = if req.twin_ids.is_empty() {
             if req.kind.is_empty() {
-                return Err(Status::invalid_argument(
+                return Err(crate::Error::invalid_argument(
                     "name the twins (twin_ids) or a kind to train on",
                 ));
             }
-            let kind: AssetKind = req
-                .kind
-                .parse()
-                .map_err(|e: twinmesh_twins::Error| Status::invalid_argument(e.to_string()))?;
+            let kind: AssetKind = req.kind.parse().map_err(|e: twinmesh_twins::Error| {
+                crate::Error::invalid_argument(e.to_string())
+            })?;
             let twins: Vec<TwinId> = self
                 .twins(&req.kind, "")
                 .await?
@@ -444,7 +445,7 @@ impl Models {
                 .map(|(id, _)| id)
                 .collect();
             if twins.is_empty() {
-                return Err(Status::not_found(format!("no twins of kind {kind}")));
+                return Err(crate::Error::not_found(format!("no twins of kind {kind}")));
             }
             (twins, kind)
         } else {
@@ -458,25 +459,25 @@ impl Models {
             for id in &ids {
                 match known.get(id) {
                     Some(k) => kinds.push(k.clone()),
-                    None => return Err(Status::not_found(format!("unknown twin {id}"))),
+                    None => return Err(crate::Error::not_found(format!("unknown twin {id}"))),
                 }
             }
             kinds.dedup();
             if kinds.len() != 1 {
-                return Err(Status::invalid_argument(format!(
+                return Err(crate::Error::invalid_argument(format!(
                     "one model serves one kind; the twins are of kinds {}",
                     kinds.join(", ")
                 )));
             }
             if !req.kind.is_empty() && req.kind != kinds[0] {
-                return Err(Status::invalid_argument(format!(
+                return Err(crate::Error::invalid_argument(format!(
                     "the twins are of kind {}, not {}",
                     kinds[0], req.kind
                 )));
             }
             let kind = kinds[0]
                 .parse()
-                .map_err(|e: twinmesh_twins::Error| Status::internal(e.to_string()))?;
+                .map_err(|e: twinmesh_twins::Error| crate::Error::internal(e.to_string()))?;
             (ids, kind)
         };
         let features = if req.features.is_empty() {
@@ -485,7 +486,7 @@ impl Models {
             for t in &twins {
                 let mine: Vec<String> = store
                     .signals_of(t)
-                    .map_err(|e| Status::unavailable(format!("reading the archive: {e}")))?
+                    .map_err(|e| crate::Error::unavailable(format!("reading the archive: {e}")))?
                     .into_iter()
                     .filter(|f| {
                         f.split_once('.')
@@ -499,7 +500,7 @@ impl Models {
             }
             let f = common.unwrap_or_default();
             if f.is_empty() {
-                return Err(Status::failed_precondition(format!(
+                return Err(crate::Error::failed_precondition(format!(
                     "no archived features for {}: the twins' chains need an `archive` stage",
                     twins
                         .iter()
@@ -513,7 +514,7 @@ impl Models {
             for f in &req.features {
                 let signal = f.split_once('.').map_or(f.as_str(), |(s, _)| s);
                 kind.schema().signal(signal).map_err(|_| {
-                    Status::invalid_argument(format!(
+                    crate::Error::invalid_argument(format!(
                         "feature {f:?} is not a feature of a {kind} signal"
                     ))
                 })?;
@@ -525,7 +526,7 @@ impl Models {
         } else {
             req.model_id.clone()
         };
-        validate_model_id(&model_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        validate_model_id(&model_id).map_err(|e| crate::Error::invalid_argument(e.to_string()))?;
         Ok(TrainJob {
             model_id,
             kind,
@@ -539,7 +540,7 @@ impl Models {
 }
 
 /// Deploys `record` to `twins`, a few at a time; one outcome per twin.
-async fn install_all(
+pub(crate) async fn install_all(
     api: &Api,
     record: &ModelRecord,
     twins: Vec<TwinId>,
@@ -555,16 +556,9 @@ async fn install_all(
                 model: record.model.clone(),
             };
             async move {
-                let status = match api
-                    .twin_call(
-                        &id,
-                        twin_request::Request::InstallModel(req),
-                        Some(Duration::from_secs(10)),
-                    )
-                    .await
-                {
-                    Ok(twin_reply::Reply::InstallModel(_)) => "installed".to_owned(),
-                    Ok(_) => "unexpected reply from twin".to_owned(),
+                let caller = api.caller(None);
+                let status = match api.call(&id, req, Some(INSTALL_DEADLINE), caller).await {
+                    Ok(_) => "installed".to_owned(),
                     Err(e) => format!("{:?}: {e}", e.code()),
                 };
                 Deployment {
@@ -578,183 +572,6 @@ async fn install_all(
         .buffer_unordered(DEPLOY_CONCURRENCY)
         .collect()
         .await
-}
-
-type ProgressStream = Pin<Box<dyn Stream<Item = Result<TrainModelProgress, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl ModelService for Models {
-    type TrainModelStream = ProgressStream;
-
-    async fn train_model(
-        &self,
-        request: Request<TrainModelRequest>,
-    ) -> Result<Response<ProgressStream>, Status> {
-        let _who = crate::auth::require(&request, twinmesh_twins::privacy::Role::DataManager)?;
-        let (store, registry) = self.cloud().await?;
-        let job = self.job(request.get_ref(), &*store).await?;
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<TrainModelProgress, Status>>(16);
-        let now_ns = self.ctx.now_ns();
-        tracing::info!(model = %job.model_id, twins = job.twins.len(), features = job.features.len(), "training");
-        self.ctx.tasks.spawn(async move {
-            let tx2 = tx.clone();
-            let result = tokio::task::spawn_blocking(move || {
-                let mut last = std::time::Instant::now() - Duration::from_secs(1);
-                train(&*store, &job, now_ns, &mut |p| {
-                    if tx2.is_closed() {
-                        return false;
-                    }
-                    // At most ten updates a second (the last of each phase always).
-                    if p.done == p.total || last.elapsed() >= Duration::from_millis(100) {
-                        last = std::time::Instant::now();
-                        let _ = tx2.try_send(Ok(p));
-                    }
-                    true
-                })
-                .and_then(|record| {
-                    if tx2.is_closed() {
-                        return Err(Status::cancelled("training cancelled"));
-                    }
-                    registry.add(record)
-                })
-            })
-            .await;
-            let last = match result {
-                Ok(Ok(info)) => {
-                    tracing::info!(model = %info.model_id, version = info.version, rows = info.trained_rows, "model trained");
-                    Ok(TrainModelProgress {
-                        phase: "done".into(),
-                        done: 1,
-                        total: 1,
-                        rows: info.trained_rows,
-                        model: Some(info),
-                    })
-                }
-                Ok(Err(s)) => Err(s),
-                Err(e) => Err(Status::internal(format!("training failed: {e}"))),
-            };
-            if let Err(s) = &last {
-                if s.code() == tonic::Code::Cancelled {
-                    tracing::info!("training cancelled by its caller");
-                }
-            }
-            let _ = tx.send(last).await;
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
-    }
-
-    async fn list_models(
-        &self,
-        request: Request<ListModelsRequest>,
-    ) -> Result<Response<ListModelsResponse>, Status> {
-        let _who = crate::auth::require(&request, twinmesh_twins::privacy::Role::Viewer)?;
-        let (_, registry) = self.cloud().await?;
-        let req = request.into_inner();
-        Ok(Response::new(ListModelsResponse {
-            models: registry.list(&req.model_id, &req.kind)?,
-        }))
-    }
-
-    async fn deploy_model(
-        &self,
-        request: Request<DeployModelRequest>,
-    ) -> Result<Response<DeployModelResponse>, Status> {
-        let _who = crate::auth::require(&request, twinmesh_twins::privacy::Role::DataManager)?;
-        let (_, registry) = self.cloud().await?;
-        let req = request.into_inner();
-        validate_model_id(&req.model_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let record = registry.get(&req.model_id, req.version)?.ok_or_else(|| {
-            Status::not_found(match req.version {
-                0 => format!("unknown model {}", req.model_id),
-                v => format!("unknown model {} v{v}", req.model_id),
-            })
-        })?;
-        let info = record.info.clone().unwrap_or_default();
-        let twins: Vec<TwinId> = if !req.twin_ids.is_empty() {
-            req.twin_ids
-                .iter()
-                .map(|s| parse_twin_id(s))
-                .collect::<Result<_, _>>()?
-        } else if !req.kind.is_empty() || !req.site.is_empty() {
-            if !req.kind.is_empty() && req.kind != info.kind {
-                return Err(Status::invalid_argument(format!(
-                    "model {} v{} is for {}, not {}",
-                    info.model_id, info.version, info.kind, req.kind
-                )));
-            }
-            self.twins(&info.kind, &req.site)
-                .await?
-                .into_iter()
-                .map(|(id, _)| id)
-                .collect()
-        } else {
-            return Err(Status::invalid_argument(
-                "name the twins (twin_ids), a kind or a site to deploy to",
-            ));
-        };
-        if twins.is_empty() {
-            return Err(Status::not_found("no twins match the deployment"));
-        }
-        let deployments = install_all(&self.api, &record, twins, self.ctx.now_ns()).await;
-        registry.record_deployments(&info.model_id, info.version, &deployments)?;
-        tracing::info!(
-            model = %info.model_id,
-            version = info.version,
-            installed = deployments.iter().filter(|d| d.status == "installed").count(),
-            of = deployments.len(),
-            "model deployed"
-        );
-        Ok(Response::new(DeployModelResponse { deployments }))
-    }
-
-    async fn import_model(
-        &self,
-        request: Request<ImportModelRequest>,
-    ) -> Result<Response<ModelInfo>, Status> {
-        let _who = crate::auth::require(&request, twinmesh_twins::privacy::Role::DataManager)?;
-        let (_, registry) = self.cloud().await?;
-        let mut req = request.into_inner();
-        validate_model_id(&req.model_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let kind: AssetKind = req
-            .kind
-            .parse()
-            .map_err(|e: twinmesh_twins::Error| Status::invalid_argument(e.to_string()))?;
-        let model = if req.onnx {
-            let output = if req.output.is_empty() {
-                "score"
-            } else {
-                req.output.as_str()
-            };
-            let m = Model::from_onnx(&req.features, &req.model, output, req.negate, req.threshold)
-                .map_err(|e| Status::invalid_argument(format!("model rejected: {e}")))?;
-            // The registry keeps the twinmesh model file that wraps it.
-            req.model = m.to_bytes();
-            m
-        } else {
-            Model::from_bytes(&req.model)
-                .map_err(|e| Status::invalid_argument(format!("model rejected: {e}")))?
-        };
-        model
-            .check_kind(kind)
-            .map_err(|e| Status::invalid_argument(format!("model rejected: {e}")))?;
-        let info = ModelInfo {
-            model_id: req.model_id,
-            algorithm: model.algorithm.to_string(),
-            kind: kind.to_string(),
-            threshold: model.threshold,
-            features: model.features.clone(),
-            trained_rows: model.trained_rows as u64,
-            created_ns: self.ctx.now_ns(),
-            member_thresholds: member_thresholds(&model),
-            ..Default::default()
-        };
-        Ok(Response::new(registry.add(ModelRecord {
-            info: Some(info),
-            model: req.model,
-        })?))
-    }
 }
 
 #[cfg(test)]
@@ -837,7 +654,7 @@ mod tests {
             &mut |d, _, _| d < 2,
         )
         .unwrap_err();
-        assert_eq!(e.code(), tonic::Code::Cancelled);
+        assert_eq!(e.code(), crate::error::ErrorCode::Cancelled);
 
         let job = TrainJob {
             model_id: "pm".into(),
@@ -872,7 +689,7 @@ mod tests {
         let model = Model::from_bytes(&record.model).unwrap();
         assert_eq!(model.threshold, info.threshold);
         let e = train(&store, &job, 7, &mut |p| p.phase != "training").unwrap_err();
-        assert_eq!(e.code(), tonic::Code::Cancelled);
+        assert_eq!(e.code(), crate::error::ErrorCode::Cancelled);
     }
 
     #[test]
@@ -943,7 +760,7 @@ mod tests {
         assert_eq!(deps, [("s/x", "installed"), ("s/y", "installed")]);
         assert_eq!(
             reg.record_deployments("zzz", 1, &[]).unwrap_err().code(),
-            tonic::Code::NotFound
+            crate::error::ErrorCode::NotFound
         );
     }
 

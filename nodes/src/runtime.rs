@@ -221,16 +221,16 @@ impl RunningNode {
                 auth: auth.clone(),
                 cancel: servers.clone(),
                 tasks: ctx.tasks.clone(),
-            };
-            let models = models::Models {
-                api: api.clone(),
-                ctx: ctx.clone(),
-                cloud: registry.map(|r| (store.clone() as Arc<dyn SeriesStore>, r)),
+                models: models::Models {
+                    api: api.clone(),
+                    ctx: ctx.clone(),
+                    cloud: registry.map(|r| (store.clone() as Arc<dyn SeriesStore>, r)),
+                },
             };
             let cancel = servers.clone();
             let tls = config.tls.clone();
             ctx.tasks.spawn(async move {
-                if let Err(e) = grpc::serve(listener, services, models, tls, cancel).await {
+                if let Err(e) = grpc::serve(listener, services, tls, cancel).await {
                     tracing::error!("gRPC server stopped: {e}");
                 }
             });

@@ -8,9 +8,10 @@
 //! - `twins`: `TwinService`.
 //! - `mesh`: `MeshService`.
 //! - `privacy`: `PrivacyService`.
-//! - `ModelService` is [`crate::models::Models`].
+//! - `models`: `ModelService` (the registry and training are [`crate::models`]).
 
 mod mesh;
+mod models;
 mod privacy;
 mod twins;
 
@@ -53,6 +54,8 @@ pub struct Services {
     pub auth: Option<std::sync::Arc<crate::auth::Authenticator>>,
     pub cancel: CancellationToken,
     pub tasks: tokio_util::task::TaskTracker,
+    /// The model registry and the feature archive (on cloud nodes).
+    pub models: crate::models::Models,
 }
 
 /// A gRPC request that one twin answers: what [`Services::forward`] needs beyond the
@@ -96,7 +99,6 @@ impl Services {
 pub async fn serve(
     listener: TcpListener,
     services: Services,
-    models: crate::models::Models,
     tls: Option<crate::config::TlsConfig>,
     cancel: CancellationToken,
 ) -> crate::Result<()> {
@@ -108,7 +110,7 @@ pub async fn serve(
         .set_serving::<MeshServiceServer<Services>>()
         .await;
     health_reporter
-        .set_serving::<ModelServiceServer<crate::models::Models>>()
+        .set_serving::<ModelServiceServer<Services>>()
         .await;
     health_reporter
         .set_serving::<PrivacyServiceServer<Services>>()
@@ -144,7 +146,10 @@ pub async fn serve(
             services.clone(),
             auth.clone(),
         ))
-        .add_service(ModelServiceServer::with_interceptor(models, auth.clone()))
+        .add_service(ModelServiceServer::with_interceptor(
+            services.clone(),
+            auth.clone(),
+        ))
         .add_service(PrivacyServiceServer::with_interceptor(services, auth))
         .serve_with_incoming_shutdown(
             // Small RPCs must not wait for Nagle's algorithm.

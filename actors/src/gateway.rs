@@ -11,13 +11,12 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use bytes::Bytes;
 use prost::Message;
 use ractor::concurrency::JoinHandle;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio_util::sync::CancellationToken;
 
-use twinmesh_proto::encoding;
+use crate::wire::{self, TypedFabric};
 use twinmesh_twins::chain::{self, Chain, ChainSpec, StreamPipeline};
 use twinmesh_twins::dsp::codec;
 use twinmesh_twins::privacy::{Mechanism, Policy};
@@ -198,7 +197,8 @@ impl GatewayState {
             .devices
             .get(twin)
             .is_none_or(|s| s.sealed.contains(&frame.signal));
-        let payload = if sealed {
+        let sealed_frame;
+        let message = if sealed {
             // Raw values of a protected signal never travel readable: sealed with the
             // site key, or not published at all (they stay spooled).
             let Some(ring) = self.ctx.site_key.as_ref() else {
@@ -218,18 +218,18 @@ impl GatewayState {
                 ),
                 ..frame.clone()
             };
-            outer.encode_to_vec()
+            sealed_frame = outer;
+            &sealed_frame
         } else {
-            frame.encode_to_vec()
+            frame
         };
-        let len = payload.len() as u64;
+        let len = message.encoded_len() as u64;
         match self
             .ctx
             .fabric
-            .publish(
+            .put(
                 &keys::telemetry(twin, &frame.signal),
-                Bytes::from(payload),
-                encoding::TELEMETRY_FRAME,
+                message,
                 Qos::Reliable,
             )
             .await
@@ -300,12 +300,7 @@ impl GatewayState {
         if let Err(e) = self
             .ctx
             .fabric
-            .publish(
-                &keys::telemetry(twin, &batch.stream),
-                Bytes::from(batch.encode_to_vec()),
-                encoding::IDENTIFIER_BATCH,
-                Qos::Reliable,
-            )
+            .put(&keys::telemetry(twin, &batch.stream), &batch, Qos::Reliable)
             .await
         {
             tracing::debug!(twin = %twin, "identifier batch not published: {e}");
@@ -609,12 +604,7 @@ impl GatewayState {
         if let Err(e) = self
             .ctx
             .fabric
-            .publish(
-                &keys::control_delivered(&twin),
-                Bytes::from(report.encode_to_vec()),
-                encoding::DESIRED_UPDATE,
-                Qos::Reliable,
-            )
+            .put(&keys::control_delivered(&twin), &report, Qos::Reliable)
             .await
         {
             tracing::warn!(twin = %twin, "delivery report not published: {e}");
@@ -665,54 +655,15 @@ impl Actor for GatewayActor {
             .fabric
             .subscribe(&keys::placements_of_site(&ctx.site), 1024)
             .await?;
-        let me = myself.clone();
-        let c = cancel.clone();
-        ctx.tasks.spawn(async move {
-            // Own the subscriptions whole: their guards keep them declared.
-            let (acks, control, chains, replays, placements) =
-                (acks, control, chains, replays, placements);
-            loop {
-                tokio::select! {
-                    biased;
-                    _ = c.cancelled() => break,
-                    s = acks.rx.recv_async() => {
-                        let Ok(s) = s else { break };
-                        match Watermark::decode(s.payload) {
-                            Ok(wm) => if me.cast(GatewayMsg::Ack(wm)).is_err() { break },
-                            Err(e) => tracing::warn!(key = s.key, "malformed ack: {e}"),
-                        }
-                    }
-                    s = control.rx.recv_async() => {
-                        let Ok(s) = s else { break };
-                        match DesiredUpdate::decode(s.payload) {
-                            Ok(u) => if me.cast(GatewayMsg::Control(u)).is_err() { break },
-                            Err(e) => tracing::warn!(key = s.key, "malformed set-point: {e}"),
-                        }
-                    }
-                    s = placements.rx.recv_async() => {
-                        let Ok(s) = s else { break };
-                        match Placement::decode(s.payload) {
-                            Ok(p) => if me.cast(GatewayMsg::Placed(p)).is_err() { break },
-                            Err(e) => tracing::warn!(key = s.key, "malformed placement: {e}"),
-                        }
-                    }
-                    s = replays.rx.recv_async() => {
-                        let Ok(s) = s else { break };
-                        match ReplayRequest::decode(s.payload) {
-                            Ok(r) => if me.cast(GatewayMsg::Replay(r)).is_err() { break },
-                            Err(e) => tracing::warn!(key = s.key, "malformed replay request: {e}"),
-                        }
-                    }
-                    s = chains.rx.recv_async() => {
-                        let Ok(s) = s else { break };
-                        match ChainUpdate::decode(s.payload) {
-                            Ok(u) => if me.cast(GatewayMsg::Chain(u)).is_err() { break },
-                            Err(e) => tracing::warn!(key = s.key, "malformed chain update: {e}"),
-                        }
-                    }
-                }
-            }
+        // Acks, set-points, placements, replay requests and chain updates of this site,
+        // each through the typed wire's one decode → forward loop.
+        wire::forward(&ctx, acks, myself.clone(), |_, wm| GatewayMsg::Ack(wm));
+        wire::forward(&ctx, control, myself.clone(), |_, u| GatewayMsg::Control(u));
+        wire::forward(&ctx, placements, myself.clone(), |_, p| {
+            GatewayMsg::Placed(p)
         });
+        wire::forward(&ctx, replays, myself.clone(), |_, r| GatewayMsg::Replay(r));
+        wire::forward(&ctx, chains, myself.clone(), |_, u| GatewayMsg::Chain(u));
         let registrations: Vec<PlacementRequest> = devices
             .iter()
             .map(|d| PlacementRequest {
@@ -856,14 +807,7 @@ async fn register_assets(
             };
             let replies = ctx
                 .fabric
-                .query(
-                    &keys::placement(&id),
-                    Some((
-                        Bytes::from(req.encode_to_vec()),
-                        encoding::PLACEMENT_REQUEST,
-                    )),
-                    Duration::from_secs(3),
-                )
+                .ask(&keys::placement(&id), &req, Duration::from_secs(3))
                 .await;
             match replies {
                 Ok(r) if !r.is_empty() => {
@@ -909,20 +853,15 @@ async fn fetch_chain(
             twin_id: id.to_string(),
         })),
     };
-    let payload = Bytes::from(request.encode_to_vec());
     for _ in 0..30 {
         if let Ok(replies) = ctx
             .fabric
-            .query(
-                &keys::twin_rpc(&id),
-                Some((payload.clone(), encoding::TWIN_REQUEST)),
-                Duration::from_secs(2),
-            )
+            .ask(&keys::twin_rpc(&id), &request, Duration::from_secs(2))
             .await
         {
             let twin = replies
                 .into_iter()
-                .find_map(|r| TwinReply::decode(r.payload).ok())
+                .find_map(|r| r.decode::<TwinReply>().ok())
                 .and_then(|r| match r.reply {
                     Some(twin_reply::Reply::Twin(t)) => Some(t),
                     _ => None,

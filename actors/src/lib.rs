@@ -29,6 +29,9 @@
 //!   that cross the fabric) and the at-rest key (sensitive trees).
 //! - [`metrics`]: per-node counters behind `NodeLoad` and `/metrics`.
 //! - [`services`]: the info/twins queryables every node serves.
+//! - [`wire`]: the typed wire: each proto message tied to its encoding, typed publish,
+//!   query and reply, and the one decode → forward-to-actor loop.
+//! - [`error`]: [`Error`], classified by the workspace's `ErrorCode`.
 
 pub mod context;
 pub mod error;
@@ -41,5 +44,6 @@ pub mod router;
 pub mod seal;
 pub mod services;
 pub mod twin;
+pub mod wire;
 
 pub use error::{Error, Result};

@@ -14,12 +14,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use prost::Message;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio_util::sync::CancellationToken;
 
-use twinmesh_proto::encoding;
+use crate::wire::TypedFabric;
 use twinmesh_twins::privacy::Ledger;
 use twinmesh_twins::proto::{
     self, mesh_reply, mesh_request, twin_reply, twin_request, Budget, DrainNodeResponse,
@@ -415,12 +413,7 @@ impl MeshState {
         let id: TwinId = placement.twin_id.parse()?;
         self.ctx
             .fabric
-            .publish(
-                &keys::placement(&id),
-                Bytes::from(placement.encode_to_vec()),
-                encoding::PLACEMENT,
-                Qos::Reliable,
-            )
+            .put(&keys::placement(&id), &placement, Qos::Reliable)
             .await?;
         tracing::info!(twin = %id, node = placement.node, epoch = placement.epoch, status = placement.status, "placement");
         self.placements.insert(id, placement);
@@ -738,7 +731,7 @@ async fn membership_watcher(
                     if let Some(info) = replies
                         .ok()
                         .and_then(|r| r.into_iter().next())
-                        .and_then(|r| NodeInfo::decode(r.payload).ok())
+                        .and_then(|r| r.decode::<NodeInfo>().ok())
                     {
                         let _ = mesh.cast(MeshMsg::NodeUp(info));
                         break;
@@ -776,7 +769,7 @@ async fn serve_placement_query(mesh: &ActorRef<MeshMsg>, query: Query) -> Result
     let one = |p: &Placement| {
         (
             keys::placement(&p.twin_id.parse().expect("stored ids are valid")),
-            Bytes::from(p.encode_to_vec()),
+            p.clone(),
         )
     };
     match keys::parse_twin_in(&query.key, "placement") {
@@ -788,7 +781,7 @@ async fn serve_placement_query(mesh: &ActorRef<MeshMsg>, query: Query) -> Result
                     _ => return Err(()),
                 }
             } else {
-                let Ok(req) = PlacementRequest::decode(query.payload.clone()) else {
+                let Ok(req) = query.decode::<PlacementRequest>() else {
                     tracing::warn!(key = query.key, "malformed placement request");
                     return Ok(());
                 };
@@ -802,15 +795,15 @@ async fn serve_placement_query(mesh: &ActorRef<MeshMsg>, query: Query) -> Result
                 }
             };
             if let Some(p) = placement {
-                let (key, payload) = one(&p);
-                query.reply(&key, payload, encoding::PLACEMENT).await;
+                let (key, placement) = one(&p);
+                query.reply_with(&key, &placement).await;
             }
         }
         _ => {
             let filter = if query.payload.is_empty() {
                 PlacementQuery::default()
             } else {
-                match PlacementQuery::decode(query.payload.clone()) {
+                match query.decode::<PlacementQuery>() {
                     Ok(q) => q,
                     Err(e) => {
                         tracing::warn!(key = query.key, "malformed placement query: {e}");
@@ -822,11 +815,8 @@ async fn serve_placement_query(mesh: &ActorRef<MeshMsg>, query: Query) -> Result
                 Ok(ractor::rpc::CallResult::Success(all)) => all,
                 _ => return Err(()),
             };
-            let replies = all.iter().map(one).collect();
-            query
-                .responder
-                .reply_many(replies, encoding::PLACEMENT)
-                .await;
+            let replies: Vec<_> = all.iter().map(one).collect();
+            query.reply_all(&replies).await;
         }
     }
     Ok(())
@@ -847,7 +837,7 @@ async fn replica_keeper(
             _ = cancel.cancelled() => break,
             s = replicas.rx.recv_async() => {
                 let Ok(s) = s else { break };
-                match TwinSnapshot::decode(s.payload) {
+                match s.decode::<TwinSnapshot>() {
                     Ok(snap) => if mesh.cast(MeshMsg::Replica(snap)).is_err() { break },
                     Err(e) => tracing::warn!(key = s.key, "malformed snapshot: {e}"),
                 }
@@ -860,7 +850,7 @@ async fn replica_keeper(
                 }
                 match ctx.store.load_replica(&id) {
                     Ok(Some(snap)) => {
-                        q.reply(&keys::snapshot(&id), Bytes::from(snap.encode_to_vec()), encoding::TWIN_SNAPSHOT).await;
+                        q.reply_with(&keys::snapshot(&id), &snap).await;
                     }
                     Ok(None) => {}
                     Err(e) => tracing::warn!(twin = %id, "replica not readable: {e}"),
@@ -881,25 +871,18 @@ async fn twin_rpc(
     request: twin_request::Request,
     timeout: Duration,
 ) -> Result<twin_reply::Reply, MeshError> {
-    let payload = Bytes::from(
-        TwinRequest {
-            caller: None,
-            request: Some(request),
-        }
-        .encode_to_vec(),
-    );
+    let request = TwinRequest {
+        caller: None,
+        request: Some(request),
+    };
     let replies = ctx
         .fabric
-        .query(
-            &keys::twin_rpc(twin),
-            Some((payload, encoding::TWIN_REQUEST)),
-            timeout,
-        )
+        .ask(&keys::twin_rpc(twin), &request, timeout)
         .await
         .map_err(|e| (ErrorCode::Unavailable, e.to_string()))?;
     let reply = replies
         .into_iter()
-        .find_map(|r| TwinReply::decode(r.payload).ok())
+        .find_map(|r| r.decode::<TwinReply>().ok())
         .ok_or_else(|| {
             (
                 ErrorCode::Unavailable,
@@ -1011,7 +994,8 @@ pub async fn migrate(
                 ))
             }
         };
-        let up = proto::TwinState::decode(sample.payload)
+        let up = sample
+            .decode::<proto::TwinState>()
             .ok()
             .and_then(|s| s.twin)
             .and_then(|t| t.placement)
@@ -1059,23 +1043,16 @@ pub async fn ask_authority(
         code: proto::ErrorCode::Unavailable as i32,
         message,
     };
-    let payload = Bytes::from(
-        MeshRequest {
-            request: Some(request),
-        }
-        .encode_to_vec(),
-    );
+    let request = MeshRequest {
+        request: Some(request),
+    };
     let replies = fabric
-        .query(
-            keys::MESH_REQUESTS,
-            Some((payload, encoding::MESH_REQUEST)),
-            timeout,
-        )
+        .ask(keys::MESH_REQUESTS, &request, timeout)
         .await
         .map_err(|e| unavailable(format!("fabric: {e}")))?;
     let reply = replies
         .into_iter()
-        .find_map(|r| MeshReply::decode(r.payload).ok())
+        .find_map(|r| r.decode::<MeshReply>().ok())
         .ok_or_else(|| {
             unavailable("the placement authority (cloud node) did not answer".to_owned())
         })?;
@@ -1103,7 +1080,7 @@ async fn mesh_request_server(
         };
         let (mesh, ctx2) = (mesh.clone(), ctx.clone());
         ctx.tasks.spawn(async move {
-            let result = match MeshRequest::decode(query.payload.clone()) {
+            let result = match query.decode::<MeshRequest>() {
                 Ok(MeshRequest {
                     request: Some(mesh_request::Request::Migrate(m)),
                 }) => match m.twin_id.parse::<TwinId>() {
@@ -1140,13 +1117,7 @@ async fn mesh_request_server(
                     }),
                 }),
             };
-            query
-                .reply(
-                    keys::MESH_REQUESTS,
-                    Bytes::from(reply.encode_to_vec()),
-                    encoding::MESH_REPLY,
-                )
-                .await;
+            query.reply_with(keys::MESH_REQUESTS, &reply).await;
         });
     }
 }

@@ -36,6 +36,8 @@ pub struct NodeMetrics {
     /// Feature windows scored by twins' anomaly models, and alarms they raised.
     pub windows_scored: AtomicU64,
     pub alarms_raised: AtomicU64,
+    /// Fabric messages (control, acks, placements, ...) that did not decode: dropped.
+    pub messages_malformed: AtomicU64,
     rejected: Mutex<BTreeMap<&'static str, u64>>,
     logged: Mutex<HashSet<(String, &'static str)>>,
 }

@@ -9,12 +9,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use bytes::Bytes;
-use prost::Message;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tokio_util::sync::CancellationToken;
 
-use twinmesh_proto::encoding;
+use crate::wire::TypedFabric;
 use twinmesh_twins::proto::{Placement, PlacementQuery, TwinSummary};
 use twinmesh_twins::Tier;
 use twinmesh_twins::{keys, TwinId};
@@ -430,7 +428,7 @@ async fn placement_watcher(
             _ = cancel.cancelled() => break,
             s = placements.rx.recv_async() => {
                 let Ok(s) = s else { break };
-                match Placement::decode(s.payload) {
+                match s.decode::<Placement>() {
                     Ok(p) if p.node == ctx.node.as_str() && p.status != STATUS_STALE => {
                         let _ = node.cast(NodeMsg::Place(p));
                     }
@@ -476,18 +474,11 @@ async fn query_placements(
 ) -> crate::Result<Vec<Placement>> {
     let replies = ctx
         .fabric
-        .query(
-            keys::PLACEMENT_ALL,
-            Some((
-                Bytes::from(query.encode_to_vec()),
-                encoding::PLACEMENT_QUERY,
-            )),
-            Duration::from_secs(5),
-        )
+        .ask(keys::PLACEMENT_ALL, &query, Duration::from_secs(5))
         .await?;
     Ok(replies
         .into_iter()
-        .filter_map(|r| Placement::decode(r.payload).ok())
+        .filter_map(|r| r.decode::<Placement>().ok())
         .collect())
 }
 

@@ -4,10 +4,6 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
-use prost::Message;
-
-use twinmesh_proto::encoding;
 use twinmesh_twins::keys;
 use twinmesh_twins::proto::{NodeInfo, NodeTwins};
 
@@ -34,12 +30,12 @@ pub async fn serve_node_queryables(ctx: &Arc<NodeContext>, info: NodeInfo) -> cr
                 q = info_q.rx.recv_async() => {
                     let Ok(q) = q else { break };
                     let info = NodeInfo { twins: c.directory.len() as u32, ..info.clone() };
-                    q.reply(&info_key, Bytes::from(info.encode_to_vec()), encoding::NODE_INFO).await;
+                    q.reply_with(&info_key, &info).await;
                 }
                 q = twins_q.rx.recv_async() => {
                     let Ok(q) = q else { break };
                     let twins = NodeTwins { node: c.node.to_string(), twins: c.directory.list() };
-                    q.reply(&twins_key, Bytes::from(twins.encode_to_vec()), encoding::NODE_TWINS).await;
+                    q.reply_with(&twins_key, &twins).await;
                 }
             }
         }

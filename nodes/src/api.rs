@@ -4,11 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use prost::Message;
-
 use twinmesh_actors::ports::SharedFabric;
-use twinmesh_proto::encoding;
+use twinmesh_actors::wire::TypedFabric;
 use twinmesh_twins::proto::{
     self, twin_reply, twin_request, Budget, GetBudgetRequest, GetPolicyRequest,
     GetThingDescriptionRequest, GetTwinRequest, ImportHistoryRequest, ImportHistoryResponse,
@@ -150,13 +147,10 @@ impl Api {
     ) -> Result<twin_reply::Reply> {
         let deadline = deadline.unwrap_or(self.default_deadline);
         let start = Instant::now();
-        let payload = Bytes::from(
-            TwinRequest {
-                caller: Some(caller),
-                request: Some(request),
-            }
-            .encode_to_vec(),
-        );
+        let request = TwinRequest {
+            caller: Some(caller),
+            request: Some(request),
+        };
         let mut known: Option<bool> = None;
         let mut backoff = Duration::from_millis(20);
         let mut last_unavailable: Option<String> = None;
@@ -164,14 +158,15 @@ impl Api {
             let left = deadline.saturating_sub(start.elapsed());
             let replies = self
                 .fabric
-                .query(
+                .ask(
                     &keys::twin_rpc(id),
-                    Some((payload.clone(), encoding::TWIN_REQUEST)),
+                    &request,
                     left.max(Duration::from_millis(10)),
                 )
                 .await?;
             if let Some(reply) = replies.into_iter().next() {
-                let reply = TwinReply::decode(reply.payload)
+                let reply = reply
+                    .decode::<TwinReply>()
                     .map_err(|e| Error::internal(format!("malformed twin reply: {e}")))?;
                 match reply.reply {
                     // Moving or restarting: retry within the deadline.
@@ -219,7 +214,7 @@ impl Api {
             .await?;
         Ok(replies
             .into_iter()
-            .find_map(|r| Placement::decode(r.payload).ok()))
+            .find_map(|r| r.decode::<Placement>().ok()))
     }
 
     /// A request to the placement authority (migrate, drain, site ledgers).
@@ -240,7 +235,7 @@ impl Api {
             .await?;
         let mut nodes: Vec<NodeInfo> = replies
             .into_iter()
-            .filter_map(|r| NodeInfo::decode(r.payload).ok())
+            .filter_map(|r| r.decode::<NodeInfo>().ok())
             .collect();
         nodes.sort_by(|a, b| a.node.cmp(&b.node));
         nodes.dedup_by(|a, b| a.node == b.node);
@@ -278,7 +273,7 @@ impl Api {
             .await?;
         let mut twins: Vec<TwinSummary> = replies
             .into_iter()
-            .filter_map(|r| NodeTwins::decode(r.payload).ok())
+            .filter_map(|r| r.decode::<NodeTwins>().ok())
             .flat_map(|n| n.twins)
             .collect();
         // Twins no node hosts (stale placements) are listed too, with the reason.
@@ -289,7 +284,7 @@ impl Api {
         {
             for p in placements
                 .into_iter()
-                .filter_map(|r| Placement::decode(r.payload).ok())
+                .filter_map(|r| r.decode::<Placement>().ok())
             {
                 if p.status == "stale" && !twins.iter().any(|t| t.twin_id == p.twin_id) {
                     twins.push(TwinSummary {

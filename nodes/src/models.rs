@@ -20,14 +20,11 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures::StreamExt;
 use ndarray::Array2;
-use prost::Message;
 
 use twinmesh_actors::context::NodeContext;
 use twinmesh_actors::ports::{ModelStore, SeriesStore};
-use twinmesh_proto::encoding;
 use twinmesh_twins::model::{validate_model_id, Algorithm, Model, TrainParams, DEFAULT_ALGORITHM};
 use twinmesh_twins::monitor::FeatureVector;
 use twinmesh_twins::proto::{
@@ -156,9 +153,7 @@ pub async fn serve_registry(
             match registry.get(id, version) {
                 Ok(Some(r)) => {
                     let key = keys::model(id, version);
-                    query
-                        .reply(&key, Bytes::from(r.encode_to_vec()), encoding::MODEL_RECORD)
-                        .await
+                    query.reply_with(&key, &r).await
                 }
                 Ok(None) => {}
                 Err(e) => tracing::warn!("model registry read failed: {e}"),

@@ -5,8 +5,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use prost::Message;
 use ractor::{Actor, ActorRef};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -20,7 +18,7 @@ use twinmesh_actors::ports::{
     Clock, Device, Durable, Guard, Qos, SeriesStore, SharedFabric, SpoolStore, StoredFrame,
     Subscription, SystemClock,
 };
-use twinmesh_proto::encoding;
+use twinmesh_actors::wire::TypedFabric;
 use twinmesh_sim::{Fault, SimDevice};
 use twinmesh_twins::proto::{FeatureSet, NodeInfo, NodeLoad};
 use twinmesh_twins::{keys, Tier, TwinId};
@@ -337,12 +335,7 @@ async fn publish_load(ctx: Arc<NodeContext>, store: Arc<SledStore>) {
         };
         if let Err(e) = ctx
             .fabric
-            .publish(
-                &keys::node_load(&ctx.node),
-                Bytes::from(load.encode_to_vec()),
-                encoding::NODE_LOAD,
-                Qos::Latest,
-            )
+            .put(&keys::node_load(&ctx.node), &load, Qos::Latest)
             .await
         {
             tracing::debug!("load not published: {e}");
@@ -358,7 +351,7 @@ async fn archive_features(ctx: Arc<NodeContext>, features: Subscription) {
             _ = ctx.cancel.cancelled() => break,
             s = features.rx.recv_async() => match s { Ok(s) => s, Err(_) => break },
         };
-        let Ok(set) = FeatureSet::decode(sample.payload) else {
+        let Ok(set) = sample.decode::<FeatureSet>() else {
             tracing::debug!(key = sample.key, "malformed feature set");
             continue;
         };

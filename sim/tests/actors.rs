@@ -19,7 +19,6 @@ use twinmesh_actors::mesh::{MeshMsg, MeshSnapshot};
 use twinmesh_actors::node::{NodeMsg, NodeSnapshot};
 use twinmesh_actors::ports::{Fabric, Qos, SnapshotStore, SpoolStore, Subscription};
 use twinmesh_actors::twin::TwinMsg;
-use twinmesh_proto::encoding;
 use twinmesh_sim::mesh::cluster::{NodeSpec, SimCluster};
 use twinmesh_sim::mesh::fabric::{NetConfig, Network, SimFabric};
 use twinmesh_twins::proto::{
@@ -149,7 +148,7 @@ impl Rig {
             .publish(
                 &keys::telemetry(id, SIGNAL),
                 Bytes::from(frame.encode_to_vec()),
-                encoding::TELEMETRY_FRAME,
+                <twinmesh_proto::v1::TelemetryFrame as twinmesh_proto::Wire>::ENCODING,
                 Qos::Reliable,
             )
             .await
@@ -166,7 +165,10 @@ impl Rig {
             .obs
             .query(
                 &keys::twin_rpc(id),
-                Some((Bytes::from(payload), encoding::TWIN_REQUEST)),
+                Some((
+                    Bytes::from(payload),
+                    <twinmesh_proto::v1::TwinRequest as twinmesh_proto::Wire>::ENCODING,
+                )),
                 Duration::from_secs(10),
             )
             .await
@@ -573,7 +575,7 @@ async fn gateway_truncates_its_spool_on_a_valid_watermark() {
         obs.publish(
             &keys::acks(id),
             Bytes::from(wm.encode_to_vec()),
-            encoding::WATERMARK,
+            <twinmesh_proto::v1::Watermark as twinmesh_proto::Wire>::ENCODING,
             Qos::Reliable,
         )
         .await

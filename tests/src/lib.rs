@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use prost::Message;
 use tonic::transport::Channel;
-use twinmesh_proto::encoding;
 use twinmesh_proto::v1::mesh_service_client::MeshServiceClient;
 use twinmesh_proto::v1::twin_service_client::TwinServiceClient;
 use twinmesh_proto::v1::{Placement, PlacementRequest};
@@ -509,7 +508,9 @@ pub async fn register(session: &zenoh::Session, twin: &str, kind: &str) -> Place
         let replies = session
             .get(format!("twinmesh/placement/{twin}"))
             .payload(req.encode_to_vec())
-            .encoding(Encoding::from(encoding::PLACEMENT_REQUEST))
+            .encoding(Encoding::from(
+                <twinmesh_proto::v1::PlacementRequest as twinmesh_proto::Wire>::ENCODING,
+            ))
             .timeout(Duration::from_secs(2))
             .await
             .ok()?;
@@ -527,7 +528,9 @@ pub async fn register(session: &zenoh::Session, twin: &str, kind: &str) -> Place
 pub async fn publish(session: &zenoh::Session, key: &str, payload: Vec<u8>) {
     let publisher = session
         .declare_publisher(key.to_owned())
-        .encoding(Encoding::from(encoding::TELEMETRY_FRAME))
+        .encoding(Encoding::from(
+            <twinmesh_proto::v1::TelemetryFrame as twinmesh_proto::Wire>::ENCODING,
+        ))
         .congestion_control(zenoh::qos::CongestionControl::Block)
         .await
         .expect("declare publisher");

@@ -8,7 +8,6 @@ use prost::Message;
 use tonic::Code;
 
 use twinmesh_actors::ports::SeriesStore;
-use twinmesh_proto::encoding;
 use twinmesh_proto::v1::{
     self as proto, GetPlacementRequest, GetThingDescriptionRequest, GetTwinRequest,
     ListNodesRequest, ListTwinsRequest, NodeLoad, QueryHistoryRequest, SetDesiredRequest,
@@ -139,7 +138,10 @@ async fn gateway_telemetry_reaches_twin_on_edge_readable_from_cloud() {
         if !s.key_expr().as_str().ends_with("/state") {
             return None;
         }
-        assert_eq!(s.encoding().to_string(), encoding::TWIN_STATE);
+        assert_eq!(
+            s.encoding().to_string(),
+            <twinmesh_proto::v1::TwinState as twinmesh_proto::Wire>::ENCODING
+        );
         let st = TwinState::decode(&*s.payload().to_bytes()).expect("TwinState decodes");
         st.twin.filter(|t| !t.reported.is_empty())
     })

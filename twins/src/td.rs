@@ -38,12 +38,12 @@ pub fn thing_description(id: &TwinId, kind: AssetKind) -> Value {
                 "forms": [
                     {
                         "href": format!("zenoh:{}", keys::telemetry(id, s.name)),
-                        "contentType": twinmesh_proto::encoding::TELEMETRY_FRAME,
+                        "contentType": <crate::proto::TelemetryFrame as twinmesh_proto::Wire>::ENCODING,
                         "op": ["observeproperty"],
                     },
                     {
                         "href": state_href,
-                        "contentType": twinmesh_proto::encoding::TWIN_STATE,
+                        "contentType": <crate::proto::TwinState as twinmesh_proto::Wire>::ENCODING,
                         "op": ["readproperty", "observeproperty"],
                     }
                 ],
@@ -81,7 +81,7 @@ pub fn thing_description(id: &TwinId, kind: AssetKind) -> Value {
                 "data": {"type": "object"},
                 "forms": [{
                     "href": format!("zenoh:{}", keys::twin_events(id)),
-                    "contentType": twinmesh_proto::encoding::TWIN_EVENT,
+                    "contentType": <crate::proto::TwinEvent as twinmesh_proto::Wire>::ENCODING,
                     "subprotocol": "zenoh",
                     "op": ["subscribeevent"],
                 }],

@@ -7,11 +7,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use prost::Message;
 use ractor::ActorRef;
 use tokio::time::Instant;
 
-use twinmesh_proto::encoding;
 use twinmesh_twins::chain::{self, WindowJob};
 use twinmesh_twins::keys;
 use twinmesh_twins::model::Model;
@@ -97,13 +95,8 @@ impl TwinActorState {
             epoch: self.placement.epoch,
             archive: self.core.chain.archives(),
         };
-        self.publish(
-            keys::twin_features(&self.core.id),
-            set.encode_to_vec(),
-            encoding::FEATURE_SET,
-            Qos::Reliable,
-        )
-        .await;
+        self.publish(keys::twin_features(&self.core.id), &set, Qos::Reliable)
+            .await;
         self.state_changed(myself).await;
         Ok(())
     }
@@ -116,13 +109,8 @@ impl TwinActorState {
             sealed_signals: self.core.policy.protected_signals(),
             identifier_mechanisms: self.core.policy.identifier_mechanisms(),
         };
-        self.publish(
-            keys::chain(&self.core.id),
-            update.encode_to_vec(),
-            encoding::CHAIN_UPDATE,
-            Qos::Reliable,
-        )
-        .await;
+        self.publish(keys::chain(&self.core.id), &update, Qos::Reliable)
+            .await;
     }
 
     /// After a start: the model the snapshot names, from this node's store or else
@@ -298,7 +286,7 @@ pub(super) async fn fetch_model(
         {
             if let Some(r) = replies
                 .into_iter()
-                .find_map(|r| proto::ModelRecord::decode(r.payload).ok())
+                .find_map(|r| r.decode::<proto::ModelRecord>().ok())
             {
                 return Some(r);
             }

@@ -2,11 +2,9 @@
 //! gateway's delivery report (delivered or rejected) comes back through the control
 //! listener.
 
-use prost::Message;
 use ractor::ActorRef;
 use tokio_util::sync::CancellationToken;
 
-use twinmesh_proto::encoding;
 use twinmesh_twins::keys;
 use twinmesh_twins::proto::{self, DesiredUpdate};
 use twinmesh_twins::state::DeliveryStatus;
@@ -82,13 +80,8 @@ impl TwinActorState {
             })
             .collect();
         for update in &updates {
-            self.publish(
-                keys::control(&self.core.id),
-                update.encode_to_vec(),
-                encoding::DESIRED_UPDATE,
-                Qos::Reliable,
-            )
-            .await;
+            self.publish(keys::control(&self.core.id), update, Qos::Reliable)
+                .await;
         }
         if !updates.is_empty() {
             self.last_desired_send = Some(Instant::now());
@@ -107,7 +100,7 @@ pub(super) async fn control_listener(
             _ = cancel.cancelled() => break,
             s = sub.rx.recv_async() => match s { Ok(s) => s, Err(_) => break },
         };
-        match DesiredUpdate::decode(sample.payload) {
+        match sample.decode::<DesiredUpdate>() {
             Ok(update) => {
                 if actor.cast(TwinMsg::DesiredOutcome(update)).is_err() {
                     break;

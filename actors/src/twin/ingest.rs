@@ -5,12 +5,11 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use prost::Message;
 use ractor::{ActorRef, RpcReplyPort};
 use tokio_util::sync::CancellationToken;
 
-use twinmesh_proto::encoding;
+use crate::wire::TypedFabric;
 use twinmesh_twins::chain::{self, WindowJob};
 use twinmesh_twins::proto::{self, TelemetryFrame, Watermark};
 use twinmesh_twins::state::Admission;
@@ -197,7 +196,7 @@ pub(super) fn decode_identifiers(
     sample: &Sample,
 ) {
     use twinmesh_twins::frame::FrameRejection;
-    let batch = match proto::IdentifierBatch::decode(sample.payload.clone()) {
+    let batch = match sample.decode::<proto::IdentifierBatch>() {
         Ok(b) => b,
         Err(e) => {
             ctx.metrics
@@ -256,7 +255,7 @@ fn decode_frame(
         decode_identifiers(ctx, actor, id, key_signal, sample);
         return None;
     }
-    let mut f = match TelemetryFrame::decode(sample.payload.clone()) {
+    let mut f = match sample.decode::<TelemetryFrame>() {
         Ok(f) => f,
         Err(e) => return rejected(FrameRejection::Malformed(e.to_string())),
     };
@@ -342,16 +341,7 @@ pub(super) async fn ingest_pump(
                 seq,
                 epoch: acks.epoch,
             };
-            if let Err(e) = ctx
-                .fabric
-                .publish(
-                    &keys::acks(&id),
-                    Bytes::from(wm.encode_to_vec()),
-                    encoding::WATERMARK,
-                    Qos::Reliable,
-                )
-                .await
-            {
+            if let Err(e) = ctx.fabric.put(&keys::acks(&id), &wm, Qos::Reliable).await {
                 tracing::warn!(twin = %id, "ack not published: {e}");
             }
         }

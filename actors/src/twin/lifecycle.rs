@@ -4,11 +4,9 @@
 
 use std::time::Duration;
 
-use prost::Message;
 use ractor::ActorRef;
 use tokio::time::Instant;
 
-use twinmesh_proto::encoding;
 use twinmesh_twins::chain::{self, ChainSpec};
 use twinmesh_twins::proto::{self, twin_reply, Placement, ReplayRequest, TwinSnapshot};
 use twinmesh_twins::{keys, AssetKind, Error as DomainError, TwinCore, TwinId};
@@ -95,13 +93,8 @@ impl TwinActorState {
     pub(super) async fn replicate(&mut self) {
         let snap = self.offsite_snapshot();
         let revision = self.core.revision;
-        self.publish(
-            keys::snapshot(&self.core.id),
-            snap.encode_to_vec(),
-            encoding::TWIN_SNAPSHOT,
-            Qos::Reliable,
-        )
-        .await;
+        self.publish(keys::snapshot(&self.core.id), &snap, Qos::Reliable)
+            .await;
         self.replicated_revision = Some(revision);
         self.last_replication = Some(Instant::now());
     }
@@ -191,13 +184,8 @@ impl TwinActorState {
             epoch: self.placement.epoch,
             have_upto,
         };
-        self.publish(
-            keys::replay(&self.core.id),
-            req.encode_to_vec(),
-            encoding::REPLAY_REQUEST,
-            Qos::Reliable,
-        )
-        .await;
+        self.publish(keys::replay(&self.core.id), &req, Qos::Reliable)
+            .await;
         holes
     }
 
@@ -260,7 +248,7 @@ pub(super) async fn fetch_replica(ctx: &NodeContext, id: &TwinId) -> Option<Twin
         .ok()?;
     replies
         .into_iter()
-        .filter_map(|r| TwinSnapshot::decode(r.payload).ok())
+        .filter_map(|r| r.decode::<TwinSnapshot>().ok())
         .max_by_key(|s| (s.epoch, s.twin.as_ref().map_or(0, |t| t.revision)))
 }
 

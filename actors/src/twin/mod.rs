@@ -41,12 +41,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use bytes::Bytes;
-use prost::Message;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio_util::sync::CancellationToken;
 
-use twinmesh_proto::encoding;
+use crate::wire::{self, TypedFabric};
 use twinmesh_twins::chain::Analyzer;
 use twinmesh_twins::monitor::Monitor;
 use twinmesh_twins::proto::{
@@ -175,14 +173,9 @@ impl TwinActorState {
         }
     }
 
-    async fn publish(&self, key: String, payload: Vec<u8>, encoding: &'static str, qos: Qos) {
-        let len = payload.len() as u64;
-        match self
-            .ctx
-            .fabric
-            .publish(&key, Bytes::from(payload), encoding, qos)
-            .await
-        {
+    async fn publish<M: wire::Wire>(&self, key: String, message: &M, qos: Qos) {
+        let len = message.encoded_len() as u64;
+        match self.ctx.fabric.put(&key, message, qos).await {
             Ok(()) => {
                 NodeMetrics::add(&self.ctx.metrics.frames_published, 1);
                 NodeMetrics::add(&self.ctx.metrics.bytes_published, len);
@@ -197,13 +190,8 @@ impl TwinActorState {
             twin: Some(self.twin_for(None)),
             timestamp_ns: self.ctx.now_ns(),
         };
-        self.publish(
-            keys::twin_state(&self.core.id),
-            state.encode_to_vec(),
-            encoding::TWIN_STATE,
-            Qos::Latest,
-        )
-        .await;
+        self.publish(keys::twin_state(&self.core.id), &state, Qos::Latest)
+            .await;
         self.ctx.directory.upsert(&self.core.id, self.summary());
         self.dirty = false;
         self.last_state_publish = Some(Instant::now());
@@ -221,13 +209,8 @@ impl TwinActorState {
                 .collect(),
             epoch: self.placement.epoch,
         };
-        self.publish(
-            keys::twin_events(&self.core.id),
-            event.encode_to_vec(),
-            encoding::TWIN_EVENT,
-            Qos::Reliable,
-        )
-        .await;
+        self.publish(keys::twin_events(&self.core.id), &event, Qos::Reliable)
+            .await;
     }
 
     /// Publishes state now if the last publication is old enough, else arms one tick;

@@ -18,12 +18,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures::stream::{self, StreamExt};
 use prost::Message;
 use ractor::ActorRef;
 
-use twinmesh_proto::encoding;
+use crate::wire::TypedFabric;
 use twinmesh_twins::privacy::{self, Mechanism, Policy, ReleaseSpec, Statistic};
 use twinmesh_twins::proto::{
     self, twin_reply, twin_request, ContributeRequest, ContributeResponse, ContributionValue,
@@ -326,27 +325,20 @@ async fn ask(
     twin: &TwinId,
     request: twin_request::Request,
 ) -> Result<twin_reply::Reply, proto::Error> {
-    let payload = Bytes::from(
-        TwinRequest {
-            request: Some(request),
-            caller: None,
-        }
-        .encode_to_vec(),
-    );
+    let request = TwinRequest {
+        request: Some(request),
+        caller: None,
+    };
     let replies = ctx
         .fabric
-        .query(
-            &keys::twin_rpc(twin),
-            Some((payload, encoding::TWIN_REQUEST)),
-            Duration::from_secs(5),
-        )
+        .ask(&keys::twin_rpc(twin), &request, Duration::from_secs(5))
         .await
         .map_err(|e| err(proto::ErrorCode::Unavailable, format!("fabric: {e}")))?;
     let reply = replies
         .into_iter()
         .next()
         .ok_or_else(|| err(proto::ErrorCode::NotFound, format!("unknown twin {twin}")))?;
-    match TwinReply::decode(reply.payload) {
+    match reply.decode::<TwinReply>() {
         Ok(TwinReply {
             reply: Some(twin_reply::Reply::Error(e)),
         }) => Err(e),
@@ -599,10 +591,9 @@ async fn coordinate_set(
     };
     if let Err(e) = ctx
         .fabric
-        .publish(
+        .put(
             &keys::twin_events(first),
-            Bytes::from(event.encode_to_vec()),
-            encoding::TWIN_EVENT,
+            &event,
             crate::ports::Qos::Reliable,
         )
         .await

@@ -4,12 +4,9 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
-use prost::Message;
 use ractor::{ActorRef, RpcReplyPort};
 use tokio_util::sync::CancellationToken;
 
-use twinmesh_proto::encoding;
 use twinmesh_twins::chain::{Analyzer, ChainSpec};
 use twinmesh_twins::privacy;
 use twinmesh_twins::proto::{
@@ -226,7 +223,7 @@ pub(super) async fn rpc_pump(
             q = queryable.rx.recv_async() => match q { Ok(q) => q, Err(_) => break },
         };
         NodeMetrics::add(&ctx.metrics.rpc_served, 1);
-        let reply = match TwinRequest::decode(query.payload.clone()) {
+        let reply = match query.decode::<TwinRequest>() {
             Err(e) => error_reply(&DomainError::InvalidArgument(format!(
                 "malformed twin request: {e}"
             ))),
@@ -343,13 +340,7 @@ pub(super) fn reply_later(
 }
 
 pub(super) async fn send_reply(query: crate::ports::Query, key: &str, reply: &TwinReply) {
-    query
-        .reply(
-            key,
-            Bytes::from(reply.encode_to_vec()),
-            encoding::TWIN_REPLY,
-        )
-        .await;
+    query.reply_with(key, reply).await;
 }
 
 pub(super) fn error_reply(e: &DomainError) -> TwinReply {

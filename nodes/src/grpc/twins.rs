@@ -4,7 +4,6 @@
 use std::pin::Pin;
 
 use futures::Stream;
-use prost::Message;
 use tonic::{Request, Response, Status};
 
 use twinmesh_proto::v1::twin_service_server::TwinService;
@@ -148,11 +147,17 @@ impl TwinService for Services {
                     s = sub.rx.recv_async() => match s { Ok(s) => s, Err(_) => break },
                 };
                 let update = if sample.key.ends_with("/state") {
-                    TwinState::decode(sample.payload).map(watch_twin_response::Update::State)
+                    sample
+                        .decode::<TwinState>()
+                        .map(watch_twin_response::Update::State)
                 } else if sample.key.ends_with("/features") {
-                    FeatureSet::decode(sample.payload).map(watch_twin_response::Update::Features)
+                    sample
+                        .decode::<FeatureSet>()
+                        .map(watch_twin_response::Update::Features)
                 } else if sample.key.ends_with("/events") {
-                    TwinEvent::decode(sample.payload).map(watch_twin_response::Update::Event)
+                    sample
+                        .decode::<TwinEvent>()
+                        .map(watch_twin_response::Update::Event)
                 } else {
                     continue;
                 };

@@ -13,7 +13,6 @@ use tokio::sync::Notify;
 use zenoh::bytes::{Encoding, ZBytes};
 use zenoh::qos::CongestionControl;
 
-use twinmesh_proto::encoding;
 use twinmesh_twins::proto::{TelemetryFrame, Watermark};
 
 use super::rig::*;
@@ -143,7 +142,9 @@ pub(super) async fn bench_ingest(args: &BenchArgs, scheme: &str) -> anyhow::Resu
         let publisher = rig
             .gateway
             .declare_publisher(format!("twinmesh/telemetry/{id}/bearing_vibration"))
-            .encoding(Encoding::from(encoding::TELEMETRY_FRAME))
+            .encoding(Encoding::from(
+                <twinmesh_proto::v1::TelemetryFrame as twinmesh_proto::Wire>::ENCODING,
+            ))
             .congestion_control(CongestionControl::Block)
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;

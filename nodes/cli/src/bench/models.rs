@@ -184,7 +184,6 @@ pub async fn bench_scored(
     use twinmesh_actors::metrics::NodeMetrics;
     use twinmesh_actors::node::NodeMsg;
     use twinmesh_actors::ports::Qos;
-    use twinmesh_proto::encoding;
     use twinmesh_twins::chain::{Chain, ChainSpec, ParamValue, StageSpec};
     use twinmesh_twins::proto::{twin_request, InstallModelRequest, TelemetryFrame, TwinRequest};
     use twinmesh_twins::{keys, AssetKind, TwinId};
@@ -247,7 +246,10 @@ pub async fn bench_scored(
                 ctx.fabric
                     .query(
                         &keys::twin_rpc(&id),
-                        Some((Bytes::from(req.encode_to_vec()), encoding::TWIN_REQUEST)),
+                        Some((
+                            Bytes::from(req.encode_to_vec()),
+                            <twinmesh_proto::v1::TwinRequest as twinmesh_proto::Wire>::ENCODING,
+                        )),
                         Duration::from_secs(10),
                     )
                     .await
@@ -288,7 +290,7 @@ pub async fn bench_scored(
                     .publish(
                         &keys::telemetry(id, signal),
                         Bytes::from(f.encode_to_vec()),
-                        encoding::TELEMETRY_FRAME,
+                        <twinmesh_proto::v1::TelemetryFrame as twinmesh_proto::Wire>::ENCODING,
                         Qos::Reliable,
                     )
                     .await;

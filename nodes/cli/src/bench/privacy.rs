@@ -9,7 +9,6 @@ use serde::Serialize;
 use zenoh::bytes::Encoding;
 use zenoh::qos::CongestionControl;
 
-use twinmesh_proto::encoding;
 use twinmesh_proto::v1::privacy_service_client::PrivacyServiceClient;
 use twinmesh_twins::proto::{self, ReleaseAggregateRequest, TelemetryFrame};
 
@@ -53,7 +52,9 @@ async fn feed(rig: &Rig, ids: &[String], n: usize, start_ns: i64) -> anyhow::Res
         let publisher = rig
             .gateway
             .declare_publisher(format!("twinmesh/telemetry/{id}/{SIGNAL}"))
-            .encoding(Encoding::from(encoding::TELEMETRY_FRAME))
+            .encoding(Encoding::from(
+                <twinmesh_proto::v1::TelemetryFrame as twinmesh_proto::Wire>::ENCODING,
+            ))
             .congestion_control(CongestionControl::Block)
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 use prost::Message;
 use zenoh::bytes::Encoding;
 
-use twinmesh_proto::encoding;
 use twinmesh_proto::v1::twin_service_client::TwinServiceClient;
 use twinmesh_twins::proto::{GetTwinRequest, Placement, PlacementRequest};
 use twinmesh_twins::Tier;
@@ -157,7 +156,9 @@ impl Rig {
                     .gateway
                     .get(format!("twinmesh/placement/{id}"))
                     .payload(req.encode_to_vec())
-                    .encoding(Encoding::from(encoding::PLACEMENT_REQUEST))
+                    .encoding(Encoding::from(
+                        <twinmesh_proto::v1::PlacementRequest as twinmesh_proto::Wire>::ENCODING,
+                    ))
                     .timeout(Duration::from_secs(2))
                     .await
                     .map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -9,6 +9,11 @@
 //!   power meter with harmonics, turnstile gate with a daily pattern).
 //! - [`device`]: [`device::SimDevice`], an [`twinmesh_actors::ports::Device`] that samples
 //!   a model at each signal's rate between polls.
+//! - [`fault`]: fault modes and their onset, per kind.
+//! - [`features`]: feature windows of simulated runs, for `twinmesh eval`.
+//! - [`mesh`]: a whole mesh in one process on virtual time — the in-memory fabric
+//!   (Zenoh's own key-expression matching, partitions, drops, delays) and store (crash
+//!   semantics), and the cluster that runs the real actors on them.
 //!
 //! Everything is deterministic for a given seed: the same seed, asset and times give the
 //! same samples.

@@ -18,9 +18,16 @@
 //!   forest): training, calibrated thresholds, versioned checksummed files, scoring.
 //! - [`monitor`]: a twin's scoring of its feature windows — health status with
 //!   debounced alarms and their contributing features, drift of the score distribution.
-//!
 //! - [`privacy`]: privacy policies, the ε budget ledger, OpenDP releases,
 //!   micro-aggregation, pseudonymisation and the egress gate.
+//! - [`dsp`]: signal operators (Butterworth SOS, sosfilt, decimation, FFT, Welch PSD,
+//!   Hilbert envelope, THD) and the lossless frame codec.
+//! - [`chain`]: processing chains — specs, validation against a kind, default chains,
+//!   streaming IoT pipelines and windowed edge analysis.
+//! - [`bearing`]: rolling-bearing kinematics (BPFO, BPFI, BSF, FTF).
+//! - [`onnx`]: ONNX anomaly models run through tract.
+//! - [`error`]: [`Error`] and [`ErrorCode`], the workspace's one classification of
+//!   errors (DESIGN §9).
 //!
 //! Time always comes in as data (`now_ns` arguments); nothing here reads a clock.
 

@@ -30,6 +30,7 @@ use twinmesh_twins::{keys, Tier, TwinId};
 use crate::context::NodeContext;
 use crate::metrics::NodeMetrics;
 use crate::ports::{Device, Qos};
+use crate::tasks::TaskController;
 
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
@@ -644,7 +645,8 @@ impl Actor for GatewayActor {
                 .cloned()
                 .unwrap_or_else(|| Chain::default_for(kind))
         };
-        let cancel = ctx.cancel.child_token();
+        let tasks = ctx.task_controller().child();
+        let cancel = tasks.token().clone();
         let acks = ctx
             .fabric
             .subscribe(&keys::acks_of_site(&ctx.site), 4096)
@@ -666,15 +668,13 @@ impl Actor for GatewayActor {
             .subscribe(&keys::placements_of_site(&ctx.site), 1024)
             .await?;
         let me = myself.clone();
-        let c = cancel.clone();
-        ctx.tasks.spawn(async move {
+        tasks.spawn_until_cancelled(async move {
             // Own the subscriptions whole: their guards keep them declared.
             let (acks, control, chains, replays, placements) =
                 (acks, control, chains, replays, placements);
             loop {
                 tokio::select! {
                     biased;
-                    _ = c.cancelled() => break,
                     s = acks.rx.recv_async() => {
                         let Ok(s) = s else { break };
                         match Watermark::decode(s.payload) {
@@ -722,11 +722,11 @@ impl Actor for GatewayActor {
                 chain: configured.get(&d.kind()).map(|c| (&c.spec).into()),
             })
             .collect();
-        ctx.tasks.spawn(register_assets(
+        tasks.spawn_until_cancelled(register_assets(
             ctx.clone(),
             myself.clone(),
             registrations,
-            cancel.clone(),
+            tasks.clone(),
         ));
         let devices = devices
             .into_iter()
@@ -847,7 +847,7 @@ async fn register_assets(
     ctx: Arc<NodeContext>,
     gateway: ActorRef<GatewayMsg>,
     mut pending: Vec<PlacementRequest>,
-    cancel: CancellationToken,
+    tasks: TaskController,
 ) {
     let mut delay = Duration::from_millis(200);
     while !pending.is_empty() {
@@ -870,12 +870,7 @@ async fn register_assets(
             match replies {
                 Ok(r) if !r.is_empty() => {
                     tracing::debug!(twin = %id, "asset registered");
-                    ctx.tasks.spawn(fetch_chain(
-                        ctx.clone(),
-                        gateway.clone(),
-                        id,
-                        cancel.clone(),
-                    ));
+                    tasks.spawn_until_cancelled(fetch_chain(ctx.clone(), gateway.clone(), id));
                 }
                 _ => still.push(req),
             }
@@ -888,23 +883,14 @@ async fn register_assets(
             waiting = pending.len(),
             "placement authority not reachable yet; retrying"
         );
-        tokio::select! {
-            biased;
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
-        }
+        tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(5));
     }
 }
 
 /// Reads the twin's current chain once it answers (the twin also publishes it whenever it
 /// starts or changes; this covers a gateway that starts after its twins).
-async fn fetch_chain(
-    ctx: Arc<NodeContext>,
-    gateway: ActorRef<GatewayMsg>,
-    id: TwinId,
-    cancel: CancellationToken,
-) {
+async fn fetch_chain(ctx: Arc<NodeContext>, gateway: ActorRef<GatewayMsg>, id: TwinId) {
     let request = TwinRequest {
         caller: None,
         request: Some(twin_request::Request::GetTwin(GetTwinRequest {
@@ -949,10 +935,6 @@ async fn fetch_chain(
                 return;
             }
         }
-        tokio::select! {
-            biased;
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }

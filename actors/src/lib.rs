@@ -25,6 +25,8 @@
 //!   that cross the fabric) and the at-rest key (sensitive trees).
 //! - [`metrics`]: per-node counters behind `NodeLoad` and `/metrics`.
 //! - [`services`]: the info/twins queryables every node serves.
+//! - [`tasks`]: [`tasks::TaskController`], the one owner of background tasks (tracker +
+//!   cancellation, bounded termination).
 
 pub mod context;
 pub mod error;
@@ -36,6 +38,7 @@ pub mod ports;
 pub mod router;
 pub mod seal;
 pub mod services;
+pub mod tasks;
 pub mod twin;
 
 pub use error::{Error, Result};

@@ -186,21 +186,24 @@ impl Api {
             }
             .encode_to_vec(),
         );
+        let key = keys::twin_rpc(id);
         let mut known: Option<bool> = None;
         let mut backoff = Duration::from_millis(20);
         let mut last_unavailable: Option<String> = None;
         loop {
             let left = deadline.saturating_sub(start.elapsed());
-            let replies = self
+            // The first reply decides (as before), without waiting for every other
+            // replier of the key to finish.
+            let first = self
                 .fabric
-                .query(
-                    &keys::twin_rpc(id),
+                .query_first(
+                    &key,
                     Some((payload.clone(), encoding::TWIN_REQUEST)),
                     left.max(Duration::from_millis(10)),
                 )
                 .await
                 .map_err(fabric_error)?;
-            if let Some(reply) = replies.into_iter().next() {
+            if let Some(reply) = first {
                 let reply = TwinReply::decode(reply.payload)
                     .map_err(|e| Status::internal(format!("malformed twin reply: {e}")))?;
                 match reply.reply {

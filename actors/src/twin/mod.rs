@@ -69,8 +69,15 @@ pub enum TwinMsg {
     /// Validated frames, in arrival order. Replies with the watermarks to acknowledge
     /// once the store has flushed.
     Ingest(Vec<TelemetryFrame>, RpcReplyPort<IngestAck>),
-    /// A twin RPC (everything but history, which the RPC pump serves from the store).
+    /// A twin RPC (everything but history, which the twin's task serves from the store).
     Request(TwinRequest, RpcReplyPort<TwinReply>),
+    /// A twin RPC the actor answers straight to its query; `done` tells the twin's task
+    /// it has.
+    Serve(
+        TwinRequest,
+        crate::ports::Query,
+        tokio::sync::oneshot::Sender<()>,
+    ),
     /// The gateway's answer to a set-point.
     DesiredOutcome(DesiredUpdate),
     /// Publish state if it changed / re-send pending set-points.
@@ -415,7 +422,10 @@ impl TwinActorState {
         let state = self;
         if matches!(
             msg,
-            TwinMsg::Ingest(..) | TwinMsg::Request(..) | TwinMsg::DesiredOutcome(_)
+            TwinMsg::Ingest(..)
+                | TwinMsg::Request(..)
+                | TwinMsg::Serve(..)
+                | TwinMsg::DesiredOutcome(_)
         ) {
             state.last_activity = Instant::now();
             if let Some(idle) = state.passivate_after() {
@@ -425,6 +435,10 @@ impl TwinActorState {
         match msg {
             TwinMsg::Ingest(frames, reply) => state.on_ingest(&myself, frames, reply).await?,
             TwinMsg::Request(req, reply) => state.on_request(&myself, req, reply).await,
+            TwinMsg::Serve(req, query, done) => {
+                state.on_serve(&myself, req, query).await;
+                let _ = done.send(());
+            }
             TwinMsg::DesiredOutcome(update) => state.on_desired_outcome(&myself, update).await?,
             TwinMsg::Tick => state.on_tick(&myself).await?,
             TwinMsg::Inspect(reply) => {

@@ -54,6 +54,24 @@ impl TwinActorState {
         let _ = reply.send(self::reply(out));
     }
 
+    /// Answers a twin request straight to its query.
+    pub(super) async fn on_serve(
+        &mut self,
+        myself: &ActorRef<TwinMsg>,
+        req: TwinRequest,
+        query: crate::ports::Query,
+    ) {
+        let out = match self.handle_request(myself, req).await {
+            Ok(r) => r,
+            Err(RequestError::Domain(e)) => twin_reply::Reply::Error((&e).into()),
+            Err(RequestError::Unavailable(message)) => twin_reply::Reply::Error(proto::Error {
+                code: proto::ErrorCode::Unavailable as i32,
+                message,
+            }),
+        };
+        send_reply(query, &keys::twin_rpc(&self.core.id), &self::reply(out)).await;
+    }
+
     pub(super) async fn handle_request(
         &mut self,
         myself: &ActorRef<TwinMsg>,
@@ -313,21 +331,32 @@ pub(super) fn serve_query(
             None
         }
         req => {
-            let (actor, call_timeout, id) =
-                (actor.clone(), ctx.twin_config.call_timeout, id.clone());
-            Some(Box::pin(async move {
-                let reply = match actor
-                    .call(|tx| TwinMsg::Request(req, tx), Some(call_timeout))
-                    .await
-                {
-                    Ok(ractor::rpc::CallResult::Success(r)) => r,
-                    _ => coded_error(
+            // The actor answers the query itself (one hand-over fewer on the way
+            // back); the task waits until it has, so one call is in flight at a time
+            // and the rest wait, bounded, in the twin's queue.
+            let (done, answered) = tokio::sync::oneshot::channel();
+            match actor.cast(TwinMsg::Serve(req, query, done)) {
+                Ok(()) => {
+                    let call_timeout = ctx.twin_config.call_timeout;
+                    Some(Box::pin(async move {
+                        // A dropped sender (the actor stopped with the call queued)
+                        // drops the query: the caller sees no reply and retries.
+                        let _ = tokio::time::timeout(call_timeout, answered).await;
+                    }))
+                }
+                Err(e) => {
+                    let reply = coded_error(
                         proto::ErrorCode::Unavailable,
                         format!("twin {id} is restarting"),
-                    ),
-                };
-                send_reply(query, &key, &reply).await;
-            }))
+                    );
+                    match e {
+                        ractor::MessagingErr::SendErr(TwinMsg::Serve(_, query, _)) => Some(
+                            Box::pin(async move { send_reply(query, &key, &reply).await }),
+                        ),
+                        _ => None,
+                    }
+                }
+            }
         }
     }
 }

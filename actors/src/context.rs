@@ -13,6 +13,7 @@ use twinmesh_twins::{NodeId, Tier, TwinId};
 
 use crate::metrics::NodeMetrics;
 use crate::ports::{SharedClock, SharedFabric, SharedStore};
+use crate::tasks::TaskController;
 
 /// Tunables of the twins a node hosts.
 #[derive(Debug, Clone)]
@@ -147,5 +148,24 @@ pub struct NodeContext {
 impl NodeContext {
     pub fn now_ns(&self) -> i64 {
         self.clock.now_ns()
+    }
+
+    /// The node's tasks: its tracker and its token.
+    pub fn task_controller(&self) -> TaskController {
+        TaskController::new(self.tasks.clone(), self.cancel.clone())
+    }
+
+    /// Runs `fut` as a task of the node until it ends or the node stops.
+    pub fn spawn_until_cancelled<F>(&self, fut: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.task_controller().spawn_until_cancelled(fut);
+    }
+
+    /// Stops every task of the node, waiting at most `bound`; false when some task had
+    /// not ended by then.
+    pub async fn terminate(&self, bound: Duration) -> bool {
+        self.task_controller().terminate(bound).await
     }
 }

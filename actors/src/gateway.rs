@@ -29,6 +29,7 @@ use twinmesh_twins::{keys, Tier, TwinId};
 use crate::context::NodeContext;
 use crate::metrics::NodeMetrics;
 use crate::ports::{Device, Qos, SpoolStore};
+use crate::tasks::TaskController;
 
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
@@ -634,7 +635,8 @@ impl Actor for GatewayActor {
                 .cloned()
                 .unwrap_or_else(|| Chain::default_for(kind))
         };
-        let cancel = ctx.cancel.child_token();
+        let tasks = ctx.task_controller().child();
+        let cancel = tasks.token().clone();
         let acks = ctx
             .fabric
             .subscribe(&keys::acks_of_site(&ctx.site), 4096)
@@ -657,13 +659,21 @@ impl Actor for GatewayActor {
             .await?;
         // Acks, set-points, placements, replay requests and chain updates of this site,
         // each through the typed wire's one decode → forward loop.
-        wire::forward(&ctx, acks, myself.clone(), |_, wm| GatewayMsg::Ack(wm));
-        wire::forward(&ctx, control, myself.clone(), |_, u| GatewayMsg::Control(u));
-        wire::forward(&ctx, placements, myself.clone(), |_, p| {
+        wire::forward(&tasks, &ctx, acks, myself.clone(), |_, wm| {
+            GatewayMsg::Ack(wm)
+        });
+        wire::forward(&tasks, &ctx, control, myself.clone(), |_, u| {
+            GatewayMsg::Control(u)
+        });
+        wire::forward(&tasks, &ctx, placements, myself.clone(), |_, p| {
             GatewayMsg::Placed(p)
         });
-        wire::forward(&ctx, replays, myself.clone(), |_, r| GatewayMsg::Replay(r));
-        wire::forward(&ctx, chains, myself.clone(), |_, u| GatewayMsg::Chain(u));
+        wire::forward(&tasks, &ctx, replays, myself.clone(), |_, r| {
+            GatewayMsg::Replay(r)
+        });
+        wire::forward(&tasks, &ctx, chains, myself.clone(), |_, u| {
+            GatewayMsg::Chain(u)
+        });
         let registrations: Vec<PlacementRequest> = devices
             .iter()
             .map(|d| PlacementRequest {
@@ -673,11 +683,11 @@ impl Actor for GatewayActor {
                 chain: configured.get(&d.kind()).map(|c| (&c.spec).into()),
             })
             .collect();
-        ctx.tasks.spawn(register_assets(
+        tasks.spawn_until_cancelled(register_assets(
             ctx.clone(),
             myself.clone(),
             registrations,
-            cancel.clone(),
+            tasks.clone(),
         ));
         let devices = devices
             .into_iter()
@@ -796,7 +806,7 @@ async fn register_assets(
     ctx: Arc<NodeContext>,
     gateway: ActorRef<GatewayMsg>,
     mut pending: Vec<PlacementRequest>,
-    cancel: CancellationToken,
+    tasks: TaskController,
 ) {
     let mut delay = Duration::from_millis(200);
     while !pending.is_empty() {
@@ -812,12 +822,7 @@ async fn register_assets(
             match replies {
                 Ok(r) if !r.is_empty() => {
                     tracing::debug!(twin = %id, "asset registered");
-                    ctx.tasks.spawn(fetch_chain(
-                        ctx.clone(),
-                        gateway.clone(),
-                        id,
-                        cancel.clone(),
-                    ));
+                    tasks.spawn_until_cancelled(fetch_chain(ctx.clone(), gateway.clone(), id));
                 }
                 _ => still.push(req),
             }
@@ -830,23 +835,14 @@ async fn register_assets(
             waiting = pending.len(),
             "placement authority not reachable yet; retrying"
         );
-        tokio::select! {
-            biased;
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
-        }
+        tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(5));
     }
 }
 
 /// Reads the twin's current chain once it answers (the twin also publishes it whenever it
 /// starts or changes; this covers a gateway that starts after its twins).
-async fn fetch_chain(
-    ctx: Arc<NodeContext>,
-    gateway: ActorRef<GatewayMsg>,
-    id: TwinId,
-    cancel: CancellationToken,
-) {
+async fn fetch_chain(ctx: Arc<NodeContext>, gateway: ActorRef<GatewayMsg>, id: TwinId) {
     let request = TwinRequest {
         caller: None,
         request: Some(twin_request::Request::GetTwin(GetTwinRequest {
@@ -886,10 +882,6 @@ async fn fetch_chain(
                 return;
             }
         }
-        tokio::select! {
-            biased;
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }

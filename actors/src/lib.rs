@@ -29,6 +29,8 @@
 //!   that cross the fabric) and the at-rest key (sensitive trees).
 //! - [`metrics`]: per-node counters behind `NodeLoad` and `/metrics`.
 //! - [`services`]: the info/twins queryables every node serves.
+//! - [`tasks`]: [`tasks::TaskController`], the one owner of background tasks (tracker +
+//!   cancellation, bounded termination).
 //! - [`wire`]: the typed wire: each proto message tied to its encoding, typed publish,
 //!   query and reply, and the one decode → forward-to-actor loop.
 //! - [`error`]: [`Error`], classified by the workspace's `ErrorCode`.
@@ -43,6 +45,7 @@ pub mod ports;
 pub mod router;
 pub mod seal;
 pub mod services;
+pub mod tasks;
 pub mod twin;
 pub mod wire;
 

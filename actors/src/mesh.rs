@@ -443,35 +443,23 @@ impl Actor for MeshSupervisor {
             .into_iter()
             .map(|b| (b.site.clone(), Ledger::from_proto(&b)))
             .collect();
-        let cancel = ctx.cancel.child_token();
+        let tasks = ctx.task_controller().child();
+        let cancel = tasks.token().clone();
         let members = ctx.fabric.liveliness_subscribe(keys::NODE_TOKENS).await?;
         let queryable = ctx.fabric.queryable(keys::PLACEMENT_ALL, 1024).await?;
         let requests = ctx.fabric.queryable(keys::MESH_REQUESTS, 64).await?;
-        ctx.tasks.spawn(mesh_request_server(
-            myself.clone(),
-            ctx.clone(),
-            requests,
-            cancel.clone(),
-        ));
-        ctx.tasks
-            .spawn(rebalancer(myself.clone(), ctx.clone(), cancel.clone()));
+        tasks.spawn_until_cancelled(mesh_request_server(myself.clone(), ctx.clone(), requests));
+        tasks.spawn_until_cancelled(rebalancer(myself.clone(), ctx.clone()));
         let replicas = ctx.fabric.subscribe(keys::SNAPSHOTS_ALL, 4096).await?;
         let replica_queries = ctx.fabric.queryable(keys::SNAPSHOTS_ALL, 1024).await?;
-        ctx.tasks.spawn(replica_keeper(
+        tasks.spawn_until_cancelled(replica_keeper(
             myself.clone(),
             ctx.clone(),
             replicas,
             replica_queries,
-            cancel.clone(),
         ));
-        ctx.tasks.spawn(membership_watcher(
-            myself.clone(),
-            ctx.clone(),
-            members,
-            cancel.clone(),
-        ));
-        ctx.tasks
-            .spawn(placement_server(myself.clone(), queryable, cancel.clone()));
+        tasks.spawn_until_cancelled(membership_watcher(myself.clone(), ctx.clone(), members));
+        tasks.spawn_until_cancelled(placement_server(myself.clone(), queryable));
         tracing::info!(placements = placements.len(), "placement authority started");
         Ok(MeshState {
             ctx,
@@ -705,13 +693,10 @@ async fn membership_watcher(
     mesh: ActorRef<MeshMsg>,
     ctx: Arc<NodeContext>,
     members: crate::ports::Subscription,
-    cancel: CancellationToken,
 ) {
     loop {
-        let sample = tokio::select! {
-            biased;
-            _ = cancel.cancelled() => break,
-            s = members.rx.recv_async() => match s { Ok(s) => s, Err(_) => break },
+        let Ok(sample) = members.rx.recv_async().await else {
+            break;
         };
         let Some(node) = keys::parse_node_token(&sample.key) else {
             continue;
@@ -736,27 +721,17 @@ async fn membership_watcher(
                         let _ = mesh.cast(MeshMsg::NodeUp(info));
                         break;
                     }
-                    tokio::select! {
-                        biased;
-                        _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_millis(100 << attempt.min(4))) => {}
-                    }
+                    tokio::time::sleep(Duration::from_millis(100 << attempt.min(4))).await;
                 }
             }
         }
     }
 }
 
-async fn placement_server(
-    mesh: ActorRef<MeshMsg>,
-    queryable: crate::ports::Queryable,
-    cancel: CancellationToken,
-) {
+async fn placement_server(mesh: ActorRef<MeshMsg>, queryable: crate::ports::Queryable) {
     loop {
-        let query = tokio::select! {
-            biased;
-            _ = cancel.cancelled() => break,
-            q = queryable.rx.recv_async() => match q { Ok(q) => q, Err(_) => break },
+        let Ok(query) = queryable.rx.recv_async().await else {
+            break;
         };
         if serve_placement_query(&mesh, query).await.is_err() {
             break;
@@ -829,12 +804,10 @@ async fn replica_keeper(
     ctx: Arc<NodeContext>,
     replicas: crate::ports::Subscription,
     queries: crate::ports::Queryable,
-    cancel: CancellationToken,
 ) {
     loop {
         tokio::select! {
             biased;
-            _ = cancel.cancelled() => break,
             s = replicas.rx.recv_async() => {
                 let Ok(s) = s else { break };
                 match s.decode::<TwinSnapshot>() {
@@ -1070,13 +1043,10 @@ async fn mesh_request_server(
     mesh: ActorRef<MeshMsg>,
     ctx: Arc<NodeContext>,
     requests: crate::ports::Queryable,
-    cancel: CancellationToken,
 ) {
     loop {
-        let query = tokio::select! {
-            biased;
-            _ = cancel.cancelled() => break,
-            q = requests.rx.recv_async() => match q { Ok(q) => q, Err(_) => break },
+        let Ok(query) = requests.rx.recv_async().await else {
+            break;
         };
         let (mesh, ctx2) = (mesh.clone(), ctx.clone());
         ctx.tasks.spawn(async move {
@@ -1124,13 +1094,9 @@ async fn mesh_request_server(
 
 /// After a join, moves one twin every `REBALANCE_PERIOD` while an edge of a site holds
 /// more than one twin more than another.
-async fn rebalancer(mesh: ActorRef<MeshMsg>, ctx: Arc<NodeContext>, cancel: CancellationToken) {
+async fn rebalancer(mesh: ActorRef<MeshMsg>, ctx: Arc<NodeContext>) {
     loop {
-        tokio::select! {
-            biased;
-            _ = cancel.cancelled() => break,
-            _ = tokio::time::sleep(REBALANCE_PERIOD) => {}
-        }
+        tokio::time::sleep(REBALANCE_PERIOD).await;
         let Ok(Some(twin)) = call(&mesh, MeshMsg::SuggestMove).await else {
             continue;
         };

@@ -184,17 +184,17 @@ impl Actor for NodeSupervisor {
                 let _ = node.cast(NodeMsg::Wake(id));
             }));
         }
-        let cancel = ctx.cancel.child_token();
+        let tasks = ctx.task_controller().child();
+        let cancel = tasks.token().clone();
         // Placements published by the authority, and a full sync whenever a node (the
         // cloud among them) appears.
         let placements = ctx.fabric.subscribe(keys::PLACEMENT_ALL, 1024).await?;
         let members = ctx.fabric.liveliness_subscribe(keys::NODE_TOKENS).await?;
-        ctx.tasks.spawn(placement_watcher(
+        tasks.spawn_until_cancelled(placement_watcher(
             myself.clone(),
             ctx.clone(),
             placements,
             members,
-            cancel.clone(),
         ));
         Ok(NodeSupervisorState {
             hosted: ctx.store.clone(),
@@ -417,7 +417,6 @@ async fn placement_watcher(
     ctx: Arc<NodeContext>,
     placements: crate::ports::Subscription,
     members: crate::ports::Subscription,
-    cancel: CancellationToken,
 ) {
     let mut periodic = tokio::time::interval(RECONCILE_EVERY);
     periodic.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -425,7 +424,6 @@ async fn placement_watcher(
     loop {
         tokio::select! {
             biased;
-            _ = cancel.cancelled() => break,
             s = placements.rx.recv_async() => {
                 let Ok(s) = s else { break };
                 match s.decode::<Placement>() {

@@ -144,6 +144,22 @@ pub trait Fabric: Send + Sync + 'static {
         timeout: Duration,
     ) -> Result<Vec<Reply>>;
 
+    /// Sends a query and returns its first reply as soon as it arrives (`None` when all
+    /// repliers finished without one, or at `timeout`): a call to one twin need not wait
+    /// for the other repliers to say they are done.
+    async fn query_first(
+        &self,
+        keyexpr: &str,
+        payload: Option<(Bytes, &'static str)>,
+        timeout: Duration,
+    ) -> Result<Option<Reply>> {
+        Ok(self
+            .query(keyexpr, payload, timeout)
+            .await?
+            .into_iter()
+            .next())
+    }
+
     /// Declares a liveliness token, withdrawn when the guard is dropped or the node dies.
     async fn liveliness_token(&self, key: &str) -> Result<Guard>;
 

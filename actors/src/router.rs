@@ -15,8 +15,6 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
-use tokio_util::sync::CancellationToken;
-
 use twinmesh_twins::TwinId;
 
 use crate::context::NodeContext;
@@ -127,11 +125,10 @@ impl Router {
                 Some(guard) => self.guards.lock().expect("guards lock").push(guard),
                 None => {
                     let sub = ctx.fabric.subscribe(&keyexpr, NODE_QUEUE).await?;
-                    ctx.tasks.spawn(self.clone().dispatch_samples(
+                    ctx.spawn_until_cancelled(self.clone().dispatch_samples(
                         ctx.clone(),
                         sub,
                         section,
-                        cancel.clone(),
                     ));
                 }
             }
@@ -147,11 +144,11 @@ impl Router {
             Some(guard) => self.guards.lock().expect("guards lock").push(guard),
             None => {
                 let rpc = ctx.fabric.queryable(&keyexpr, NODE_QUEUE).await?;
-                ctx.tasks
-                    .spawn(self.clone().dispatch_queries(rpc, cancel.clone()));
+                ctx.spawn_until_cancelled(self.clone().dispatch_queries(rpc));
             }
         }
-        // The node stops: withdraw the callback declarations too.
+        // The node stops: withdraw the callback declarations too (work after
+        // cancellation, so it watches the token itself).
         let router = self.clone();
         ctx.tasks.spawn(async move {
             cancel.cancelled().await;
@@ -302,13 +299,10 @@ impl Router {
         ctx: Arc<NodeContext>,
         sub: Subscription,
         section: &'static str,
-        cancel: CancellationToken,
     ) {
         loop {
-            let sample = tokio::select! {
-                biased;
-                _ = cancel.cancelled() => break,
-                s = sub.rx.recv_async() => match s { Ok(s) => s, Err(_) => break },
+            let Ok(sample) = sub.rx.recv_async().await else {
+                break;
             };
             let overflow = sub.dropped.swap(0, Relaxed);
             if overflow > 0 {
@@ -347,12 +341,10 @@ impl Router {
     }
 
     /// Twin RPCs from a dispatch task (fabrics without callback queryables).
-    async fn dispatch_queries(self: Arc<Self>, queryable: Queryable, cancel: CancellationToken) {
+    async fn dispatch_queries(self: Arc<Self>, queryable: Queryable) {
         loop {
-            let query = tokio::select! {
-                biased;
-                _ = cancel.cancelled() => break,
-                q = queryable.rx.recv_async() => match q { Ok(q) => q, Err(_) => break },
+            let Ok(query) = queryable.rx.recv_async().await else {
+                break;
             };
             self.route_query(query);
         }

@@ -20,13 +20,12 @@ pub async fn serve_node_queryables(ctx: &Arc<NodeContext>, info: NodeInfo) -> cr
         .queryable(&keys::node_twins(&ctx.node), 64)
         .await?;
     let c = ctx.clone();
-    ctx.tasks.spawn(async move {
+    ctx.spawn_until_cancelled(async move {
         let info_key = keys::node_info(&c.node);
         let twins_key = keys::node_twins(&c.node);
         loop {
             tokio::select! {
                 biased;
-                _ = c.cancel.cancelled() => break,
                 q = info_q.rx.recv_async() => {
                     let Ok(q) = q else { break };
                     let info = NodeInfo { twins: c.directory.len() as u32, ..info.clone() };

@@ -20,6 +20,7 @@ pub use twinmesh_proto::Wire;
 use crate::context::NodeContext;
 use crate::error::{Error, Result};
 use crate::ports::{Fabric, Qos, Query, Reply, Sample, Subscription};
+use crate::tasks::TaskController;
 
 fn decode<M: Wire>(payload: &Bytes) -> Result<M> {
     M::decode(payload.clone()).map_err(|source| Error::Decode {
@@ -85,6 +86,18 @@ pub trait TypedFabric: Fabric {
             .await
     }
 
+    /// Queries `keyexpr` with `request`; the first reply (the others are not waited for).
+    async fn ask_first<Q: Wire>(
+        &self,
+        keyexpr: &str,
+        request: &Q,
+        timeout: Duration,
+    ) -> Result<Option<Reply>> {
+        let payload = Bytes::from(request.encode_to_vec());
+        self.query_first(keyexpr, Some((payload, Q::ENCODING)), timeout)
+            .await
+    }
+
     /// Queries `keyexpr` without a payload and keeps the replies that decode as `R`
     /// (a queryable may be anyone's: a malformed reply is dropped).
     async fn get_all<R: Wire>(&self, keyexpr: &str, timeout: Duration) -> Result<Vec<R>> {
@@ -105,9 +118,10 @@ pub trait TypedFabric: Fabric {
 impl<F: Fabric + ?Sized> TypedFabric for F {}
 
 /// Hands every sample of `sub` that decodes as `M` to `actor` as `to_msg(key, m)`,
-/// until the subscription, the actor or the node ends. Malformed samples are logged
+/// until the subscription or the actor ends or `tasks` is cancelled. Malformed samples are logged
 /// and counted (`messages_malformed`), never forwarded.
 pub fn forward<M, A>(
+    tasks: &TaskController,
     ctx: &NodeContext,
     sub: Subscription,
     actor: ActorRef<A>,
@@ -116,17 +130,11 @@ pub fn forward<M, A>(
     M: Wire,
     A: Message,
 {
-    let cancel = ctx.cancel.clone();
     let metrics = ctx.metrics.clone();
-    ctx.tasks.spawn(async move {
+    tasks.spawn_until_cancelled(async move {
         // Own the subscription whole: its guard keeps it declared.
         let sub = sub;
-        loop {
-            let sample = tokio::select! {
-                biased;
-                _ = cancel.cancelled() => break,
-                s = sub.rx.recv_async() => match s { Ok(s) => s, Err(_) => break },
-            };
+        while let Ok(sample) = sub.rx.recv_async().await {
             match sample.decode::<M>() {
                 Ok(m) => {
                     if actor.cast(to_msg(&sample.key, m)).is_err() {

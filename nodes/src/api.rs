@@ -151,20 +151,19 @@ impl Api {
             caller: Some(caller),
             request: Some(request),
         };
+        let key = keys::twin_rpc(id);
         let mut known: Option<bool> = None;
         let mut backoff = Duration::from_millis(20);
         let mut last_unavailable: Option<String> = None;
         loop {
             let left = deadline.saturating_sub(start.elapsed());
-            let replies = self
+            // The first reply decides (as before), without waiting for every other
+            // replier of the key to finish.
+            let first = self
                 .fabric
-                .ask(
-                    &keys::twin_rpc(id),
-                    &request,
-                    left.max(Duration::from_millis(10)),
-                )
+                .ask_first(&key, &request, left.max(Duration::from_millis(10)))
                 .await?;
-            if let Some(reply) = replies.into_iter().next() {
+            if let Some(reply) = first {
                 let reply = reply
                     .decode::<TwinReply>()
                     .map_err(|e| Error::internal(format!("malformed twin reply: {e}")))?;

@@ -408,6 +408,38 @@ impl Fabric for ZenohFabric {
         Ok(out)
     }
 
+    async fn query_first(
+        &self,
+        keyexpr: &str,
+        payload: Option<(Bytes, &'static str)>,
+        timeout: Duration,
+    ) -> Result<Option<Reply>> {
+        let mut get = self
+            .session
+            .get(keyexpr.to_owned())
+            .target(QueryTarget::All)
+            .consolidation(ConsolidationMode::None)
+            .timeout(timeout);
+        if let Some((bytes, encoding)) = payload {
+            get = get
+                .payload(ZBytes::from(bytes))
+                .encoding(Encoding::from(encoding));
+        }
+        let replies = get.await.map_err(Error::fabric)?;
+        while let Ok(reply) = replies.recv_async().await {
+            match reply.result() {
+                Ok(sample) => {
+                    return Ok(Some(Reply {
+                        key: sample.key_expr().to_string(),
+                        payload: to_bytes(sample.payload()),
+                    }))
+                }
+                Err(e) => tracing::debug!(keyexpr, "error reply: {:?}", e.payload().to_bytes()),
+            }
+        }
+        Ok(None)
+    }
+
     async fn liveliness_token(&self, key: &str) -> Result<Guard> {
         let token = self
             .session

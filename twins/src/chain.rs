@@ -605,6 +605,37 @@ impl Chain {
         Chain::validate(&default_spec(kind), kind).expect("default chains are valid")
     }
 
+    /// The default chain of `kind`, one copy shared by every twin of the kind that has
+    /// not changed its chain (a live twin must stay small).
+    pub fn shared_default(kind: AssetKind) -> std::sync::Arc<Chain> {
+        static DEFAULTS: std::sync::OnceLock<Vec<std::sync::Arc<Chain>>> =
+            std::sync::OnceLock::new();
+        let all = DEFAULTS.get_or_init(|| {
+            AssetKind::ALL
+                .iter()
+                .map(|k| std::sync::Arc::new(Chain::default_for(*k)))
+                .collect()
+        });
+        let i = AssetKind::ALL
+            .iter()
+            .position(|k| *k == kind)
+            .expect("every kind is in AssetKind::ALL");
+        all[i].clone()
+    }
+
+    /// [`Chain::validate`], sharing the kind's default when `spec` is that.
+    pub fn validate_shared(
+        spec: &ChainSpec,
+        kind: AssetKind,
+    ) -> Result<std::sync::Arc<Chain>, ChainError> {
+        let default = Chain::shared_default(kind);
+        if default.spec == *spec {
+            Ok(default)
+        } else {
+            Chain::validate(spec, kind).map(std::sync::Arc::new)
+        }
+    }
+
     pub fn archives(&self) -> bool {
         self.stages
             .iter()

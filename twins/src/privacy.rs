@@ -355,6 +355,39 @@ impl Policy {
     }
 
     /// Restores a stored policy (snapshot), keeping its version.
+    /// The default policy of `kind`, one copy shared by every twin of the kind that has
+    /// not changed its policy.
+    pub fn shared_default(kind: AssetKind) -> std::sync::Arc<Policy> {
+        static DEFAULTS: std::sync::OnceLock<Vec<std::sync::Arc<Policy>>> =
+            std::sync::OnceLock::new();
+        let all = DEFAULTS.get_or_init(|| {
+            AssetKind::ALL
+                .iter()
+                .map(|k| std::sync::Arc::new(Policy::default_for(*k)))
+                .collect()
+        });
+        let i = AssetKind::ALL
+            .iter()
+            .position(|k| *k == kind)
+            .expect("every kind is in AssetKind::ALL");
+        all[i].clone()
+    }
+
+    /// [`Policy::from_stored`], sharing the kind's default when the stored policy is
+    /// that.
+    pub fn from_stored_shared(
+        p: &proto::PrivacyPolicy,
+        kind: AssetKind,
+    ) -> Result<std::sync::Arc<Policy>> {
+        let policy = Policy::from_stored(p, kind)?;
+        let default = Policy::shared_default(kind);
+        Ok(if *default == policy {
+            default
+        } else {
+            std::sync::Arc::new(policy)
+        })
+    }
+
     pub fn from_stored(p: &proto::PrivacyPolicy, kind: AssetKind) -> Result<Policy> {
         let mut policy = Policy::validate(p, kind)?;
         policy.version = p.version.max(1);

@@ -3,6 +3,7 @@
 //! the revision that increases with every change.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use crate::chain::{Chain, ChainSpec};
 use crate::error::{Error, Result};
@@ -101,11 +102,12 @@ pub struct TwinCore {
     pub health: Health,
     pub duplicate_frames: BTreeMap<String, u64>,
     pub lost_frames: BTreeMap<String, u64>,
-    /// The processing chain (validated).
-    pub chain: Chain,
+    /// The processing chain (validated); the kind's default is shared until changed.
+    pub chain: Arc<Chain>,
     /// The privacy policy and the ε ledger of the current period (they travel with the
-    /// twin's snapshot, so moves and restarts never reset the budget).
-    pub policy: Policy,
+    /// twin's snapshot, so moves and restarts never reset the budget). The kind's default
+    /// policy is shared until changed.
+    pub policy: Arc<Policy>,
     pub ledger: Ledger,
 }
 
@@ -121,8 +123,8 @@ impl TwinCore {
             health: Health::default(),
             duplicate_frames: BTreeMap::new(),
             lost_frames: BTreeMap::new(),
-            chain: Chain::default_for(kind),
-            policy: Policy::default_for(kind),
+            chain: Chain::shared_default(kind),
+            policy: Policy::shared_default(kind),
             ledger: Ledger::default(),
         }
     }
@@ -134,9 +136,9 @@ impl TwinCore {
         expected_revision: Option<u64>,
     ) -> Result<&Chain> {
         self.check_revision(expected_revision)?;
-        self.chain = Chain::validate(spec, self.kind)?;
+        self.chain = Chain::validate_shared(spec, self.kind)?;
         self.revision += 1;
-        Ok(&self.chain)
+        Ok(&*self.chain)
     }
 
     fn check_revision(&self, expected: Option<u64>) -> Result<()> {
@@ -385,16 +387,16 @@ impl TryFrom<proto::Twin> for TwinCore {
             .collect::<Result<_>>()?;
         let health = t.health.unwrap_or_default();
         let chain = match &t.chain {
-            Some(c) => Chain::validate(&ChainSpec::from(c), kind)?,
-            None => Chain::default_for(kind),
+            Some(c) => Chain::validate_shared(&ChainSpec::from(c), kind)?,
+            None => Chain::shared_default(kind),
         };
         // A stored policy that no longer validates (the kind's schema changed) falls back
         // to the kind's default, which protects at least as much.
         let policy = t
             .policy
             .as_ref()
-            .and_then(|p| Policy::from_stored(p, kind).ok())
-            .unwrap_or_else(|| Policy::default_for(kind));
+            .and_then(|p| Policy::from_stored_shared(p, kind).ok())
+            .unwrap_or_else(|| Policy::shared_default(kind));
         let ledger = t
             .budget
             .as_ref()
@@ -448,8 +450,8 @@ mod tests {
     fn policy_and_ledger_survive_the_off_site_snapshot() {
         let id: TwinId = "site-a/cs-01".parse().unwrap();
         let mut core = TwinCore::new(id, AssetKind::CrankshaftLine);
-        core.policy.epsilon_per_period = 1.0;
-        core.policy.version = 2;
+        Arc::make_mut(&mut core.policy).epsilon_per_period = 1.0;
+        Arc::make_mut(&mut core.policy).version = 2;
         core.ledger.charge(0.3, 0.0);
         core.ledger.period_start_ns = 86_400_000_000_000;
         core.reported.insert(

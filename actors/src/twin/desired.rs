@@ -1,9 +1,8 @@
 //! Set-points: sent to the gateway on the twin's control key, re-sent until the
-//! gateway's delivery report (delivered or rejected) comes back through the control
-//! listener.
+//! gateway's delivery report (delivered or rejected) comes back through the twin's
+//! task.
 
 use ractor::ActorRef;
-use tokio_util::sync::CancellationToken;
 
 use twinmesh_twins::keys;
 use twinmesh_twins::proto::{self, DesiredUpdate};
@@ -11,7 +10,7 @@ use twinmesh_twins::state::DeliveryStatus;
 
 use super::{TwinActorState, TwinMsg};
 use crate::error::Result;
-use crate::ports::{Qos, Subscription};
+use crate::ports::{Qos, Sample};
 use tokio::time::Instant;
 
 impl TwinActorState {
@@ -89,24 +88,14 @@ impl TwinActorState {
     }
 }
 
-pub(super) async fn control_listener(
-    actor: ActorRef<TwinMsg>,
-    sub: Subscription,
-    cancel: CancellationToken,
-) {
-    loop {
-        let sample = tokio::select! {
-            biased;
-            _ = cancel.cancelled() => break,
-            s = sub.rx.recv_async() => match s { Ok(s) => s, Err(_) => break },
-        };
-        match sample.decode::<DesiredUpdate>() {
-            Ok(update) => {
-                if actor.cast(TwinMsg::DesiredOutcome(update)).is_err() {
-                    break;
-                }
-            }
-            Err(e) => tracing::warn!(key = sample.key, "malformed delivery report: {e}"),
+/// A delivery report from the gateway, handed to the actor. False when the actor is
+/// gone.
+pub(super) fn delivery_report(actor: &ActorRef<TwinMsg>, sample: Sample) -> bool {
+    match sample.decode::<DesiredUpdate>() {
+        Ok(update) => actor.cast(TwinMsg::DesiredOutcome(update)).is_ok(),
+        Err(e) => {
+            tracing::warn!(key = sample.key, "malformed delivery report: {e}");
+            true
         }
     }
 }

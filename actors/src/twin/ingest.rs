@@ -7,10 +7,9 @@ use std::sync::Arc;
 
 use prost::Message;
 use ractor::{ActorRef, RpcReplyPort};
-use tokio_util::sync::CancellationToken;
 
 use crate::wire::TypedFabric;
-use twinmesh_twins::chain::{self, WindowJob};
+use twinmesh_twins::chain::{self, Analyzer, WindowJob};
 use twinmesh_twins::proto::{self, TelemetryFrame, Watermark};
 use twinmesh_twins::state::Admission;
 use twinmesh_twins::{frame, keys, AssetKind, TwinId};
@@ -114,13 +113,19 @@ impl TwinActorState {
                             recent.pop_front();
                         }
                     }
-                    if self.ctx.twin_config.analysis && self.analyzer.wants(&f.signal) {
-                        let block = chain::Block {
-                            start_ns: f.start_ns,
-                            period_ns: f.sample_period_ns,
-                            samples: f.samples.clone(),
-                        };
-                        jobs.extend(self.analyzer.push(&f.signal, block));
+                    if self.ctx.twin_config.analysis {
+                        // Built on the first frame: an idle twin holds no window buffers.
+                        let analyzer = self
+                            .analyzer
+                            .get_or_insert_with(|| Analyzer::new(&self.core.chain));
+                        if analyzer.wants(&f.signal) {
+                            let block = chain::Block {
+                                start_ns: f.start_ns,
+                                period_ns: f.sample_period_ns,
+                                samples: f.samples.clone(),
+                            };
+                            jobs.extend(analyzer.push(&f.signal, block));
+                        }
                     }
                     stored.push(StoredFrame {
                         signal: f.signal,
@@ -288,63 +293,65 @@ fn decode_frame(
     }
 }
 
-pub(super) async fn ingest_pump(
+/// Decodes `first` and whatever else is already queued (up to the batch size) into one
+/// batch; counts frames the channel dropped.
+pub(super) fn collect_batch(
+    ctx: &NodeContext,
+    actor: &ActorRef<TwinMsg>,
+    id: &TwinId,
+    kind: AssetKind,
+    first: Sample,
+    sub: &Subscription,
+) -> Vec<TelemetryFrame> {
+    let batch_max = ctx.twin_config.ingest_batch;
+    let mut batch = Vec::new();
+    batch.extend(decode_frame(ctx, actor, id, kind, &first));
+    while batch.len() < batch_max {
+        match sub.rx.try_recv() {
+            Ok(s) => batch.extend(decode_frame(ctx, actor, id, kind, &s)),
+            Err(_) => break,
+        }
+    }
+    let overflow = sub.dropped.swap(0, std::sync::atomic::Ordering::Relaxed);
+    if overflow > 0 {
+        NodeMetrics::add(&ctx.metrics.frames_overflow, overflow);
+    }
+    batch
+}
+
+/// Hands a batch to the actor, waits for the flush that covers it, then publishes the
+/// watermarks. False when the actor is gone (its supervisor restarts it with new
+/// routes; the gateway re-sends what was not acknowledged).
+pub(super) async fn deliver_batch(
     actor: ActorRef<TwinMsg>,
     ctx: Arc<NodeContext>,
     id: TwinId,
-    kind: AssetKind,
-    sub: Subscription,
-    cancel: CancellationToken,
-) {
-    let batch_max = ctx.twin_config.ingest_batch;
-    loop {
-        let first = tokio::select! {
-            biased;
-            _ = cancel.cancelled() => break,
-            s = sub.rx.recv_async() => match s { Ok(s) => s, Err(_) => break },
+    batch: Vec<TelemetryFrame>,
+) -> bool {
+    let acks = match actor
+        .call(
+            |tx| TwinMsg::Ingest(batch, tx),
+            Some(ctx.twin_config.call_timeout),
+        )
+        .await
+    {
+        Ok(ractor::rpc::CallResult::Success(acks)) => acks,
+        _ => return false,
+    };
+    if let Err(e) = ctx.store.flush().await {
+        tracing::error!(twin = %id, "flush failed, frames stay unacknowledged: {e}");
+        return true;
+    }
+    for (signal, seq) in acks.watermarks {
+        let wm = Watermark {
+            twin_id: id.to_string(),
+            signal,
+            seq,
+            epoch: acks.epoch,
         };
-        let mut batch = Vec::with_capacity(batch_max);
-        batch.extend(decode_frame(&ctx, &actor, &id, kind, &first));
-        while batch.len() < batch_max {
-            match sub.rx.try_recv() {
-                Ok(s) => batch.extend(decode_frame(&ctx, &actor, &id, kind, &s)),
-                Err(_) => break,
-            }
-        }
-        let overflow = sub.dropped.swap(0, std::sync::atomic::Ordering::Relaxed);
-        if overflow > 0 {
-            NodeMetrics::add(&ctx.metrics.frames_overflow, overflow);
-        }
-        if batch.is_empty() {
-            continue;
-        }
-        let acks = match actor
-            .call(
-                |tx| TwinMsg::Ingest(batch, tx),
-                Some(ctx.twin_config.call_timeout),
-            )
-            .await
-        {
-            Ok(ractor::rpc::CallResult::Success(acks)) => acks,
-            // The actor stopped or failed: its supervisor restarts it with a new pump;
-            // the gateway re-sends what was not acknowledged.
-            _ => break,
-        };
-        if let Err(e) = ctx.store.flush().await {
-            tracing::error!(twin = %id, "flush failed, frames stay unacknowledged: {e}");
-            continue;
-        }
-        for (signal, seq) in acks.watermarks {
-            let wm = Watermark {
-                twin_id: id.to_string(),
-                signal,
-                seq,
-                epoch: acks.epoch,
-            };
-            if let Err(e) = ctx.fabric.put(&keys::acks(&id), &wm, Qos::Reliable).await {
-                tracing::warn!(twin = %id, "ack not published: {e}");
-            }
+        if let Err(e) = ctx.fabric.put(&keys::acks(&id), &wm, Qos::Reliable).await {
+            tracing::warn!(twin = %id, "ack not published: {e}");
         }
     }
-    drop(sub);
+    true
 }

@@ -288,7 +288,7 @@ pub(super) async fn restore_core(
             .as_ref()
             .filter(|c| !c.stages.is_empty())
         {
-            match chain::Chain::validate(&ChainSpec::from(spec), kind) {
+            match chain::Chain::validate_shared(&ChainSpec::from(spec), kind) {
                 Ok(c) => core.chain = c,
                 Err(e) => tracing::warn!(twin = %id, "ignoring invalid initial chain: {e}"),
             }

@@ -3,21 +3,22 @@
 //! through the `Store`, acknowledges frames only once they are durable, publishes state
 //! and events through the `Fabric`, and answers the twin's RPCs.
 //!
-//! Three tasks feed the actor, all owned by the node's tracker and cancelled with it:
-//! the *ingest pump* (subscription → validate → batch → apply → flush → ack), the *RPC
-//! pump* (the twin's queryable) and the *control listener* (delivery reports).
+//! One task feeds the actor, owned by the node's tracker and cancelled with it: the
+//! twin's [`pump`] (telemetry → validate → batch → apply → flush → ack; the twin's
+//! queryable; delivery reports).
 //!
 //! # Layout
 //!
 //! - this module: [`TwinActor`], its messages ([`TwinMsg`]), its state
 //!   ([`TwinActorState`]) with the plumbing every part uses (persist, publish, ticks),
 //!   and the `impl Actor` that dispatches to the parts below.
-//! - [`ingest`]: the ingest pump: decode, validate, batch, apply (admission by `seq`),
-//!   flush, then publish the watermarks; identifier batches.
-//! - [`rpc`]: the RPC pump and the twin's requests (get, set-points, chain, model,
-//!   history import and queries).
+//! - [`pump`]: the twin's one task, feeding the actor from its three inputs.
+//! - [`ingest`]: decode, validate, batch, apply (admission by `seq`), flush, then
+//!   publish the watermarks; identifier batches.
+//! - [`rpc`]: the twin's calls (get, set-points, chain, model, history import and
+//!   queries).
 //! - [`desired`]: set-points sent to the gateway, re-sent until a delivery report comes
-//!   back; the control listener.
+//!   back.
 //! - [`analysis`]: analysis windows off the actor, features, anomaly scoring, the
 //!   installed model and the processing chain.
 //! - [`lifecycle`]: start from the newest snapshot, replication to the cloud, backfill
@@ -32,6 +33,7 @@ mod desired;
 mod ingest;
 mod lifecycle;
 mod privacy;
+mod pump;
 pub mod release;
 mod rpc;
 
@@ -65,14 +67,23 @@ pub enum TwinMsg {
     /// Validated frames, in arrival order. Replies with the watermarks to acknowledge
     /// once the store has flushed.
     Ingest(Vec<TelemetryFrame>, RpcReplyPort<IngestAck>),
-    /// A twin RPC (everything but history, which the RPC pump serves from the store).
+    /// A twin RPC (everything but history, which the twin's task serves from the store).
     Request(TwinRequest, RpcReplyPort<TwinReply>),
+    /// A twin RPC the actor answers straight to its query; `done` tells the twin's task
+    /// it has.
+    Serve(
+        TwinRequest,
+        crate::ports::Query,
+        tokio::sync::oneshot::Sender<()>,
+    ),
     /// The gateway's answer to a set-point.
     DesiredOutcome(DesiredUpdate),
     /// Publish state if it changed / re-send pending set-points.
     Tick,
     /// The current state, for tests and admin.
     Inspect(RpcReplyPort<proto::Twin>),
+    /// The current privacy policy (releases and history gates read only this).
+    Policy(RpcReplyPort<Arc<twinmesh_twins::privacy::Policy>>),
     /// The features of one analysis window, computed off the actor.
     Features {
         signal: String,
@@ -130,8 +141,9 @@ pub struct TwinActorState {
     /// whatever is still pending, so an extra one is harmless).
     tick_at: Option<Instant>,
     last_desired_send: Option<Instant>,
-    /// Cuts incoming streams into the windows of the chain's edge stages.
-    analyzer: Analyzer,
+    /// Cuts incoming streams into the windows of the chain's edge stages (built on the
+    /// first frame: an idle twin holds no window buffers).
+    analyzer: Option<Analyzer>,
     /// Recent values of process (non-waveform) signals: the context of analysis windows
     /// (e.g. shaft speed averaged over a vibration window).
     recent: BTreeMap<String, std::collections::VecDeque<(i64, f64)>>,
@@ -273,10 +285,9 @@ impl Actor for TwinActor {
         let kind: AssetKind = placement.kind.parse()?;
         let (core, restored) = lifecycle::restore_core(&ctx, &placement, &id, kind).await?;
         let cancel = ctx.cancel.child_token();
-        let analyzer = Analyzer::new(&core.chain);
         let state = TwinActorState {
             ctx: ctx.clone(),
-            analyzer,
+            analyzer: None,
             recent: BTreeMap::new(),
             frozen: false,
             last_activity: Instant::now(),
@@ -319,25 +330,16 @@ impl Actor for TwinActor {
             (telemetry, rpc, delivered)
         };
 
-        ctx.tasks.spawn(ingest::ingest_pump(
+        ctx.tasks.spawn(pump::run(
             myself.clone(),
             ctx.clone(),
             id.clone(),
             kind,
-            telemetry,
-            cancel.clone(),
-        ));
-        ctx.tasks.spawn(rpc::rpc_pump(
-            myself.clone(),
-            ctx.clone(),
-            id.clone(),
-            kind,
-            rpc,
-            cancel.clone(),
-        ));
-        ctx.tasks.spawn(desired::control_listener(
-            myself.clone(),
-            delivered,
+            pump::Inputs {
+                telemetry,
+                rpc,
+                delivered,
+            },
             cancel.clone(),
         ));
         tracing::debug!(twin = %id, restored, epoch = state.placement.epoch, "twin started");
@@ -387,9 +389,26 @@ impl Actor for TwinActor {
         msg: Self::Msg,
         state: &mut Self::State,
     ) -> std::result::Result<(), ActorProcessingErr> {
+        // Each message's work gets its own allocation: ractor keeps the loop future of
+        // every actor for its whole life, and inlining the largest handler into it
+        // would make every idle twin as large as its busiest path.
+        Box::pin(state.dispatch(myself, msg)).await
+    }
+}
+
+impl TwinActorState {
+    async fn dispatch(
+        &mut self,
+        myself: ActorRef<TwinMsg>,
+        msg: TwinMsg,
+    ) -> std::result::Result<(), ActorProcessingErr> {
+        let state = self;
         if matches!(
             msg,
-            TwinMsg::Ingest(..) | TwinMsg::Request(..) | TwinMsg::DesiredOutcome(_)
+            TwinMsg::Ingest(..)
+                | TwinMsg::Request(..)
+                | TwinMsg::Serve(..)
+                | TwinMsg::DesiredOutcome(_)
         ) {
             state.last_activity = Instant::now();
             if let Some(idle) = state.passivate_after() {
@@ -399,10 +418,17 @@ impl Actor for TwinActor {
         match msg {
             TwinMsg::Ingest(frames, reply) => state.on_ingest(&myself, frames, reply).await?,
             TwinMsg::Request(req, reply) => state.on_request(&myself, req, reply).await,
+            TwinMsg::Serve(req, query, done) => {
+                state.on_serve(&myself, req, query).await;
+                let _ = done.send(());
+            }
             TwinMsg::DesiredOutcome(update) => state.on_desired_outcome(&myself, update).await?,
             TwinMsg::Tick => state.on_tick(&myself).await?,
             TwinMsg::Inspect(reply) => {
                 let _ = reply.send(state.get_twin());
+            }
+            TwinMsg::Policy(reply) => {
+                let _ = reply.send(state.core.policy.clone());
             }
             TwinMsg::Features {
                 signal,

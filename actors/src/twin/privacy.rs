@@ -40,7 +40,7 @@ impl TwinActorState {
         }
         let mut policy = privacy::Policy::validate(&p, self.core.kind)?;
         policy.version = self.core.policy.version + 1;
-        let previous = std::mem::replace(&mut self.core.policy, policy);
+        let previous = std::mem::replace(&mut self.core.policy, std::sync::Arc::new(policy));
         self.core.revision += 1;
         if let Err(e) = self.persist_durably().await {
             self.core.policy = previous;

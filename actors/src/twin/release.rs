@@ -68,19 +68,14 @@ async fn call<T: Send + 'static>(
     }
 }
 
-/// The twin's current policy.
+/// The twin's current policy (shared with the actor: no copy of the twin is built).
 pub async fn policy_of(
     ctx: &NodeContext,
     actor: &ActorRef<TwinMsg>,
     id: &TwinId,
-    kind: AssetKind,
-) -> Result<Policy, proto::Error> {
-    let twin = call(ctx, actor, id, TwinMsg::Inspect).await?;
-    Ok(twin
-        .policy
-        .as_ref()
-        .and_then(|p| Policy::from_stored(p, kind).ok())
-        .unwrap_or_else(|| Policy::default_for(kind)))
+    _kind: AssetKind,
+) -> Result<std::sync::Arc<Policy>, proto::Error> {
+    call(ctx, actor, id, TwinMsg::Policy).await
 }
 
 fn check_range(start_ns: i64, end_ns: i64) -> Result<(), proto::Error> {

@@ -4,10 +4,10 @@
 
 use std::sync::Arc;
 
+use futures::future::BoxFuture;
 use ractor::{ActorRef, RpcReplyPort};
-use tokio_util::sync::CancellationToken;
 
-use twinmesh_twins::chain::{Analyzer, ChainSpec};
+use twinmesh_twins::chain::ChainSpec;
 use twinmesh_twins::privacy;
 use twinmesh_twins::proto::{
     self, twin_reply, twin_request, SetChainResponse, SetDesiredResponse, TwinReply, TwinRequest,
@@ -49,6 +49,24 @@ impl TwinActorState {
             }),
         };
         let _ = reply.send(self::reply(out));
+    }
+
+    /// Answers a twin request straight to its query.
+    pub(super) async fn on_serve(
+        &mut self,
+        myself: &ActorRef<TwinMsg>,
+        req: TwinRequest,
+        query: crate::ports::Query,
+    ) {
+        let out = match self.handle_request(myself, req).await {
+            Ok(r) => r,
+            Err(RequestError::Domain(e)) => twin_reply::Reply::Error((&e).into()),
+            Err(RequestError::Unavailable(message)) => twin_reply::Reply::Error(proto::Error {
+                code: proto::ErrorCode::Unavailable as i32,
+                message,
+            }),
+        };
+        send_reply(query, &keys::twin_rpc(&self.core.id), &self::reply(out)).await;
     }
 
     pub(super) async fn handle_request(
@@ -130,7 +148,8 @@ impl TwinActorState {
                     .set_chain(&spec, r.expected_revision)?
                     .spec
                     .clone();
-                self.analyzer = Analyzer::new(&self.core.chain);
+                // Rebuilt from the new chain on the next frame.
+                self.analyzer = None;
                 if let Err(e) = self.persist() {
                     return Err(RequestError::Unavailable(format!("chain not stored: {e}")));
                 }
@@ -207,30 +226,36 @@ impl TwinActorState {
     }
 }
 
-pub(super) async fn rpc_pump(
-    actor: ActorRef<TwinMsg>,
-    ctx: Arc<NodeContext>,
-    id: TwinId,
+/// One call to the twin. Requests the actor answers, and history imports, give the
+/// future that answers them (the twin's task runs one at a time, in order); history
+/// queries and releases are answered off the task (`None`).
+pub(super) fn serve_query(
+    actor: &ActorRef<TwinMsg>,
+    ctx: &Arc<NodeContext>,
+    id: &TwinId,
     kind: AssetKind,
-    queryable: crate::ports::Queryable,
-    cancel: CancellationToken,
-) {
-    let key = keys::twin_rpc(&id);
-    loop {
-        let query = tokio::select! {
-            biased;
-            _ = cancel.cancelled() => break,
-            q = queryable.rx.recv_async() => match q { Ok(q) => q, Err(_) => break },
-        };
-        NodeMetrics::add(&ctx.metrics.rpc_served, 1);
-        let reply = match query.decode::<TwinRequest>() {
-            Err(e) => error_reply(&DomainError::InvalidArgument(format!(
+    query: crate::ports::Query,
+) -> Option<BoxFuture<'static, ()>> {
+    NodeMetrics::add(&ctx.metrics.rpc_served, 1);
+    let key = keys::twin_rpc(id);
+    let request = match query.decode::<TwinRequest>() {
+        Err(e) => {
+            let reply = error_reply(&DomainError::InvalidArgument(format!(
                 "malformed twin request: {e}"
-            ))),
-            Ok(TwinRequest {
-                request: Some(twin_request::Request::ImportHistory(req)),
-                ..
-            }) => {
+            )));
+            return Some(Box::pin(
+                async move { send_reply(query, &key, &reply).await },
+            ));
+        }
+        Ok(r) => r,
+    };
+    match request {
+        TwinRequest {
+            request: Some(twin_request::Request::ImportHistory(req)),
+            ..
+        } => {
+            let (ctx, id) = (ctx.clone(), id.clone());
+            Some(Box::pin(async move {
                 let reply = match import_history(&ctx, &id, kind, req) {
                     Ok(samples) => match ctx.store.flush().await {
                         Ok(()) => reply(twin_reply::Reply::ImportHistory(
@@ -244,88 +269,96 @@ pub(super) async fn rpc_pump(
                     Err(e) => error_reply(&e),
                 };
                 send_reply(query, &key, &reply).await;
-                continue;
-            }
-            Ok(TwinRequest {
-                request: Some(twin_request::Request::Release(r)),
+            }))
+        }
+        TwinRequest {
+            request: Some(twin_request::Request::Release(r)),
+            caller,
+        } => {
+            let fut = super::release::serve_release(
+                ctx.clone(),
+                actor.clone(),
+                id.clone(),
+                kind,
+                r,
                 caller,
-            }) => {
-                let fut = super::release::serve_release(
-                    ctx.clone(),
-                    actor.clone(),
-                    id.clone(),
-                    kind,
-                    r,
-                    caller,
-                );
-                reply_later(&ctx, query, key.clone(), fut);
-                continue;
-            }
-            Ok(TwinRequest {
-                request: Some(twin_request::Request::Contribute(r)),
-                ..
-            }) => {
-                let fut = super::release::serve_contribute(
-                    ctx.clone(),
-                    actor.clone(),
-                    id.clone(),
-                    kind,
-                    r,
-                );
-                reply_later(&ctx, query, key.clone(), fut);
-                continue;
-            }
-            Ok(TwinRequest {
-                request: Some(twin_request::Request::QueryHistory(h)),
-                caller,
-            }) => {
-                // Scans can be long: serve them off the actor and off the async workers.
-                let (ctx2, id2, actor2) = (ctx.clone(), id.clone(), actor.clone());
-                let fut = async move {
-                    // Off the site (or below data_operator), raw history of protected
-                    // signals and their features is never served.
-                    if !privacy::sees_raw(caller.as_ref(), id2.site()) {
-                        match super::release::policy_of(&ctx2, &actor2, &id2, kind).await {
-                            Ok(p) => {
-                                let site = id2.site();
-                                if let Err(why) =
-                                    p.offsite_history(site, &h.signal, h.bucket_ns, h.aggregation())
-                                {
-                                    return error_reply(&DomainError::PermissionDenied(why));
-                                }
+            );
+            reply_later(ctx, query, key, fut);
+            None
+        }
+        TwinRequest {
+            request: Some(twin_request::Request::Contribute(r)),
+            ..
+        } => {
+            let fut =
+                super::release::serve_contribute(ctx.clone(), actor.clone(), id.clone(), kind, r);
+            reply_later(ctx, query, key, fut);
+            None
+        }
+        TwinRequest {
+            request: Some(twin_request::Request::QueryHistory(h)),
+            caller,
+        } => {
+            // Scans can be long: serve them off the actor and off the async workers.
+            let (ctx2, id2, actor2) = (ctx.clone(), id.clone(), actor.clone());
+            let fut = async move {
+                // Off the site (or below data_operator), raw history of protected
+                // signals and their features is never served.
+                if !privacy::sees_raw(caller.as_ref(), id2.site()) {
+                    match super::release::policy_of(&ctx2, &actor2, &id2, kind).await {
+                        Ok(p) => {
+                            let site = id2.site();
+                            if let Err(why) =
+                                p.offsite_history(site, &h.signal, h.bucket_ns, h.aggregation())
+                            {
+                                return error_reply(&DomainError::PermissionDenied(why));
                             }
-                            Err(e) => return reply(twin_reply::Reply::Error(e)),
                         }
+                        Err(e) => return reply(twin_reply::Reply::Error(e)),
                     }
-                    match tokio::task::spawn_blocking(move || query_history(&ctx2, &id2, h)).await {
-                        Ok(r) => r,
-                        Err(e) => error_reply(&DomainError::InvalidArgument(format!(
-                            "history query failed: {e}"
-                        ))),
+                }
+                match tokio::task::spawn_blocking(move || query_history(&ctx2, &id2, h)).await {
+                    Ok(r) => r,
+                    Err(e) => error_reply(&DomainError::InvalidArgument(format!(
+                        "history query failed: {e}"
+                    ))),
+                }
+            };
+            reply_later(ctx, query, key, fut);
+            None
+        }
+        req => {
+            // The actor answers the query itself (one hand-over fewer on the way
+            // back); the task waits until it has, so one call is in flight at a time
+            // and the rest wait, bounded, in the twin's queue.
+            let (done, answered) = tokio::sync::oneshot::channel();
+            match actor.cast(TwinMsg::Serve(req, query, done)) {
+                Ok(()) => {
+                    let call_timeout = ctx.twin_config.call_timeout;
+                    Some(Box::pin(async move {
+                        // A dropped sender (the actor stopped with the call queued)
+                        // drops the query: the caller sees no reply and retries.
+                        let _ = tokio::time::timeout(call_timeout, answered).await;
+                    }))
+                }
+                Err(e) => {
+                    let reply = coded_error(
+                        proto::ErrorCode::Unavailable,
+                        format!("twin {id} is restarting"),
+                    );
+                    match e {
+                        ractor::MessagingErr::SendErr(TwinMsg::Serve(_, query, _)) => Some(
+                            Box::pin(async move { send_reply(query, &key, &reply).await }),
+                        ),
+                        _ => None,
                     }
-                };
-                reply_later(&ctx, query, key.clone(), fut);
-                continue;
+                }
             }
-            Ok(req) => match actor
-                .call(
-                    |tx| TwinMsg::Request(req, tx),
-                    Some(ctx.twin_config.call_timeout),
-                )
-                .await
-            {
-                Ok(ractor::rpc::CallResult::Success(r)) => r,
-                _ => coded_error(
-                    proto::ErrorCode::Unavailable,
-                    format!("twin {id} is restarting"),
-                ),
-            },
-        };
-        send_reply(query, &key, &reply).await;
+        }
     }
 }
 
-/// Answers `query` with what `reply` computes, off the RPC pump (releases can take a
+/// Answers `query` with what `reply` computes, off the twin's task (releases can take a
 /// while: history reads, set coordination).
 pub(super) fn reply_later(
     ctx: &NodeContext,

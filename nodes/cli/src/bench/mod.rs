@@ -340,6 +340,26 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                     "  {:.0} calls/s, p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms ({} calls)",
                     r.calls_per_s, r.p50_ms, r.p99_ms, r.max_ms, r.calls
                 );
+                for (name, c) in [
+                    (
+                        "bare tonic unary (health check), same server",
+                        &r.grpc_ceiling,
+                    ),
+                    (
+                        "bare Zenoh query cloud -> edge (node info)",
+                        &r.zenoh_ceiling,
+                    ),
+                ] {
+                    println!(
+                        "  ceiling, {name}: {:.0} calls/s, p50 {:.3} ms, p99 {:.3} ms ({:.0} s)",
+                        c.calls_per_s, c.p50_ms, c.p99_ms, c.seconds
+                    );
+                }
+                println!(
+                    "  GetTwin / bare tonic: {:.0} %, GetTwin / bare Zenoh: {:.0} %",
+                    100.0 * r.calls_per_s / r.grpc_ceiling.calls_per_s.max(1.0),
+                    100.0 * r.calls_per_s / r.zenoh_ceiling.calls_per_s.max(1.0)
+                );
             }
         }
     }

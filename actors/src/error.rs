@@ -22,6 +22,13 @@ pub enum Error {
     Actor(String),
     #[error("twin {0} is not hosted on this node")]
     NotHosted(String),
+    /// Refused with a class and a reason: a request the mesh cannot carry out now, or
+    /// an error that came back over the fabric.
+    #[error("{message}")]
+    Refused {
+        code: twinmesh_twins::ErrorCode,
+        message: String,
+    },
 }
 
 impl Error {
@@ -35,7 +42,20 @@ impl Error {
             Error::Fabric(_) | Error::Store(_) | Error::Actor(_) | Error::NotHosted(_) => {
                 ErrorCode::Unavailable
             }
+            Error::Refused { code, .. } => *code,
         }
+    }
+
+    pub fn refused(code: twinmesh_twins::ErrorCode, message: impl Into<String>) -> Self {
+        Error::Refused {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// Cannot be done now (storage, a twin moving); the caller may retry.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::refused(twinmesh_twins::ErrorCode::Unavailable, message)
     }
 
     pub fn fabric(e: impl std::fmt::Display) -> Self {
@@ -48,5 +68,22 @@ impl Error {
 
     pub fn actor(e: impl std::fmt::Display) -> Self {
         Error::Actor(e.to_string())
+    }
+}
+
+/// The error as it crosses the fabric (a twin's or the placement authority's reply).
+impl From<&Error> for twinmesh_twins::proto::Error {
+    fn from(e: &Error) -> Self {
+        twinmesh_twins::proto::Error {
+            code: twinmesh_twins::proto::ErrorCode::from(e.code()) as i32,
+            message: e.to_string(),
+        }
+    }
+}
+
+/// An error that came back over the fabric.
+impl From<twinmesh_twins::proto::Error> for Error {
+    fn from(e: twinmesh_twins::proto::Error) -> Self {
+        Error::refused(twinmesh_twins::ErrorCode::of_proto(e.code), e.message)
     }
 }

@@ -46,19 +46,16 @@ pub enum MeshMsg {
         twin: TwinId,
         target_node: String,
         target_tier: String,
-        reply: RpcReplyPort<Result<(Placement, NodeInfo), (ErrorCode, String)>>,
+        reply: RpcReplyPort<Result<(Placement, NodeInfo), crate::Error>>,
     },
     /// Place a (frozen) twin on `node` with the next epoch.
     CommitMove {
         twin: TwinId,
         node: NodeInfo,
-        reply: RpcReplyPort<Result<Placement, (ErrorCode, String)>>,
+        reply: RpcReplyPort<Result<Placement, crate::Error>>,
     },
     /// Mark a node as draining and list the twins on it.
-    StartDrain(
-        String,
-        RpcReplyPort<Result<Vec<Placement>, (ErrorCode, String)>>,
-    ),
+    StartDrain(String, RpcReplyPort<Result<Vec<Placement>, crate::Error>>),
     /// A move the rebalancer suggests (most to least loaded edge of a site), if any.
     SuggestMove(RpcReplyPort<Option<TwinId>>),
     /// A snapshot to keep, synchronously (migration).
@@ -78,7 +75,7 @@ pub enum MeshMsg {
     /// Reserve, refund or read ε in a site's ledger of set releases.
     SiteBudget(
         SiteBudgetRequest,
-        RpcReplyPort<Result<Budget, (ErrorCode, String)>>,
+        RpcReplyPort<Result<Budget, crate::Error>>,
     ),
     /// What the authority knows now, for tests and admin.
     Inspect(RpcReplyPort<MeshSnapshot>),
@@ -185,31 +182,29 @@ impl MeshState {
         twin: &TwinId,
         target_node: &str,
         target_tier: &str,
-    ) -> Result<(Placement, NodeInfo), (ErrorCode, String)> {
-        let p = self
-            .placements
-            .get(twin)
-            .ok_or_else(|| (ErrorCode::NotFound, format!("unknown twin {twin}")))?;
+    ) -> Result<(Placement, NodeInfo), crate::Error> {
+        let p = self.placements.get(twin).ok_or_else(|| {
+            crate::Error::refused(ErrorCode::NotFound, format!("unknown twin {twin}"))
+        })?;
         if p.status != STATUS_ACTIVE {
-            return Err((
+            return Err(crate::Error::refused(
                 ErrorCode::FailedPrecondition,
                 format!("twin {twin} is stale: {}", p.reason),
             ));
         }
         let target = if target_node.is_empty() && target_tier.is_empty() {
             self.choose_node(p, Some(&p.node)).cloned().ok_or_else(|| {
-                (
+                crate::Error::refused(
                     ErrorCode::FailedPrecondition,
                     format!("no other node may host {twin} (site, privacy, capacity or draining)"),
                 )
             })?
         } else if !target_node.is_empty() {
-            let n = self
-                .members
-                .get(target_node)
-                .ok_or_else(|| (ErrorCode::NotFound, format!("unknown node {target_node}")))?;
+            let n = self.members.get(target_node).ok_or_else(|| {
+                crate::Error::refused(ErrorCode::NotFound, format!("unknown node {target_node}"))
+            })?;
             if n.node == p.node {
-                return Err((
+                return Err(crate::Error::refused(
                     ErrorCode::FailedPrecondition,
                     format!("twin {twin} is on {target_node} already"),
                 ));
@@ -220,23 +215,21 @@ impl MeshState {
                 .into_iter()
                 .any(|f| f.node == n.node);
             if !allowed {
-                return Err((
-                    ErrorCode::FailedPrecondition,
-                    format!("node {target_node} may not host {twin} (site, privacy, capacity or draining)"),
-                ));
+                return Err(crate::Error::refused(ErrorCode::FailedPrecondition,
+                    format!("node {target_node} may not host {twin} (site, privacy, capacity or draining)"),));
             }
             n.clone()
         } else {
-            let tier: Tier = target_tier
-                .parse()
-                .map_err(|e: twinmesh_twins::Error| (ErrorCode::InvalidArgument, e.to_string()))?;
+            let tier: Tier = target_tier.parse().map_err(|e: twinmesh_twins::Error| {
+                crate::Error::refused(ErrorCode::InvalidArgument, e.to_string())
+            })?;
             self.feasible(p, Some(&p.node))
                 .into_iter()
                 .filter(|n| n.tier == tier.as_str())
                 .min_by_key(|n| (self.load(&n.node), n.node.clone()))
                 .cloned()
                 .ok_or_else(|| {
-                    (
+                    crate::Error::refused(
                         ErrorCode::FailedPrecondition,
                         format!(
                             "no {tier} node may host {twin} (site, privacy, capacity or draining)"
@@ -343,13 +336,16 @@ impl MeshState {
 
     /// One step of a site's ledger: a reservation is refused, spending nothing, when it
     /// does not fit; every change is durable before the answer.
-    async fn site_budget(&mut self, req: SiteBudgetRequest) -> Result<Budget, MeshError> {
+    async fn site_budget(&mut self, req: SiteBudgetRequest) -> Result<Budget, crate::Error> {
         if let Err(e) = twinmesh_twins::id::validate_site(&req.site) {
-            return Err((ErrorCode::InvalidArgument, e.to_string()));
+            return Err(crate::Error::refused(
+                ErrorCode::InvalidArgument,
+                e.to_string(),
+            ));
         }
         let valid = |x: f64| x.is_finite() && x >= 0.0;
         if !(valid(req.epsilon) && valid(req.delta)) {
-            return Err((
+            return Err(crate::Error::refused(
                 ErrorCode::InvalidArgument,
                 format!(
                     "site budget request with ε {} and δ {}: both must be finite and not negative",
@@ -375,7 +371,7 @@ impl MeshState {
                     allowance.epsilon_per_period,
                     req.epsilon,
                 )
-                .map_err(|e| (ErrorCode::FailedPrecondition, e.to_string()))?;
+                .map_err(|e| crate::Error::refused(ErrorCode::FailedPrecondition, e.to_string()))?;
             ledger.charge(req.epsilon, req.delta);
             true
         } else {
@@ -391,7 +387,9 @@ impl MeshState {
             ..Default::default()
         };
         if changed {
-            let store = |e: crate::Error| (ErrorCode::Internal, format!("site ledger: {e}"));
+            let store = |e: crate::Error| {
+                crate::Error::refused(ErrorCode::Internal, format!("site ledger: {e}"))
+            };
             self.ctx.store.save_site_budget(&budget).map_err(store)?;
             self.ctx.store.flush().await.map_err(store)?;
             self.site_ledgers.insert(req.site.clone(), ledger);
@@ -572,10 +570,13 @@ impl Actor for MeshSupervisor {
                         p.status = STATUS_ACTIVE.to_owned();
                         p.reason.clear();
                         state.commit(p.clone()).await.map(|()| p).map_err(|e| {
-                            (ErrorCode::Unavailable, format!("placement not stored: {e}"))
+                            crate::Error::unavailable(format!("placement not stored: {e}"))
                         })
                     }
-                    None => Err((ErrorCode::NotFound, format!("unknown twin {twin}"))),
+                    None => Err(crate::Error::refused(
+                        ErrorCode::NotFound,
+                        format!("unknown twin {twin}"),
+                    )),
                 };
                 let _ = reply.send(result);
             }
@@ -590,7 +591,10 @@ impl Actor for MeshSupervisor {
                         .cloned()
                         .collect())
                 } else {
-                    Err((ErrorCode::NotFound, format!("unknown node {node}")))
+                    Err(crate::Error::refused(
+                        ErrorCode::NotFound,
+                        format!("unknown node {node}"),
+                    ))
                 };
                 let _ = reply.send(result);
             }
@@ -836,14 +840,12 @@ async fn replica_keeper(
 /// Deadline of each step of a migration.
 const MIGRATION_STEP: Duration = Duration::from_secs(5);
 
-type MeshError = (ErrorCode, String);
-
 async fn twin_rpc(
     ctx: &NodeContext,
     twin: &TwinId,
     request: twin_request::Request,
     timeout: Duration,
-) -> Result<twin_reply::Reply, MeshError> {
+) -> Result<twin_reply::Reply, crate::Error> {
     let request = TwinRequest {
         caller: None,
         request: Some(request),
@@ -852,37 +854,30 @@ async fn twin_rpc(
         .fabric
         .ask(&keys::twin_rpc(twin), &request, timeout)
         .await
-        .map_err(|e| (ErrorCode::Unavailable, e.to_string()))?;
+        .map_err(|e| crate::Error::unavailable(e.to_string()))?;
     let reply = replies
         .into_iter()
         .find_map(|r| r.decode::<TwinReply>().ok())
-        .ok_or_else(|| {
-            (
-                ErrorCode::Unavailable,
-                format!("twin {twin} did not answer"),
-            )
-        })?;
+        .ok_or_else(|| crate::Error::unavailable(format!("twin {twin} did not answer")))?;
     match reply.reply {
-        Some(twin_reply::Reply::Error(e)) => Err((
-            ErrorCode::Unavailable,
-            format!("twin {twin}: {}", e.message),
-        )),
+        Some(twin_reply::Reply::Error(e)) => Err(crate::Error::unavailable(format!(
+            "twin {twin}: {}",
+            e.message
+        ))),
         Some(r) => Ok(r),
-        None => Err((
-            ErrorCode::Unavailable,
-            format!("empty reply from twin {twin}"),
-        )),
+        None => Err(crate::Error::unavailable(format!(
+            "empty reply from twin {twin}"
+        ))),
     }
 }
 
 async fn call<T: Send + 'static>(
     mesh: &ActorRef<MeshMsg>,
     msg: impl FnOnce(RpcReplyPort<T>) -> MeshMsg,
-) -> Result<T, MeshError> {
+) -> Result<T, crate::Error> {
     match mesh.call(msg, Some(MIGRATION_STEP)).await {
         Ok(ractor::rpc::CallResult::Success(v)) => Ok(v),
-        _ => Err((
-            ErrorCode::Unavailable,
+        _ => Err(crate::Error::unavailable(
             "placement authority is stopping".to_owned(),
         )),
     }
@@ -896,7 +891,7 @@ pub async fn migrate(
     twin: TwinId,
     target_node: String,
     target_tier: String,
-) -> Result<MigrateTwinResponse, MeshError> {
+) -> Result<MigrateTwinResponse, crate::Error> {
     let (placement, target) = call(mesh, |reply| MeshMsg::PlanMove {
         twin: twin.clone(),
         target_node,
@@ -918,7 +913,12 @@ pub async fn migrate(
     .await?
     {
         twin_reply::Reply::Snapshot(s) => s,
-        _ => return Err((ErrorCode::Internal, "unexpected reply to freeze".to_owned())),
+        _ => {
+            return Err(crate::Error::refused(
+                ErrorCode::Internal,
+                "unexpected reply to freeze".to_owned(),
+            ))
+        }
     };
     let frozen_at = start.elapsed();
     call(mesh, |reply| MeshMsg::KeepReplica(snapshot, reply)).await?;
@@ -927,7 +927,7 @@ pub async fn migrate(
         .fabric
         .subscribe(&keys::twin_state(&twin), 64)
         .await
-        .map_err(|e| (ErrorCode::Unavailable, e.to_string()))?;
+        .map_err(|e| crate::Error::unavailable(e.to_string()))?;
     let placed = match call(mesh, |reply| MeshMsg::CommitMove {
         twin: twin.clone(),
         node: target,
@@ -961,10 +961,10 @@ pub async fn migrate(
         let sample = match tokio::time::timeout(left, states.rx.recv_async()).await {
             Ok(Ok(s)) => s,
             _ => {
-                return Err((
-                    ErrorCode::Unavailable,
-                    format!("twin {twin} did not come up on {} in time", placed.node),
-                ))
+                return Err(crate::Error::unavailable(format!(
+                    "twin {twin} did not come up on {} in time",
+                    placed.node
+                )))
             }
         };
         let up = sample
@@ -990,7 +990,7 @@ async fn drain(
     mesh: &ActorRef<MeshMsg>,
     ctx: &NodeContext,
     node: String,
-) -> Result<DrainNodeResponse, MeshError> {
+) -> Result<DrainNodeResponse, crate::Error> {
     let twins = call(mesh, |reply| MeshMsg::StartDrain(node, reply)).await??;
     let mut out = DrainNodeResponse::default();
     for p in twins {
@@ -999,7 +999,10 @@ async fn drain(
         };
         match migrate(mesh, ctx, id, String::new(), String::new()).await {
             Ok(r) => out.moved.extend(r.placement),
-            Err((_, reason)) => out.stuck.push(Placement { reason, ..p }),
+            Err(e) => out.stuck.push(Placement {
+                reason: e.to_string(),
+                ..p
+            }),
         }
     }
     Ok(out)
@@ -1057,7 +1060,10 @@ async fn mesh_request_server(
                     Ok(id) => migrate(&mesh, &ctx2, id, m.target_node, m.target_tier)
                         .await
                         .map(mesh_reply::Reply::Migrate),
-                    Err(e) => Err((ErrorCode::InvalidArgument, e.to_string())),
+                    Err(e) => Err(crate::Error::refused(
+                        ErrorCode::InvalidArgument,
+                        e.to_string(),
+                    )),
                 },
                 Ok(MeshRequest {
                     request: Some(mesh_request::Request::Drain(d)),
@@ -1070,10 +1076,11 @@ async fn mesh_request_server(
                     .await
                     .and_then(|r| r)
                     .map(mesh_reply::Reply::SiteBudget),
-                Ok(MeshRequest { request: None }) => {
-                    Err((ErrorCode::InvalidArgument, "empty mesh request".to_owned()))
-                }
-                Err(e) => Err((
+                Ok(MeshRequest { request: None }) => Err(crate::Error::refused(
+                    ErrorCode::InvalidArgument,
+                    "empty mesh request".to_owned(),
+                )),
+                Err(e) => Err(crate::Error::refused(
                     ErrorCode::InvalidArgument,
                     format!("malformed mesh request: {e}"),
                 )),
@@ -1081,10 +1088,7 @@ async fn mesh_request_server(
             let reply = MeshReply {
                 reply: Some(match result {
                     Ok(r) => r,
-                    Err((code, message)) => mesh_reply::Reply::Error(proto::Error {
-                        code: proto::ErrorCode::from(code) as i32,
-                        message,
-                    }),
+                    Err(e) => mesh_reply::Reply::Error((&e).into()),
                 }),
             };
             query.reply_with(keys::MESH_REQUESTS, &reply).await;
@@ -1112,7 +1116,7 @@ async fn rebalancer(mesh: ActorRef<MeshMsg>, ctx: Arc<NodeContext>) {
             Ok(r) => {
                 tracing::info!(twin = %twin, to = r.placement.map(|p| p.node).unwrap_or_default(), "rebalanced")
             }
-            Err((_, e)) => tracing::warn!(twin = %twin, "rebalancing move failed: {e}"),
+            Err(e) => tracing::warn!(twin = %twin, "rebalancing move failed: {e}"),
         }
     }
 }

@@ -11,7 +11,6 @@ use twinmesh_twins::chain::{self, ChainSpec};
 use twinmesh_twins::proto::{self, twin_reply, Placement, ReplayRequest, TwinSnapshot};
 use twinmesh_twins::{keys, AssetKind, Error as DomainError, TwinCore, TwinId};
 
-use super::rpc::RequestError;
 use super::{TwinActorState, TwinMsg, PASSIVATED};
 use crate::context::NodeContext;
 use crate::error::Result;
@@ -32,10 +31,10 @@ impl TwinActorState {
     pub(super) async fn freeze(
         &mut self,
         r: proto::FreezeRequest,
-    ) -> std::result::Result<twin_reply::Reply, RequestError> {
+    ) -> crate::Result<twin_reply::Reply> {
         self.check_twin_id(&r.twin_id)?;
         if r.epoch != self.placement.epoch {
-            return Err(RequestError::Domain(DomainError::InvalidArgument(format!(
+            return Err(crate::Error::Domain(DomainError::InvalidArgument(format!(
                 "freeze of {} at epoch {}, twin is at epoch {}",
                 self.core.id, r.epoch, self.placement.epoch
             ))));
@@ -48,7 +47,7 @@ impl TwinActorState {
         // No flush here: the snapshot travels to the cloud, and anything after an
         // older durable one is still in the gateway's retained spool.
         self.persist()
-            .map_err(|e| RequestError::Unavailable(format!("snapshot not stored: {e}")))?;
+            .map_err(|e| crate::Error::unavailable(format!("snapshot not stored: {e}")))?;
         self.replicate().await;
         Ok(twin_reply::Reply::Snapshot(self.offsite_snapshot()))
     }

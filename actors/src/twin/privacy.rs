@@ -9,7 +9,6 @@ use twinmesh_twins::privacy::{self, Mechanism, Pseudonymiser};
 use twinmesh_twins::proto::{self, twin_reply, TwinSnapshot};
 use twinmesh_twins::Error as DomainError;
 
-use super::rpc::RequestError;
 use super::{Charge, TwinActorState, TwinMsg};
 use crate::metrics::NodeMetrics;
 
@@ -21,17 +20,17 @@ impl TwinActorState {
         myself: &ActorRef<TwinMsg>,
         r: proto::SetPolicyRequest,
         caller: Option<proto::Caller>,
-    ) -> std::result::Result<twin_reply::Reply, RequestError> {
+    ) -> crate::Result<twin_reply::Reply> {
         let p = r.policy.unwrap_or_default();
         self.check_twin_id(&p.twin_id)?;
         if privacy::role_of(caller.as_ref()) < privacy::Role::DataOwner {
-            return Err(RequestError::Domain(DomainError::PermissionDenied(
+            return Err(crate::Error::Domain(DomainError::PermissionDenied(
                 "setting a privacy policy needs the data_owner role".to_owned(),
             )));
         }
         if let Some(expected) = r.expected_version {
             if expected != self.core.policy.version {
-                return Err(RequestError::Domain(DomainError::PolicyVersionMismatch {
+                return Err(crate::Error::Domain(DomainError::PolicyVersionMismatch {
                     twin: self.core.id.to_string(),
                     expected,
                     actual: self.core.policy.version,
@@ -44,7 +43,7 @@ impl TwinActorState {
         self.core.revision += 1;
         if let Err(e) = self.persist_durably().await {
             self.core.policy = previous;
-            return Err(RequestError::Unavailable(format!("policy not stored: {e}")));
+            return Err(crate::Error::unavailable(format!("policy not stored: {e}")));
         }
         // Like a ledger charge: a failover must not bring back the older policy.
         if !self.replicate_confirmed().await {

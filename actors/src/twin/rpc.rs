@@ -21,17 +21,6 @@ use crate::metrics::NodeMetrics;
 use crate::ports::{StoredFrame, MAX_HISTORY_BUCKETS};
 
 /// Why a request failed: the caller's mistake, or a passing state of the twin.
-pub(super) enum RequestError {
-    Domain(DomainError),
-    Unavailable(String),
-}
-
-impl From<DomainError> for RequestError {
-    fn from(e: DomainError) -> Self {
-        RequestError::Domain(e)
-    }
-}
-
 impl TwinActorState {
     /// Answers a twin request; failures become error replies.
     pub(super) async fn on_request(
@@ -42,11 +31,7 @@ impl TwinActorState {
     ) {
         let out = match self.handle_request(myself, req).await {
             Ok(r) => r,
-            Err(RequestError::Domain(e)) => twin_reply::Reply::Error((&e).into()),
-            Err(RequestError::Unavailable(message)) => twin_reply::Reply::Error(proto::Error {
-                code: proto::ErrorCode::Unavailable as i32,
-                message,
-            }),
+            Err(e) => twin_reply::Reply::Error((&e).into()),
         };
         let _ = reply.send(self::reply(out));
     }
@@ -60,11 +45,7 @@ impl TwinActorState {
     ) {
         let out = match self.handle_request(myself, req).await {
             Ok(r) => r,
-            Err(RequestError::Domain(e)) => twin_reply::Reply::Error((&e).into()),
-            Err(RequestError::Unavailable(message)) => twin_reply::Reply::Error(proto::Error {
-                code: proto::ErrorCode::Unavailable as i32,
-                message,
-            }),
+            Err(e) => twin_reply::Reply::Error((&e).into()),
         };
         send_reply(query, &keys::twin_rpc(&self.core.id), &self::reply(out)).await;
     }
@@ -73,7 +54,7 @@ impl TwinActorState {
         &mut self,
         myself: &ActorRef<TwinMsg>,
         req: TwinRequest,
-    ) -> std::result::Result<twin_reply::Reply, RequestError> {
+    ) -> crate::Result<twin_reply::Reply> {
         let mutating = matches!(
             req.request,
             Some(twin_request::Request::SetDesired(_))
@@ -82,7 +63,7 @@ impl TwinActorState {
                 | Some(twin_request::Request::SetPolicy(_))
         );
         if self.frozen && mutating {
-            return Err(RequestError::Unavailable(format!(
+            return Err(crate::Error::unavailable(format!(
                 "twin {} is moving",
                 self.core.id
             )));
@@ -128,7 +109,7 @@ impl TwinActorState {
                     .set_desired(&r.property, r.value, r.expected_revision, now)?
                     .into();
                 if let Err(e) = self.persist() {
-                    return Err(RequestError::Unavailable(format!(
+                    return Err(crate::Error::unavailable(format!(
                         "set-point not stored: {e}"
                     )));
                 }
@@ -151,7 +132,7 @@ impl TwinActorState {
                 // Rebuilt from the new chain on the next frame.
                 self.analyzer = None;
                 if let Err(e) = self.persist() {
-                    return Err(RequestError::Unavailable(format!("chain not stored: {e}")));
+                    return Err(crate::Error::unavailable(format!("chain not stored: {e}")));
                 }
                 self.publish_chain().await;
                 self.publish_event(
@@ -178,21 +159,21 @@ impl TwinActorState {
                 };
                 let previous = self.model_label();
                 let model = self.check_model(&record).map_err(|e| {
-                    RequestError::Domain(DomainError::InvalidArgument(format!(
+                    crate::Error::Domain(DomainError::InvalidArgument(format!(
                         "model rejected: {e}; the twin keeps {previous}"
                     )))
                 })?;
                 self.ctx
                     .store
                     .save_twin_model(&self.core.id, &record)
-                    .map_err(|e| RequestError::Unavailable(format!("model not stored: {e}")))?;
+                    .map_err(|e| crate::Error::unavailable(format!("model not stored: {e}")))?;
                 self.install(&record, model);
                 self.core.revision += 1;
                 if let Err(e) = self.persist() {
-                    return Err(RequestError::Unavailable(format!("model not stored: {e}")));
+                    return Err(crate::Error::unavailable(format!("model not stored: {e}")));
                 }
                 if let Err(e) = self.ctx.store.flush().await {
-                    return Err(RequestError::Unavailable(format!(
+                    return Err(crate::Error::unavailable(format!(
                         "model not made durable: {e}"
                     )));
                 }
@@ -216,10 +197,10 @@ impl TwinActorState {
             Some(twin_request::Request::QueryHistory(_))
             | Some(twin_request::Request::ImportHistory(_))
             | Some(twin_request::Request::Release(_))
-            | Some(twin_request::Request::Contribute(_)) => Err(RequestError::Domain(
+            | Some(twin_request::Request::Contribute(_)) => Err(crate::Error::Domain(
                 DomainError::InvalidArgument("served by the rpc pump".to_owned()),
             )),
-            None => Err(RequestError::Domain(DomainError::InvalidArgument(
+            None => Err(crate::Error::Domain(DomainError::InvalidArgument(
                 "empty twin request".to_owned(),
             ))),
         }

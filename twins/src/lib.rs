@@ -19,6 +19,9 @@
 //! - [`monitor`]: a twin's scoring of its feature windows — health status with
 //!   debounced alarms and their contributing features, drift of the score distribution.
 //!
+//! - [`window`]: the edge-analysis front end — the process-signal points kept as the
+//!   context of analysis windows and how a window's context is filled (the twin and
+//!   `twinmesh eval` both use it).
 //! - [`privacy`]: privacy policies, the ε budget ledger, OpenDP releases,
 //!   micro-aggregation, pseudonymisation and the egress gate.
 //!
@@ -40,6 +43,7 @@ pub mod snapshot;
 pub mod state;
 pub mod stats;
 pub mod td;
+pub mod window;
 
 pub use error::{Error, ErrorCode, Result};
 pub use id::{NodeId, Tier, TwinId};

@@ -136,7 +136,7 @@ pub struct TwinActorState {
     analyzer: Analyzer,
     /// Recent values of process (non-waveform) signals: the context of analysis windows
     /// (e.g. shaft speed averaged over a vibration window).
-    recent: BTreeMap<String, std::collections::VecDeque<(i64, f64)>>,
+    recent: twinmesh_twins::window::WindowContext,
     /// Frozen for a migration: frames are no longer applied nor acknowledged, and
     /// mutating requests are refused (the new owner takes over).
     frozen: bool,
@@ -294,7 +294,7 @@ impl Actor for TwinActor {
         let state = TwinActorState {
             ctx: ctx.clone(),
             analyzer,
-            recent: BTreeMap::new(),
+            recent: Default::default(),
             frozen: false,
             last_activity: Instant::now(),
             backfill_checks: lifecycle::BACKFILL_CHECKS,

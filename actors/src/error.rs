@@ -22,6 +22,11 @@ pub enum Error {
     Actor(String),
     #[error("twin {0} is not hosted on this node")]
     NotHosted(String),
+    /// The model registry could not read or write its store.
+    #[error("model registry: {0}")]
+    Registry(String),
+    #[error("unknown model {model_id} v{version}")]
+    UnknownModel { model_id: String, version: u64 },
 }
 
 impl Error {
@@ -31,6 +36,8 @@ impl Error {
         match self {
             Error::Domain(e) => e.code(),
             Error::Decode { .. } => ErrorCode::InvalidArgument,
+            Error::UnknownModel { .. } => ErrorCode::NotFound,
+            Error::Registry(_) => ErrorCode::Internal,
             // The fabric, the store or an actor failed: the caller may retry.
             Error::Fabric(_) | Error::Store(_) | Error::Actor(_) | Error::NotHosted(_) => {
                 ErrorCode::Unavailable

@@ -29,7 +29,13 @@
 //!   that cross the fabric) and the at-rest key (sensitive trees).
 //! - [`metrics`]: per-node counters behind `NodeLoad` and `/metrics`.
 //! - [`services`]: the info/twins queryables every node serves.
+//! - [`registry`]: [`registry::Registry`], the cloud's model registry on the
+//!   [`ports::ModelStore`], and its fabric service.
+//! - [`assembly`]: [`assembly::Assembly`], one node put together from its ports (context,
+//!   actors, queryables, load, the cloud's archive and registry, liveliness) and taken
+//!   apart; `nodes` and `sim`'s cluster both use it.
 
+pub mod assembly;
 pub mod context;
 pub mod error;
 pub mod gateway;
@@ -37,6 +43,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod node;
 pub mod ports;
+pub mod registry;
 pub mod router;
 pub mod seal;
 pub mod services;

@@ -10,6 +10,8 @@
 //! - [`stats`]: window statistics (count, min, max, mean, rms) and their mergeable
 //!   accumulator, used for derived features; [`stats::HistoryBuckets`], the bucketing
 //!   of history queries every store uses.
+//! - [`history`]: the checks of history queries and imports (the API's door and the
+//!   twin make the same ones).
 //! - [`snapshot`]: which twin a snapshot is of and which of two is newer (replicas keep
 //!   the newest by epoch, then revision).
 //! - [`keys`]: the Zenoh key space of DESIGN §6 as functions.
@@ -32,6 +34,7 @@ pub mod chain;
 pub mod dsp;
 pub mod error;
 pub mod frame;
+pub mod history;
 pub mod id;
 pub mod keys;
 pub mod kind;

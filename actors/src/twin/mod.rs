@@ -61,7 +61,6 @@ use crate::metrics::NodeMetrics;
 use crate::ports::Qos;
 
 pub use ingest::{MAX_IDENTIFIER_LEN, MAX_IDENTIFIER_RECORDS};
-pub use rpc::{validate_history, MAX_IMPORT_SAMPLES};
 
 pub enum TwinMsg {
     /// Validated frames, in arrival order. Replies with the watermarks to acknowledge

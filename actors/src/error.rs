@@ -29,6 +29,11 @@ pub enum Error {
         code: twinmesh_twins::ErrorCode,
         message: String,
     },
+    /// The model registry could not read or write its store.
+    #[error("model registry: {0}")]
+    Registry(String),
+    #[error("unknown model {model_id} v{version}")]
+    UnknownModel { model_id: String, version: u64 },
 }
 
 impl Error {
@@ -38,6 +43,8 @@ impl Error {
         match self {
             Error::Domain(e) => e.code(),
             Error::Decode { .. } => ErrorCode::InvalidArgument,
+            Error::UnknownModel { .. } => ErrorCode::NotFound,
+            Error::Registry(_) => ErrorCode::Internal,
             // The fabric, the store or an actor failed: the caller may retry.
             Error::Fabric(_) | Error::Store(_) | Error::Actor(_) | Error::NotHosted(_) => {
                 ErrorCode::Unavailable

@@ -34,7 +34,13 @@
 //! - [`wire`]: the typed wire: each proto message tied to its encoding, typed publish,
 //!   query and reply, and the one decode → forward-to-actor loop.
 //! - [`error`]: [`Error`], classified by the workspace's `ErrorCode`.
+//! - [`registry`]: [`registry::Registry`], the cloud's model registry on the
+//!   [`ports::ModelStore`], and its fabric service.
+//! - [`assembly`]: [`assembly::Assembly`], one node put together from its ports (context,
+//!   actors, queryables, load, the cloud's archive and registry, liveliness) and taken
+//!   apart; `nodes` and `sim`'s cluster both use it.
 
+pub mod assembly;
 pub mod context;
 pub mod error;
 pub mod gateway;
@@ -42,6 +48,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod node;
 pub mod ports;
+pub mod registry;
 pub mod router;
 pub mod seal;
 pub mod services;

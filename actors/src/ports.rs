@@ -180,9 +180,6 @@ pub struct StoredFrame {
     pub scale: f64,
 }
 
-/// Most buckets one history query may produce.
-pub const MAX_HISTORY_BUCKETS: u64 = 100_000;
-
 // --- storage (DESIGN §8) ---
 //
 // The store port is split by concern, the way TiKV splits `engine_traits`: an actor

@@ -1,9 +1,10 @@
 //! Anomaly models across tiers (issue 6): the cloud's model registry, training on the
 //! archived features, deployment to twins, and `ModelService`.
 //!
-//! - **Registry** (the [`ModelStore`] of the cloud node's store; in sled the tree
-//!   `models`, `{model_id}\0{version BE}` → `ModelRecord`): info, deployments, the model
-//!   file. It also answers
+//! - **Registry** ([`Registry`], in `actors` with its fabric service, so the simulation's
+//!   cloud nodes run it too; the [`ModelStore`](twinmesh_actors::ports::ModelStore) of the
+//!   cloud node's store, in sled the tree `models`, `{model_id}\0{version BE}` →
+//!   `ModelRecord`): info, deployments, the model file. It also answers
 //!   `twinmesh/models/{id}/{version}`, which a twin queries when it starts on a node
 //!   that does not hold its model yet (after a migration or a failover).
 //! - **Training** reads the cloud's archive (the `archive` stage keeps every twin's
@@ -17,21 +18,22 @@
 //! `FAILED_PRECONDITION` with the address of a cloud node's gRPC endpoint.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use ndarray::Array2;
 
 use twinmesh_actors::context::NodeContext;
-use twinmesh_actors::ports::{ModelStore, SeriesStore};
+use twinmesh_actors::ports::SeriesStore;
+pub use twinmesh_actors::registry::Registry;
 use twinmesh_twins::model::{validate_model_id, Algorithm, Model, TrainParams, DEFAULT_ALGORITHM};
 use twinmesh_twins::monitor::FeatureVector;
 use twinmesh_twins::proto::{
     Deployment, InstallModelRequest, ListTwinsRequest, ModelInfo, ModelRecord, TrainModelProgress,
     TrainModelRequest,
 };
-use twinmesh_twins::{keys, AssetKind, Tier, TwinId};
+use twinmesh_twins::{AssetKind, Tier, TwinId};
 
 use crate::api::{parse_twin_id, Api, MAX_PAGE_SIZE};
 
@@ -41,129 +43,6 @@ pub const MAX_TRAINING_ROWS: usize = 2_000_000;
 const INSTALL_DEADLINE: Duration = Duration::from_secs(10);
 /// Twins a deployment installs on at once.
 const DEPLOY_CONCURRENCY: usize = 8;
-
-fn internal(e: impl std::fmt::Display) -> crate::Error {
-    crate::Error::internal(format!("model registry: {e}"))
-}
-
-/// The cloud's model registry.
-pub struct Registry {
-    store: Arc<dyn ModelStore>,
-    /// Serialises version allocation and deployment updates.
-    write: Mutex<()>,
-}
-
-impl Registry {
-    pub fn new(store: Arc<dyn ModelStore>) -> Self {
-        Registry {
-            store,
-            write: Mutex::new(()),
-        }
-    }
-
-    fn newest_version(&self, model_id: &str) -> crate::Result<u64> {
-        self.store.newest_model_version(model_id).map_err(internal)
-    }
-
-    /// Stores `record` as the next version of its model; returns the stored info.
-    pub fn add(&self, mut record: ModelRecord) -> crate::Result<ModelInfo> {
-        let _w = self.write.lock().expect("registry lock");
-        let info = record.info.as_mut().ok_or_else(|| internal("no info"))?;
-        info.version = self.newest_version(&info.model_id)? + 1;
-        info.size_bytes = record.model.len() as u64;
-        let out = info.clone();
-        self.store
-            .put_model(&out.model_id, out.version, &record)
-            .map_err(internal)?;
-        Ok(out)
-    }
-
-    /// A version (0: the newest).
-    pub fn get(&self, model_id: &str, version: u64) -> crate::Result<Option<ModelRecord>> {
-        let version = match version {
-            0 => self.newest_version(model_id)?,
-            v => v,
-        };
-        self.store.get_model(model_id, version).map_err(internal)
-    }
-
-    /// Every version's info, newest first, filtered by id and kind.
-    pub fn list(&self, model_id: &str, kind: &str) -> crate::Result<Vec<ModelInfo>> {
-        let mut out = Vec::new();
-        for record in self.store.models().map_err(internal)? {
-            let info = record.info.unwrap_or_default();
-            if (model_id.is_empty() || info.model_id == model_id)
-                && (kind.is_empty() || info.kind == kind)
-            {
-                out.push(info);
-            }
-        }
-        out.sort_by(|a, b| {
-            b.created_ns
-                .cmp(&a.created_ns)
-                .then(b.version.cmp(&a.version))
-        });
-        Ok(out)
-    }
-
-    /// Records deployments of a version (the latest per twin).
-    pub fn record_deployments(
-        &self,
-        model_id: &str,
-        version: u64,
-        deployments: &[Deployment],
-    ) -> crate::Result<()> {
-        let _w = self.write.lock().expect("registry lock");
-        let Some(mut record) = self.get(model_id, version)? else {
-            return Err(crate::Error::not_found(format!(
-                "unknown model {model_id} v{version}"
-            )));
-        };
-        let info = record.info.get_or_insert_with(Default::default);
-        for d in deployments {
-            info.deployments.retain(|e| e.twin_id != d.twin_id);
-            info.deployments.push(d.clone());
-        }
-        info.deployments.sort_by(|a, b| a.twin_id.cmp(&b.twin_id));
-        self.store
-            .put_model(model_id, version, &record)
-            .map_err(internal)?;
-        Ok(())
-    }
-}
-
-/// Answers `twinmesh/models/{id}/{version}` from the registry until the node stops.
-pub async fn serve_registry(
-    ctx: Arc<NodeContext>,
-    registry: Arc<Registry>,
-) -> twinmesh_actors::Result<()> {
-    let q = ctx.fabric.queryable(keys::MODELS, 64).await?;
-    let c = ctx.clone();
-    ctx.tasks.spawn(async move {
-        loop {
-            let query = tokio::select! {
-                biased;
-                _ = c.cancel.cancelled() => break,
-                q = q.rx.recv_async() => match q { Ok(q) => q, Err(_) => break },
-            };
-            tracing::debug!(key = %query.key, "model registry query");
-            let Some((id, version)) = keys::parse_model(&query.key) else {
-                continue;
-            };
-            match registry.get(id, version) {
-                Ok(Some(r)) => {
-                    let key = keys::model(id, version);
-                    query.reply_with(&key, &r).await
-                }
-                Ok(None) => {}
-                Err(e) => tracing::warn!("model registry read failed: {e}"),
-            }
-        }
-        // The whole queryable lives in the task (its guard keeps it declared).
-        drop(q);
-    });
-    Ok(())
-}
 
 /// What a training reads and how it trains.
 pub struct TrainJob {

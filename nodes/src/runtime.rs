@@ -5,23 +5,20 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ractor::{Actor, ActorRef};
+use ractor::ActorRef;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
+use twinmesh_actors::assembly::{Assembly, NodeParts};
 use twinmesh_actors::context::{NodeContext, TwinConfig};
-use twinmesh_actors::gateway::{GatewayActor, GatewayArgs, GatewayConfig, GatewayMsg};
-use twinmesh_actors::mesh::{MeshMsg, MeshSupervisor};
-use twinmesh_actors::metrics::NodeMetrics;
-use twinmesh_actors::node::{NodeMsg, NodeSupervisor};
+use twinmesh_actors::gateway::{GatewayConfig, GatewayMsg};
+use twinmesh_actors::mesh::MeshMsg;
+use twinmesh_actors::node::NodeMsg;
 use twinmesh_actors::ports::{
-    Clock, Device, Durable, Guard, Qos, SeriesStore, SharedFabric, SpoolStore, StoredFrame,
-    Subscription, SystemClock,
+    Clock, Device, Durable, SeriesStore, SharedFabric, SharedStore, SystemClock,
 };
-use twinmesh_actors::wire::TypedFabric;
 use twinmesh_sim::{Fault, SimDevice};
-use twinmesh_twins::proto::{FeatureSet, NodeInfo, NodeLoad};
-use twinmesh_twins::{keys, Tier, TwinId};
+use twinmesh_twins::proto::NodeInfo;
+use twinmesh_twins::TwinId;
 
 use crate::api::Api;
 use crate::config::NodeConfig;
@@ -46,7 +43,7 @@ pub struct RunningNode {
     pub supervisor: Option<ActorRef<NodeMsg>>,
     pub mesh: Option<ActorRef<MeshMsg>>,
     pub gateway: Option<ActorRef<GatewayMsg>>,
-    token: Option<Guard>,
+    assembly: Assembly,
     servers: CancellationToken,
 }
 
@@ -125,15 +122,20 @@ impl RunningNode {
         let fabric = Arc::new(ZenohFabric::open(&config).await?);
         let locators = fabric.locators().await;
         let shared_fabric: SharedFabric = fabric.clone();
-        let ctx = Arc::new(NodeContext {
+        let grpc_addr = grpc_listener.as_ref().and_then(|l| l.local_addr().ok());
+        let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
+        let chains = config
+            .chains
+            .iter()
+            .map(|(kind, spec)| Ok((*kind, twinmesh_twins::chain::Chain::validate(spec, *kind)?)))
+            .collect::<Result<_, twinmesh_twins::chain::ChainError>>()?;
+        let assembly = Assembly::start(NodeParts {
             node: config.id.clone(),
             tier: config.tier,
             site: config.site.clone(),
             fabric: shared_fabric.clone(),
-            store: store.clone(),
+            store: store.clone() as SharedStore,
             clock: Arc::new(SystemClock),
-            metrics: Arc::new(NodeMetrics::default()),
-            directory: Default::default(),
             twin_config: TwinConfig {
                 max_frame_bytes: config.max_frame_bytes,
                 passivate_after: match config.passivate_after_s {
@@ -143,73 +145,22 @@ impl RunningNode {
                 site_budget: config.site_budget(),
                 ..twin_config
             },
-            tasks: TaskTracker::new(),
-            cancel: CancellationToken::new(),
-            analysis_permits: Arc::new(tokio::sync::Semaphore::new(
-                std::thread::available_parallelism().map_or(2, |n| n.get()),
-            )),
-            router: Default::default(),
+            analysis_permits: std::thread::available_parallelism().map_or(2, |n| n.get()),
             site_key,
-        });
-        let grpc_addr = grpc_listener.as_ref().and_then(|l| l.local_addr().ok());
-        let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
-
-        let info = NodeInfo {
-            node: config.id.to_string(),
-            tier: config.tier.to_string(),
-            site: config.site.clone(),
-            capacity: config.capacity,
-            twins: 0,
-            locators: locators.clone(),
-            grpc_addr: grpc_addr.map(|a| a.to_string()).unwrap_or_default(),
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            started_ns: ctx.now_ns(),
-        };
-        twinmesh_actors::services::serve_node_queryables(&ctx, info).await?;
-        ctx.tasks.spawn(publish_load(ctx.clone(), store.clone()));
-        let registry = if config.tier == Tier::Cloud {
-            let features = ctx.fabric.subscribe(keys::FEATURES_ALL, 4096).await?;
-            ctx.tasks.spawn(archive_features(ctx.clone(), features));
-            let registry = Arc::new(models::Registry::new(store.clone()));
-            models::serve_registry(ctx.clone(), registry.clone()).await?;
-            Some(registry)
-        } else {
-            None
-        };
-
-        let mesh = if config.tier == Tier::Cloud {
-            Some(Actor::spawn(None, MeshSupervisor, ctx.clone()).await?.0)
-        } else {
-            None
-        };
-        let supervisor = if config.tier != Tier::Iot {
-            Some(Actor::spawn(None, NodeSupervisor, ctx.clone()).await?.0)
-        } else {
-            None
-        };
-        let gateway = if config.tier == Tier::Iot {
-            let chains = config
-                .chains
-                .iter()
-                .map(|(kind, spec)| {
-                    Ok((*kind, twinmesh_twins::chain::Chain::validate(spec, *kind)?))
-                })
-                .collect::<Result<_, twinmesh_twins::chain::ChainError>>()?;
-            let args = GatewayArgs {
-                ctx: ctx.clone(),
-                devices,
-                config: gateway_config,
-                chains,
-            };
-            Some(Actor::spawn(None, GatewayActor, args).await?.0)
-        } else {
-            None
-        };
-        // Announce the node last: whoever sees the token can query its info.
-        let token = ctx
-            .fabric
-            .liveliness_token(&keys::node_token(&config.id))
-            .await?;
+            info: NodeInfo {
+                capacity: config.capacity,
+                locators: locators.clone(),
+                grpc_addr: grpc_addr.map(|a| a.to_string()).unwrap_or_default(),
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                ..Default::default()
+            },
+            devices,
+            gateway: gateway_config,
+            chains,
+        })
+        .await?;
+        let ctx = assembly.ctx.clone();
+        let registry = assembly.registry.clone();
 
         let servers = CancellationToken::new();
         let api = Api::new(shared_fabric, &config.site);
@@ -255,10 +206,10 @@ impl RunningNode {
             ctx,
             fabric,
             store,
-            supervisor,
-            mesh,
-            gateway,
-            token: Some(token),
+            supervisor: assembly.supervisor.clone(),
+            mesh: assembly.mesh.clone(),
+            gateway: assembly.gateway.clone(),
+            assembly,
             servers,
         })
     }
@@ -277,25 +228,9 @@ impl RunningNode {
     }
 
     /// Stops servers and actors, flushes storage and closes the session, within a bound.
-    pub async fn stop(mut self) -> crate::Result<()> {
-        let result = tokio::time::timeout(SHUTDOWN_BOUND, async {
-            self.servers.cancel();
-            if let Some(g) = self.gateway.take() {
-                let _ = g.stop_and_wait(None, Some(Duration::from_secs(5))).await;
-            }
-            if let Some(s) = self.supervisor.take() {
-                let _ = s.stop_and_wait(None, Some(Duration::from_secs(5))).await;
-            }
-            if let Some(m) = self.mesh.take() {
-                let _ = m.stop_and_wait(None, Some(Duration::from_secs(5))).await;
-            }
-            drop(self.token.take());
-            self.ctx.cancel.cancel();
-            self.ctx.tasks.close();
-            self.ctx.tasks.wait().await;
-        })
-        .await;
-        if result.is_err() {
+    pub async fn stop(self) -> crate::Result<()> {
+        self.servers.cancel();
+        if !self.assembly.stop(SHUTDOWN_BOUND).await {
             tracing::warn!(node = %self.config.id, "shutdown took longer than {SHUTDOWN_BOUND:?}; abandoning remaining tasks");
         }
         self.store.flush().await?;
@@ -303,84 +238,6 @@ impl RunningNode {
         tracing::info!(node = %self.config.id, "node stopped; storage flushed");
         Ok(())
     }
-}
-
-/// Publishes `NodeLoad` on `twinmesh/nodes/{node}/load` every second.
-async fn publish_load(ctx: Arc<NodeContext>, store: Arc<SledStore>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = ctx.cancel.cancelled() => break,
-            _ = tick.tick() => {}
-        }
-        let m = &ctx.metrics;
-        let load = NodeLoad {
-            node: ctx.node.to_string(),
-            timestamp_ns: ctx.now_ns(),
-            twins: ctx.directory.len() as u32,
-            frames_in: NodeMetrics::get(&m.frames_in),
-            samples_in: NodeMetrics::get(&m.samples_in),
-            frames_duplicate: NodeMetrics::get(&m.frames_duplicate),
-            frames_rejected: m
-                .rejected()
-                .into_iter()
-                .map(|(k, v)| (k.to_owned(), v))
-                .collect(),
-            frames_published: NodeMetrics::get(&m.frames_published),
-            bytes_published: NodeMetrics::get(&m.bytes_published),
-            spool_frames: store.spool_len(),
-            rpc_served: NodeMetrics::get(&m.rpc_served),
-            frames_overflow: NodeMetrics::get(&m.frames_overflow),
-        };
-        if let Err(e) = ctx
-            .fabric
-            .put(&keys::node_load(&ctx.node), &load, Qos::Latest)
-            .await
-        {
-            tracing::debug!("load not published: {e}");
-        }
-    }
-}
-
-/// The cloud stage `archive`: keeps the feature sets of twins whose chain asks for it,
-/// as long-term time series (one series per feature) in the cloud node's store.
-async fn archive_features(ctx: Arc<NodeContext>, features: Subscription) {
-    loop {
-        let sample = tokio::select! {
-            _ = ctx.cancel.cancelled() => break,
-            s = features.rx.recv_async() => match s { Ok(s) => s, Err(_) => break },
-        };
-        let Ok(set) = sample.decode::<FeatureSet>() else {
-            tracing::debug!(key = sample.key, "malformed feature set");
-            continue;
-        };
-        if !set.archive {
-            continue;
-        }
-        let Ok(twin) = set.twin_id.parse::<TwinId>() else {
-            continue;
-        };
-        let points: Vec<StoredFrame> = set
-            .features
-            .iter()
-            .filter(|(_, v)| v.is_finite())
-            .map(|(name, v)| StoredFrame {
-                signal: name.clone(),
-                seq: 0,
-                start_ns: set.window_end_ns,
-                sample_period_ns: (set.window_end_ns - set.window_start_ns).max(1),
-                samples: vec![*v],
-                scale: 0.0,
-            })
-            .collect();
-        if let Err(e) = ctx.store.append_frames(&twin, &points) {
-            tracing::warn!(twin = %twin, "archive write failed: {e}");
-        } else {
-            NodeMetrics::add(&ctx.metrics.features_archived, points.len() as u64);
-        }
-    }
-    drop(features);
 }
 
 /// Runs a node until `shutdown` fires (the binary passes Ctrl-C).

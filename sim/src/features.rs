@@ -1,20 +1,19 @@
 //! Offline feature windows: a simulated device run through a kind's default chain the
-//! way an edge twin runs it (edge stages cut into windows, scalar signals held as
-//! context for the bearing analysis), without a mesh. Used to train and evaluate
+//! way an edge twin runs it, without a mesh: the same windowing ([`Analyzer`]) and the
+//! same window context ([`WindowContext`], the twin's front end), so the evaluation
+//! measures the twin's own analysis. Used to train and evaluate
 //! anomaly models on known healthy and faulty periods (`twinmesh eval`).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 
 use twinmesh_actors::ports::Device;
 use twinmesh_twins::chain::{self, Analyzer, Chain};
+use twinmesh_twins::window::{LastValues, WindowContext};
 use twinmesh_twins::{AssetKind, TwinId};
 
 use crate::device::SimDevice;
 use crate::fault::Fault;
 use crate::model::SimError;
-
-/// Points of each scalar signal kept for window context.
-const RECENT_POINTS: usize = 4096;
 
 /// The features of one completed window.
 #[derive(Debug, Clone, PartialEq)]
@@ -29,7 +28,9 @@ pub struct FeatureRun {
     kind: AssetKind,
     device: SimDevice,
     analyzer: Analyzer,
-    recent: BTreeMap<String, VecDeque<(i64, f64)>>,
+    context: WindowContext,
+    /// The reported value of each signal (a twin's fallback context).
+    last: LastValues,
     now_ns: i64,
     step_ns: i64,
     analyse_from_ns: i64,
@@ -50,7 +51,8 @@ impl FeatureRun {
             kind,
             device,
             analyzer: Analyzer::new(&Chain::default_for(kind)),
-            recent: BTreeMap::new(),
+            context: WindowContext::default(),
+            last: LastValues::default(),
             now_ns: start_ns,
             step_ns: 1_000_000_000,
             analyse_from_ns: i64::MIN,
@@ -74,20 +76,14 @@ impl FeatureRun {
         self.now_ns += self.step_ns;
         let mut jobs = Vec::new();
         for b in blocks {
-            let waveform = self
-                .kind
-                .schema()
-                .signal(b.signal)
-                .is_ok_and(|s| s.waveform);
-            if !waveform {
-                let recent = self.recent.entry(b.signal.to_owned()).or_default();
-                for (i, v) in b.samples.iter().enumerate() {
-                    recent.push_back((b.start_ns + i as i64 * b.sample_period_ns, *v));
-                }
-                while recent.len() > RECENT_POINTS {
-                    recent.pop_front();
-                }
-            }
+            self.context.record(
+                self.kind,
+                b.signal,
+                b.start_ns,
+                b.sample_period_ns,
+                &b.samples,
+            );
+            self.last.record(b.signal, &b.samples);
             if self.analyzer.wants(b.signal) {
                 jobs.extend(self.analyzer.push(
                     b.signal,
@@ -103,14 +99,7 @@ impl FeatureRun {
         jobs.into_iter()
             .filter(|job| job.end_ns >= from)
             .map(|mut job| {
-                job.context = self
-                    .recent
-                    .iter()
-                    .filter_map(|(k, pts)| {
-                        let pts: Vec<(i64, f64)> = pts.iter().copied().collect();
-                        chain::hold_average(&pts, job.start_ns, job.end_ns).map(|v| (k.clone(), v))
-                    })
-                    .collect();
+                self.context.fill(&mut job, self.last.iter());
                 FeatureWindow {
                     signal: job.signal.clone(),
                     start_ns: job.start_ns,

@@ -17,7 +17,7 @@ use ractor::ActorRef;
 use twinmesh_actors::gateway::{GatewayConfig, GatewayMsg};
 use twinmesh_actors::mesh::{MeshMsg, MeshSnapshot};
 use twinmesh_actors::node::{NodeMsg, NodeSnapshot};
-use twinmesh_actors::ports::{Fabric, Qos, SnapshotStore, SpoolStore, Subscription};
+use twinmesh_actors::ports::{Fabric, Qos, SeriesStore, SnapshotStore, SpoolStore, Subscription};
 use twinmesh_actors::twin::TwinMsg;
 use twinmesh_sim::mesh::cluster::{NodeSpec, SimCluster};
 use twinmesh_sim::mesh::fabric::{NetConfig, Network, SimFabric};
@@ -600,4 +600,105 @@ async fn gateway_truncates_its_spool_on_a_valid_watermark() {
     .await;
     assert_eq!(s.spool_base, 5);
     assert_eq!(store.spool_first(id, signal).unwrap(), Some(5));
+}
+
+/// The simulation's nodes are the production assembly: a cloud node archives the feature
+/// sets that ask for it, serves its model registry on the fabric, and every node
+/// publishes its load.
+#[tokio::test(start_paused = true)]
+async fn the_cloud_node_archives_features_and_serves_its_registry() {
+    let r = rig(&[("edge-a", "a")], None).await;
+    let obs = &r.obs;
+    let load = obs
+        .subscribe(&keys::node_load(&"edge-a".parse().unwrap()), 8)
+        .await
+        .unwrap();
+    let twin: TwinId = "a/pm-01".parse().unwrap();
+    let set = |archive: bool, end_s: i64, v: f64| proto::FeatureSet {
+        twin_id: twin.to_string(),
+        signal: "voltage".into(),
+        window_start_ns: (end_s - 1) * 1_000_000_000,
+        window_end_ns: end_s * 1_000_000_000,
+        features: [
+            ("voltage.rms".to_owned(), v),
+            ("voltage.thd".to_owned(), f64::NAN),
+        ]
+        .into_iter()
+        .collect(),
+        epoch: 1,
+        archive,
+    };
+    for s in [
+        set(true, 10, 230.5),
+        set(false, 11, 231.0),
+        set(true, 12, 229.5),
+    ] {
+        obs.publish(
+            &keys::twin_features(&twin),
+            Bytes::from(s.encode_to_vec()),
+            <twinmesh_proto::v1::FeatureSet as twinmesh_proto::Wire>::ENCODING,
+            Qos::Reliable,
+        )
+        .await
+        .unwrap();
+    }
+    let cloud = r.c.nodes["cloud"].store.clone();
+    let points = eventually("the archived features", || {
+        let cloud = cloud.clone();
+        let twin = twin.clone();
+        async move {
+            let p = cloud
+                .read_points(&twin, "voltage.rms", 0, i64::MAX)
+                .unwrap();
+            (p.len() >= 2).then_some(p)
+        }
+    })
+    .await;
+    // Only the sets that ask for it, only finite values.
+    assert_eq!(points, [(10_000_000_000, 230.5), (12_000_000_000, 229.5)]);
+    assert!(cloud
+        .read_points(&twin, "voltage.thd", 0, i64::MAX)
+        .unwrap()
+        .is_empty());
+    assert!(r.c.nodes["edge-a"].registry().is_none());
+
+    let registry = r.c.nodes["cloud"]
+        .registry()
+        .expect("cloud registry")
+        .clone();
+    let record = proto::ModelRecord {
+        info: Some(proto::ModelInfo {
+            model_id: "pm".into(),
+            ..Default::default()
+        }),
+        model: vec![1, 2, 3],
+    };
+    assert_eq!(registry.add(record).unwrap().version, 1);
+    let replies = obs
+        .query(&keys::model("pm", 1), None, Duration::from_secs(2))
+        .await
+        .unwrap();
+    let got: Vec<proto::ModelRecord> = replies
+        .into_iter()
+        .filter_map(|r| proto::ModelRecord::decode(r.payload).ok())
+        .collect();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].model, [1, 2, 3]);
+    assert_eq!(got[0].info.as_ref().unwrap().version, 1);
+    assert!(obs
+        .query(&keys::model("pm", 2), None, Duration::from_secs(2))
+        .await
+        .unwrap()
+        .is_empty());
+
+    let sample = tokio::time::timeout(WAIT, load.rx.recv_async())
+        .await
+        .expect("a load report")
+        .unwrap();
+    let l = proto::NodeLoad::decode(sample.payload).unwrap();
+    assert_eq!(l.node, "edge-a");
+    // A clean stop of the whole mesh, as production stops a node.
+    let mut r = r;
+    r.c.shutdown().await;
+    assert!(!r.c.is_up("cloud"));
 }

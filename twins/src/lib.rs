@@ -10,6 +10,8 @@
 //! - [`stats`]: window statistics (count, min, max, mean, rms) and their mergeable
 //!   accumulator, used for derived features; [`stats::HistoryBuckets`], the bucketing
 //!   of history queries every store uses.
+//! - [`history`]: the checks of history queries and imports (the API's door and the
+//!   twin make the same ones).
 //! - [`snapshot`]: which twin a snapshot is of and which of two is newer (replicas keep
 //!   the newest by epoch, then revision).
 //! - [`keys`]: the Zenoh key space of DESIGN §6 as functions.
@@ -18,6 +20,9 @@
 //!   forest): training, calibrated thresholds, versioned checksummed files, scoring.
 //! - [`monitor`]: a twin's scoring of its feature windows — health status with
 //!   debounced alarms and their contributing features, drift of the score distribution.
+//! - [`window`]: the edge-analysis front end — the process-signal points kept as the
+//!   context of analysis windows and how a window's context is filled (the twin and
+//!   `twinmesh eval` both use it).
 //! - [`privacy`]: privacy policies, the ε budget ledger, OpenDP releases,
 //!   micro-aggregation, pseudonymisation and the egress gate.
 //! - [`dsp`]: signal operators (Butterworth SOS, sosfilt, decimation, FFT, Welch PSD,
@@ -36,6 +41,7 @@ pub mod chain;
 pub mod dsp;
 pub mod error;
 pub mod frame;
+pub mod history;
 pub mod id;
 pub mod keys;
 pub mod kind;
@@ -47,6 +53,7 @@ pub mod snapshot;
 pub mod state;
 pub mod stats;
 pub mod td;
+pub mod window;
 
 pub use error::{Error, ErrorCode, Result};
 pub use id::{NodeId, Tier, TwinId};

@@ -20,9 +20,6 @@ use crate::error::Result;
 use crate::metrics::NodeMetrics;
 use crate::ports::{Qos, Sample, StoredFrame, Subscription};
 
-/// Points kept per process signal for analysis context.
-const RECENT_POINTS: usize = 64;
-
 /// What applying a batch of frames produced.
 struct Applied {
     /// Last applied seq of each signal the batch touched.
@@ -98,21 +95,13 @@ impl TwinActorState {
                     );
                     lost_total += lost;
                     NodeMetrics::add(&self.ctx.metrics.samples_in, f.samples.len() as u64);
-                    if self
-                        .core
-                        .kind
-                        .schema()
-                        .signal(&f.signal)
-                        .is_ok_and(|s| !s.waveform)
-                    {
-                        let recent = self.recent.entry(f.signal.clone()).or_default();
-                        for (i, v) in f.samples.iter().enumerate() {
-                            recent.push_back((f.start_ns + i as i64 * f.sample_period_ns, *v));
-                        }
-                        while recent.len() > RECENT_POINTS {
-                            recent.pop_front();
-                        }
-                    }
+                    self.recent.record(
+                        self.core.kind,
+                        &f.signal,
+                        f.start_ns,
+                        f.sample_period_ns,
+                        &f.samples,
+                    );
                     if self.ctx.twin_config.analysis {
                         // Built on the first frame: an idle twin holds no window buffers.
                         let analyzer = self
@@ -166,22 +155,12 @@ impl TwinActorState {
             })
             .collect();
         for job in &mut jobs {
-            job.context = self
+            let reported = self
                 .core
                 .reported
                 .iter()
-                .map(|(k, r)| {
-                    let v = self
-                        .recent
-                        .get(k)
-                        .and_then(|pts| {
-                            let pts: Vec<(i64, f64)> = pts.iter().copied().collect();
-                            chain::hold_average(&pts, job.start_ns, job.end_ns)
-                        })
-                        .unwrap_or(r.value);
-                    (k.clone(), v)
-                })
-                .collect();
+                .map(|(k, r)| (k.as_str(), r.value));
+            self.recent.fill(job, reported);
         }
         Ok(Applied {
             watermarks: acks,

@@ -61,7 +61,6 @@ use crate::metrics::NodeMetrics;
 use crate::ports::Qos;
 
 pub use ingest::{MAX_IDENTIFIER_LEN, MAX_IDENTIFIER_RECORDS};
-pub use rpc::{validate_history, MAX_IMPORT_SAMPLES};
 
 pub enum TwinMsg {
     /// Validated frames, in arrival order. Replies with the watermarks to acknowledge
@@ -146,7 +145,7 @@ pub struct TwinActorState {
     analyzer: Option<Analyzer>,
     /// Recent values of process (non-waveform) signals: the context of analysis windows
     /// (e.g. shaft speed averaged over a vibration window).
-    recent: BTreeMap<String, std::collections::VecDeque<(i64, f64)>>,
+    recent: twinmesh_twins::window::WindowContext,
     /// Frozen for a migration: frames are no longer applied nor acknowledged, and
     /// mutating requests are refused (the new owner takes over).
     frozen: bool,
@@ -288,7 +287,7 @@ impl Actor for TwinActor {
         let state = TwinActorState {
             ctx: ctx.clone(),
             analyzer: None,
-            recent: BTreeMap::new(),
+            recent: Default::default(),
             frozen: false,
             last_activity: Instant::now(),
             backfill_checks: lifecycle::BACKFILL_CHECKS,

@@ -12,13 +12,12 @@ use twinmesh_twins::privacy;
 use twinmesh_twins::proto::{
     self, twin_reply, twin_request, SetChainResponse, SetDesiredResponse, TwinReply, TwinRequest,
 };
-use twinmesh_twins::stats::Aggregation;
 use twinmesh_twins::{keys, td, AssetKind, Error as DomainError, TwinId};
 
 use super::{TwinActorState, TwinMsg};
 use crate::context::NodeContext;
 use crate::metrics::NodeMetrics;
-use crate::ports::{StoredFrame, MAX_HISTORY_BUCKETS};
+use crate::ports::StoredFrame;
 
 /// Why a request failed: the caller's mistake, or a passing state of the twin.
 impl TwinActorState {
@@ -378,7 +377,7 @@ pub(super) fn query_history(
     id: &TwinId,
     h: proto::QueryHistoryRequest,
 ) -> TwinReply {
-    match validate_history(id, &h) {
+    match twinmesh_twins::history::validate_query(id, &h) {
         Err(e) => error_reply(&e),
         Ok(agg) => {
             match ctx
@@ -394,9 +393,6 @@ pub(super) fn query_history(
     }
 }
 
-/// Most samples one import request may carry.
-pub const MAX_IMPORT_SAMPLES: usize = 1 << 20;
-
 /// Stores imported samples as history, keyed by time (seq 0), so a re-run overwrites
 /// the same entries instead of adding new ones.
 fn import_history(
@@ -405,27 +401,7 @@ fn import_history(
     kind: AssetKind,
     req: proto::ImportHistoryRequest,
 ) -> std::result::Result<u64, DomainError> {
-    if req.twin_id != id.to_string() {
-        return Err(DomainError::UnknownTwin(req.twin_id));
-    }
-    kind.schema().signal(&req.signal)?;
-    if req.samples.is_empty() || req.samples.len() > MAX_IMPORT_SAMPLES {
-        return Err(DomainError::InvalidArgument(format!(
-            "import of {} samples: expected 1..={MAX_IMPORT_SAMPLES}",
-            req.samples.len()
-        )));
-    }
-    if req.sample_period_ns <= 0 {
-        return Err(DomainError::InvalidArgument(format!(
-            "invalid sample_period_ns {}: must be positive",
-            req.sample_period_ns
-        )));
-    }
-    if let Some(i) = req.samples.iter().position(|x| !x.is_finite()) {
-        return Err(DomainError::InvalidArgument(format!(
-            "sample {i} is not finite"
-        )));
-    }
+    twinmesh_twins::history::validate_import(id, kind, &req)?;
     let n = req.samples.len() as u64;
     let frame = StoredFrame {
         signal: req.signal,
@@ -439,35 +415,4 @@ fn import_history(
         .append_frames(id, &[frame])
         .map_err(|e| DomainError::InvalidArgument(format!("import not stored: {e}")))?;
     Ok(n)
-}
-
-/// Checks a history request against the twin (DESIGN §9 error rules).
-pub fn validate_history(
-    id: &TwinId,
-    h: &proto::QueryHistoryRequest,
-) -> std::result::Result<Aggregation, DomainError> {
-    if h.twin_id != id.to_string() {
-        return Err(DomainError::UnknownTwin(h.twin_id.clone()));
-    }
-    if h.start_ns >= h.end_ns {
-        return Err(DomainError::InvalidRange {
-            start_ns: h.start_ns,
-            end_ns: h.end_ns,
-        });
-    }
-    if h.bucket_ns <= 0 {
-        return Err(DomainError::InvalidBucket(h.bucket_ns));
-    }
-    let buckets = ((h.end_ns as i128 - h.start_ns as i128 + h.bucket_ns as i128 - 1)
-        / h.bucket_ns as i128) as u64;
-    if buckets > MAX_HISTORY_BUCKETS {
-        return Err(DomainError::TooManyBuckets {
-            buckets,
-            max: MAX_HISTORY_BUCKETS,
-        });
-    }
-    let agg = proto::Aggregation::try_from(h.aggregation).map_err(|_| {
-        DomainError::InvalidArgument(format!("unknown aggregation {}", h.aggregation))
-    })?;
-    Aggregation::try_from(agg)
 }

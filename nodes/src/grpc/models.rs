@@ -55,7 +55,7 @@ impl ModelService for Services {
                     if tx2.is_closed() {
                         return Err(crate::Error::cancelled("training cancelled"));
                     }
-                    registry.add(record)
+                    Ok(registry.add(record)?)
                 })
             })
             .await;
@@ -93,7 +93,9 @@ impl ModelService for Services {
         let (_, registry) = self.models.cloud().await?;
         let req = request.into_inner();
         Ok(Response::new(ListModelsResponse {
-            models: registry.list(&req.model_id, &req.kind)?,
+            models: registry
+                .list(&req.model_id, &req.kind)
+                .map_err(crate::Error::from)?,
         }))
     }
 
@@ -106,12 +108,15 @@ impl ModelService for Services {
         let req = request.into_inner();
         validate_model_id(&req.model_id)
             .map_err(|e| crate::Error::invalid_argument(e.to_string()))?;
-        let record = registry.get(&req.model_id, req.version)?.ok_or_else(|| {
-            crate::Error::not_found(match req.version {
-                0 => format!("unknown model {}", req.model_id),
-                v => format!("unknown model {} v{v}", req.model_id),
-            })
-        })?;
+        let record = registry
+            .get(&req.model_id, req.version)
+            .map_err(crate::Error::from)?
+            .ok_or_else(|| {
+                crate::Error::not_found(match req.version {
+                    0 => format!("unknown model {}", req.model_id),
+                    v => format!("unknown model {} v{v}", req.model_id),
+                })
+            })?;
         let info = record.info.clone().unwrap_or_default();
         let twins: Vec<TwinId> = if !req.twin_ids.is_empty() {
             req.twin_ids
@@ -142,7 +147,9 @@ impl ModelService for Services {
             return Err(crate::Error::not_found("no twins match the deployment").into());
         }
         let deployments = install_all(&self.api, &record, twins, self.models.ctx.now_ns()).await;
-        registry.record_deployments(&info.model_id, info.version, &deployments)?;
+        registry
+            .record_deployments(&info.model_id, info.version, &deployments)
+            .map_err(crate::Error::from)?;
         tracing::info!(
             model = %info.model_id,
             version = info.version,
@@ -195,9 +202,12 @@ impl ModelService for Services {
             member_thresholds: member_thresholds(&model),
             ..Default::default()
         };
-        Ok(Response::new(registry.add(ModelRecord {
-            info: Some(info),
-            model: req.model,
-        })?))
+        let info = registry
+            .add(ModelRecord {
+                info: Some(info),
+                model: req.model,
+            })
+            .map_err(crate::Error::from)?;
+        Ok(Response::new(info))
     }
 }

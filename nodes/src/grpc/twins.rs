@@ -41,7 +41,7 @@ impl TwinRpc for QueryHistoryRequest {
         &self.twin_id
     }
     fn check(&self, id: &TwinId) -> crate::Result<()> {
-        twinmesh_actors::twin::validate_history(id, self)?;
+        twinmesh_twins::history::validate_query(id, self)?;
         Ok(())
     }
 }

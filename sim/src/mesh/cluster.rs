@@ -1,26 +1,30 @@
-//! A whole mesh in one process on virtual time: nodes with the real actors on the
-//! in-memory fabric and store, which a test kills, restarts and partitions.
+//! A whole mesh in one process on virtual time: nodes assembled as in production
+//! ([`Assembly`]: the real actors, queryables, load, the cloud's archive and model
+//! registry) on the in-memory fabric and store, which a test kills, restarts and
+//! partitions.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ractor::{Actor, ActorRef};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use ractor::ActorRef;
 
+use twinmesh_actors::assembly::{Assembly, NodeParts};
 use twinmesh_actors::context::{NodeContext, TwinConfig};
-use twinmesh_actors::gateway::{GatewayActor, GatewayArgs, GatewayConfig, GatewayMsg};
-use twinmesh_actors::mesh::{MeshMsg, MeshSupervisor};
-use twinmesh_actors::metrics::NodeMetrics;
-use twinmesh_actors::node::{NodeMsg, NodeSupervisor};
-use twinmesh_actors::ports::{Clock, Device, Guard};
+use twinmesh_actors::gateway::{GatewayConfig, GatewayMsg};
+use twinmesh_actors::mesh::MeshMsg;
+use twinmesh_actors::node::NodeMsg;
+use twinmesh_actors::ports::{Clock, Device};
+use twinmesh_actors::registry::Registry;
 use twinmesh_twins::proto::NodeInfo;
-use twinmesh_twins::{keys, AssetKind, NodeId, Tier, TwinId};
+use twinmesh_twins::{AssetKind, NodeId, Tier, TwinId};
 
 use super::fabric::Network;
 use super::store::MemStore;
 use crate::SimDevice;
+
+/// How long a clean stop of one node may take.
+const SHUTDOWN_BOUND: Duration = Duration::from_secs(10);
 
 /// Virtual wall clock: a fixed epoch plus tokio's (paused) clock.
 pub struct SimClock {
@@ -53,20 +57,26 @@ pub struct NodeSpec {
     pub devices: Vec<(TwinId, AssetKind)>,
 }
 
-struct Running {
-    ctx: Arc<NodeContext>,
-    actors: Vec<ractor::ActorCell>,
-    _token: Guard,
-}
-
 /// One simulated node: its spec and its store, which outlives crashes.
 pub struct SimNode {
     pub spec: NodeSpec,
     pub store: Arc<MemStore>,
-    running: Option<Running>,
+    running: Option<Assembly>,
     pub mesh: Option<ActorRef<MeshMsg>>,
     pub supervisor: Option<ActorRef<NodeMsg>>,
     pub gateway: Option<ActorRef<GatewayMsg>>,
+}
+
+impl SimNode {
+    /// The running node's context.
+    pub fn ctx(&self) -> Option<&Arc<NodeContext>> {
+        self.running.as_ref().map(|a| &a.ctx)
+    }
+
+    /// Cloud nodes: the model registry.
+    pub fn registry(&self) -> Option<&Arc<Registry>> {
+        self.running.as_ref().and_then(|a| a.registry.as_ref())
+    }
 }
 
 pub struct SimCluster {
@@ -121,78 +131,43 @@ impl SimCluster {
         self.nodes.get(id).is_some_and(|n| n.running.is_some())
     }
 
-    /// Starts (or restarts) a node on its store.
+    /// Starts (or restarts) a node on its store, assembled as in production.
     pub async fn start(&mut self, id: &str) -> twinmesh_actors::Result<()> {
         self.net.revive(id);
         let fabric = Arc::new(self.net.fabric(id));
         let node = self.nodes.get_mut(id).expect("known node");
         let spec = node.spec.clone();
         let node_id: NodeId = spec.id.parse()?;
-        let ctx = Arc::new(NodeContext {
-            node: node_id.clone(),
+        let devices: Vec<Box<dyn Device>> = spec
+            .devices
+            .iter()
+            .map(|(id, kind)| {
+                Box::new(SimDevice::new(id.clone(), *kind, self.seed)) as Box<dyn Device>
+            })
+            .collect();
+        let assembly = Assembly::start(NodeParts {
+            node: node_id,
             tier: spec.tier,
             site: spec.site.clone(),
-            fabric: fabric.clone(),
+            fabric,
             store: node.store.clone(),
             clock: self.clock.clone(),
-            metrics: Arc::new(NodeMetrics::default()),
-            directory: Default::default(),
             twin_config: self.twin_config.clone(),
-            tasks: TaskTracker::new(),
-            cancel: CancellationToken::new(),
-            analysis_permits: Arc::new(tokio::sync::Semaphore::new(1)),
-            router: Default::default(),
+            analysis_permits: 1,
             site_key: None,
-        });
-        let info = NodeInfo {
-            node: spec.id.clone(),
-            tier: spec.tier.to_string(),
-            site: spec.site.clone(),
-            capacity: 1000,
-            ..Default::default()
-        };
-        twinmesh_actors::services::serve_node_queryables(&ctx, info).await?;
-        let mut actors = Vec::new();
-        if spec.tier == Tier::Cloud {
-            let (a, _) = Actor::spawn(None, MeshSupervisor, ctx.clone())
-                .await
-                .map_err(twinmesh_actors::Error::actor)?;
-            actors.push(a.get_cell());
-            node.mesh = Some(a);
-        }
-        if spec.tier != Tier::Iot {
-            let (a, _) = Actor::spawn(None, NodeSupervisor, ctx.clone())
-                .await
-                .map_err(twinmesh_actors::Error::actor)?;
-            actors.push(a.get_cell());
-            node.supervisor = Some(a);
-        }
-        if spec.tier == Tier::Iot {
-            let devices: Vec<Box<dyn Device>> = spec
-                .devices
-                .iter()
-                .map(|(id, kind)| {
-                    Box::new(SimDevice::new(id.clone(), *kind, self.seed)) as Box<dyn Device>
-                })
-                .collect();
-            let args = GatewayArgs {
-                ctx: ctx.clone(),
-                devices,
-                config: self.gateway_config.clone(),
-                chains: BTreeMap::new(),
-            };
-            let (a, _) = Actor::spawn(None, GatewayActor, args)
-                .await
-                .map_err(twinmesh_actors::Error::actor)?;
-            actors.push(a.get_cell());
-            node.gateway = Some(a);
-        }
-        let token = fabric_token(&ctx, &node_id).await?;
-        node.running = Some(Running {
-            ctx,
-            actors,
-            _token: token,
-        });
+            info: NodeInfo {
+                capacity: 1000,
+                ..Default::default()
+            },
+            devices,
+            gateway: self.gateway_config.clone(),
+            chains: BTreeMap::new(),
+        })
+        .await?;
+        node.mesh = assembly.mesh.clone();
+        node.supervisor = assembly.supervisor.clone();
+        node.gateway = assembly.gateway.clone();
+        node.running = Some(assembly);
         Ok(())
     }
 
@@ -205,15 +180,7 @@ impl SimCluster {
             return;
         };
         self.net.kill(id);
-        running.ctx.cancel.cancel();
-        for a in &running.actors {
-            a.kill();
-        }
-        for a in &running.actors {
-            let _ = tokio::time::timeout(Duration::from_secs(5), a.wait(None)).await;
-        }
-        running.ctx.tasks.close();
-        let _ = tokio::time::timeout(Duration::from_secs(5), running.ctx.tasks.wait()).await;
+        running.kill().await;
         node.mesh = None;
         node.supervisor = None;
         node.gateway = None;
@@ -230,17 +197,11 @@ impl SimCluster {
             let Some(running) = node.running.take() else {
                 continue;
             };
-            for a in running.actors.iter().rev() {
-                let _ = a.stop_and_wait(None, Some(Duration::from_secs(5))).await;
-            }
-            running.ctx.cancel.cancel();
-            running.ctx.tasks.close();
-            let _ = tokio::time::timeout(Duration::from_secs(5), running.ctx.tasks.wait()).await;
+            running.stop(SHUTDOWN_BOUND).await;
+            node.mesh = None;
+            node.supervisor = None;
+            node.gateway = None;
         }
         self.net.shutdown().await;
     }
-}
-
-async fn fabric_token(ctx: &NodeContext, node: &NodeId) -> twinmesh_actors::Result<Guard> {
-    ctx.fabric.liveliness_token(&keys::node_token(node)).await
 }

@@ -658,21 +658,40 @@ impl Actor for GatewayActor {
             .subscribe(&keys::placements_of_site(&ctx.site), 1024)
             .await?;
         // Acks, set-points, placements, replay requests and chain updates of this site,
-        // each through the typed wire's one decode → forward loop.
-        wire::forward(&tasks, &ctx, acks, myself.clone(), |_, wm| {
-            GatewayMsg::Ack(wm)
-        });
-        wire::forward(&tasks, &ctx, control, myself.clone(), |_, u| {
-            GatewayMsg::Control(u)
-        });
-        wire::forward(&tasks, &ctx, placements, myself.clone(), |_, p| {
-            GatewayMsg::Placed(p)
-        });
-        wire::forward(&tasks, &ctx, replays, myself.clone(), |_, r| {
-            GatewayMsg::Replay(r)
-        });
-        wire::forward(&tasks, &ctx, chains, myself.clone(), |_, u| {
-            GatewayMsg::Chain(u)
+        // merged in one loop with a fixed priority (a twin's placement before its chain,
+        // as the gateway applies a chain only for the epoch it knows): not through
+        // `wire::forward`, whose loops, one per subscription, would race each other.
+        fn hand<M: wire::Wire>(
+            me: &ActorRef<GatewayMsg>,
+            s: crate::ports::Sample,
+            msg: fn(M) -> GatewayMsg,
+        ) -> bool {
+            match s.decode::<M>() {
+                Ok(m) => me.cast(msg(m)).is_ok(),
+                Err(e) => {
+                    tracing::warn!(key = s.key, "dropped: {e}");
+                    true
+                }
+            }
+        }
+        let me = myself.clone();
+        tasks.spawn_until_cancelled(async move {
+            // Own the subscriptions whole: their guards keep them declared.
+            let (acks, control, chains, replays, placements) =
+                (acks, control, chains, replays, placements);
+            loop {
+                let alive = tokio::select! {
+                    biased;
+                    s = acks.rx.recv_async() => s.is_ok_and(|s| hand(&me, s, GatewayMsg::Ack)),
+                    s = control.rx.recv_async() => s.is_ok_and(|s| hand(&me, s, GatewayMsg::Control)),
+                    s = placements.rx.recv_async() => s.is_ok_and(|s| hand(&me, s, GatewayMsg::Placed)),
+                    s = replays.rx.recv_async() => s.is_ok_and(|s| hand(&me, s, GatewayMsg::Replay)),
+                    s = chains.rx.recv_async() => s.is_ok_and(|s| hand(&me, s, GatewayMsg::Chain)),
+                };
+                if !alive {
+                    break;
+                }
+            }
         });
         let registrations: Vec<PlacementRequest> = devices
             .iter()

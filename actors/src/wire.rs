@@ -5,7 +5,9 @@
 //! - [`TypedFabric`]: publish a message, query with one and read typed replies.
 //! - [`Sample::decode`], [`Reply::decode`], [`Query::decode`], [`Query::reply_with`]:
 //!   the receiving side.
-//! - [`forward`]: the one decode → forward-to-actor loop of a subscription. A message
+//! - [`forward`]: the one decode → forward-to-actor loop of a single subscription (a
+//!   consumer that must see several subscriptions in a fixed order, as the gateway
+//!   does, merges them in one loop instead). A message
 //!   on the fabric may come from anyone who can reach it: this is where its sender is
 //!   to be authenticated, and where a malformed one is dropped and counted.
 

@@ -270,6 +270,43 @@ impl ZenohFabric {
     }
 }
 
+impl ZenohFabric {
+    /// Sends a query to every queryable of `keyexpr`, replies unconsolidated.
+    async fn get(
+        &self,
+        keyexpr: &str,
+        payload: Option<(Bytes, &'static str)>,
+        timeout: Duration,
+    ) -> Result<zenoh::handlers::FifoChannelHandler<zenoh::query::Reply>> {
+        let mut get = self
+            .session
+            .get(keyexpr.to_owned())
+            .target(QueryTarget::All)
+            .consolidation(ConsolidationMode::None)
+            .timeout(timeout);
+        if let Some((bytes, encoding)) = payload {
+            get = get
+                .payload(ZBytes::from(bytes))
+                .encoding(Encoding::from(encoding));
+        }
+        get.await.map_err(Error::fabric)
+    }
+}
+
+/// A reply's sample, or `None` (logged) for an error reply.
+fn ok_reply(keyexpr: &str, reply: zenoh::query::Reply) -> Option<Reply> {
+    match reply.result() {
+        Ok(sample) => Some(Reply {
+            key: sample.key_expr().to_string(),
+            payload: to_bytes(sample.payload()),
+        }),
+        Err(e) => {
+            tracing::debug!(keyexpr, "error reply: {:?}", e.payload().to_bytes());
+            None
+        }
+    }
+}
+
 struct ZenohResponder(zenoh::query::Query);
 
 #[async_trait]
@@ -383,27 +420,10 @@ impl Fabric for ZenohFabric {
         payload: Option<(Bytes, &'static str)>,
         timeout: Duration,
     ) -> Result<Vec<Reply>> {
-        let mut get = self
-            .session
-            .get(keyexpr.to_owned())
-            .target(QueryTarget::All)
-            .consolidation(ConsolidationMode::None)
-            .timeout(timeout);
-        if let Some((bytes, encoding)) = payload {
-            get = get
-                .payload(ZBytes::from(bytes))
-                .encoding(Encoding::from(encoding));
-        }
-        let replies = get.await.map_err(Error::fabric)?;
+        let replies = self.get(keyexpr, payload, timeout).await?;
         let mut out = Vec::new();
         while let Ok(reply) = replies.recv_async().await {
-            match reply.result() {
-                Ok(sample) => out.push(Reply {
-                    key: sample.key_expr().to_string(),
-                    payload: to_bytes(sample.payload()),
-                }),
-                Err(e) => tracing::debug!(keyexpr, "error reply: {:?}", e.payload().to_bytes()),
-            }
+            out.extend(ok_reply(keyexpr, reply));
         }
         Ok(out)
     }
@@ -414,27 +434,10 @@ impl Fabric for ZenohFabric {
         payload: Option<(Bytes, &'static str)>,
         timeout: Duration,
     ) -> Result<Option<Reply>> {
-        let mut get = self
-            .session
-            .get(keyexpr.to_owned())
-            .target(QueryTarget::All)
-            .consolidation(ConsolidationMode::None)
-            .timeout(timeout);
-        if let Some((bytes, encoding)) = payload {
-            get = get
-                .payload(ZBytes::from(bytes))
-                .encoding(Encoding::from(encoding));
-        }
-        let replies = get.await.map_err(Error::fabric)?;
+        let replies = self.get(keyexpr, payload, timeout).await?;
         while let Ok(reply) = replies.recv_async().await {
-            match reply.result() {
-                Ok(sample) => {
-                    return Ok(Some(Reply {
-                        key: sample.key_expr().to_string(),
-                        payload: to_bytes(sample.payload()),
-                    }))
-                }
-                Err(e) => tracing::debug!(keyexpr, "error reply: {:?}", e.payload().to_bytes()),
+            if let Some(r) = ok_reply(keyexpr, reply) {
+                return Ok(Some(r));
             }
         }
         Ok(None)

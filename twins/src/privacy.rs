@@ -354,7 +354,6 @@ impl Policy {
         }
     }
 
-    /// Restores a stored policy (snapshot), keeping its version.
     /// The default policy of `kind`, one copy shared by every twin of the kind that has
     /// not changed its policy.
     pub fn shared_default(kind: AssetKind) -> std::sync::Arc<Policy> {
@@ -388,6 +387,7 @@ impl Policy {
         })
     }
 
+    /// Restores a stored policy (snapshot), keeping its version.
     pub fn from_stored(p: &proto::PrivacyPolicy, kind: AssetKind) -> Result<Policy> {
         let mut policy = Policy::validate(p, kind)?;
         policy.version = p.version.max(1);

@@ -610,17 +610,7 @@ impl Chain {
     pub fn shared_default(kind: AssetKind) -> std::sync::Arc<Chain> {
         static DEFAULTS: std::sync::OnceLock<Vec<std::sync::Arc<Chain>>> =
             std::sync::OnceLock::new();
-        let all = DEFAULTS.get_or_init(|| {
-            AssetKind::ALL
-                .iter()
-                .map(|k| std::sync::Arc::new(Chain::default_for(*k)))
-                .collect()
-        });
-        let i = AssetKind::ALL
-            .iter()
-            .position(|k| *k == kind)
-            .expect("every kind is in AssetKind::ALL");
-        all[i].clone()
+        kind.shared(&DEFAULTS, Chain::default_for)
     }
 
     /// [`Chain::validate`], sharing the kind's default when `spec` is that.

@@ -149,6 +149,26 @@ pub enum AssetKind {
 }
 
 impl AssetKind {
+    /// One shared value per kind, built on first use into `cell` by `make` (the default
+    /// chain and policy every twin of a kind shares until it changes its own).
+    pub fn shared<T: Send + Sync>(
+        self,
+        cell: &'static std::sync::OnceLock<Vec<std::sync::Arc<T>>>,
+        make: fn(AssetKind) -> T,
+    ) -> std::sync::Arc<T> {
+        let all = cell.get_or_init(|| {
+            AssetKind::ALL
+                .iter()
+                .map(|k| std::sync::Arc::new(make(*k)))
+                .collect()
+        });
+        let i = AssetKind::ALL
+            .iter()
+            .position(|k| *k == self)
+            .expect("every kind is in AssetKind::ALL");
+        all[i].clone()
+    }
+
     pub const ALL: [AssetKind; 8] = [
         AssetKind::WindTurbine,
         AssetKind::Spindle,

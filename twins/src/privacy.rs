@@ -359,17 +359,7 @@ impl Policy {
     pub fn shared_default(kind: AssetKind) -> std::sync::Arc<Policy> {
         static DEFAULTS: std::sync::OnceLock<Vec<std::sync::Arc<Policy>>> =
             std::sync::OnceLock::new();
-        let all = DEFAULTS.get_or_init(|| {
-            AssetKind::ALL
-                .iter()
-                .map(|k| std::sync::Arc::new(Policy::default_for(*k)))
-                .collect()
-        });
-        let i = AssetKind::ALL
-            .iter()
-            .position(|k| *k == kind)
-            .expect("every kind is in AssetKind::ALL");
-        all[i].clone()
+        kind.shared(&DEFAULTS, Policy::default_for)
     }
 
     /// [`Policy::from_stored`], sharing the kind's default when the stored policy is

@@ -775,7 +775,7 @@ async fn serve_placement_query(mesh: &ActorRef<MeshMsg>, query: Query) -> Result
             };
             if let Some(p) = placement {
                 let (key, placement) = one(&p);
-                query.reply_with(&key, &placement).await;
+                query.reply_with(&key, &placement);
             }
         }
         _ => {
@@ -795,7 +795,7 @@ async fn serve_placement_query(mesh: &ActorRef<MeshMsg>, query: Query) -> Result
                 _ => return Err(()),
             };
             let replies: Vec<_> = all.iter().map(one).collect();
-            query.reply_all(&replies).await;
+            query.reply_all(&replies);
         }
     }
     Ok(())
@@ -827,7 +827,7 @@ async fn replica_keeper(
                 }
                 match ctx.store.load_replica(&id) {
                     Ok(Some(snap)) => {
-                        q.reply_with(&keys::snapshot(&id), &snap).await;
+                        q.reply_with(&keys::snapshot(&id), &snap);
                     }
                     Ok(None) => {}
                     Err(e) => tracing::warn!(twin = %id, "replica not readable: {e}"),
@@ -1091,7 +1091,7 @@ async fn mesh_request_server(
                     Err(e) => mesh_reply::Reply::Error((&e).into()),
                 }),
             };
-            query.reply_with(keys::MESH_REQUESTS, &reply).await;
+            query.reply_with(keys::MESH_REQUESTS, &reply);
         });
     }
 }

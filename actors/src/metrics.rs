@@ -27,6 +27,8 @@ pub struct NodeMetrics {
     pub frames_published: AtomicU64,
     pub bytes_published: AtomicU64,
     pub rpc_served: AtomicU64,
+    /// Of those, `GetTwin`s the router answered from a twin's read cache.
+    pub rpc_cached: AtomicU64,
     pub twin_restarts: AtomicU64,
     /// Twins stopped after being idle (registered, no actor) and woken again.
     pub twins_passivated: AtomicU64,

@@ -50,11 +50,13 @@ pub struct Subscription {
 }
 
 /// Answers one query. Dropping it without replying ends the query with no reply.
-#[async_trait]
+///
+/// Replying never waits (it hands the reply to the fabric), so it may run on the
+/// fabric's own thread, inside a callback.
 pub trait Responder: Send {
-    async fn reply(self: Box<Self>, key: &str, payload: Bytes, encoding: &'static str);
+    fn reply(self: Box<Self>, key: &str, payload: Bytes, encoding: &'static str);
     /// For queries that collect several replies (e.g. on `twinmesh/placement/**`).
-    async fn reply_many(self: Box<Self>, replies: Vec<(String, Bytes)>, encoding: &'static str);
+    fn reply_many(self: Box<Self>, replies: Vec<(String, Bytes)>, encoding: &'static str);
 }
 
 /// Runs on the fabric's thread for each sample of a callback subscription.
@@ -71,8 +73,8 @@ pub struct Query {
 }
 
 impl Query {
-    pub async fn reply(self, key: &str, payload: Bytes, encoding: &'static str) {
-        self.responder.reply(key, payload, encoding).await
+    pub fn reply(self, key: &str, payload: Bytes, encoding: &'static str) {
+        self.responder.reply(key, payload, encoding)
     }
 }
 

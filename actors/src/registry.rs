@@ -116,7 +116,7 @@ pub async fn serve_registry(ctx: Arc<NodeContext>, registry: Arc<Registry>) -> R
             match registry.get(id, version) {
                 Ok(Some(r)) => {
                     let key = keys::model(id, version);
-                    query.reply_with(&key, &r).await
+                    query.reply_with(&key, &r)
                 }
                 Ok(None) => {}
                 Err(e) => tracing::warn!("model registry read failed: {e}"),

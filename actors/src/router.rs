@@ -13,13 +13,16 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 
+use twinmesh_twins::proto::TwinReply;
 use twinmesh_twins::TwinId;
 
 use crate::context::NodeContext;
 use crate::metrics::NodeMetrics;
 use crate::ports::{Guard, Query, QueryCallback, Queryable, Sample, SampleCallback, Subscription};
+use crate::twin::ReplyCache;
+use crate::wire::Wire;
 
 /// Messages the node-wide declarations buffer before dropping (the gateway re-sends
 /// dropped frames; callers retry).
@@ -32,6 +35,8 @@ struct Routes {
     telemetry_dropped: Arc<AtomicU64>,
     rpc: flume::Sender<Query>,
     delivered: flume::Sender<Sample>,
+    /// The twin's last `GetTwin` answers, served from here.
+    cache: Arc<ReplyCache>,
 }
 
 /// What a registered twin receives; dropping `telemetry` (its guard) unregisters it.
@@ -39,6 +44,8 @@ pub struct TwinRoutes {
     pub telemetry: Subscription,
     pub rpc: Queryable,
     pub delivered: Subscription,
+    /// The twin's read cache, which the router answers repeated `GetTwin`s from.
+    pub cache: Arc<ReplyCache>,
 }
 
 type Waker = Box<dyn Fn(TwinId) + Send + Sync>;
@@ -73,6 +80,8 @@ pub struct Router {
     asleep: Mutex<HashMap<String, Asleep>>,
     /// Starts a dormant twin (set by the node supervisor).
     waker: RwLock<Option<Waker>>,
+    /// The node's counters (set on start).
+    metrics: OnceLock<Arc<NodeMetrics>>,
 }
 
 /// Unregisters a twin's routes when its ingest pump drops its subscription, unless the
@@ -109,6 +118,7 @@ impl Router {
     pub async fn start(self: &Arc<Self>, ctx: &Arc<NodeContext>) -> crate::Result<()> {
         let site = &ctx.site;
         let cancel = ctx.cancel.clone();
+        let _ = self.metrics.set(ctx.metrics.clone());
         for (keyexpr, section) in [
             (format!("twinmesh/telemetry/{site}/*/*"), "telemetry"),
             (format!("twinmesh/control/{site}/*/delivered"), "control"),
@@ -170,6 +180,7 @@ impl Router {
         let (rpc_tx, rpc_rx) = flume::bounded(capacity);
         let (delivered_tx, delivered_rx) = flume::bounded(64);
         let dropped = Arc::new(AtomicU64::new(0));
+        let cache = Arc::new(ReplyCache::new(id));
         let id = id.to_string();
         let mut asleep = self.asleep.lock().expect("asleep lock");
         if let Some(Asleep::Waking { frames, calls }) = asleep.remove(&id) {
@@ -188,6 +199,7 @@ impl Router {
                 telemetry_dropped: dropped.clone(),
                 rpc: rpc_tx,
                 delivered: delivered_tx,
+                cache: cache.clone(),
             },
         );
         drop(asleep);
@@ -210,6 +222,7 @@ impl Router {
                 dropped: Default::default(),
                 guard: Box::new(()),
             },
+            cache,
         }
     }
 
@@ -357,10 +370,23 @@ impl Router {
         let Some(twin) = twin_of(&query.key, "rpc/twins") else {
             return;
         };
-        if let Some(r) = self.routes.read().expect("routes lock").get(twin) {
+        let routes = self.routes.read().expect("routes lock");
+        if let Some(r) = routes.get(twin) {
+            // Asked again, unchanged since: answered here, on the fabric's thread.
+            if let Some(answer) = r.cache.answer(&query.payload) {
+                drop(routes);
+                if let Some(m) = self.metrics.get() {
+                    NodeMetrics::add(&m.rpc_served, 1);
+                    NodeMetrics::add(&m.rpc_cached, 1);
+                }
+                let key = query.key.clone();
+                query.reply(&key, answer, TwinReply::ENCODING);
+                return;
+            }
             let _ = r.rpc.try_send(query);
             return;
         }
+        drop(routes);
         let twin = twin.to_owned();
         self.hold(&twin, Held::Call(query));
     }

@@ -29,12 +29,12 @@ pub async fn serve_node_queryables(ctx: &Arc<NodeContext>, info: NodeInfo) -> cr
                 q = info_q.rx.recv_async() => {
                     let Ok(q) = q else { break };
                     let info = NodeInfo { twins: c.directory.len() as u32, ..info.clone() };
-                    q.reply_with(&info_key, &info).await;
+                    q.reply_with(&info_key, &info);
                 }
                 q = twins_q.rx.recv_async() => {
                     let Ok(q) = q else { break };
                     let twins = NodeTwins { node: c.node.to_string(), twins: c.directory.list() };
-                    q.reply_with(&twins_key, &twins).await;
+                    q.reply_with(&twins_key, &twins);
                 }
             }
         }

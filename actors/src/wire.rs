@@ -24,7 +24,8 @@ use crate::error::{Error, Result};
 use crate::ports::{Fabric, Qos, Query, Reply, Sample, Subscription};
 use crate::tasks::TaskController;
 
-fn decode<M: Wire>(payload: &Bytes) -> Result<M> {
+/// `payload` as an `M` (an error names the message that did not decode).
+pub(crate) fn decode<M: Wire>(payload: &Bytes) -> Result<M> {
     M::decode(payload.clone()).map_err(|source| Error::Decode {
         what: M::NAME,
         source,
@@ -51,19 +52,18 @@ impl Query {
     }
 
     /// Answers with `message` on `key`.
-    pub async fn reply_with<M: Wire>(self, key: &str, message: &M) {
+    pub fn reply_with<M: Wire>(self, key: &str, message: &M) {
         self.responder
             .reply(key, Bytes::from(message.encode_to_vec()), M::ENCODING)
-            .await
     }
 
     /// Answers with several messages (each on its own key).
-    pub async fn reply_all<M: Wire>(self, replies: &[(String, M)]) {
+    pub fn reply_all<M: Wire>(self, replies: &[(String, M)]) {
         let replies = replies
             .iter()
             .map(|(k, m)| (k.clone(), Bytes::from(m.encode_to_vec())))
             .collect();
-        self.responder.reply_many(replies, M::ENCODING).await
+        self.responder.reply_many(replies, M::ENCODING)
     }
 }
 

@@ -12,7 +12,7 @@ use zenoh::pubsub::Publisher;
 use zenoh::qos::CongestionControl;
 use zenoh::query::{ConsolidationMode, QueryTarget};
 use zenoh::sample::SampleKind as ZSampleKind;
-use zenoh::Session;
+use zenoh::{Session, Wait};
 
 use twinmesh_actors::ports::{
     Fabric, Guard, Qos, Query, QueryCallback, Queryable, Reply, Responder, Sample, SampleCallback,
@@ -311,24 +311,25 @@ struct ZenohResponder(zenoh::query::Query);
 
 #[async_trait]
 impl Responder for ZenohResponder {
-    async fn reply(self: Box<Self>, key: &str, payload: Bytes, encoding: &'static str) {
+    fn reply(self: Box<Self>, key: &str, payload: Bytes, encoding: &'static str) {
+        // Zenoh hands the reply to its transmission queue; it does not block here.
         if let Err(e) = self
             .0
             .reply(key.to_owned(), ZBytes::from(payload))
             .encoding(Encoding::from(encoding))
-            .await
+            .wait()
         {
             tracing::debug!(key, "reply not sent: {e}");
         }
     }
 
-    async fn reply_many(self: Box<Self>, replies: Vec<(String, Bytes)>, encoding: &'static str) {
+    fn reply_many(self: Box<Self>, replies: Vec<(String, Bytes)>, encoding: &'static str) {
         for (key, payload) in replies {
             if let Err(e) = self
                 .0
                 .reply(key.clone(), ZBytes::from(payload))
                 .encoding(Encoding::from(encoding))
-                .await
+                .wait()
             {
                 tracing::debug!(key, "reply not sent: {e}");
             }

@@ -156,6 +156,12 @@ async fn metrics(State(s): State<HttpState>) -> Response {
         NodeMetrics::get(&m.rpc_served),
     );
     metric(
+        "twinmesh_rpc_cached_total",
+        "counter",
+        "Twin RPCs (GetTwin) answered from a twin's read cache by the node's router.",
+        NodeMetrics::get(&m.rpc_cached),
+    );
+    metric(
         "twinmesh_twin_restarts_total",
         "counter",
         "Twin actors restarted after a failure.",

@@ -702,3 +702,79 @@ async fn the_cloud_node_archives_features_and_serves_its_registry() {
     r.c.shutdown().await;
     assert!(!r.c.is_up("cloud"));
 }
+
+#[tokio::test(start_paused = true)]
+async fn router_answers_a_repeated_get_twin_until_the_twin_changes() {
+    let r = rig(&[("edge-a", "a")], Some(IDLE)).await;
+    let id: TwinId = "a/sp-01".parse().unwrap();
+    r.register(&id, AssetKind::Spindle).await;
+    r.twin("edge-a", &id).await;
+    let metrics = r.c.nodes["edge-a"].ctx().unwrap().metrics.clone();
+    let cached = || twinmesh_actors::metrics::NodeMetrics::get(&metrics.rpc_cached);
+    let acks = r.obs.subscribe(&keys::acks(&id), 1024).await.unwrap();
+    let get = || {
+        r.call(
+            &id,
+            twin_request::Request::GetTwin(GetTwinRequest {
+                twin_id: id.to_string(),
+            }),
+        )
+    };
+    let twin = |reply: twin_reply::Reply| match reply {
+        twin_reply::Reply::Twin(t) => t,
+        other => panic!("get twin answered {other:?}"),
+    };
+
+    r.send_frame(&id, 1).await;
+    ack_at_least(&acks, 1, WAIT)
+        .await
+        .expect("frame 1 acknowledged");
+    // The twin answers the first call; the router the same call again.
+    assert_eq!(twin(get().await).reported[SIGNAL].seq, 1);
+    assert_eq!(cached(), 0);
+    assert_eq!(twin(get().await).reported[SIGNAL].seq, 1);
+    assert_eq!(cached(), 1);
+
+    // A frame changes the twin: the next call sees it, from the twin.
+    r.send_frame(&id, 2).await;
+    ack_at_least(&acks, 2, WAIT)
+        .await
+        .expect("frame 2 acknowledged");
+    assert_eq!(twin(get().await).reported[SIGNAL].seq, 2);
+    assert_eq!(cached(), 1);
+    assert_eq!(twin(get().await).reported[SIGNAL].seq, 2);
+    assert_eq!(cached(), 2);
+
+    // A twin polled often is served mostly by the router (its ticks empty the cache
+    // now and then) and stays awake: calls answered from the cache count as activity.
+    let before = cached();
+    for _ in 0..60 {
+        tokio::time::sleep(IDLE / 20).await;
+        assert_eq!(twin(get().await).reported[SIGNAL].seq, 2);
+    }
+    assert!(
+        cached() - before >= 30,
+        "{} of 60 calls answered from the cache",
+        cached() - before
+    );
+    let passivated = || twinmesh_actors::metrics::NodeMetrics::get(&metrics.twins_passivated);
+    assert_eq!(passivated(), 0);
+    // Left alone, it sleeps.
+    until_dormant(&r, "edge-a", &id).await;
+    assert_eq!(passivated(), 1);
+
+    // A set-point (which wakes it) changes it too.
+    let before = cached();
+    let set = twin_request::Request::SetDesired(SetDesiredRequest {
+        twin_id: id.to_string(),
+        property: "speed_override".into(),
+        value: 90.0,
+        expected_revision: None,
+    });
+    assert!(matches!(
+        r.call(&id, set).await,
+        twin_reply::Reply::SetDesired(_)
+    ));
+    assert_eq!(twin(get().await).desired["speed_override"].value, 90.0);
+    assert_eq!(cached(), before);
+}

@@ -63,7 +63,7 @@ impl TwinActorState {
             self.arm_tick(myself, wait);
         }
         if let Some(idle) = self.passivate_after() {
-            let quiet = self.last_activity.elapsed();
+            let quiet = self.quiet();
             if quiet >= idle && self.can_passivate() {
                 self.passivate(myself).await?;
                 return Ok(());
@@ -213,6 +213,14 @@ impl TwinActorState {
             .filter(|_| self.ctx.router.is_active())
     }
 
+    /// How long since the last frame, request or delivery report, counting calls the
+    /// router answered from the read cache.
+    pub(super) fn quiet(&self) -> Duration {
+        let hit = self.cache.as_ref().and_then(|c| c.last_hit());
+        hit.map_or(self.last_activity, |h| h.max(self.last_activity))
+            .elapsed()
+    }
+
     /// Nothing in flight that a stopped twin would lose.
     pub(super) fn can_passivate(&self) -> bool {
         !self.frozen && self.core.pending_desired().next().is_none() && self.backfill_due.is_none()
@@ -228,7 +236,7 @@ impl TwinActorState {
             "passivated",
             format!(
                 "idle for {} s: stopped until its next frame or call",
-                self.last_activity.elapsed().as_secs()
+                self.quiet().as_secs()
             ),
             vec![],
         )

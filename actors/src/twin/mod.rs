@@ -27,8 +27,11 @@
 //!   state), the privacy policy, the ε ledger and identifier streams.
 //! - [`release`]: DP releases served where the twin lives (single twin, and set
 //!   releases coordinated on the site with sealed contributions).
+//! - [`cache`]: the twin's last `GetTwin` answers, which the node's router serves
+//!   without waking the twin while it has not changed.
 
 mod analysis;
+mod cache;
 mod desired;
 mod ingest;
 mod lifecycle;
@@ -60,6 +63,7 @@ use crate::error::{Error, Result};
 use crate::metrics::NodeMetrics;
 use crate::ports::Qos;
 
+pub use cache::ReplyCache;
 pub use ingest::{MAX_IDENTIFIER_LEN, MAX_IDENTIFIER_RECORDS};
 
 pub enum TwinMsg {
@@ -100,6 +104,20 @@ pub enum TwinMsg {
         Charge,
         RpcReplyPort<std::result::Result<proto::Budget, proto::Error>>,
     ),
+}
+
+impl TwinMsg {
+    /// Whether handling it leaves the twin as it was (its read cache stays valid).
+    fn is_read(&self) -> bool {
+        use twinmesh_twins::proto::twin_request::Request;
+        match self {
+            TwinMsg::Inspect(_) | TwinMsg::Policy(_) => true,
+            TwinMsg::Request(r, _) | TwinMsg::Serve(r, _, _) => {
+                matches!(r.request, Some(Request::GetTwin(_)))
+            }
+            _ => false,
+        }
+    }
 }
 
 /// A ledger charge of one release.
@@ -161,6 +179,8 @@ pub struct TwinActorState {
     monitor: Option<Monitor>,
     /// Cancels this twin's tasks when it stops.
     cancel: CancellationToken,
+    /// Its last `GetTwin` answers, on edge nodes (the router serves them).
+    cache: Option<Arc<ReplyCache>>,
 }
 
 impl TwinActorState {
@@ -302,6 +322,7 @@ impl Actor for TwinActor {
             last_desired_send: None,
             monitor: None,
             cancel: cancel.clone(),
+            cache: None,
         };
         let mut state = state;
         state.restore_model().await;
@@ -312,6 +333,7 @@ impl Actor for TwinActor {
         let (telemetry, rpc, delivered) = if ctx.router.is_active() {
             // Edge: the node's router hands this twin its frames, calls and reports.
             let r = ctx.router.register(&id, ctx.twin_config.ingest_queue);
+            state.cache = Some(r.cache);
             (r.telemetry, r.rpc, r.delivered)
         } else {
             let telemetry = ctx
@@ -402,6 +424,11 @@ impl TwinActorState {
         msg: TwinMsg,
     ) -> std::result::Result<(), ActorProcessingErr> {
         let state = self;
+        // Anything but a read may change what a `GetTwin` answers: forget the cached
+        // answers before it runs.
+        if let Some(cache) = state.cache.as_ref().filter(|_| !msg.is_read()) {
+            cache.clear();
+        }
         if matches!(
             msg,
             TwinMsg::Ingest(..)

@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use futures::future::BoxFuture;
+use prost::Message;
 use ractor::{ActorRef, RpcReplyPort};
 
 use twinmesh_twins::chain::ChainSpec;
@@ -18,6 +20,7 @@ use super::{TwinActorState, TwinMsg};
 use crate::context::NodeContext;
 use crate::metrics::NodeMetrics;
 use crate::ports::StoredFrame;
+use crate::wire::Wire;
 
 /// Why a request failed: the caller's mistake, or a passing state of the twin.
 impl TwinActorState {
@@ -42,11 +45,18 @@ impl TwinActorState {
         req: TwinRequest,
         query: crate::ports::Query,
     ) {
+        let get_twin = matches!(req.request, Some(twin_request::Request::GetTwin(_)));
+        let caller = req.caller.clone();
         let out = match self.handle_request(myself, req).await {
             Ok(r) => r,
             Err(e) => twin_reply::Reply::Error((&e).into()),
         };
-        send_reply(query, &keys::twin_rpc(&self.core.id), &self::reply(out)).await;
+        let cacheable = get_twin && matches!(out, twin_reply::Reply::Twin(_));
+        let answer = Bytes::from(self::reply(out).encode_to_vec());
+        if let Some(cache) = self.cache.as_ref().filter(|_| cacheable) {
+            cache.store(caller.as_ref(), answer.clone());
+        }
+        query.reply(&keys::twin_rpc(&self.core.id), answer, TwinReply::ENCODING);
     }
 
     pub(super) async fn handle_request(
@@ -223,9 +233,8 @@ pub(super) fn serve_query(
             let reply = error_reply(&DomainError::InvalidArgument(format!(
                 "malformed twin request: {e}"
             )));
-            return Some(Box::pin(
-                async move { send_reply(query, &key, &reply).await },
-            ));
+            send_reply(query, &key, &reply);
+            return None;
         }
         Ok(r) => r,
     };
@@ -248,7 +257,7 @@ pub(super) fn serve_query(
                     },
                     Err(e) => error_reply(&e),
                 };
-                send_reply(query, &key, &reply).await;
+                send_reply(query, &key, &reply);
             }))
         }
         TwinRequest {
@@ -326,12 +335,10 @@ pub(super) fn serve_query(
                         proto::ErrorCode::Unavailable,
                         format!("twin {id} is restarting"),
                     );
-                    match e {
-                        ractor::MessagingErr::SendErr(TwinMsg::Serve(_, query, _)) => Some(
-                            Box::pin(async move { send_reply(query, &key, &reply).await }),
-                        ),
-                        _ => None,
+                    if let ractor::MessagingErr::SendErr(TwinMsg::Serve(_, query, _)) = e {
+                        send_reply(query, &key, &reply);
                     }
+                    None
                 }
             }
         }
@@ -348,12 +355,12 @@ pub(super) fn reply_later(
 ) {
     ctx.tasks.spawn(async move {
         let reply = reply.await;
-        send_reply(query, &key, &reply).await;
+        send_reply(query, &key, &reply);
     });
 }
 
-pub(super) async fn send_reply(query: crate::ports::Query, key: &str, reply: &TwinReply) {
-    query.reply_with(key, reply).await;
+pub(super) fn send_reply(query: crate::ports::Query, key: &str, reply: &TwinReply) {
+    query.reply_with(key, reply);
 }
 
 pub(super) fn error_reply(e: &DomainError) -> TwinReply {

@@ -346,13 +346,12 @@ struct SimResponder {
     replies: tokio::sync::mpsc::UnboundedSender<Reply>,
 }
 
-#[async_trait]
 impl Responder for SimResponder {
-    async fn reply(self: Box<Self>, key: &str, payload: Bytes, _encoding: &'static str) {
-        self.reply_many(vec![(key.to_owned(), payload)], "").await
+    fn reply(self: Box<Self>, key: &str, payload: Bytes, _encoding: &'static str) {
+        self.reply_many(vec![(key.to_owned(), payload)], "")
     }
 
-    async fn reply_many(self: Box<Self>, replies: Vec<(String, Bytes)>, _encoding: &'static str) {
+    fn reply_many(self: Box<Self>, replies: Vec<(String, Bytes)>, _encoding: &'static str) {
         let at = {
             let mut st = self.net.lock();
             self.net.arrival(&mut st, &self.from, &self.to)

@@ -342,16 +342,20 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 );
                 for (name, c) in [
                     (
-                        "bare tonic unary (health check), same server",
+                        "ceiling, bare tonic unary (health check), same server",
                         &r.grpc_ceiling,
                     ),
                     (
-                        "bare Zenoh query cloud -> edge (node info)",
+                        "ceiling, bare Zenoh query cloud -> edge (node info)",
                         &r.zenoh_ceiling,
+                    ),
+                    (
+                        "twin hop, the GetTwin as a Zenoh query from the cloud (no gRPC)",
+                        &r.twin_hop,
                     ),
                 ] {
                     println!(
-                        "  ceiling, {name}: {:.0} calls/s, p50 {:.3} ms, p99 {:.3} ms ({:.0} s)",
+                        "  {name}: {:.0} calls/s, p50 {:.3} ms, p99 {:.3} ms ({:.0} s)",
                         c.calls_per_s, c.p50_ms, c.p99_ms, c.seconds
                     );
                 }

@@ -9,9 +9,13 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use twinmesh_actors::wire::TypedFabric;
 use twinmesh_proto::v1::twin_service_client::TwinServiceClient;
 use twinmesh_twins::keys;
-use twinmesh_twins::proto::GetTwinRequest;
+use twinmesh_twins::privacy::Role;
+use twinmesh_twins::proto::{
+    twin_reply, twin_request, Caller, GetTwinRequest, TwinReply, TwinRequest,
+};
 
 use super::rig::*;
 use super::BenchArgs;
@@ -30,6 +34,8 @@ pub(crate) struct RpcReport {
     pub(crate) grpc_ceiling: Loop,
     /// Bare Zenoh queries cloud session → edge session (node info), same callers.
     pub(crate) zenoh_ceiling: Loop,
+    /// The GetTwin as a Zenoh query from the cloud session, without gRPC.
+    pub(crate) twin_hop: Loop,
 }
 
 #[derive(Debug, Serialize)]
@@ -136,6 +142,29 @@ pub(super) async fn bench_rpc(args: &BenchArgs) -> anyhow::Result<RpcReport> {
     .await?;
     let zenoh_ceiling = summary(&hist, calls, ceiling_measure);
 
+    // The same GetTwin as a Zenoh query from the cloud node, without gRPC: the twin hop.
+    let fabric = rig.cloud.ctx.fabric.clone();
+    let twin_key = keys::twin_rpc(&ids[0].parse()?);
+    let request = TwinRequest {
+        caller: Some(Caller {
+            site: rig.cloud.ctx.site.clone(),
+            role: Role::Viewer.as_str().into(),
+            subject: String::new(),
+        }),
+        request: Some(twin_request::Request::GetTwin(GetTwinRequest {
+            twin_id: ids[0].clone(),
+        })),
+    };
+    let (hist, calls) = closed_loop(parallel, warmup, ceiling_measure, move || {
+        let (fabric, key, request) = (fabric.clone(), twin_key.clone(), request.clone());
+        async move {
+            let reply = fabric.ask_first(&key, &request, Duration::from_secs(2)).await;
+            matches!(reply, Ok(Some(r)) if r.decode::<TwinReply>().is_ok_and(|r| matches!(r.reply, Some(twin_reply::Reply::Twin(_)))))
+        }
+    })
+    .await?;
+    let twin_hop = summary(&hist, calls, ceiling_measure);
+
     let client = TwinServiceClient::new(channel.clone());
     let id = ids[0].clone();
     let (hist, calls) = closed_loop(parallel, warmup, measure, move || {
@@ -160,5 +189,6 @@ pub(super) async fn bench_rpc(args: &BenchArgs) -> anyhow::Result<RpcReport> {
         max_ms: hist.max() as f64 / 1000.0,
         grpc_ceiling,
         zenoh_ceiling,
+        twin_hop,
     })
 }

@@ -1,0 +1,147 @@
+//! The twin's read cache: its encoded `GetTwin` answers as of its last change, one per
+//! view (on the site with a raw view, or gated), which the node's router serves itself,
+//! on the fabric's thread, without waking the twin's task or actor.
+//!
+//! The actor fills a view when it answers a `GetTwin` and empties both before it handles
+//! anything else, so a cached answer is always the one the actor would give now: every
+//! change of state happens in the actor, after the views were emptied, and nothing is
+//! acknowledged to anyone before that.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use twinmesh_twins::privacy;
+use twinmesh_twins::proto::{twin_request, Caller, TwinRequest};
+use twinmesh_twins::TwinId;
+
+use crate::wire;
+
+pub struct ReplyCache {
+    /// `{site}/{asset}`, as a `GetTwin` names the twin.
+    twin_id: String,
+    site: String,
+    /// Encoded `TwinReply`s: the raw view, then the gated one.
+    views: Mutex<[Option<Bytes>; 2]>,
+    created: Instant,
+    /// When a call was last answered from here, in ms after `created` plus one (0:
+    /// never). Passivation counts it as activity.
+    last_hit_ms: AtomicU64,
+}
+
+impl ReplyCache {
+    pub fn new(id: &TwinId) -> Self {
+        ReplyCache {
+            twin_id: id.to_string(),
+            site: id.site().to_owned(),
+            views: Mutex::new([None, None]),
+            created: Instant::now(),
+            last_hit_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn view(&self, caller: Option<&Caller>) -> usize {
+        usize::from(!privacy::sees_raw(caller, &self.site))
+    }
+
+    /// The cached answer to the encoded twin request `payload`, if it is a `GetTwin` of
+    /// this twin whose view the twin has answered since its last change.
+    pub fn answer(&self, payload: &Bytes) -> Option<Bytes> {
+        if self
+            .views
+            .lock()
+            .expect("views lock")
+            .iter()
+            .all(Option::is_none)
+        {
+            return None;
+        }
+        let request: TwinRequest = wire::decode(payload).ok()?;
+        match &request.request {
+            Some(twin_request::Request::GetTwin(get)) if get.twin_id == self.twin_id => {}
+            _ => return None,
+        }
+        let view = self.view(request.caller.as_ref());
+        let answer = self.views.lock().expect("views lock")[view].clone()?;
+        let ms = self.created.elapsed().as_millis() as u64 + 1;
+        self.last_hit_ms.store(ms, Relaxed);
+        Some(answer)
+    }
+
+    /// Keeps the actor's answer to a `GetTwin` of `caller`.
+    pub(super) fn store(&self, caller: Option<&Caller>, answer: Bytes) {
+        let view = self.view(caller);
+        self.views.lock().expect("views lock")[view] = Some(answer);
+    }
+
+    /// Forgets both views: the twin is about to change.
+    pub(super) fn clear(&self) {
+        let mut views = self.views.lock().expect("views lock");
+        if views.iter().any(Option::is_some) {
+            *views = [None, None];
+        }
+    }
+
+    /// When a call was last answered from the cache.
+    pub(super) fn last_hit(&self) -> Option<Instant> {
+        match self.last_hit_ms.load(Relaxed) {
+            0 => None,
+            ms => Some(self.created + std::time::Duration::from_millis(ms - 1)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+    use twinmesh_twins::proto::GetTwinRequest;
+
+    fn get(twin: &str, caller: Option<Caller>) -> Bytes {
+        TwinRequest {
+            caller,
+            request: Some(twin_request::Request::GetTwin(GetTwinRequest {
+                twin_id: twin.into(),
+            })),
+        }
+        .encode_to_vec()
+        .into()
+    }
+
+    fn operator(site: &str) -> Caller {
+        Caller {
+            site: site.into(),
+            role: "data_operator".into(),
+            subject: String::new(),
+        }
+    }
+
+    #[test]
+    fn answers_only_a_get_of_this_twin_in_the_callers_view() {
+        let cache = ReplyCache::new(&"plant/wt-1".parse().unwrap());
+        let on_site = Some(operator("plant"));
+        let off_site = Some(operator("elsewhere"));
+        assert_eq!(cache.answer(&get("plant/wt-1", on_site.clone())), None);
+        cache.store(on_site.as_ref(), Bytes::from_static(b"raw"));
+        assert_eq!(
+            cache.answer(&get("plant/wt-1", on_site.clone())),
+            Some(Bytes::from_static(b"raw"))
+        );
+        assert!(cache.last_hit().is_some());
+        // Another twin, a gated caller, an anonymous one, garbage: not from here.
+        assert_eq!(cache.answer(&get("plant/wt-2", on_site.clone())), None);
+        assert_eq!(cache.answer(&get("plant/wt-1", off_site.clone())), None);
+        assert_eq!(cache.answer(&get("plant/wt-1", None)), None);
+        assert_eq!(cache.answer(&Bytes::from_static(b"\xff\xff")), None);
+        cache.store(off_site.as_ref(), Bytes::from_static(b"gated"));
+        assert_eq!(
+            cache.answer(&get("plant/wt-1", None)),
+            Some(Bytes::from_static(b"gated"))
+        );
+        cache.clear();
+        assert_eq!(cache.answer(&get("plant/wt-1", on_site)), None);
+        assert_eq!(cache.answer(&get("plant/wt-1", off_site)), None);
+    }
+}

@@ -47,6 +47,23 @@ fn to_bytes(z: &ZBytes) -> Bytes {
 
 /// The Zenoh configuration of a node: explicit endpoints, multicast scouting off unless
 /// asked, and the liveliness lease of DESIGN §7.
+/// Zenoh's thread pools as twinmesh runs them unless the operator sets
+/// `ZENOH_RUNTIME` (its RON syntax): receive, transmit, accept and network work handed
+/// over to one application pool of two workers. Zenoh's default is five pools (six
+/// threads); on a node of a few cores every message then crosses from one pool's thread
+/// to another's, and each crossing wakes a sleeping thread. On a 2-vCPU node one pool
+/// cuts the Zenoh hop of a twin call by ~40 % and a whole GetTwin by ~25 %, with the
+/// same ingest rate (BENCHMARKS.md, issue 19).
+pub const ZENOH_RUNTIME: &str = "(rx: (handover: app), tx: (handover: app), acc: (handover: app), net: (handover: app), app: (worker_threads: 2))";
+
+/// Sets `ZENOH_RUNTIME` to [`ZENOH_RUNTIME`] unless it is set. Zenoh reads it once, when
+/// its first pool starts: call this at the start of `main`, before any thread exists.
+pub fn default_zenoh_runtime() {
+    if std::env::var_os("ZENOH_RUNTIME").is_none() {
+        std::env::set_var("ZENOH_RUNTIME", ZENOH_RUNTIME);
+    }
+}
+
 pub fn zenoh_config(cfg: &NodeConfig) -> crate::Result<zenoh::Config> {
     let mut c = zenoh::Config::default();
     let set = |c: &mut zenoh::Config, key: &str, value: String| {

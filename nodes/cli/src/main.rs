@@ -8,6 +8,8 @@ use tokio_util::sync::CancellationToken;
 use twinmesh_cli::args::{Cli, Command};
 
 fn main() -> ExitCode {
+    // Before any thread exists: Zenoh reads its pool layout once.
+    twinmesh_nodes::fabric::default_zenoh_runtime();
     let cli = Cli::parse();
     // Benchmarks and the client stay quiet unless asked; nodes report what they do.
     let default_filter = match cli.command {

@@ -70,7 +70,8 @@ pub struct HostedTwin {
 
 struct Hosted {
     actor: Option<ActorRef<TwinMsg>>,
-    placement: Placement,
+    /// Shared with the twin's actor.
+    placement: Arc<Placement>,
     restarts: Vec<Instant>,
 }
 
@@ -118,7 +119,7 @@ impl NodeSupervisorState {
             }
             Err(e) => {
                 tracing::error!(twin = %id, "twin failed to start ({e}); retrying in 1 s");
-                let placement = hosted.placement.clone();
+                let placement = (*hosted.placement).clone();
                 myself.send_after(Duration::from_secs(1), move || NodeMsg::Place(placement));
             }
         }
@@ -137,7 +138,7 @@ impl NodeSupervisorState {
         }
         if why == crate::twin::PASSIVATED {
             // Registered here without an actor: a restart of the node keeps it asleep.
-            let mut record = hosted.placement.clone();
+            let mut record = (*hosted.placement).clone();
             record.status = STATUS_DORMANT.to_owned();
             if let Err(e) = self.hosted.save_hosted(&record) {
                 tracing::warn!(twin = %id, "dormant record not stored: {e}");
@@ -238,7 +239,7 @@ impl Actor for NodeSupervisor {
                 id.clone(),
                 Hosted {
                     actor: None,
-                    placement,
+                    placement: Arc::new(placement),
                     restarts: Vec::new(),
                 },
             );
@@ -302,7 +303,7 @@ impl Actor for NodeSupervisor {
                     id.clone(),
                     Hosted {
                         actor: None,
-                        placement,
+                        placement: Arc::new(placement),
                         restarts,
                     },
                 );
@@ -355,7 +356,13 @@ impl Actor for NodeSupervisor {
                 let _ = reply.send(state.twins.get(&id).and_then(|h| h.actor.clone()));
             }
             NodeMsg::Hosted(reply) => {
-                let _ = reply.send(state.twins.values().map(|h| h.placement.clone()).collect());
+                let _ = reply.send(
+                    state
+                        .twins
+                        .values()
+                        .map(|h| (*h.placement).clone())
+                        .collect(),
+                );
             }
             NodeMsg::Inspect(reply) => {
                 let twins = state

@@ -180,7 +180,7 @@ impl Router {
         let (rpc_tx, rpc_rx) = flume::bounded(capacity);
         let (delivered_tx, delivered_rx) = flume::bounded(64);
         let dropped = Arc::new(AtomicU64::new(0));
-        let cache = Arc::new(ReplyCache::new(id));
+        let cache = Arc::new(ReplyCache::new());
         let id = id.to_string();
         let mut asleep = self.asleep.lock().expect("asleep lock");
         if let Some(Asleep::Waking { frames, calls }) = asleep.remove(&id) {
@@ -373,7 +373,7 @@ impl Router {
         let routes = self.routes.read().expect("routes lock");
         if let Some(r) = routes.get(twin) {
             // Asked again, unchanged since: answered here, on the fabric's thread.
-            if let Some(answer) = r.cache.answer(&query.payload) {
+            if let Some(answer) = r.cache.answer(twin, &query.payload) {
                 drop(routes);
                 if let Some(m) = self.metrics.get() {
                     NodeMetrics::add(&m.rpc_served, 1);

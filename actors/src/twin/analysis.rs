@@ -193,7 +193,10 @@ impl TwinActorState {
     /// Swaps the model in: scoring starts afresh (status ok until windows say otherwise).
     pub(super) fn install(&mut self, record: &proto::ModelRecord, model: Model) {
         let info = record.info.clone().unwrap_or_default();
-        self.monitor = Some(Monitor::new(Arc::new(model), MonitorConfig::default()));
+        self.monitor = Some(Box::new(Monitor::new(
+            Arc::new(model),
+            MonitorConfig::default(),
+        )));
         let h = &mut self.core.health;
         h.model_id = info.model_id;
         h.model_version = info.version;

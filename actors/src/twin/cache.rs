@@ -19,10 +19,8 @@ use twinmesh_twins::TwinId;
 
 use crate::wire;
 
+/// One per twin on an edge node (its id is the router's key for it, so it keeps none).
 pub struct ReplyCache {
-    /// `{site}/{asset}`, as a `GetTwin` names the twin.
-    twin_id: String,
-    site: String,
     /// Encoded `TwinReply`s: the raw view, then the gated one.
     views: Mutex<[Option<Bytes>; 2]>,
     created: Instant,
@@ -32,23 +30,18 @@ pub struct ReplyCache {
 }
 
 impl ReplyCache {
-    pub fn new(id: &TwinId) -> Self {
+    pub fn new() -> Self {
         ReplyCache {
-            twin_id: id.to_string(),
-            site: id.site().to_owned(),
             views: Mutex::new([None, None]),
             created: Instant::now(),
             last_hit_ms: AtomicU64::new(0),
         }
     }
 
-    fn view(&self, caller: Option<&Caller>) -> usize {
-        usize::from(!privacy::sees_raw(caller, &self.site))
-    }
-
-    /// The cached answer to the encoded twin request `payload`, if it is a `GetTwin` of
-    /// this twin whose view the twin has answered since its last change.
-    pub fn answer(&self, payload: &Bytes) -> Option<Bytes> {
+    /// The cached answer to the encoded twin request `payload` for the twin `twin`
+    /// (`{site}/{asset}`), if it is a `GetTwin` of that twin whose view the twin has
+    /// answered since its last change.
+    pub fn answer(&self, twin: &str, payload: &Bytes) -> Option<Bytes> {
         if self
             .views
             .lock()
@@ -60,19 +53,19 @@ impl ReplyCache {
         }
         let request: TwinRequest = wire::decode(payload).ok()?;
         match &request.request {
-            Some(twin_request::Request::GetTwin(get)) if get.twin_id == self.twin_id => {}
+            Some(twin_request::Request::GetTwin(get)) if get.twin_id == twin => {}
             _ => return None,
         }
-        let view = self.view(request.caller.as_ref());
+        let view = view(request.caller.as_ref(), site_of(twin));
         let answer = self.views.lock().expect("views lock")[view].clone()?;
         let ms = self.created.elapsed().as_millis() as u64 + 1;
         self.last_hit_ms.store(ms, Relaxed);
         Some(answer)
     }
 
-    /// Keeps the actor's answer to a `GetTwin` of `caller`.
-    pub(super) fn store(&self, caller: Option<&Caller>, answer: Bytes) {
-        let view = self.view(caller);
+    /// Keeps the actor's answer to a `GetTwin` of `caller` for the twin `id`.
+    pub(super) fn store(&self, id: &TwinId, caller: Option<&Caller>, answer: Bytes) {
+        let view = view(caller, id.site());
         self.views.lock().expect("views lock")[view] = Some(answer);
     }
 
@@ -91,6 +84,22 @@ impl ReplyCache {
             ms => Some(self.created + std::time::Duration::from_millis(ms - 1)),
         }
     }
+}
+
+impl Default for ReplyCache {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Which cached view a caller gets: 0, raw (on the site, data operator or above), or 1,
+/// gated.
+fn view(caller: Option<&Caller>, site: &str) -> usize {
+    usize::from(!privacy::sees_raw(caller, site))
+}
+
+fn site_of(twin: &str) -> &str {
+    twin.split_once('/').map_or(twin, |(site, _)| site)
 }
 
 #[cfg(test)]
@@ -120,28 +129,47 @@ mod tests {
 
     #[test]
     fn answers_only_a_get_of_this_twin_in_the_callers_view() {
-        let cache = ReplyCache::new(&"plant/wt-1".parse().unwrap());
+        let cache = ReplyCache::new();
+        let id: TwinId = "plant/wt-1".parse().unwrap();
         let on_site = Some(operator("plant"));
         let off_site = Some(operator("elsewhere"));
-        assert_eq!(cache.answer(&get("plant/wt-1", on_site.clone())), None);
-        cache.store(on_site.as_ref(), Bytes::from_static(b"raw"));
         assert_eq!(
-            cache.answer(&get("plant/wt-1", on_site.clone())),
+            cache.answer("plant/wt-1", &get("plant/wt-1", on_site.clone())),
+            None
+        );
+        cache.store(&id, on_site.as_ref(), Bytes::from_static(b"raw"));
+        assert_eq!(
+            cache.answer("plant/wt-1", &get("plant/wt-1", on_site.clone())),
             Some(Bytes::from_static(b"raw"))
         );
         assert!(cache.last_hit().is_some());
         // Another twin, a gated caller, an anonymous one, garbage: not from here.
-        assert_eq!(cache.answer(&get("plant/wt-2", on_site.clone())), None);
-        assert_eq!(cache.answer(&get("plant/wt-1", off_site.clone())), None);
-        assert_eq!(cache.answer(&get("plant/wt-1", None)), None);
-        assert_eq!(cache.answer(&Bytes::from_static(b"\xff\xff")), None);
-        cache.store(off_site.as_ref(), Bytes::from_static(b"gated"));
         assert_eq!(
-            cache.answer(&get("plant/wt-1", None)),
+            cache.answer("plant/wt-1", &get("plant/wt-2", on_site.clone())),
+            None
+        );
+        assert_eq!(
+            cache.answer("plant/wt-1", &get("plant/wt-1", off_site.clone())),
+            None
+        );
+        assert_eq!(cache.answer("plant/wt-1", &get("plant/wt-1", None)), None);
+        assert_eq!(
+            cache.answer("plant/wt-1", &Bytes::from_static(b"\xff\xff")),
+            None
+        );
+        cache.store(&id, off_site.as_ref(), Bytes::from_static(b"gated"));
+        assert_eq!(
+            cache.answer("plant/wt-1", &get("plant/wt-1", None)),
             Some(Bytes::from_static(b"gated"))
         );
         cache.clear();
-        assert_eq!(cache.answer(&get("plant/wt-1", on_site)), None);
-        assert_eq!(cache.answer(&get("plant/wt-1", off_site)), None);
+        assert_eq!(
+            cache.answer("plant/wt-1", &get("plant/wt-1", on_site)),
+            None
+        );
+        assert_eq!(
+            cache.answer("plant/wt-1", &get("plant/wt-1", off_site)),
+            None
+        );
     }
 }

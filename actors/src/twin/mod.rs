@@ -143,7 +143,8 @@ pub const PASSIVATED: &str = "passivated";
 
 pub struct TwinArgs {
     pub ctx: Arc<NodeContext>,
-    pub placement: Placement,
+    /// Shared with the node supervisor's record of the twin (neither changes it).
+    pub placement: Arc<Placement>,
 }
 
 pub struct TwinActor;
@@ -151,7 +152,7 @@ pub struct TwinActor;
 pub struct TwinActorState {
     ctx: Arc<NodeContext>,
     core: TwinCore,
-    placement: Placement,
+    placement: Arc<Placement>,
     dirty: bool,
     last_state_publish: Option<Instant>,
     /// When the next armed tick fires (a nearer need arms another one; a tick re-arms
@@ -175,8 +176,9 @@ pub struct TwinActorState {
     /// Revision of the last snapshot replicated to the cloud, and when.
     replicated_revision: Option<u64>,
     last_replication: Option<Instant>,
-    /// Scores feature windows with the installed anomaly model, if any.
-    monitor: Option<Monitor>,
+    /// Scores feature windows with the installed anomaly model, if any (boxed: most
+    /// twins have none, and an idle twin should not carry its space).
+    monitor: Option<Box<Monitor>>,
     /// Cancels this twin's tasks when it stops.
     cancel: CancellationToken,
     /// Its last `GetTwin` answers, on edge nodes (the router serves them).
@@ -186,7 +188,7 @@ pub struct TwinActorState {
 impl TwinActorState {
     fn snapshot(&self) -> TwinSnapshot {
         TwinSnapshot {
-            twin: Some(self.core.to_proto(Some(self.placement.clone()))),
+            twin: Some(self.core.to_proto(Some((*self.placement).clone()))),
             epoch: self.placement.epoch,
             saved_ns: self.ctx.now_ns(),
             node: self.ctx.node.to_string(),
@@ -277,7 +279,7 @@ impl TwinActorState {
     }
 
     fn get_twin(&self) -> proto::Twin {
-        self.core.to_proto(Some(self.placement.clone()))
+        self.core.to_proto(Some((*self.placement).clone()))
     }
 
     fn check_twin_id(&self, twin_id: &str) -> Result<(), DomainError> {

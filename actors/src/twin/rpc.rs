@@ -54,7 +54,7 @@ impl TwinActorState {
         let cacheable = get_twin && matches!(out, twin_reply::Reply::Twin(_));
         let answer = Bytes::from(self::reply(out).encode_to_vec());
         if let Some(cache) = self.cache.as_ref().filter(|_| cacheable) {
-            cache.store(caller.as_ref(), answer.clone());
+            cache.store(&self.core.id, caller.as_ref(), answer.clone());
         }
         query.reply(&keys::twin_rpc(&self.core.id), answer, TwinReply::ENCODING);
     }

@@ -60,6 +60,20 @@ pub struct Services {
 
 /// A gRPC request that one twin answers: what [`Services::forward`] needs beyond the
 /// wire mapping of [`TwinCall`].
+/// [`TwinRpc`] for requests that name their twin in `twin_id` and need no check of
+/// their own: `Request => LeastRole;`.
+macro_rules! plain_twin_rpcs {
+    ($($request:ty => $role:ident;)*) => {$(
+        impl TwinRpc for $request {
+            const LEAST_ROLE: Role = Role::$role;
+            fn twin_id(&self) -> &str {
+                &self.twin_id
+            }
+        }
+    )*};
+}
+pub(crate) use plain_twin_rpcs;
+
 pub(crate) trait TwinRpc: TwinCall {
     /// The least role of the RPC (DESIGN §10).
     const LEAST_ROLE: Role;

@@ -14,31 +14,22 @@ use twinmesh_twins::proto::{
 };
 use twinmesh_twins::TwinId;
 
-use super::{Services, TwinRpc};
+use super::{plain_twin_rpcs, Services, TwinRpc};
 use crate::api::parse_twin_id;
 
 /// Deadlines of releases: a set release is coordinated across the twins of a site.
 const RELEASE_DEADLINE: Duration = Duration::from_secs(10);
 const SET_RELEASE_DEADLINE: Duration = Duration::from_secs(60);
 
-impl TwinRpc for GetPolicyRequest {
-    const LEAST_ROLE: Role = Role::Viewer;
-    fn twin_id(&self) -> &str {
-        &self.twin_id
-    }
+plain_twin_rpcs! {
+    GetPolicyRequest => Viewer;
+    GetBudgetRequest => Viewer;
 }
 
 impl TwinRpc for SetPolicyRequest {
     const LEAST_ROLE: Role = Role::DataOwner;
     fn twin_id(&self) -> &str {
         self.policy.as_ref().map_or("", |p| p.twin_id.as_str())
-    }
-}
-
-impl TwinRpc for GetBudgetRequest {
-    const LEAST_ROLE: Role = Role::Viewer;
-    fn twin_id(&self) -> &str {
-        &self.twin_id
     }
 }
 

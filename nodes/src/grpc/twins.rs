@@ -18,21 +18,14 @@ use twinmesh_twins::proto::{
 };
 use twinmesh_twins::TwinId;
 
-use super::{deadline, Services, TwinRpc};
+use super::{deadline, plain_twin_rpcs, Services, TwinRpc};
 use crate::api::parse_twin_id;
 
-impl TwinRpc for GetTwinRequest {
-    const LEAST_ROLE: Role = Role::Viewer;
-    fn twin_id(&self) -> &str {
-        &self.twin_id
-    }
-}
-
-impl TwinRpc for GetThingDescriptionRequest {
-    const LEAST_ROLE: Role = Role::Viewer;
-    fn twin_id(&self) -> &str {
-        &self.twin_id
-    }
+plain_twin_rpcs! {
+    GetTwinRequest => Viewer;
+    GetThingDescriptionRequest => Viewer;
+    SetDesiredRequest => DataOperator;
+    ImportHistoryRequest => DataManager;
 }
 
 impl TwinRpc for QueryHistoryRequest {
@@ -46,13 +39,6 @@ impl TwinRpc for QueryHistoryRequest {
     }
 }
 
-impl TwinRpc for SetDesiredRequest {
-    const LEAST_ROLE: Role = Role::DataOperator;
-    fn twin_id(&self) -> &str {
-        &self.twin_id
-    }
-}
-
 impl TwinRpc for SetChainRequest {
     const LEAST_ROLE: Role = Role::DataManager;
     fn twin_id(&self) -> &str {
@@ -63,13 +49,6 @@ impl TwinRpc for SetChainRequest {
             Some(_) => Ok(()),
             None => Err(crate::Error::invalid_argument("invalid chain: missing")),
         }
-    }
-}
-
-impl TwinRpc for ImportHistoryRequest {
-    const LEAST_ROLE: Role = Role::DataManager;
-    fn twin_id(&self) -> &str {
-        &self.twin_id
     }
 }
 

@@ -12,7 +12,7 @@
 //! site, and a wildcard over all sites would bring other sites' raw telemetry to them.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 
 use twinmesh_twins::proto::TwinReply;
@@ -37,6 +37,8 @@ struct Routes {
     delivered: flume::Sender<Sample>,
     /// The twin's last `GetTwin` answers, served from here.
     cache: Arc<ReplyCache>,
+    /// Starts the twin's task when something arrives for it.
+    kick: Arc<Kick>,
 }
 
 /// What a registered twin receives; dropping `telemetry` (its guard) unregisters it.
@@ -46,6 +48,44 @@ pub struct TwinRoutes {
     pub delivered: Subscription,
     /// The twin's read cache, which the router answers repeated `GetTwin`s from.
     pub cache: Arc<ReplyCache>,
+    /// The twin sets how its task starts; the router kicks it on every arrival.
+    pub kick: Arc<Kick>,
+}
+
+type Start = Box<dyn Fn(Arc<Kick>) + Send + Sync>;
+
+/// Starts a twin's task when input arrives and none runs, so an idle twin holds no task.
+/// The task, once its inputs are empty and nothing is in flight, clears `running` and
+/// looks at its inputs once more: an arrival in between either finds `running` clear
+/// and starts a task, or is seen by the task, which takes `running` back and goes on.
+#[derive(Default)]
+pub struct Kick {
+    running: AtomicBool,
+    start: OnceLock<Start>,
+}
+
+impl Kick {
+    /// Sets how the task starts (once; later calls are ignored).
+    pub fn set_start(&self, start: Start) {
+        let _ = self.start.set(start);
+    }
+
+    /// Something arrived: starts the task unless it runs (or cannot start yet: the
+    /// twin kicks itself once it has set how).
+    pub fn kick(self: &Arc<Self>) {
+        if let Some(start) = self.start.get() {
+            if !self.running.swap(true, SeqCst) {
+                start(self.clone());
+            }
+        }
+    }
+
+    /// The task has nothing to do. True when it should go on: `pending` (its inputs)
+    /// shows an arrival and no other task was started for it.
+    pub fn idle(&self, pending: impl Fn() -> bool) -> bool {
+        self.running.store(false, SeqCst);
+        pending() && !self.running.swap(true, SeqCst)
+    }
 }
 
 type Waker = Box<dyn Fn(TwinId) + Send + Sync>;
@@ -181,6 +221,7 @@ impl Router {
         let (delivered_tx, delivered_rx) = flume::bounded(64);
         let dropped = Arc::new(AtomicU64::new(0));
         let cache = Arc::new(ReplyCache::new());
+        let kick = Arc::new(Kick::default());
         let id = id.to_string();
         let mut asleep = self.asleep.lock().expect("asleep lock");
         if let Some(Asleep::Waking { frames, calls }) = asleep.remove(&id) {
@@ -200,6 +241,7 @@ impl Router {
                 rpc: rpc_tx,
                 delivered: delivered_tx,
                 cache: cache.clone(),
+                kick: kick.clone(),
             },
         );
         drop(asleep);
@@ -223,6 +265,7 @@ impl Router {
                 guard: Box::new(()),
             },
             cache,
+            kick,
         }
     }
 
@@ -276,6 +319,7 @@ impl Router {
                     let _ = r.rpc.try_send(q);
                 }
             }
+            r.kick.kick();
             return;
         }
         let Some(state) = asleep.get_mut(twin) else {
@@ -338,10 +382,12 @@ impl Router {
                 if let Err(flume::TrySendError::Full(_)) = r.telemetry.try_send(sample) {
                     r.telemetry_dropped.fetch_add(1, Relaxed);
                 }
+                r.kick.kick();
             }
             Some(r) => {
                 // Delivery reports are re-sent by the gateway until answered.
                 let _ = r.delivered.try_send(sample);
+                r.kick.kick();
             }
             None if section == "telemetry" => {
                 drop(routes);
@@ -384,6 +430,7 @@ impl Router {
                 return;
             }
             let _ = r.rpc.try_send(query);
+            r.kick.kick();
             return;
         }
         drop(routes);
@@ -416,6 +463,29 @@ fn twin_of<'a>(key: &'a str, section: &str) -> Option<&'a str> {
 mod tests {
     use super::*;
     use crate::ports::SampleKind;
+
+    #[test]
+    fn a_kick_starts_one_task_and_an_idle_task_hands_over_or_goes_on() {
+        let kick = Arc::new(Kick::default());
+        let started = Arc::new(AtomicU64::new(0));
+        // Before the twin says how to start, a kick starts nothing (it kicks itself).
+        kick.kick();
+        let s = started.clone();
+        kick.set_start(Box::new(move |_| {
+            s.fetch_add(1, Relaxed);
+        }));
+        kick.kick();
+        kick.kick();
+        assert_eq!(started.load(Relaxed), 1, "one task while one runs");
+        // Idle with input waiting: it goes on, and a kick starts no second task.
+        assert!(kick.idle(|| true));
+        kick.kick();
+        assert_eq!(started.load(Relaxed), 1);
+        // Idle with nothing waiting: it ends; the next arrival starts a new one.
+        assert!(!kick.idle(|| false));
+        kick.kick();
+        assert_eq!(started.load(Relaxed), 2);
+    }
 
     fn frame(twin: &str, n: u8) -> Sample {
         Sample {

@@ -771,3 +771,32 @@ async fn router_answers_a_repeated_get_twin_until_the_twin_changes() {
     assert_eq!(twin(get().await).desired["speed_override"].value, 90.0);
     assert_eq!(cached(), before);
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_twin_on_an_edge_holds_no_task() {
+    let r = rig(&[("edge-a", "a")], None).await;
+    let ctx = r.c.nodes["edge-a"].ctx().unwrap().clone();
+    tokio::time::sleep(QUIET).await;
+    let before = ctx.tasks.len();
+    let id: TwinId = "a/sp-01".parse().unwrap();
+    r.register(&id, AssetKind::Spindle).await;
+    r.twin("edge-a", &id).await;
+    let acks = r.obs.subscribe(&keys::acks(&id), 1024).await.unwrap();
+    // A frame starts the twin's task; done, it ends: the node runs the tasks it ran
+    // before the twin came.
+    r.send_frame(&id, 1).await;
+    ack_at_least(&acks, 1, WAIT)
+        .await
+        .expect("frame 1 acknowledged");
+    let c = &ctx;
+    eventually("the twin's task to end", || async move {
+        (c.tasks.len() == before).then_some(())
+    })
+    .await;
+    // And the next frame starts it again.
+    r.send_frame(&id, 2).await;
+    let wm = ack_at_least(&acks, 2, WAIT)
+        .await
+        .expect("frame 2 acknowledged");
+    assert_eq!(wm.seq, 2);
+}

@@ -18,7 +18,7 @@ use super::{IngestAck, TwinActorState, TwinMsg};
 use crate::context::NodeContext;
 use crate::error::Result;
 use crate::metrics::NodeMetrics;
-use crate::ports::{Qos, Sample, StoredFrame, Subscription};
+use crate::ports::{Qos, Sample, StoredFrame};
 
 /// What applying a batch of frames produced.
 struct Applied {
@@ -280,18 +280,19 @@ pub(super) fn collect_batch(
     id: &TwinId,
     kind: AssetKind,
     first: Sample,
-    sub: &Subscription,
+    rx: &flume::Receiver<Sample>,
+    dropped: &std::sync::atomic::AtomicU64,
 ) -> Vec<TelemetryFrame> {
     let batch_max = ctx.twin_config.ingest_batch;
     let mut batch = Vec::new();
     batch.extend(decode_frame(ctx, actor, id, kind, &first));
     while batch.len() < batch_max {
-        match sub.rx.try_recv() {
+        match rx.try_recv() {
             Ok(s) => batch.extend(decode_frame(ctx, actor, id, kind, &s)),
             Err(_) => break,
         }
     }
-    let overflow = sub.dropped.swap(0, std::sync::atomic::Ordering::Relaxed);
+    let overflow = dropped.swap(0, std::sync::atomic::Ordering::Relaxed);
     if overflow > 0 {
         NodeMetrics::add(&ctx.metrics.frames_overflow, overflow);
     }

@@ -5,14 +5,16 @@
 //!
 //! One task feeds the actor, owned by the node's tracker and cancelled with it: the
 //! twin's [`pump`] (telemetry → validate → batch → apply → flush → ack; the twin's
-//! queryable; delivery reports).
+//! queryable; delivery reports). On an edge node it runs only while the twin has
+//! input (the router starts it).
 //!
 //! # Layout
 //!
 //! - this module: [`TwinActor`], its messages ([`TwinMsg`]), its state
 //!   ([`TwinActorState`]) with the plumbing every part uses (persist, publish, ticks),
 //!   and the `impl Actor` that dispatches to the parts below.
-//! - [`pump`]: the twin's one task, feeding the actor from its three inputs.
+//! - [`pump`]: the twin's one task, feeding the actor from its three inputs (on edges,
+//!   only while there is input).
 //! - [`ingest`]: decode, validate, batch, apply (admission by `seq`), flush, then
 //!   publish the watermarks; identifier batches.
 //! - [`rpc`]: the twin's calls (get, set-points, chain, model, history import and
@@ -183,6 +185,9 @@ pub struct TwinActorState {
     cancel: CancellationToken,
     /// Its last `GetTwin` answers, on edge nodes (the router serves them).
     cache: Option<Arc<ReplyCache>>,
+    /// Its registration with the node's router (edge nodes): dropped with the actor's
+    /// state, which unregisters it.
+    registration: Option<[crate::ports::Guard; 3]>,
 }
 
 impl TwinActorState {
@@ -325,6 +330,7 @@ impl Actor for TwinActor {
             monitor: None,
             cancel: cancel.clone(),
             cache: None,
+            registration: None,
         };
         let mut state = state;
         state.restore_model().await;
@@ -332,11 +338,24 @@ impl Actor for TwinActor {
 
         // Declare the fabric side before the actor counts as started, so a twin that is
         // up is reachable.
-        let (telemetry, rpc, delivered) = if ctx.router.is_active() {
-            // Edge: the node's router hands this twin its frames, calls and reports.
+        if ctx.router.is_active() {
+            // Edge: the node's router hands this twin its frames, calls and reports, and
+            // starts its task when they come.
             let r = ctx.router.register(&id, ctx.twin_config.ingest_queue);
             state.cache = Some(r.cache);
-            (r.telemetry, r.rpc, r.delivered)
+            let (feeds, guards) = pump::Feeds::split(r.telemetry, r.rpc, r.delivered);
+            state.registration = Some(guards);
+            pump::start_on_kick(
+                &r.kick,
+                myself.clone(),
+                ctx.clone(),
+                id.clone(),
+                kind,
+                feeds,
+                cancel.clone(),
+            );
+            // What arrived while it was starting.
+            r.kick.kick();
         } else {
             let telemetry = ctx
                 .fabric
@@ -350,21 +369,22 @@ impl Actor for TwinActor {
                 .fabric
                 .subscribe(&keys::control_delivered(&id), 64)
                 .await?;
-            (telemetry, rpc, delivered)
-        };
-
-        ctx.tasks.spawn(pump::run(
-            myself.clone(),
-            ctx.clone(),
-            id.clone(),
-            kind,
-            pump::Inputs {
-                telemetry,
-                rpc,
-                delivered,
-            },
-            cancel.clone(),
-        ));
+            let (feeds, guards) = pump::Feeds::split(telemetry, rpc, delivered);
+            let task = pump::run(
+                myself.clone(),
+                ctx.clone(),
+                id.clone(),
+                kind,
+                feeds,
+                cancel.clone(),
+                None,
+            );
+            ctx.tasks.spawn(async move {
+                task.await;
+                // The declarations live as long as the task.
+                drop(guards);
+            });
+        }
         tracing::debug!(twin = %id, restored, epoch = state.placement.epoch, "twin started");
         Ok(state)
     }

@@ -140,6 +140,23 @@ impl Rig {
         })
     }
 
+    /// A gateway publisher of the telemetry frames of `signal` of twin `id`, blocking
+    /// (not dropping) when Zenoh is congested.
+    pub(crate) async fn frame_publisher(
+        &self,
+        id: &str,
+        signal: &str,
+    ) -> anyhow::Result<zenoh::pubsub::Publisher<'static>> {
+        self.gateway
+            .declare_publisher(format!("twinmesh/telemetry/{id}/{signal}"))
+            .encoding(Encoding::from(
+                <twinmesh_proto::v1::TelemetryFrame as twinmesh_proto::Wire>::ENCODING,
+            ))
+            .congestion_control(zenoh::qos::CongestionControl::Block)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
     /// Registers `n` twins of `bench` and waits until each answers.
     pub(crate) async fn twins(&self, n: usize, kind: &str) -> anyhow::Result<Vec<String>> {
         let ids: Vec<String> = (1..=n).map(|i| format!("bench/twin-{i:03}")).collect();

@@ -13,7 +13,11 @@ use prost::Message;
 use tonic::transport::Channel;
 use twinmesh_proto::v1::mesh_service_client::MeshServiceClient;
 use twinmesh_proto::v1::twin_service_client::TwinServiceClient;
-use twinmesh_proto::v1::{Placement, PlacementRequest};
+use twinmesh_proto::v1::{
+    GetPlacementRequest, GetTwinRequest, MigrateTwinRequest, MigrateTwinResponse, Placement,
+    PlacementRequest, SetDesiredRequest, SetDesiredResponse, Twin, WatchTwinRequest,
+    WatchTwinResponse,
+};
 use zenoh::bytes::Encoding;
 
 /// How long a node may take to print its ready line.
@@ -307,6 +311,71 @@ pub async fn mesh_client(endpoint: &str) -> MeshServiceClient<Channel> {
     MeshServiceClient::new(channel(endpoint).await)
 }
 
+/// Twin `id` as `GetTwin` through `endpoint` returns it.
+pub async fn get_twin(endpoint: &str, id: &str) -> Result<Twin, tonic::Status> {
+    twin_client(endpoint)
+        .await
+        .get_twin(GetTwinRequest { twin_id: id.into() })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// `SetDesired` of `property` of twin `id` to `value` through `endpoint`.
+pub async fn set_desired(
+    endpoint: &str,
+    id: &str,
+    property: &str,
+    value: f64,
+    expected_revision: Option<u64>,
+) -> Result<SetDesiredResponse, tonic::Status> {
+    twin_client(endpoint)
+        .await
+        .set_desired(SetDesiredRequest {
+            twin_id: id.into(),
+            property: property.into(),
+            value,
+            expected_revision,
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// The stream of twin `id`'s states and events from `WatchTwin` through `endpoint`.
+pub async fn watch_twin(endpoint: &str, id: &str) -> tonic::Streaming<WatchTwinResponse> {
+    twin_client(endpoint)
+        .await
+        .watch_twin(WatchTwinRequest { twin_id: id.into() })
+        .await
+        .expect("WatchTwin")
+        .into_inner()
+}
+
+/// The placement of twin `id` as `GetPlacement` through `endpoint` returns it.
+pub async fn get_placement(endpoint: &str, id: &str) -> Result<Placement, tonic::Status> {
+    mesh_client(endpoint)
+        .await
+        .get_placement(GetPlacementRequest { twin_id: id.into() })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// `MigrateTwin` of twin `id` to node `target` through `endpoint`.
+pub async fn migrate_twin(
+    endpoint: &str,
+    id: &str,
+    target: &str,
+) -> Result<MigrateTwinResponse, tonic::Status> {
+    mesh_client(endpoint)
+        .await
+        .migrate_twin(MigrateTwinRequest {
+            twin_id: id.into(),
+            target_node: target.into(),
+            target_tier: String::new(),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
 async fn channel(endpoint: &str) -> Channel {
     Channel::from_shared(endpoint.to_owned())
         .expect("endpoint")
@@ -469,6 +538,25 @@ impl Cluster {
         let node = NodeProc::start(&a, &self.logs(), id)?;
         self.nodes.insert(id.to_owned(), node);
         Ok(&self.nodes[id])
+    }
+
+    /// The usual mesh of a test, started in this order: the cloud node, the edge nodes
+    /// `edges` of `site` (each with `edge_extra`), and the site's gateway `gateway`
+    /// simulating `simulate` (`KIND:COUNT`).
+    pub fn start_site(
+        &mut self,
+        site: &str,
+        edges: &[&str],
+        edge_extra: &[&str],
+        gateway: &str,
+        simulate: &str,
+    ) -> anyhow::Result<()> {
+        self.start("cloud", "cloud", None, None, &[])?;
+        for edge in edges {
+            self.start("edge", edge, Some(site), None, edge_extra)?;
+        }
+        self.start("iot", gateway, Some(site), None, &["--simulate", simulate])?;
+        Ok(())
     }
 
     /// Restarts a (killed or stopped) node with its original arguments and Zenoh port.

@@ -9,13 +9,12 @@ use tonic::Code;
 
 use twinmesh_actors::ports::SeriesStore;
 use twinmesh_proto::v1::{
-    self as proto, GetPlacementRequest, GetThingDescriptionRequest, GetTwinRequest,
-    ListNodesRequest, ListTwinsRequest, NodeLoad, QueryHistoryRequest, SetDesiredRequest,
-    TelemetryFrame, TwinState, Watermark,
+    self as proto, GetPlacementRequest, GetThingDescriptionRequest, ListNodesRequest,
+    ListTwinsRequest, NodeLoad, QueryHistoryRequest, TelemetryFrame, TwinState, Watermark,
 };
 use twinmesh_tests::{
-    args, eventually, mesh_client, publish, register, run_cli, twin_client, zenoh_client,
-    zenoh_peer, Mesh, NodeProc,
+    args, eventually, get_placement, get_twin, mesh_client, publish, register, run_cli,
+    set_desired, twin_client, zenoh_client, zenoh_peer, Mesh, NodeProc,
 };
 use twinmesh_twins::stats::{Accumulator, Aggregation};
 
@@ -40,14 +39,6 @@ fn frame(
         spool_base_seq: 1,
         ..Default::default()
     }
-}
-
-async fn get_twin(endpoint: &str, id: &str) -> Result<proto::Twin, tonic::Status> {
-    twin_client(endpoint)
-        .await
-        .get_twin(GetTwinRequest { twin_id: id.into() })
-        .await
-        .map(|r| r.into_inner())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -151,17 +142,9 @@ async fn gateway_telemetry_reaches_twin_on_edge_readable_from_cloud() {
 
     // SetDesired reaches the gateway on twinmesh/control/... and the twin reports it
     // delivered; the simulated turbine then respects the limit.
-    let resp = twin_client(&cloud)
+    let resp = set_desired(&cloud, "site-a/wt-01", "power_limit", 900.0, None)
         .await
-        .set_desired(SetDesiredRequest {
-            twin_id: "site-a/wt-01".into(),
-            property: "power_limit".into(),
-            value: 900.0,
-            expected_revision: None,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(
         resp.desired.unwrap().status,
         proto::DeliveryStatus::Pending as i32
@@ -188,14 +171,7 @@ async fn gateway_telemetry_reaches_twin_on_edge_readable_from_cloud() {
     assert_eq!(twin.desired["power_limit"].value, 900.0);
 
     // Bad commands change nothing.
-    let err = twin_client(&cloud)
-        .await
-        .set_desired(SetDesiredRequest {
-            twin_id: "site-a/wt-01".into(),
-            property: "power_limit".into(),
-            value: 1e9,
-            expected_revision: None,
-        })
+    let err = set_desired(&cloud, "site-a/wt-01", "power_limit", 1e9, None)
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -203,14 +179,7 @@ async fn gateway_telemetry_reaches_twin_on_edge_readable_from_cloud() {
         err.message(),
         "value 1000000000 of property power_limit is outside [0, 3000]"
     );
-    let err = twin_client(&cloud)
-        .await
-        .set_desired(SetDesiredRequest {
-            twin_id: "site-a/wt-01".into(),
-            property: "power_limit".into(),
-            value: 100.0,
-            expected_revision: Some(1),
-        })
+    let err = set_desired(&cloud, "site-a/wt-01", "power_limit", 100.0, Some(1))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
@@ -588,13 +557,7 @@ async fn grpc_errors_are_precise_and_health_and_reflection_answer() {
         c.query_history(ghost).await.unwrap_err().code(),
         Code::NotFound
     );
-    let e = mesh_client(&cloud)
-        .await
-        .get_placement(GetPlacementRequest {
-            twin_id: "site-a/ghost".into(),
-        })
-        .await
-        .unwrap_err();
+    let e = get_placement(&cloud, "site-a/ghost").await.unwrap_err();
     assert_eq!(
         (e.code(), e.message()),
         (Code::NotFound, "unknown twin site-a/ghost")
@@ -830,22 +793,29 @@ async fn crashed_twin_is_restarted_from_its_persisted_state() {
     .await;
     let key = format!("twinmesh/telemetry/{id}/spindle_speed");
     let t0 = 1_700_000_000_000_000_000;
-    for seq in 1..=3u64 {
-        let f = frame(
-            id,
-            "spindle_speed",
-            seq,
-            t0 + seq as i64 * 100_000_000,
-            100_000_000,
-            vec![1000.0 * seq as f64],
-        );
-        publish(&gw, &key, f.encode_to_vec()).await;
-    }
-    let before = eventually(WAIT, "three frames applied", || async {
-        let t = get_twin(&endpoint, id).await.ok()?;
-        (t.reported.get("spindle_speed")?.seq == 3).then_some(t)
-    })
-    .await;
+    // Publishes the spindle-speed frames `seqs` and waits until the last is applied.
+    let send = |seqs: std::ops::RangeInclusive<u64>, what: &'static str| {
+        let (gw, key, endpoint, last) = (&gw, &key, &endpoint, *seqs.end());
+        async move {
+            for seq in seqs {
+                let f = frame(
+                    id,
+                    "spindle_speed",
+                    seq,
+                    t0 + seq as i64 * 100_000_000,
+                    100_000_000,
+                    vec![1000.0 * seq as f64],
+                );
+                publish(gw, key, f.encode_to_vec()).await;
+            }
+            eventually(WAIT, what, || async {
+                let t = get_twin(endpoint, id).await.ok()?;
+                (t.reported.get("spindle_speed")?.seq == last).then_some(t)
+            })
+            .await
+        }
+    };
+    let before = send(1..=3, "three frames applied").await;
 
     let supervisor = edge.supervisor.clone().unwrap();
     let actor = ractor::call_t!(supervisor, NodeMsg::Lookup, 5000, id.parse().unwrap())
@@ -867,22 +837,7 @@ async fn crashed_twin_is_restarted_from_its_persisted_state() {
     assert_eq!(after.reported["spindle_speed"].value, 3000.0);
 
     // It resumes at seq 4: a re-sent seq 3 is a duplicate, seq 4 is applied.
-    for seq in 3..=4u64 {
-        let f = frame(
-            id,
-            "spindle_speed",
-            seq,
-            t0 + seq as i64 * 100_000_000,
-            100_000_000,
-            vec![1000.0 * seq as f64],
-        );
-        publish(&gw, &key, f.encode_to_vec()).await;
-    }
-    let t = eventually(WAIT, "frame 4 applied after the restart", || async {
-        let t = get_twin(&endpoint, id).await.ok()?;
-        (t.reported.get("spindle_speed")?.seq == 4).then_some(t)
-    })
-    .await;
+    let t = send(3..=4, "frame 4 applied after the restart").await;
     assert_eq!(t.duplicate_frames.get("spindle_speed"), Some(&1));
     let _ = gw.close().await;
     edge.stop().await.unwrap();

@@ -12,10 +12,12 @@ use tonic::Code;
 
 use twinmesh_proto::v1::model_service_client::ModelServiceClient;
 use twinmesh_proto::v1::{
-    DeployModelRequest, GetTwinRequest, Health, ImportModelRequest, ListModelsRequest,
-    MigrateTwinRequest, ModelInfo, ModelRecord, QueryHistoryRequest, TrainModelRequest, TwinEvent,
+    DeployModelRequest, Health, ImportModelRequest, ListModelsRequest, ModelInfo, ModelRecord,
+    QueryHistoryRequest, TrainModelRequest, TwinEvent,
 };
-use twinmesh_tests::{eventually, mesh_client, now_ns, twin_client, zenoh_client, Mesh, NodeProc};
+use twinmesh_tests::{
+    eventually, get_twin, migrate_twin, now_ns, twin_client, zenoh_client, Mesh, NodeProc,
+};
 use twinmesh_twins::model::{Algorithm, Model, TrainParams};
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -39,13 +41,24 @@ async fn import(endpoint: &str, req: ImportModelRequest) -> Result<ModelInfo, to
         .map(|r| r.into_inner())
 }
 
+/// `ImportModel` of the serialised `model` as `model_id`, for twins of `kind`.
+async fn import_bytes(
+    endpoint: &str,
+    model_id: &str,
+    model: Vec<u8>,
+    kind: &str,
+) -> Result<ModelInfo, tonic::Status> {
+    let req = ImportModelRequest {
+        model_id: model_id.into(),
+        model,
+        kind: kind.into(),
+        ..Default::default()
+    };
+    import(endpoint, req).await
+}
+
 async fn health(endpoint: &str) -> Option<Health> {
-    twin_client(endpoint)
-        .await
-        .get_twin(GetTwinRequest { twin_id: ID.into() })
-        .await
-        .ok()
-        .and_then(|t| t.into_inner().health)
+    get_twin(endpoint, ID).await.ok().and_then(|t| t.health)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -237,47 +250,23 @@ async fn a_model_trained_in_the_cloud_scores_at_the_edge_and_moves_with_its_twin
     let mut corrupt = foreign.clone();
     let last = corrupt.len() - 3;
     corrupt[last] ^= 0x20;
-    let e = import(
-        &cloud,
-        ImportModelRequest {
-            model_id: "broken".into(),
-            model: corrupt,
-            kind: "wind_turbine".into(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap_err();
+    let e = import_bytes(&cloud, "broken", corrupt, "wind_turbine")
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("checksum"), "{}", e.message());
-    let e = import(
-        &cloud,
-        ImportModelRequest {
-            model_id: "turbine".into(),
-            model: foreign.clone(),
-            kind: "power_meter".into(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap_err();
+    let e = import_bytes(&cloud, "turbine", foreign.clone(), "power_meter")
+        .await
+        .unwrap_err();
     assert!(
         e.message()
             .contains("not a feature of a power_meter signal"),
         "{}",
         e.message()
     );
-    let imported = import(
-        &cloud,
-        ImportModelRequest {
-            model_id: "turbine".into(),
-            model: foreign,
-            kind: "wind_turbine".into(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let imported = import_bytes(&cloud, "turbine", foreign, "wind_turbine")
+        .await
+        .unwrap();
     assert_eq!(
         (imported.version, imported.algorithm.as_str()),
         (1, "robust")
@@ -351,23 +340,12 @@ async fn a_model_trained_in_the_cloud_scores_at_the_edge_and_moves_with_its_twin
     drop(events.undeclare().await);
 
     // The edge restarts: the twin comes back with its model and goes on scoring.
-    let revision_before = twin_client(&cloud)
-        .await
-        .get_twin(GetTwinRequest { twin_id: ID.into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .revision;
+    let revision_before = get_twin(&cloud, ID).await.unwrap().revision;
     mesh.edge.stop().expect("edge stops");
     mesh.edge = NodeProc::start(&mesh.edge.args.clone(), &mesh.logs(), "edge-a-2").unwrap();
     let edge = mesh.edge.grpc_endpoint();
     eventually(WAIT, "twin scores after the restart", || async {
-        let t = twin_client(&edge)
-            .await
-            .get_twin(GetTwinRequest { twin_id: ID.into() })
-            .await
-            .ok()?
-            .into_inner();
+        let t = get_twin(&edge, ID).await.ok()?;
         let h = t.health.clone()?;
         (t.revision > revision_before + 5
             && t.placement.as_ref()?.tier == "edge"
@@ -395,18 +373,9 @@ async fn a_model_trained_in_the_cloud_scores_at_the_edge_and_moves_with_its_twin
         .collect();
     let second = NodeProc::start(&second_args, &mesh.logs(), "edge-a2").unwrap();
     let moved = eventually(WAIT, "migration to edge-a2", || async {
-        mesh_client(&cloud)
-            .await
-            .migrate_twin(MigrateTwinRequest {
-                twin_id: ID.into(),
-                target_node: "edge-a2".into(),
-                ..Default::default()
-            })
-            .await
-            .ok()
+        migrate_twin(&cloud, ID, "edge-a2").await.ok()
     })
-    .await
-    .into_inner();
+    .await;
     assert_eq!(moved.placement.unwrap().node, "edge-a2");
     let first = health(&cloud).await.unwrap();
     assert_eq!(

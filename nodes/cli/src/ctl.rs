@@ -271,6 +271,12 @@ fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A proto enum value's name without its type's prefix, in lower case
+/// (`SENSITIVITY_SITE_ONLY` → `site_only`).
+fn short_name(name: &str, prefix: &str) -> String {
+    name.trim_start_matches(prefix).to_lowercase()
+}
+
 /// Map entries in key order (proto maps are hash maps).
 fn sorted<V>(map: &std::collections::HashMap<String, V>) -> Vec<(&String, &V)> {
     let mut v: Vec<_> = map.iter().collect();
@@ -358,11 +364,7 @@ fn print_twin(t: &proto::Twin) {
         println!("  desired");
         for (k, d) in sorted(&t.desired) {
             let status = proto::DeliveryStatus::try_from(d.status)
-                .map(|s| {
-                    s.as_str_name()
-                        .trim_start_matches("DELIVERY_STATUS_")
-                        .to_lowercase()
-                })
+                .map(|s| short_name(s.as_str_name(), "DELIVERY_STATUS_"))
                 .unwrap_or_default();
             println!("    {k:<24} {:>14.4}   {status} {}", d.value, d.reason);
         }
@@ -1003,11 +1005,7 @@ fn print_policy(p: &proto::PrivacyPolicy) {
     );
     for (name, sp) in sorted(&p.signals) {
         let sens = proto::Sensitivity::try_from(sp.sensitivity)
-            .map(|s| {
-                s.as_str_name()
-                    .trim_start_matches("SENSITIVITY_")
-                    .to_lowercase()
-            })
+            .map(|s| short_name(s.as_str_name(), "SENSITIVITY_"))
             .unwrap_or_default();
         println!(
             "  {name:<24} {sens:<10} {:<16} [{}, {}]{}",

@@ -9,8 +9,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{mpsc, OnceLock};
 use std::time::{Duration, Instant};
 
-use prost::Message;
 use tonic::transport::Channel;
+use twinmesh_nodes::client::request_placement;
 use twinmesh_proto::v1::mesh_service_client::MeshServiceClient;
 use twinmesh_proto::v1::twin_service_client::TwinServiceClient;
 use twinmesh_proto::v1::{
@@ -593,18 +593,7 @@ pub async fn register(session: &zenoh::Session, twin: &str, kind: &str) -> Place
         chain: None,
     };
     eventually(HELPER_WAIT, "placement reply", || async {
-        let replies = session
-            .get(format!("twinmesh/placement/{twin}"))
-            .payload(req.encode_to_vec())
-            .encoding(Encoding::from(
-                <twinmesh_proto::v1::PlacementRequest as twinmesh_proto::Wire>::ENCODING,
-            ))
-            .timeout(Duration::from_secs(2))
-            .await
-            .ok()?;
-        let reply = replies.recv_async().await.ok()?;
-        let sample = reply.result().ok()?;
-        Placement::decode(&*sample.payload().to_bytes()).ok()
+        request_placement(session, &req).await.ok().flatten()
     })
     .await
 }

@@ -14,9 +14,9 @@ use twinmesh_nodes::client::request_placement;
 use twinmesh_proto::v1::mesh_service_client::MeshServiceClient;
 use twinmesh_proto::v1::twin_service_client::TwinServiceClient;
 use twinmesh_proto::v1::{
-    GetPlacementRequest, GetTwinRequest, MigrateTwinRequest, MigrateTwinResponse, Placement,
-    PlacementRequest, SetDesiredRequest, SetDesiredResponse, Twin, WatchTwinRequest,
-    WatchTwinResponse,
+    GetPlacementRequest, GetTwinRequest, ListTwinsRequest, MigrateTwinRequest, MigrateTwinResponse,
+    Placement, PlacementRequest, SetDesiredRequest, SetDesiredResponse, Twin, TwinSummary,
+    WatchTwinRequest, WatchTwinResponse,
 };
 use zenoh::bytes::Encoding;
 
@@ -199,6 +199,15 @@ pub struct Mesh {
 }
 
 impl Mesh {
+    /// A Zenoh peer attached to the edge and the cloud, as a user's own gateway would be.
+    pub async fn gateway_peer(&self) -> zenoh::Session {
+        zenoh_peer(&[
+            self.edge.ready.zenoh[0].clone(),
+            self.cloud.ready.zenoh[0].clone(),
+        ])
+        .await
+    }
+
     pub fn data(&self, node: &str) -> PathBuf {
         self.dir.path().join(node)
     }
@@ -348,6 +357,16 @@ pub async fn watch_twin(endpoint: &str, id: &str) -> tonic::Streaming<WatchTwinR
         .await
         .expect("WatchTwin")
         .into_inner()
+}
+
+/// The twins of `site` (every site: "") as `ListTwins` through `endpoint` lists them.
+pub async fn list_twins(endpoint: &str, site: &str) -> Result<Vec<TwinSummary>, tonic::Status> {
+    let req = ListTwinsRequest {
+        site: site.into(),
+        ..Default::default()
+    };
+    let list = twin_client(endpoint).await.list_twins(req).await?;
+    Ok(list.into_inner().twins)
 }
 
 /// The placement of twin `id` as `GetPlacement` through `endpoint` returns it.
@@ -538,6 +557,14 @@ impl Cluster {
         let node = NodeProc::start(&a, &self.logs(), id)?;
         self.nodes.insert(id.to_owned(), node);
         Ok(&self.nodes[id])
+    }
+
+    /// A cloud, the edges edge-a1 and edge-a2 of site-a and its gateway iot-a simulating
+    /// `simulate`, on a 1 s lease: the mesh of the tests of moving twins.
+    pub fn two_edges_of_site_a(simulate: &str) -> anyhow::Result<Cluster> {
+        let mut c = Cluster::new(1000)?;
+        c.start_site("site-a", &["edge-a1", "edge-a2"], &[], "iot-a", simulate)?;
+        Ok(c)
     }
 
     /// The usual mesh of a test, started in this order: the cloud node, the edge nodes

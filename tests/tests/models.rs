@@ -41,6 +41,26 @@ async fn import(endpoint: &str, req: ImportModelRequest) -> Result<ModelInfo, to
         .map(|r| r.into_inner())
 }
 
+/// `DeployModel` of the newest version of `model_id` to the twin `ID`: each deployment.
+async fn deploy_to_twin(endpoint: &str, model_id: &str) -> Vec<twinmesh_proto::v1::Deployment> {
+    let req = DeployModelRequest {
+        model_id: model_id.into(),
+        twin_ids: vec![ID.into()],
+        ..Default::default()
+    };
+    let d = models(endpoint).await.deploy_model(req).await.unwrap();
+    d.into_inner().deployments
+}
+
+/// Every model of the registry, as `ListModels` through `endpoint` lists them.
+async fn registry(endpoint: &str) -> Result<Vec<ModelInfo>, tonic::Status> {
+    let list = models(endpoint)
+        .await
+        .list_models(ListModelsRequest::default())
+        .await?;
+    Ok(list.into_inner().models)
+}
+
 /// `ImportModel` of the serialised `model` as `model_id`, for twins of `kind`.
 async fn import_bytes(
     endpoint: &str,
@@ -95,11 +115,7 @@ async fn a_model_trained_in_the_cloud_scores_at_the_edge_and_moves_with_its_twin
     assert!(train_end < fault_ns, "training must end before the fault");
 
     // Training runs on the cloud only; an edge says where to go.
-    let e = models(&edge)
-        .await
-        .list_models(ListModelsRequest::default())
-        .await
-        .unwrap_err();
+    let e = registry(&edge).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(e.message().contains("cloud"), "{}", e.message());
 
@@ -161,13 +177,7 @@ async fn a_model_trained_in_the_cloud_scores_at_the_edge_and_moves_with_its_twin
     );
     assert!(info.threshold.is_finite() && info.threshold > 0.0);
     assert!(info.size_bytes > 0);
-    let listed = models(&cloud)
-        .await
-        .list_models(ListModelsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .models;
+    let listed = registry(&cloud).await.unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].model_id, info.model_id);
 
@@ -177,17 +187,7 @@ async fn a_model_trained_in_the_cloud_scores_at_the_edge_and_moves_with_its_twin
         .declare_subscriber(format!("twinmesh/twins/{ID}/events"))
         .await
         .unwrap();
-    let d = models(&cloud)
-        .await
-        .deploy_model(DeployModelRequest {
-            model_id: info.model_id.clone(),
-            twin_ids: vec![ID.into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .deployments;
+    let d = deploy_to_twin(&cloud, &info.model_id).await;
     assert_eq!(d.len(), 1);
     assert_eq!(
         (d[0].twin_id.as_str(), d[0].status.as_str()),
@@ -226,13 +226,7 @@ async fn a_model_trained_in_the_cloud_scores_at_the_edge_and_moves_with_its_twin
         ["ok", "warn", "alarm"].contains(&scored.status.as_str()),
         "{scored:?}"
     );
-    let listed = models(&cloud)
-        .await
-        .list_models(ListModelsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .models;
+    let listed = registry(&cloud).await.unwrap();
     assert_eq!(listed[0].deployments.len(), 1);
     assert_eq!(listed[0].deployments[0].status, "installed");
 
@@ -271,17 +265,7 @@ async fn a_model_trained_in_the_cloud_scores_at_the_edge_and_moves_with_its_twin
         (imported.version, imported.algorithm.as_str()),
         (1, "robust")
     );
-    let d = models(&cloud)
-        .await
-        .deploy_model(DeployModelRequest {
-            model_id: "turbine".into(),
-            twin_ids: vec![ID.into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .deployments;
+    let d = deploy_to_twin(&cloud, "turbine").await;
     assert!(
         d[0].status.contains("model rejected")
             && d[0].status.contains("keeps power_meter-ensemble v1"),

@@ -7,10 +7,10 @@ use prost::Message;
 use tonic::Code;
 
 use twinmesh_actors::ports::{PlacementStore, SeriesStore};
-use twinmesh_proto::v1::{watch_twin_response, ListTwinsRequest, NodeLoad};
+use twinmesh_proto::v1::{watch_twin_response, NodeLoad};
 use twinmesh_tests::{
-    eventually, get_placement, get_twin, mesh_client, migrate_twin, recv_until, set_desired,
-    twin_client, watch_twin, zenoh_client, Cluster,
+    eventually, get_placement, get_twin, list_twins, mesh_client, migrate_twin, recv_until,
+    set_desired, watch_twin, zenoh_client, Cluster,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -38,18 +38,24 @@ fn assert_exactly_once(seqs: &[u64], upto: u64, what: &str) {
     );
 }
 
-/// A cloud, two edges of site-a and the site's gateway simulating one wind turbine.
-fn two_edges_and_a_wind_turbine() -> Cluster {
-    let mut c = Cluster::new(1000).unwrap();
-    c.start_site(
-        "site-a",
-        &["edge-a1", "edge-a2"],
-        &[],
-        "iot-a",
-        "wind_turbine:1",
-    )
-    .unwrap();
-    c
+/// Stops the gateway, reads the settled twin `id` through `cloud`, stops `nodes`, and
+/// checks that `home` stored every seq of every reported signal exactly once.
+async fn stop_and_check_history(
+    c: &mut Cluster,
+    cloud: &str,
+    id: &str,
+    nodes: &[&str],
+    home: &str,
+) {
+    assert!(c.nodes.get_mut("iot-a").unwrap().stop().unwrap().success());
+    let settled = get_twin(cloud, id).await.unwrap();
+    for n in nodes {
+        assert!(c.nodes.get_mut(*n).unwrap().stop().unwrap().success());
+    }
+    for (signal, v) in &settled.reported {
+        let seqs = stored_seqs(c, home, id, signal);
+        assert_exactly_once(&seqs, v.seq, &format!("{signal} on {home}"));
+    }
 }
 
 /// Twin `id` once 20 vibration frames have reached it, and the edge of site-a it is not on.
@@ -68,7 +74,7 @@ async fn streaming_on_site_a(cloud: &str, id: &str) -> (twinmesh_proto::v1::Twin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_migration_while_streaming_keeps_every_seq_exactly_once() {
-    let mut c = two_edges_and_a_wind_turbine();
+    let mut c = Cluster::two_edges_of_site_a("wind_turbine:1").unwrap();
     let cloud = c.node("cloud").grpc_endpoint();
     let id = "site-a/wt-01";
     let (before, target) = streaming_on_site_a(&cloud, id).await;
@@ -106,20 +112,12 @@ async fn live_migration_while_streaming_keeps_every_seq_exactly_once() {
     assert!(after.revision > before.revision);
 
     // Stop the gateway, let the twin settle, stop the nodes and read the target's history.
-    assert!(c.nodes.get_mut("iot-a").unwrap().stop().unwrap().success());
-    let settled = get_twin(&cloud, id).await.unwrap();
-    for n in ["edge-a1", "edge-a2", "cloud"] {
-        assert!(c.nodes.get_mut(n).unwrap().stop().unwrap().success());
-    }
-    for (signal, v) in &settled.reported {
-        let seqs = stored_seqs(&c, target, id, signal);
-        assert_exactly_once(&seqs, v.seq, &format!("{signal} on {target}"));
-    }
+    stop_and_check_history(&mut c, &cloud, id, &["edge-a1", "edge-a2", "cloud"], target).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_edge_fails_over_within_five_seconds_and_history_is_complete() {
-    let mut c = two_edges_and_a_wind_turbine();
+    let mut c = Cluster::two_edges_of_site_a("wind_turbine:1").unwrap();
     let cloud = c.node("cloud").grpc_endpoint();
     let id = "site-a/wt-01";
     let (before, survivor) = streaming_on_site_a(&cloud, id).await;
@@ -180,15 +178,7 @@ async fn killed_edge_fails_over_within_five_seconds_and_history_is_complete() {
         "nothing lost: {:?}",
         after.lost_frames
     );
-    assert!(c.nodes.get_mut("iot-a").unwrap().stop().unwrap().success());
-    let settled = get_twin(&cloud, id).await.unwrap();
-    for n in [survivor, "cloud"] {
-        assert!(c.nodes.get_mut(n).unwrap().stop().unwrap().success());
-    }
-    for (signal, v) in &settled.reported {
-        let seqs = stored_seqs(&c, survivor, id, signal);
-        assert_exactly_once(&seqs, v.seq, &format!("{signal} on {survivor}"));
-    }
+    stop_and_check_history(&mut c, &cloud, id, &[survivor, "cloud"], survivor).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -221,21 +211,10 @@ async fn a_twin_whose_data_must_stay_on_site_waits_for_its_site_and_never_reache
     let e = get_twin(&cloud, id).await.unwrap_err();
     assert_eq!(e.code(), Code::Unavailable);
     assert!(e.message().contains("stale"), "{}", e.message());
-    let list = twin_client(&cloud)
-        .await
-        .list_twins(ListTwinsRequest {
-            site: "site-b".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(list.twins.len(), 1);
+    let list = list_twins(&cloud, "site-b").await.unwrap();
+    assert_eq!(list.len(), 1);
     assert_eq!(
-        (
-            list.twins[0].twin_id.as_str(),
-            list.twins[0].status.as_str()
-        ),
+        (list[0].twin_id.as_str(), list[0].status.as_str()),
         (id, "stale")
     );
 
@@ -298,7 +277,7 @@ async fn a_twin_whose_data_must_stay_on_site_waits_for_its_site_and_never_reache
 /// refused, and no epoch ever had two owners.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_isolated_old_owner_is_fenced_and_no_epoch_has_two_owners() {
-    let c = two_edges_and_a_wind_turbine();
+    let c = Cluster::two_edges_of_site_a("wind_turbine:1").unwrap();
     let cloud = c.node("cloud").grpc_endpoint();
     let id = "site-a/wt-01";
     let outside = zenoh_client(&c.node("cloud").ready.zenoh[0]).await;
@@ -457,14 +436,9 @@ async fn with_the_cloud_down_the_edge_serves_and_reconciles_when_it_returns() {
 
 /// Status of `id` in `ListTwins` through `endpoint`.
 async fn listed_status(endpoint: &str, id: &str) -> Option<String> {
-    let listed = twin_client(endpoint)
-        .await
-        .list_twins(ListTwinsRequest::default())
+    list_twins(endpoint, "")
         .await
         .ok()?
-        .into_inner();
-    listed
-        .twins
         .into_iter()
         .find(|t| t.twin_id == id)
         .map(|t| t.status)

@@ -196,17 +196,9 @@ async fn record_everything(session: &zenoh::Session) -> (Seen, zenoh::pubsub::Su
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn site_only_values_stay_on_site_and_releases_spend_exactly_their_budget() {
-    let mut c = Cluster::new(1000).unwrap();
     // Two edges and a real gateway: its crankshaft line's protected signals must travel
     // sealed.
-    c.start_site(
-        "site-a",
-        &["edge-a1", "edge-a2"],
-        &[],
-        "iot-a",
-        "crankshaft_line:1",
-    )
-    .unwrap();
+    let mut c = Cluster::two_edges_of_site_a("crankshaft_line:1").unwrap();
     let cloud_grpc = c.node("cloud").grpc_endpoint();
     let cloud_zenoh = c.node("cloud").ready.zenoh[0].clone();
 

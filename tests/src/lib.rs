@@ -20,6 +20,32 @@ use twinmesh_proto::v1::{
 };
 use zenoh::bytes::Encoding;
 
+/// The cloud node and the edge of site-a of a [`Mesh`], for [`node_args`].
+pub const CLOUD: (&str, &str, Option<&str>) = ("cloud", "cloud", None);
+pub const EDGE_A: (&str, &str, Option<&str>) = ("edge", "edge-a", Some("site-a"));
+/// Listening on any free port.
+pub const ANY_PORT: &str = "tcp/127.0.0.1:0";
+
+/// `twinmesh node` arguments of node `id` of `tier` (of `site`, if given) listening on
+/// `listen`, connected to `connect`, with gRPC on any port and its database in `data`.
+pub fn node_args(
+    (tier, id, site): (&str, &str, Option<&str>),
+    listen: &str,
+    connect: &[&str],
+    data: &str,
+) -> Vec<String> {
+    let mut a = args(["--tier", tier, "--id", id]);
+    if let Some(site) = site {
+        a.extend(args(["--site", site]));
+    }
+    a.extend(args(["--listen", listen]));
+    for c in connect {
+        a.extend(args(["--connect", c]));
+    }
+    a.extend(args(["--grpc", "127.0.0.1:0", "--data", data]));
+    a
+}
+
 /// How long a node may take to print its ready line.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -231,73 +257,31 @@ impl Mesh {
         let logs = dir.path().join("logs");
         let d = |n: &str| dir.path().join(n).display().to_string();
         let site_key = site_key(dir.path(), "site-a")?;
-        let cloud = NodeProc::start(
-            &args([
-                "--tier",
-                "cloud",
-                "--id",
-                "cloud",
-                "--listen",
-                "tcp/127.0.0.1:0",
-                "--grpc",
-                "127.0.0.1:0",
-                "--data",
-                &d("cloud"),
-                "--lease-ms",
-                "1000",
-            ]),
-            &logs,
-            "cloud",
-        )?;
+        let mut cloud_args = node_args(CLOUD, ANY_PORT, &[], &d("cloud"));
+        cloud_args.extend(args(["--lease-ms", "1000"]));
+        let cloud = NodeProc::start(&cloud_args, &logs, "cloud")?;
         let cloud_ep = cloud.ready.zenoh[0].clone();
-        let mut edge_args = args([
-            "--tier",
-            "edge",
-            "--id",
-            "edge-a",
-            "--site",
-            "site-a",
-            "--listen",
-            "tcp/127.0.0.1:0",
-            "--connect",
-            &cloud_ep,
-            "--grpc",
-            "127.0.0.1:0",
-            "--data",
-            &d("edge-a"),
-            "--lease-ms",
-            "1000",
-            "--site-key",
-            &site_key,
-        ]);
+        let mut edge_args = node_args(EDGE_A, ANY_PORT, &[&cloud_ep], &d("edge-a"));
+        edge_args.extend(args(["--lease-ms", "1000", "--site-key", &site_key]));
         edge_args.extend(edge_extra.iter().map(|s| s.to_string()));
         let edge = NodeProc::start(&edge_args, &logs, "edge-a")?;
         let iot = match simulate {
             Some(sim) => {
-                let mut iot_args = args([
-                    "--tier",
-                    "iot",
-                    "--id",
-                    "iot-a",
-                    "--site",
-                    "site-a",
-                    "--listen",
-                    "tcp/127.0.0.1:0",
-                    "--connect",
-                    &edge.ready.zenoh[0],
-                    "--connect",
-                    &cloud_ep,
-                    "--grpc",
-                    "127.0.0.1:0",
-                    "--data",
+                let connect = [edge.ready.zenoh[0].as_str(), &cloud_ep];
+                let mut iot_args = node_args(
+                    ("iot", "iot-a", Some("site-a")),
+                    ANY_PORT,
+                    &connect,
                     &d("iot-a"),
+                );
+                iot_args.extend(args([
                     "--simulate",
                     sim,
                     "--lease-ms",
                     "1000",
                     "--site-key",
                     &site_key,
-                ]);
+                ]));
                 iot_args.extend(iot_extra.iter().map(|s| s.to_string()));
                 Some(NodeProc::start(&iot_args, &logs, "iot-a")?)
             }

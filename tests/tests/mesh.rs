@@ -13,8 +13,9 @@ use twinmesh_proto::v1::{
     ListTwinsRequest, NodeLoad, QueryHistoryRequest, TelemetryFrame, TwinState, Watermark,
 };
 use twinmesh_tests::{
-    args, eventually, get_placement, get_twin, list_twins, mesh_client, publish, register, run_cli,
-    set_desired, twin_client, zenoh_client, zenoh_peer, Mesh, NodeProc,
+    eventually, get_placement, get_twin, list_twins, mesh_client, node_args, publish, register,
+    run_cli, set_desired, twin_client, zenoh_client, zenoh_peer, Mesh, NodeProc, ANY_PORT, CLOUD,
+    EDGE_A,
 };
 use twinmesh_twins::stats::{Accumulator, Aggregation};
 
@@ -682,39 +683,13 @@ async fn edge_starts_while_cloud_is_down_and_joins_when_it_comes_up() {
     let cloud_ep = format!("tcp/127.0.0.1:{port}");
     let d = |n: &str| dir.path().join(n).display().to_string();
     let _edge = NodeProc::start(
-        &args([
-            "--tier",
-            "edge",
-            "--id",
-            "edge-a",
-            "--site",
-            "site-a",
-            "--listen",
-            "tcp/127.0.0.1:0",
-            "--connect",
-            &cloud_ep,
-            "--data",
-            &d("edge"),
-            "--grpc",
-            "127.0.0.1:0",
-        ]),
+        &node_args(EDGE_A, ANY_PORT, &[&cloud_ep], &d("edge")),
         &logs,
         "edge",
     )
     .expect("edge starts without its cloud");
     let cloud = NodeProc::start(
-        &args([
-            "--tier",
-            "cloud",
-            "--id",
-            "cloud",
-            "--listen",
-            &cloud_ep,
-            "--grpc",
-            "127.0.0.1:0",
-            "--data",
-            &d("cloud"),
-        ]),
+        &node_args(CLOUD, &cloud_ep, &[], &d("cloud")),
         &logs,
         "cloud",
     )

@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
+use prost::Message;
 use tonic::transport::Channel;
+use twinmesh_proto::v1::{Placement, PlacementRequest};
 
 /// `not_found`, `invalid_argument`, ... for a gRPC code.
 pub fn code_name(code: tonic::Code) -> String {
@@ -45,4 +47,25 @@ pub async fn connect_tls(
         .connect()
         .await
         .map_err(|e| crate::Error::config(format!("cannot connect to {endpoint}: {e}")))
+}
+
+/// One placement request as a gateway sends it to the placement authority: the
+/// authority's answer, or `None` when no answer (or no placement) came within 2 s.
+pub async fn request_placement(
+    session: &zenoh::Session,
+    req: &PlacementRequest,
+) -> zenoh::Result<Option<Placement>> {
+    let replies = session
+        .get(format!("twinmesh/placement/{}", req.twin_id))
+        .payload(req.encode_to_vec())
+        .encoding(zenoh::bytes::Encoding::from(
+            <PlacementRequest as twinmesh_proto::Wire>::ENCODING,
+        ))
+        .timeout(Duration::from_secs(2))
+        .await?;
+    Ok(replies.recv_async().await.ok().and_then(|r| {
+        r.result()
+            .ok()
+            .and_then(|s| Placement::decode(&*s.payload().to_bytes()).ok())
+    }))
 }

@@ -68,18 +68,7 @@ impl FromStr for SimSpec {
     }
 }
 
-impl TryFrom<String> for SimSpec {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        s.parse()
-    }
-}
-
-impl From<SimSpec> for String {
-    fn from(s: SimSpec) -> String {
-        s.to_string()
-    }
-}
+twinmesh_twins::string_conversions!(SimSpec);
 
 impl fmt::Display for SimSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -131,18 +120,7 @@ impl FromStr for FaultSpec {
     }
 }
 
-impl TryFrom<String> for FaultSpec {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        s.parse()
-    }
-}
-
-impl From<FaultSpec> for String {
-    fn from(f: FaultSpec) -> String {
-        f.to_string()
-    }
-}
+twinmesh_twins::string_conversions!(FaultSpec);
 
 impl fmt::Display for FaultSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

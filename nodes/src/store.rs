@@ -186,6 +186,13 @@ fn decode<M: Message + Default>(what: &'static str, bytes: &[u8]) -> Result<M> {
     M::decode(bytes).map_err(|source| Error::Decode { what, source })
 }
 
+/// Every record of `tree` (plain, never sealed), decoded as `what`.
+fn decode_all<M: Message + Default>(tree: &sled::Tree, what: &'static str) -> Result<Vec<M>> {
+    tree.iter()
+        .map(|e| decode(what, &e.map_err(Error::store)?.1))
+        .collect()
+}
+
 impl SledStore {
     pub fn open(dir: &Path, cache_mb: u64) -> crate::Result<Self> {
         Self::open_with(dir, cache_mb, None)
@@ -286,6 +293,28 @@ impl SledStore {
 
     fn wrote(&self) {
         self.writes.fetch_add(1, SeqCst);
+    }
+
+    /// The record under `key` of `tree` (named `name`, sealed at rest when it is
+    /// configured so), opened and decoded as `what`.
+    fn load_sealed<M: Message + Default>(
+        &self,
+        tree: &sled::Tree,
+        name: &str,
+        key: &[u8],
+        what: &'static str,
+    ) -> Result<Option<M>> {
+        tree.get(key)
+            .map_err(Error::store)?
+            .map(|v| decode(what, &self.open_value(name, key, &v)?))
+            .transpose()
+    }
+
+    /// Writes the plain (never sealed) record `value` under `key` of `tree`.
+    fn put(&self, tree: &sled::Tree, key: &[u8], value: Vec<u8>) -> Result<()> {
+        tree.insert(key, value).map_err(Error::store)?;
+        self.wrote();
+        Ok(())
     }
 
     /// Calls `f(t, x)` for every stored sample of `signal` in `[start_ns, end_ns)`, in
@@ -525,24 +554,12 @@ impl SnapshotStore for SledStore {
 
     fn load_snapshot(&self, twin: &TwinId) -> Result<Option<TwinSnapshot>> {
         let key = twin.to_string();
-        self.snap
-            .get(key.as_bytes())
-            .map_err(Error::store)?
-            .map(|v| {
-                decode(
-                    "twin snapshot",
-                    &self.open_value("snap", key.as_bytes(), &v)?,
-                )
-            })
-            .transpose()
+        self.load_sealed(&self.snap, "snap", key.as_bytes(), "twin snapshot")
     }
 
     fn save_twin_model(&self, twin: &TwinId, record: &ModelRecord) -> Result<()> {
-        self.twin_model
-            .insert(twin.to_string().as_bytes(), record.encode_to_vec())
-            .map_err(Error::store)?;
-        self.wrote();
-        Ok(())
+        let key = twin.to_string();
+        self.put(&self.twin_model, key.as_bytes(), record.encode_to_vec())
     }
 
     fn load_twin_model(&self, twin: &TwinId) -> Result<Option<ModelRecord>> {
@@ -582,58 +599,42 @@ impl SnapshotStore for SledStore {
 
     fn load_replica(&self, twin: &TwinId) -> Result<Option<TwinSnapshot>> {
         let key = twin.to_string();
-        self.replica
-            .get(key.as_bytes())
-            .map_err(Error::store)?
-            .map(|v| {
-                decode(
-                    "replicated snapshot",
-                    &self.open_value("replica", key.as_bytes(), &v)?,
-                )
-            })
-            .transpose()
+        self.load_sealed(
+            &self.replica,
+            "replica",
+            key.as_bytes(),
+            "replicated snapshot",
+        )
     }
 }
 
 impl PlacementStore for SledStore {
     fn save_placement(&self, placement: &Placement) -> Result<()> {
         let id: TwinId = placement.twin_id.parse()?;
-        self.placement
-            .insert(id.to_string().as_bytes(), placement.encode_to_vec())
-            .map_err(Error::store)?;
-        self.wrote();
-        Ok(())
+        let key = id.to_string();
+        self.put(&self.placement, key.as_bytes(), placement.encode_to_vec())
     }
 
     fn placements(&self) -> Result<Vec<Placement>> {
-        self.placement
-            .iter()
-            .map(|e| decode("placement", &e.map_err(Error::store)?.1))
-            .collect()
+        decode_all(&self.placement, "placement")
     }
 
     fn save_site_budget(&self, budget: &Budget) -> Result<()> {
-        self.site_budget
-            .insert(budget.site.as_bytes(), budget.encode_to_vec())
-            .map_err(Error::store)?;
-        self.wrote();
-        Ok(())
+        self.put(
+            &self.site_budget,
+            budget.site.as_bytes(),
+            budget.encode_to_vec(),
+        )
     }
 
     fn site_budgets(&self) -> Result<Vec<Budget>> {
-        self.site_budget
-            .iter()
-            .map(|e| decode("site budget", &e.map_err(Error::store)?.1))
-            .collect()
+        decode_all(&self.site_budget, "site budget")
     }
 
     fn save_hosted(&self, placement: &Placement) -> Result<()> {
         let id: TwinId = placement.twin_id.parse()?;
-        self.hosted
-            .insert(id.to_string().as_bytes(), placement.encode_to_vec())
-            .map_err(Error::store)?;
-        self.wrote();
-        Ok(())
+        let key = id.to_string();
+        self.put(&self.hosted, key.as_bytes(), placement.encode_to_vec())
     }
 
     fn remove_hosted(&self, twin: &TwinId) -> Result<()> {
@@ -645,10 +646,7 @@ impl PlacementStore for SledStore {
     }
 
     fn hosted(&self) -> Result<Vec<Placement>> {
-        self.hosted
-            .iter()
-            .map(|e| decode("placement", &e.map_err(Error::store)?.1))
-            .collect()
+        decode_all(&self.hosted, "placement")
     }
 }
 
@@ -776,10 +774,7 @@ impl ModelStore for SledStore {
     }
 
     fn models(&self) -> Result<Vec<ModelRecord>> {
-        self.models
-            .iter()
-            .map(|e| decode("model record", &e.map_err(Error::store)?.1))
-            .collect()
+        decode_all(&self.models, "model record")
     }
 }
 

@@ -581,23 +581,22 @@ async fn gateway_truncates_its_spool_on_a_valid_watermark() {
         .await
         .unwrap();
     };
+    let acked = |seq: u64, what: &'static str| {
+        eventually(what, move || async move {
+            status().await.filter(|s| s.acked == seq)
+        })
+    };
     // Acknowledged up to 5: all but the last `retain_frames` of them go.
     let epoch = placed.epoch + 1;
     ack(5, epoch).await;
-    let s = eventually("the acknowledgement", || async move {
-        status().await.filter(|s| s.acked == 5)
-    })
-    .await;
+    let s = acked(5, "the acknowledgement").await;
     assert_eq!(s.spool_base, 4);
     assert_eq!(store.spool_first(id, signal).unwrap(), Some(4));
     // A watermark of an older owner (fenced) moves nothing; the next valid one, which
     // comes after it on the same link, does.
     ack(9, epoch - 1).await;
     ack(6, epoch).await;
-    let s = eventually("the valid acknowledgement", || async move {
-        status().await.filter(|s| s.acked == 6)
-    })
-    .await;
+    let s = acked(6, "the valid acknowledgement").await;
     assert_eq!(s.spool_base, 5);
     assert_eq!(store.spool_first(id, signal).unwrap(), Some(5));
 }

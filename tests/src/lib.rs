@@ -9,12 +9,42 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{mpsc, OnceLock};
 use std::time::{Duration, Instant};
 
-use prost::Message;
 use tonic::transport::Channel;
+use twinmesh_nodes::client::request_placement;
 use twinmesh_proto::v1::mesh_service_client::MeshServiceClient;
 use twinmesh_proto::v1::twin_service_client::TwinServiceClient;
-use twinmesh_proto::v1::{Placement, PlacementRequest};
+use twinmesh_proto::v1::{
+    GetPlacementRequest, GetTwinRequest, ListTwinsRequest, MigrateTwinRequest, MigrateTwinResponse,
+    Placement, PlacementRequest, SetDesiredRequest, SetDesiredResponse, Twin, TwinSummary,
+    WatchTwinRequest, WatchTwinResponse,
+};
 use zenoh::bytes::Encoding;
+
+/// The cloud node and the edge of site-a of a [`Mesh`], for [`node_args`].
+pub const CLOUD: (&str, &str, Option<&str>) = ("cloud", "cloud", None);
+pub const EDGE_A: (&str, &str, Option<&str>) = ("edge", "edge-a", Some("site-a"));
+/// Listening on any free port.
+pub const ANY_PORT: &str = "tcp/127.0.0.1:0";
+
+/// `twinmesh node` arguments of node `id` of `tier` (of `site`, if given) listening on
+/// `listen`, connected to `connect`, with gRPC on any port and its database in `data`.
+pub fn node_args(
+    (tier, id, site): (&str, &str, Option<&str>),
+    listen: &str,
+    connect: &[&str],
+    data: &str,
+) -> Vec<String> {
+    let mut a = args(["--tier", tier, "--id", id]);
+    if let Some(site) = site {
+        a.extend(args(["--site", site]));
+    }
+    a.extend(args(["--listen", listen]));
+    for c in connect {
+        a.extend(args(["--connect", c]));
+    }
+    a.extend(args(["--grpc", "127.0.0.1:0", "--data", data]));
+    a
+}
 
 /// How long a node may take to print its ready line.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -195,6 +225,15 @@ pub struct Mesh {
 }
 
 impl Mesh {
+    /// A Zenoh peer attached to the edge and the cloud, as a user's own gateway would be.
+    pub async fn gateway_peer(&self) -> zenoh::Session {
+        zenoh_peer(&[
+            self.edge.ready.zenoh[0].clone(),
+            self.cloud.ready.zenoh[0].clone(),
+        ])
+        .await
+    }
+
     pub fn data(&self, node: &str) -> PathBuf {
         self.dir.path().join(node)
     }
@@ -218,73 +257,31 @@ impl Mesh {
         let logs = dir.path().join("logs");
         let d = |n: &str| dir.path().join(n).display().to_string();
         let site_key = site_key(dir.path(), "site-a")?;
-        let cloud = NodeProc::start(
-            &args([
-                "--tier",
-                "cloud",
-                "--id",
-                "cloud",
-                "--listen",
-                "tcp/127.0.0.1:0",
-                "--grpc",
-                "127.0.0.1:0",
-                "--data",
-                &d("cloud"),
-                "--lease-ms",
-                "1000",
-            ]),
-            &logs,
-            "cloud",
-        )?;
+        let mut cloud_args = node_args(CLOUD, ANY_PORT, &[], &d("cloud"));
+        cloud_args.extend(args(["--lease-ms", "1000"]));
+        let cloud = NodeProc::start(&cloud_args, &logs, "cloud")?;
         let cloud_ep = cloud.ready.zenoh[0].clone();
-        let mut edge_args = args([
-            "--tier",
-            "edge",
-            "--id",
-            "edge-a",
-            "--site",
-            "site-a",
-            "--listen",
-            "tcp/127.0.0.1:0",
-            "--connect",
-            &cloud_ep,
-            "--grpc",
-            "127.0.0.1:0",
-            "--data",
-            &d("edge-a"),
-            "--lease-ms",
-            "1000",
-            "--site-key",
-            &site_key,
-        ]);
+        let mut edge_args = node_args(EDGE_A, ANY_PORT, &[&cloud_ep], &d("edge-a"));
+        edge_args.extend(args(["--lease-ms", "1000", "--site-key", &site_key]));
         edge_args.extend(edge_extra.iter().map(|s| s.to_string()));
         let edge = NodeProc::start(&edge_args, &logs, "edge-a")?;
         let iot = match simulate {
             Some(sim) => {
-                let mut iot_args = args([
-                    "--tier",
-                    "iot",
-                    "--id",
-                    "iot-a",
-                    "--site",
-                    "site-a",
-                    "--listen",
-                    "tcp/127.0.0.1:0",
-                    "--connect",
-                    &edge.ready.zenoh[0],
-                    "--connect",
-                    &cloud_ep,
-                    "--grpc",
-                    "127.0.0.1:0",
-                    "--data",
+                let connect = [edge.ready.zenoh[0].as_str(), &cloud_ep];
+                let mut iot_args = node_args(
+                    ("iot", "iot-a", Some("site-a")),
+                    ANY_PORT,
+                    &connect,
                     &d("iot-a"),
+                );
+                iot_args.extend(args([
                     "--simulate",
                     sim,
                     "--lease-ms",
                     "1000",
                     "--site-key",
                     &site_key,
-                ]);
+                ]));
                 iot_args.extend(iot_extra.iter().map(|s| s.to_string()));
                 Some(NodeProc::start(&iot_args, &logs, "iot-a")?)
             }
@@ -305,6 +302,81 @@ pub async fn twin_client(endpoint: &str) -> TwinServiceClient<Channel> {
 
 pub async fn mesh_client(endpoint: &str) -> MeshServiceClient<Channel> {
     MeshServiceClient::new(channel(endpoint).await)
+}
+
+/// Twin `id` as `GetTwin` through `endpoint` returns it.
+pub async fn get_twin(endpoint: &str, id: &str) -> Result<Twin, tonic::Status> {
+    twin_client(endpoint)
+        .await
+        .get_twin(GetTwinRequest { twin_id: id.into() })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// `SetDesired` of `property` of twin `id` to `value` through `endpoint`.
+pub async fn set_desired(
+    endpoint: &str,
+    id: &str,
+    property: &str,
+    value: f64,
+    expected_revision: Option<u64>,
+) -> Result<SetDesiredResponse, tonic::Status> {
+    twin_client(endpoint)
+        .await
+        .set_desired(SetDesiredRequest {
+            twin_id: id.into(),
+            property: property.into(),
+            value,
+            expected_revision,
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// The stream of twin `id`'s states and events from `WatchTwin` through `endpoint`.
+pub async fn watch_twin(endpoint: &str, id: &str) -> tonic::Streaming<WatchTwinResponse> {
+    twin_client(endpoint)
+        .await
+        .watch_twin(WatchTwinRequest { twin_id: id.into() })
+        .await
+        .expect("WatchTwin")
+        .into_inner()
+}
+
+/// The twins of `site` (every site: "") as `ListTwins` through `endpoint` lists them.
+pub async fn list_twins(endpoint: &str, site: &str) -> Result<Vec<TwinSummary>, tonic::Status> {
+    let req = ListTwinsRequest {
+        site: site.into(),
+        ..Default::default()
+    };
+    let list = twin_client(endpoint).await.list_twins(req).await?;
+    Ok(list.into_inner().twins)
+}
+
+/// The placement of twin `id` as `GetPlacement` through `endpoint` returns it.
+pub async fn get_placement(endpoint: &str, id: &str) -> Result<Placement, tonic::Status> {
+    mesh_client(endpoint)
+        .await
+        .get_placement(GetPlacementRequest { twin_id: id.into() })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// `MigrateTwin` of twin `id` to node `target` through `endpoint`.
+pub async fn migrate_twin(
+    endpoint: &str,
+    id: &str,
+    target: &str,
+) -> Result<MigrateTwinResponse, tonic::Status> {
+    mesh_client(endpoint)
+        .await
+        .migrate_twin(MigrateTwinRequest {
+            twin_id: id.into(),
+            target_node: target.into(),
+            target_tier: String::new(),
+        })
+        .await
+        .map(|r| r.into_inner())
 }
 
 async fn channel(endpoint: &str) -> Channel {
@@ -471,6 +543,33 @@ impl Cluster {
         Ok(&self.nodes[id])
     }
 
+    /// A cloud, the edges edge-a1 and edge-a2 of site-a and its gateway iot-a simulating
+    /// `simulate`, on a 1 s lease: the mesh of the tests of moving twins.
+    pub fn two_edges_of_site_a(simulate: &str) -> anyhow::Result<Cluster> {
+        let mut c = Cluster::new(1000)?;
+        c.start_site("site-a", &["edge-a1", "edge-a2"], &[], "iot-a", simulate)?;
+        Ok(c)
+    }
+
+    /// The usual mesh of a test, started in this order: the cloud node, the edge nodes
+    /// `edges` of `site` (each with `edge_extra`), and the site's gateway `gateway`
+    /// simulating `simulate` (`KIND:COUNT`).
+    pub fn start_site(
+        &mut self,
+        site: &str,
+        edges: &[&str],
+        edge_extra: &[&str],
+        gateway: &str,
+        simulate: &str,
+    ) -> anyhow::Result<()> {
+        self.start("cloud", "cloud", None, None, &[])?;
+        for edge in edges {
+            self.start("edge", edge, Some(site), None, edge_extra)?;
+        }
+        self.start("iot", gateway, Some(site), None, &["--simulate", simulate])?;
+        Ok(())
+    }
+
     /// Restarts a (killed or stopped) node with its original arguments and Zenoh port.
     pub fn restart(&mut self, id: &str) -> anyhow::Result<&NodeProc> {
         let old = self.nodes.remove(id).expect("known node");
@@ -505,18 +604,7 @@ pub async fn register(session: &zenoh::Session, twin: &str, kind: &str) -> Place
         chain: None,
     };
     eventually(HELPER_WAIT, "placement reply", || async {
-        let replies = session
-            .get(format!("twinmesh/placement/{twin}"))
-            .payload(req.encode_to_vec())
-            .encoding(Encoding::from(
-                <twinmesh_proto::v1::PlacementRequest as twinmesh_proto::Wire>::ENCODING,
-            ))
-            .timeout(Duration::from_secs(2))
-            .await
-            .ok()?;
-        let reply = replies.recv_async().await.ok()?;
-        let sample = reply.result().ok()?;
-        Placement::decode(&*sample.payload().to_bytes()).ok()
+        request_placement(session, &req).await.ok().flatten()
     })
     .await
 }

@@ -9,13 +9,13 @@ use tonic::Code;
 
 use twinmesh_actors::ports::SeriesStore;
 use twinmesh_proto::v1::{
-    self as proto, GetPlacementRequest, GetThingDescriptionRequest, GetTwinRequest,
-    ListNodesRequest, ListTwinsRequest, NodeLoad, QueryHistoryRequest, SetDesiredRequest,
-    TelemetryFrame, TwinState, Watermark,
+    self as proto, GetPlacementRequest, GetThingDescriptionRequest, ListNodesRequest,
+    ListTwinsRequest, NodeLoad, QueryHistoryRequest, TelemetryFrame, TwinState, Watermark,
 };
 use twinmesh_tests::{
-    args, eventually, mesh_client, publish, register, run_cli, twin_client, zenoh_client,
-    zenoh_peer, Mesh, NodeProc,
+    eventually, get_placement, get_twin, list_twins, mesh_client, node_args, publish, register,
+    run_cli, set_desired, twin_client, zenoh_client, zenoh_peer, Mesh, NodeProc, ANY_PORT, CLOUD,
+    EDGE_A,
 };
 use twinmesh_twins::stats::{Accumulator, Aggregation};
 
@@ -40,14 +40,6 @@ fn frame(
         spool_base_seq: 1,
         ..Default::default()
     }
-}
-
-async fn get_twin(endpoint: &str, id: &str) -> Result<proto::Twin, tonic::Status> {
-    twin_client(endpoint)
-        .await
-        .get_twin(GetTwinRequest { twin_id: id.into() })
-        .await
-        .map(|r| r.into_inner())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -107,18 +99,10 @@ async fn gateway_telemetry_reaches_twin_on_edge_readable_from_cloud() {
     assert_eq!(tiers.get("cloud").map(String::as_str), Some("cloud"));
     assert_eq!(tiers.get("edge-a").map(String::as_str), Some("edge"));
     assert_eq!(tiers.get("iot-a").map(String::as_str), Some("iot"));
-    let list = twin_client(&cloud)
-        .await
-        .list_twins(ListTwinsRequest {
-            site: "site-a".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(list.twins.len(), 1);
-    assert_eq!(list.twins[0].twin_id, "site-a/wt-01");
-    assert_eq!(list.twins[0].node, "edge-a");
+    let list = list_twins(&cloud, "site-a").await.unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].twin_id, "site-a/wt-01");
+    assert_eq!(list[0].node, "edge-a");
     let td = twin_client(&cloud)
         .await
         .get_thing_description(GetThingDescriptionRequest {
@@ -151,17 +135,9 @@ async fn gateway_telemetry_reaches_twin_on_edge_readable_from_cloud() {
 
     // SetDesired reaches the gateway on twinmesh/control/... and the twin reports it
     // delivered; the simulated turbine then respects the limit.
-    let resp = twin_client(&cloud)
+    let resp = set_desired(&cloud, "site-a/wt-01", "power_limit", 900.0, None)
         .await
-        .set_desired(SetDesiredRequest {
-            twin_id: "site-a/wt-01".into(),
-            property: "power_limit".into(),
-            value: 900.0,
-            expected_revision: None,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(
         resp.desired.unwrap().status,
         proto::DeliveryStatus::Pending as i32
@@ -188,14 +164,7 @@ async fn gateway_telemetry_reaches_twin_on_edge_readable_from_cloud() {
     assert_eq!(twin.desired["power_limit"].value, 900.0);
 
     // Bad commands change nothing.
-    let err = twin_client(&cloud)
-        .await
-        .set_desired(SetDesiredRequest {
-            twin_id: "site-a/wt-01".into(),
-            property: "power_limit".into(),
-            value: 1e9,
-            expected_revision: None,
-        })
+    let err = set_desired(&cloud, "site-a/wt-01", "power_limit", 1e9, None)
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -203,14 +172,7 @@ async fn gateway_telemetry_reaches_twin_on_edge_readable_from_cloud() {
         err.message(),
         "value 1000000000 of property power_limit is outside [0, 3000]"
     );
-    let err = twin_client(&cloud)
-        .await
-        .set_desired(SetDesiredRequest {
-            twin_id: "site-a/wt-01".into(),
-            property: "power_limit".into(),
-            value: 100.0,
-            expected_revision: Some(1),
-        })
+    let err = set_desired(&cloud, "site-a/wt-01", "power_limit", 100.0, Some(1))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
@@ -228,11 +190,7 @@ async fn gateway_telemetry_reaches_twin_on_edge_readable_from_cloud() {
 async fn query_history_returns_exact_aggregates_of_sent_samples() {
     let mesh = Mesh::start(None, &[]).expect("mesh starts");
     let cloud = mesh.cloud.grpc_endpoint();
-    let gw = zenoh_peer(&[
-        mesh.edge.ready.zenoh[0].clone(),
-        mesh.cloud.ready.zenoh[0].clone(),
-    ])
-    .await;
+    let gw = mesh.gateway_peer().await;
     let twin = "site-a/pm-99";
     register(&gw, twin, "power_meter").await;
     // The first answer may be `stale` if the authority has not yet seen the edge join;
@@ -414,11 +372,7 @@ async fn edge_killed_and_restarted_recovers_state_and_history_without_duplicates
 async fn bad_telemetry_is_dropped_counted_and_logged_once() {
     let mesh = Mesh::start(None, &["--max-frame-bytes", "4096"]).expect("mesh starts");
     let cloud = mesh.cloud.grpc_endpoint();
-    let gw = zenoh_peer(&[
-        mesh.edge.ready.zenoh[0].clone(),
-        mesh.cloud.ready.zenoh[0].clone(),
-    ])
-    .await;
+    let gw = mesh.gateway_peer().await;
     let twin = "site-a/wt-98";
     register(&gw, twin, "wind_turbine").await;
     register(&gw, "site-a/wt-97", "wind_turbine").await;
@@ -557,44 +511,33 @@ async fn grpc_errors_are_precise_and_health_and_reflection_answer() {
         bucket_ns,
         aggregation: proto::Aggregation::Mean as i32,
     };
-    let e = c.query_history(history(10, 5, 1)).await.unwrap_err();
-    assert_eq!(
-        (e.code(), e.message()),
+    // Invalid ranges: (start, end, bucket), what the message is or (`..`) starts with.
+    for ((start_ns, end_ns, bucket_ns), message) in [
         (
-            Code::InvalidArgument,
-            "invalid time range: start_ns 10 must be before end_ns 5"
-        )
-    );
-    let e = c.query_history(history(5, 5, 1)).await.unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument);
-    let e = c.query_history(history(0, 10, 0)).await.unwrap_err();
-    assert_eq!(
-        (e.code(), e.message()),
-        (
-            Code::InvalidArgument,
-            "invalid bucket_ns 0: must be positive"
-        )
-    );
-    let e = c.query_history(history(0, 1_000_000, 1)).await.unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(
-        e.message().starts_with("too many buckets"),
-        "{}",
-        e.message()
-    );
+            (10, 5, 1),
+            "invalid time range: start_ns 10 must be before end_ns 5",
+        ),
+        ((5, 5, 1), ".."),
+        ((0, 10, 0), "invalid bucket_ns 0: must be positive"),
+        ((0, 1_000_000, 1), "too many buckets.."),
+    ] {
+        let e = c
+            .query_history(history(start_ns, end_ns, bucket_ns))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{start_ns}..{end_ns}");
+        match message.strip_suffix("..") {
+            Some(prefix) => assert!(e.message().starts_with(prefix), "{}", e.message()),
+            None => assert_eq!(e.message(), message),
+        }
+    }
     let mut ghost = history(0, 10, 1);
     ghost.twin_id = "site-a/ghost".into();
     assert_eq!(
         c.query_history(ghost).await.unwrap_err().code(),
         Code::NotFound
     );
-    let e = mesh_client(&cloud)
-        .await
-        .get_placement(GetPlacementRequest {
-            twin_id: "site-a/ghost".into(),
-        })
-        .await
-        .unwrap_err();
+    let e = get_placement(&cloud, "site-a/ghost").await.unwrap_err();
     assert_eq!(
         (e.code(), e.message()),
         (Code::NotFound, "unknown twin site-a/ghost")
@@ -740,39 +683,13 @@ async fn edge_starts_while_cloud_is_down_and_joins_when_it_comes_up() {
     let cloud_ep = format!("tcp/127.0.0.1:{port}");
     let d = |n: &str| dir.path().join(n).display().to_string();
     let _edge = NodeProc::start(
-        &args([
-            "--tier",
-            "edge",
-            "--id",
-            "edge-a",
-            "--site",
-            "site-a",
-            "--listen",
-            "tcp/127.0.0.1:0",
-            "--connect",
-            &cloud_ep,
-            "--data",
-            &d("edge"),
-            "--grpc",
-            "127.0.0.1:0",
-        ]),
+        &node_args(EDGE_A, ANY_PORT, &[&cloud_ep], &d("edge")),
         &logs,
         "edge",
     )
     .expect("edge starts without its cloud");
     let cloud = NodeProc::start(
-        &args([
-            "--tier",
-            "cloud",
-            "--id",
-            "cloud",
-            "--listen",
-            &cloud_ep,
-            "--grpc",
-            "127.0.0.1:0",
-            "--data",
-            &d("cloud"),
-        ]),
+        &node_args(CLOUD, &cloud_ep, &[], &d("cloud")),
         &logs,
         "cloud",
     )
@@ -830,22 +747,29 @@ async fn crashed_twin_is_restarted_from_its_persisted_state() {
     .await;
     let key = format!("twinmesh/telemetry/{id}/spindle_speed");
     let t0 = 1_700_000_000_000_000_000;
-    for seq in 1..=3u64 {
-        let f = frame(
-            id,
-            "spindle_speed",
-            seq,
-            t0 + seq as i64 * 100_000_000,
-            100_000_000,
-            vec![1000.0 * seq as f64],
-        );
-        publish(&gw, &key, f.encode_to_vec()).await;
-    }
-    let before = eventually(WAIT, "three frames applied", || async {
-        let t = get_twin(&endpoint, id).await.ok()?;
-        (t.reported.get("spindle_speed")?.seq == 3).then_some(t)
-    })
-    .await;
+    // Publishes the spindle-speed frames `seqs` and waits until the last is applied.
+    let send = |seqs: std::ops::RangeInclusive<u64>, what: &'static str| {
+        let (gw, key, endpoint, last) = (&gw, &key, &endpoint, *seqs.end());
+        async move {
+            for seq in seqs {
+                let f = frame(
+                    id,
+                    "spindle_speed",
+                    seq,
+                    t0 + seq as i64 * 100_000_000,
+                    100_000_000,
+                    vec![1000.0 * seq as f64],
+                );
+                publish(gw, key, f.encode_to_vec()).await;
+            }
+            eventually(WAIT, what, || async {
+                let t = get_twin(endpoint, id).await.ok()?;
+                (t.reported.get("spindle_speed")?.seq == last).then_some(t)
+            })
+            .await
+        }
+    };
+    let before = send(1..=3, "three frames applied").await;
 
     let supervisor = edge.supervisor.clone().unwrap();
     let actor = ractor::call_t!(supervisor, NodeMsg::Lookup, 5000, id.parse().unwrap())
@@ -867,22 +791,7 @@ async fn crashed_twin_is_restarted_from_its_persisted_state() {
     assert_eq!(after.reported["spindle_speed"].value, 3000.0);
 
     // It resumes at seq 4: a re-sent seq 3 is a duplicate, seq 4 is applied.
-    for seq in 3..=4u64 {
-        let f = frame(
-            id,
-            "spindle_speed",
-            seq,
-            t0 + seq as i64 * 100_000_000,
-            100_000_000,
-            vec![1000.0 * seq as f64],
-        );
-        publish(&gw, &key, f.encode_to_vec()).await;
-    }
-    let t = eventually(WAIT, "frame 4 applied after the restart", || async {
-        let t = get_twin(&endpoint, id).await.ok()?;
-        (t.reported.get("spindle_speed")?.seq == 4).then_some(t)
-    })
-    .await;
+    let t = send(3..=4, "frame 4 applied after the restart").await;
     assert_eq!(t.duplicate_frames.get("spindle_speed"), Some(&1));
     let _ = gw.close().await;
     edge.stop().await.unwrap();
@@ -944,14 +853,8 @@ async fn twinmesh_up_runs_the_whole_mesh_and_stops_cleanly() {
         WAIT,
         "one twin of each kind per site, with data",
         || async {
-            let list = twin_client(&endpoint)
-                .await
-                .list_twins(ListTwinsRequest::default())
-                .await
-                .ok()?
-                .into_inner();
-            (list.twins.len() == 16 && list.twins.iter().all(|t| t.revision > 0))
-                .then_some(list.twins)
+            let twins = list_twins(&endpoint, "").await.ok()?;
+            (twins.len() == 16 && twins.iter().all(|t| t.revision > 0)).then_some(twins)
         },
     )
     .await;

@@ -12,10 +12,12 @@ use tonic::Code;
 
 use twinmesh_proto::v1::model_service_client::ModelServiceClient;
 use twinmesh_proto::v1::{
-    DeployModelRequest, GetTwinRequest, Health, ImportModelRequest, ListModelsRequest,
-    MigrateTwinRequest, ModelInfo, ModelRecord, QueryHistoryRequest, TrainModelRequest, TwinEvent,
+    DeployModelRequest, Health, ImportModelRequest, ListModelsRequest, ModelInfo, ModelRecord,
+    QueryHistoryRequest, TrainModelRequest, TwinEvent,
 };
-use twinmesh_tests::{eventually, mesh_client, now_ns, twin_client, zenoh_client, Mesh, NodeProc};
+use twinmesh_tests::{
+    eventually, get_twin, migrate_twin, now_ns, twin_client, zenoh_client, Mesh, NodeProc,
+};
 use twinmesh_twins::model::{Algorithm, Model, TrainParams};
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -39,13 +41,44 @@ async fn import(endpoint: &str, req: ImportModelRequest) -> Result<ModelInfo, to
         .map(|r| r.into_inner())
 }
 
+/// `DeployModel` of the newest version of `model_id` to the twin `ID`: each deployment.
+async fn deploy_to_twin(endpoint: &str, model_id: &str) -> Vec<twinmesh_proto::v1::Deployment> {
+    let req = DeployModelRequest {
+        model_id: model_id.into(),
+        twin_ids: vec![ID.into()],
+        ..Default::default()
+    };
+    let d = models(endpoint).await.deploy_model(req).await.unwrap();
+    d.into_inner().deployments
+}
+
+/// Every model of the registry, as `ListModels` through `endpoint` lists them.
+async fn registry(endpoint: &str) -> Result<Vec<ModelInfo>, tonic::Status> {
+    let list = models(endpoint)
+        .await
+        .list_models(ListModelsRequest::default())
+        .await?;
+    Ok(list.into_inner().models)
+}
+
+/// `ImportModel` of the serialised `model` as `model_id`, for twins of `kind`.
+async fn import_bytes(
+    endpoint: &str,
+    model_id: &str,
+    model: Vec<u8>,
+    kind: &str,
+) -> Result<ModelInfo, tonic::Status> {
+    let req = ImportModelRequest {
+        model_id: model_id.into(),
+        model,
+        kind: kind.into(),
+        ..Default::default()
+    };
+    import(endpoint, req).await
+}
+
 async fn health(endpoint: &str) -> Option<Health> {
-    twin_client(endpoint)
-        .await
-        .get_twin(GetTwinRequest { twin_id: ID.into() })
-        .await
-        .ok()
-        .and_then(|t| t.into_inner().health)
+    get_twin(endpoint, ID).await.ok().and_then(|t| t.health)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -82,11 +115,7 @@ async fn a_model_trained_in_the_cloud_scores_at_the_edge_and_moves_with_its_twin
     assert!(train_end < fault_ns, "training must end before the fault");
 
     // Training runs on the cloud only; an edge says where to go.
-    let e = models(&edge)
-        .await
-        .list_models(ListModelsRequest::default())
-        .await
-        .unwrap_err();
+    let e = registry(&edge).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(e.message().contains("cloud"), "{}", e.message());
 
@@ -148,13 +177,7 @@ async fn a_model_trained_in_the_cloud_scores_at_the_edge_and_moves_with_its_twin
     );
     assert!(info.threshold.is_finite() && info.threshold > 0.0);
     assert!(info.size_bytes > 0);
-    let listed = models(&cloud)
-        .await
-        .list_models(ListModelsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .models;
+    let listed = registry(&cloud).await.unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].model_id, info.model_id);
 
@@ -164,17 +187,7 @@ async fn a_model_trained_in_the_cloud_scores_at_the_edge_and_moves_with_its_twin
         .declare_subscriber(format!("twinmesh/twins/{ID}/events"))
         .await
         .unwrap();
-    let d = models(&cloud)
-        .await
-        .deploy_model(DeployModelRequest {
-            model_id: info.model_id.clone(),
-            twin_ids: vec![ID.into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .deployments;
+    let d = deploy_to_twin(&cloud, &info.model_id).await;
     assert_eq!(d.len(), 1);
     assert_eq!(
         (d[0].twin_id.as_str(), d[0].status.as_str()),
@@ -213,13 +226,7 @@ async fn a_model_trained_in_the_cloud_scores_at_the_edge_and_moves_with_its_twin
         ["ok", "warn", "alarm"].contains(&scored.status.as_str()),
         "{scored:?}"
     );
-    let listed = models(&cloud)
-        .await
-        .list_models(ListModelsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .models;
+    let listed = registry(&cloud).await.unwrap();
     assert_eq!(listed[0].deployments.len(), 1);
     assert_eq!(listed[0].deployments[0].status, "installed");
 
@@ -237,62 +244,28 @@ async fn a_model_trained_in_the_cloud_scores_at_the_edge_and_moves_with_its_twin
     let mut corrupt = foreign.clone();
     let last = corrupt.len() - 3;
     corrupt[last] ^= 0x20;
-    let e = import(
-        &cloud,
-        ImportModelRequest {
-            model_id: "broken".into(),
-            model: corrupt,
-            kind: "wind_turbine".into(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap_err();
+    let e = import_bytes(&cloud, "broken", corrupt, "wind_turbine")
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("checksum"), "{}", e.message());
-    let e = import(
-        &cloud,
-        ImportModelRequest {
-            model_id: "turbine".into(),
-            model: foreign.clone(),
-            kind: "power_meter".into(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap_err();
+    let e = import_bytes(&cloud, "turbine", foreign.clone(), "power_meter")
+        .await
+        .unwrap_err();
     assert!(
         e.message()
             .contains("not a feature of a power_meter signal"),
         "{}",
         e.message()
     );
-    let imported = import(
-        &cloud,
-        ImportModelRequest {
-            model_id: "turbine".into(),
-            model: foreign,
-            kind: "wind_turbine".into(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let imported = import_bytes(&cloud, "turbine", foreign, "wind_turbine")
+        .await
+        .unwrap();
     assert_eq!(
         (imported.version, imported.algorithm.as_str()),
         (1, "robust")
     );
-    let d = models(&cloud)
-        .await
-        .deploy_model(DeployModelRequest {
-            model_id: "turbine".into(),
-            twin_ids: vec![ID.into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .deployments;
+    let d = deploy_to_twin(&cloud, "turbine").await;
     assert!(
         d[0].status.contains("model rejected")
             && d[0].status.contains("keeps power_meter-ensemble v1"),
@@ -351,23 +324,12 @@ async fn a_model_trained_in_the_cloud_scores_at_the_edge_and_moves_with_its_twin
     drop(events.undeclare().await);
 
     // The edge restarts: the twin comes back with its model and goes on scoring.
-    let revision_before = twin_client(&cloud)
-        .await
-        .get_twin(GetTwinRequest { twin_id: ID.into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .revision;
+    let revision_before = get_twin(&cloud, ID).await.unwrap().revision;
     mesh.edge.stop().expect("edge stops");
     mesh.edge = NodeProc::start(&mesh.edge.args.clone(), &mesh.logs(), "edge-a-2").unwrap();
     let edge = mesh.edge.grpc_endpoint();
     eventually(WAIT, "twin scores after the restart", || async {
-        let t = twin_client(&edge)
-            .await
-            .get_twin(GetTwinRequest { twin_id: ID.into() })
-            .await
-            .ok()?
-            .into_inner();
+        let t = get_twin(&edge, ID).await.ok()?;
         let h = t.health.clone()?;
         (t.revision > revision_before + 5
             && t.placement.as_ref()?.tier == "edge"
@@ -395,18 +357,9 @@ async fn a_model_trained_in_the_cloud_scores_at_the_edge_and_moves_with_its_twin
         .collect();
     let second = NodeProc::start(&second_args, &mesh.logs(), "edge-a2").unwrap();
     let moved = eventually(WAIT, "migration to edge-a2", || async {
-        mesh_client(&cloud)
-            .await
-            .migrate_twin(MigrateTwinRequest {
-                twin_id: ID.into(),
-                target_node: "edge-a2".into(),
-                ..Default::default()
-            })
-            .await
-            .ok()
+        migrate_twin(&cloud, ID, "edge-a2").await.ok()
     })
-    .await
-    .into_inner();
+    .await;
     assert_eq!(moved.placement.unwrap().node, "edge-a2");
     let first = health(&cloud).await.unwrap();
     assert_eq!(

@@ -7,21 +7,13 @@ use prost::Message;
 use tonic::Code;
 
 use twinmesh_actors::ports::{PlacementStore, SeriesStore};
-use twinmesh_proto::v1::{
-    watch_twin_response, GetPlacementRequest, GetTwinRequest, ListTwinsRequest, MigrateTwinRequest,
-    NodeLoad, WatchTwinRequest,
+use twinmesh_proto::v1::{watch_twin_response, NodeLoad};
+use twinmesh_tests::{
+    eventually, get_placement, get_twin, list_twins, mesh_client, migrate_twin, recv_until,
+    set_desired, watch_twin, zenoh_client, Cluster,
 };
-use twinmesh_tests::{eventually, mesh_client, recv_until, twin_client, zenoh_client, Cluster};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-async fn twin(endpoint: &str, id: &str) -> Result<twinmesh_proto::v1::Twin, tonic::Status> {
-    twin_client(endpoint)
-        .await
-        .get_twin(GetTwinRequest { twin_id: id.into() })
-        .await
-        .map(|r| r.into_inner())
-}
 
 fn vib_seq(t: &twinmesh_proto::v1::Twin) -> u64 {
     t.reported.get("bearing_vibration").map_or(0, |v| v.seq)
@@ -46,58 +38,52 @@ fn assert_exactly_once(seqs: &[u64], upto: u64, what: &str) {
     );
 }
 
-fn start_site_a(c: &mut Cluster, simulate: &str) {
-    c.start("cloud", "cloud", None, None, &[]).unwrap();
-    c.start("edge", "edge-a1", Some("site-a"), None, &[])
-        .unwrap();
-    c.start("edge", "edge-a2", Some("site-a"), None, &[])
-        .unwrap();
-    c.start(
-        "iot",
-        "iot-a",
-        Some("site-a"),
-        None,
-        &["--simulate", simulate],
-    )
-    .unwrap();
+/// Stops the gateway, reads the settled twin `id` through `cloud`, stops `nodes`, and
+/// checks that `home` stored every seq of every reported signal exactly once.
+async fn stop_and_check_history(
+    c: &mut Cluster,
+    cloud: &str,
+    id: &str,
+    nodes: &[&str],
+    home: &str,
+) {
+    assert!(c.nodes.get_mut("iot-a").unwrap().stop().unwrap().success());
+    let settled = get_twin(cloud, id).await.unwrap();
+    for n in nodes {
+        assert!(c.nodes.get_mut(*n).unwrap().stop().unwrap().success());
+    }
+    for (signal, v) in &settled.reported {
+        let seqs = stored_seqs(c, home, id, signal);
+        assert_exactly_once(&seqs, v.seq, &format!("{signal} on {home}"));
+    }
+}
+
+/// Twin `id` once 20 vibration frames have reached it, and the edge of site-a it is not on.
+async fn streaming_on_site_a(cloud: &str, id: &str) -> (twinmesh_proto::v1::Twin, &'static str) {
+    let twin = eventually(WAIT, "streaming", || async {
+        let t = get_twin(cloud, id).await.ok()?;
+        (vib_seq(&t) >= 20).then_some(t)
+    })
+    .await;
+    let other = match twin.placement.as_ref().map(|p| p.node.as_str()) {
+        Some("edge-a1") => "edge-a2",
+        _ => "edge-a1",
+    };
+    (twin, other)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_migration_while_streaming_keeps_every_seq_exactly_once() {
-    let mut c = Cluster::new(1000).unwrap();
-    start_site_a(&mut c, "wind_turbine:1");
+    let mut c = Cluster::two_edges_of_site_a("wind_turbine:1").unwrap();
     let cloud = c.node("cloud").grpc_endpoint();
     let id = "site-a/wt-01";
-    let before = eventually(WAIT, "streaming", || async {
-        let t = twin(&cloud, id).await.ok()?;
-        (vib_seq(&t) >= 20).then_some(t)
-    })
-    .await;
+    let (before, target) = streaming_on_site_a(&cloud, id).await;
     let p0 = before.placement.clone().unwrap();
-    let target = if p0.node == "edge-a1" {
-        "edge-a2"
-    } else {
-        "edge-a1"
-    };
 
     // A watcher opened before the move keeps receiving after it.
-    let mut watch = twin_client(&cloud)
-        .await
-        .watch_twin(WatchTwinRequest { twin_id: id.into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = watch_twin(&cloud, id).await;
 
-    let moved = mesh_client(&cloud)
-        .await
-        .migrate_twin(MigrateTwinRequest {
-            twin_id: id.into(),
-            target_node: target.into(),
-            target_tier: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let moved = migrate_twin(&cloud, id, target).await.unwrap();
     let p1 = moved.placement.unwrap();
     assert_eq!((p1.node.as_str(), p1.epoch), (target, p0.epoch + 1));
     assert!(moved.duration_ns > 0);
@@ -119,50 +105,25 @@ async fn live_migration_while_streaming_keeps_every_seq_exactly_once() {
 
     // Ingestion goes on at the new home.
     let after = eventually(WAIT, "ingestion on the new node", || async {
-        let t = twin(&cloud, id).await.ok()?;
+        let t = get_twin(&cloud, id).await.ok()?;
         (t.placement.as_ref()?.node == target && vib_seq(&t) >= vib_seq(&before) + 30).then_some(t)
     })
     .await;
     assert!(after.revision > before.revision);
 
     // Stop the gateway, let the twin settle, stop the nodes and read the target's history.
-    assert!(c.nodes.get_mut("iot-a").unwrap().stop().unwrap().success());
-    let settled = twin(&cloud, id).await.unwrap();
-    for n in ["edge-a1", "edge-a2", "cloud"] {
-        assert!(c.nodes.get_mut(n).unwrap().stop().unwrap().success());
-    }
-    for (signal, v) in &settled.reported {
-        let seqs = stored_seqs(&c, target, id, signal);
-        assert_exactly_once(&seqs, v.seq, &format!("{signal} on {target}"));
-    }
+    stop_and_check_history(&mut c, &cloud, id, &["edge-a1", "edge-a2", "cloud"], target).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_edge_fails_over_within_five_seconds_and_history_is_complete() {
-    let mut c = Cluster::new(1000).unwrap();
-    start_site_a(&mut c, "wind_turbine:1");
+    let mut c = Cluster::two_edges_of_site_a("wind_turbine:1").unwrap();
     let cloud = c.node("cloud").grpc_endpoint();
     let id = "site-a/wt-01";
-    let before = eventually(WAIT, "streaming", || async {
-        let t = twin(&cloud, id).await.ok()?;
-        (vib_seq(&t) >= 20).then_some(t)
-    })
-    .await;
+    let (before, survivor) = streaming_on_site_a(&cloud, id).await;
     let p0 = before.placement.clone().unwrap();
-    let survivor = if p0.node == "edge-a1" {
-        "edge-a2"
-    } else {
-        "edge-a1"
-    };
     // A set-point, delivered and replicated, must survive the failover.
-    twin_client(&cloud)
-        .await
-        .set_desired(twinmesh_proto::v1::SetDesiredRequest {
-            twin_id: id.into(),
-            property: "yaw_offset".into(),
-            value: 2.5,
-            expected_revision: None,
-        })
+    set_desired(&cloud, id, "yaw_offset", 2.5, None)
         .await
         .unwrap();
     let outside = zenoh_client(&c.node("cloud").ready.zenoh[0]).await;
@@ -192,7 +153,7 @@ async fn killed_edge_fails_over_within_five_seconds_and_history_is_complete() {
         Duration::from_secs(5),
         "the twin serving from the other edge",
         || async {
-            let t = twin(&cloud, id).await.ok()?;
+            let t = get_twin(&cloud, id).await.ok()?;
             (t.placement.as_ref()?.node == survivor).then_some(t)
         },
     )
@@ -208,7 +169,7 @@ async fn killed_edge_fails_over_within_five_seconds_and_history_is_complete() {
     eprintln!("failover took {failover:?}");
 
     let after = eventually(WAIT, "ingestion on the survivor", || async {
-        let t = twin(&cloud, id).await.ok()?;
+        let t = get_twin(&cloud, id).await.ok()?;
         (vib_seq(&t) >= vib_seq(&before) + 30).then_some(t)
     })
     .await;
@@ -217,35 +178,18 @@ async fn killed_edge_fails_over_within_five_seconds_and_history_is_complete() {
         "nothing lost: {:?}",
         after.lost_frames
     );
-    assert!(c.nodes.get_mut("iot-a").unwrap().stop().unwrap().success());
-    let settled = twin(&cloud, id).await.unwrap();
-    for n in [survivor, "cloud"] {
-        assert!(c.nodes.get_mut(n).unwrap().stop().unwrap().success());
-    }
-    for (signal, v) in &settled.reported {
-        let seqs = stored_seqs(&c, survivor, id, signal);
-        assert_exactly_once(&seqs, v.seq, &format!("{signal} on {survivor}"));
-    }
+    stop_and_check_history(&mut c, &cloud, id, &[survivor, "cloud"], survivor).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_twin_whose_data_must_stay_on_site_waits_for_its_site_and_never_reaches_the_cloud() {
     let mut c = Cluster::new(1000).unwrap();
-    c.start("cloud", "cloud", None, None, &[]).unwrap();
-    c.start("edge", "edge-b", Some("site-b"), None, &[])
+    c.start_site("site-b", &["edge-b"], &[], "iot-b", "power_meter:1")
         .unwrap();
-    c.start(
-        "iot",
-        "iot-b",
-        Some("site-b"),
-        None,
-        &["--simulate", "power_meter:1"],
-    )
-    .unwrap();
     let cloud = c.node("cloud").grpc_endpoint();
     let id = "site-b/pm-01";
     let before = eventually(WAIT, "streaming", || async {
-        let t = twin(&cloud, id).await.ok()?;
+        let t = get_twin(&cloud, id).await.ok()?;
         (t.reported.get("voltage")?.seq >= 3).then_some(t)
     })
     .await;
@@ -254,12 +198,7 @@ async fn a_twin_whose_data_must_stay_on_site_waits_for_its_site_and_never_reache
     c.kill9("edge-b");
     // Stale, with the reason, and never moved to the cloud.
     let p = eventually(WAIT, "a stale placement", || async {
-        let p = mesh_client(&cloud)
-            .await
-            .get_placement(GetPlacementRequest { twin_id: id.into() })
-            .await
-            .ok()?
-            .into_inner();
+        let p = get_placement(&cloud, id).await.ok()?;
         (p.status == "stale").then_some(p)
     })
     .await;
@@ -269,24 +208,13 @@ async fn a_twin_whose_data_must_stay_on_site_waits_for_its_site_and_never_reache
         "{}",
         p.reason
     );
-    let e = twin(&cloud, id).await.unwrap_err();
+    let e = get_twin(&cloud, id).await.unwrap_err();
     assert_eq!(e.code(), Code::Unavailable);
     assert!(e.message().contains("stale"), "{}", e.message());
-    let list = twin_client(&cloud)
-        .await
-        .list_twins(ListTwinsRequest {
-            site: "site-b".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(list.twins.len(), 1);
+    let list = list_twins(&cloud, "site-b").await.unwrap();
+    assert_eq!(list.len(), 1);
     assert_eq!(
-        (
-            list.twins[0].twin_id.as_str(),
-            list.twins[0].status.as_str()
-        ),
+        (list[0].twin_id.as_str(), list[0].status.as_str()),
         (id, "stale")
     );
 
@@ -310,7 +238,7 @@ async fn a_twin_whose_data_must_stay_on_site_waits_for_its_site_and_never_reache
     // The site's edge comes back: so does the twin, at a newer epoch.
     c.restart("edge-b").unwrap();
     let back = eventually(WAIT, "the twin back on its site", || async {
-        let t = twin(&cloud, id).await.ok()?;
+        let t = get_twin(&cloud, id).await.ok()?;
         let p = t.placement.clone()?;
         (p.node == "edge-b" && t.reported.get("voltage")?.seq > before.reported["voltage"].seq + 3)
             .then_some(t)
@@ -349,8 +277,7 @@ async fn a_twin_whose_data_must_stay_on_site_waits_for_its_site_and_never_reache
 /// refused, and no epoch ever had two owners.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_isolated_old_owner_is_fenced_and_no_epoch_has_two_owners() {
-    let mut c = Cluster::new(1000).unwrap();
-    start_site_a(&mut c, "wind_turbine:1");
+    let c = Cluster::two_edges_of_site_a("wind_turbine:1").unwrap();
     let cloud = c.node("cloud").grpc_endpoint();
     let id = "site-a/wt-01";
     let outside = zenoh_client(&c.node("cloud").ready.zenoh[0]).await;
@@ -358,17 +285,8 @@ async fn an_isolated_old_owner_is_fenced_and_no_epoch_has_two_owners() {
         .declare_subscriber(format!("twinmesh/twins/{id}/state"))
         .await
         .unwrap();
-    let before = eventually(WAIT, "streaming", || async {
-        let t = twin(&cloud, id).await.ok()?;
-        (vib_seq(&t) >= 20).then_some(t)
-    })
-    .await;
+    let (before, new_home) = streaming_on_site_a(&cloud, id).await;
     let p0 = before.placement.clone().unwrap();
-    let new_home = if p0.node == "edge-a1" {
-        "edge-a2"
-    } else {
-        "edge-a1"
-    };
     let old_pid = c.node(&p0.node).pid().to_string();
 
     std::process::Command::new("kill")
@@ -376,7 +294,7 @@ async fn an_isolated_old_owner_is_fenced_and_no_epoch_has_two_owners() {
         .status()
         .unwrap();
     let moved = eventually(WAIT, "failover after the lease", || async {
-        let t = twin(&cloud, id).await.ok()?;
+        let t = get_twin(&cloud, id).await.ok()?;
         (t.placement.as_ref()?.node == new_home).then_some(t)
     })
     .await;
@@ -413,7 +331,7 @@ async fn an_isolated_old_owner_is_fenced_and_no_epoch_has_two_owners() {
     assert_eq!(replica.twin.unwrap().placement.unwrap().node, new_home);
     // Ingestion goes on at the new owner.
     eventually(WAIT, "ingestion at the new owner", || async {
-        let t = twin(&cloud, id).await.ok()?;
+        let t = get_twin(&cloud, id).await.ok()?;
         (t.placement.as_ref()?.node == new_home && vib_seq(&t) > vib_seq(&before) + 20)
             .then_some(())
     })
@@ -441,22 +359,13 @@ async fn an_isolated_old_owner_is_fenced_and_no_epoch_has_two_owners() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_cloud_down_the_edge_serves_and_reconciles_when_it_returns() {
     let mut c = Cluster::new(1000).unwrap();
-    c.start("cloud", "cloud", None, None, &[]).unwrap();
-    c.start("edge", "edge-a", Some("site-a"), None, &[])
+    c.start_site("site-a", &["edge-a"], &[], "iot-a", "wind_turbine:1")
         .unwrap();
-    c.start(
-        "iot",
-        "iot-a",
-        Some("site-a"),
-        None,
-        &["--simulate", "wind_turbine:1"],
-    )
-    .unwrap();
     let cloud = c.node("cloud").grpc_endpoint();
     let edge = c.node("edge-a").grpc_endpoint();
     let id = "site-a/wt-01";
     let before = eventually(WAIT, "streaming", || async {
-        let t = twin(&cloud, id).await.ok()?;
+        let t = get_twin(&cloud, id).await.ok()?;
         (vib_seq(&t) >= 10 && t.derived.contains_key("bearing_vibration.rms")).then_some(t)
     })
     .await;
@@ -465,28 +374,21 @@ async fn with_the_cloud_down_the_edge_serves_and_reconciles_when_it_returns() {
     c.kill9("cloud");
     // The edge serves on its own: ingestion, analysis and commands.
     let alone = eventually(WAIT, "ingestion and analysis without the cloud", || async {
-        let t = twin(&edge, id).await.ok()?;
+        let t = get_twin(&edge, id).await.ok()?;
         let rms_changed =
             t.derived.get("bearing_vibration.rms") != before.derived.get("bearing_vibration.rms");
         (vib_seq(&t) > vib_seq(&before) + 30 && rms_changed).then_some(t)
     })
     .await;
     assert_eq!(alone.placement.as_ref().unwrap().epoch, p0.epoch);
-    twin_client(&edge)
-        .await
-        .set_desired(twinmesh_proto::v1::SetDesiredRequest {
-            twin_id: id.into(),
-            property: "power_limit".into(),
-            value: 1500.0,
-            expected_revision: None,
-        })
+    set_desired(&edge, id, "power_limit", 1500.0, None)
         .await
         .unwrap();
     eventually(
         WAIT,
         "the set-point delivered without the cloud",
         || async {
-            let t = twin(&edge, id).await.ok()?;
+            let t = get_twin(&edge, id).await.ok()?;
             (t.desired.get("power_limit")?.status
                 == twinmesh_proto::v1::DeliveryStatus::Delivered as i32)
                 .then_some(())
@@ -498,12 +400,7 @@ async fn with_the_cloud_down_the_edge_serves_and_reconciles_when_it_returns() {
     c.restart("cloud").unwrap();
     let cloud = c.node("cloud").grpc_endpoint();
     let p = eventually(WAIT, "the placement from the restarted cloud", || async {
-        mesh_client(&cloud)
-            .await
-            .get_placement(GetPlacementRequest { twin_id: id.into() })
-            .await
-            .ok()
-            .map(|r| r.into_inner())
+        get_placement(&cloud, id).await.ok()
     })
     .await;
     assert_eq!(
@@ -511,7 +408,7 @@ async fn with_the_cloud_down_the_edge_serves_and_reconciles_when_it_returns() {
         (p0.node.as_str(), p0.epoch, "active")
     );
     let outside = zenoh_client(&c.node("cloud").ready.zenoh[0]).await;
-    let now = twin(&edge, id).await.unwrap();
+    let now = get_twin(&edge, id).await.unwrap();
     eventually(
         WAIT,
         "the cloud's replica agreeing with the edge",
@@ -531,7 +428,7 @@ async fn with_the_cloud_down_the_edge_serves_and_reconciles_when_it_returns() {
     .await;
     // And the API through the cloud sees the same twin as the edge.
     let via_cloud = eventually(WAIT, "the twin through the cloud again", || async {
-        twin(&cloud, id).await.ok()
+        get_twin(&cloud, id).await.ok()
     })
     .await;
     assert_eq!(via_cloud.placement.unwrap().node, p0.node);
@@ -539,14 +436,9 @@ async fn with_the_cloud_down_the_edge_serves_and_reconciles_when_it_returns() {
 
 /// Status of `id` in `ListTwins` through `endpoint`.
 async fn listed_status(endpoint: &str, id: &str) -> Option<String> {
-    let listed = twin_client(endpoint)
-        .await
-        .list_twins(ListTwinsRequest::default())
+    list_twins(endpoint, "")
         .await
         .ok()?
-        .into_inner();
-    listed
-        .twins
         .into_iter()
         .find(|t| t.twin_id == id)
         .map(|t| t.status)
@@ -555,21 +447,12 @@ async fn listed_status(endpoint: &str, id: &str) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_twin_is_passivated_and_woken_by_its_next_frame_or_call() {
     let mut c = Cluster::new(1000).unwrap();
-    c.start("cloud", "cloud", None, None, &[]).unwrap();
-    c.start(
-        "edge",
-        "edge-a1",
-        Some("site-a"),
-        None,
+    c.start_site(
+        "site-a",
+        &["edge-a1"],
         &["--passivate-after", "2"],
-    )
-    .unwrap();
-    c.start(
-        "iot",
         "iot-a",
-        Some("site-a"),
-        None,
-        &["--simulate", "hpc_node:1"],
+        "hpc_node:1",
     )
     .unwrap();
     let cloud = c.node("cloud").grpc_endpoint();
@@ -579,14 +462,14 @@ async fn an_idle_twin_is_passivated_and_woken_by_its_next_frame_or_call() {
     };
     let min_seq = |t: &twinmesh_proto::v1::Twin| t.reported.values().map(|v| v.seq).min();
     eventually(WAIT, "streaming", || async {
-        let t = twin(&cloud, id).await.ok()?;
+        let t = get_twin(&cloud, id).await.ok()?;
         (min_seq(&t)? >= 3).then_some(())
     })
     .await;
 
     // The gateway stops: the twin idles, and the edge passivates it.
     assert!(c.nodes.get_mut("iot-a").unwrap().stop().unwrap().success());
-    let idle = twin(&cloud, id).await.unwrap();
+    let idle = get_twin(&cloud, id).await.unwrap();
     eventually(WAIT, "the idle twin listed dormant", || async {
         (listed_status(&cloud, id).await? == "dormant").then_some(())
     })
@@ -601,7 +484,7 @@ async fn an_idle_twin_is_passivated_and_woken_by_its_next_frame_or_call() {
     })
     .await;
     let woken = eventually(WAIT, "ingesting again", || async {
-        let t = twin(&cloud, id).await.ok()?;
+        let t = get_twin(&cloud, id).await.ok()?;
         (min_seq(&t)? > idle.reported.values().map(|v| v.seq).max()?).then_some(t)
     })
     .await;
@@ -610,7 +493,7 @@ async fn an_idle_twin_is_passivated_and_woken_by_its_next_frame_or_call() {
     // Dormant again; the edge restarts and keeps it registered but asleep; a call wakes
     // it with its state intact.
     assert!(c.nodes.get_mut("iot-a").unwrap().stop().unwrap().success());
-    let last = twin(&cloud, id).await.unwrap();
+    let last = get_twin(&cloud, id).await.unwrap();
     eventually(WAIT, "dormant again", || async {
         (listed_status(&cloud, id).await? == "dormant").then_some(())
     })
@@ -627,7 +510,7 @@ async fn an_idle_twin_is_passivated_and_woken_by_its_next_frame_or_call() {
         (listed_status(&cloud, id).await? == "dormant").then_some(())
     })
     .await;
-    let called = twin(&cloud, id)
+    let called = get_twin(&cloud, id)
         .await
         .expect("a call wakes a dormant twin within its deadline");
     assert_eq!(seqs(&called), seqs(&last), "state survives passivation");

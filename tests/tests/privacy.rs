@@ -12,13 +12,12 @@ use tonic::Code;
 use twinmesh_actors::seal::KeyRing;
 use twinmesh_proto::v1::privacy_service_client::PrivacyServiceClient;
 use twinmesh_proto::v1::{
-    self as proto, GetBudgetRequest, GetPlacementRequest, GetPolicyRequest, GetTwinRequest,
-    MigrateTwinRequest, QueryHistoryRequest, ReleaseAggregateRequest, SetPolicyRequest,
-    TelemetryFrame,
+    self as proto, GetBudgetRequest, GetPolicyRequest, QueryHistoryRequest,
+    ReleaseAggregateRequest, SetPolicyRequest, TelemetryFrame,
 };
 use twinmesh_tests::{
-    eventually, mesh_client, now_ns, publish, register, site_key, twin_client, zenoh_client,
-    zenoh_peer, Cluster,
+    eventually, get_placement, get_twin, migrate_twin, now_ns, publish, register, site_key,
+    twin_client, zenoh_client, zenoh_peer, Cluster,
 };
 use twinmesh_twins::privacy::{privacy_loss, Noise, ReleaseSpec, Statistic};
 
@@ -37,6 +36,51 @@ async fn privacy(endpoint: &str) -> PrivacyServiceClient<tonic::transport::Chann
         .expect("connect to gRPC")
 }
 
+const HOUR_NS: i64 = 3_600_000_000_000;
+
+/// The last hour of `SIGNAL` of twin `id` through `endpoint`, in buckets of `bucket_ns`.
+async fn last_hour(
+    endpoint: &str,
+    id: &str,
+    bucket_ns: i64,
+    aggregation: proto::Aggregation,
+) -> Result<proto::QueryHistoryResponse, tonic::Status> {
+    twin_client(endpoint)
+        .await
+        .query_history(QueryHistoryRequest {
+            twin_id: id.into(),
+            signal: SIGNAL.into(),
+            start_ns: now_ns() - HOUR_NS,
+            end_ns: now_ns(),
+            bucket_ns,
+            aggregation: aggregation as i32,
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// `GetPolicy` of twin `id` through `endpoint`.
+async fn get_policy(endpoint: &str, id: &str) -> proto::PrivacyPolicy {
+    privacy(endpoint)
+        .await
+        .get_policy(GetPolicyRequest { twin_id: id.into() })
+        .await
+        .expect("GetPolicy")
+        .into_inner()
+}
+
+/// `ReleaseAggregate` of `req` through `endpoint`.
+async fn release_aggregate(
+    endpoint: &str,
+    req: ReleaseAggregateRequest,
+) -> Result<proto::ReleaseAggregateResponse, tonic::Status> {
+    privacy(endpoint)
+        .await
+        .release_aggregate(req)
+        .await
+        .map(|r| r.into_inner())
+}
+
 /// `SetPolicy` through `endpoint`.
 async fn set_policy(
     endpoint: &str,
@@ -49,14 +93,6 @@ async fn set_policy(
             policy: Some(policy),
             expected_version,
         })
-        .await
-        .map(|r| r.into_inner())
-}
-
-async fn twin(endpoint: &str, id: &str) -> Result<proto::Twin, tonic::Status> {
-    twin_client(endpoint)
-        .await
-        .get_twin(GetTwinRequest { twin_id: id.into() })
         .await
         .map(|r| r.into_inner())
 }
@@ -160,21 +196,9 @@ async fn record_everything(session: &zenoh::Session) -> (Seen, zenoh::pubsub::Su
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn site_only_values_stay_on_site_and_releases_spend_exactly_their_budget() {
-    let mut c = Cluster::new(1000).unwrap();
-    c.start("cloud", "cloud", None, None, &[]).unwrap();
-    c.start("edge", "edge-a1", Some("site-a"), None, &[])
-        .unwrap();
-    c.start("edge", "edge-a2", Some("site-a"), None, &[])
-        .unwrap();
-    // A real gateway too: its crankshaft line's protected signals must travel sealed.
-    c.start(
-        "iot",
-        "iot-a",
-        Some("site-a"),
-        None,
-        &["--simulate", "crankshaft_line:1"],
-    )
-    .unwrap();
+    // Two edges and a real gateway: its crankshaft line's protected signals must travel
+    // sealed.
+    let mut c = Cluster::two_edges_of_site_a("crankshaft_line:1").unwrap();
     let cloud_grpc = c.node("cloud").grpc_endpoint();
     let cloud_zenoh = c.node("cloud").ready.zenoh[0].clone();
 
@@ -191,36 +215,26 @@ async fn site_only_values_stay_on_site_and_releases_spend_exactly_their_budget()
     let placement = register(&site, id, "crankshaft_line").await;
     let edge = c.node(&placement.node).grpc_endpoint();
     eventually(WAIT, "the twin on its edge", || async {
-        twin(&edge, id).await.ok()
+        get_twin(&edge, id).await.ok()
     })
     .await;
     feed_sentinels(&site, &ring, id, 5).await;
 
     // On the site, a data operator sees the raw values.
     let on_site = eventually(WAIT, "the sentinels applied", || async {
-        let t = twin(&edge, id).await.ok()?;
+        let t = get_twin(&edge, id).await.ok()?;
         (t.reported.get(SIGNAL)?.seq == 5).then_some(t)
     })
     .await;
     assert_eq!(on_site.reported[SIGNAL].value, SENTINEL);
     // Through the cloud: withheld, never the value.
-    let off_site = twin(&cloud_grpc, id).await.unwrap();
+    let off_site = get_twin(&cloud_grpc, id).await.unwrap();
     assert!(!off_site.reported.contains_key(SIGNAL));
     assert!(off_site.withheld.contains(&SIGNAL.to_owned()));
     assert!(!off_site.derived.keys().any(|k| k.starts_with("cycle_time")));
     assert!(!has_sentinel(&off_site.encode_to_vec()));
     let history = |endpoint: String| async move {
-        twin_client(&endpoint)
-            .await
-            .query_history(QueryHistoryRequest {
-                twin_id: id.into(),
-                signal: SIGNAL.into(),
-                start_ns: now_ns() - 3_600_000_000_000,
-                end_ns: now_ns(),
-                bucket_ns: 3_600_000_000_000,
-                aggregation: proto::Aggregation::Max as i32,
-            })
-            .await
+        last_hour(&endpoint, id, HOUR_NS, proto::Aggregation::Max).await
     };
     let refused = history(cloud_grpc.clone()).await.unwrap_err();
     assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
@@ -228,17 +242,12 @@ async fn site_only_values_stay_on_site_and_releases_spend_exactly_their_budget()
         refused.message().contains("stays on site site-a"),
         "{refused:?}"
     );
-    let raw = history(edge.clone()).await.unwrap().into_inner();
+    let raw = history(edge.clone()).await.unwrap();
     assert_eq!(raw.buckets.iter().map(|b| b.count).sum::<u64>(), 50);
     assert_eq!(raw.buckets[0].value, SENTINEL);
 
     // A budget of 1 per period; releases of ε 0.3 stop after exactly 3.
-    let policy = privacy(&cloud_grpc)
-        .await
-        .get_policy(GetPolicyRequest { twin_id: id.into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let policy = get_policy(&cloud_grpc, id).await;
     assert_eq!(
         policy.signals[SIGNAL].sensitivity,
         proto::Sensitivity::SiteOnly as i32
@@ -256,12 +265,9 @@ async fn site_only_values_stay_on_site_and_releases_spend_exactly_their_budget()
 
     let mut spent = 0.0;
     for i in 0..3 {
-        let r = privacy(&cloud_grpc)
+        let r = release_aggregate(&cloud_grpc, release(&[id], Statistic::Mean, 0.3))
             .await
-            .release_aggregate(release(&[id], Statistic::Mean, 0.3))
-            .await
-            .unwrap_or_else(|e| panic!("release {i}: {e:?}"))
-            .into_inner();
+            .unwrap_or_else(|e| panic!("release {i}: {e:?}"));
         assert_eq!(r.records, 50);
         assert_eq!(r.mechanism, "dp_laplace_mean");
         // The ledger records OpenDP's privacy map of this very measurement.
@@ -285,9 +291,7 @@ async fn site_only_values_stay_on_site_and_releases_spend_exactly_their_budget()
         // Noisy, not exact, and still not the raw value on the wire.
         assert_ne!(r.value, SENTINEL);
     }
-    let refused = privacy(&cloud_grpc)
-        .await
-        .release_aggregate(release(&[id], Statistic::Mean, 0.3))
+    let refused = release_aggregate(&cloud_grpc, release(&[id], Statistic::Mean, 0.3))
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
@@ -329,38 +333,18 @@ async fn site_only_values_stay_on_site_and_releases_spend_exactly_their_budget()
 
     // ... and a migration to the site's other edge (the restart may have failed the
     // twin over already: move it from wherever it is now).
-    let now_on = mesh_client(&cloud_grpc)
-        .await
-        .get_placement(GetPlacementRequest { twin_id: id.into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .node;
+    let now_on = get_placement(&cloud_grpc, id).await.unwrap().node;
     let target = if now_on == "edge-a1" {
         "edge-a2"
     } else {
         "edge-a1"
     };
     let moved = eventually(WAIT, "a migration", || async {
-        mesh_client(&cloud_grpc)
-            .await
-            .migrate_twin(MigrateTwinRequest {
-                twin_id: id.into(),
-                target_node: target.into(),
-                target_tier: String::new(),
-            })
-            .await
-            .ok()
+        migrate_twin(&cloud_grpc, id, target).await.ok()
     })
-    .await
-    .into_inner();
+    .await;
     assert_eq!(moved.placement.unwrap().node, target);
-    let p = mesh_client(&cloud_grpc)
-        .await
-        .get_placement(GetPlacementRequest { twin_id: id.into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let p = get_placement(&cloud_grpc, id).await.unwrap();
     assert_eq!(p.node, target);
     let b = budget(&cloud_grpc, id).await;
     assert_eq!(b.epsilon_spent, spent);
@@ -405,28 +389,13 @@ async fn site_only_values_stay_on_site_and_releases_spend_exactly_their_budget()
     set_policy(&cloud_grpc, p, None).await.unwrap();
     let coarse = |bucket_ns: i64, aggregation: proto::Aggregation| {
         let endpoint = cloud_grpc.clone();
-        async move {
-            twin_client(&endpoint)
-                .await
-                .query_history(QueryHistoryRequest {
-                    twin_id: id.into(),
-                    signal: SIGNAL.into(),
-                    start_ns: now_ns() - 3_600_000_000_000,
-                    end_ns: now_ns(),
-                    bucket_ns,
-                    aggregation: aggregation as i32,
-                })
-                .await
-        }
+        async move { last_hour(&endpoint, id, bucket_ns, aggregation).await }
     };
-    let hourly = coarse(3_600_000_000_000, proto::Aggregation::Mean)
-        .await
-        .unwrap()
-        .into_inner();
+    let hourly = coarse(HOUR_NS, proto::Aggregation::Mean).await.unwrap();
     assert_eq!(hourly.buckets.iter().map(|b| b.count).sum::<u64>(), 50);
     for (bucket_ns, agg) in [
         (60_000_000_000, proto::Aggregation::Mean),
-        (3_600_000_000_000, proto::Aggregation::Max),
+        (HOUR_NS, proto::Aggregation::Max),
     ] {
         let e = coarse(bucket_ns, agg).await.unwrap_err();
         assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
@@ -452,21 +421,21 @@ async fn set_releases_charge_every_twin_and_the_site_and_micro_aggregates_need_k
     let ids = ["site-a/line-01", "site-a/line-02", "site-a/line-03"];
     for id in ids {
         register(&site, id, "crankshaft_line").await;
-        eventually(WAIT, "the twin", || async { twin(&edge, id).await.ok() }).await;
+        eventually(WAIT, "the twin", || async {
+            get_twin(&edge, id).await.ok()
+        })
+        .await;
         feed_sentinels(&site, &ring, id, 2).await;
     }
     for id in ids {
         eventually(WAIT, "frames applied", || async {
-            (twin(&edge, id).await.ok()?.reported.get(SIGNAL)?.seq == 2).then_some(())
+            (get_twin(&edge, id).await.ok()?.reported.get(SIGNAL)?.seq == 2).then_some(())
         })
         .await;
     }
-    let r = privacy(&cloud_grpc)
+    let r = release_aggregate(&cloud_grpc, release(&ids, Statistic::Sum, 0.5))
         .await
-        .release_aggregate(release(&ids, Statistic::Sum, 0.5))
-        .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(r.records, 3);
     assert_eq!(r.mechanism, "dp_laplace_sum");
     assert!(r.epsilon_spent <= 0.5 && r.epsilon_spent > 0.49);
@@ -485,9 +454,7 @@ async fn set_releases_charge_every_twin_and_the_site_and_micro_aggregates_need_k
     assert_eq!(r.site_epsilon_remaining, Some(1.0 - r.epsilon_spent));
     // A second release of ε 0.6 fits each twin's budget (10) but not the site's (1 − ε
     // spent): refused, and neither the site nor any twin is charged.
-    let e = privacy(&cloud_grpc)
-        .await
-        .release_aggregate(release(&ids, Statistic::Sum, 0.6))
+    let e = release_aggregate(&cloud_grpc, release(&ids, Statistic::Sum, 0.6))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
@@ -501,12 +468,9 @@ async fn set_releases_charge_every_twin_and_the_site_and_micro_aggregates_need_k
     }
     // What fits the site's rest is released, and the site ledger survives a restart of
     // the cloud node that keeps it.
-    let r2 = privacy(&cloud_grpc)
+    let r2 = release_aggregate(&cloud_grpc, release(&ids, Statistic::Sum, 0.4))
         .await
-        .release_aggregate(release(&ids, Statistic::Sum, 0.4))
-        .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     let spent = r.epsilon_spent + r2.epsilon_spent;
     c.restart("cloud").unwrap();
     let cloud_grpc = c.node("cloud").grpc_endpoint();
@@ -525,33 +489,21 @@ async fn set_releases_charge_every_twin_and_the_site_and_micro_aggregates_need_k
         assert!((b.epsilon_spent - spent).abs() < 1e-12, "{b:?}");
     }
     // A set across sites is refused.
-    let e = privacy(&cloud_grpc)
-        .await
-        .release_aggregate(release(
-            &["site-a/line-01", "site-b/x"],
-            Statistic::Sum,
-            0.5,
-        ))
-        .await
-        .unwrap_err();
+    let e = release_aggregate(
+        &cloud_grpc,
+        release(&["site-a/line-01", "site-b/x"], Statistic::Sum, 0.5),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
 
     // Micro-aggregation with k = 5 over 3 twins: refused, nothing charged.
-    let mut p = privacy(&cloud_grpc)
-        .await
-        .get_policy(GetPolicyRequest {
-            twin_id: ids[0].into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut p = get_policy(&cloud_grpc, ids[0]).await;
     let sp = p.signals.get_mut(SIGNAL).unwrap();
     sp.mechanism = "micro_aggregate".into();
     sp.k = 5;
     set_policy(&cloud_grpc, p.clone(), None).await.unwrap();
-    let e = privacy(&cloud_grpc)
-        .await
-        .release_aggregate(release(&ids, Statistic::Mean, 0.5))
+    let e = release_aggregate(&cloud_grpc, release(&ids, Statistic::Mean, 0.5))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
@@ -562,25 +514,18 @@ async fn set_releases_charge_every_twin_and_the_site_and_micro_aggregates_need_k
     // With k = 3 the exact mean of the three twins is released.
     p.signals.get_mut(SIGNAL).unwrap().k = 3;
     set_policy(&cloud_grpc, p, None).await.unwrap();
-    let m = privacy(&cloud_grpc)
+    let m = release_aggregate(&cloud_grpc, release(&ids, Statistic::Mean, 0.5))
         .await
-        .release_aggregate(release(&ids, Statistic::Mean, 0.5))
-        .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(m.mechanism, "micro_aggregate");
     assert_eq!(m.value, SENTINEL);
     assert_eq!(m.epsilon_spent, 0.0);
     // Bad requests name what is wrong.
-    let e = privacy(&cloud_grpc)
-        .await
-        .release_aggregate(release(&[ids[1]], Statistic::Mean, -1.0))
+    let e = release_aggregate(&cloud_grpc, release(&[ids[1]], Statistic::Mean, -1.0))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
-    let e = privacy(&cloud_grpc)
-        .await
-        .release_aggregate(ReleaseAggregateRequest::default())
+    let e = release_aggregate(&cloud_grpc, ReleaseAggregateRequest::default())
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
@@ -631,17 +576,8 @@ fn identifiers_of(e: &proto::TwinEvent) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn device_addresses_leave_the_access_point_only_as_site_keyed_pseudonyms() {
     let mut c = Cluster::new(1000).unwrap();
-    c.start("cloud", "cloud", None, None, &[]).unwrap();
-    c.start("edge", "edge-a", Some("site-a"), None, &[])
+    c.start_site("site-a", &["edge-a"], &[], "iot-a", "wifi_ap:1")
         .unwrap();
-    c.start(
-        "iot",
-        "iot-a",
-        Some("site-a"),
-        None,
-        &["--simulate", "wifi_ap:1"],
-    )
-    .unwrap();
     let cloud_grpc = c.node("cloud").grpc_endpoint();
     let outside = zenoh_client(&c.node("cloud").ready.zenoh[0]).await;
     let (seen, _sub) = record_everything(&outside).await;
@@ -719,12 +655,7 @@ async fn device_addresses_leave_the_access_point_only_as_site_keyed_pseudonyms()
 
     // The policy decides: once the stream is public, addresses leave raw (which the
     // checks above would have caught).
-    let mut p = privacy(&cloud_grpc)
-        .await
-        .get_policy(GetPolicyRequest { twin_id: id.into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut p = get_policy(&cloud_grpc, id).await;
     let sp = p.signals.get_mut("device_associations").unwrap();
     assert_eq!(sp.mechanism, "pseudonymise");
     sp.sensitivity = proto::Sensitivity::Public as i32;

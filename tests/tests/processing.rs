@@ -9,10 +9,12 @@ use tonic::Code;
 
 use twinmesh_proto::v1::{
     self as proto, watch_twin_response, ChainStage, FeatureSet, GetTwinRequest, NodeLoad,
-    QueryHistoryRequest, SetChainRequest, TelemetryFrame, WatchTwinRequest,
+    QueryHistoryRequest, SetChainRequest, TelemetryFrame,
 };
 use twinmesh_sim::models::power_meter::{configured_thd, CURRENT_HARMONICS, VOLTAGE_HARMONICS};
-use twinmesh_tests::{eventually, now_ns, recv_until, run_cli, twin_client, zenoh_client, Mesh};
+use twinmesh_tests::{
+    eventually, get_twin, now_ns, recv_until, run_cli, twin_client, watch_twin, zenoh_client, Mesh,
+};
 
 const WAIT: Duration = Duration::from_secs(90);
 /// Seconds after the test starts when the injected fault begins.
@@ -71,19 +73,10 @@ async fn bearing_fault_is_seen_at_bpfo_and_iot_decimation_shrinks_published_byte
         .await
         .unwrap();
     eventually(WAIT, "twin running", || async {
-        twin_client(&cloud)
-            .await
-            .get_twin(GetTwinRequest { twin_id: id.into() })
-            .await
-            .ok()
+        get_twin(&cloud, id).await.ok()
     })
     .await;
-    let mut watch = twin_client(&cloud)
-        .await
-        .watch_twin(WatchTwinRequest { twin_id: id.into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = watch_twin(&cloud, id).await;
     let grpc_windows = tokio::spawn(async move {
         let mut after = Vec::new();
         let mut before = Vec::new();
@@ -175,12 +168,7 @@ async fn bearing_fault_is_seen_at_bpfo_and_iot_decimation_shrinks_published_byte
         );
     }
     // The same features are in the twin's derived state.
-    let twin = twin_client(&cloud)
-        .await
-        .get_twin(GetTwinRequest { twin_id: id.into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let twin = get_twin(&cloud, id).await.unwrap();
     assert!(twin.derived.contains_key("bearing_vibration.bpfo_amp"));
     assert!(twin.derived.contains_key("bearing_vibration.kurtosis"));
 
@@ -189,18 +177,22 @@ async fn bearing_fault_is_seen_at_bpfo_and_iot_decimation_shrinks_published_byte
         .declare_subscriber("twinmesh/nodes/iot-a/load")
         .await
         .unwrap();
-    let rate = |samples: &[NodeLoad]| {
-        let (a, b) = (&samples[0], &samples[samples.len() - 1]);
-        (b.bytes_published - a.bytes_published) as f64
-            / ((b.timestamp_ns - a.timestamp_ns) as f64 * 1e-9)
+    // Bytes/s the gateway published, over its next four load reports.
+    let published_rate = |what: &'static str| {
+        let load = &load;
+        async move {
+            let mut loads = Vec::new();
+            recv_until(WAIT, what, load, |s| {
+                loads.extend(NodeLoad::decode(&*s.payload().to_bytes()).ok());
+                loads.len() >= 4
+            })
+            .await;
+            let (a, b) = (&loads[0], &loads[loads.len() - 1]);
+            (b.bytes_published - a.bytes_published) as f64
+                / ((b.timestamp_ns - a.timestamp_ns) as f64 * 1e-9)
+        }
     };
-    let mut loads = Vec::new();
-    recv_until(WAIT, "four load reports", &load, |s| {
-        loads.extend(NodeLoad::decode(&*s.payload().to_bytes()).ok());
-        loads.len() >= 4
-    })
-    .await;
-    let before_rate = rate(&loads);
+    let before_rate = published_rate("four load reports").await;
     let chain = proto::Chain {
         stages: vec![
             stage(
@@ -235,13 +227,7 @@ async fn bearing_fault_is_seen_at_bpfo_and_iot_decimation_shrinks_published_byte
             .is_ok_and(|f| f.sample_period_ns == 400_000)
     })
     .await;
-    let mut loads = Vec::new();
-    recv_until(WAIT, "four more load reports", &load, |s| {
-        loads.extend(NodeLoad::decode(&*s.payload().to_bytes()).ok());
-        loads.len() >= 4
-    })
-    .await;
-    let after_rate = rate(&loads);
+    let after_rate = published_rate("four more load reports").await;
     assert!(
         after_rate < before_rate / 2.0,
         "gateway published {before_rate:.0} B/s before decimation, {after_rate:.0} B/s after"
@@ -256,12 +242,7 @@ async fn thd_matches_the_simulator_and_bad_chains_change_nothing_and_ingest_is_i
 
     // THD features within 0.5 % (absolute THD points) of the configured content.
     let twin = eventually(WAIT, "thd features", || async {
-        let t = twin_client(&cloud)
-            .await
-            .get_twin(GetTwinRequest { twin_id: id.into() })
-            .await
-            .ok()?
-            .into_inner();
+        let t = get_twin(&cloud, id).await.ok()?;
         (t.derived.contains_key("voltage.thd") && t.derived.contains_key("current.thd"))
             .then_some(t)
     })
@@ -314,21 +295,23 @@ async fn thd_matches_the_simulator_and_bad_chains_change_nothing_and_ingest_is_i
         .map(|i| format!("{},{}\n", start + i * 1_000_000_000, i as f64 * 0.25))
         .collect();
     std::fs::write(&csv, format!("timestamp_ns,value\n{rows}")).unwrap();
-    let args = [
-        "ingest",
-        "--endpoint",
-        &cloud,
-        "--twin",
-        id,
-        "--signal",
-        "household_energy",
-        "--csv",
-        csv.to_str().unwrap(),
-        "--chunk",
-        "3000",
-    ];
+    let ingest = |signal: &str, csv: &std::path::Path| {
+        run_cli(&[
+            "ingest",
+            "--endpoint",
+            &cloud,
+            "--twin",
+            id,
+            "--signal",
+            signal,
+            "--csv",
+            csv.to_str().unwrap(),
+            "--chunk",
+            "3000",
+        ])
+    };
     for _ in 0..2 {
-        let (status, out, err) = run_cli(&args);
+        let (status, out, err) = ingest("household_energy", &csv);
         assert!(status.success(), "{err}");
         assert!(
             out.contains("20000 samples of site-a/pm-01 household_energy stored"),
@@ -357,20 +340,10 @@ async fn thd_matches_the_simulator_and_bad_chains_change_nothing_and_ingest_is_i
     assert_eq!(count.buckets[0].count, 20_000);
     // Bad files are refused naming the line; nothing is uploaded.
     std::fs::write(&csv, "timestamp_ns,value\n1,2\n2,oops\n").unwrap();
-    let (status, _out, err) = run_cli(&args);
+    let (status, _out, err) = ingest("household_energy", &csv);
     assert!(!status.success());
     assert!(err.contains("line 3: \"oops\" is not a number"), "{err}");
-    let (status, _out, err) = run_cli(&[
-        "ingest",
-        "--endpoint",
-        &cloud,
-        "--twin",
-        id,
-        "--signal",
-        "flux",
-        "--csv",
-        dir.path().join("missing.csv").to_str().unwrap(),
-    ]);
+    let (status, _out, err) = ingest("flux", &dir.path().join("missing.csv"));
     assert!(!status.success());
     assert!(err.contains("cannot read"), "{err}");
 }
@@ -423,14 +396,7 @@ tier = "edge"
     )
     .expect("gateway starts from its configuration");
     let twin = eventually(WAIT, "the twin with the configured chain", || async {
-        let t = twin_client(&cloud)
-            .await
-            .get_twin(GetTwinRequest {
-                twin_id: "site-a/wt-01".into(),
-            })
-            .await
-            .ok()?
-            .into_inner();
+        let t = get_twin(&cloud, "site-a/wt-01").await.ok()?;
         (t.chain.as_ref()?.stages.len() == 2).then_some(t)
     })
     .await;
@@ -443,14 +409,7 @@ tier = "edge"
     })
     .await;
     eventually(WAIT, "stats features from the decimated stream", || async {
-        let t = twin_client(&cloud)
-            .await
-            .get_twin(GetTwinRequest {
-                twin_id: "site-a/wt-01".into(),
-            })
-            .await
-            .ok()?
-            .into_inner();
+        let t = get_twin(&cloud, "site-a/wt-01").await.ok()?;
         t.derived
             .contains_key("bearing_vibration.rms")
             .then_some(())

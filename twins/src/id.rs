@@ -7,6 +7,27 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+/// `TryFrom<String>` through `FromStr` and `From<T> for String` through `Display`: what
+/// `#[serde(try_from = "String", into = "String")]` needs of a type written as one string
+/// (the ids here, the `--simulate` and `--fault` specs of a node).
+#[macro_export]
+macro_rules! string_conversions {
+    ($t:ty) => {
+        impl TryFrom<String> for $t {
+            type Error = <$t as std::str::FromStr>::Err;
+            fn try_from(s: String) -> std::result::Result<Self, Self::Error> {
+                s.parse()
+            }
+        }
+
+        impl From<$t> for String {
+            fn from(v: $t) -> String {
+                v.to_string()
+            }
+        }
+    };
+}
+
 /// Maximum length of one id segment (`[a-z0-9][a-z0-9_-]{0,62}`).
 pub const MAX_SEGMENT_LEN: usize = 63;
 
@@ -65,18 +86,7 @@ impl FromStr for TwinId {
     }
 }
 
-impl TryFrom<String> for TwinId {
-    type Error = Error;
-    fn try_from(s: String) -> Result<Self> {
-        s.parse()
-    }
-}
-
-impl From<TwinId> for String {
-    fn from(id: TwinId) -> String {
-        id.to_string()
-    }
-}
+crate::string_conversions!(TwinId);
 
 impl fmt::Display for TwinId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -106,18 +116,7 @@ impl FromStr for NodeId {
     }
 }
 
-impl TryFrom<String> for NodeId {
-    type Error = Error;
-    fn try_from(s: String) -> Result<Self> {
-        s.parse()
-    }
-}
-
-impl From<NodeId> for String {
-    fn from(id: NodeId) -> String {
-        id.0
-    }
-}
+crate::string_conversions!(NodeId);
 
 impl fmt::Display for NodeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

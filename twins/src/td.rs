@@ -11,6 +11,23 @@ use crate::kind::{AssetKind, Sensitivity};
 
 pub const TD_CONTEXT: &str = "https://www.w3.org/2022/wot/td/v1.1";
 
+/// A number property of the TD: what signals and set-points share (name, description,
+/// unit, range), followed by the fields of `rest`.
+fn number(name: &str, description: &str, unit: &str, min: f64, max: f64, rest: Value) -> Value {
+    let mut p = json!({
+        "title": name,
+        "description": description,
+        "type": "number",
+        "unit": unit,
+        "minimum": min,
+        "maximum": max,
+    });
+    if let (Some(p), Value::Object(rest)) = (p.as_object_mut(), rest) {
+        p.extend(rest);
+    }
+    p
+}
+
 /// The Thing Description of twin `id` of `kind`.
 pub fn thing_description(id: &TwinId, kind: AssetKind) -> Value {
     let schema = kind.schema();
@@ -19,57 +36,59 @@ pub fn thing_description(id: &TwinId, kind: AssetKind) -> Value {
     for s in schema.signals {
         properties.insert(
             s.name.to_owned(),
-            json!({
-                "title": s.name,
-                "description": s.description,
-                "type": "number",
-                "unit": s.unit,
-                "minimum": s.min,
-                "maximum": s.max,
-                "readOnly": true,
-                "observable": true,
-                "twinmesh:sampleRateHz": s.rate_hz,
-                "twinmesh:waveform": s.waveform,
-                "twinmesh:sensitivity": match s.sensitivity {
-                    Sensitivity::Public => "public",
-                    Sensitivity::SiteOnly => "site_only",
-                    Sensitivity::Personal => "personal",
-                },
-                "forms": [
-                    {
-                        "href": format!("zenoh:{}", keys::telemetry(id, s.name)),
-                        "contentType": <crate::proto::TelemetryFrame as twinmesh_proto::Wire>::ENCODING,
-                        "op": ["observeproperty"],
+            number(
+                s.name,
+                s.description,
+                s.unit,
+                s.min,
+                s.max,
+                json!({
+                    "readOnly": true,
+                    "observable": true,
+                    "twinmesh:sampleRateHz": s.rate_hz,
+                    "twinmesh:waveform": s.waveform,
+                    "twinmesh:sensitivity": match s.sensitivity {
+                        Sensitivity::Public => "public",
+                        Sensitivity::SiteOnly => "site_only",
+                        Sensitivity::Personal => "personal",
                     },
-                    {
-                        "href": state_href,
-                        "contentType": <crate::proto::TwinState as twinmesh_proto::Wire>::ENCODING,
-                        "op": ["readproperty", "observeproperty"],
-                    }
-                ],
-            }),
+                    "forms": [
+                        {
+                            "href": format!("zenoh:{}", keys::telemetry(id, s.name)),
+                            "contentType": <crate::proto::TelemetryFrame as twinmesh_proto::Wire>::ENCODING,
+                            "op": ["observeproperty"],
+                        },
+                        {
+                            "href": state_href,
+                            "contentType": <crate::proto::TwinState as twinmesh_proto::Wire>::ENCODING,
+                            "op": ["readproperty", "observeproperty"],
+                        }
+                    ],
+                }),
+            ),
         );
     }
     for p in schema.properties {
         properties.insert(
             p.name.to_owned(),
-            json!({
-                "title": p.name,
-                "description": p.description,
-                "type": "number",
-                "unit": p.unit,
-                "minimum": p.min,
-                "maximum": p.max,
-                "default": p.default,
-                "readOnly": false,
-                "writeOnly": false,
-                "observable": true,
-                "forms": [{
-                    "href": "grpc:twinmesh.v1.TwinService/SetDesired",
-                    "contentType": "application/grpc+proto",
-                    "op": ["writeproperty"],
-                }],
-            }),
+            number(
+                p.name,
+                p.description,
+                p.unit,
+                p.min,
+                p.max,
+                json!({
+                    "default": p.default,
+                    "readOnly": false,
+                    "writeOnly": false,
+                    "observable": true,
+                    "forms": [{
+                        "href": "grpc:twinmesh.v1.TwinService/SetDesired",
+                        "contentType": "application/grpc+proto",
+                        "op": ["writeproperty"],
+                    }],
+                }),
+            ),
         );
     }
     let mut events = Map::new();

@@ -271,6 +271,12 @@ fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A proto enum value's name without its type's prefix, in lower case
+/// (`SENSITIVITY_SITE_ONLY` → `site_only`).
+fn short_name(name: &str, prefix: &str) -> String {
+    name.trim_start_matches(prefix).to_lowercase()
+}
+
 /// Map entries in key order (proto maps are hash maps).
 fn sorted<V>(map: &std::collections::HashMap<String, V>) -> Vec<(&String, &V)> {
     let mut v: Vec<_> = map.iter().collect();
@@ -358,11 +364,7 @@ fn print_twin(t: &proto::Twin) {
         println!("  desired");
         for (k, d) in sorted(&t.desired) {
             let status = proto::DeliveryStatus::try_from(d.status)
-                .map(|s| {
-                    s.as_str_name()
-                        .trim_start_matches("DELIVERY_STATUS_")
-                        .to_lowercase()
-                })
+                .map(|s| short_name(s.as_str_name(), "DELIVERY_STATUS_"))
                 .unwrap_or_default();
             println!("    {k:<24} {:>14.4}   {status} {}", d.value, d.reason);
         }
@@ -375,28 +377,40 @@ fn print_twin(t: &proto::Twin) {
     }
 }
 
-pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
-    let timeout = Duration::from_secs_f64(args.timeout.max(0.001));
-    let channel = connect_tls(&args.endpoint, timeout, args.ca.as_deref()).await?;
-    let bearer = match &args.token {
-        Some(t) => Some(
-            format!("Bearer {}", t.trim())
-                .parse::<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>()
-                .map_err(|_| anyhow::anyhow!("invalid token: not printable ASCII"))?,
-        ),
-        None => None,
-    };
-    let auth = move |mut req: tonic::Request<()>| {
-        if let Some(b) = &bearer {
+/// Sends the bearer token, when there is one, with every call.
+#[derive(Clone)]
+struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(b) = &self.0 {
             req.metadata_mut().insert("authorization", b.clone());
         }
         Ok(req)
-    };
-    let mut twins = TwinServiceClient::with_interceptor(channel.clone(), auth.clone());
-    let mut mesh = MeshServiceClient::with_interceptor(channel.clone(), auth.clone());
-    let mut models = ModelServiceClient::with_interceptor(channel.clone(), auth.clone());
-    let mut privacy = PrivacyServiceClient::with_interceptor(channel, auth);
-    let json = args.json;
+    }
+}
+
+type Authed = tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>;
+
+/// What every command uses: the node's four services on one channel, and the output
+/// format. One method a command.
+struct Ctl {
+    twins: TwinServiceClient<Authed>,
+    mesh: MeshServiceClient<Authed>,
+    models: ModelServiceClient<Authed>,
+    privacy: PrivacyServiceClient<Authed>,
+    json: bool,
+}
+
+/// The reply of a call; a refused call becomes the one-line error the user sees.
+async fn reply<T>(
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> anyhow::Result<T> {
+    Ok(call.await.map_err(status_error)?.into_inner())
+}
+
+pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
+    let mut ctl = Ctl::connect(&args).await?;
     match args.command {
         CtlCommand::Twins {
             site,
@@ -406,7 +420,7 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
             status,
             page_size,
         } => {
-            let mut req = ListTwinsRequest {
+            let req = ListTwinsRequest {
                 site,
                 kind,
                 tier,
@@ -415,61 +429,10 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
                 page_size: page_size.unwrap_or(0),
                 page_token: String::new(),
             };
-            let mut all = Vec::new();
-            loop {
-                let resp = twins
-                    .list_twins(req.clone())
-                    .await
-                    .map_err(status_error)?
-                    .into_inner();
-                if json && page_size.is_some() {
-                    return print_json(&resp);
-                }
-                all.extend(resp.twins);
-                if resp.next_page_token.is_empty() || page_size.is_some() {
-                    break;
-                }
-                req.page_token = resp.next_page_token;
-            }
-            if json {
-                return print_json(&proto::ListTwinsResponse {
-                    twins: all,
-                    next_page_token: String::new(),
-                });
-            }
-            println!(
-                "{:<24} {:<16} {:<10} {:<6} {:<7} {:>10}",
-                "TWIN", "KIND", "NODE", "TIER", "STATUS", "REVISION"
-            );
-            for t in &all {
-                println!(
-                    "{:<24} {:<16} {:<10} {:<6} {:<7} {:>10}",
-                    t.twin_id, t.kind, t.node, t.tier, t.status, t.revision
-                );
-            }
-            println!("{} twins", all.len());
+            ctl.list_twins(req, page_size.is_some()).await
         }
-        CtlCommand::Twin { id } => {
-            let t = twins
-                .get_twin(GetTwinRequest { twin_id: id })
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            if json {
-                print_json(&t)?;
-            } else {
-                print_twin(&t);
-            }
-        }
-        CtlCommand::Td { id } => {
-            let td = twins
-                .get_thing_description(GetThingDescriptionRequest { twin_id: id })
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            let doc: serde_json::Value = serde_json::from_str(&td.json)?;
-            println!("{}", serde_json::to_string_pretty(&doc)?);
-        }
+        CtlCommand::Twin { id } => ctl.twin(id).await,
+        CtlCommand::Td { id } => ctl.td(id).await,
         CtlCommand::History {
             id,
             signal,
@@ -487,197 +450,47 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
                 bucket_ns: parse_duration(&bucket)?.as_nanos() as i64,
                 aggregation: proto::Aggregation::from(agg) as i32,
             };
-            let resp = twins
-                .query_history(req)
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            if json {
-                return print_json(&resp);
-            }
-            println!(
-                "{:<22} {:>16} {:>10}",
-                "BUCKET_START_NS",
-                agg.as_str().to_uppercase(),
-                "COUNT"
-            );
-            for b in &resp.buckets {
-                println!("{:<22} {:>16.6} {:>10}", b.start_ns, b.value, b.count);
-            }
+            ctl.history(req, agg).await
         }
-        CtlCommand::Watch { id, count } => {
-            let mut stream = twins
-                .watch_twin(WatchTwinRequest { twin_id: id })
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            let mut seen = 0;
-            while let Some(update) = stream.message().await.map_err(status_error)? {
-                if json {
-                    print_json(&update)?;
-                } else {
-                    match update.update {
-                        Some(watch_twin_response::Update::State(s)) => {
-                            if let Some(t) = s.twin {
-                                let vals: Vec<String> = {
-                                    let mut r: Vec<_> = t.reported.iter().collect();
-                                    r.sort_by(|a, b| a.0.cmp(b.0));
-                                    r.iter()
-                                        .map(|(k, v)| format!("{k}={:.3}", v.value))
-                                        .collect()
-                                };
-                                println!("state  rev {:<8} {}", t.revision, vals.join(" "));
-                            }
-                        }
-                        Some(watch_twin_response::Update::Features(f)) => {
-                            println!("features {} {:?}", f.signal, f.features);
-                        }
-                        Some(watch_twin_response::Update::Event(e)) => {
-                            println!("event  {:<18} {}", e.kind, e.message);
-                        }
-                        None => {}
-                    }
-                }
-                seen += 1;
-                if count.is_some_and(|c| seen >= c) {
-                    break;
-                }
-            }
-        }
+        CtlCommand::Watch { id, count } => ctl.watch(id, count).await,
         CtlCommand::Desired {
             id,
             property,
             value,
             expected_revision,
         } => {
-            let resp = twins
-                .set_desired(SetDesiredRequest {
-                    twin_id: id.clone(),
-                    property: property.clone(),
-                    value,
-                    expected_revision,
-                })
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            if json {
-                return print_json(&resp);
-            }
-            println!(
-                "{id}: {property} = {value} commanded at revision {} (pending delivery)",
-                resp.revision
-            );
+            let req = SetDesiredRequest {
+                twin_id: id,
+                property,
+                value,
+                expected_revision,
+            };
+            ctl.desired(req).await
         }
-        CtlCommand::Nodes => {
-            let resp = mesh
-                .list_nodes(ListNodesRequest {})
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            if json {
-                return print_json(&resp);
-            }
-            println!(
-                "{:<12} {:<6} {:<8} {:>6} {:<22} ZENOH",
-                "NODE", "TIER", "SITE", "TWINS", "GRPC"
-            );
-            for n in &resp.nodes {
-                println!(
-                    "{:<12} {:<6} {:<8} {:>6} {:<22} {}",
-                    n.node,
-                    n.tier,
-                    n.site,
-                    n.twins,
-                    n.grpc_addr,
-                    n.locators.join(",")
-                );
-            }
-        }
+        CtlCommand::Nodes => ctl.nodes().await,
         CtlCommand::Migrate { id, to, tier } => {
-            let r = mesh
-                .migrate_twin(MigrateTwinRequest {
-                    twin_id: id.clone(),
-                    target_node: to.unwrap_or_default(),
-                    target_tier: tier.unwrap_or_default(),
-                })
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            if json {
-                return print_json(&r);
-            }
-            let p = r.placement.unwrap_or_default();
-            println!(
-                "{id} moved to {} (epoch {}) in {:.1} ms",
-                p.node,
-                p.epoch,
-                r.duration_ns as f64 / 1e6
-            );
+            let req = MigrateTwinRequest {
+                twin_id: id,
+                target_node: to.unwrap_or_default(),
+                target_tier: tier.unwrap_or_default(),
+            };
+            ctl.migrate(req).await
         }
-        CtlCommand::Drain { node } => {
-            let r = mesh
-                .drain_node(DrainNodeRequest { node: node.clone() })
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            if json {
-                return print_json(&r);
-            }
-            for p in &r.moved {
-                println!("moved  {:<24} -> {} (epoch {})", p.twin_id, p.node, p.epoch);
-            }
-            for p in &r.stuck {
-                println!("stuck  {:<24} {}", p.twin_id, p.reason);
-            }
-            println!(
-                "{node}: {} moved, {} could not move",
-                r.moved.len(),
-                r.stuck.len()
-            );
-        }
+        CtlCommand::Drain { node } => ctl.drain(node).await,
         CtlCommand::Chain {
             id,
-            set,
+            set: Some(path),
             expected_revision,
         } => {
-            let chain = match set {
-                Some(path) => {
-                    let text = std::fs::read_to_string(&path)
-                        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-                    let spec: twinmesh_twins::chain::ChainSpec =
-                        toml::from_str(&text).map_err(|e| {
-                            anyhow::anyhow!(
-                                "invalid chain file {}: {}",
-                                path.display(),
-                                e.to_string().trim().replace('\n', " ")
-                            )
-                        })?;
-                    twins
-                        .set_chain(SetChainRequest {
-                            twin_id: id,
-                            chain: Some((&spec).into()),
-                            expected_revision,
-                        })
-                        .await
-                        .map_err(status_error)?
-                        .into_inner()
-                        .chain
-                        .unwrap_or_default()
-                }
-                None => twins
-                    .get_twin(GetTwinRequest { twin_id: id })
-                    .await
-                    .map_err(status_error)?
-                    .into_inner()
-                    .chain
-                    .unwrap_or_default(),
+            let spec = chain_file(&path)?;
+            let req = SetChainRequest {
+                twin_id: id,
+                chain: Some((&spec).into()),
+                expected_revision,
             };
-            if json {
-                return print_json(&chain);
-            }
-            let spec = twinmesh_twins::chain::ChainSpec::from(&chain);
-            print!("{}", toml::to_string(&spec)?);
+            ctl.set_chain(req).await
         }
+        CtlCommand::Chain { id, set: None, .. } => ctl.get_chain(id).await,
         CtlCommand::Train {
             twins,
             kind,
@@ -699,54 +512,11 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
                 features,
                 quantile: quantile.unwrap_or(0.0),
             };
-            let mut stream = models
-                .train_model(req)
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            let bar = indicatif::ProgressBar::new(1);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{spinner} {msg:<10} [{bar:30}] {pos}/{len} series, {prefix} windows",
-                )
-                .expect("valid template")
-                .progress_chars("=> "),
-            );
-            bar.enable_steady_tick(Duration::from_millis(200));
-            while let Some(p) = stream.message().await.map_err(|s| {
-                bar.abandon();
-                status_error(s)
-            })? {
-                if json {
-                    print_json(&p)?;
-                }
-                bar.set_message(p.phase.clone());
-                bar.set_length(p.total.max(1));
-                bar.set_position(p.done);
-                bar.set_prefix(p.rows.to_string());
-                if let Some(m) = p.model {
-                    bar.finish_and_clear();
-                    if !json {
-                        print_model(&m);
-                    }
-                }
-            }
+            ctl.train(req).await
         }
         CtlCommand::Models { model_id, kind } => {
-            let list = models
-                .list_models(proto::ListModelsRequest { model_id, kind })
+            ctl.list_models(proto::ListModelsRequest { model_id, kind })
                 .await
-                .map_err(status_error)?
-                .into_inner();
-            if json {
-                return print_json(&list);
-            }
-            if list.models.is_empty() {
-                println!("no models");
-            }
-            for m in &list.models {
-                print_model(m);
-            }
         }
         CtlCommand::Deploy {
             model_id,
@@ -755,31 +525,14 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
             kind,
             site,
         } => {
-            let r = models
-                .deploy_model(proto::DeployModelRequest {
-                    model_id,
-                    version,
-                    twin_ids: twins,
-                    kind,
-                    site,
-                })
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            if json {
-                return print_json(&r);
-            }
-            let mut failed = 0;
-            for d in &r.deployments {
-                println!("{:<32} v{:<4} {}", d.twin_id, d.version, d.status);
-                failed += usize::from(d.status != "installed");
-            }
-            if failed > 0 {
-                anyhow::bail!(
-                    "{failed} of {} twins refused or missed the model",
-                    r.deployments.len()
-                );
-            }
+            let req = proto::DeployModelRequest {
+                model_id,
+                version,
+                twin_ids: twins,
+                kind,
+                site,
+            };
+            ctl.deploy(req).await
         }
         CtlCommand::ImportModel {
             model_id,
@@ -796,86 +549,33 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
             }
             let model = std::fs::read(&file)
                 .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
-            let info = models
-                .import_model(proto::ImportModelRequest {
-                    model_id,
-                    model,
-                    kind,
-                    onnx,
-                    features,
-                    threshold: threshold.unwrap_or(0.0),
-                    output,
-                    negate,
-                })
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            if json {
-                return print_json(&info);
-            }
-            print_model(&info);
+            let req = proto::ImportModelRequest {
+                model_id,
+                model,
+                kind,
+                onnx,
+                features,
+                threshold: threshold.unwrap_or(0.0),
+                output,
+                negate,
+            };
+            ctl.import_model(req).await
         }
         CtlCommand::Policy {
             id,
-            set,
+            set: Some(path),
             expected_version,
         } => {
-            let p = match set {
-                Some(path) => {
-                    let text = std::fs::read_to_string(&path)
-                        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-                    let mut policy: proto::PrivacyPolicy = serde_json::from_str(&text)
-                        .map_err(|e| anyhow::anyhow!("invalid policy {}: {e}", path.display()))?;
-                    policy.twin_id = id;
-                    privacy
-                        .set_policy(proto::SetPolicyRequest {
-                            policy: Some(policy),
-                            expected_version,
-                        })
-                        .await
-                }
-                None => {
-                    privacy
-                        .get_policy(proto::GetPolicyRequest { twin_id: id })
-                        .await
-                }
-            }
-            .map_err(status_error)?
-            .into_inner();
-            if json {
-                return print_json(&p);
-            }
-            println!(
-                "{} policy v{}  ε {} per {} s  noise {}  δ {}  max contributions {}",
-                p.twin_id,
-                p.version,
-                p.epsilon_per_period,
-                p.period_ns / 1_000_000_000,
-                p.noise,
-                p.delta,
-                p.max_contributions
-            );
-            for (name, sp) in sorted(&p.signals) {
-                let sens = proto::Sensitivity::try_from(sp.sensitivity)
-                    .map(|s| {
-                        s.as_str_name()
-                            .trim_start_matches("SENSITIVITY_")
-                            .to_lowercase()
-                    })
-                    .unwrap_or_default();
-                println!(
-                    "  {name:<24} {sens:<10} {:<16} [{}, {}]{}",
-                    sp.mechanism,
-                    sp.lower,
-                    sp.upper,
-                    if sp.mechanism == "micro_aggregate" {
-                        format!(" k {}", sp.k)
-                    } else {
-                        String::new()
-                    }
-                );
-            }
+            let mut policy: proto::PrivacyPolicy = serde_json::from_str(&read_text(&path)?)
+                .map_err(|e| anyhow::anyhow!("invalid policy {}: {e}", path.display()))?;
+            policy.twin_id = id;
+            let req = proto::SetPolicyRequest {
+                policy: Some(policy),
+                expected_version,
+            };
+            ctl.set_policy(req).await
         }
+        CtlCommand::Policy { id, set: None, .. } => ctl.get_policy(id).await,
         CtlCommand::Budget { id, site } => {
             let req = if site {
                 proto::GetBudgetRequest {
@@ -888,28 +588,7 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
                     ..Default::default()
                 }
             };
-            let b = privacy
-                .get_budget(req)
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            if json {
-                return print_json(&b);
-            }
-            println!(
-                "{}  ε spent {:.6} of {} ({:.6} left)  δ spent {:e}  {} releases since {}",
-                if b.site.is_empty() {
-                    &b.twin_id
-                } else {
-                    &b.site
-                },
-                b.epsilon_spent,
-                b.epsilon_total,
-                (b.epsilon_total - b.epsilon_spent).max(0.0),
-                b.delta_spent,
-                b.releases,
-                b.period_start_ns
-            );
+            ctl.budget(req).await
         }
         CtlCommand::Release {
             ids,
@@ -926,21 +605,323 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
                 "mean" => proto::Statistic::Mean,
                 other => anyhow::bail!("invalid statistic {other:?}: expected count, sum or mean"),
             };
-            let r = privacy
-                .release_aggregate(proto::ReleaseAggregateRequest {
-                    twin_ids: ids,
-                    signal,
-                    start_ns: parse_time(&start, now)?,
-                    end_ns: parse_time(&end, now)?,
-                    statistic: statistic as i32,
-                    epsilon,
-                })
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            if json {
-                return print_json(&r);
+            let req = proto::ReleaseAggregateRequest {
+                twin_ids: ids,
+                signal,
+                start_ns: parse_time(&start, now)?,
+                end_ns: parse_time(&end, now)?,
+                statistic: statistic as i32,
+                epsilon,
+            };
+            ctl.release(req).await
+        }
+        CtlCommand::Placement { id } => ctl.placement(id).await,
+    }
+}
+
+impl Ctl {
+    async fn connect(args: &CtlArgs) -> anyhow::Result<Ctl> {
+        let timeout = Duration::from_secs_f64(args.timeout.max(0.001));
+        let channel = connect_tls(&args.endpoint, timeout, args.ca.as_deref()).await?;
+        let bearer = match &args.token {
+            Some(t) => Some(
+                format!("Bearer {}", t.trim())
+                    .parse::<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>()
+                    .map_err(|_| anyhow::anyhow!("invalid token: not printable ASCII"))?,
+            ),
+            None => None,
+        };
+        let auth = Bearer(bearer);
+        Ok(Ctl {
+            twins: TwinServiceClient::with_interceptor(channel.clone(), auth.clone()),
+            mesh: MeshServiceClient::with_interceptor(channel.clone(), auth.clone()),
+            models: ModelServiceClient::with_interceptor(channel.clone(), auth.clone()),
+            privacy: PrivacyServiceClient::with_interceptor(channel, auth),
+            json: args.json,
+        })
+    }
+
+    /// `r` as one JSON document with --json, else as `text` prints it.
+    fn show<T: serde::Serialize>(&self, r: &T, text: impl FnOnce(&T)) -> anyhow::Result<()> {
+        if self.json {
+            return print_json(r);
+        }
+        text(r);
+        Ok(())
+    }
+
+    /// Every page, or only the first when `one_page` (--page-size).
+    async fn list_twins(
+        &mut self,
+        mut req: ListTwinsRequest,
+        one_page: bool,
+    ) -> anyhow::Result<()> {
+        let mut all = Vec::new();
+        loop {
+            let resp = reply(self.twins.list_twins(req.clone())).await?;
+            if self.json && one_page {
+                return print_json(&resp);
             }
+            all.extend(resp.twins);
+            if resp.next_page_token.is_empty() || one_page {
+                break;
+            }
+            req.page_token = resp.next_page_token;
+        }
+        let all = proto::ListTwinsResponse {
+            twins: all,
+            next_page_token: String::new(),
+        };
+        self.show(&all, |all| {
+            println!(
+                "{:<24} {:<16} {:<10} {:<6} {:<7} {:>10}",
+                "TWIN", "KIND", "NODE", "TIER", "STATUS", "REVISION"
+            );
+            for t in &all.twins {
+                println!(
+                    "{:<24} {:<16} {:<10} {:<6} {:<7} {:>10}",
+                    t.twin_id, t.kind, t.node, t.tier, t.status, t.revision
+                );
+            }
+            println!("{} twins", all.twins.len());
+        })
+    }
+
+    async fn twin(&mut self, id: String) -> anyhow::Result<()> {
+        let t = reply(self.twins.get_twin(GetTwinRequest { twin_id: id })).await?;
+        self.show(&t, print_twin)
+    }
+
+    /// The Thing Description is JSON either way: printed pretty.
+    async fn td(&mut self, id: String) -> anyhow::Result<()> {
+        let req = GetThingDescriptionRequest { twin_id: id };
+        let td = reply(self.twins.get_thing_description(req)).await?;
+        let doc: serde_json::Value = serde_json::from_str(&td.json)?;
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        Ok(())
+    }
+
+    async fn history(&mut self, req: QueryHistoryRequest, agg: Aggregation) -> anyhow::Result<()> {
+        let resp = reply(self.twins.query_history(req)).await?;
+        self.show(&resp, |resp| {
+            println!(
+                "{:<22} {:>16} {:>10}",
+                "BUCKET_START_NS",
+                agg.as_str().to_uppercase(),
+                "COUNT"
+            );
+            for b in &resp.buckets {
+                println!("{:<22} {:>16.6} {:>10}", b.start_ns, b.value, b.count);
+            }
+        })
+    }
+
+    async fn watch(&mut self, id: String, count: Option<u64>) -> anyhow::Result<()> {
+        let mut stream = reply(self.twins.watch_twin(WatchTwinRequest { twin_id: id })).await?;
+        let mut seen = 0;
+        while let Some(update) = stream.message().await.map_err(status_error)? {
+            self.show(&update, print_update)?;
+            seen += 1;
+            if count.is_some_and(|c| seen >= c) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    async fn desired(&mut self, req: SetDesiredRequest) -> anyhow::Result<()> {
+        let (id, property, value) = (req.twin_id.clone(), req.property.clone(), req.value);
+        let resp = reply(self.twins.set_desired(req)).await?;
+        self.show(&resp, |resp| {
+            println!(
+                "{id}: {property} = {value} commanded at revision {} (pending delivery)",
+                resp.revision
+            );
+        })
+    }
+
+    async fn nodes(&mut self) -> anyhow::Result<()> {
+        let resp = reply(self.mesh.list_nodes(ListNodesRequest {})).await?;
+        self.show(&resp, |resp| {
+            println!(
+                "{:<12} {:<6} {:<8} {:>6} {:<22} ZENOH",
+                "NODE", "TIER", "SITE", "TWINS", "GRPC"
+            );
+            for n in &resp.nodes {
+                println!(
+                    "{:<12} {:<6} {:<8} {:>6} {:<22} {}",
+                    n.node,
+                    n.tier,
+                    n.site,
+                    n.twins,
+                    n.grpc_addr,
+                    n.locators.join(",")
+                );
+            }
+        })
+    }
+
+    async fn migrate(&mut self, req: MigrateTwinRequest) -> anyhow::Result<()> {
+        let id = req.twin_id.clone();
+        let r = reply(self.mesh.migrate_twin(req)).await?;
+        self.show(&r, |r| {
+            let p = r.placement.clone().unwrap_or_default();
+            println!(
+                "{id} moved to {} (epoch {}) in {:.1} ms",
+                p.node,
+                p.epoch,
+                r.duration_ns as f64 / 1e6
+            );
+        })
+    }
+
+    async fn drain(&mut self, node: String) -> anyhow::Result<()> {
+        let req = DrainNodeRequest { node: node.clone() };
+        let r = reply(self.mesh.drain_node(req)).await?;
+        self.show(&r, |r| {
+            for p in &r.moved {
+                println!("moved  {:<24} -> {} (epoch {})", p.twin_id, p.node, p.epoch);
+            }
+            for p in &r.stuck {
+                println!("stuck  {:<24} {}", p.twin_id, p.reason);
+            }
+            println!(
+                "{node}: {} moved, {} could not move",
+                r.moved.len(),
+                r.stuck.len()
+            );
+        })
+    }
+
+    async fn set_chain(&mut self, req: SetChainRequest) -> anyhow::Result<()> {
+        let chain = reply(self.twins.set_chain(req)).await?.chain;
+        self.show_chain(chain.unwrap_or_default())
+    }
+
+    async fn get_chain(&mut self, id: String) -> anyhow::Result<()> {
+        let chain = reply(self.twins.get_twin(GetTwinRequest { twin_id: id }))
+            .await?
+            .chain;
+        self.show_chain(chain.unwrap_or_default())
+    }
+
+    /// A chain as TOML `[[stage]]` tables (what `--set` reads), or as JSON.
+    fn show_chain(&self, chain: proto::Chain) -> anyhow::Result<()> {
+        if self.json {
+            return print_json(&chain);
+        }
+        let spec = twinmesh_twins::chain::ChainSpec::from(&chain);
+        print!("{}", toml::to_string(&spec)?);
+        Ok(())
+    }
+
+    /// Progress on stderr; with --json every progress message on stdout.
+    async fn train(&mut self, req: proto::TrainModelRequest) -> anyhow::Result<()> {
+        let mut stream = reply(self.models.train_model(req)).await?;
+        let bar = indicatif::ProgressBar::new(1);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {msg:<10} [{bar:30}] {pos}/{len} series, {prefix} windows",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar.enable_steady_tick(Duration::from_millis(200));
+        while let Some(p) = stream.message().await.map_err(|s| {
+            bar.abandon();
+            status_error(s)
+        })? {
+            if self.json {
+                print_json(&p)?;
+            }
+            bar.set_message(p.phase.clone());
+            bar.set_length(p.total.max(1));
+            bar.set_position(p.done);
+            bar.set_prefix(p.rows.to_string());
+            if let Some(m) = p.model {
+                bar.finish_and_clear();
+                if !self.json {
+                    print_model(&m);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn list_models(&mut self, req: proto::ListModelsRequest) -> anyhow::Result<()> {
+        let list = reply(self.models.list_models(req)).await?;
+        self.show(&list, |list| {
+            if list.models.is_empty() {
+                println!("no models");
+            }
+            for m in &list.models {
+                print_model(m);
+            }
+        })
+    }
+
+    /// Fails when a twin refused or missed the model.
+    async fn deploy(&mut self, req: proto::DeployModelRequest) -> anyhow::Result<()> {
+        let r = reply(self.models.deploy_model(req)).await?;
+        if self.json {
+            return print_json(&r);
+        }
+        let mut failed = 0;
+        for d in &r.deployments {
+            println!("{:<32} v{:<4} {}", d.twin_id, d.version, d.status);
+            failed += usize::from(d.status != "installed");
+        }
+        if failed > 0 {
+            anyhow::bail!(
+                "{failed} of {} twins refused or missed the model",
+                r.deployments.len()
+            );
+        }
+        Ok(())
+    }
+
+    async fn import_model(&mut self, req: proto::ImportModelRequest) -> anyhow::Result<()> {
+        let info = reply(self.models.import_model(req)).await?;
+        self.show(&info, print_model)
+    }
+
+    async fn set_policy(&mut self, req: proto::SetPolicyRequest) -> anyhow::Result<()> {
+        let p = reply(self.privacy.set_policy(req)).await?;
+        self.show(&p, print_policy)
+    }
+
+    async fn get_policy(&mut self, id: String) -> anyhow::Result<()> {
+        let p = reply(
+            self.privacy
+                .get_policy(proto::GetPolicyRequest { twin_id: id }),
+        )
+        .await?;
+        self.show(&p, print_policy)
+    }
+
+    async fn budget(&mut self, req: proto::GetBudgetRequest) -> anyhow::Result<()> {
+        let b = reply(self.privacy.get_budget(req)).await?;
+        self.show(&b, |b| {
+            println!(
+                "{}  ε spent {:.6} of {} ({:.6} left)  δ spent {:e}  {} releases since {}",
+                if b.site.is_empty() {
+                    &b.twin_id
+                } else {
+                    &b.site
+                },
+                b.epsilon_spent,
+                b.epsilon_total,
+                (b.epsilon_total - b.epsilon_spent).max(0.0),
+                b.delta_spent,
+                b.releases,
+                b.period_start_ns
+            );
+        })
+    }
+
+    async fn release(&mut self, req: proto::ReleaseAggregateRequest) -> anyhow::Result<()> {
+        let r = reply(self.privacy.release_aggregate(req)).await?;
+        self.show(&r, |r| {
             println!(
                 "{}  ({}, {} records, noise scale {:.4})  ε spent {:.6}, {:.6} left",
                 r.value,
@@ -950,16 +931,12 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
                 r.epsilon_spent,
                 r.epsilon_remaining
             );
-        }
-        CtlCommand::Placement { id } => {
-            let p = mesh
-                .get_placement(GetPlacementRequest { twin_id: id })
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            if json {
-                return print_json(&p);
-            }
+        })
+    }
+
+    async fn placement(&mut self, id: String) -> anyhow::Result<()> {
+        let p = reply(self.mesh.get_placement(GetPlacementRequest { twin_id: id })).await?;
+        self.show(&p, |p| {
             println!(
                 "{}  node {}  tier {}  epoch {}  status {}{}",
                 p.twin_id,
@@ -973,9 +950,75 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
                     format!(" ({})", p.reason)
                 }
             );
-        }
+        })
     }
-    Ok(())
+}
+
+/// The text of a file named on the command line.
+fn read_text(path: &std::path::Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))
+}
+
+/// A chain file: the `[[stage]]` tables `ctl chain` prints.
+fn chain_file(path: &std::path::Path) -> anyhow::Result<twinmesh_twins::chain::ChainSpec> {
+    toml::from_str(&read_text(path)?).map_err(|e| {
+        anyhow::anyhow!(
+            "invalid chain file {}: {}",
+            path.display(),
+            e.to_string().trim().replace('\n', " ")
+        )
+    })
+}
+
+fn print_update(update: &proto::WatchTwinResponse) {
+    match &update.update {
+        Some(watch_twin_response::Update::State(s)) => {
+            if let Some(t) = &s.twin {
+                let vals: Vec<String> = sorted(&t.reported)
+                    .iter()
+                    .map(|(k, v)| format!("{k}={:.3}", v.value))
+                    .collect();
+                println!("state  rev {:<8} {}", t.revision, vals.join(" "));
+            }
+        }
+        Some(watch_twin_response::Update::Features(f)) => {
+            println!("features {} {:?}", f.signal, f.features);
+        }
+        Some(watch_twin_response::Update::Event(e)) => {
+            println!("event  {:<18} {}", e.kind, e.message);
+        }
+        None => {}
+    }
+}
+
+fn print_policy(p: &proto::PrivacyPolicy) {
+    println!(
+        "{} policy v{}  ε {} per {} s  noise {}  δ {}  max contributions {}",
+        p.twin_id,
+        p.version,
+        p.epsilon_per_period,
+        p.period_ns / 1_000_000_000,
+        p.noise,
+        p.delta,
+        p.max_contributions
+    );
+    for (name, sp) in sorted(&p.signals) {
+        let sens = proto::Sensitivity::try_from(sp.sensitivity)
+            .map(|s| short_name(s.as_str_name(), "SENSITIVITY_"))
+            .unwrap_or_default();
+        println!(
+            "  {name:<24} {sens:<10} {:<16} [{}, {}]{}",
+            sp.mechanism,
+            sp.lower,
+            sp.upper,
+            if sp.mechanism == "micro_aggregate" {
+                format!(" k {}", sp.k)
+            } else {
+                String::new()
+            }
+        );
+    }
 }
 
 #[cfg(test)]

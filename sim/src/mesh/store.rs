@@ -92,6 +92,15 @@ impl Durable for MemStore {
     }
 }
 
+/// The samples of `f` with their times, those in `[start_ns, end_ns)`.
+fn points_in(f: &StoredFrame, start_ns: i64, end_ns: i64) -> impl Iterator<Item = (i64, f64)> + '_ {
+    f.samples
+        .iter()
+        .enumerate()
+        .map(|(i, x)| (sample_time(f.start_ns, f.sample_period_ns, i), *x))
+        .filter(move |(t, _)| *t >= start_ns && *t < end_ns)
+}
+
 impl SeriesStore for MemStore {
     fn append_frames(&self, twin: &TwinId, frames: &[StoredFrame]) -> Result<()> {
         self.with(|d| {
@@ -133,13 +142,7 @@ impl SeriesStore for MemStore {
     ) -> Result<Vec<f64>> {
         Ok(self.with(|d| {
             d.series(twin, signal)
-                .flat_map(|f| {
-                    f.samples
-                        .iter()
-                        .enumerate()
-                        .map(|(i, x)| (sample_time(f.start_ns, f.sample_period_ns, i), *x))
-                })
-                .filter(|(t, _)| *t >= start_ns && *t < end_ns)
+                .flat_map(|f| points_in(f, start_ns, end_ns))
                 .map(|(_, x)| x)
                 .take(limit)
                 .collect()
@@ -156,13 +159,7 @@ impl SeriesStore for MemStore {
         Ok(self.with(|d| {
             d.series(twin, signal)
                 .filter(|f| f.start_ns >= start_ns && f.start_ns < end_ns)
-                .flat_map(|f| {
-                    f.samples
-                        .iter()
-                        .enumerate()
-                        .map(|(i, x)| (sample_time(f.start_ns, f.sample_period_ns, i), *x))
-                })
-                .filter(|(t, _)| *t >= start_ns && *t < end_ns)
+                .flat_map(|f| points_in(f, start_ns, end_ns))
                 .collect()
         }))
     }

@@ -7,8 +7,7 @@ use rand_chacha::ChaCha8Rng;
 
 use twinmesh_twins::AssetKind;
 
-use super::{each_second, Faults};
-use crate::model::AssetModel;
+use super::{Base, PerSecond};
 
 const RUNNING: f64 = 1.0;
 const STOPPED: f64 = 0.0;
@@ -17,32 +16,38 @@ const SETUP: f64 = 3.0;
 
 pub struct ClosureLine {
     rng: ChaCha8Rng,
-    second: Option<i64>,
     state: f64,
     speed_pct: f64,
     produced: f64,
     rejected: f64,
     energy: f64,
-    faults: Faults,
+    base: Base,
 }
 
 impl ClosureLine {
     pub fn new(rng: ChaCha8Rng) -> Self {
         ClosureLine {
             rng,
-            second: None,
             state: RUNNING,
             speed_pct: 100.0,
             produced: 0.0,
             rejected: 0.0,
             energy: 0.0,
-            faults: Faults::default(),
+            base: Base::default(),
         }
+    }
+}
+
+impl PerSecond for ClosureLine {
+    const KIND: AssetKind = AssetKind::ClosureLine;
+
+    fn base(&mut self) -> &mut Base {
+        &mut self.base
     }
 
     fn step(&mut self, s: i64) {
         let u: f64 = self.rng.random();
-        self.state = if self.faults.on("jam", s * 1_000_000_000) {
+        self.state = if self.base.faults.on("jam", s * 1_000_000_000) {
             FAULT
         } else if self.state == RUNNING {
             match u {
@@ -72,20 +77,8 @@ impl ClosureLine {
         }
         self.energy += kw / 3600.0;
     }
-}
 
-impl AssetModel for ClosureLine {
-    fn kind(&self) -> AssetKind {
-        AssetKind::ClosureLine
-    }
-
-    fn advance(&mut self, t_ns: i64) {
-        let mut second = self.second;
-        each_second(&mut second, t_ns, |s| self.step(s));
-        self.second = second;
-    }
-
-    fn sample(&mut self, signal: &str, _t_ns: i64) -> f64 {
+    fn value(&mut self, signal: &str, _t_ns: i64) -> f64 {
         match signal {
             "production_count" => self.produced,
             "reject_count" => self.rejected,
@@ -95,13 +88,9 @@ impl AssetModel for ClosureLine {
         }
     }
 
-    fn set(&mut self, property: &str, value: f64) {
+    fn set_point(&mut self, property: &str, value: f64) {
         if property == "line_speed" {
             self.speed_pct = value;
         }
-    }
-
-    fn inject(&mut self, mode: &str, at_ns: i64) {
-        self.faults.add(mode, at_ns);
     }
 }

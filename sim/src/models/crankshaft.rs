@@ -7,19 +7,17 @@ use rand_distr::{Distribution, Normal};
 
 use twinmesh_twins::AssetKind;
 
-use super::{each_second, secs, Faults};
-use crate::model::AssetModel;
+use super::{secs, Base, PerSecond};
 
 pub struct CrankshaftLine {
     rng: ChaCha8Rng,
     noise: Normal<f64>,
-    second: Option<i64>,
     target_cycle: f64,
     cycle_start: f64,
     cycle_len: f64,
     last_cycle: f64,
     parts: f64,
-    faults: Faults,
+    base: Base,
 }
 
 impl CrankshaftLine {
@@ -27,46 +25,43 @@ impl CrankshaftLine {
         CrankshaftLine {
             rng,
             noise: Normal::new(0.0, 1.0).expect("valid normal"),
-            second: None,
             target_cycle: 90.0,
             cycle_start: f64::NAN,
             cycle_len: 90.0,
             last_cycle: 90.0,
             parts: 0.0,
-            faults: Faults::default(),
+            base: Base::default(),
         }
     }
 
     fn jam(&self, t: f64) -> bool {
-        self.faults.on("station_jam", (t * 1e9) as i64)
+        self.base.faults.on("station_jam", (t * 1e9) as i64)
     }
 }
 
-impl AssetModel for CrankshaftLine {
-    fn kind(&self) -> AssetKind {
-        AssetKind::CrankshaftLine
+impl PerSecond for CrankshaftLine {
+    const KIND: AssetKind = AssetKind::CrankshaftLine;
+
+    fn base(&mut self) -> &mut Base {
+        &mut self.base
     }
 
-    fn advance(&mut self, t_ns: i64) {
-        let mut second = self.second;
-        each_second(&mut second, t_ns, |s| {
-            let t = s as f64;
-            if self.cycle_start.is_nan() {
-                self.cycle_start = t;
-            }
-            if t - self.cycle_start >= self.cycle_len {
-                self.parts += 1.0;
-                self.last_cycle = self.cycle_len;
-                self.cycle_start = t;
-                let factor = if self.jam(t) { 1.5 } else { 1.0 };
-                self.cycle_len =
-                    (self.target_cycle * factor + 3.0 * self.noise.sample(&mut self.rng)).max(10.0);
-            }
-        });
-        self.second = second;
+    fn step(&mut self, s: i64) {
+        let t = s as f64;
+        if self.cycle_start.is_nan() {
+            self.cycle_start = t;
+        }
+        if t - self.cycle_start >= self.cycle_len {
+            self.parts += 1.0;
+            self.last_cycle = self.cycle_len;
+            self.cycle_start = t;
+            let factor = if self.jam(t) { 1.5 } else { 1.0 };
+            self.cycle_len =
+                (self.target_cycle * factor + 3.0 * self.noise.sample(&mut self.rng)).max(10.0);
+        }
     }
 
-    fn sample(&mut self, signal: &str, t_ns: i64) -> f64 {
+    fn value(&mut self, signal: &str, t_ns: i64) -> f64 {
         let t = secs(t_ns);
         let into = if self.cycle_start.is_nan() {
             0.0
@@ -86,13 +81,9 @@ impl AssetModel for CrankshaftLine {
         }
     }
 
-    fn set(&mut self, property: &str, value: f64) {
+    fn set_point(&mut self, property: &str, value: f64) {
         if property == "target_cycle_time" {
             self.target_cycle = value;
         }
-    }
-
-    fn inject(&mut self, mode: &str, at_ns: i64) {
-        self.faults.add(mode, at_ns);
     }
 }

@@ -8,8 +8,7 @@ use rand_distr::{Distribution, Normal};
 
 use twinmesh_twins::AssetKind;
 
-use super::{each_second, Faults};
-use crate::model::AssetModel;
+use super::{Base, PerSecond};
 
 const IDLE_W: f64 = 250.0;
 const MAX_W: f64 = 1400.0;
@@ -18,14 +17,13 @@ const AMBIENT: f64 = 22.0;
 pub struct HpcNode {
     rng: ChaCha8Rng,
     noise: Normal<f64>,
-    second: Option<i64>,
     load: f64,
     power: f64,
     temp: f64,
     fan_rpm: f64,
     power_cap: f64,
     fan_min: f64,
-    faults: Faults,
+    base: Base,
 }
 
 impl HpcNode {
@@ -33,15 +31,22 @@ impl HpcNode {
         HpcNode {
             rng,
             noise: Normal::new(0.0, 1.0).expect("valid normal"),
-            second: None,
             load: 0.2,
             power: IDLE_W,
             temp: 40.0,
             fan_rpm: 6000.0,
             power_cap: 1500.0,
             fan_min: 30.0,
-            faults: Faults::default(),
+            base: Base::default(),
         }
+    }
+}
+
+impl PerSecond for HpcNode {
+    const KIND: AssetKind = AssetKind::HpcNode;
+
+    fn base(&mut self) -> &mut Base {
+        &mut self.base
     }
 
     fn step(&mut self, s: i64) {
@@ -54,7 +59,7 @@ impl HpcNode {
         // Fan: proportional to temperature above 50 °C, at least `fan_min` %.
         let duty = ((self.temp - 50.0) / 40.0 * 100.0).clamp(self.fan_min, 100.0);
         self.fan_rpm = 160.0 * duty;
-        let airflow = if self.faults.on("overheating", s * 1_000_000_000) {
+        let airflow = if self.base.faults.on("overheating", s * 1_000_000_000) {
             0.2
         } else {
             1.0
@@ -64,20 +69,8 @@ impl HpcNode {
         let target = AMBIENT + self.power * resistance;
         self.temp += (target - self.temp) / 30.0;
     }
-}
 
-impl AssetModel for HpcNode {
-    fn kind(&self) -> AssetKind {
-        AssetKind::HpcNode
-    }
-
-    fn advance(&mut self, t_ns: i64) {
-        let mut second = self.second;
-        each_second(&mut second, t_ns, |s| self.step(s));
-        self.second = second;
-    }
-
-    fn sample(&mut self, signal: &str, _t_ns: i64) -> f64 {
+    fn value(&mut self, signal: &str, _t_ns: i64) -> f64 {
         match signal {
             "cpu_temperature" => self.temp.min(110.0),
             "power" => self.power,
@@ -87,22 +80,19 @@ impl AssetModel for HpcNode {
         }
     }
 
-    fn set(&mut self, property: &str, value: f64) {
+    fn set_point(&mut self, property: &str, value: f64) {
         match property {
             "power_cap" => self.power_cap = value,
             "fan_min" => self.fan_min = value,
             _ => {}
         }
     }
-
-    fn inject(&mut self, mode: &str, at_ns: i64) {
-        self.faults.add(mode, at_ns);
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::AssetModel;
     use rand::SeedableRng;
 
     #[test]

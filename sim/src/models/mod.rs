@@ -1,4 +1,6 @@
-//! One simulator per asset kind.
+//! One simulator per asset kind. Each moves its slow state once a second
+//! ([`PerSecond`]); the [`AssetModel`] plumbing they share (the clock, the fault list)
+//! is written once, in the blanket implementation below.
 
 pub mod closure;
 pub mod crankshaft;
@@ -8,6 +10,10 @@ pub mod spindle;
 pub mod turnstile;
 pub mod wifi;
 pub mod wind_turbine;
+
+use twinmesh_twins::AssetKind;
+
+use crate::model::AssetModel;
 
 /// Seconds since the epoch as f64 (for phases and slow dynamics).
 pub(crate) fn secs(t_ns: i64) -> f64 {
@@ -49,5 +55,61 @@ impl Faults {
     /// Whether `mode` is active at `t_ns`.
     pub fn on(&self, mode: &str, t_ns: i64) -> bool {
         self.0.iter().any(|(m, at)| m == mode && t_ns >= *at)
+    }
+}
+
+/// What every model keeps besides its physics: the last second it stepped and the
+/// faults injected so far.
+#[derive(Debug, Default, Clone)]
+pub struct Base {
+    second: Option<i64>,
+    pub(crate) faults: Faults,
+}
+
+/// A simulator stepped once a second. Implementing it gives the [`AssetModel`]: stepping
+/// every new second on `advance` and recording injected faults are the same for all kinds.
+pub trait PerSecond: Send + Sync {
+    const KIND: AssetKind;
+    fn base(&mut self) -> &mut Base;
+    /// Moves the slow state through whole second `s` since the epoch.
+    fn step(&mut self, s: i64);
+    /// [`AssetModel::sample`]: NaN for a signal the kind does not have.
+    fn value(&mut self, signal: &str, t_ns: i64) -> f64;
+    /// [`AssetModel::set`].
+    fn set_point(&mut self, property: &str, value: f64);
+    /// What fault `mode` changes besides joining the fault list (nothing by default).
+    fn fault_started(&mut self, _mode: &str, _at_ns: i64) {}
+    /// [`AssetModel::sightings`] (none by default).
+    fn take_sightings(&mut self) -> Vec<(&'static str, i64, String, bool)> {
+        Vec::new()
+    }
+}
+
+impl<M: PerSecond> AssetModel for M {
+    fn kind(&self) -> AssetKind {
+        M::KIND
+    }
+
+    fn advance(&mut self, t_ns: i64) {
+        let mut second = self.base().second;
+        each_second(&mut second, t_ns, |s| self.step(s));
+        self.base().second = second;
+    }
+
+    fn sample(&mut self, signal: &str, t_ns: i64) -> f64 {
+        self.value(signal, t_ns)
+    }
+
+    fn set(&mut self, property: &str, value: f64) {
+        self.set_point(property, value);
+    }
+
+    fn inject(&mut self, mode: &str, at_ns: i64) {
+        self.base().faults.add(mode, at_ns);
+        self.fault_started(mode, at_ns);
+    }
+
+    fn sightings(&mut self) -> Vec<(&'static str, i64, String, bool)> {
+        self.take_sightings()
     }
 }

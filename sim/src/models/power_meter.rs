@@ -10,8 +10,7 @@ use rand_distr::{Distribution, Normal};
 
 use twinmesh_twins::AssetKind;
 
-use super::{each_second, hour_of, secs, Faults};
-use crate::model::AssetModel;
+use super::{hour_of, secs, Base, PerSecond};
 
 pub const MAINS_HZ: f64 = 50.0;
 pub const VOLTAGE_RMS: f64 = 230.0;
@@ -30,13 +29,12 @@ pub fn configured_thd(harmonics: &[(u32, f64)]) -> f64 {
 pub struct PowerMeter {
     rng: ChaCha8Rng,
     noise: Normal<f64>,
-    second: Option<i64>,
     /// Household base load in kW (varies per household).
     base_kw: f64,
     load_kw: f64,
     demand_limit: f64,
     energy_kwh: f64,
-    faults: Faults,
+    base: Base,
 }
 
 /// Relative daily load profile (1.0 = base) by hour of the day, UTC.
@@ -52,12 +50,11 @@ impl PowerMeter {
         PowerMeter {
             rng,
             noise: Normal::new(0.0, 1.0).expect("valid normal"),
-            second: None,
             base_kw,
             load_kw: base_kw,
             demand_limit: 20.0,
             energy_kwh: 0.0,
-            faults: Faults::default(),
+            base: Base::default(),
         }
     }
 
@@ -74,7 +71,7 @@ impl PowerMeter {
     /// The voltage harmonics in effect at `t_ns`.
     pub fn voltage_harmonics(&self, t_ns: i64) -> Vec<(u32, f64)> {
         let mut h = VOLTAGE_HARMONICS.to_vec();
-        if self.faults.on("harmonic_distortion", t_ns) {
+        if self.base.faults.on("harmonic_distortion", t_ns) {
             for (order, a) in DISTORTION_HARMONICS {
                 if let Some(e) = h.iter_mut().find(|(o, _)| *o == order) {
                     e.1 += a;
@@ -91,9 +88,9 @@ impl PowerMeter {
     pub fn voltage_scale(&self, t_ns: i64) -> f64 {
         if secs(t_ns) % 2.0 >= 0.2 {
             1.0
-        } else if self.faults.on("sag", t_ns) {
+        } else if self.base.faults.on("sag", t_ns) {
             0.7
-        } else if self.faults.on("swell", t_ns) {
+        } else if self.base.faults.on("swell", t_ns) {
             1.15
         } else {
             1.0
@@ -101,23 +98,21 @@ impl PowerMeter {
     }
 }
 
-impl AssetModel for PowerMeter {
-    fn kind(&self) -> AssetKind {
-        AssetKind::PowerMeter
+impl PerSecond for PowerMeter {
+    const KIND: AssetKind = AssetKind::PowerMeter;
+
+    fn base(&mut self) -> &mut Base {
+        &mut self.base
     }
 
-    fn advance(&mut self, t_ns: i64) {
-        let mut second = self.second;
-        each_second(&mut second, t_ns, |s| {
-            let jitter = 1.0 + 0.05 * self.noise.sample(&mut self.rng);
-            self.load_kw =
-                (self.base_kw * daily_profile(hour_of(s)) * jitter).clamp(0.05, self.demand_limit);
-            self.energy_kwh += self.load_kw / 3600.0;
-        });
-        self.second = second;
+    fn step(&mut self, s: i64) {
+        let jitter = 1.0 + 0.05 * self.noise.sample(&mut self.rng);
+        self.load_kw =
+            (self.base_kw * daily_profile(hour_of(s)) * jitter).clamp(0.05, self.demand_limit);
+        self.energy_kwh += self.load_kw / 3600.0;
     }
 
-    fn sample(&mut self, signal: &str, t_ns: i64) -> f64 {
+    fn value(&mut self, signal: &str, t_ns: i64) -> f64 {
         let t = secs(t_ns);
         match signal {
             "voltage" => {
@@ -134,20 +129,17 @@ impl AssetModel for PowerMeter {
         }
     }
 
-    fn set(&mut self, property: &str, value: f64) {
+    fn set_point(&mut self, property: &str, value: f64) {
         if property == "demand_limit" {
             self.demand_limit = value.max(0.05);
         }
-    }
-
-    fn inject(&mut self, mode: &str, at_ns: i64) {
-        self.faults.add(mode, at_ns);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::AssetModel;
     use rand::SeedableRng;
 
     #[test]

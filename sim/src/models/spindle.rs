@@ -11,8 +11,7 @@ use rand_distr::{Distribution, Normal};
 
 use twinmesh_twins::AssetKind;
 
-use super::{each_second, secs, Faults};
-use crate::model::AssetModel;
+use super::{secs, Base, PerSecond};
 
 const PROGRAMME_RPM: [f64; 4] = [6_000.0, 12_000.0, 18_000.0, 9_000.0];
 const TEETH: f64 = 4.0;
@@ -23,7 +22,6 @@ pub const TOOL_LIFE_S: i64 = 3 * 3600;
 pub struct Spindle {
     rng: ChaCha8Rng,
     noise: Normal<f64>,
-    second: Option<i64>,
     speed: f64,
     load: f64,
     wear: f64,
@@ -33,7 +31,7 @@ pub struct Spindle {
     override_pct: f64,
     phase: f64,
     last_t: Option<i64>,
-    faults: Faults,
+    base: Base,
 }
 
 impl Spindle {
@@ -41,7 +39,6 @@ impl Spindle {
         Spindle {
             rng,
             noise: Normal::new(0.0, 1.0).expect("valid normal"),
-            second: None,
             speed: PROGRAMME_RPM[0],
             load: 30.0,
             wear: 0.0,
@@ -50,14 +47,22 @@ impl Spindle {
             override_pct: 100.0,
             phase: 0.0,
             last_t: None,
-            faults: Faults::default(),
+            base: Base::default(),
         }
+    }
+}
+
+impl PerSecond for Spindle {
+    const KIND: AssetKind = AssetKind::Spindle;
+
+    fn base(&mut self) -> &mut Base {
+        &mut self.base
     }
 
     fn step(&mut self, s: i64) {
         let t_ns = s * 1_000_000_000;
         self.speed = PROGRAMME_RPM[(s.rem_euclid(120) / 30) as usize] * self.override_pct / 100.0;
-        let rate = if self.faults.on("tool_wear", t_ns) {
+        let rate = if self.base.faults.on("tool_wear", t_ns) {
             50.0
         } else {
             1.0
@@ -76,20 +81,8 @@ impl Spindle {
         let target = 25.0 + 0.45 * self.load;
         self.temperature += (target - self.temperature) / 120.0;
     }
-}
 
-impl AssetModel for Spindle {
-    fn kind(&self) -> AssetKind {
-        AssetKind::Spindle
-    }
-
-    fn advance(&mut self, t_ns: i64) {
-        let mut second = self.second;
-        each_second(&mut second, t_ns, |s| self.step(s));
-        self.second = second;
-    }
-
-    fn sample(&mut self, signal: &str, t_ns: i64) -> f64 {
+    fn value(&mut self, signal: &str, t_ns: i64) -> f64 {
         match signal {
             "spindle_speed" => self.speed,
             "spindle_load" => self.load,
@@ -101,7 +94,7 @@ impl AssetModel for Spindle {
                 self.phase =
                     (self.phase + std::f64::consts::TAU * shaft_hz * dt) % std::f64::consts::TAU;
                 let tooth = (1.0 + 8.0 * self.wear) * (TEETH * self.phase).sin();
-                let imbalance = if self.faults.on("imbalance", t_ns) {
+                let imbalance = if self.base.faults.on("imbalance", t_ns) {
                     6.0 * self.phase.sin()
                 } else {
                     0.3 * self.phase.sin()
@@ -112,20 +105,17 @@ impl AssetModel for Spindle {
         }
     }
 
-    fn set(&mut self, property: &str, value: f64) {
+    fn set_point(&mut self, property: &str, value: f64) {
         if property == "speed_override" {
             self.override_pct = value;
         }
-    }
-
-    fn inject(&mut self, mode: &str, at_ns: i64) {
-        self.faults.add(mode, at_ns);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::AssetModel;
     use rand::SeedableRng;
 
     fn wear_after(s: &mut Spindle, from_s: i64, seconds: i64) -> f64 {

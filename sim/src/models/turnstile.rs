@@ -6,16 +6,14 @@ use rand_distr::{Distribution, Poisson};
 
 use twinmesh_twins::AssetKind;
 
-use super::{each_second, hour_of, Faults};
-use crate::model::AssetModel;
+use super::{hour_of, Base, PerSecond};
 
 pub struct TurnstileGate {
     rng: ChaCha8Rng,
-    second: Option<i64>,
     gate_open: bool,
     people_in: f64,
     people_out: f64,
-    faults: Faults,
+    base: Base,
 }
 
 /// (arrivals, departures) per second by hour of the day, UTC.
@@ -29,11 +27,10 @@ impl TurnstileGate {
     pub fn new(rng: ChaCha8Rng) -> Self {
         TurnstileGate {
             rng,
-            second: None,
             gate_open: true,
             people_in: 0.0,
             people_out: 0.0,
-            faults: Faults::default(),
+            base: Base::default(),
         }
     }
 }
@@ -42,24 +39,22 @@ fn draw(rng: &mut ChaCha8Rng, rate: f64) -> f64 {
     Poisson::new(rate).map_or(0.0, |p| p.sample(rng))
 }
 
-impl AssetModel for TurnstileGate {
-    fn kind(&self) -> AssetKind {
-        AssetKind::TurnstileGate
+impl PerSecond for TurnstileGate {
+    const KIND: AssetKind = AssetKind::TurnstileGate;
+
+    fn base(&mut self) -> &mut Base {
+        &mut self.base
     }
 
-    fn advance(&mut self, t_ns: i64) {
-        let mut second = self.second;
-        each_second(&mut second, t_ns, |s| {
-            let (a, d) = rates(hour_of(s));
-            let passing = self.gate_open && !self.faults.on("blocked", s * 1_000_000_000);
-            let (a, d) = if passing { (a, d) } else { (0.0, 0.0) };
-            self.people_in = draw(&mut self.rng, a);
-            self.people_out = draw(&mut self.rng, d);
-        });
-        self.second = second;
+    fn step(&mut self, s: i64) {
+        let (a, d) = rates(hour_of(s));
+        let passing = self.gate_open && !self.base.faults.on("blocked", s * 1_000_000_000);
+        let (a, d) = if passing { (a, d) } else { (0.0, 0.0) };
+        self.people_in = draw(&mut self.rng, a);
+        self.people_out = draw(&mut self.rng, d);
     }
 
-    fn sample(&mut self, signal: &str, _t_ns: i64) -> f64 {
+    fn value(&mut self, signal: &str, _t_ns: i64) -> f64 {
         match signal {
             "people_in" => self.people_in,
             "people_out" => self.people_out,
@@ -67,20 +62,17 @@ impl AssetModel for TurnstileGate {
         }
     }
 
-    fn set(&mut self, property: &str, value: f64) {
+    fn set_point(&mut self, property: &str, value: f64) {
         if property == "gate_open" {
             self.gate_open = value >= 0.5;
         }
-    }
-
-    fn inject(&mut self, mode: &str, at_ns: i64) {
-        self.faults.add(mode, at_ns);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::AssetModel;
     use rand::SeedableRng;
 
     fn total_in(g: &mut TurnstileGate, from_s: i64, seconds: i64) -> f64 {

@@ -10,16 +10,14 @@ use rand_distr::{Distribution, Poisson};
 
 use twinmesh_twins::AssetKind;
 
-use super::{each_second, hour_of, Faults};
-use crate::model::AssetModel;
+use super::{hour_of, Base, PerSecond};
 
 pub struct WifiAp {
     rng: ChaCha8Rng,
-    second: Option<i64>,
     devices: BTreeSet<u64>,
     tx_power: f64,
     throughput: f64,
-    faults: Faults,
+    base: Base,
     /// Associations and departures not yet reported (bounded).
     sightings: VecDeque<(&'static str, i64, String, bool)>,
 }
@@ -41,11 +39,10 @@ impl WifiAp {
     pub fn new(rng: ChaCha8Rng) -> Self {
         WifiAp {
             rng,
-            second: None,
             devices: BTreeSet::new(),
             tx_power: 20.0,
             throughput: 0.0,
-            faults: Faults::default(),
+            base: Base::default(),
             sightings: VecDeque::new(),
         }
     }
@@ -61,10 +58,18 @@ impl WifiAp {
         }
         self.sightings.push_back((STREAM, t_ns, mac(id), present));
     }
+}
+
+impl PerSecond for WifiAp {
+    const KIND: AssetKind = AssetKind::WifiAp;
+
+    fn base(&mut self) -> &mut Base {
+        &mut self.base
+    }
 
     fn step(&mut self, s: i64) {
         let t_ns = s * 1_000_000_000;
-        if self.faults.on("outage", t_ns) {
+        if self.base.faults.on("outage", t_ns) {
             for id in std::mem::take(&mut self.devices) {
                 self.sighted(t_ns, id, false);
             }
@@ -100,20 +105,8 @@ impl WifiAp {
         }
         self.throughput = self.devices.len() as f64 * (0.5 + self.rng.random::<f64>());
     }
-}
 
-impl AssetModel for WifiAp {
-    fn kind(&self) -> AssetKind {
-        AssetKind::WifiAp
-    }
-
-    fn advance(&mut self, t_ns: i64) {
-        let mut second = self.second;
-        each_second(&mut second, t_ns, |s| self.step(s));
-        self.second = second;
-    }
-
-    fn sample(&mut self, signal: &str, _t_ns: i64) -> f64 {
+    fn value(&mut self, signal: &str, _t_ns: i64) -> f64 {
         match signal {
             "associated_devices" => self.devices.len() as f64,
             "throughput" => self.throughput,
@@ -121,17 +114,13 @@ impl AssetModel for WifiAp {
         }
     }
 
-    fn set(&mut self, property: &str, value: f64) {
+    fn set_point(&mut self, property: &str, value: f64) {
         if property == "tx_power" {
             self.tx_power = value;
         }
     }
 
-    fn inject(&mut self, mode: &str, at_ns: i64) {
-        self.faults.add(mode, at_ns);
-    }
-
-    fn sightings(&mut self) -> Vec<(&'static str, i64, String, bool)> {
+    fn take_sightings(&mut self) -> Vec<(&'static str, i64, String, bool)> {
         std::mem::take(&mut self.sightings).into()
     }
 }
@@ -139,6 +128,7 @@ impl AssetModel for WifiAp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::AssetModel;
     use rand::SeedableRng;
 
     #[test]

@@ -13,8 +13,7 @@ use twinmesh_twins::bearing::{
 };
 use twinmesh_twins::AssetKind;
 
-use super::{each_second, secs, Faults};
-use crate::model::AssetModel;
+use super::{secs, Base, PerSecond};
 
 const RATED_KW: f64 = 3000.0;
 const CUT_IN: f64 = 3.0;
@@ -62,7 +61,6 @@ struct DefectState {
 pub struct WindTurbine {
     rng: ChaCha8Rng,
     noise: Normal<f64>,
-    second: Option<i64>,
     wind: f64,
     rotor_rpm: f64,
     power_limit: f64,
@@ -71,7 +69,7 @@ pub struct WindTurbine {
     shaft_phase: f64,
     last_vib_t: Option<i64>,
     defects: Vec<DefectState>,
-    faults: Faults,
+    base: Base,
 }
 
 impl WindTurbine {
@@ -80,7 +78,6 @@ impl WindTurbine {
         let mut wt = WindTurbine {
             rng,
             noise: Normal::new(0.0, 1.0).expect("valid normal"),
-            second: None,
             wind,
             rotor_rpm: 0.0,
             power_limit: RATED_KW,
@@ -88,7 +85,7 @@ impl WindTurbine {
             shaft_phase: 0.0,
             last_vib_t: None,
             defects: Vec::new(),
-            faults: Faults::default(),
+            base: Base::default(),
         };
         wt.rotor_rpm = wt.target_rpm();
         wt
@@ -121,25 +118,6 @@ impl WindTurbine {
     /// Shaft frequency of the high-speed shaft, Hz.
     pub fn shaft_hz(&self) -> f64 {
         self.rotor_rpm() * WIND_TURBINE_GEAR_RATIO / 60.0
-    }
-
-    fn step_second(&mut self, second: i64) {
-        // Ornstein–Uhlenbeck around 9 m/s with a 60 s time constant.
-        let dw = (9.0 - self.wind) / 60.0 + 0.35 * self.noise.sample(&mut self.rng);
-        self.wind = (self.wind + dw).clamp(0.0, 35.0);
-        // The rotor's inertia follows the wind with a 20 s time constant.
-        self.rotor_rpm += (self.target_rpm() - self.rotor_rpm) / ROTOR_TIME_CONSTANT_S;
-        // A damaged bearing runs hotter.
-        let damage = if self.faults.on("outer_race", second * 1_000_000_000)
-            || self.faults.on("inner_race", second * 1_000_000_000)
-            || self.faults.on("ball", second * 1_000_000_000)
-        {
-            12.0
-        } else {
-            0.0
-        };
-        let target = 30.0 + 25.0 * self.power() / RATED_KW + damage;
-        self.bearing_temp += (target - self.bearing_temp) / 600.0;
     }
 
     fn vibration(&mut self, t_ns: i64) -> f64 {
@@ -188,18 +166,33 @@ impl WindTurbine {
     }
 }
 
-impl AssetModel for WindTurbine {
-    fn kind(&self) -> AssetKind {
-        AssetKind::WindTurbine
+impl PerSecond for WindTurbine {
+    const KIND: AssetKind = AssetKind::WindTurbine;
+
+    fn base(&mut self) -> &mut Base {
+        &mut self.base
     }
 
-    fn advance(&mut self, t_ns: i64) {
-        let mut second = self.second;
-        each_second(&mut second, t_ns, |s| self.step_second(s));
-        self.second = second;
+    fn step(&mut self, second: i64) {
+        // Ornstein–Uhlenbeck around 9 m/s with a 60 s time constant.
+        let dw = (9.0 - self.wind) / 60.0 + 0.35 * self.noise.sample(&mut self.rng);
+        self.wind = (self.wind + dw).clamp(0.0, 35.0);
+        // The rotor's inertia follows the wind with a 20 s time constant.
+        self.rotor_rpm += (self.target_rpm() - self.rotor_rpm) / ROTOR_TIME_CONSTANT_S;
+        // A damaged bearing runs hotter.
+        let damage = if self.base.faults.on("outer_race", second * 1_000_000_000)
+            || self.base.faults.on("inner_race", second * 1_000_000_000)
+            || self.base.faults.on("ball", second * 1_000_000_000)
+        {
+            12.0
+        } else {
+            0.0
+        };
+        let target = 30.0 + 25.0 * self.power() / RATED_KW + damage;
+        self.bearing_temp += (target - self.bearing_temp) / 600.0;
     }
 
-    fn sample(&mut self, signal: &str, t_ns: i64) -> f64 {
+    fn value(&mut self, signal: &str, t_ns: i64) -> f64 {
         match signal {
             "wind_speed" => self.wind,
             "rotor_speed" => self.rotor_rpm(),
@@ -210,14 +203,13 @@ impl AssetModel for WindTurbine {
         }
     }
 
-    fn set(&mut self, property: &str, value: f64) {
+    fn set_point(&mut self, property: &str, value: f64) {
         if property == "power_limit" {
             self.power_limit = value;
         }
     }
 
-    fn inject(&mut self, mode: &str, at_ns: i64) {
-        self.faults.add(mode, at_ns);
+    fn fault_started(&mut self, mode: &str, at_ns: i64) {
         let defect = match mode {
             "outer_race" => Defect::OuterRace,
             "inner_race" => Defect::InnerRace,
@@ -236,6 +228,7 @@ impl AssetModel for WindTurbine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::AssetModel;
     use rand::SeedableRng;
     use twinmesh_twins::dsp::{self, BandType, Spectral};
 

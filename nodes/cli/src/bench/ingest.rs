@@ -10,7 +10,7 @@ use hdrhistogram::Histogram;
 use prost::Message;
 use serde::Serialize;
 use tokio::sync::Notify;
-use zenoh::bytes::{Encoding, ZBytes};
+use zenoh::bytes::ZBytes;
 use zenoh::qos::CongestionControl;
 
 use twinmesh_twins::proto::{TelemetryFrame, Watermark};
@@ -139,15 +139,7 @@ pub(super) async fn bench_ingest(args: &BenchArgs, scheme: &str) -> anyhow::Resu
     let latencies = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new(3)?));
     let mut tasks = Vec::new();
     for id in ids.clone() {
-        let publisher = rig
-            .gateway
-            .declare_publisher(format!("twinmesh/telemetry/{id}/bearing_vibration"))
-            .encoding(Encoding::from(
-                <twinmesh_proto::v1::TelemetryFrame as twinmesh_proto::Wire>::ENCODING,
-            ))
-            .congestion_control(CongestionControl::Block)
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let publisher = rig.frame_publisher(&id, "bearing_vibration").await?;
         let acked = acked.clone();
         let latencies = latencies.clone();
         let n = args.frame_samples;

@@ -23,6 +23,21 @@ pub(crate) struct MoveReport {
     pub(crate) lease_ms: u64,
 }
 
+impl MoveReport {
+    /// The report of `runs` moves that each kept the twin away `times` ms.
+    fn new(runs: usize, times: Vec<f64>, lease_ms: u64) -> MoveReport {
+        let (p50_ms, p99_ms, max_ms) = percentiles(times);
+        MoveReport {
+            machine: machine(),
+            runs,
+            p50_ms,
+            p99_ms,
+            max_ms,
+            lease_ms,
+        }
+    }
+}
+
 /// A cloud, two edges of one site and a gateway streaming one wind turbine, in-process.
 async fn movement_rig(dir: &std::path::Path) -> anyhow::Result<Vec<RunningNode>> {
     let mut nodes: Vec<RunningNode> = Vec::new();
@@ -121,15 +136,7 @@ pub(super) async fn bench_migrate(args: &BenchArgs) -> anyhow::Result<MoveReport
     for n in nodes.into_iter().rev() {
         n.stop().await?;
     }
-    let (p50, p99, max) = percentiles(durations);
-    Ok(MoveReport {
-        machine: machine(),
-        runs,
-        p50_ms: p50,
-        p99_ms: p99,
-        max_ms: max,
-        lease_ms: 2000,
-    })
+    Ok(MoveReport::new(runs, durations, 2000))
 }
 
 /// Separate `twinmesh node` processes, so a node can really be `kill -9`ed.
@@ -281,13 +288,5 @@ pub(super) async fn bench_failover(args: &BenchArgs) -> anyhow::Result<MoveRepor
         edges[victim] = spawn(&exe, again).await?;
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let (p50, p99, max) = percentiles(times);
-    Ok(MoveReport {
-        machine: machine(),
-        runs,
-        p50_ms: p50,
-        p99_ms: p99,
-        max_ms: max,
-        lease_ms,
-    })
+    Ok(MoveReport::new(runs, times, lease_ms))
 }

@@ -6,8 +6,6 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use prost::Message;
 use serde::Serialize;
-use zenoh::bytes::Encoding;
-use zenoh::qos::CongestionControl;
 
 use twinmesh_proto::v1::privacy_service_client::PrivacyServiceClient;
 use twinmesh_twins::proto::{self, ReleaseAggregateRequest, TelemetryFrame};
@@ -49,15 +47,7 @@ const SIGNAL: &str = "cycle_time";
 /// Publishes one sealed frame of `n` samples for each twin, as its site's gateway would.
 async fn feed(rig: &Rig, ids: &[String], n: usize, start_ns: i64) -> anyhow::Result<()> {
     for id in ids {
-        let publisher = rig
-            .gateway
-            .declare_publisher(format!("twinmesh/telemetry/{id}/{SIGNAL}"))
-            .encoding(Encoding::from(
-                <twinmesh_proto::v1::TelemetryFrame as twinmesh_proto::Wire>::ENCODING,
-            ))
-            .congestion_control(CongestionControl::Block)
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let publisher = rig.frame_publisher(id, SIGNAL).await?;
         let mut f = TelemetryFrame {
             twin_id: id.clone(),
             signal: SIGNAL.into(),

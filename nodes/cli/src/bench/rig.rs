@@ -3,13 +3,13 @@
 
 use std::time::{Duration, Instant};
 
-use prost::Message;
 use zenoh::bytes::Encoding;
 
 use twinmesh_proto::v1::twin_service_client::TwinServiceClient;
 use twinmesh_twins::proto::{GetTwinRequest, Placement, PlacementRequest};
 use twinmesh_twins::Tier;
 
+use twinmesh_nodes::client::request_placement;
 use twinmesh_nodes::config::{NodeConfig, CLOUD_SITE};
 use twinmesh_nodes::RunningNode;
 
@@ -140,6 +140,23 @@ impl Rig {
         })
     }
 
+    /// A gateway publisher of the telemetry frames of `signal` of twin `id`, blocking
+    /// (not dropping) when Zenoh is congested.
+    pub(crate) async fn frame_publisher(
+        &self,
+        id: &str,
+        signal: &str,
+    ) -> anyhow::Result<zenoh::pubsub::Publisher<'static>> {
+        self.gateway
+            .declare_publisher(format!("twinmesh/telemetry/{id}/{signal}"))
+            .encoding(Encoding::from(
+                <twinmesh_proto::v1::TelemetryFrame as twinmesh_proto::Wire>::ENCODING,
+            ))
+            .congestion_control(zenoh::qos::CongestionControl::Block)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
     /// Registers `n` twins of `bench` and waits until each answers.
     pub(crate) async fn twins(&self, n: usize, kind: &str) -> anyhow::Result<Vec<String>> {
         let ids: Vec<String> = (1..=n).map(|i| format!("bench/twin-{i:03}")).collect();
@@ -152,24 +169,10 @@ impl Rig {
             };
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {
-                let replies = self
-                    .gateway
-                    .get(format!("twinmesh/placement/{id}"))
-                    .payload(req.encode_to_vec())
-                    .encoding(Encoding::from(
-                        <twinmesh_proto::v1::PlacementRequest as twinmesh_proto::Wire>::ENCODING,
-                    ))
-                    .timeout(Duration::from_secs(2))
+                let placed = request_placement(&self.gateway, &req)
                     .await
-                    .map_err(|e| anyhow::anyhow!("{e}"))?;
-                let placed = match replies.recv_async().await {
-                    Ok(r) => r
-                        .result()
-                        .ok()
-                        .and_then(|s| Placement::decode(&*s.payload().to_bytes()).ok())
-                        .is_some_and(|p| p.status == "active"),
-                    Err(_) => false,
-                };
+                    .map_err(|e| anyhow::anyhow!("{e}"))?
+                    .is_some_and(|p| p.status == "active");
                 if placed {
                     break;
                 }

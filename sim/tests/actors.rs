@@ -133,6 +133,15 @@ impl Rig {
         .await
     }
 
+    /// The spindle `a/sp-01`, running on `edge-a`, and its acknowledgements.
+    async fn spindle(&self) -> (TwinId, Subscription) {
+        let id: TwinId = "a/sp-01".parse().unwrap();
+        self.register(&id, AssetKind::Spindle).await;
+        self.twin("edge-a", &id).await;
+        let acks = self.obs.subscribe(&keys::acks(&id), 1024).await.unwrap();
+        (id, acks)
+    }
+
     async fn send_frame(&self, id: &TwinId, seq: u64) {
         let frame = TelemetryFrame {
             twin_id: id.to_string(),
@@ -339,10 +348,7 @@ async fn until_dormant(r: &Rig, node: &str, id: &TwinId) -> Duration {
 #[tokio::test(start_paused = true)]
 async fn idle_twin_passivates_and_wakes_on_a_frame_or_a_call() {
     let r = rig(&[("edge-a", "a")], Some(IDLE)).await;
-    let id: TwinId = "a/sp-01".parse().unwrap();
-    r.register(&id, AssetKind::Spindle).await;
-    r.twin("edge-a", &id).await;
-    let acks = r.obs.subscribe(&keys::acks(&id), 1024).await.unwrap();
+    let (id, acks) = r.spindle().await;
     r.send_frame(&id, 1).await;
     ack_at_least(&acks, 1, WAIT)
         .await
@@ -705,12 +711,9 @@ async fn the_cloud_node_archives_features_and_serves_its_registry() {
 #[tokio::test(start_paused = true)]
 async fn router_answers_a_repeated_get_twin_until_the_twin_changes() {
     let r = rig(&[("edge-a", "a")], Some(IDLE)).await;
-    let id: TwinId = "a/sp-01".parse().unwrap();
-    r.register(&id, AssetKind::Spindle).await;
-    r.twin("edge-a", &id).await;
+    let (id, acks) = r.spindle().await;
     let metrics = r.c.nodes["edge-a"].ctx().unwrap().metrics.clone();
     let cached = || twinmesh_actors::metrics::NodeMetrics::get(&metrics.rpc_cached);
-    let acks = r.obs.subscribe(&keys::acks(&id), 1024).await.unwrap();
     let get = || {
         r.call(
             &id,
@@ -777,10 +780,7 @@ async fn an_idle_twin_on_an_edge_holds_no_task() {
     let ctx = r.c.nodes["edge-a"].ctx().unwrap().clone();
     tokio::time::sleep(QUIET).await;
     let before = ctx.tasks.len();
-    let id: TwinId = "a/sp-01".parse().unwrap();
-    r.register(&id, AssetKind::Spindle).await;
-    r.twin("edge-a", &id).await;
-    let acks = r.obs.subscribe(&keys::acks(&id), 1024).await.unwrap();
+    let (id, acks) = r.spindle().await;
     // A frame starts the twin's task; done, it ends: the node runs the tasks it ran
     // before the twin came.
     r.send_frame(&id, 1).await;

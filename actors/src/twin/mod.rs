@@ -338,24 +338,15 @@ impl Actor for TwinActor {
 
         // Declare the fabric side before the actor counts as started, so a twin that is
         // up is reachable.
-        if ctx.router.is_active() {
+        let ((feeds, guards), kick) = if ctx.router.is_active() {
             // Edge: the node's router hands this twin its frames, calls and reports, and
             // starts its task when they come.
             let r = ctx.router.register(&id, ctx.twin_config.ingest_queue);
             state.cache = Some(r.cache);
-            let (feeds, guards) = pump::Feeds::split(r.telemetry, r.rpc, r.delivered);
-            state.registration = Some(guards);
-            pump::start_on_kick(
-                &r.kick,
-                myself.clone(),
-                ctx.clone(),
-                id.clone(),
-                kind,
-                feeds,
-                cancel.clone(),
-            );
-            // What arrived while it was starting.
-            r.kick.kick();
+            (
+                pump::Feeds::split(r.telemetry, r.rpc, r.delivered),
+                Some(r.kick),
+            )
         } else {
             let telemetry = ctx
                 .fabric
@@ -369,21 +360,30 @@ impl Actor for TwinActor {
                 .fabric
                 .subscribe(&keys::control_delivered(&id), 64)
                 .await?;
-            let (feeds, guards) = pump::Feeds::split(telemetry, rpc, delivered);
-            let task = pump::run(
-                myself.clone(),
-                ctx.clone(),
-                id.clone(),
-                kind,
-                feeds,
-                cancel.clone(),
-                None,
-            );
-            ctx.tasks.spawn(async move {
-                task.await;
-                // The declarations live as long as the task.
-                drop(guards);
-            });
+            (pump::Feeds::split(telemetry, rpc, delivered), None)
+        };
+        let pump = pump::Pump {
+            actor: myself.clone(),
+            ctx: ctx.clone(),
+            id: id.clone(),
+            kind,
+            feeds,
+            cancel: cancel.clone(),
+        };
+        match kick {
+            Some(kick) => {
+                state.registration = Some(guards);
+                pump.start_on_kick(&kick);
+                // What arrived while it was starting.
+                kick.kick();
+            }
+            None => {
+                ctx.tasks.spawn(async move {
+                    pump.run(None).await;
+                    // The declarations live as long as the task.
+                    drop(guards);
+                });
+            }
         }
         tracing::debug!(twin = %id, restored, epoch = state.placement.epoch, "twin started");
         Ok(state)

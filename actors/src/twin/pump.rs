@@ -58,35 +58,45 @@ impl Feeds {
     }
 }
 
-/// Starts the twin's task whenever the router kicks it and it is not running.
-pub(super) fn start_on_kick(
-    kick: &Kick,
-    actor: ActorRef<TwinMsg>,
-    ctx: Arc<NodeContext>,
-    id: TwinId,
-    kind: AssetKind,
-    feeds: Feeds,
-    cancel: CancellationToken,
-) {
-    // The router may kick from the fabric's own threads: spawn on the node's runtime.
-    let runtime = tokio::runtime::Handle::current();
-    kick.set_start(Box::new(move |kick| {
-        let task = run(
-            actor.clone(),
-            ctx.clone(),
-            id.clone(),
-            kind,
-            feeds.clone(),
-            cancel.clone(),
-            Some(kick),
-        );
-        ctx.tasks.spawn_on(task, &runtime);
-    }));
+/// The twin's task: what it feeds, from what, until when.
+#[derive(Clone)]
+pub(super) struct Pump {
+    pub actor: ActorRef<TwinMsg>,
+    pub ctx: Arc<NodeContext>,
+    pub id: TwinId,
+    pub kind: AssetKind,
+    pub feeds: Feeds,
+    /// The twin's token: cancelled when it stops.
+    pub cancel: CancellationToken,
 }
 
-/// Feeds the actor until its inputs close, the actor is gone or `cancel`; with `kick`,
-/// also until it has nothing to do.
-pub(super) async fn run(
+impl Pump {
+    /// Starts the twin's task whenever the router kicks it and it is not running.
+    pub(super) fn start_on_kick(self, kick: &Kick) {
+        // The router may kick from the fabric's own threads: spawn on the node's runtime.
+        let runtime = tokio::runtime::Handle::current();
+        kick.set_start(Box::new(move |kick| {
+            let ctx = self.ctx.clone();
+            ctx.tasks.spawn_on(self.clone().run(Some(kick)), &runtime);
+        }));
+    }
+
+    /// Feeds the actor until its inputs close, the actor is gone or `cancel`; with
+    /// `kick`, also until it has nothing to do.
+    pub(super) async fn run(self, kick: Option<Arc<Kick>>) {
+        let Pump {
+            actor,
+            ctx,
+            id,
+            kind,
+            feeds,
+            cancel,
+        } = self;
+        run(actor, ctx, id, kind, feeds, cancel, kick).await
+    }
+}
+
+async fn run(
     actor: ActorRef<TwinMsg>,
     ctx: Arc<NodeContext>,
     id: TwinId,

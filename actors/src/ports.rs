@@ -182,6 +182,19 @@ pub struct StoredFrame {
     pub scale: f64,
 }
 
+impl From<twinmesh_twins::proto::TelemetryFrame> for StoredFrame {
+    fn from(f: twinmesh_twins::proto::TelemetryFrame) -> Self {
+        StoredFrame {
+            signal: f.signal,
+            seq: f.seq,
+            start_ns: f.start_ns,
+            sample_period_ns: f.sample_period_ns,
+            samples: f.samples,
+            scale: f.scale,
+        }
+    }
+}
+
 // --- storage (DESIGN §8) ---
 //
 // The store port is split by concern, the way TiKV splits `engine_traits`: an actor

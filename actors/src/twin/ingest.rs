@@ -116,27 +116,13 @@ impl TwinActorState {
                             jobs.extend(analyzer.push(&f.signal, block));
                         }
                     }
-                    stored.push(StoredFrame {
-                        signal: f.signal,
-                        seq: f.seq,
-                        start_ns: f.start_ns,
-                        sample_period_ns: f.sample_period_ns,
-                        samples: f.samples,
-                        scale: f.scale,
-                    });
+                    stored.push(StoredFrame::from(f));
                 }
                 Admission::Duplicate => {
                     // Already applied to the state; a replay after a move still fills this
                     // node's history (same key: storing it again changes nothing).
                     NodeMetrics::add(&self.ctx.metrics.frames_duplicate, 1);
-                    stored.push(StoredFrame {
-                        signal: f.signal,
-                        seq: f.seq,
-                        start_ns: f.start_ns,
-                        sample_period_ns: f.sample_period_ns,
-                        samples: f.samples,
-                        scale: f.scale,
-                    });
+                    stored.push(StoredFrame::from(f));
                 }
                 Admission::Gap { .. } => {
                     NodeMetrics::add(&self.ctx.metrics.frames_gap, 1);

@@ -42,6 +42,19 @@ const CONTRIBUTE_CONCURRENCY: usize = 32;
 
 type Reply = Result<twin_reply::Reply, proto::Error>;
 
+/// The node's site key, or an error saying it has none and `why` that matters.
+fn site_key(
+    ctx: &NodeContext,
+    why: &str,
+) -> std::result::Result<Arc<crate::seal::KeyRing>, proto::Error> {
+    ctx.site_key.clone().ok_or_else(|| {
+        err(
+            proto::ErrorCode::FailedPrecondition,
+            format!("node {} has no site key: {why}", ctx.node),
+        )
+    })
+}
+
 fn err(code: proto::ErrorCode, message: String) -> proto::Error {
     proto::Error {
         code: code as i32,
@@ -245,15 +258,7 @@ async fn contribute(
     kind: AssetKind,
     req: ContributeRequest,
 ) -> Reply {
-    let Some(key) = ctx.site_key.clone() else {
-        return Err(err(
-            proto::ErrorCode::FailedPrecondition,
-            format!(
-                "node {} has no site key: contributions cannot leave it sealed",
-                ctx.node
-            ),
-        ));
-    };
+    let key = site_key(ctx, "contributions cannot leave it sealed")?;
     let policy = policy_of(ctx, actor, id, kind).await?;
     let sp = signal_policy(&policy, kind, &req.signal)?.clone();
     let mut remaining = f64::NAN;
@@ -403,15 +408,7 @@ async fn coordinate_set(
             ids.push(id);
         }
     }
-    let Some(key) = ctx.site_key.clone() else {
-        return Err(err(
-            proto::ErrorCode::FailedPrecondition,
-            format!(
-                "node {} has no site key: it cannot coordinate a set release",
-                ctx.node
-            ),
-        ));
-    };
+    let key = site_key(ctx, "it cannot coordinate a set release")?;
     // The first twin's policy decides the mechanism, bounds and noise of the release.
     let policy = policy_of(ctx, actor, first, kind).await?;
     let sp = signal_policy(&policy, kind, &req.signal)?.clone();

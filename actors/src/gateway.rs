@@ -505,6 +505,13 @@ impl GatewayState {
         let Some(stream) = self.streams.get_mut(&(twin.clone(), wm.signal.clone())) else {
             return Ok(());
         };
+        // No owner acknowledges a frame this gateway has not sent: such a watermark is
+        // forged or corrupt, and believing it would drop frames the twin never had.
+        if wm.seq >= stream.next_seq {
+            NodeMetrics::add(&self.ctx.metrics.messages_malformed, 1);
+            tracing::warn!(twin = %twin, signal = wm.signal, seq = wm.seq, sent = stream.next_seq.saturating_sub(1), "ignoring an acknowledgement of frames never sent");
+            return Ok(());
+        }
         // The first acknowledgement of an owner: the stream follows it from now on.
         let new_owner = wm.epoch > stream.owner_epoch && stream.owner_epoch > 0;
         stream.owner_epoch = stream.owner_epoch.max(wm.epoch);

@@ -605,6 +605,18 @@ async fn gateway_truncates_its_spool_on_a_valid_watermark() {
     let s = acked(6, "the valid acknowledgement").await;
     assert_eq!(s.spool_base, 5);
     assert_eq!(store.spool_first(id, signal).unwrap(), Some(5));
+    // A forged watermark past every frame sent (far past, and the largest seq) neither
+    // truncates the spool nor stops the gateway; the next valid one still counts.
+    let s = eventually("frame 7 sent", || async move {
+        status().await.filter(|s| s.last_seq >= 7)
+    })
+    .await;
+    ack(s.last_seq + 1_000_000, epoch).await;
+    ack(u64::MAX, epoch).await;
+    ack(7, epoch).await;
+    let s = acked(7, "the valid acknowledgement after the forged ones").await;
+    assert_eq!(s.spool_base, 6);
+    assert_eq!(store.spool_first(id, signal).unwrap(), Some(6));
 }
 
 /// The simulation's nodes are the production assembly: a cloud node archives the feature

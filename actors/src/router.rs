@@ -220,7 +220,7 @@ impl Router {
         let (rpc_tx, rpc_rx) = flume::bounded(capacity);
         let (delivered_tx, delivered_rx) = flume::bounded(64);
         let dropped = Arc::new(AtomicU64::new(0));
-        let cache = Arc::new(ReplyCache::new());
+        let cache = Arc::new(ReplyCache::default());
         let kick = Arc::new(Kick::default());
         let id = id.to_string();
         let mut asleep = self.asleep.lock().expect("asleep lock");
@@ -425,8 +425,8 @@ impl Router {
                     NodeMetrics::add(&m.rpc_served, 1);
                     NodeMetrics::add(&m.rpc_cached, 1);
                 }
-                let key = query.key.clone();
-                query.reply(&key, answer, TwinReply::ENCODING);
+                let Query { key, responder, .. } = query;
+                responder.reply(&key, answer, TwinReply::ENCODING);
                 return;
             }
             let _ = r.rpc.try_send(query);

@@ -7,7 +7,6 @@
 //! change of state happens in the actor, after the views were emptied, and nothing is
 //! acknowledged to anyone before that.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 
 use bytes::Bytes;
@@ -20,35 +19,29 @@ use twinmesh_twins::TwinId;
 use crate::wire;
 
 /// One per twin on an edge node (its id is the router's key for it, so it keeps none).
+#[derive(Default)]
 pub struct ReplyCache {
+    inner: Mutex<Views>,
+}
+
+#[derive(Default)]
+struct Views {
     /// Encoded `TwinReply`s: the raw view, then the gated one.
-    views: Mutex<[Option<Bytes>; 2]>,
-    created: Instant,
-    /// When a call was last answered from here, in ms after `created` plus one (0:
-    /// never). Passivation counts it as activity.
-    last_hit_ms: AtomicU64,
+    answers: [Option<Bytes>; 2],
+    /// When a call was last answered from here (passivation counts it as activity).
+    last_hit: Option<Instant>,
 }
 
 impl ReplyCache {
-    pub fn new() -> Self {
-        ReplyCache {
-            views: Mutex::new([None, None]),
-            created: Instant::now(),
-            last_hit_ms: AtomicU64::new(0),
-        }
+    fn views(&self) -> std::sync::MutexGuard<'_, Views> {
+        self.inner.lock().expect("views lock")
     }
 
     /// The cached answer to the encoded twin request `payload` for the twin `twin`
     /// (`{site}/{asset}`), if it is a `GetTwin` of that twin whose view the twin has
     /// answered since its last change.
     pub fn answer(&self, twin: &str, payload: &Bytes) -> Option<Bytes> {
-        if self
-            .views
-            .lock()
-            .expect("views lock")
-            .iter()
-            .all(Option::is_none)
-        {
+        if self.views().answers.iter().all(Option::is_none) {
             return None;
         }
         let request: TwinRequest = wire::decode(payload).ok()?;
@@ -57,38 +50,26 @@ impl ReplyCache {
             _ => return None,
         }
         let view = view(request.caller.as_ref(), site_of(twin));
-        let answer = self.views.lock().expect("views lock")[view].clone()?;
-        let ms = self.created.elapsed().as_millis() as u64 + 1;
-        self.last_hit_ms.store(ms, Relaxed);
+        let mut views = self.views();
+        let answer = views.answers[view].clone()?;
+        views.last_hit = Some(Instant::now());
         Some(answer)
     }
 
     /// Keeps the actor's answer to a `GetTwin` of `caller` for the twin `id`.
     pub(super) fn store(&self, id: &TwinId, caller: Option<&Caller>, answer: Bytes) {
         let view = view(caller, id.site());
-        self.views.lock().expect("views lock")[view] = Some(answer);
+        self.views().answers[view] = Some(answer);
     }
 
     /// Forgets both views: the twin is about to change.
     pub(super) fn clear(&self) {
-        let mut views = self.views.lock().expect("views lock");
-        if views.iter().any(Option::is_some) {
-            *views = [None, None];
-        }
+        self.views().answers = [None, None];
     }
 
     /// When a call was last answered from the cache.
     pub(super) fn last_hit(&self) -> Option<Instant> {
-        match self.last_hit_ms.load(Relaxed) {
-            0 => None,
-            ms => Some(self.created + std::time::Duration::from_millis(ms - 1)),
-        }
-    }
-}
-
-impl Default for ReplyCache {
-    fn default() -> Self {
-        Self::new()
+        self.views().last_hit
     }
 }
 
@@ -129,7 +110,7 @@ mod tests {
 
     #[test]
     fn answers_only_a_get_of_this_twin_in_the_callers_view() {
-        let cache = ReplyCache::new();
+        let cache = ReplyCache::default();
         let id: TwinId = "plant/wt-1".parse().unwrap();
         let on_site = Some(operator("plant"));
         let off_site = Some(operator("elsewhere"));

@@ -92,102 +92,90 @@ impl Pump {
             feeds,
             cancel,
         } = self;
-        run(actor, ctx, id, kind, feeds, cancel, kick).await
-    }
-}
-
-async fn run(
-    actor: ActorRef<TwinMsg>,
-    ctx: Arc<NodeContext>,
-    id: TwinId,
-    kind: AssetKind,
-    feeds: Feeds,
-    cancel: CancellationToken,
-    kick: Option<Arc<Kick>>,
-) {
-    // An input is dropped (`None`) when it closes or the actor is gone.
-    let mut telemetry = Some(&feeds.telemetry);
-    let mut calls = Some(&feeds.rpc);
-    let mut delivered = Some(&feeds.delivered);
-    let mut ingesting: Option<BoxFuture<'static, bool>> = None;
-    let mut answering: Option<BoxFuture<'static, ()>> = None;
-    while telemetry.is_some()
-        || calls.is_some()
-        || delivered.is_some()
-        || ingesting.is_some()
-        || answering.is_some()
-    {
-        let idle = ingesting.is_none() && answering.is_none();
-        tokio::select! {
-            biased;
-            _ = cancel.cancelled() => break,
-            keep = in_flight(&mut ingesting), if ingesting.is_some() => {
-                ingesting = None;
-                if !keep {
-                    // The actor stopped or failed: its supervisor restarts it with new
-                    // inputs; the gateway re-sends what was not acknowledged.
-                    telemetry = None;
-                }
-            }
-            () = in_flight(&mut answering), if answering.is_some() => answering = None,
-            s = recv(telemetry), if ingesting.is_none() && telemetry.is_some() => {
-                match s {
-                    Ok(first) => {
-                        let batch = ingest::collect_batch(
-                            &ctx,
-                            &actor,
-                            &id,
-                            kind,
-                            first,
-                            &feeds.telemetry,
-                            &feeds.dropped,
-                        );
-                        if !batch.is_empty() {
-                            ingesting = Some(Box::pin(ingest::deliver_batch(
-                                actor.clone(),
-                                ctx.clone(),
-                                id.clone(),
-                                batch,
-                            )));
-                        }
+        // An input is dropped (`None`) when it closes or the actor is gone.
+        let mut telemetry = Some(&feeds.telemetry);
+        let mut calls = Some(&feeds.rpc);
+        let mut delivered = Some(&feeds.delivered);
+        let mut ingesting: Option<BoxFuture<'static, bool>> = None;
+        let mut answering: Option<BoxFuture<'static, ()>> = None;
+        while telemetry.is_some()
+            || calls.is_some()
+            || delivered.is_some()
+            || ingesting.is_some()
+            || answering.is_some()
+        {
+            let idle = ingesting.is_none() && answering.is_none();
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                keep = in_flight(&mut ingesting), if ingesting.is_some() => {
+                    ingesting = None;
+                    if !keep {
+                        // The actor stopped or failed: its supervisor restarts it with new
+                        // inputs; the gateway re-sends what was not acknowledged.
+                        telemetry = None;
                     }
-                    Err(_) => telemetry = None,
                 }
-            }
-            q = recv(calls), if answering.is_none() && calls.is_some() => {
-                match q {
-                    Ok(query) => answering = rpc::serve_query(&actor, &ctx, &id, kind, query),
-                    Err(_) => calls = None,
+                () = in_flight(&mut answering), if answering.is_some() => answering = None,
+                s = recv(telemetry), if ingesting.is_none() && telemetry.is_some() => {
+                    match s {
+                        Ok(first) => {
+                            let batch = ingest::collect_batch(
+                                &ctx,
+                                &actor,
+                                &id,
+                                kind,
+                                first,
+                                &feeds.telemetry,
+                                &feeds.dropped,
+                            );
+                            if !batch.is_empty() {
+                                ingesting = Some(Box::pin(ingest::deliver_batch(
+                                    actor.clone(),
+                                    ctx.clone(),
+                                    id.clone(),
+                                    batch,
+                                )));
+                            }
+                        }
+                        Err(_) => telemetry = None,
+                    }
                 }
-            }
-            s = recv(delivered), if delivered.is_some() => {
-                let open = s.is_ok_and(|sample| desired::delivery_report(&actor, sample));
-                if !open {
-                    delivered = None;
+                q = recv(calls), if answering.is_none() && calls.is_some() => {
+                    match q {
+                        Ok(query) => answering = rpc::serve_query(&actor, &ctx, &id, kind, query),
+                        Err(_) => calls = None,
+                    }
                 }
-            }
-            // Polled last: every input is empty and nothing is in flight.
-            () = std::future::ready(()), if idle && kick.is_some() => {
-                if !kick.as_ref().is_some_and(|k| k.idle(|| feeds.pending())) {
-                    return;
+                s = recv(delivered), if delivered.is_some() => {
+                    let open = s.is_ok_and(|sample| desired::delivery_report(&actor, sample));
+                    if !open {
+                        delivered = None;
+                    }
+                }
+                // Polled last: every input is empty and nothing is in flight.
+                () = std::future::ready(()), if idle && kick.is_some() => {
+                    if !kick.as_ref().is_some_and(|k| k.idle(|| feeds.pending())) {
+                        return;
+                    }
                 }
             }
         }
+        // Cancelled: take nothing new, but finish what is in flight (a batch being made
+        // durable and acknowledged, a call being answered).
+        tokio::join!(
+            async {
+                if let Some(f) = ingesting {
+                    f.await;
+                }
+            },
+            async {
+                if let Some(f) = answering {
+                    f.await;
+                }
+            }
+        );
     }
-    // Cancelled: take nothing new, but finish what is in flight (a batch being made
-    // durable and acknowledged, a call being answered).
-    tokio::join!(
-        async {
-            if let Some(f) = ingesting {
-                f.await;
-            }
-        },
-        async {
-            if let Some(f) = answering {
-                f.await;
-            }
-        }
-    );
 }
 
 async fn in_flight<T>(f: &mut Option<BoxFuture<'static, T>>) -> T {

@@ -45,15 +45,16 @@ impl TwinActorState {
         req: TwinRequest,
         query: crate::ports::Query,
     ) {
-        let get_twin = matches!(req.request, Some(twin_request::Request::GetTwin(_)));
-        let caller = req.caller.clone();
+        // A GetTwin's answer is kept for its caller's view.
+        let get_twin = matches!(req.request, Some(twin_request::Request::GetTwin(_)))
+            .then(|| req.caller.clone());
         let out = match self.handle_request(myself, req).await {
             Ok(r) => r,
             Err(e) => twin_reply::Reply::Error((&e).into()),
         };
-        let cacheable = get_twin && matches!(out, twin_reply::Reply::Twin(_));
+        let cacheable = matches!(out, twin_reply::Reply::Twin(_));
         let answer = Bytes::from(self::reply(out).encode_to_vec());
-        if let Some(cache) = self.cache.as_ref().filter(|_| cacheable) {
+        if let (Some(cache), Some(caller), true) = (&self.cache, get_twin, cacheable) {
             cache.store(&self.core.id, caller.as_ref(), answer.clone());
         }
         query.reply(&keys::twin_rpc(&self.core.id), answer, TwinReply::ENCODING);

@@ -23,7 +23,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={proto}");
     }
 
+    // Maps as BTreeMap: a message encodes to the same bytes every time, which the
+    // proofs on the fabric (HMAC over the encoding) rely on.
     tonic_prost_build::configure()
+        .btree_map(".")
         .file_descriptor_set_path(&descriptor_path)
         .compile_protos(PROTOS, &["."])?;
 
@@ -31,6 +34,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     pbjson_build::Builder::new()
         .register_descriptors(&descriptors)?
         .emit_fields()
+        .btree_map([".twinmesh"])
         .build(&[".twinmesh"])?;
     Ok(())
 }

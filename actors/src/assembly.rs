@@ -46,6 +46,8 @@ pub struct NodeParts {
     /// Analysis windows computed at once on the blocking pool.
     pub analysis_permits: usize,
     pub site_key: Option<Arc<KeyRing>>,
+    /// What the node can prove and check on the fabric.
+    pub trust: Arc<crate::trust::Trust>,
     /// What the node's info queryable answers (the twin count and start time are
     /// filled in here).
     pub info: NodeInfo,
@@ -85,6 +87,7 @@ impl Assembly {
             twin_config,
             analysis_permits,
             site_key,
+            trust,
             info,
             devices,
             gateway,
@@ -105,6 +108,7 @@ impl Assembly {
             analysis_permits: Arc::new(tokio::sync::Semaphore::new(analysis_permits.max(1))),
             router: Default::default(),
             site_key,
+            trust,
         });
         let info = NodeInfo {
             node: ctx.node.to_string(),

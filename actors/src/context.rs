@@ -20,6 +20,10 @@ use crate::tasks::TaskController;
 pub struct TwinConfig {
     /// Frames larger than this (encoded) are dropped as bad input.
     pub max_frame_bytes: usize,
+    /// Frames that decode to more samples than this are dropped as bad input.
+    pub max_frame_samples: usize,
+    /// Most samples decoded into one ingest batch.
+    pub max_batch_samples: usize,
     /// Frames waiting for a twin before the fabric applies back-pressure.
     pub ingest_queue: usize,
     /// Most frames applied (and made durable) together.
@@ -64,6 +68,8 @@ impl Default for TwinConfig {
     fn default() -> Self {
         TwinConfig {
             max_frame_bytes: twinmesh_twins::frame::DEFAULT_MAX_FRAME_BYTES,
+            max_frame_samples: twinmesh_twins::frame::DEFAULT_MAX_FRAME_SAMPLES,
+            max_batch_samples: twinmesh_twins::frame::DEFAULT_MAX_BATCH_SAMPLES,
             ingest_queue: 256,
             ingest_batch: 128,
             state_interval: Duration::from_millis(50),
@@ -143,9 +149,28 @@ pub struct NodeContext {
     /// The site key: seals protected telemetry and contributions on the fabric. Nodes
     /// off the site (and nodes without it) cannot read them.
     pub site_key: Option<Arc<crate::seal::KeyRing>>,
+    /// What this node can prove and check on the fabric (callers, proofs).
+    pub trust: Arc<crate::trust::Trust>,
 }
 
 impl NodeContext {
+    /// The caller this node is when it acts itself (coordinates a set release, moves a
+    /// twin): a data manager, vouched for like any caller ([`crate::trust::Trust::vouch`]).
+    pub fn own_caller(&self) -> twinmesh_twins::proto::Caller {
+        twinmesh_twins::proto::Caller {
+            role: twinmesh_twins::privacy::Role::DataManager
+                .as_str()
+                .to_owned(),
+            subject: format!("node {}", self.node),
+            ..Default::default()
+        }
+    }
+
+    /// The clock in ms, for caller contexts.
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ns().div_euclid(1_000_000)
+    }
+
     pub fn now_ns(&self) -> i64 {
         self.clock.now_ns()
     }

@@ -137,6 +137,10 @@ struct Slot {
     /// How each identifier stream leaves the device (the twin's policy; the kind's
     /// default, pseudonymise, until the twin tells).
     identifiers: BTreeMap<String, Mechanism>,
+    /// Revision of the twin's last chain update applied (older ones are ignored).
+    chain_revision: u64,
+    /// Revision of the last set-point applied per property (older ones are ignored).
+    setpoint_revisions: BTreeMap<String, u64>,
 }
 
 pub struct GatewayState {
@@ -149,6 +153,9 @@ pub struct GatewayState {
     /// Highest placement epoch known for each twin: acknowledgements of older owners are
     /// ignored (fencing).
     epochs: BTreeMap<TwinId, u64>,
+    /// Each twin's owner as its last proven placement names it, with that epoch: a
+    /// watermark of that epoch must come from that node.
+    owners: BTreeMap<TwinId, (u64, String)>,
     /// Acknowledgements ignored because they came from an older owner.
     pub fenced_acks: u64,
     ticker: Option<JoinHandle<()>>,
@@ -198,8 +205,7 @@ impl GatewayState {
             .devices
             .get(twin)
             .is_none_or(|s| s.sealed.contains(&frame.signal));
-        let sealed_frame;
-        let message = if sealed {
+        let mut message = if sealed {
             // Raw values of a protected signal never travel readable: sealed with the
             // site key, or not published at all (they stay spooled).
             let Some(ring) = self.ctx.site_key.as_ref() else {
@@ -210,27 +216,34 @@ impl GatewayState {
                 samples: frame.samples.clone(),
                 packed: frame.packed.clone(),
             };
-            let outer = TelemetryFrame {
+            TelemetryFrame {
+                twin_id: frame.twin_id.clone(),
+                signal: frame.signal.clone(),
+                seq: frame.seq,
+                start_ns: frame.start_ns,
+                sample_period_ns: frame.sample_period_ns,
                 samples: Vec::new(),
+                spool_base_seq: frame.spool_base_seq,
+                scale: frame.scale,
                 packed: Vec::new(),
                 sealed: ring.seal(
                     &twinmesh_twins::frame::seal_context(frame),
                     &inner.encode_to_vec(),
                 ),
-                ..frame.clone()
-            };
-            sealed_frame = outer;
-            &sealed_frame
+                proof: None,
+            }
         } else {
-            frame
+            frame.clone()
         };
+        // Twins take frames only with a proof under the site's control key.
+        self.ctx.trust.prove(twin.site(), &mut message);
         let len = message.encoded_len() as u64;
         match self
             .ctx
             .fabric
             .put(
                 &keys::telemetry(twin, &frame.signal),
-                message,
+                &message,
                 Qos::Reliable,
             )
             .await
@@ -291,13 +304,15 @@ impl GatewayState {
                     twin_id: twin.to_string(),
                     stream: stream.to_owned(),
                     records: chunk.to_vec(),
+                    proof: None,
                 });
             }
         }
         out
     }
 
-    async fn publish_identifiers(&self, twin: &TwinId, batch: proto::IdentifierBatch) {
+    async fn publish_identifiers(&self, twin: &TwinId, mut batch: proto::IdentifierBatch) {
+        self.ctx.trust.prove(twin.site(), &mut batch);
         if let Err(e) = self
             .ctx
             .fabric
@@ -375,6 +390,13 @@ impl GatewayState {
         let Some(slot) = self.devices.get_mut(&twin) else {
             return;
         };
+        // A proven update from the twin (on a restart its chain may come again); one
+        // older than what was applied is a replay.
+        if update.revision < slot.chain_revision {
+            tracing::debug!(twin = %twin, revision = update.revision, applied = slot.chain_revision, "ignoring an older chain update");
+            return;
+        }
+        slot.chain_revision = update.revision;
         let sealed: std::collections::BTreeSet<String> =
             update.sealed_signals.iter().cloned().collect();
         if sealed != slot.sealed {
@@ -456,6 +478,7 @@ impl GatewayState {
             scale,
             packed,
             sealed: Vec::new(),
+            proof: None,
         };
         self.spool.spool_put(&frame)?;
         self.publish_frame(&frame, twin).await;
@@ -497,6 +520,18 @@ impl GatewayState {
         let Ok(twin) = wm.twin_id.parse::<TwinId>() else {
             return Ok(());
         };
+        let sender = wm
+            .proof
+            .as_ref()
+            .map(|p| p.node.as_str())
+            .unwrap_or_default();
+        if let Some((epoch, owner)) = self.owners.get(&twin) {
+            if wm.epoch == *epoch && sender != owner {
+                NodeMetrics::add(&self.ctx.metrics.messages_malformed, 1);
+                tracing::warn!(twin = %twin, epoch = wm.epoch, from = sender, owner = owner, "ignoring an acknowledgement from a node that does not own the twin");
+                return Ok(());
+            }
+        }
         if !self.observe_epoch(&twin, wm.epoch) {
             tracing::debug!(twin = %twin, epoch = wm.epoch, "ignoring an acknowledgement of an older owner");
             return Ok(());
@@ -595,9 +630,21 @@ impl GatewayState {
         let Ok(twin) = update.twin_id.parse::<TwinId>() else {
             return;
         };
+        if !self.devices.contains_key(&twin) || !self.observe_epoch(&twin, update.epoch) {
+            return;
+        }
         let Some(slot) = self.devices.get_mut(&twin) else {
             return;
         };
+        let applied = slot
+            .setpoint_revisions
+            .entry(update.property.clone())
+            .or_default();
+        if update.revision < *applied {
+            tracing::debug!(twin = %twin, property = update.property, revision = update.revision, "ignoring an older set-point");
+            return;
+        }
+        *applied = update.revision;
         let (status, reason) = match slot.device.apply_setpoint(&update.property, update.value) {
             Ok(()) => (proto::DeliveryStatus::Delivered, String::new()),
             Err(reason) => (proto::DeliveryStatus::Rejected, reason),
@@ -607,6 +654,7 @@ impl GatewayState {
             status: status as i32,
             reason,
             timestamp_ns: self.ctx.now_ns(),
+            proof: None,
             ..update
         };
         if let Err(e) = self
@@ -668,13 +716,37 @@ impl Actor for GatewayActor {
         // merged in one loop with a fixed priority (a twin's placement before its chain,
         // as the gateway applies a chain only for the epoch it knows): not through
         // `wire::forward`, whose loops, one per subscription, would race each other.
-        fn hand<M: wire::Wire>(
+        // Acks, set-points, placements and chains are obeyed only with a proof under the
+        // site's control key (held by the site's nodes and the cloud): anyone else on
+        // the fabric could otherwise truncate the spool, actuate the device or make a
+        // protected signal travel raw.
+        fn hand<M: wire::Wire + crate::trust::Proven>(
             me: &ActorRef<GatewayMsg>,
+            ctx: &NodeContext,
             s: crate::ports::Sample,
             msg: fn(M) -> GatewayMsg,
         ) -> bool {
             match s.decode::<M>() {
-                Ok(m) => me.cast(msg(m)).is_ok(),
+                Ok(mut m) => {
+                    if ctx.trust.proven(&ctx.site, &mut m).is_none() {
+                        NodeMetrics::add(&ctx.metrics.messages_malformed, 1);
+                        tracing::warn!(
+                            key = s.key,
+                            "dropped: no valid proof under the site's control key"
+                        );
+                        return true;
+                    }
+                    me.cast(msg(m)).is_ok()
+                }
+                Err(e) => {
+                    tracing::warn!(key = s.key, "dropped: {e}");
+                    true
+                }
+            }
+        }
+        fn hand_replay(me: &ActorRef<GatewayMsg>, s: crate::ports::Sample) -> bool {
+            match s.decode::<ReplayRequest>() {
+                Ok(m) => me.cast(GatewayMsg::Replay(m)).is_ok(),
                 Err(e) => {
                     tracing::warn!(key = s.key, "dropped: {e}");
                     true
@@ -682,6 +754,7 @@ impl Actor for GatewayActor {
             }
         }
         let me = myself.clone();
+        let hctx = ctx.clone();
         tasks.spawn_until_cancelled(async move {
             // Own the subscriptions whole: their guards keep them declared.
             let (acks, control, chains, replays, placements) =
@@ -689,11 +762,11 @@ impl Actor for GatewayActor {
             loop {
                 let alive = tokio::select! {
                     biased;
-                    s = acks.rx.recv_async() => s.is_ok_and(|s| hand(&me, s, GatewayMsg::Ack)),
-                    s = control.rx.recv_async() => s.is_ok_and(|s| hand(&me, s, GatewayMsg::Control)),
-                    s = placements.rx.recv_async() => s.is_ok_and(|s| hand(&me, s, GatewayMsg::Placed)),
-                    s = replays.rx.recv_async() => s.is_ok_and(|s| hand(&me, s, GatewayMsg::Replay)),
-                    s = chains.rx.recv_async() => s.is_ok_and(|s| hand(&me, s, GatewayMsg::Chain)),
+                    s = acks.rx.recv_async() => s.is_ok_and(|s| hand(&me, &hctx, s, GatewayMsg::Ack)),
+                    s = control.rx.recv_async() => s.is_ok_and(|s| hand(&me, &hctx, s, GatewayMsg::Control)),
+                    s = placements.rx.recv_async() => s.is_ok_and(|s| hand(&me, &hctx, s, GatewayMsg::Placed)),
+                    s = replays.rx.recv_async() => s.is_ok_and(|s| hand_replay(&me, s)),
+                    s = chains.rx.recv_async() => s.is_ok_and(|s| hand(&me, &hctx, s, GatewayMsg::Chain)),
                 };
                 if !alive {
                     break;
@@ -726,6 +799,8 @@ impl Actor for GatewayActor {
                         .into_iter()
                         .collect(),
                     identifiers: Policy::default_for(d.kind()).identifiers,
+                    chain_revision: 0,
+                    setpoint_revisions: BTreeMap::new(),
                     device: d,
                 };
                 (slot.device.twin_id().clone(), slot)
@@ -738,6 +813,7 @@ impl Actor for GatewayActor {
             devices,
             streams: BTreeMap::new(),
             epochs: BTreeMap::new(),
+            owners: BTreeMap::new(),
             fenced_acks: 0,
             ticker: None,
             cancel,
@@ -799,8 +875,12 @@ impl Actor for GatewayActor {
             GatewayMsg::Replay(req) => state.on_replay(req),
             GatewayMsg::Placed(p) => {
                 if let Ok(twin) = p.twin_id.parse::<TwinId>() {
-                    let known = state.epochs.entry(twin).or_insert(0);
+                    let known = state.epochs.entry(twin.clone()).or_insert(0);
                     *known = (*known).max(p.epoch);
+                    let owner = state.owners.entry(twin).or_default();
+                    if p.epoch >= owner.0 {
+                        *owner = (p.epoch, p.node);
+                    }
                 }
             }
             GatewayMsg::Control(update) => state.on_control(update).await,
@@ -898,12 +978,30 @@ async fn fetch_chain(ctx: Arc<NodeContext>, gateway: ActorRef<GatewayMsg>, id: T
                     // Unknown kind: keep what the gateway has.
                     _ => return,
                 };
+                // Whoever answered is unproven: the answer may seal more than the
+                // kind's default, never less, and it never outranks a proven update
+                // (revision 0).
+                let default = Policy::default_for(kind.expect("matched above"));
+                let mut sealed_signals = policy.protected_signals();
+                for s in default.protected_signals() {
+                    if !sealed_signals.contains(&s) {
+                        sealed_signals.push(s);
+                    }
+                }
+                let mut identifier_mechanisms = policy.identifier_mechanisms();
+                for (stream, strict) in default.identifier_mechanisms() {
+                    let m = identifier_mechanisms.entry(stream).or_default();
+                    if m.is_empty() {
+                        *m = strict;
+                    }
+                }
                 let _ = gateway.cast(GatewayMsg::Chain(ChainUpdate {
                     twin_id: t.twin_id,
                     chain: t.chain,
-                    revision: t.revision,
-                    sealed_signals: policy.protected_signals(),
-                    identifier_mechanisms: policy.identifier_mechanisms(),
+                    revision: 0,
+                    sealed_signals,
+                    identifier_mechanisms,
+                    proof: None,
                 }));
                 return;
             }

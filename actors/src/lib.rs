@@ -53,6 +53,7 @@ pub mod router;
 pub mod seal;
 pub mod services;
 pub mod tasks;
+pub mod trust;
 pub mod twin;
 pub mod wire;
 

@@ -27,6 +27,7 @@ use twinmesh_twins::proto::{
 use twinmesh_twins::{keys, AssetKind, Error as DomainError, ErrorCode, Tier, TwinId};
 
 use crate::context::NodeContext;
+use crate::metrics::NodeMetrics;
 use crate::ports::{Qos, Query, SampleKind};
 
 pub const STATUS_ACTIVE: &str = "active";
@@ -96,6 +97,9 @@ pub struct MeshSnapshot {
     pub fenced_replicas: u64,
 }
 
+/// How long a set release's charge of its site ledger can be refunded.
+const OPEN_CHARGE_NS: i64 = 10 * 60 * 1_000_000_000;
+
 pub struct MeshSupervisor;
 
 pub struct MeshState {
@@ -104,6 +108,10 @@ pub struct MeshState {
     placements: BTreeMap<TwinId, Placement>,
     /// Each site's ε ledger of set releases (durable in the store).
     site_ledgers: BTreeMap<String, Ledger>,
+    /// What each open set release charged a site, by (site, release id): a refund gives
+    /// back at most that, once (a forged refund of any ε cannot reset a ledger).
+    /// Entries older than [`OPEN_CHARGE_NS`] are forgotten (the release is over).
+    site_charges: BTreeMap<(String, String), (f64, f64, i64)>,
     /// Nodes being drained: no new twins.
     draining: std::collections::BTreeSet<String>,
     /// Rebalancing runs for a while after a node joins.
@@ -361,8 +369,20 @@ impl MeshState {
             .copied()
             .unwrap_or_default();
         ledger.roll_every(allowance.period_ns, now);
+        let key = (req.site.clone(), req.release_id.clone());
+        self.site_charges
+            .retain(|_, (_, _, at)| now.saturating_sub(*at) < OPEN_CHARGE_NS);
         let changed = if req.refund {
-            ledger.refund(req.epsilon, req.delta);
+            let Some((epsilon, delta, _)) = self.site_charges.remove(&key) else {
+                return Err(crate::Error::refused(
+                    ErrorCode::FailedPrecondition,
+                    format!(
+                        "no open charge of release {:?} on site {}: nothing to refund",
+                        req.release_id, req.site
+                    ),
+                ));
+            };
+            ledger.refund(req.epsilon.min(epsilon), req.delta.min(delta));
             true
         } else if req.epsilon > 0.0 {
             ledger
@@ -373,6 +393,9 @@ impl MeshState {
                 )
                 .map_err(|e| crate::Error::refused(ErrorCode::FailedPrecondition, e.to_string()))?;
             ledger.charge(req.epsilon, req.delta);
+            let open = self.site_charges.entry(key).or_insert((0.0, 0.0, now));
+            open.0 += req.epsilon;
+            open.1 += req.delta;
             true
         } else {
             false
@@ -405,10 +428,12 @@ impl MeshState {
         Ok(budget)
     }
 
-    async fn commit(&mut self, placement: Placement) -> crate::Result<()> {
+    async fn commit(&mut self, mut placement: Placement) -> crate::Result<()> {
+        let id: TwinId = placement.twin_id.parse()?;
+        // Gateways take a twin's owner and epoch only from a proven placement.
+        self.ctx.trust.prove(id.site(), &mut placement);
         self.ctx.store.save_placement(&placement)?;
         self.ctx.store.flush().await?;
-        let id: TwinId = placement.twin_id.parse()?;
         self.ctx
             .fabric
             .put(&keys::placement(&id), &placement, Qos::Reliable)
@@ -464,6 +489,7 @@ impl Actor for MeshSupervisor {
             members: BTreeMap::new(),
             placements,
             site_ledgers,
+            site_charges: BTreeMap::new(),
             draining: Default::default(),
             rebalance_until: None,
             replicas_dirty: false,
@@ -620,11 +646,19 @@ impl Actor for MeshSupervisor {
                 else {
                     return Ok(());
                 };
-                // Fencing: an owner of an older epoch may not overwrite the newer state.
-                if let Some(p) = state.placements.get(&id) {
-                    if snapshot.epoch < p.epoch {
+                // Only the twin's owner at its epoch replicates it: an older owner may
+                // not overwrite the newer state, and no other node may write it at all.
+                let sender = snapshot.proof.as_ref().map(|p| p.node.as_str());
+                match state.placements.get(&id) {
+                    Some(p) if snapshot.epoch < p.epoch => {
                         state.fenced_replicas += 1;
                         tracing::debug!(twin = %id, epoch = snapshot.epoch, current = p.epoch, "refusing a snapshot of an older epoch");
+                        return Ok(());
+                    }
+                    Some(p) if snapshot.epoch == p.epoch && sender == Some(p.node.as_str()) => {}
+                    _ => {
+                        NodeMetrics::add(&state.ctx.metrics.messages_malformed, 1);
+                        tracing::warn!(twin = %id, epoch = snapshot.epoch, from = ?sender, "refusing a replica not sent by the twin's owner at its epoch");
                         return Ok(());
                     }
                 }
@@ -649,6 +683,7 @@ impl Actor for MeshSupervisor {
                         status: String::new(),
                         reason: String::new(),
                         initial_chain: req.chain.clone(),
+                        proof: None,
                     });
                     state.commit(placement.clone()).await.map_err(|e| {
                         DomainError::InvalidArgument(format!("placement not stored: {e}"))
@@ -760,10 +795,21 @@ async fn serve_placement_query(mesh: &ActorRef<MeshMsg>, query: Query) -> Result
                     _ => return Err(()),
                 }
             } else {
-                let Ok(req) = query.decode::<PlacementRequest>() else {
+                let Ok(mut req) = query.decode::<PlacementRequest>() else {
                     tracing::warn!(key = query.key, "malformed placement request");
                     return Ok(());
                 };
+                // The twin is the key's (which the access-control list lets only the
+                // site's gateways query), never the payload's.
+                if req.twin_id != id.to_string() {
+                    tracing::warn!(
+                        key = query.key,
+                        claimed = req.twin_id,
+                        "registration refused: the payload names another twin than its key"
+                    );
+                    return Ok(());
+                }
+                req.twin_id = id.to_string();
                 match mesh.call(|tx| MeshMsg::Register(req, tx), timeout).await {
                     Ok(ractor::rpc::CallResult::Success(Ok(p))) => Some(p),
                     Ok(ractor::rpc::CallResult::Success(Err(e))) => {
@@ -815,7 +861,12 @@ async fn replica_keeper(
             s = replicas.rx.recv_async() => {
                 let Ok(s) = s else { break };
                 match s.decode::<TwinSnapshot>() {
-                    Ok(snap) => if mesh.cast(MeshMsg::Replica(snap)).is_err() { break },
+                    // Only a mesh node's proven replica is considered (its owner and
+                    // epoch are checked by the authority).
+                    Ok(mut snap) => if ctx.trust.proven_mesh(&mut snap).is_none() {
+                        NodeMetrics::add(&ctx.metrics.messages_malformed, 1);
+                        tracing::warn!(key = s.key, "dropped a replica without a mesh node's proof");
+                    } else if mesh.cast(MeshMsg::Replica(snap)).is_err() { break },
                     Err(e) => tracing::warn!(key = s.key, "malformed snapshot: {e}"),
                 }
             }
@@ -846,10 +897,12 @@ async fn twin_rpc(
     request: twin_request::Request,
     timeout: Duration,
 ) -> Result<twin_reply::Reply, crate::Error> {
-    let request = TwinRequest {
-        caller: None,
+    // The placement authority acts itself (freeze, release a freeze).
+    let mut request = TwinRequest {
+        caller: Some(ctx.own_caller()),
         request: Some(request),
     };
+    ctx.trust.vouch(&mut request, ctx.now_ms());
     let replies = ctx
         .fabric
         .ask(&keys::twin_rpc(twin), &request, timeout)
@@ -1012,16 +1065,21 @@ async fn drain(
 /// node; the authority's errors come back as they are, silence as `UNAVAILABLE`.
 pub async fn ask_authority(
     fabric: &dyn crate::ports::Fabric,
+    trust: &crate::trust::Trust,
+    caller: proto::Caller,
     request: mesh_request::Request,
     timeout: Duration,
+    now_ms: i64,
 ) -> Result<mesh_reply::Reply, proto::Error> {
     let unavailable = |message: String| proto::Error {
         code: proto::ErrorCode::Unavailable as i32,
         message,
     };
-    let request = MeshRequest {
+    let mut request = MeshRequest {
         request: Some(request),
+        caller: Some(caller),
     };
+    trust.vouch_mesh(&mut request, now_ms);
     let replies = fabric
         .ask(keys::MESH_REQUESTS, &request, timeout)
         .await
@@ -1054,32 +1112,13 @@ async fn mesh_request_server(
         let (mesh, ctx2) = (mesh.clone(), ctx.clone());
         ctx.tasks.spawn(async move {
             let result = match query.decode::<MeshRequest>() {
-                Ok(MeshRequest {
-                    request: Some(mesh_request::Request::Migrate(m)),
-                }) => match m.twin_id.parse::<TwinId>() {
-                    Ok(id) => migrate(&mesh, &ctx2, id, m.target_node, m.target_tier)
-                        .await
-                        .map(mesh_reply::Reply::Migrate),
-                    Err(e) => Err(crate::Error::refused(
-                        ErrorCode::InvalidArgument,
-                        e.to_string(),
-                    )),
-                },
-                Ok(MeshRequest {
-                    request: Some(mesh_request::Request::Drain(d)),
-                }) => drain(&mesh, &ctx2, d.node)
-                    .await
-                    .map(mesh_reply::Reply::Drain),
-                Ok(MeshRequest {
-                    request: Some(mesh_request::Request::SiteBudget(b)),
-                }) => call(&mesh, |tx| MeshMsg::SiteBudget(b, tx))
-                    .await
-                    .and_then(|r| r)
-                    .map(mesh_reply::Reply::SiteBudget),
-                Ok(MeshRequest { request: None }) => Err(crate::Error::refused(
-                    ErrorCode::InvalidArgument,
-                    "empty mesh request".to_owned(),
-                )),
+                Ok(mut req) => {
+                    let caller = ctx2.trust.admit_mesh(&mut req, ctx2.now_ms());
+                    match authorize_mesh(caller.as_ref(), req.request.as_ref()) {
+                        Ok(()) => serve_mesh_request(&mesh, &ctx2, req.request).await,
+                        Err(e) => Err(e),
+                    }
+                }
                 Err(e) => Err(crate::Error::refused(
                     ErrorCode::InvalidArgument,
                     format!("malformed mesh request: {e}"),
@@ -1093,6 +1132,91 @@ async fn mesh_request_server(
             };
             query.reply_with(keys::MESH_REQUESTS, &reply);
         });
+    }
+}
+
+/// Whether `caller` (as a mesh node vouched for it, `None` otherwise) may make `request`:
+/// the request's least role, on the site it acts on when the role is site-scoped.
+fn authorize_mesh(
+    caller: Option<&proto::Caller>,
+    request: Option<&mesh_request::Request>,
+) -> Result<(), crate::Error> {
+    let Some(request) = request else {
+        return Err(crate::Error::refused(
+            ErrorCode::InvalidArgument,
+            "empty mesh request".to_owned(),
+        ));
+    };
+    let Some(caller) = caller else {
+        return Err(crate::Error::refused(
+            ErrorCode::PermissionDenied,
+            "mesh requests need a caller vouched for by a mesh node (edge or cloud) with \
+             the mesh key"
+                .to_owned(),
+        ));
+    };
+    let least = crate::trust::least_mesh_role(request);
+    let role = twinmesh_twins::privacy::role_of(Some(caller));
+    if role < least {
+        return Err(crate::Error::refused(
+            ErrorCode::PermissionDenied,
+            format!(
+                "role {} may not make this mesh request (needs {})",
+                role.as_str(),
+                least.as_str()
+            ),
+        ));
+    }
+    let site = match request {
+        mesh_request::Request::Migrate(m) => m.twin_id.split('/').next().map(str::to_owned),
+        mesh_request::Request::SiteBudget(b) => Some(b.site.clone()),
+        // A drain moves twins of every site the node hosts.
+        mesh_request::Request::Drain(_) => None,
+    };
+    let scoped_out = !caller.sites.is_empty()
+        && match &site {
+            Some(site) => !caller.sites.contains(site),
+            None => true,
+        };
+    if scoped_out {
+        return Err(crate::Error::refused(
+            ErrorCode::PermissionDenied,
+            format!(
+                "role {} holds on {} only",
+                role.as_str(),
+                caller.sites.join(", ")
+            ),
+        ));
+    }
+    Ok(())
+}
+
+async fn serve_mesh_request(
+    mesh: &ActorRef<MeshMsg>,
+    ctx: &Arc<NodeContext>,
+    request: Option<mesh_request::Request>,
+) -> Result<mesh_reply::Reply, crate::Error> {
+    match request {
+        Some(mesh_request::Request::Migrate(m)) => match m.twin_id.parse::<TwinId>() {
+            Ok(id) => migrate(mesh, ctx, id, m.target_node, m.target_tier)
+                .await
+                .map(mesh_reply::Reply::Migrate),
+            Err(e) => Err(crate::Error::refused(
+                ErrorCode::InvalidArgument,
+                e.to_string(),
+            )),
+        },
+        Some(mesh_request::Request::Drain(d)) => {
+            drain(mesh, ctx, d.node).await.map(mesh_reply::Reply::Drain)
+        }
+        Some(mesh_request::Request::SiteBudget(b)) => call(mesh, |tx| MeshMsg::SiteBudget(b, tx))
+            .await
+            .and_then(|r| r)
+            .map(mesh_reply::Reply::SiteBudget),
+        None => Err(crate::Error::refused(
+            ErrorCode::InvalidArgument,
+            "empty mesh request".to_owned(),
+        )),
     }
 }
 

@@ -122,6 +122,9 @@ pub struct Router {
     waker: RwLock<Option<Waker>>,
     /// The node's counters (set on start).
     metrics: OnceLock<Arc<NodeMetrics>>,
+    /// What a cached answer's caller is checked with (set on start), and the clock its
+    /// context's expiry is read on.
+    trust: OnceLock<(Arc<crate::trust::Trust>, crate::ports::SharedClock)>,
 }
 
 /// Unregisters a twin's routes when its ingest pump drops its subscription, unless the
@@ -159,6 +162,7 @@ impl Router {
         let site = &ctx.site;
         let cancel = ctx.cancel.clone();
         let _ = self.metrics.set(ctx.metrics.clone());
+        let _ = self.trust.set((ctx.trust.clone(), ctx.clock.clone()));
         for (keyexpr, section) in [
             (format!("twinmesh/telemetry/{site}/*/*"), "telemetry"),
             (format!("twinmesh/control/{site}/*/delivered"), "control"),
@@ -419,7 +423,11 @@ impl Router {
         let routes = self.routes.read().expect("routes lock");
         if let Some(r) = routes.get(twin) {
             // Asked again, unchanged since: answered here, on the fabric's thread.
-            if let Some(answer) = r.cache.answer(twin, &query.payload) {
+            let answer = self.trust.get().and_then(|(trust, clock)| {
+                let now_ms = clock.now_ns().div_euclid(1_000_000);
+                r.cache.answer(twin, &query.payload, trust, now_ms)
+            });
+            if let Some(answer) = answer {
                 drop(routes);
                 if let Some(m) = self.metrics.get() {
                     NodeMetrics::add(&m.rpc_served, 1);

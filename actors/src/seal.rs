@@ -37,6 +37,9 @@ pub enum SealError {
 #[derive(Clone)]
 pub struct KeyRing {
     keys: Vec<(String, Aes256Gcm)>,
+    /// HMAC keys derived from each key, oldest first (proofs on the fabric:
+    /// [`crate::trust`]); never the AES keys themselves.
+    mac_keys: Vec<[u8; 32]>,
     /// Pseudonyms of identifiers (site keys): derived from the newest key.
     pseudonymiser: twinmesh_twins::privacy::Pseudonymiser,
 }
@@ -55,6 +58,7 @@ impl KeyRing {
             return Err(SealError::KeyFile("no keys".to_owned()));
         }
         let mut ring = Vec::with_capacity(keys.len());
+        let mac_keys = keys.iter().map(|(_, k)| derive_mac_key(k)).collect();
         let (newest_id, newest) = keys.last().expect("not empty");
         let pseudonymiser = twinmesh_twins::privacy::Pseudonymiser::derive(newest_id, newest);
         for (id, k) in keys {
@@ -70,6 +74,7 @@ impl KeyRing {
         }
         Ok(KeyRing {
             keys: ring,
+            mac_keys,
             pseudonymiser,
         })
     }
@@ -109,6 +114,12 @@ impl KeyRing {
         let key = Aes256Gcm::generate_key(&mut OsRng);
         let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
         Ok(format!("{key_id} {hex}\n"))
+    }
+
+    /// The HMAC keys derived from the ring, oldest first: the last one makes proofs, any
+    /// of them checks one (so keys rotate as for sealing).
+    pub fn mac_keys(&self) -> &[[u8; 32]] {
+        &self.mac_keys
     }
 
     /// The id of the key new values are sealed with.
@@ -166,6 +177,15 @@ impl KeyRing {
             )
             .map_err(|_| SealError::Tampered)
     }
+}
+
+/// An HMAC key for proofs, derived from an AES key so one key file serves both and
+/// neither use reveals the other.
+fn derive_mac_key(key: &[u8; 32]) -> [u8; 32] {
+    use hmac::{Hmac, Mac};
+    let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(key).expect("any key length");
+    mac.update(b"twinmesh/mac-key/v1");
+    mac.finalize().into_bytes().into()
 }
 
 /// The key id of a sealed value, if it is one.

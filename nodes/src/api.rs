@@ -65,10 +65,19 @@ twin_calls! {
 #[derive(Clone)]
 pub struct Api {
     fabric: SharedFabric,
+    /// Vouches for this node's callers on the fabric (with the mesh key).
+    trust: std::sync::Arc<twinmesh_actors::trust::Trust>,
     /// Site of this node: twins of other sites see its callers as off-site.
     pub site: String,
     /// Deadline of one call when the client gives none.
     pub default_deadline: Duration,
+}
+
+/// Wall-clock time in ms (caller contexts expire on it).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 pub fn parse_twin_id(s: &str) -> Result<TwinId> {
@@ -76,9 +85,14 @@ pub fn parse_twin_id(s: &str) -> Result<TwinId> {
 }
 
 impl Api {
-    pub fn new(fabric: SharedFabric, site: &str) -> Self {
+    pub fn new(
+        fabric: SharedFabric,
+        site: &str,
+        trust: std::sync::Arc<twinmesh_actors::trust::Trust>,
+    ) -> Self {
         Api {
             fabric,
+            trust,
             site: site.to_owned(),
             default_deadline: Duration::from_secs(5),
         }
@@ -109,7 +123,7 @@ impl Api {
                 .unwrap_or(twinmesh_twins::privacy::Role::DataOwner)
                 .as_str()
                 .to_owned(),
-            subject: String::new(),
+            ..Default::default()
         }
     }
 
@@ -119,6 +133,7 @@ impl Api {
             site: self.site.clone(),
             role: who.role.as_str().to_owned(),
             subject: who.subject.clone(),
+            ..Default::default()
         }
     }
 
@@ -147,11 +162,13 @@ impl Api {
     ) -> Result<twin_reply::Reply> {
         let deadline = deadline.unwrap_or(self.default_deadline);
         let start = Instant::now();
-        let request = TwinRequest {
+        let mut request = TwinRequest {
             caller: Some(caller),
             request: Some(request),
         };
         let key = keys::twin_rpc(id);
+        let vouch = |request: &mut TwinRequest| self.trust.vouch(request, now_ms());
+        vouch(&mut request);
         let mut known: Option<bool> = None;
         let mut backoff = Duration::from_millis(20);
         let mut last_unavailable: Option<String> = None;
@@ -159,6 +176,12 @@ impl Api {
             let left = deadline.saturating_sub(start.elapsed());
             // The first reply decides (as before), without waiting for every other
             // replier of the key to finish.
+            // A retry outlives no context: vouched for anew each time.
+            if start.elapsed()
+                > Duration::from_millis(twinmesh_actors::trust::CALLER_TTL_MS as u64 / 2)
+            {
+                vouch(&mut request);
+            }
             let first = self
                 .fabric
                 .ask_first(&key, &request, left.max(Duration::from_millis(10)))
@@ -219,12 +242,20 @@ impl Api {
     /// A request to the placement authority (migrate, drain, site ledgers).
     pub async fn mesh_request(
         &self,
+        caller: proto::Caller,
         request: proto::mesh_request::Request,
         timeout: Duration,
     ) -> Result<proto::mesh_reply::Reply> {
-        twinmesh_actors::mesh::ask_authority(&*self.fabric, request, timeout)
-            .await
-            .map_err(Error::from)
+        twinmesh_actors::mesh::ask_authority(
+            &*self.fabric,
+            &self.trust,
+            caller,
+            request,
+            timeout,
+            now_ms(),
+        )
+        .await
+        .map_err(Error::from)
     }
 
     pub async fn list_nodes(&self) -> Result<Vec<NodeInfo>> {

@@ -213,6 +213,17 @@ pub struct NodeConfig {
     /// they do not publish them at all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub site_key_file: Option<PathBuf>,
+    /// Edge and cloud nodes: the mesh key (`twinmesh keys new`), held by them and nobody
+    /// else. With it a node vouches for its gRPC callers on the fabric and checks what
+    /// other nodes vouch for; without it every request it sends reaches twins as an
+    /// anonymous viewer, and it believes no caller.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh_key_file: Option<PathBuf>,
+    /// A folder of control keys, `{site}.control.key`: telemetry, acknowledgements,
+    /// chain and desired-value updates and placements of a site carry a proof under its
+    /// key. Gateways and edges use their own site's, the cloud every one it finds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_keys_dir: Option<PathBuf>,
     /// Cloud nodes: the ε each site may spend on set releases (releases over several
     /// twins) per period, on top of every twin's own ledger. Default 10.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -261,6 +272,58 @@ pub fn load_key_ring(path: &Path, what: &str) -> crate::Result<twinmesh_actors::
         .map_err(|e| crate::Error::config(format!("{what} file {}: {e}", path.display())))
 }
 
+/// What the node can prove and check on the fabric, from its key files (see
+/// `twinmesh_actors::trust`).
+pub fn load_trust(
+    config: &NodeConfig,
+    site_key: Option<&twinmesh_actors::seal::KeyRing>,
+) -> crate::Result<twinmesh_actors::trust::Trust> {
+    let mut trust = twinmesh_actors::trust::Trust::new(config.id.as_str(), &config.site);
+    if let Some(path) = &config.mesh_key_file {
+        trust = trust.with_mesh_key(&load_key_ring(path, "mesh key")?);
+    } else if config.tier != Tier::Iot {
+        tracing::warn!(
+            "node {} has no mesh key (--mesh-key): twins see every caller it serves as an \
+             anonymous off-site viewer, and it believes no caller",
+            config.id
+        );
+    }
+    if let Some(ring) = site_key {
+        trust = trust.with_site_key(ring);
+    }
+    if let Some(dir) = &config.control_keys_dir {
+        let entries = std::fs::read_dir(dir).map_err(|e| {
+            crate::Error::config(format!(
+                "cannot read control keys in {}: {e}",
+                dir.display()
+            ))
+        })?;
+        for entry in entries {
+            let path = entry?.path();
+            let Some(site) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".control.key"))
+            else {
+                continue;
+            };
+            if config.tier == Tier::Cloud || site == config.site {
+                trust = trust.with_control_key(site, &load_key_ring(&path, "control key")?);
+            }
+        }
+    }
+    if config.tier != Tier::Cloud && !trust.controls(&config.site) {
+        tracing::warn!(
+            "node {} has no control key for {} (--control-keys DIR with {}.control.key): \
+             it can neither prove nor check the site's telemetry and control messages",
+            config.id,
+            config.site,
+            config.site
+        );
+    }
+    Ok(trust)
+}
+
 impl NodeConfig {
     pub fn new(id: NodeId, tier: Tier, site: &str) -> Self {
         NodeConfig {
@@ -284,6 +347,8 @@ impl NodeConfig {
             seed: default_seed(),
             passivate_after_s: 0,
             site_key_file: None,
+            mesh_key_file: None,
+            control_keys_dir: None,
             site_epsilon_per_period: None,
             site_budget_period_s: None,
             tls: None,
@@ -413,6 +478,13 @@ impl NodeConfig {
         if self.site_key_file.is_some() && self.tier == Tier::Cloud {
             return Err(crate::Error::config(format!(
                 "node {} is a cloud node: site keys belong to the nodes of one site",
+                self.id
+            )));
+        }
+        if self.mesh_key_file.is_some() && self.tier == Tier::Iot {
+            return Err(crate::Error::config(format!(
+                "node {} is an iot gateway: the mesh key belongs to edge and cloud nodes only \
+                 (with it a gateway could vouch for any caller)",
                 self.id
             )));
         }

@@ -212,7 +212,7 @@ pub fn train(
 }
 
 /// [`ModelInfo::member_thresholds`] of `model`.
-pub(crate) fn member_thresholds(model: &Model) -> std::collections::HashMap<String, f64> {
+pub(crate) fn member_thresholds(model: &Model) -> std::collections::BTreeMap<String, f64> {
     model
         .member_thresholds()
         .into_iter()

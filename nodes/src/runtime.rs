@@ -107,6 +107,7 @@ impl RunningNode {
             Some(path) => Some(Arc::new(crate::config::load_key_ring(path, "site key")?)),
             None => None,
         };
+        let trust = Arc::new(crate::config::load_trust(&config, site_key.as_deref())?);
         let at_rest = match &config.at_rest_key_file {
             Some(path) => Some(crate::store::AtRest {
                 keys: Arc::new(crate::config::load_key_ring(path, "at-rest key")?),
@@ -147,6 +148,7 @@ impl RunningNode {
             },
             analysis_permits: std::thread::available_parallelism().map_or(2, |n| n.get()),
             site_key,
+            trust: trust.clone(),
             info: NodeInfo {
                 capacity: config.capacity,
                 locators: locators.clone(),
@@ -163,7 +165,7 @@ impl RunningNode {
         let registry = assembly.registry.clone();
 
         let servers = CancellationToken::new();
-        let api = Api::new(shared_fabric, &config.site);
+        let api = Api::new(shared_fabric, &config.site, trust.clone());
         if let Some(listener) = grpc_listener {
             let services = grpc::Services {
                 api: api.clone(),

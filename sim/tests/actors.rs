@@ -55,6 +55,9 @@ where
 struct Rig {
     c: SimCluster,
     obs: SimFabric,
+    /// The observer's keys: those of an edge of site `a` (it proves frames as the site's
+    /// gateway would, and vouches for its calls as a mesh node).
+    trust: twinmesh_actors::trust::Trust,
 }
 
 fn spec(id: &str, tier: Tier, site: &str) -> NodeSpec {
@@ -83,7 +86,11 @@ async fn rig(edges: &[(&str, &str)], passivate_after: Option<Duration>) -> Rig {
     for (id, site) in edges {
         c.add(spec(id, Tier::Edge, site)).await.unwrap();
     }
-    let r = Rig { c, obs };
+    let trust = twinmesh_sim::mesh::cluster::sim_trust(
+        &spec("observer", Tier::Edge, "a"),
+        &["a".to_owned()],
+    );
+    let r = Rig { c, obs, trust };
     let n = edges.len() + 1;
     let rr = &r;
     eventually("every node to join the authority", || async move {
@@ -143,7 +150,7 @@ impl Rig {
     }
 
     async fn send_frame(&self, id: &TwinId, seq: u64) {
-        let frame = TelemetryFrame {
+        let mut frame = TelemetryFrame {
             twin_id: id.to_string(),
             signal: SIGNAL.into(),
             seq,
@@ -153,6 +160,7 @@ impl Rig {
             spool_base_seq: 1,
             ..Default::default()
         };
+        assert!(self.trust.prove(id.site(), &mut frame));
         self.obs
             .publish(
                 &keys::telemetry(id, SIGNAL),
@@ -165,11 +173,16 @@ impl Rig {
     }
 
     async fn call(&self, id: &TwinId, request: twin_request::Request) -> twin_reply::Reply {
-        let payload = TwinRequest {
+        let mut payload = TwinRequest {
             request: Some(request),
-            caller: None,
-        }
-        .encode_to_vec();
+            caller: Some(twinmesh_proto::v1::Caller {
+                role: "data_owner".into(),
+                ..Default::default()
+            }),
+        };
+        let now_ms = twinmesh_actors::ports::Clock::now_ns(&*self.c.clock) / 1_000_000;
+        self.trust.vouch(&mut payload, now_ms);
+        let payload = payload.encode_to_vec();
         let replies = self
             .obs
             .query(
@@ -456,31 +469,54 @@ async fn mesh_refuses_replicas_of_an_older_epoch() {
         cl.load_replica(i).unwrap().map(|_| ())
     })
     .await;
-    let replica = |epoch, revision| {
+    // (Sent to the authority's actor: the proof's tag was checked on the fabric; the
+    // sender it names is checked here.)
+    let replica = |epoch, revision, from: &str| {
         let mut twin = cloud.load_replica(&id).unwrap().unwrap().twin.unwrap();
         twin.revision = revision;
         TwinSnapshot {
             twin: Some(twin),
             epoch,
             saved_ns: 0,
-            node: "edge-old".into(),
+            node: from.into(),
+            proof: Some(twinmesh_proto::v1::Proof {
+                node: from.into(),
+                tag: vec![1],
+            }),
         }
     };
     // An owner of an older epoch may not overwrite the state, whatever its revision.
     r.mesh_ref()
-        .cast(MeshMsg::Replica(replica(placed.epoch - 1, 1_000_000)))
+        .cast(MeshMsg::Replica(replica(
+            placed.epoch - 1,
+            1_000_000,
+            "edge-old",
+        )))
         .unwrap();
     assert_eq!(r.mesh().await.fenced_replicas, 1);
     let kept = cloud.load_replica(&id).unwrap().unwrap();
     assert_eq!(kept.epoch, placed.epoch);
     assert_ne!(kept.node, "edge-old");
+    // Nor may a node that is not the owner, at the current epoch or a future one.
+    for epoch in [placed.epoch, placed.epoch + 1, u64::MAX] {
+        r.mesh_ref()
+            .cast(MeshMsg::Replica(replica(epoch, u64::MAX, "edge-old")))
+            .unwrap();
+    }
+    r.mesh().await;
+    let kept = cloud.load_replica(&id).unwrap().unwrap();
+    assert_eq!(kept.epoch, placed.epoch);
+    assert_ne!(kept.twin.unwrap().revision, u64::MAX);
     // The current owner's newer revision is kept.
     r.mesh_ref()
-        .cast(MeshMsg::Replica(replica(placed.epoch, 1_000_000)))
+        .cast(MeshMsg::Replica(replica(placed.epoch, 1_000_000, "edge-a")))
         .unwrap();
     assert_eq!(r.mesh().await.fenced_replicas, 1);
     let kept = cloud.load_replica(&id).unwrap().unwrap();
-    assert_eq!((kept.epoch, kept.node.as_str()), (placed.epoch, "edge-old"));
+    assert_eq!(
+        (kept.epoch, kept.node.as_str(), kept.twin.unwrap().revision),
+        (placed.epoch, "edge-a", 1_000_000)
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -571,13 +607,22 @@ async fn gateway_truncates_its_spool_on_a_valid_watermark() {
     .await;
     assert_eq!(store.spool_first(id, signal).unwrap(), Some(1));
 
-    let ack = |seq: u64, epoch: u64| async move {
-        let wm = Watermark {
+    // Watermarks proven as an edge of the site would (the observer holds its keys);
+    // `forge` sends one without, as anyone on the fabric could.
+    let edge =
+        twinmesh_sim::mesh::cluster::sim_trust(&spec("edge-a", Tier::Edge, "a"), &["a".to_owned()]);
+    let edge = &edge;
+    let send = |seq: u64, epoch: u64, proven: bool| async move {
+        let mut wm = Watermark {
             twin_id: id.to_string(),
             signal: signal.into(),
             seq,
             epoch,
+            proof: None,
         };
+        if proven {
+            assert!(edge.prove("a", &mut wm));
+        }
         obs.publish(
             &keys::acks(id),
             Bytes::from(wm.encode_to_vec()),
@@ -587,6 +632,7 @@ async fn gateway_truncates_its_spool_on_a_valid_watermark() {
         .await
         .unwrap();
     };
+    let ack = |seq: u64, epoch: u64| send(seq, epoch, true);
     let acked = |seq: u64, what: &'static str| {
         eventually(what, move || async move {
             status().await.filter(|s| s.acked == seq)
@@ -617,6 +663,23 @@ async fn gateway_truncates_its_spool_on_a_valid_watermark() {
     let s = acked(7, "the valid acknowledgement after the forged ones").await;
     assert_eq!(s.spool_base, 6);
     assert_eq!(store.spool_first(id, signal).unwrap(), Some(6));
+    // Without a proof under the site's control key: neither a valid-looking watermark
+    // nor one of the highest epoch (which would fence out every real one) counts.
+    eventually("frame 8 sent", || async move {
+        status().await.filter(|s| s.last_seq >= 8)
+    })
+    .await;
+    send(8, epoch, false).await;
+    send(8, u64::MAX, false).await;
+    ack(8, epoch).await;
+    let s = acked(8, "the proven acknowledgement after the unproven ones").await;
+    assert_eq!(s.spool_base, 7);
+    let malformed = c.nodes["iot"].ctx().map(|ctx| {
+        ctx.metrics
+            .messages_malformed
+            .load(std::sync::atomic::Ordering::Relaxed)
+    });
+    assert!(malformed >= Some(2), "{malformed:?}");
 }
 
 /// The simulation's nodes are the production assembly: a cloud node archives the feature

@@ -43,7 +43,49 @@ pub fn node_args(
         a.extend(args(["--connect", c]));
     }
     a.extend(args(["--grpc", "127.0.0.1:0", "--data", data]));
+    let keys = Path::new(data)
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("keys");
+    a.extend(key_args(&keys, tier, site).expect("key files for the test mesh"));
     a
+}
+
+/// What a gateway of `site` can prove with the test mesh's keys under `dir` (its site's
+/// control and site keys; no mesh key): to send frames and batches as a gateway would.
+pub fn gateway_trust(dir: &Path, site: &str) -> anyhow::Result<twinmesh_actors::trust::Trust> {
+    let keys = dir.join("keys");
+    key_args(&keys, "iot", Some(site))?;
+    let control =
+        twinmesh_nodes::config::load_key_ring(&keys.join(format!("{site}.control.key")), "key")?;
+    let site_ring = twinmesh_nodes::config::load_key_ring(Path::new(&site_key(dir, site)?), "key")?;
+    Ok(twinmesh_actors::trust::Trust::new("test-gateway", site)
+        .with_site_key(&site_ring)
+        .with_control_key(site, &control))
+}
+
+/// Sites whose control keys every test mesh has from the start (the cloud loads the
+/// ones it finds when it starts).
+pub const TEST_SITES: [&str; 2] = ["site-a", "site-b"];
+
+/// The key arguments `twinmesh up` gives a node of `tier` on `site`, with the key files
+/// under `keys` (created on first use): `--control-keys` for every node, `--mesh-key` for
+/// edge and cloud nodes. Site keys are separate ([`site_key`]).
+pub fn key_args(keys: &Path, tier: &str, site: Option<&str>) -> anyhow::Result<Vec<String>> {
+    let ensure = |path: PathBuf| -> anyhow::Result<String> {
+        if !path.exists() {
+            twinmesh_nodes::keys::new_key_file(&path, "k1")?;
+        }
+        Ok(path.display().to_string())
+    };
+    for s in TEST_SITES.iter().copied().chain(site) {
+        ensure(keys.join(format!("{s}.control.key")))?;
+    }
+    let mut a = vec!["--control-keys".to_owned(), keys.display().to_string()];
+    if tier != "iot" {
+        a.extend(["--mesh-key".to_owned(), ensure(keys.join("mesh.key"))?]);
+    }
+    Ok(a)
 }
 
 /// How long a node may take to print its ready line.
@@ -530,6 +572,7 @@ impl Cluster {
         ]);
         a.extend(["--data".to_owned(), self.data(id).display().to_string()]);
         a.extend(["--lease-ms".to_owned(), self.lease_ms.to_string()]);
+        a.extend(key_args(&self.dir.path().join("keys"), tier, site)?);
         if let Some(s) = site {
             a.extend(["--site".to_owned(), s.to_owned()]);
             a.extend(["--site-key".to_owned(), site_key(self.dir.path(), s)?]);

@@ -625,14 +625,21 @@ async fn device_addresses_leave_the_access_point_only_as_site_keyed_pseudonyms()
     // raw address published on the site, then a well-formed pseudonym after it on the
     // same key; only the second becomes an event.
     let site = zenoh_peer(&c.endpoints()).await;
-    let forged = |identifier: &str| proto::IdentifierBatch {
-        twin_id: id.into(),
-        stream: "device_associations".into(),
-        records: vec![proto::IdentifierRecord {
-            timestamp_ns: now_ns(),
-            identifier: identifier.into(),
-            present: true,
-        }],
+    // (Proven as the site's gateway would: a batch without a proof is dropped first.)
+    let gateway = twinmesh_tests::gateway_trust(c.dir.path(), "site-a").unwrap();
+    let forged = |identifier: &str| {
+        let mut b = proto::IdentifierBatch {
+            twin_id: id.into(),
+            stream: "device_associations".into(),
+            records: vec![proto::IdentifierRecord {
+                timestamp_ns: now_ns(),
+                identifier: identifier.into(),
+                present: true,
+            }],
+            proof: None,
+        };
+        assert!(gateway.prove("site-a", &mut b));
+        b
     };
     let marker = format!("{key_id}:00112233445566778899aabbccddeeff");
     let key = format!("twinmesh/telemetry/{id}/device_associations");

@@ -36,7 +36,7 @@ fn stage(op: &str, tier: &str, signal: &str, params: &[(&str, &str)]) -> ChainSt
 /// defect frequency or a neighbour (1 Hz bins for 1 s windows) — the bins the `bearing`
 /// operator reads BPFO's amplitude from. (A peak at 75 Hz for a BPFO of 76.03 Hz is
 /// 1.03 Hz away, yet one bin from BPFO's bin: the shaft speed moves within a window.)
-fn at_bpfo(f: &std::collections::HashMap<String, f64>) -> bool {
+fn at_bpfo(f: &std::collections::BTreeMap<String, f64>) -> bool {
     match (
         f.get("bearing_vibration.env_peak_hz"),
         f.get("bearing_vibration.bpfo_hz"),

@@ -9,6 +9,13 @@ use crate::proto::TelemetryFrame;
 /// Default limit on an encoded frame's size.
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 1 << 20;
 
+/// Default limit on a frame's samples once decoded: bytes alone do not bound them (a
+/// packed block of width 0 holds 128 samples in one byte).
+pub const DEFAULT_MAX_FRAME_SAMPLES: usize = 1 << 20;
+
+/// Default limit on the samples a twin decodes into one ingest batch.
+pub const DEFAULT_MAX_BATCH_SAMPLES: usize = 1 << 22;
+
 /// Why a frame was dropped. `as_str` is the stable label used in metrics and `NodeLoad`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FrameRejection {
@@ -17,6 +24,11 @@ pub enum FrameRejection {
         limit: usize,
     },
     Malformed(String),
+    /// More samples than a frame may decode to.
+    TooManySamples {
+        samples: usize,
+        limit: usize,
+    },
     KeyMismatch {
         key: String,
         twin_id: String,
@@ -37,6 +49,7 @@ impl FrameRejection {
         match self {
             FrameRejection::Oversized { .. } => "oversized",
             FrameRejection::Malformed(_) => "malformed",
+            FrameRejection::TooManySamples { .. } => "too_many_samples",
             FrameRejection::KeyMismatch { .. } => "key_mismatch",
             FrameRejection::UnknownSignal { .. } => "unknown_signal",
             FrameRejection::NonFinite { .. } => "non_finite",
@@ -55,6 +68,10 @@ impl fmt::Display for FrameRejection {
                 )
             }
             FrameRejection::Malformed(e) => write!(f, "malformed frame: {e}"),
+            FrameRejection::TooManySamples { samples, limit } => write!(
+                f,
+                "frame of {samples} samples exceeds the limit of {limit} samples"
+            ),
             FrameRejection::KeyMismatch {
                 key,
                 twin_id,
@@ -74,15 +91,31 @@ impl fmt::Display for FrameRejection {
     }
 }
 
-/// Unpacks a frame whose samples travel codec-packed (an IoT `compress` stage).
-pub fn unpack(frame: &mut TelemetryFrame) -> Result<(), FrameRejection> {
+/// Unpacks a frame whose samples travel codec-packed (an IoT `compress` stage), into at
+/// most `max_samples` samples (a frame that claims more is refused before anything is
+/// allocated).
+pub fn unpack(frame: &mut TelemetryFrame, max_samples: usize) -> Result<(), FrameRejection> {
+    if frame.samples.len() > max_samples {
+        return Err(FrameRejection::TooManySamples {
+            samples: frame.samples.len(),
+            limit: max_samples,
+        });
+    }
     if frame.packed.is_empty() {
         return Ok(());
     }
     if !frame.samples.is_empty() {
         return Err(FrameRejection::Invalid("both samples and packed samples"));
     }
-    crate::dsp::codec::decode(&frame.packed, &mut frame.samples)
+    if let Some(n) = crate::dsp::codec::sample_count(&frame.packed) {
+        if n > max_samples {
+            return Err(FrameRejection::TooManySamples {
+                samples: n,
+                limit: max_samples,
+            });
+        }
+    }
+    crate::dsp::codec::decode_at_most(&frame.packed, &mut frame.samples, max_samples)
         .map_err(|e| FrameRejection::Malformed(format!("packed samples: {e}")))?;
     frame.packed.clear();
     Ok(())
@@ -173,13 +206,49 @@ mod tests {
         let mut f = frame();
         crate::dsp::codec::encode(&[1.0, 2.0, 3.0], 1.0, &mut f.packed);
         f.samples.clear();
-        unpack(&mut f).unwrap();
+        unpack(&mut f, DEFAULT_MAX_FRAME_SAMPLES).unwrap();
         assert_eq!(f.samples, vec![1.0, 2.0, 3.0]);
         assert_eq!(check(&f), Ok(()));
         let mut f = frame();
         f.samples.clear();
         f.packed = vec![0x02, 0xff];
-        assert_eq!(unpack(&mut f).unwrap_err().as_str(), "malformed");
+        assert_eq!(
+            unpack(&mut f, DEFAULT_MAX_FRAME_SAMPLES)
+                .unwrap_err()
+                .as_str(),
+            "malformed"
+        );
+    }
+
+    /// The attack: constant samples pack at width 0, one byte per 128 samples, so 10^8
+    /// samples fit in under 1 MiB. Refused from the header, before anything is decoded.
+    #[test]
+    fn a_frame_is_bounded_by_samples_not_only_bytes() {
+        let n = 100_000_000usize;
+        let mut packed = Vec::new();
+        crate::dsp::codec::encode(&vec![0.0; n], 1.0, &mut packed);
+        assert!(
+            packed.len() < DEFAULT_MAX_FRAME_BYTES,
+            "{} bytes",
+            packed.len()
+        );
+        let mut f = frame();
+        f.samples.clear();
+        f.packed = packed;
+        let e = unpack(&mut f, DEFAULT_MAX_FRAME_SAMPLES).unwrap_err();
+        assert_eq!(
+            e,
+            FrameRejection::TooManySamples {
+                samples: n,
+                limit: DEFAULT_MAX_FRAME_SAMPLES
+            }
+        );
+        assert!(f.samples.capacity() < 1024, "nothing was allocated for it");
+        // Plain samples are bounded too.
+        let mut f = frame();
+        f.samples = vec![1.0; 11];
+        assert_eq!(unpack(&mut f, 10).unwrap_err().as_str(), "too_many_samples");
+        assert_eq!(unpack(&mut frame(), 10), Ok(()));
     }
 
     #[test]

@@ -389,7 +389,7 @@ impl Policy {
     }
 
     /// `identifier_mechanisms` of a `ChainUpdate`: stream → mechanism name.
-    pub fn identifier_mechanisms(&self) -> std::collections::HashMap<String, String> {
+    pub fn identifier_mechanisms(&self) -> std::collections::BTreeMap<String, String> {
         self.identifiers
             .iter()
             .map(|(k, m)| (k.clone(), m.as_str().to_owned()))
@@ -1337,7 +1337,7 @@ mod tests {
         let c = |site: &str, role: &str| proto::Caller {
             site: site.into(),
             role: role.into(),
-            subject: String::new(),
+            ..Default::default()
         };
         assert!(sees_raw(Some(&c("site-a", "data_operator")), "site-a"));
         assert!(sees_raw(Some(&c("site-a", "data_owner")), "site-a"));

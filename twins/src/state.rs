@@ -71,16 +71,29 @@ pub enum Admission {
     Duplicate,
     /// Frames before it are missing but still resendable: drop it and wait for them.
     Gap { expected: u64 },
+    /// Its seq is further ahead than any gateway can have numbered (forged or corrupt):
+    /// drop it; believing it would turn every real frame after it into a duplicate.
+    Refused { expected: u64 },
 }
+
+/// The furthest a frame's seq may run ahead of the next expected one. A gateway skips
+/// numbers only for frames its spool dropped (at most its `max_spool_frames`, 100 000 by
+/// default) and for the rest of a reserved block after a crash (`seq_block`, 4 096):
+/// 2^24 covers a full spool and thousands of crashes.
+pub const MAX_SEQ_JUMP: u64 = 1 << 24;
 
 /// Decides the fate of frame `seq` when `last` is the last applied seq of its signal and
 /// the gateway can still resend everything from `spool_base_seq` on.
 pub fn admit(last: u64, seq: u64, spool_base_seq: u64) -> Admission {
-    let expected = last + 1;
+    let Some(expected) = last.checked_add(1) else {
+        return Admission::Duplicate;
+    };
     if seq < expected {
         Admission::Duplicate
     } else if seq == expected {
         Admission::Apply { lost: 0 }
+    } else if seq - expected > MAX_SEQ_JUMP {
+        Admission::Refused { expected }
     } else if spool_base_seq > expected && seq == spool_base_seq {
         Admission::Apply {
             lost: spool_base_seq - expected,
@@ -488,6 +501,20 @@ mod tests {
         assert_eq!(admit(5, 10, 10), Admission::Apply { lost: 4 });
         // ...but not past frames it still holds.
         assert_eq!(admit(5, 11, 10), Admission::Gap { expected: 6 });
+        // The attacks: a seq no gateway can have reached, with or without a matching
+        // spool base, and the largest seq there is; nothing overflows.
+        for (seq, base) in [
+            (1_000_000_000_000, 1_000_000_000_000),
+            (u64::MAX, u64::MAX),
+            (u64::MAX, 1),
+        ] {
+            assert_eq!(admit(5, seq, base), Admission::Refused { expected: 6 });
+        }
+        assert_eq!(admit(u64::MAX, u64::MAX, 1), Admission::Duplicate);
+        assert_eq!(
+            admit(5, 6 + MAX_SEQ_JUMP, 6 + MAX_SEQ_JUMP),
+            Admission::Apply { lost: MAX_SEQ_JUMP }
+        );
     }
 
     #[test]

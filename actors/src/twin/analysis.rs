@@ -102,13 +102,16 @@ impl TwinActorState {
     }
 
     pub(super) async fn publish_chain(&self) {
-        let update = ChainUpdate {
+        let mut update = ChainUpdate {
             twin_id: self.core.id.to_string(),
             chain: Some((&self.core.chain.spec).into()),
             revision: self.core.revision,
             sealed_signals: self.core.policy.protected_signals(),
             identifier_mechanisms: self.core.policy.identifier_mechanisms(),
+            proof: None,
         };
+        // The gateway obeys only a proven update (it may make a signal travel raw).
+        self.ctx.trust.prove(self.core.id.site(), &mut update);
         self.publish(keys::chain(&self.core.id), &update, Qos::Reliable)
             .await;
     }

@@ -40,15 +40,23 @@ impl ReplyCache {
     /// The cached answer to the encoded twin request `payload` for the twin `twin`
     /// (`{site}/{asset}`), if it is a `GetTwin` of that twin whose view the twin has
     /// answered since its last change.
-    pub fn answer(&self, twin: &str, payload: &Bytes) -> Option<Bytes> {
+    pub fn answer(
+        &self,
+        twin: &str,
+        payload: &Bytes,
+        trust: &crate::trust::Trust,
+        now_ms: i64,
+    ) -> Option<Bytes> {
         if self.views().answers.iter().all(Option::is_none) {
             return None;
         }
-        let request: TwinRequest = wire::decode(payload).ok()?;
+        let mut request: TwinRequest = wire::decode(payload).ok()?;
         match &request.request {
             Some(twin_request::Request::GetTwin(get)) if get.twin_id == twin => {}
             _ => return None,
         }
+        // The view is the one the caller can be believed to have.
+        trust.admit(&mut request, site_of(twin), now_ms);
         let view = view(request.caller.as_ref(), site_of(twin));
         let mut views = self.views();
         let answer = views.answers[view].clone()?;
@@ -86,71 +94,76 @@ fn site_of(twin: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::seal::KeyRing;
+    use crate::trust::Trust;
     use prost::Message;
     use twinmesh_twins::proto::GetTwinRequest;
 
-    fn get(twin: &str, caller: Option<Caller>) -> Bytes {
-        TwinRequest {
-            caller,
+    const NOW: i64 = 1_700_000_000_000;
+
+    fn ring(b: u8) -> KeyRing {
+        KeyRing::new(vec![("k1".into(), [b; 32])]).unwrap()
+    }
+
+    /// An edge of the twin's site, and the cloud: both hold the mesh key.
+    fn edge() -> Trust {
+        Trust::new("edge", "plant")
+            .with_mesh_key(&ring(1))
+            .with_site_key(&ring(2))
+    }
+    fn cloud() -> Trust {
+        Trust::new("cloud", "cloud").with_mesh_key(&ring(1))
+    }
+
+    /// A GetTwin of a data operator, vouched for by `by` (or sent as is, claiming the
+    /// twin's site).
+    fn get(twin: &str, by: Option<&Trust>) -> Bytes {
+        let mut req = TwinRequest {
+            caller: Some(Caller {
+                site: "plant".into(),
+                role: "data_operator".into(),
+                ..Default::default()
+            }),
             request: Some(twin_request::Request::GetTwin(GetTwinRequest {
                 twin_id: twin.into(),
             })),
+        };
+        if let Some(t) = by {
+            t.vouch(&mut req, NOW);
         }
-        .encode_to_vec()
-        .into()
-    }
-
-    fn operator(site: &str) -> Caller {
-        Caller {
-            site: site.into(),
-            role: "data_operator".into(),
-            subject: String::new(),
-        }
+        req.encode_to_vec().into()
     }
 
     #[test]
     fn answers_only_a_get_of_this_twin_in_the_callers_view() {
         let cache = ReplyCache::default();
         let id: TwinId = "plant/wt-1".parse().unwrap();
-        let on_site = Some(operator("plant"));
-        let off_site = Some(operator("elsewhere"));
-        assert_eq!(
-            cache.answer("plant/wt-1", &get("plant/wt-1", on_site.clone())),
-            None
-        );
-        cache.store(&id, on_site.as_ref(), Bytes::from_static(b"raw"));
-        assert_eq!(
-            cache.answer("plant/wt-1", &get("plant/wt-1", on_site.clone())),
-            Some(Bytes::from_static(b"raw"))
-        );
+        let (edge, cloud) = (edge(), cloud());
+        let ask = |payload: &Bytes| cache.answer("plant/wt-1", payload, &edge, NOW);
+        let on_site = get("plant/wt-1", Some(&edge));
+        let off_site = get("plant/wt-1", Some(&cloud));
+        let forged = get("plant/wt-1", None);
+        assert_eq!(ask(&on_site), None);
+        let raw_caller = Caller {
+            site: "plant".into(),
+            role: "data_operator".into(),
+            ..Default::default()
+        };
+        cache.store(&id, Some(&raw_caller), Bytes::from_static(b"raw"));
+        assert_eq!(ask(&on_site), Some(Bytes::from_static(b"raw")));
         assert!(cache.last_hit().is_some());
-        // Another twin, a gated caller, an anonymous one, garbage: not from here.
-        assert_eq!(
-            cache.answer("plant/wt-1", &get("plant/wt-2", on_site.clone())),
-            None
-        );
-        assert_eq!(
-            cache.answer("plant/wt-1", &get("plant/wt-1", off_site.clone())),
-            None
-        );
-        assert_eq!(cache.answer("plant/wt-1", &get("plant/wt-1", None)), None);
-        assert_eq!(
-            cache.answer("plant/wt-1", &Bytes::from_static(b"\xff\xff")),
-            None
-        );
-        cache.store(&id, off_site.as_ref(), Bytes::from_static(b"gated"));
-        assert_eq!(
-            cache.answer("plant/wt-1", &get("plant/wt-1", None)),
-            Some(Bytes::from_static(b"gated"))
-        );
+        // Another twin, a caller off the site, a forged on-site claim, garbage: not
+        // from the raw view.
+        assert_eq!(ask(&get("plant/wt-2", Some(&edge))), None);
+        assert_eq!(ask(&off_site), None);
+        assert_eq!(ask(&forged), None);
+        assert_eq!(ask(&Bytes::from_static(b"\xff\xff")), None);
+        cache.store(&id, None, Bytes::from_static(b"gated"));
+        assert_eq!(ask(&forged), Some(Bytes::from_static(b"gated")));
+        assert_eq!(ask(&off_site), Some(Bytes::from_static(b"gated")));
+        assert_eq!(ask(&on_site), Some(Bytes::from_static(b"raw")));
         cache.clear();
-        assert_eq!(
-            cache.answer("plant/wt-1", &get("plant/wt-1", on_site)),
-            None
-        );
-        assert_eq!(
-            cache.answer("plant/wt-1", &get("plant/wt-1", off_site)),
-            None
-        );
+        assert_eq!(ask(&on_site), None);
+        assert_eq!(ask(&off_site), None);
     }
 }

@@ -76,6 +76,12 @@ impl TwinActorState {
                 status: proto::DeliveryStatus::Pending as i32,
                 timestamp_ns: d.updated_ns,
                 reason: String::new(),
+                proof: None,
+            })
+            .map(|mut update| {
+                // The gateway actuates only on a proven update.
+                self.ctx.trust.prove(self.core.id.site(), &mut update);
+                update
             })
             .collect();
         for update in &updates {

@@ -127,6 +127,10 @@ impl TwinActorState {
                 Admission::Gap { .. } => {
                     NodeMetrics::add(&self.ctx.metrics.frames_gap, 1);
                 }
+                Admission::Refused { expected } => {
+                    NodeMetrics::add(&self.ctx.metrics.messages_malformed, 1);
+                    tracing::warn!(twin = %self.core.id, signal = f.signal, seq = f.seq, expected, "refused a frame whose seq jumps beyond what its gateway can have sent");
+                }
             }
         }
         if !stored.is_empty() {
@@ -166,7 +170,7 @@ pub(super) fn decode_identifiers(
     sample: &Sample,
 ) {
     use twinmesh_twins::frame::FrameRejection;
-    let batch = match sample.decode::<proto::IdentifierBatch>() {
+    let mut batch = match sample.decode::<proto::IdentifierBatch>() {
         Ok(b) => b,
         Err(e) => {
             ctx.metrics
@@ -174,6 +178,14 @@ pub(super) fn decode_identifiers(
             return;
         }
     };
+    if ctx.trust.proven(id.site(), &mut batch).is_none() {
+        ctx.metrics.reject(
+            &sample.key,
+            &FrameRejection::Invalid("no valid proof under the site's control key"),
+        );
+        return;
+    }
+    batch.proof = None;
     let bad = if batch.twin_id != id.to_string() || batch.stream != stream {
         Some("identifier batch for another twin or stream than its key")
     } else if batch.records.is_empty() || batch.records.len() > MAX_IDENTIFIER_RECORDS {
@@ -229,6 +241,13 @@ fn decode_frame(
         Ok(f) => f,
         Err(e) => return rejected(FrameRejection::Malformed(e.to_string())),
     };
+    // Only the site's gateways (and nodes) hold its control key.
+    if ctx.trust.proven(id.site(), &mut f).is_none() {
+        return rejected(FrameRejection::Invalid(
+            "no valid proof under the site's control key",
+        ));
+    }
+    f.proof = None;
     if !f.sealed.is_empty() {
         // A protected signal: its samples travel sealed with the site key.
         let Some(ring) = ctx.site_key.as_ref() else {
@@ -249,7 +268,7 @@ fn decode_frame(
             Err(e) => return rejected(FrameRejection::Malformed(e.to_string())),
         }
     }
-    if let Err(why) = frame::unpack(&mut f) {
+    if let Err(why) = frame::unpack(&mut f, ctx.twin_config.max_frame_samples) {
         return rejected(why);
     }
     match frame::validate(&f, &sample.key, id, key_signal, kind) {
@@ -270,11 +289,20 @@ pub(super) fn collect_batch(
     dropped: &std::sync::atomic::AtomicU64,
 ) -> Vec<TelemetryFrame> {
     let batch_max = ctx.twin_config.ingest_batch;
-    let mut batch = Vec::new();
+    // A batch holds at most this many samples in memory (frames beyond wait in the
+    // channel for the next batch).
+    let samples_max = ctx.twin_config.max_batch_samples;
+    let mut batch: Vec<TelemetryFrame> = Vec::new();
     batch.extend(decode_frame(ctx, actor, id, kind, &first));
-    while batch.len() < batch_max {
+    let mut samples: usize = batch.iter().map(|f| f.samples.len()).sum();
+    while batch.len() < batch_max && samples < samples_max {
         match rx.try_recv() {
-            Ok(s) => batch.extend(decode_frame(ctx, actor, id, kind, &s)),
+            Ok(s) => {
+                if let Some(f) = decode_frame(ctx, actor, id, kind, &s) {
+                    samples += f.samples.len();
+                    batch.push(f);
+                }
+            }
             Err(_) => break,
         }
     }
@@ -309,12 +337,15 @@ pub(super) async fn deliver_batch(
         return true;
     }
     for (signal, seq) in acks.watermarks {
-        let wm = Watermark {
+        let mut wm = Watermark {
             twin_id: id.to_string(),
             signal,
             seq,
             epoch: acks.epoch,
+            proof: None,
         };
+        // The gateway truncates its spool only on a proven watermark.
+        ctx.trust.prove(id.site(), &mut wm);
         if let Err(e) = ctx.fabric.put(&keys::acks(&id), &wm, Qos::Reliable).await {
             tracing::warn!(twin = %id, "ack not published: {e}");
         }

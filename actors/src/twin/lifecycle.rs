@@ -90,7 +90,9 @@ impl TwinActorState {
     /// Replicates the snapshot to the cloud (placement authority), which keeps the newest
     /// per twin and refuses older epochs.
     pub(super) async fn replicate(&mut self) {
-        let snap = self.offsite_snapshot();
+        let mut snap = self.offsite_snapshot();
+        // The cloud keeps replicas proven by a mesh node (the owner at its epoch).
+        self.ctx.trust.prove_mesh(&mut snap);
         let revision = self.core.revision;
         self.publish(keys::snapshot(&self.core.id), &snap, Qos::Reliable)
             .await;

@@ -197,6 +197,7 @@ impl TwinActorState {
             epoch: self.placement.epoch,
             saved_ns: self.ctx.now_ns(),
             node: self.ctx.node.to_string(),
+            proof: None,
         }
     }
 

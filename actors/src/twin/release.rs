@@ -325,10 +325,12 @@ async fn ask(
     twin: &TwinId,
     request: twin_request::Request,
 ) -> Result<twin_reply::Reply, proto::Error> {
-    let request = TwinRequest {
+    // The node coordinates a release the first twin already checked: it asks as itself.
+    let mut request = TwinRequest {
         request: Some(request),
-        caller: None,
+        caller: Some(ctx.own_caller()),
     };
+    ctx.trust.vouch(&mut request, ctx.now_ms());
     let replies = ctx
         .fabric
         .ask(&keys::twin_rpc(twin), &request, Duration::from_secs(5))
@@ -357,8 +359,11 @@ async fn site_ledger(
 ) -> Result<proto::Budget, proto::Error> {
     let reply = crate::mesh::ask_authority(
         &*ctx.fabric,
+        &ctx.trust,
+        ctx.own_caller(),
         proto::mesh_request::Request::SiteBudget(req),
         Duration::from_secs(5),
+        ctx.now_ms(),
     )
     .await
     .map_err(|mut e| {

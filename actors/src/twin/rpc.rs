@@ -229,7 +229,7 @@ pub(super) fn serve_query(
 ) -> Option<BoxFuture<'static, ()>> {
     NodeMetrics::add(&ctx.metrics.rpc_served, 1);
     let key = keys::twin_rpc(id);
-    let request = match query.decode::<TwinRequest>() {
+    let mut request = match query.decode::<TwinRequest>() {
         Err(e) => {
             let reply = error_reply(&DomainError::InvalidArgument(format!(
                 "malformed twin request: {e}"
@@ -239,6 +239,33 @@ pub(super) fn serve_query(
         }
         Ok(r) => r,
     };
+    // From here on the caller is what can be believed of it (anonymous, off the site,
+    // or as a mesh node vouched for it), and the request needs its least role.
+    ctx.trust.admit(&mut request, id.site(), ctx.now_ms());
+    if let Some(r) = &request.request {
+        let least = crate::trust::least_role(r);
+        let role = privacy::role_of(request.caller.as_ref());
+        if role < least {
+            let why = match &request.caller {
+                None => format!(
+                    "an unauthenticated caller (no context vouched for by a mesh node) may \
+                     not do this on twin {id} (needs {})",
+                    least.as_str()
+                ),
+                Some(_) => format!(
+                    "role {} may not do this on twin {id} (needs {})",
+                    role.as_str(),
+                    least.as_str()
+                ),
+            };
+            send_reply(
+                query,
+                &key,
+                &error_reply(&DomainError::PermissionDenied(why)),
+            );
+            return None;
+        }
+    }
     match request {
         TwinRequest {
             request: Some(twin_request::Request::ImportHistory(req)),

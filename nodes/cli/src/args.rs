@@ -129,6 +129,13 @@ pub struct NodeArgs {
     /// protected signals travel sealed with it.
     #[arg(long, value_name = "FILE")]
     pub site_key: Option<PathBuf>,
+    /// Edge and cloud nodes: the mesh key file (`twinmesh keys new`); with it the node
+    /// vouches for its callers on the fabric.
+    #[arg(long, value_name = "FILE")]
+    pub mesh_key: Option<PathBuf>,
+    /// Folder of `{site}.control.key` files: proofs on telemetry, acks and control.
+    #[arg(long, value_name = "DIR")]
+    pub control_keys: Option<PathBuf>,
     /// Cloud nodes: ε each site may spend on set releases per period (default 10).
     #[arg(long, value_name = "EPSILON")]
     pub site_epsilon: Option<f64>,
@@ -196,6 +203,8 @@ impl NodeArgs {
         cfg.seed = self.seed;
         cfg.passivate_after_s = self.passivate_after;
         cfg.site_key_file = self.site_key;
+        cfg.mesh_key_file = self.mesh_key;
+        cfg.control_keys_dir = self.control_keys;
         cfg.site_epsilon_per_period = self.site_epsilon;
         cfg.site_budget_period_s = self.site_budget_period;
         cfg.at_rest_key_file = self.at_rest_key;

@@ -278,10 +278,8 @@ fn short_name(name: &str, prefix: &str) -> String {
 }
 
 /// Map entries in key order (proto maps are hash maps).
-fn sorted<V>(map: &std::collections::HashMap<String, V>) -> Vec<(&String, &V)> {
-    let mut v: Vec<_> = map.iter().collect();
-    v.sort_by(|a, b| a.0.cmp(b.0));
-    v
+fn sorted<V>(map: &std::collections::BTreeMap<String, V>) -> Vec<(&String, &V)> {
+    map.iter().collect()
 }
 
 fn print_model(m: &proto::ModelInfo) {

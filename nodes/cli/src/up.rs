@@ -41,6 +41,9 @@ pub fn certs_dir(data: &std::path::Path) -> PathBuf {
 /// The read-only client certificate `up --secure` issues (dashboards, `zenoh` tools).
 pub const READER: &str = "reader";
 
+/// The mesh key's file name under `data/keys`.
+pub const MESH_KEY: &str = "mesh.key";
+
 /// The ACL roster of the planned nodes: edge and cloud nodes are the mesh, IoT nodes
 /// the gateways of their sites, plus one read-only client, [`READER`].
 pub fn roster(nodes: &[NodeConfig]) -> anyhow::Result<twinmesh_nodes::acl::Roster> {
@@ -125,9 +128,19 @@ pub fn plan(opts: &UpOptions) -> anyhow::Result<Vec<NodeConfig>> {
             n.acl_file = Some(certs.join("acl.toml"));
         }
     }
-    // One site key per site, shared by its edge and gateway (created on first start).
-    for n in nodes.iter_mut().filter(|n| n.tier != Tier::Cloud) {
-        n.site_key_file = Some(opts.data.join("keys").join(format!("{}.key", n.site)));
+    // One site key per site, shared by its edge and gateway; the mesh key for the edges
+    // and the cloud; a control key per site for its edge and gateway and the cloud
+    // (all created on first start): even the default mesh believes no caller and no
+    // message that a key does not prove.
+    let keys = opts.data.join("keys");
+    for n in nodes.iter_mut() {
+        if n.tier != Tier::Cloud {
+            n.site_key_file = Some(keys.join(format!("{}.key", n.site)));
+        }
+        if n.tier != Tier::Iot {
+            n.mesh_key_file = Some(keys.join(MESH_KEY));
+        }
+        n.control_keys_dir = Some(keys.clone());
     }
     for n in &mut nodes {
         n.normalize()?;
@@ -158,9 +171,19 @@ pub async fn start(mut plan: Vec<NodeConfig>) -> anyhow::Result<Vec<RunningNode>
         )
         .map_err(|e| anyhow::anyhow!("cannot write ACL roster {}: {e}", path.display()))?;
     }
-    for key in plan.iter().filter_map(|c| c.site_key_file.as_ref()) {
+    let control_keys = plan.iter().filter_map(|c| {
+        let dir = c.control_keys_dir.as_ref()?;
+        (c.tier != Tier::Cloud).then(|| dir.join(format!("{}.control.key", c.site)))
+    });
+    let key_files: Vec<PathBuf> = plan
+        .iter()
+        .filter_map(|c| c.site_key_file.clone())
+        .chain(plan.iter().filter_map(|c| c.mesh_key_file.clone()))
+        .chain(control_keys)
+        .collect();
+    for key in key_files {
         if !key.exists() {
-            twinmesh_nodes::keys::new_key_file(key, "k1")?;
+            twinmesh_nodes::keys::new_key_file(&key, "k1")?;
         }
     }
     let mut running: Vec<RunningNode> = Vec::new();

@@ -40,12 +40,16 @@ impl MeshService for Services {
         &self,
         request: Request<MigrateTwinRequest>,
     ) -> Result<Response<MigrateTwinResponse>, Status> {
-        crate::auth::require(&request, Role::DataManager)?;
+        let who = crate::auth::require(&request, Role::DataManager)?;
         let req = request.into_inner();
         parse_twin_id(&req.twin_id)?;
         match self
             .api
-            .mesh_request(mesh_request::Request::Migrate(req), MIGRATE_TIMEOUT)
+            .mesh_request(
+                self.api.caller_of(&who),
+                mesh_request::Request::Migrate(req),
+                MIGRATE_TIMEOUT,
+            )
             .await?
         {
             mesh_reply::Reply::Migrate(r) => Ok(Response::new(r)),
@@ -57,14 +61,18 @@ impl MeshService for Services {
         &self,
         request: Request<DrainNodeRequest>,
     ) -> Result<Response<DrainNodeResponse>, Status> {
-        crate::auth::require(&request, Role::DataManager)?;
+        let who = crate::auth::require(&request, Role::DataManager)?;
         let req = request.into_inner();
         req.node
             .parse::<twinmesh_twins::NodeId>()
             .map_err(crate::Error::from)?;
         match self
             .api
-            .mesh_request(mesh_request::Request::Drain(req), DRAIN_TIMEOUT)
+            .mesh_request(
+                self.api.caller_of(&who),
+                mesh_request::Request::Drain(req),
+                DRAIN_TIMEOUT,
+            )
             .await?
         {
             mesh_reply::Reply::Drain(r) => Ok(Response::new(r)),

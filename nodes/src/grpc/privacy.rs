@@ -79,7 +79,7 @@ impl PrivacyService for Services {
             return Ok(self.forward(request).await?);
         }
         // A site's ledger is kept by the placement authority.
-        crate::auth::require(&request, GetBudgetRequest::LEAST_ROLE)?;
+        let who = crate::auth::require(&request, GetBudgetRequest::LEAST_ROLE)?;
         let req = request.into_inner();
         if !req.twin_id.is_empty() {
             return Err(crate::Error::invalid_argument(
@@ -95,6 +95,7 @@ impl PrivacyService for Services {
         match self
             .api
             .mesh_request(
+                self.api.caller_of(&who),
                 proto::mesh_request::Request::SiteBudget(read),
                 Duration::from_secs(5),
             )

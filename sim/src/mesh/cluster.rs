@@ -57,6 +57,36 @@ pub struct NodeSpec {
     pub devices: Vec<(TwinId, AssetKind)>,
 }
 
+/// Sites every simulated cloud holds the control keys of.
+pub const SIM_SITES: [&str; 5] = ["a", "b", "c", "site-a", "site-b"];
+
+/// The keys `twinmesh up` would give the node (fixed, from the node's tier and site): the
+/// mesh key to edges and the cloud, the site key to the site's edge and gateway, the
+/// control key of its site to each (every site's to the cloud).
+pub fn sim_trust(spec: &NodeSpec, sites: &[String]) -> twinmesh_actors::trust::Trust {
+    use twinmesh_actors::seal::KeyRing;
+    let ring = |label: &str| {
+        let mut key = [0u8; 32];
+        for (i, b) in label.bytes().enumerate() {
+            key[i % 32] ^= b.wrapping_add(i as u8);
+        }
+        KeyRing::new(vec![("k1".to_owned(), key)]).expect("one valid key")
+    };
+    let mut trust = twinmesh_actors::trust::Trust::new(&spec.id, &spec.site);
+    if spec.tier != Tier::Iot {
+        trust = trust.with_mesh_key(&ring("sim mesh key"));
+    }
+    if spec.tier != Tier::Cloud {
+        trust = trust.with_site_key(&ring(&format!("sim site key {}", spec.site)));
+    }
+    for site in sites {
+        if spec.tier == Tier::Cloud || *site == spec.site {
+            trust = trust.with_control_key(site, &ring(&format!("sim control key {site}")));
+        }
+    }
+    trust
+}
+
 /// One simulated node: its spec and its store, which outlives crashes.
 pub struct SimNode {
     pub spec: NodeSpec,
@@ -82,7 +112,7 @@ impl SimNode {
 pub struct SimCluster {
     pub net: Arc<Network>,
     pub nodes: BTreeMap<String, SimNode>,
-    clock: Arc<SimClock>,
+    pub clock: Arc<SimClock>,
     seed: u64,
     /// Twin settings of the nodes started from now on (analysis off: it runs on a
     /// thread pool, outside virtual time).
@@ -134,6 +164,13 @@ impl SimCluster {
     /// Starts (or restarts) a node on its store, assembled as in production.
     pub async fn start(&mut self, id: &str) -> twinmesh_actors::Result<()> {
         self.net.revive(id);
+        // The sites of the simulations (a cloud started before its sites' nodes still
+        // holds their control keys, as `up` gives them).
+        let sites: Vec<String> = SIM_SITES
+            .iter()
+            .map(|s| s.to_string())
+            .chain(self.nodes.values().map(|n| n.spec.site.clone()))
+            .collect();
         let fabric = Arc::new(self.net.fabric(id));
         let node = self.nodes.get_mut(id).expect("known node");
         let spec = node.spec.clone();
@@ -145,7 +182,9 @@ impl SimCluster {
                 Box::new(SimDevice::new(id.clone(), *kind, self.seed)) as Box<dyn Device>
             })
             .collect();
+        let trust = Arc::new(sim_trust(&spec, &sites));
         let assembly = Assembly::start(NodeParts {
+            trust,
             node: node_id,
             tier: spec.tier,
             site: spec.site.clone(),

@@ -117,6 +117,29 @@ pub fn encode(x: &[f64], scale: f64, out: &mut Vec<u8>) {
     }
 }
 
+/// How many samples an encoded frame holds, from its header alone (`None`: malformed).
+pub fn sample_count(buf: &[u8]) -> Option<usize> {
+    let (&mode, rest) = buf.split_first()?;
+    match mode {
+        RAW => Some(rest.len() / 8),
+        PACKED => {
+            let mut pos = 1;
+            usize::try_from(get_varint(buf, &mut pos).ok()?).ok()
+        }
+        _ => None,
+    }
+}
+
+/// [`decode`], refusing a frame of more than `max_samples` samples before it allocates.
+pub fn decode_at_most(buf: &[u8], out: &mut Vec<f64>, max_samples: usize) -> Result<(), DspError> {
+    match sample_count(buf) {
+        Some(n) if n > max_samples => Err(DspError::Input(format!(
+            "frame claims {n} samples, more than {max_samples}"
+        ))),
+        _ => decode(buf, out),
+    }
+}
+
 /// Decodes a frame made by [`encode`], appending the samples to `out`.
 pub fn decode(buf: &[u8], out: &mut Vec<f64>) -> Result<(), DspError> {
     let (&mode, rest) = buf

@@ -85,6 +85,7 @@ pub(super) async fn bench_ingest(args: &BenchArgs, scheme: &str) -> anyhow::Resu
         spool_base_seq: 1,
         scale: SAMPLE_SCALE,
         packed: Vec::new(),
+        proof: None,
     }
     .encode_to_vec();
     let payload = bytes::Bytes::from(payload);
@@ -142,6 +143,7 @@ pub(super) async fn bench_ingest(args: &BenchArgs, scheme: &str) -> anyhow::Resu
         let publisher = rig.frame_publisher(&id, "bearing_vibration").await?;
         let acked = acked.clone();
         let latencies = latencies.clone();
+        let trust = rig.gateway_trust.clone();
         let n = args.frame_samples;
         let window = args.window;
         tasks.push(tokio::spawn(async move {
@@ -172,7 +174,7 @@ pub(super) async fn bench_ingest(args: &BenchArgs, scheme: &str) -> anyhow::Resu
                         .record(t.elapsed().as_micros() as u64);
                 }
                 seq += 1;
-                let frame = TelemetryFrame {
+                let mut frame = TelemetryFrame {
                     sealed: Vec::new(),
                     twin_id: id.clone(),
                     signal: "bearing_vibration".into(),
@@ -183,7 +185,10 @@ pub(super) async fn bench_ingest(args: &BenchArgs, scheme: &str) -> anyhow::Resu
                     spool_base_seq: 1,
                     scale: SAMPLE_SCALE,
                     packed: Vec::new(),
+                    proof: None,
                 };
+                // As a gateway does for every frame.
+                trust.prove("bench", &mut frame);
                 sent_at.push_back((seq, Instant::now()));
                 if publisher.put(frame.encode_to_vec()).await.is_err() {
                     return;

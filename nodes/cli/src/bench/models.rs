@@ -273,7 +273,7 @@ pub async fn bench_scored(
         let ctx = &ctx;
         async move {
             for id in ids {
-                let f = TelemetryFrame {
+                let mut f = TelemetryFrame {
                     sealed: Vec::new(),
                     twin_id: id.to_string(),
                     signal: signal.into(),
@@ -284,7 +284,9 @@ pub async fn bench_scored(
                     spool_base_seq: 1,
                     scale: 0.0,
                     packed: Vec::new(),
+                    proof: None,
                 };
+                ctx.trust.prove(id.site(), &mut f);
                 let _ = ctx
                     .fabric
                     .publish(

@@ -23,6 +23,8 @@ pub(crate) struct Rig {
     pub(crate) gateway: zenoh::Session,
     /// The edge's site key (the gateway seals protected signals with it).
     pub(crate) site_key: twinmesh_actors::seal::KeyRing,
+    /// What the gateway session proves its frames with (the site's control key).
+    pub(crate) gateway_trust: twinmesh_actors::trust::Trust,
 }
 
 impl Rig {
@@ -54,12 +56,27 @@ impl Rig {
         let key_file = dir.path().join("bench.key");
         twinmesh_nodes::keys::new_key_file(&key_file, "k1")?;
         let site_key = twinmesh_nodes::config::load_key_ring(&key_file, "site key")?;
+        // The keys `up` gives: the mesh key to both nodes, the site's control key to
+        // every node and to the gateway.
+        let keys = dir.path().join("keys");
+        let mesh_key = keys.join("mesh.key");
+        twinmesh_nodes::keys::new_key_file(&mesh_key, "k1")?;
+        let control_key = keys.join("bench.control.key");
+        twinmesh_nodes::keys::new_key_file(&control_key, "k1")?;
+        let gateway_trust = twinmesh_actors::trust::Trust::new("bench-gateway", "bench")
+            .with_site_key(&site_key)
+            .with_control_key(
+                "bench",
+                &twinmesh_nodes::config::load_key_ring(&control_key, "control key")?,
+            );
         let mut cloud = NodeConfig::new("bench-cloud".parse()?, Tier::Cloud, CLOUD_SITE);
         cloud.listen = vec![format!("{scheme}/127.0.0.1:0")];
         cloud.grpc = Some("127.0.0.1:0".parse()?);
         cloud.data = dir.path().join("cloud");
         cloud.tls = tls_of("bench-cloud")?;
         cloud.lease_ms = lease_ms;
+        cloud.mesh_key_file = Some(mesh_key.clone());
+        cloud.control_keys_dir = Some(keys.clone());
         cloud.normalize()?;
         let cloud = RunningNode::start(cloud).await?;
         let mut edge = NodeConfig::new("bench-edge".parse()?, Tier::Edge, "bench");
@@ -71,6 +88,8 @@ impl Rig {
         edge.tls = tls_of("bench-edge")?;
         edge.lease_ms = lease_ms;
         edge.site_key_file = Some(key_file);
+        edge.mesh_key_file = Some(mesh_key);
+        edge.control_keys_dir = Some(keys);
         edge.normalize()?;
         let edge = RunningNode::start(edge).await?;
         let mut c = zenoh::Config::default();
@@ -114,6 +133,7 @@ impl Rig {
             edge,
             gateway,
             site_key,
+            gateway_trust,
         })
     }
 
@@ -244,6 +264,7 @@ pub(crate) fn scale_placement(prefix: &str, i: usize, node: &str) -> Placement {
         status: twinmesh_actors::mesh::STATUS_ACTIVE.into(),
         reason: String::new(),
         initial_chain: None,
+        proof: None,
     }
 }
 

@@ -145,18 +145,20 @@ pub(super) async fn bench_rpc(args: &BenchArgs) -> anyhow::Result<RpcReport> {
     // The same GetTwin as a Zenoh query from the cloud node, without gRPC: the twin hop.
     let fabric = rig.cloud.ctx.fabric.clone();
     let twin_key = keys::twin_rpc(&ids[0].parse()?);
+    let trust = rig.cloud.ctx.trust.clone();
     let request = TwinRequest {
         caller: Some(Caller {
-            site: rig.cloud.ctx.site.clone(),
             role: Role::Viewer.as_str().into(),
-            subject: String::new(),
+            ..Default::default()
         }),
         request: Some(twin_request::Request::GetTwin(GetTwinRequest {
             twin_id: ids[0].clone(),
         })),
     };
     let (hist, calls) = closed_loop(parallel, warmup, ceiling_measure, move || {
-        let (fabric, key, request) = (fabric.clone(), twin_key.clone(), request.clone());
+        let (fabric, key, mut request) = (fabric.clone(), twin_key.clone(), request.clone());
+        // As the cloud's API does for every call.
+        trust.vouch(&mut request, twinmesh_nodes::api::now_ms());
         async move {
             let reply = fabric.ask_first(&key, &request, Duration::from_secs(2)).await;
             matches!(reply, Ok(Some(r)) if r.decode::<TwinReply>().is_ok_and(|r| matches!(r.reply, Some(twin_reply::Reply::Twin(_)))))

@@ -40,9 +40,9 @@ impl MeshService for Services {
         &self,
         request: Request<MigrateTwinRequest>,
     ) -> Result<Response<MigrateTwinResponse>, Status> {
-        crate::auth::require(&request, Role::DataManager)?;
+        let who = crate::auth::require(&request, Role::DataManager)?;
         let req = request.into_inner();
-        parse_twin_id(&req.twin_id)?;
+        who.require_site(parse_twin_id(&req.twin_id)?.site())?;
         match self
             .api
             .mesh_request(mesh_request::Request::Migrate(req), MIGRATE_TIMEOUT)
@@ -57,11 +57,20 @@ impl MeshService for Services {
         &self,
         request: Request<DrainNodeRequest>,
     ) -> Result<Response<DrainNodeResponse>, Status> {
-        crate::auth::require(&request, Role::DataManager)?;
+        let who = crate::auth::require(&request, Role::DataManager)?;
         let req = request.into_inner();
         req.node
             .parse::<twinmesh_twins::NodeId>()
             .map_err(crate::Error::from)?;
+        // A role scoped to sites drains only nodes of those sites.
+        if !who.sites.is_empty() {
+            let nodes = self.api.list_nodes().await?;
+            let node = nodes
+                .iter()
+                .find(|n| n.node == req.node)
+                .ok_or_else(|| crate::Error::not_found(format!("unknown node {}", req.node)))?;
+            who.require_site(&node.site)?;
+        }
         match self
             .api
             .mesh_request(mesh_request::Request::Drain(req), DRAIN_TIMEOUT)

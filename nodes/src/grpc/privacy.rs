@@ -79,7 +79,7 @@ impl PrivacyService for Services {
             return Ok(self.forward(request).await?);
         }
         // A site's ledger is kept by the placement authority.
-        crate::auth::require(&request, GetBudgetRequest::LEAST_ROLE)?;
+        let who = crate::auth::require(&request, GetBudgetRequest::LEAST_ROLE)?;
         let req = request.into_inner();
         if !req.twin_id.is_empty() {
             return Err(crate::Error::invalid_argument(
@@ -88,6 +88,7 @@ impl PrivacyService for Services {
             .into());
         }
         twinmesh_twins::id::validate_site(&req.site).map_err(crate::Error::from)?;
+        who.require_site(&req.site)?;
         let read = proto::SiteBudgetRequest {
             site: req.site,
             ..Default::default()

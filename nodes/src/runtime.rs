@@ -197,6 +197,10 @@ impl RunningNode {
                 }
             });
         }
+        let exposed = config.exposed_plaintext();
+        if !exposed.is_empty() {
+            tracing::warn!(node = %config.id, ?exposed, "--insecure: plaintext listeners on non-loopback addresses");
+        }
         tracing::info!(node = %config.id, tier = %config.tier, site = config.site, ?locators, ?grpc_addr, ?http_addr, "node started");
         Ok(RunningNode {
             config,

@@ -173,6 +173,10 @@ pub struct NodeArgs {
     /// Claim listing the sites a token's role holds on (absent: every site).
     #[arg(long, default_value = "twinmesh_sites")]
     pub auth_sites_claim: String,
+    /// Allow plaintext Zenoh, gRPC and HTTP on non-loopback addresses (protected mode
+    /// off); without it such a node needs the --tls-* flags.
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 impl NodeArgs {
@@ -219,6 +223,7 @@ impl NodeArgs {
             roles_claim: self.auth_roles_claim,
             sites_claim: self.auth_sites_claim,
         };
+        cfg.insecure = self.insecure;
         cfg.normalize()?;
         Ok(cfg)
     }

@@ -189,10 +189,11 @@ impl RunningNode {
                 api,
                 ctx: ctx.clone(),
                 store: store.clone(),
+                auth,
             };
-            let cancel = servers.clone();
+            let (cancel, tls, tasks) = (servers.clone(), config.tls.clone(), ctx.tasks.clone());
             ctx.tasks.spawn(async move {
-                if let Err(e) = http::serve(listener, state, cancel).await {
+                if let Err(e) = http::serve(listener, state, tls, tasks, cancel).await {
                     tracing::error!("HTTP server stopped: {e}");
                 }
             });

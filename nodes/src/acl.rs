@@ -23,7 +23,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use twinmesh_twins::{id::validate_site, NodeId};
+use twinmesh_twins::{id::validate_site, keys, NodeId};
 
 /// The roster: which certificate names belong to which tier.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -235,7 +235,17 @@ fn gateway_rules(site: &str, name: &NodeId) -> (Vec<Value>, Vec<String>) {
     add("answers", &["egress"], &["reply"], &asks);
     let own = [own];
     add("serve", &["ingress"], &["declare_queryable", "reply"], &own);
-    add("served", &["egress"], &["query"], &own);
+    // Queries reach the gateway's queryables under their own key and under the
+    // wildcards of the listings (`ctl nodes`, `ctl twins`): Zenoh's ACL matches the
+    // query's key expression, which a rule must include, and `twinmesh/nodes/*/info`
+    // is not included in `twinmesh/nodes/{name}/*`. Without them the gateways were
+    // missing from every listing under an ACL.
+    let served = [
+        own[0].clone(),
+        keys::NODE_INFO_ALL.to_owned(),
+        keys::NODE_TWINS_ALL.to_owned(),
+    ];
+    add("served", &["egress"], &["query"], &served);
     let token = [format!("twinmesh/nodes/{name}")];
     add("announce", &["ingress"], &["liveliness_token"], &token);
     (rules, ids)
@@ -283,10 +293,76 @@ mod tests {
         assert!(keys.contains(&"twinmesh/nodes/iot-a/*".to_owned()));
         for k in &keys {
             assert!(
-                k.contains("/site-a/") || k.starts_with("twinmesh/nodes/iot-a"),
+                k.contains("/site-a/")
+                    || k.starts_with("twinmesh/nodes/iot-a")
+                    || [keys::NODE_INFO_ALL, keys::NODE_TWINS_ALL].contains(&k.as_str()),
                 "{k} is not a key of site-a or of the gateway itself"
             );
         }
+    }
+
+    /// The rule of `gateway` with the id suffix `what`, as (flows, messages, keys).
+    fn gateway_rule(
+        acl: &Value,
+        gateway: &str,
+        what: &str,
+    ) -> (Vec<String>, Vec<String>, Vec<String>) {
+        let rule = acl["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["id"] == format!("gateway {gateway}: {what}"))
+            .unwrap_or_else(|| panic!("no rule {what} of {gateway}"));
+        let strings = |v: &Value| -> Vec<String> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_str().unwrap().to_owned())
+                .collect()
+        };
+        (
+            strings(&rule["flows"]),
+            strings(&rule["messages"]),
+            strings(&rule["key_exprs"]),
+        )
+    }
+
+    /// `ctl nodes` asks `twinmesh/nodes/*/info`: the query must be allowed out to a
+    /// gateway under that very key expression (Zenoh's ACL wants a rule that includes
+    /// it), and its reply on the gateway's own key allowed in.
+    #[test]
+    fn the_listings_reach_the_gateways_and_their_replies_come_back() {
+        let acl = roster().zenoh_acl();
+        let (flows, messages, exprs) = gateway_rule(&acl, "iot-a", "served");
+        assert_eq!(
+            (flows, messages),
+            (vec!["egress".into()], vec!["query".into()])
+        );
+        for listing in [
+            keys::NODE_INFO_ALL,
+            keys::NODE_TWINS_ALL,
+            "twinmesh/nodes/iot-a/*",
+        ] {
+            assert!(
+                exprs.contains(&listing.to_owned()),
+                "{listing} not in {exprs:?}"
+            );
+        }
+        let (flows, messages, exprs) = gateway_rule(&acl, "iot-a", "serve");
+        assert_eq!(flows, vec!["ingress".to_owned()]);
+        assert!(messages.contains(&"reply".to_owned()));
+        assert_eq!(exprs, vec!["twinmesh/nodes/iot-a/*".to_owned()]);
+        // The readers receive the replies.
+        let reader = acl["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["id"] == "readers: receive")
+            .unwrap();
+        assert!(reader["messages"]
+            .as_array()
+            .unwrap()
+            .contains(&"reply".into()));
     }
 
     #[test]

@@ -24,7 +24,7 @@ use twinmesh_twins::ErrorCode;
 use twinmesh_twins::privacy::Role;
 
 /// How a node checks callers (all optional: none → no authentication).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
     /// File holding the HS256 shared secret (its bytes, trailing newline trimmed).
@@ -45,10 +45,31 @@ pub struct AuthConfig {
     /// Claim holding the role(s); dotted for nested claims.
     #[serde(default = "default_roles_claim")]
     pub roles_claim: String,
+    /// Claim listing the sites the role holds on (dotted; absent: every site).
+    #[serde(default = "default_sites_claim")]
+    pub sites_claim: String,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            hs256_secret_file: None,
+            public_key_file: None,
+            jwks_file: None,
+            issuer: None,
+            audience: None,
+            roles_claim: default_roles_claim(),
+            sites_claim: default_sites_claim(),
+        }
+    }
 }
 
 fn default_roles_claim() -> String {
     "roles".to_owned()
+}
+
+fn default_sites_claim() -> String {
+    "twinmesh_sites".to_owned()
 }
 
 impl AuthConfig {
@@ -69,13 +90,20 @@ pub enum AuthError {
     NoRole(String),
     #[error("this call needs the {} role, the caller has {}", least.as_str(), has.as_str())]
     RoleTooLow { least: Role, has: Role },
+    #[error("the caller's role holds on {} only, not on {site}", held.join(", "))]
+    OtherSite { site: String, held: Vec<String> },
+    #[error("claim {0:?} is not a list of valid site names")]
+    BadSites(String),
 }
 
 impl AuthError {
     pub fn code(&self) -> ErrorCode {
         match self {
             AuthError::Unauthenticated(_) => ErrorCode::Unauthenticated,
-            AuthError::NoRole(_) | AuthError::RoleTooLow { .. } => ErrorCode::PermissionDenied,
+            AuthError::NoRole(_)
+            | AuthError::RoleTooLow { .. }
+            | AuthError::OtherSite { .. }
+            | AuthError::BadSites(_) => ErrorCode::PermissionDenied,
         }
     }
 
@@ -89,6 +117,47 @@ impl AuthError {
 pub struct Identity {
     pub subject: String,
     pub role: Role,
+    /// The sites the role holds on (the token's sites claim); empty: every site.
+    pub sites: Vec<String>,
+}
+
+impl Identity {
+    /// The caller of a node without authentication: every role on every site.
+    pub fn trusted() -> Self {
+        Identity {
+            subject: String::new(),
+            role: Role::DataOwner,
+            sites: Vec::new(),
+        }
+    }
+
+    /// Refuses (`PERMISSION_DENIED`) a caller below `least`.
+    pub fn require_role(&self, least: Role) -> Result<(), AuthError> {
+        if self.role < least {
+            return Err(AuthError::RoleTooLow {
+                least,
+                has: self.role,
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether the caller's role holds on `site`.
+    pub fn covers(&self, site: &str) -> bool {
+        self.sites.is_empty() || self.sites.iter().any(|s| s == site)
+    }
+
+    /// Refuses (`PERMISSION_DENIED`) an act of the node itself on `site` by a caller
+    /// whose role is scoped to other sites.
+    pub fn require_site(&self, site: &str) -> Result<(), AuthError> {
+        if self.covers(site) {
+            return Ok(());
+        }
+        Err(AuthError::OtherSite {
+            site: site.to_owned(),
+            held: self.sites.clone(),
+        })
+    }
 }
 
 struct Key {
@@ -103,6 +172,16 @@ pub struct Authenticator {
     issuer: Option<String>,
     audience: Option<String>,
     roles_claim: String,
+    sites_claim: String,
+}
+
+/// The value at a dotted claim path (`realm_access.roles`), or null.
+fn claim<'a>(claims: &'a serde_json::Value, path: &str) -> &'a serde_json::Value {
+    let mut v = claims;
+    for part in path.split('.') {
+        v = v.get(part).unwrap_or(&serde_json::Value::Null);
+    }
+    v
 }
 
 fn read(path: &Path, what: &str) -> crate::Result<Vec<u8>> {
@@ -198,7 +277,23 @@ impl Authenticator {
             issuer: cfg.issuer.clone(),
             audience: cfg.audience.clone(),
             roles_claim: cfg.roles_claim.clone(),
+            sites_claim: cfg.sites_claim.clone(),
         })))
+    }
+
+    /// Checks an `authorization` header's value (`Bearer TOKEN`), the same for gRPC
+    /// metadata and HTTP headers.
+    pub fn authenticate_header(&self, header: Option<&str>) -> Result<Identity, AuthError> {
+        let h = header.ok_or_else(|| AuthError::unauthenticated("missing bearer token"))?;
+        match h
+            .strip_prefix("Bearer ")
+            .or_else(|| h.strip_prefix("bearer "))
+        {
+            Some(token) => self.authenticate(token.trim()),
+            None => Err(AuthError::unauthenticated(
+                "authorization header is not a bearer token",
+            )),
+        }
     }
 
     /// Checks one token; errors say what is wrong without echoing it.
@@ -220,6 +315,8 @@ impl Authenticator {
             }
             let mut v = Validation::new(header.alg);
             v.leeway = 30;
+            // A token issued for later is not valid yet (jsonwebtoken skips nbf by default).
+            v.validate_nbf = true;
             v.set_required_spec_claims(&["exp"]);
             match &self.issuer {
                 Some(i) => v.set_issuer(&[i]),
@@ -250,11 +347,7 @@ impl Authenticator {
     }
 
     fn identity(&self, claims: &serde_json::Value) -> Result<Identity, AuthError> {
-        let mut v = claims;
-        for part in self.roles_claim.split('.') {
-            v = v.get(part).unwrap_or(&serde_json::Value::Null);
-        }
-        let names: Vec<&str> = match v {
+        let names: Vec<&str> = match claim(claims, &self.roles_claim) {
             serde_json::Value::String(s) => vec![s.as_str()],
             serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_str()).collect(),
             _ => Vec::new(),
@@ -264,7 +357,26 @@ impl Authenticator {
             .filter_map(Role::parse)
             .max()
             .ok_or_else(|| AuthError::NoRole(self.roles_claim.clone()))?;
+        // Absent: every site. Anything but a non-empty list of site names is refused
+        // rather than read as "every site".
+        let bad_sites = || AuthError::BadSites(self.sites_claim.clone());
+        let sites = match claim(claims, &self.sites_claim) {
+            serde_json::Value::Null => Vec::new(),
+            serde_json::Value::String(s) => vec![s.clone()],
+            serde_json::Value::Array(a) if !a.is_empty() => a
+                .iter()
+                .map(|x| x.as_str().map(str::to_owned).ok_or_else(bad_sites))
+                .collect::<Result<Vec<_>, _>>()?,
+            _ => return Err(bad_sites()),
+        };
+        if sites
+            .iter()
+            .any(|s| twinmesh_twins::id::validate_site(s).is_err())
+        {
+            return Err(bad_sites());
+        }
         Ok(Identity {
+            sites,
             subject: claims
                 .get("sub")
                 .and_then(|s| s.as_str())
@@ -289,10 +401,7 @@ struct Refused(AuthError);
 impl tonic::service::Interceptor for AuthInterceptor {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
         let Some(auth) = &self.auth else {
-            req.extensions_mut().insert(Identity {
-                subject: String::new(),
-                role: Role::DataOwner,
-            });
+            req.extensions_mut().insert(Identity::trusted());
             return Ok(req);
         };
         let header = req
@@ -300,19 +409,7 @@ impl tonic::service::Interceptor for AuthInterceptor {
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        let outcome = match header.as_deref() {
-            None => Err(AuthError::unauthenticated("missing bearer token")),
-            Some(h) => match h
-                .strip_prefix("Bearer ")
-                .or_else(|| h.strip_prefix("bearer "))
-            {
-                Some(token) => auth.authenticate(token.trim()),
-                None => Err(AuthError::unauthenticated(
-                    "authorization header is not a bearer token",
-                )),
-            },
-        };
-        match outcome {
+        match auth.authenticate_header(header.as_deref()) {
             Ok(id) => {
                 req.extensions_mut().insert(id);
             }
@@ -334,12 +431,7 @@ pub fn require<T>(req: &Request<T>, least: Role) -> Result<Identity, AuthError> 
         .get::<Identity>()
         .cloned()
         .ok_or_else(|| AuthError::unauthenticated("missing bearer token"))?;
-    if id.role < least {
-        return Err(AuthError::RoleTooLow {
-            least,
-            has: id.role,
-        });
-    }
+    id.require_role(least)?;
     Ok(id)
 }
 
@@ -419,6 +511,85 @@ mod tests {
         let e = a.authenticate("not.a.token").unwrap_err();
         assert_eq!(e.code(), ErrorCode::Unauthenticated);
         assert!(!e.to_string().contains("not.a.token"));
+    }
+
+    #[test]
+    fn a_token_is_not_valid_before_its_nbf() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = hs_auth(dir.path(), None, None);
+        let secret = b"0123456789abcdef0123456789abcdef";
+        let claims = |nbf: u64| {
+            serde_json::json!({"exp": now() + 7200, "nbf": nbf,
+                "realm_access": {"roles": ["data_owner"]}})
+        };
+        let e = a
+            .authenticate(&token(secret, claims(now() + 3600)))
+            .unwrap_err();
+        assert_eq!(e, AuthError::unauthenticated("token not yet valid"));
+        assert_eq!(e.code(), ErrorCode::Unauthenticated);
+        // Within the leeway, or in the past: valid.
+        let id = a.authenticate(&token(secret, claims(now() + 10))).unwrap();
+        assert_eq!(id.role, Role::DataOwner);
+        assert!(a.authenticate(&token(secret, claims(now() - 60))).is_ok());
+    }
+
+    #[test]
+    fn roles_may_be_scoped_to_sites() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = hs_auth(dir.path(), None, None);
+        let secret = b"0123456789abcdef0123456789abcdef";
+        let with_sites = |sites: serde_json::Value| {
+            let mut c = serde_json::json!({"sub": "owner-b", "exp": now() + 600,
+                "realm_access": {"roles": ["data_owner"]}});
+            if !sites.is_null() {
+                c["twinmesh_sites"] = sites;
+            }
+            a.authenticate(&token(secret, c))
+        };
+        let everywhere = with_sites(serde_json::Value::Null).unwrap();
+        assert!(everywhere.sites.is_empty());
+        assert!(everywhere.covers("site-a") && everywhere.require_site("cloud").is_ok());
+        let b = with_sites(serde_json::json!(["site-b", "site-c"])).unwrap();
+        assert_eq!(b.sites, vec!["site-b".to_owned(), "site-c".to_owned()]);
+        assert!(b.covers("site-b") && b.covers("site-c") && !b.covers("site-a"));
+        let e = b.require_site("site-a").unwrap_err();
+        assert_eq!(e.code(), ErrorCode::PermissionDenied);
+        assert_eq!(
+            e.to_string(),
+            "the caller's role holds on site-b, site-c only, not on site-a"
+        );
+        assert_eq!(
+            with_sites(serde_json::json!("site-b")).unwrap().sites,
+            vec!["site-b".to_owned()]
+        );
+        // A claim that is there but names no valid site never means "every site".
+        for bad in [
+            serde_json::json!([]),
+            serde_json::json!(["Site A"]),
+            serde_json::json!([7]),
+            serde_json::json!({"site": "site-b"}),
+        ] {
+            let e = with_sites(bad.clone()).unwrap_err();
+            assert_eq!(e.code(), ErrorCode::PermissionDenied, "{bad}");
+        }
+        // The claim's name is configurable (dotted, like the roles claim).
+        let p = dir.path().join("secret");
+        let nested = Authenticator::load(&AuthConfig {
+            hs256_secret_file: Some(p),
+            roles_claim: "roles".into(),
+            sites_claim: "ext.sites".into(),
+            ..Default::default()
+        })
+        .unwrap()
+        .unwrap();
+        let t = token(
+            secret,
+            serde_json::json!({"exp": now() + 600, "roles": "viewer", "ext": {"sites": ["site-a"]}}),
+        );
+        assert_eq!(
+            nested.authenticate(&t).unwrap().sites,
+            vec!["site-a".to_owned()]
+        );
     }
 
     #[test]

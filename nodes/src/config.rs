@@ -250,6 +250,10 @@ pub struct NodeConfig {
     /// trusted as data_owner).
     #[serde(default)]
     pub auth: crate::auth::AuthConfig,
+    /// Allows plaintext Zenoh, gRPC and HTTP on non-loopback addresses (protected mode
+    /// off, `--insecure`): without it such a node needs `[tls]`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure: bool,
 }
 
 /// Mutual TLS on the node's Zenoh links and TLS on its gRPC server (`twinmesh certs`).
@@ -261,6 +265,23 @@ pub struct TlsConfig {
     /// This node's certificate and private key (`NAME.pem`, `NAME.key`).
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
+}
+
+/// Whether a Zenoh endpoint (`tcp/127.0.0.1:7447`, `quic/[::1]:0`, `tcp/localhost:1`)
+/// listens on loopback only. A host name other than `localhost` counts as exposed.
+pub fn endpoint_is_loopback(endpoint: &str) -> bool {
+    let Ok(ep) = zenoh::config::EndPoint::from_str(endpoint) else {
+        return false;
+    };
+    let address = ep.address();
+    let Some((host, _port)) = address.as_str().rsplit_once(':') else {
+        return false;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Reads a key file (`KEY_ID HEX64` lines). Errors name the file, never a key.
@@ -356,6 +377,7 @@ impl NodeConfig {
             at_rest_key_file: None,
             encrypt_trees: default_encrypt_trees(),
             auth: Default::default(),
+            insecure: false,
         }
     }
 
@@ -512,7 +534,53 @@ impl NodeConfig {
         if self.data.as_os_str().is_empty() {
             self.data = PathBuf::from("data").join(self.id.as_str());
         }
+        self.check_posture()
+    }
+
+    /// Protected mode (as Redis's): plaintext listeners only on loopback unless the
+    /// operator says `--insecure`. With `[tls]`, Zenoh links are TLS/QUIC (checked above)
+    /// and gRPC and HTTP are served over TLS, so every address is allowed.
+    fn check_posture(&self) -> crate::Result<()> {
+        if self.tls.is_some() || self.insecure {
+            return Ok(());
+        }
+        let refuse = |what: &str, addr: &str| {
+            crate::Error::config(format!(
+                "refusing to serve {what} on non-loopback address {addr} without TLS: \
+                 give --tls-ca/--tls-cert/--tls-key (or `twinmesh up --secure`), or --insecure \
+                 (config `insecure = true`) to allow plaintext"
+            ))
+        };
+        for ep in &self.listen {
+            if !endpoint_is_loopback(ep) {
+                return Err(refuse("zenoh", ep));
+            }
+        }
+        for (what, addr) in [("gRPC", self.grpc), ("HTTP", self.http)] {
+            if let Some(a) = addr.filter(|a| !a.ip().is_loopback()) {
+                return Err(refuse(what, &a.to_string()));
+            }
+        }
         Ok(())
+    }
+
+    /// The plaintext listeners of an `--insecure` node on other than loopback, for the
+    /// warning it logs on start.
+    pub fn exposed_plaintext(&self) -> Vec<String> {
+        if self.tls.is_some() {
+            return Vec::new();
+        }
+        let sockets = [self.grpc, self.http]
+            .into_iter()
+            .flatten()
+            .filter(|a| !a.ip().is_loopback())
+            .map(|a| a.to_string());
+        self.listen
+            .iter()
+            .filter(|ep| !endpoint_is_loopback(ep))
+            .cloned()
+            .chain(sockets)
+            .collect()
     }
 
     /// The allowance of every site's ledger of set releases.
@@ -637,6 +705,52 @@ colour = "blue""#)
         let mut cfg: NodeConfig = toml::from_str(&bad).unwrap();
         let err = cfg.normalize().unwrap_err().to_string();
         assert_eq!(err, "invalid chain for wind_turbine in the configuration: stage 1 (decimate): parameter factor: 1 must be a whole number in 2..=64");
+    }
+
+    #[test]
+    fn plaintext_listeners_off_loopback_need_insecure() {
+        let edge = || NodeConfig::new("edge-a".parse().unwrap(), Tier::Edge, "site-a");
+        let refused = |c: &mut NodeConfig| c.normalize().unwrap_err().to_string();
+        let mut c = edge();
+        c.listen = vec!["tcp/0.0.0.0:7447".into()];
+        let e = refused(&mut c);
+        assert!(
+            e.contains("tcp/0.0.0.0:7447") && e.contains("--insecure") && !e.contains('\n'),
+            "{e}"
+        );
+        c.listen = vec!["tcp/edge-a.example:7447".into()];
+        assert!(refused(&mut c).contains("edge-a.example"));
+        let mut c = edge();
+        c.grpc = Some("0.0.0.0:0".parse().unwrap());
+        assert!(refused(&mut c).contains("gRPC on non-loopback address 0.0.0.0:0"));
+        let mut c = edge();
+        c.http = Some("[::]:8080".parse().unwrap());
+        assert!(refused(&mut c).contains("HTTP on non-loopback address [::]:8080"));
+        // Loopback is always fine; --insecure opens the rest, and says what it exposes.
+        let mut c = edge();
+        c.listen = vec![
+            "tcp/127.0.0.1:0".into(),
+            "tcp/[::1]:0".into(),
+            "tcp/localhost:7447".into(),
+            "tcp/127.0.0.2:7447".into(),
+        ];
+        c.grpc = Some("127.0.0.1:0".parse().unwrap());
+        c.http = Some("[::1]:0".parse().unwrap());
+        c.normalize().unwrap();
+        assert!(c.exposed_plaintext().is_empty());
+        c.listen.push("tcp/0.0.0.0:7447".into());
+        c.grpc = Some("0.0.0.0:50051".parse().unwrap());
+        c.insecure = true;
+        c.normalize().unwrap();
+        assert_eq!(
+            c.exposed_plaintext(),
+            vec!["tcp/0.0.0.0:7447".to_owned(), "0.0.0.0:50051".to_owned()]
+        );
+        let mut c: NodeConfig = toml::from_str(
+            "id = \"e\"\ntier = \"edge\"\nsite = \"s\"\nlisten = [\"tcp/0.0.0.0:1\"]\ninsecure = true",
+        )
+        .unwrap();
+        c.normalize().unwrap();
     }
 
     #[test]

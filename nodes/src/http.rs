@@ -1,31 +1,74 @@
 //! The node's HTTP side: a small live dashboard, JSON views of the mesh (proto3 JSON) and
 //! Prometheus metrics on `/metrics`.
+//!
+//! With authentication on (`--auth-*`), `/api/*` (the dashboard's data) takes the same
+//! bearer tokens and roles as gRPC (`viewer` to read; a data owner on the twin's site
+//! sees raw values, as through `GetTwin`), refused through the one HTTP conversion of
+//! [`crate::Error`] (401 without or with a bad token, 403 for too low a role). Without
+//! it `/api/*` answers as a viewer. The static page and `/metrics` (counters, no twin
+//! data) stay open. A node with `[tls]` serves all of it over HTTPS only.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::{FromRequestParts, Path, State};
 use axum::http::header;
+use axum::http::request::Parts;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use twinmesh_actors::context::NodeContext;
 use twinmesh_actors::metrics::NodeMetrics;
 use twinmesh_actors::ports::SpoolStore;
+use twinmesh_twins::privacy::Role;
 use twinmesh_twins::proto::{GetTwinRequest, ListTwinsRequest};
 
 use crate::api::{parse_twin_id, Api};
+use crate::auth::{Authenticator, Identity};
+use crate::config::TlsConfig;
 use crate::store::SledStore;
+
+/// How long a client may take over its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Clone)]
 pub struct HttpState {
     pub api: Api,
     pub ctx: Arc<NodeContext>,
     pub store: Arc<SledStore>,
+    /// Bearer-token checks of `/api/*`; `None`: callers read as viewers.
+    pub auth: Option<Arc<Authenticator>>,
+}
+
+/// The caller of an `/api/*` request: at least a viewer, by the same rules as gRPC.
+struct Reader(Identity);
+
+impl FromRequestParts<HttpState> for Reader {
+    type Rejection = crate::Error;
+
+    async fn from_request_parts(parts: &mut Parts, s: &HttpState) -> crate::Result<Self> {
+        let Some(auth) = &s.auth else {
+            return Ok(Reader(Identity {
+                role: Role::Viewer,
+                ..Identity::trusted()
+            }));
+        };
+        let header = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        let who = auth.authenticate_header(header)?;
+        who.require_role(Role::Viewer)?;
+        Ok(Reader(who))
+    }
 }
 
 pub async fn bind(addr: SocketAddr) -> crate::Result<TcpListener> {
@@ -38,9 +81,14 @@ pub async fn bind(addr: SocketAddr) -> crate::Result<TcpListener> {
         })
 }
 
+/// Serves the dashboard, `/api/*` and `/metrics` on `listener` until `cancel`: over
+/// HTTPS with the node's certificate when `tls` is given (its handshakes run as tasks of
+/// `tasks`), plain HTTP otherwise.
 pub async fn serve(
     listener: TcpListener,
     state: HttpState,
+    tls: Option<TlsConfig>,
+    tasks: TaskTracker,
     cancel: CancellationToken,
 ) -> crate::Result<()> {
     let app = Router::new()
@@ -50,10 +98,108 @@ pub async fn serve(
         .route("/api/twins", get(twins))
         .route("/api/twins/{*id}", get(twin))
         .with_state(state);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(cancel.cancelled_owned())
-        .await?;
+    match tls {
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(cancel.cancelled_owned())
+                .await?
+        }
+        Some(t) => {
+            let listener = TlsListener::start(listener, acceptor(&t)?, tasks, cancel.clone())?;
+            axum::serve(listener, app)
+                .with_graceful_shutdown(cancel.cancelled_owned())
+                .await?
+        }
+    }
     Ok(())
+}
+
+/// The node's certificate and key as a TLS acceptor (HTTP/1.1).
+fn acceptor(t: &TlsConfig) -> crate::Result<TlsAcceptor> {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |what: &str, p: &std::path::Path, e: &dyn std::fmt::Display| {
+        crate::Error::Tls(format!("HTTPS {what} {}: {e}", p.display()))
+    };
+    let certs = CertificateDer::pem_file_iter(&t.cert_file)
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| bad("certificate", &t.cert_file, &e))?;
+    let key = PrivateKeyDer::from_pem_file(&t.key_file).map_err(|e| bad("key", &t.key_file, &e))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .and_then(|b| b.with_no_client_auth().with_single_cert(certs, key))
+    .map_err(|e| bad("certificate", &t.cert_file, &e))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// TLS connections for `axum::serve`: a task accepts TCP connections and runs each
+/// handshake as a task of its own (bounded in time), so one slow client holds up no
+/// other; finished handshakes queue here.
+struct TlsListener {
+    ready: tokio::sync::mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    addr: SocketAddr,
+}
+
+impl TlsListener {
+    fn start(
+        listener: TcpListener,
+        acceptor: TlsAcceptor,
+        tasks: TaskTracker,
+        cancel: CancellationToken,
+    ) -> crate::Result<Self> {
+        let addr = listener.local_addr()?;
+        let (tx, ready) = tokio::sync::mpsc::channel(64);
+        let handshakes = tasks.clone();
+        tasks.spawn(async move {
+            loop {
+                let (tcp, peer) = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tx.closed() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok(a) => a,
+                        Err(e) => {
+                            // Out of descriptors and the like: pause instead of spinning.
+                            tracing::debug!("HTTPS accept: {e}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                };
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                handshakes.spawn(async move {
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => {
+                            let _ = tx.send((tls, peer)).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, "HTTPS handshake failed: {e}"),
+                        Err(_) => tracing::debug!(%peer, "HTTPS handshake timed out"),
+                    }
+                });
+            }
+        });
+        Ok(TlsListener { ready, addr })
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(conn) => conn,
+            // The acceptor stopped (shutdown): nothing more comes.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.addr)
+    }
 }
 
 fn json_response<T: serde::Serialize>(value: &T) -> crate::Result<Response> {
@@ -62,11 +208,11 @@ fn json_response<T: serde::Serialize>(value: &T) -> crate::Result<Response> {
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
-async fn nodes(State(s): State<HttpState>) -> crate::Result<Response> {
+async fn nodes(State(s): State<HttpState>, _: Reader) -> crate::Result<Response> {
     json_response(&s.api.list_nodes().await?)
 }
 
-async fn twins(State(s): State<HttpState>) -> crate::Result<Response> {
+async fn twins(State(s): State<HttpState>, _: Reader) -> crate::Result<Response> {
     let req = ListTwinsRequest {
         page_size: crate::api::MAX_PAGE_SIZE,
         ..Default::default()
@@ -74,14 +220,18 @@ async fn twins(State(s): State<HttpState>) -> crate::Result<Response> {
     json_response(&s.api.list_twins(&req).await?)
 }
 
-async fn twin(State(s): State<HttpState>, Path(id): Path<String>) -> crate::Result<Response> {
+async fn twin(
+    State(s): State<HttpState>,
+    Reader(who): Reader,
+    Path(id): Path<String>,
+) -> crate::Result<Response> {
     let id = parse_twin_id(&id)?;
     let req = GetTwinRequest {
         twin_id: id.to_string(),
     };
-    // The dashboard has no login: it sees what a viewer sees (no raw protected values).
-    let viewer = s.api.caller(Some(twinmesh_twins::privacy::Role::Viewer));
-    json_response(&s.api.call(&id, req, None, viewer).await?)
+    // Without auth the caller is a viewer: no raw protected values.
+    let caller = s.api.caller_of(&who);
+    json_response(&s.api.call(&id, req, None, caller).await?)
 }
 
 /// Prometheus text exposition of the node's counters.
@@ -238,17 +388,27 @@ const DASHBOARD: &str = r##"<!doctype html>
 <h2 id="sel"></h2><pre id="detail">click a twin</pre>
 <script>
 const esc=s=>String(s??'').replace(/[&<>"]/g,c=>({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]));
-let selected=null;
+let selected=null,token=sessionStorage.getItem('twinmesh-token'),asked=false;
+// With --auth-* the node wants the same bearer token as gRPC: asked once, kept for the tab.
+async function api(path){
+ const r=await fetch(path,{headers:token?{'Authorization':'Bearer '+token}:{}});
+ if(r.status===401&&!asked){
+  asked=true;const t=prompt('This node needs a bearer token (JWT) to show its data:');
+  if(t){token=t.trim();sessionStorage.setItem('twinmesh-token',token);asked=false;}
+ }
+ if(!r.ok)throw new Error(r.status+' '+await r.text());
+ return r.json();
+}
 async function refresh(){
  try{
-  const nodes=await (await fetch('/api/nodes')).json();
+  const nodes=await api('/api/nodes');
   document.getElementById('nodes').innerHTML='<tr><th>node</th><th>tier</th><th>site</th><th>twins</th><th>grpc</th></tr>'+
    nodes.map(n=>`<tr><td>${esc(n.node)}</td><td>${esc(n.tier)}</td><td>${esc(n.site)}</td><td>${esc(n.twins)}</td><td>${esc(n.grpcAddr)}</td></tr>`).join('');
-  const twins=(await (await fetch('/api/twins')).json()).twins;
+  const twins=(await api('/api/twins')).twins;
   document.getElementById('twins').innerHTML='<tr><th>twin</th><th>kind</th><th>node</th><th>status</th><th>revision</th></tr>'+
    twins.map(t=>`<tr><td><a href="#" data-id="${esc(t.twinId)}">${esc(t.twinId)}</a></td><td>${esc(t.kind)}</td><td>${esc(t.node)}</td><td class="${esc(t.status)}">${esc(t.status)}</td><td>${esc(t.revision)}</td></tr>`).join('');
   if(selected){
-   const t=await (await fetch('/api/twins/'+selected)).json();
+   const t=await api('/api/twins/'+selected);
    const rows=Object.entries(t.reported||{}).map(([k,v])=>`${k.padEnd(24)} ${Number(v.value).toFixed(3)}  (seq ${v.seq})`);
    const des=Object.entries(t.desired||{}).map(([k,v])=>`${k.padEnd(24)} ${v.value}  ${v.status}`);
    document.getElementById('sel').textContent=selected;

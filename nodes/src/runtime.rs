@@ -191,13 +191,18 @@ impl RunningNode {
                 api,
                 ctx: ctx.clone(),
                 store: store.clone(),
+                auth,
             };
-            let cancel = servers.clone();
+            let (cancel, tls, tasks) = (servers.clone(), config.tls.clone(), ctx.tasks.clone());
             ctx.tasks.spawn(async move {
-                if let Err(e) = http::serve(listener, state, cancel).await {
+                if let Err(e) = http::serve(listener, state, tls, tasks, cancel).await {
                     tracing::error!("HTTP server stopped: {e}");
                 }
             });
+        }
+        let exposed = config.exposed_plaintext();
+        if !exposed.is_empty() {
+            tracing::warn!(node = %config.id, ?exposed, "--insecure: plaintext listeners on non-loopback addresses");
         }
         tracing::info!(node = %config.id, tier = %config.tier, site = config.site, ?locators, ?grpc_addr, ?http_addr, "node started");
         Ok(RunningNode {

@@ -177,6 +177,13 @@ pub struct NodeArgs {
     /// Claim carrying the role(s), dotted for nested claims (e.g. realm_access.roles).
     #[arg(long, default_value = "roles")]
     pub auth_roles_claim: String,
+    /// Claim listing the sites a token's role holds on (absent: every site).
+    #[arg(long, default_value = "twinmesh_sites")]
+    pub auth_sites_claim: String,
+    /// Allow plaintext Zenoh, gRPC and HTTP on non-loopback addresses (protected mode
+    /// off); without it such a node needs the --tls-* flags.
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 impl NodeArgs {
@@ -223,7 +230,9 @@ impl NodeArgs {
             issuer: self.auth_issuer,
             audience: self.auth_audience,
             roles_claim: self.auth_roles_claim,
+            sites_claim: self.auth_sites_claim,
         };
+        cfg.insecure = self.insecure;
         cfg.normalize()?;
         Ok(cfg)
     }

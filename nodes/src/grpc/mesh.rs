@@ -42,7 +42,7 @@ impl MeshService for Services {
     ) -> Result<Response<MigrateTwinResponse>, Status> {
         let who = crate::auth::require(&request, Role::DataManager)?;
         let req = request.into_inner();
-        parse_twin_id(&req.twin_id)?;
+        who.require_site(parse_twin_id(&req.twin_id)?.site())?;
         match self
             .api
             .mesh_request(
@@ -66,6 +66,15 @@ impl MeshService for Services {
         req.node
             .parse::<twinmesh_twins::NodeId>()
             .map_err(crate::Error::from)?;
+        // A role scoped to sites drains only nodes of those sites.
+        if !who.sites.is_empty() {
+            let nodes = self.api.list_nodes().await?;
+            let node = nodes
+                .iter()
+                .find(|n| n.node == req.node)
+                .ok_or_else(|| crate::Error::not_found(format!("unknown node {}", req.node)))?;
+            who.require_site(&node.site)?;
+        }
         match self
             .api
             .mesh_request(

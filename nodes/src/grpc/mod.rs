@@ -100,6 +100,11 @@ impl Services {
         let client_deadline = deadline(&request);
         let req = request.into_inner();
         let id = parse_twin_id(req.twin_id())?;
+        // Beyond reading, a role scoped to sites acts only on twins of those sites (the
+        // twin decides what a read of another site shows).
+        if R::LEAST_ROLE > Role::Viewer {
+            who.require_site(id.site())?;
+        }
         req.check(&id)?;
         let deadline = req.deadline(client_deadline);
         self.api

@@ -103,9 +103,12 @@ impl ModelService for Services {
         &self,
         request: Request<DeployModelRequest>,
     ) -> Result<Response<DeployModelResponse>, Status> {
-        let _who = crate::auth::require(&request, twinmesh_twins::privacy::Role::DataManager)?;
+        let who = crate::auth::require(&request, twinmesh_twins::privacy::Role::DataManager)?;
         let (_, registry) = self.models.cloud().await?;
         let req = request.into_inner();
+        if !req.site.is_empty() {
+            who.require_site(&req.site)?;
+        }
         validate_model_id(&req.model_id)
             .map_err(|e| crate::Error::invalid_argument(e.to_string()))?;
         let record = registry
@@ -142,6 +145,16 @@ impl ModelService for Services {
                 "name the twins (twin_ids), a kind or a site to deploy to",
             )
             .into());
+        };
+        // A role scoped to sites deploys to twins of those sites: named ones must be,
+        // a kind's are narrowed to them.
+        let twins: Vec<TwinId> = if req.twin_ids.is_empty() {
+            twins.into_iter().filter(|t| who.covers(t.site())).collect()
+        } else {
+            for t in &twins {
+                who.require_site(t.site())?;
+            }
+            twins
         };
         if twins.is_empty() {
             return Err(crate::Error::not_found("no twins match the deployment").into());

@@ -88,6 +88,7 @@ impl PrivacyService for Services {
             .into());
         }
         twinmesh_twins::id::validate_site(&req.site).map_err(crate::Error::from)?;
+        who.require_site(&req.site)?;
         let read = proto::SiteBudgetRequest {
             site: req.site,
             ..Default::default()

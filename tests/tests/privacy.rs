@@ -218,7 +218,7 @@ async fn site_only_values_stay_on_site_and_releases_spend_exactly_their_budget()
         get_twin(&edge, id).await.ok()
     })
     .await;
-    feed_sentinels(&site, &ring, id, 5).await;
+    let first_sample = feed_sentinels(&site, &ring, id, 5).await;
 
     // On the site, a data operator sees the raw values.
     let on_site = eventually(WAIT, "the sentinels applied", || async {
@@ -395,12 +395,42 @@ async fn site_only_values_stay_on_site_and_releases_spend_exactly_their_budget()
     sp.mechanism = "coarsen".into();
     sp.resolution_ns = 3_600_000_000_000;
     set_policy(&cloud_grpc, p, None).await.unwrap();
+    // Off the site only whole buckets on the grid of multiples of the bucket length
+    // are answered: ask from three hours back to two ahead, which holds whole ones.
     let coarse = |bucket_ns: i64, aggregation: proto::Aggregation| {
         let endpoint = cloud_grpc.clone();
-        async move { last_hour(&endpoint, id, bucket_ns, aggregation).await }
+        async move {
+            twin_client(&endpoint)
+                .await
+                .query_history(QueryHistoryRequest {
+                    twin_id: id.into(),
+                    signal: SIGNAL.into(),
+                    start_ns: now_ns() - 3 * HOUR_NS,
+                    end_ns: now_ns() + 2 * HOUR_NS,
+                    bucket_ns,
+                    aggregation: aggregation as i32,
+                })
+                .await
+                .map(|r| r.into_inner())
+        }
     };
     let hourly = coarse(HOUR_NS, proto::Aggregation::Mean).await.unwrap();
     assert_eq!(hourly.buckets.iter().map(|b| b.count).sum::<u64>(), 50);
+    assert!(hourly.buckets.iter().all(|b| b.start_ns % HOUR_NS == 0));
+    // The attack: a range of one nanosecond around a sample gets nothing back.
+    let one_ns = twin_client(&cloud_grpc)
+        .await
+        .query_history(QueryHistoryRequest {
+            twin_id: id.into(),
+            signal: SIGNAL.into(),
+            start_ns: first_sample,
+            end_ns: first_sample + 1,
+            bucket_ns: HOUR_NS,
+            aggregation: proto::Aggregation::Mean as i32,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(one_ns.code(), Code::InvalidArgument, "{one_ns:?}");
     for (bucket_ns, agg) in [
         (60_000_000_000, proto::Aggregation::Mean),
         (HOUR_NS, proto::Aggregation::Max),

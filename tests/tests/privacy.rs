@@ -19,7 +19,7 @@ use twinmesh_tests::{
     eventually, get_placement, get_twin, migrate_twin, now_ns, publish, register, site_key,
     twin_client, zenoh_client, zenoh_peer, Cluster,
 };
-use twinmesh_twins::privacy::{privacy_loss, Noise, ReleaseSpec, Statistic};
+use twinmesh_twins::privacy::{mean_parts, plan, privacy_loss, Noise, ReleaseSpec, Statistic};
 
 const WAIT: Duration = Duration::from_secs(60);
 /// Exactly representable, inside cycle_time's range [0, 600] s, and unlike anything the
@@ -218,7 +218,7 @@ async fn site_only_values_stay_on_site_and_releases_spend_exactly_their_budget()
         get_twin(&edge, id).await.ok()
     })
     .await;
-    feed_sentinels(&site, &ring, id, 5).await;
+    let first_sample = feed_sentinels(&site, &ring, id, 5).await;
 
     // On the site, a data operator sees the raw values.
     let on_site = eventually(WAIT, "the sentinels applied", || async {
@@ -268,9 +268,11 @@ async fn site_only_values_stay_on_site_and_releases_spend_exactly_their_budget()
         let r = release_aggregate(&cloud_grpc, release(&[id], Statistic::Mean, 0.3))
             .await
             .unwrap_or_else(|e| panic!("release {i}: {e:?}"));
-        assert_eq!(r.records, 50);
+        // The mean is sized on a noisy count: the exact 50 is not reported.
+        assert!(r.records >= 1);
         assert_eq!(r.mechanism, "dp_laplace_mean");
-        // The ledger records OpenDP's privacy map of this very measurement.
+        // The ledger records OpenDP's privacy maps of these very measurements (the
+        // noisy count, then the mean at the size it gave).
         let spec = ReleaseSpec {
             statistic: Statistic::Mean,
             noise: Noise::Laplace,
@@ -280,8 +282,14 @@ async fn site_only_values_stay_on_site_and_releases_spend_exactly_their_budget()
             delta: set.delta,
             d_in: set.max_contributions,
         };
-        let (eps, _) = privacy_loss(&spec, 50, r.noise_scale).unwrap();
-        assert_eq!(r.epsilon_spent, eps);
+        let (count, mean) = mean_parts(&spec);
+        let (eps, _) = privacy_loss(&mean, r.records as usize, r.noise_scale).unwrap();
+        let eps = plan(&count, 0).unwrap().epsilon + eps;
+        assert!(
+            (r.epsilon_spent - eps).abs() <= 1e-12,
+            "{} {eps}",
+            r.epsilon_spent
+        );
         assert!(eps <= 0.3);
         spent += eps;
         let b = budget(&cloud_grpc, id).await;
@@ -387,12 +395,42 @@ async fn site_only_values_stay_on_site_and_releases_spend_exactly_their_budget()
     sp.mechanism = "coarsen".into();
     sp.resolution_ns = 3_600_000_000_000;
     set_policy(&cloud_grpc, p, None).await.unwrap();
+    // Off the site only whole buckets on the grid of multiples of the bucket length
+    // are answered: ask from three hours back to two ahead, which holds whole ones.
     let coarse = |bucket_ns: i64, aggregation: proto::Aggregation| {
         let endpoint = cloud_grpc.clone();
-        async move { last_hour(&endpoint, id, bucket_ns, aggregation).await }
+        async move {
+            twin_client(&endpoint)
+                .await
+                .query_history(QueryHistoryRequest {
+                    twin_id: id.into(),
+                    signal: SIGNAL.into(),
+                    start_ns: now_ns() - 3 * HOUR_NS,
+                    end_ns: now_ns() + 2 * HOUR_NS,
+                    bucket_ns,
+                    aggregation: aggregation as i32,
+                })
+                .await
+                .map(|r| r.into_inner())
+        }
     };
     let hourly = coarse(HOUR_NS, proto::Aggregation::Mean).await.unwrap();
     assert_eq!(hourly.buckets.iter().map(|b| b.count).sum::<u64>(), 50);
+    assert!(hourly.buckets.iter().all(|b| b.start_ns % HOUR_NS == 0));
+    // The attack: a range of one nanosecond around a sample gets nothing back.
+    let one_ns = twin_client(&cloud_grpc)
+        .await
+        .query_history(QueryHistoryRequest {
+            twin_id: id.into(),
+            signal: SIGNAL.into(),
+            start_ns: first_sample,
+            end_ns: first_sample + 1,
+            bucket_ns: HOUR_NS,
+            aggregation: proto::Aggregation::Mean as i32,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(one_ns.code(), Code::InvalidArgument, "{one_ns:?}");
     for (bucket_ns, agg) in [
         (60_000_000_000, proto::Aggregation::Mean),
         (HOUR_NS, proto::Aggregation::Max),
@@ -497,12 +535,18 @@ async fn set_releases_charge_every_twin_and_the_site_and_micro_aggregates_need_k
     .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
 
-    // Micro-aggregation with k = 5 over 3 twins: refused, nothing charged.
-    let mut p = get_policy(&cloud_grpc, ids[0]).await;
-    let sp = p.signals.get_mut(SIGNAL).unwrap();
-    sp.mechanism = "micro_aggregate".into();
-    sp.k = 5;
-    set_policy(&cloud_grpc, p.clone(), None).await.unwrap();
+    // Micro-aggregation with k = 5 over the site's 3 twins: refused, nothing charged.
+    let micro = |id: &'static str, k: u32| {
+        let endpoint = cloud_grpc.clone();
+        async move {
+            let mut p = get_policy(&endpoint, id).await;
+            let sp = p.signals.get_mut(SIGNAL).unwrap();
+            sp.mechanism = "micro_aggregate".into();
+            sp.k = k;
+            set_policy(&endpoint, p, None).await.unwrap();
+        }
+    };
+    micro(ids[0], 5).await;
     let e = release_aggregate(&cloud_grpc, release(&ids, Statistic::Mean, 0.5))
         .await
         .unwrap_err();
@@ -511,15 +555,40 @@ async fn set_releases_charge_every_twin_and_the_site_and_micro_aggregates_need_k
     for id in ids {
         assert!((budget(&cloud_grpc, id).await.epsilon_spent - spent).abs() < 1e-12);
     }
-    // With k = 3 the exact mean of the three twins is released.
-    p.signals.get_mut(SIGNAL).unwrap().k = 3;
-    set_policy(&cloud_grpc, p, None).await.unwrap();
-    let m = release_aggregate(&cloud_grpc, release(&ids, Statistic::Mean, 0.5))
+    // With k = 3 on the first twin only, the others' policy (dp) is stricter: the
+    // release over the site's one group is noisy and charged to them, not to it.
+    micro(ids[0], 3).await;
+    let before: Vec<f64> = {
+        let mut v = Vec::new();
+        for id in ids {
+            v.push(budget(&cloud_grpc, id).await.epsilon_spent);
+        }
+        v
+    };
+    let e = release_aggregate(&cloud_grpc, release(&ids[..2], Statistic::Mean, 0.05))
         .await
         .unwrap();
-    assert_eq!(m.mechanism, "micro_aggregate");
-    assert_eq!(m.value, SENTINEL);
-    assert_eq!(m.epsilon_spent, 0.0);
+    assert_eq!(e.mechanism, "dp_laplace_mean");
+    assert_eq!(e.records, 3, "the whole group, not the two twins asked for");
+    assert_eq!(budget(&cloud_grpc, ids[0]).await.epsilon_spent, before[0]);
+    for (i, id) in ids.iter().enumerate().skip(1) {
+        let b = budget(&cloud_grpc, id).await.epsilon_spent;
+        assert!((b - before[i] - e.epsilon_spent).abs() < 1e-12, "{id}");
+    }
+    // With k = 3 on every twin the exact mean of the site's one group is released,
+    // whichever of its twins are asked for.
+    for id in &ids[1..] {
+        micro(id, 3).await;
+    }
+    for set in [&ids[..], &ids[..1], &ids[1..]] {
+        let m = release_aggregate(&cloud_grpc, release(set, Statistic::Mean, 0.5))
+            .await
+            .unwrap();
+        assert_eq!(m.mechanism, "micro_aggregate");
+        assert_eq!(m.value, SENTINEL);
+        assert_eq!(m.records, 3);
+        assert_eq!(m.epsilon_spent, 0.0);
+    }
     // Bad requests name what is wrong.
     let e = release_aggregate(&cloud_grpc, release(&[ids[1]], Statistic::Mean, -1.0))
         .await

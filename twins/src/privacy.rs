@@ -418,56 +418,89 @@ impl Policy {
             .collect()
     }
 
-    /// Whether a caller off the site may read this history of `signal` (a signal or a
-    /// feature `{signal}.{name}`): unprotected ones always; a `coarsen` signal (not its
-    /// features) in buckets of at least its resolution, as mean or count; nothing else.
-    /// The error is the reason, for `PERMISSION_DENIED`.
+    /// What history of `h.signal` (a signal, or a feature `{signal}.{name}`) a caller off
+    /// the site may read, as the query to run: unprotected ones (by [`Lineage`]) as
+    /// asked; a `coarsen` signal (not its features) only as mean or count over buckets
+    /// that are whole multiples of its resolution, on the grid of multiples of the bucket
+    /// length from time 0: the range shrinks to the whole grid buckets inside it (partial
+    /// buckets at either end are dropped), and a range that holds none is refused
+    /// (`InvalidArgument`). So every value released aggregates whole cells of the
+    /// signal's resolution grid, whatever ranges and bucket lengths are asked.
+    /// Anything else is `PermissionDenied`.
     pub fn offsite_history(
         &self,
         site: &str,
-        signal: &str,
-        bucket_ns: i64,
-        aggregation: proto::Aggregation,
-    ) -> std::result::Result<(), String> {
-        if !self.is_protected_feature(signal) {
-            return Ok(());
+        lineage: &Lineage,
+        h: &proto::QueryHistoryRequest,
+    ) -> Result<proto::QueryHistoryRequest> {
+        let signal = h.signal.as_str();
+        if !self.is_protected_feature(signal, lineage) {
+            return Ok(h.clone());
         }
         let coarse = self
             .signals
             .get(signal)
             .filter(|s| s.mechanism == Mechanism::Coarsen);
-        match coarse {
-            Some(s)
-                if bucket_ns >= s.resolution_ns
-                    && matches!(
-                        aggregation,
-                        proto::Aggregation::Mean | proto::Aggregation::Count
-                    ) =>
-            {
-                Ok(())
-            }
-            Some(s) => Err(format!(
-                "history of {signal} leaves site {site} only as mean or count over buckets of at least {} s (privacy policy v{})",
-                s.resolution_ns as f64 / 1e9,
-                self.version
-            )),
-            None => Err(format!(
+        let Some(s) = coarse else {
+            return Err(Error::PermissionDenied(format!(
                 "raw history of {signal} stays on site {site} (privacy policy v{}): use ReleaseAggregate",
                 self.version
-            )),
+            )));
+        };
+        let r = s.resolution_ns;
+        let b = h.bucket_ns;
+        let mean_or_count = matches!(
+            h.aggregation(),
+            proto::Aggregation::Mean | proto::Aggregation::Count
+        );
+        if b < r || b % r != 0 || !mean_or_count {
+            return Err(Error::PermissionDenied(format!(
+                "history of {signal} leaves site {site} only as mean or count over buckets of at least {} s, in whole multiples of it (privacy policy v{})",
+                r as f64 / 1e9,
+                self.version
+            )));
         }
+        // Whole grid buckets inside [start, end): in i128, the range may span all of i64.
+        let (start, end, b) = (h.start_ns as i128, h.end_ns as i128, b as i128);
+        let first = start.div_euclid(b) + i128::from(start.rem_euclid(b) != 0);
+        let last = end.div_euclid(b);
+        if first >= last {
+            return Err(Error::InvalidArgument(format!(
+                "history of {signal} leaves site {site} only in whole {} s buckets aligned to multiples of the bucket length: [{}, {}) holds none",
+                b as f64 / 1e9,
+                h.start_ns,
+                h.end_ns
+            )));
+        }
+        // first*b >= start and last*b <= end: both fit in i64.
+        Ok(proto::QueryHistoryRequest {
+            start_ns: (first * b) as i64,
+            end_ns: (last * b) as i64,
+            ..h.clone()
+        })
     }
 
-    /// A feature (`{signal}.{name}`) computed from a protected signal is protected too.
-    pub fn is_protected_feature(&self, feature: &str) -> bool {
-        let signal = feature.split('.').next().unwrap_or(feature);
-        self.is_protected(signal)
+    /// Whether anything computed from `feature` (a signal, or `{signal}.{name}`) must
+    /// stay on the site: it is when any signal it was computed from is protected
+    /// ([`Lineage::sources`]).
+    pub fn is_protected_feature(&self, feature: &str, lineage: &Lineage) -> bool {
+        lineage.sources(feature).any(|s| self.is_protected(s))
+    }
+
+    /// Whether the installed model reads anything protected: then its score, status and
+    /// alarms are as protected as its inputs.
+    pub fn is_protected_model(&self, lineage: &Lineage) -> bool {
+        lineage
+            .model
+            .iter()
+            .any(|f| self.is_protected_feature(f, lineage))
     }
 
     /// The view of a twin for someone off its site: reported values and features of
-    /// protected signals are removed and named in `withheld`. Sequence numbers survive
+    /// protected signals (by lineage) are removed and named in `withheld`, and so is the
+    /// health of a model that reads them ([`HEALTH_WITHHELD`]). Sequence numbers survive
     /// only through the snapshot path ([`Policy::gate_snapshot_twin`]).
-    pub fn gate_twin(&self, twin: &mut proto::Twin) {
+    pub fn gate_twin(&self, twin: &mut proto::Twin, lineage: &Lineage) {
         let mut withheld: Vec<String> = Vec::new();
         twin.reported.retain(|k, _| {
             let keep = !self.is_protected(k);
@@ -476,34 +509,110 @@ impl Policy {
             }
             keep
         });
-        twin.derived.retain(|k, _| !self.is_protected_feature(k));
+        twin.derived
+            .retain(|k, _| !self.is_protected_feature(k, lineage));
         for s in self.protected_signals() {
             if !withheld.contains(&s) {
                 withheld.push(s);
             }
         }
+        if self.gate_health(twin, lineage) {
+            withheld.push(HEALTH_WITHHELD.to_owned());
+        }
         withheld.sort();
         twin.withheld = withheld;
     }
 
+    /// Clears the model's assessment when the model reads protected features; whether
+    /// it did.
+    fn gate_health(&self, twin: &mut proto::Twin, lineage: &Lineage) -> bool {
+        if !self.is_protected_model(lineage) {
+            return false;
+        }
+        if let Some(h) = twin.health.as_mut() {
+            h.anomaly_score = 0.0;
+            h.status = HEALTH_WITHHELD.to_owned();
+            h.last_alarm.clear();
+        }
+        true
+    }
+
     /// The twin as it may be replicated off the site (cloud snapshots, migration
     /// hand-over): protected values are replaced by NaN, but their sequence numbers and
-    /// timestamps stay, so a new owner admits frames exactly once.
-    pub fn gate_snapshot_twin(&self, twin: &mut proto::Twin) {
+    /// timestamps stay, so a new owner admits frames exactly once; protected features
+    /// and the health of a model that reads them are left out.
+    pub fn gate_snapshot_twin(&self, twin: &mut proto::Twin, lineage: &Lineage) {
         for (k, v) in twin.reported.iter_mut() {
             if self.is_protected(k) {
                 v.value = f64::NAN;
             }
         }
-        twin.derived.retain(|k, _| !self.is_protected_feature(k));
+        twin.derived
+            .retain(|k, _| !self.is_protected_feature(k, lineage));
+        self.gate_health(twin, lineage);
         twin.withheld = self.protected_signals();
     }
 
-    /// Features that may be published beyond the site.
-    pub fn gate_features(&self, features: &mut BTreeMap<String, f64>) -> usize {
+    /// Features that may be published beyond the site; how many were held back.
+    pub fn gate_features(&self, features: &mut BTreeMap<String, f64>, lineage: &Lineage) -> usize {
         let before = features.len();
-        features.retain(|k, _| !self.is_protected_feature(k));
+        features.retain(|k, _| !self.is_protected_feature(k, lineage));
         before - features.len()
+    }
+}
+
+/// What `Twin.withheld` names (and `Health.status` says) when the installed model reads
+/// protected features: its score, status and alarms stay on the site.
+pub const HEALTH_WITHHELD: &str = "health";
+
+/// Which signals the twin's features and model are computed from (DESIGN §10: gates go
+/// by lineage, not by name). A feature `{signal}.{name}` is computed from `signal` and
+/// from every signal an edge stage on `signal` reads besides it (a `bearing` stage's
+/// `shaft_signal`), all features of that signal alike (strict: a stage's outputs are
+/// not told apart by name). The model reads its features.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Lineage {
+    /// Signal analysed → other signals its edge stages read.
+    reads: BTreeMap<String, Vec<String>>,
+    /// Features the installed model reads.
+    model: Vec<String>,
+}
+
+impl Lineage {
+    /// The lineage of the features of `chain` (no model).
+    pub fn of(chain: &crate::chain::Chain) -> Lineage {
+        let mut reads: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for s in &chain.stages {
+            if let crate::chain::Op::Bearing { shaft_signal, .. } = &s.op {
+                if shaft_signal != &s.signal {
+                    let r = reads.entry(s.signal.clone()).or_default();
+                    if !r.contains(shaft_signal) {
+                        r.push(shaft_signal.clone());
+                    }
+                }
+            }
+        }
+        Lineage {
+            reads,
+            model: Vec::new(),
+        }
+    }
+
+    /// The same, with a model that reads `features`.
+    pub fn with_model(mut self, features: &[String]) -> Lineage {
+        self.model = features.to_vec();
+        self
+    }
+
+    /// Every signal `feature` (a signal, or `{signal}.{name}`) was computed from.
+    pub fn sources<'a>(&'a self, feature: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        let signal = feature.split('.').next().unwrap_or(feature);
+        std::iter::once(signal).chain(
+            self.reads
+                .get(signal)
+                .into_iter()
+                .flat_map(|r| r.iter().map(String::as_str)),
+        )
     }
 }
 
@@ -903,13 +1012,58 @@ pub fn release_planned(spec: &ReleaseSpec, plan: &Plan, data: &[f64]) -> Result<
     })
 }
 
+/// Share of a mean's ε spent on the noisy count that sizes it.
+pub const MEAN_COUNT_SHARE: f64 = 0.5;
+
+/// Largest size a DP mean is calibrated on (a public bound on the noisy count, so a
+/// tiny ε cannot make OpenDP's resize allocate without limit).
+pub const MAX_MEAN_SIZE: usize = 1 << 21;
+
+/// The two measurements of a DP mean over a number of records that is itself private:
+/// a noisy count (ε × [`MEAN_COUNT_SHARE`], δ / 2), then the mean resized to that count
+/// (the rest). Sequential composition: the release's loss is the sum of both maps.
+pub fn mean_parts(spec: &ReleaseSpec) -> (ReleaseSpec, ReleaseSpec) {
+    let count = ReleaseSpec {
+        statistic: Statistic::Count,
+        epsilon: spec.epsilon * MEAN_COUNT_SHARE,
+        delta: spec.delta / 2.0,
+        ..*spec
+    };
+    let mean = ReleaseSpec {
+        statistic: Statistic::Mean,
+        epsilon: spec.epsilon - count.epsilon,
+        delta: spec.delta / 2.0,
+        ..*spec
+    };
+    (count, mean)
+}
+
 /// Releases `spec.statistic` of `data` with OpenDP: the noise scale is calibrated so
 /// that the measurement's privacy loss is at most `spec.epsilon`, and the release
-/// reports the loss exactly as OpenDP's privacy map computes it.
+/// reports the loss exactly as OpenDP's privacy map computes it. The exact number of
+/// records is never part of the answer: a mean is sized (and its noise calibrated) on a
+/// noisy count ([`mean_parts`]), which `records` reports; a sum or count reports 0.
 pub fn release(spec: &ReleaseSpec, data: &[f64]) -> Result<Release> {
-    let n = data.iter().filter(|v| v.is_finite()).count();
-    let p = plan(spec, n)?;
-    release_planned(spec, &p, data)
+    check_spec(spec)?;
+    if spec.statistic != Statistic::Mean {
+        // Neither needs the size: calibrated without it.
+        let p = plan(spec, 0)?;
+        let r = release_planned(spec, &p, data)?;
+        return Ok(Release { records: 0, ..r });
+    }
+    let (count_spec, mean_spec) = mean_parts(spec);
+    let count = release(&count_spec, data)?;
+    let size = (count.value.round().max(1.0) as usize).min(MAX_MEAN_SIZE);
+    let p = plan(&mean_spec, size)?;
+    let mean = release_planned(&mean_spec, &p, data)?;
+    Ok(Release {
+        value: mean.value,
+        epsilon: count.epsilon + mean.epsilon,
+        delta: count.delta + mean.delta,
+        scale: mean.scale,
+        mechanism: format!("dp_{}_mean", spec.noise.as_str()),
+        records: size as u64,
+    })
 }
 
 /// The privacy loss OpenDP computes for the measurement of `spec` at `scale` over
@@ -935,6 +1089,49 @@ pub fn micro_aggregate(statistic: Statistic, values: &[f64], k: u32) -> Result<f
         Statistic::Sum => sum,
         Statistic::Mean => sum / values.len() as f64,
     })
+}
+
+/// The site's fixed micro-aggregation groups over its twins of one kind (`roster`):
+/// sorted by id and cut into disjoint groups of `k`, a short last group merged into the
+/// one before. The groups depend on the roster only, never on what a caller asks.
+pub fn micro_groups(roster: &[String], k: u32) -> Result<Vec<Vec<String>>> {
+    let mut ids: Vec<String> = roster.to_vec();
+    ids.sort();
+    ids.dedup();
+    let k = (k as usize).max(2);
+    if ids.len() < k {
+        return Err(Error::GroupTooSmall {
+            size: ids.len(),
+            k: k as u32,
+        });
+    }
+    let mut groups: Vec<Vec<String>> = ids.chunks(k).map(<[String]>::to_vec).collect();
+    if groups.last().is_some_and(|g| g.len() < k) {
+        let short = groups.pop().expect("a last group");
+        groups
+            .last_mut()
+            .expect("at least k ids make one whole group")
+            .extend(short);
+    }
+    Ok(groups)
+}
+
+/// The twins a micro-aggregate over `chosen` covers: every whole group that holds one
+/// of them (a group is released whole or not at all). Refuses a twin in no group.
+pub fn micro_members(groups: &[Vec<String>], chosen: &[String]) -> Result<Vec<String>> {
+    let mut members: Vec<String> = Vec::new();
+    for c in chosen {
+        let g = groups.iter().find(|g| g.contains(c)).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "twin {c} is not in the site's micro-aggregation groups of its kind"
+            ))
+        })?;
+        if !members.contains(&g[0]) {
+            members.extend(g.iter().cloned());
+        }
+    }
+    members.sort();
+    Ok(members)
 }
 
 /// Keyed pseudonyms (HMAC-SHA256) for identifiers such as Wi-Fi device addresses. The
@@ -1033,8 +1230,9 @@ mod tests {
         let p = Policy::default_for(AssetKind::PowerMeter);
         assert!(p.is_protected("household_energy"));
         assert!(!p.is_protected("voltage"));
-        assert!(p.is_protected_feature("household_energy.mean"));
-        assert!(!p.is_protected_feature("voltage.rms"));
+        let l = Lineage::default();
+        assert!(p.is_protected_feature("household_energy.mean", &l));
+        assert!(!p.is_protected_feature("voltage.rms", &l));
         assert!(p.is_protected("no_such_signal"));
         assert_eq!(p.protected_signals(), vec!["household_energy".to_owned()]);
         assert_eq!(
@@ -1043,44 +1241,67 @@ mod tests {
         );
     }
 
-    #[test]
-    fn coarsened_history_leaves_only_in_long_buckets_as_mean_or_count() {
-        use proto::Aggregation as A;
+    fn history(
+        signal: &str,
+        start_ns: i64,
+        end_ns: i64,
+        bucket_ns: i64,
+        a: proto::Aggregation,
+    ) -> proto::QueryHistoryRequest {
+        proto::QueryHistoryRequest {
+            twin_id: "site-a/pm-01".into(),
+            signal: signal.into(),
+            start_ns,
+            end_ns,
+            bucket_ns,
+            aggregation: a as i32,
+        }
+    }
+
+    fn coarsened(resolution_ns: i64) -> (proto::PrivacyPolicy, Policy) {
         let kind = AssetKind::PowerMeter;
         let mut p = Policy::default_for(kind).to_proto("site-a/pm-01");
         let he = p.signals.get_mut("household_energy").unwrap();
         he.mechanism = "coarsen".into();
-        he.resolution_ns = 900_000_000_000;
+        he.resolution_ns = resolution_ns;
         let policy = Policy::validate(&p, kind).unwrap();
+        (p, policy)
+    }
+
+    #[test]
+    fn coarsened_history_leaves_only_in_long_buckets_as_mean_or_count() {
+        use proto::Aggregation as A;
+        let kind = AssetKind::PowerMeter;
         let r = 900_000_000_000;
-        assert!(policy
-            .offsite_history("site-a", "household_energy", r, A::Mean)
-            .is_ok());
-        assert!(policy
-            .offsite_history("site-a", "household_energy", 2 * r, A::Count)
-            .is_ok());
-        let e = policy
-            .offsite_history("site-a", "household_energy", r - 1, A::Mean)
-            .unwrap_err();
-        assert!(e.contains("at least 900 s"), "{e}");
+        let (p, policy) = coarsened(r);
+        let l = Lineage::default();
+        let ask = |signal: &str, bucket_ns: i64, a: A| {
+            policy.offsite_history("site-a", &l, &history(signal, 0, 4 * r, bucket_ns, a))
+        };
+        assert!(ask("household_energy", r, A::Mean).is_ok());
+        assert!(ask("household_energy", 2 * r, A::Count).is_ok());
+        let e = ask("household_energy", r - 1, A::Mean).unwrap_err();
+        assert_eq!(e.code(), crate::ErrorCode::PermissionDenied);
+        assert!(e.to_string().contains("at least 900 s"), "{e}");
+        // Not a whole multiple of the resolution: its edges would cut the grid's cells.
+        let e = ask("household_energy", r + 1, A::Mean).unwrap_err();
+        assert!(e.to_string().contains("whole multiples"), "{e}");
         for a in [A::Min, A::Max, A::Rms] {
-            assert!(policy
-                .offsite_history("site-a", "household_energy", r, a)
-                .is_err());
+            assert!(ask("household_energy", r, a).is_err());
         }
         // Its features stay on site; public signals are not affected.
-        assert!(policy
-            .offsite_history("site-a", "household_energy.mean", r, A::Mean)
-            .is_err());
-        assert!(policy
-            .offsite_history("site-a", "voltage", 0, A::Max)
-            .is_ok());
+        assert!(ask("household_energy.mean", r, A::Mean).is_err());
+        assert!(ask("voltage", 1, A::Max).is_ok());
         // The default (dp) serves no history off the site at any resolution.
         let dp = Policy::default_for(kind);
         let e = dp
-            .offsite_history("site-a", "household_energy", 10 * r, A::Mean)
+            .offsite_history(
+                "site-a",
+                &l,
+                &history("household_energy", 0, r, 10 * r, A::Mean),
+            )
             .unwrap_err();
-        assert!(e.contains("ReleaseAggregate"), "{e}");
+        assert!(e.to_string().contains("ReleaseAggregate"), "{e}");
         // Round trip, and the checks of resolution_ns.
         let back = Policy::from_stored(&policy.to_proto("site-a/pm-01"), kind).unwrap();
         assert_eq!(back.signal("household_energy").unwrap().resolution_ns, r);
@@ -1095,6 +1316,67 @@ mod tests {
         bad.signals.get_mut("household_energy").unwrap().mechanism = "dp".into();
         let e = Policy::validate(&bad, kind).unwrap_err().to_string();
         assert!(e.contains("applies to the coarsen mechanism"), "{e}");
+    }
+
+    /// The attack of issue 20: off the site, ask a coarsened signal's history over a
+    /// range that holds one sample (one nanosecond, or a few around it, or a whole
+    /// bucket shifted off the grid) and read the raw sample back as the bucket's mean.
+    #[test]
+    fn attack_coarsened_history_over_a_nanosecond_gets_no_sample() {
+        use crate::stats::HistoryBuckets;
+        use proto::Aggregation as A;
+        let r = 900_000_000_000;
+        let (_, policy) = coarsened(r);
+        let l = Lineage::default();
+        // One sample per minute over two hours, and one secret at T, inside bucket 1.
+        let t = r + 123_456_789_012;
+        let secret = 4242.5;
+        let samples: Vec<(i64, f64)> = (0..120)
+            .map(|i| (i * 60_000_000_000, 1.0))
+            .chain([(t, secret)])
+            .collect();
+        let answer = |start_ns: i64, end_ns: i64, bucket_ns: i64| {
+            let q = policy.offsite_history(
+                "site-a",
+                &l,
+                &history("household_energy", start_ns, end_ns, bucket_ns, A::Mean),
+            )?;
+            let mut b = HistoryBuckets::new(q.start_ns, q.end_ns, q.bucket_ns);
+            for &(at, x) in &samples {
+                b.push(at, x);
+            }
+            Ok::<_, Error>(b.finish(crate::stats::Aggregation::Mean))
+        };
+        for (start, end) in [
+            (t, t + 1),
+            (t - 1, t + 1),
+            (t - r / 2, t + r / 2),
+            (t, t + r),
+        ] {
+            match answer(start, end, r) {
+                Err(e) => assert_eq!(e.code(), crate::ErrorCode::InvalidArgument, "{e}"),
+                Ok(buckets) => {
+                    for b in &buckets {
+                        assert_ne!(b.value, secret, "[{start}, {end}) gave the sample back");
+                        assert_eq!(b.start_ns % r, 0, "a bucket off the grid");
+                    }
+                }
+            }
+        }
+        // The narrowest range that answers at all covers the whole aligned bucket: every
+        // value aggregates all of it (15 samples of 1 and the secret).
+        let whole = answer(t - r / 2, t + r, r).unwrap();
+        assert_eq!(whole.len(), 1);
+        assert_eq!(whole[0].start_ns, r);
+        assert_eq!(whole[0].count, 16);
+        assert_eq!(whole[0].value, (15.0 + secret) / 16.0);
+        let e = answer(t, t + 1, r).unwrap_err();
+        assert!(e.to_string().contains("holds none"), "{e}");
+        // Differencing two bucket lengths cannot cut below the grid: 2r buckets start
+        // on multiples of 2r, which are multiples of r.
+        let two = answer(0, 2 * r, 2 * r).unwrap();
+        assert_eq!(two[0].start_ns, 0);
+        assert_eq!(two[0].count, 31);
     }
 
     #[test]
@@ -1182,12 +1464,12 @@ mod tests {
         t.derived.insert("household_energy.max".into(), 4242.5);
         t.derived.insert("voltage.rms".into(), 230.0);
         let mut snap = t.clone();
-        p.gate_twin(&mut t);
+        p.gate_twin(&mut t, &Lineage::default());
         assert!(t.reported.contains_key("voltage"));
         assert!(!t.reported.contains_key("household_energy"));
         assert_eq!(t.derived.len(), 1);
         assert_eq!(t.withheld, vec!["household_energy".to_owned()]);
-        p.gate_snapshot_twin(&mut snap);
+        p.gate_snapshot_twin(&mut snap, &Lineage::default());
         let he = &snap.reported["household_energy"];
         assert!(he.value.is_nan());
         assert_eq!(he.seq, 7);
@@ -1226,11 +1508,22 @@ mod tests {
             for noise in [Noise::Laplace, Noise::Gaussian] {
                 let s = spec(statistic, noise, 0.5);
                 let r = release(&s, &data).unwrap();
-                let (eps, delta) = privacy_loss(&s, data.len(), r.scale).unwrap();
-                assert_eq!(r.epsilon, eps, "{statistic:?} {noise:?}");
+                let (eps, delta) = if statistic == Statistic::Mean {
+                    // The noisy count's loss plus the mean's at the size it gave.
+                    let (count, mean) = mean_parts(&s);
+                    let c = plan(&count, 0).unwrap();
+                    let (e, d) = privacy_loss(&mean, r.records as usize, r.scale).unwrap();
+                    (c.epsilon + e, c.delta + d)
+                } else {
+                    assert_eq!(r.records, 0, "{statistic:?}: the count is not reported");
+                    privacy_loss(&s, data.len(), r.scale).unwrap()
+                };
+                assert!(
+                    (r.epsilon - eps).abs() <= 1e-12 * eps,
+                    "{statistic:?} {noise:?}"
+                );
                 assert_eq!(r.delta, delta);
                 assert!(r.epsilon <= 0.5 && r.epsilon > 0.5 * 0.999, "{}", r.epsilon);
-                assert_eq!(r.records, 500);
                 if noise == Noise::Gaussian {
                     assert!(r.delta > 0.0 && r.delta <= 1e-7);
                 }
@@ -1357,6 +1650,166 @@ mod tests {
         );
         let e = micro_aggregate(Statistic::Mean, &[1.0, 2.0], 3).unwrap_err();
         assert_eq!(e.code(), crate::ErrorCode::FailedPrecondition);
+    }
+
+    /// The attack of issue 20: releases of a DP mean over data with n and n + 1
+    /// records. Before, `records` was n and the noise scale (b − a)/(n ε): either told
+    /// n exactly. Now both come from a noisy count, and the same report comes out of
+    /// either data set.
+    #[test]
+    fn attack_dp_mean_does_not_report_the_exact_count() {
+        let n = 40;
+        let reports = |n: usize| -> Vec<(u64, u64)> {
+            let data: Vec<f64> = (0..n).map(|i| (i % 7) as f64).collect();
+            (0..40)
+                .map(|_| {
+                    let r = release(&spec(Statistic::Mean, Noise::Laplace, 1.0), &data).unwrap();
+                    (r.records, r.scale.to_bits())
+                })
+                .collect()
+        };
+        let (a, b) = (reports(n), reports(n + 1));
+        assert!(
+            a.iter().any(|x| b.contains(x)),
+            "no report of the n-record data is also one of the n+1-record data: {a:?} {b:?}"
+        );
+        assert!(a.iter().any(|(records, _)| *records != n as u64));
+        // The scale is a function of the reported (noisy) size, not of the data.
+        let size_of = |scale: u64| a.iter().chain(&b).filter(move |(_, s)| *s == scale);
+        for (records, scale) in a.iter().chain(&b) {
+            assert!(size_of(*scale).all(|(r, _)| r == records));
+        }
+    }
+
+    /// The attack of issue 20: six micro-aggregates (k = 5) over the leave-one-out sets
+    /// of six turnstiles. Exact means over the caller's sets gave each twin's value back
+    /// (6 × mean(all) − 5 × mean(all but i)). With the site's fixed groups every release
+    /// covers the same whole group, so all six answers are one number.
+    #[test]
+    fn attack_leave_one_out_micro_aggregates_give_no_twin_back() {
+        let ids: Vec<String> = (1..=6).map(|i| format!("site-a/gate-0{i}")).collect();
+        let value = |id: &String| ids.iter().position(|x| x == id).unwrap() as f64 * 10.0 + 3.0;
+        let groups = micro_groups(&ids, 5).unwrap();
+        assert_eq!(groups.len(), 1, "six twins with k = 5 make one group");
+        let answers: Vec<f64> = (0..6)
+            .map(|leave| {
+                let chosen: Vec<String> = ids
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| *i != leave)
+                    .map(|(_, id)| id.clone())
+                    .collect();
+                let members = micro_members(&groups, &chosen).unwrap();
+                let values: Vec<f64> = members.iter().map(value).collect();
+                micro_aggregate(Statistic::Mean, &values, 5).unwrap()
+            })
+            .collect();
+        let all = ids.iter().map(value).sum::<f64>() / 6.0;
+        for (i, a) in answers.iter().enumerate() {
+            assert_eq!(*a, all);
+            // The differencing attack recovers nothing but the group's mean.
+            let guess = 6.0 * all - 5.0 * a;
+            assert_ne!(guess, value(&ids[i]), "twin {i} recovered");
+        }
+        // Groups are disjoint, at least k, fixed by the roster whatever the order.
+        let mut twelve: Vec<String> = (10..22).map(|i| format!("site-a/g{i}")).collect();
+        let g = micro_groups(&twelve, 5).unwrap();
+        assert_eq!(g.iter().map(Vec::len).collect::<Vec<_>>(), vec![5, 7]);
+        twelve.reverse();
+        assert_eq!(micro_groups(&twelve, 5).unwrap(), g);
+        // One twin picks its whole group, and only that group.
+        let m = micro_members(&g, &["site-a/g17".to_owned()]).unwrap();
+        assert_eq!(m, g[1]);
+        assert!(micro_groups(&ids[..4], 5).is_err());
+        assert!(micro_members(&g, &["site-a/zz".to_owned()]).is_err());
+    }
+
+    /// The attack of issue 20: a `bearing` stage on the public `voltage` reads the
+    /// personal `household_energy` as its shaft signal, so `voltage.shaft_hz` is
+    /// household_energy × ratio / 60. By name it was a voltage feature and left the
+    /// site; a model over it published |x| as its anomaly score.
+    #[test]
+    fn attack_features_and_scores_derived_from_a_personal_signal_stay_on_site() {
+        use crate::chain::{Chain, ChainSpec, ParamValue, StageSpec};
+        let kind = AssetKind::PowerMeter;
+        let p = Policy::default_for(kind);
+        let mut spec: ChainSpec = Chain::default_for(kind).spec.clone();
+        // Edge stages come before the cloud's archive stage.
+        let at = spec
+            .stage
+            .iter()
+            .position(|s| s.tier == "cloud")
+            .unwrap_or(spec.stage.len());
+        spec.stage.insert(
+            at,
+            StageSpec {
+                op: "bearing".into(),
+                tier: "edge".into(),
+                signal: Some("voltage".into()),
+                params: [
+                    (
+                        "shaft_signal".to_owned(),
+                        ParamValue::Text("household_energy".into()),
+                    ),
+                    ("band".to_owned(), ParamValue::List(vec![500.0, 2000.0])),
+                ]
+                .into_iter()
+                .collect(),
+            },
+        );
+        let chain = Chain::validate(&spec, kind).unwrap();
+        let l = Lineage::of(&chain);
+        assert_eq!(
+            l.sources("voltage.shaft_hz").collect::<Vec<_>>(),
+            vec!["voltage", "household_energy"]
+        );
+        let mut features: BTreeMap<String, f64> = [
+            ("voltage.shaft_hz".to_owned(), 4242.5 / 60.0),
+            ("voltage.bpfo_amp".to_owned(), 1.0),
+            ("household_energy.mean".to_owned(), 4242.5),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(p.gate_features(&mut features, &l), 3);
+        assert!(features.is_empty());
+        // Without the bearing stage, voltage's features are public.
+        let plain = Lineage::of(&Chain::default_for(kind));
+        assert!(!p.is_protected_feature("voltage.shaft_hz", &plain));
+        // The model's score inherits the lineage of its features.
+        let model = l.clone().with_model(&["voltage.shaft_hz".to_owned()]);
+        assert!(p.is_protected_model(&model));
+        assert!(!p.is_protected_model(&plain.clone().with_model(&["voltage.rms".to_owned()])));
+        let mut t = proto::Twin {
+            health: Some(proto::Health {
+                anomaly_score: 4242.5,
+                status: "alarm".into(),
+                model_id: "m".into(),
+                model_version: 1,
+                last_alarm: "1: score 4242.5".into(),
+            }),
+            ..Default::default()
+        };
+        t.derived.insert("voltage.shaft_hz".into(), 70.7);
+        let mut snap = t.clone();
+        p.gate_twin(&mut t, &model);
+        let h = t.health.as_ref().unwrap();
+        assert_eq!(h.anomaly_score, 0.0);
+        assert_eq!(h.status, HEALTH_WITHHELD);
+        assert!(h.last_alarm.is_empty());
+        assert!(t.derived.is_empty());
+        assert!(t.withheld.contains(&HEALTH_WITHHELD.to_owned()));
+        p.gate_snapshot_twin(&mut snap, &model);
+        assert_eq!(snap.health.as_ref().unwrap().anomaly_score, 0.0);
+        assert!(snap.derived.is_empty());
+        // Nor does its history leave: the feature is personal by lineage.
+        let e = p
+            .offsite_history(
+                "site-a",
+                &l,
+                &history("voltage.shaft_hz", 0, 1, 1, proto::Aggregation::Mean),
+            )
+            .unwrap_err();
+        assert_eq!(e.code(), crate::ErrorCode::PermissionDenied);
     }
 
     #[test]

@@ -476,7 +476,8 @@ mod tests {
             },
         );
         let mut t = core.to_proto(None);
-        core.policy.gate_snapshot_twin(&mut t);
+        core.policy
+            .gate_snapshot_twin(&mut t, &crate::privacy::Lineage::default());
         let back = TwinCore::try_from(t).unwrap();
         assert_eq!(back.ledger, core.ledger);
         assert_eq!(back.policy, core.policy);

@@ -79,9 +79,12 @@ impl TwinActorState {
             .collect();
         self.ctx.store.append_frames(&self.core.id, &points)?;
         self.persist()?;
-        // Features of protected signals stay in the site's own history.
+        // Features computed from protected signals (by lineage) stay in the site's own
+        // history.
         let mut features = features;
-        self.core.policy.gate_features(&mut features);
+        self.core
+            .policy
+            .gate_features(&mut features, &self.lineage());
         if features.is_empty() {
             self.state_changed(myself).await;
             return Ok(());
@@ -226,6 +229,9 @@ impl TwinActorState {
         if a.raised.is_none() && a.drifted.is_none() {
             return;
         }
+        // A model over protected data keeps its alarms on the site (state for raw viewers):
+        // events reach every subscriber of the fabric.
+        let on_site_only = self.core.policy.is_protected_model(&self.lineage());
         let label = self.model_label();
         if let Some(parts) = a.raised {
             NodeMetrics::add(&self.ctx.metrics.alarms_raised, 1);
@@ -239,6 +245,9 @@ impl TwinActorState {
                 a.score,
                 top.join(", ")
             );
+            if on_site_only {
+                return;
+            }
             self.publish_event(
                 "alarm",
                 format!(
@@ -255,7 +264,7 @@ impl TwinActorState {
             )
             .await;
         }
-        if let Some(p) = a.drifted {
+        if let Some(p) = a.drifted.filter(|_| !on_site_only) {
             self.publish_event(
                 "model_quality",
                 format!(

@@ -87,8 +87,15 @@ pub enum TwinMsg {
     Tick,
     /// The current state, for tests and admin.
     Inspect(RpcReplyPort<proto::Twin>),
-    /// The current privacy policy (releases and history gates read only this).
+    /// The current privacy policy (releases read only this).
     Policy(RpcReplyPort<Arc<twinmesh_twins::privacy::Policy>>),
+    /// The policy and the lineage of the twin's features and model (the history gate).
+    Gate(
+        RpcReplyPort<(
+            Arc<twinmesh_twins::privacy::Policy>,
+            twinmesh_twins::privacy::Lineage,
+        )>,
+    ),
     /// The features of one analysis window, computed off the actor.
     Features {
         signal: String,
@@ -113,7 +120,7 @@ impl TwinMsg {
     fn is_read(&self) -> bool {
         use twinmesh_twins::proto::twin_request::Request;
         match self {
-            TwinMsg::Inspect(_) | TwinMsg::Policy(_) => true,
+            TwinMsg::Inspect(_) | TwinMsg::Policy(_) | TwinMsg::Gate(_) => true,
             TwinMsg::Request(r, _) | TwinMsg::Serve(r, _, _) => {
                 matches!(r.request, Some(Request::GetTwin(_)))
             }
@@ -201,13 +208,28 @@ impl TwinActorState {
         }
     }
 
+    /// What the twin's features and installed model are computed from.
+    fn lineage(&self) -> twinmesh_twins::privacy::Lineage {
+        let l = twinmesh_twins::privacy::Lineage::of(&self.core.chain);
+        match &self.monitor {
+            Some(m) => l.with_model(&m.model().features),
+            None => l,
+        }
+    }
+
     fn summary(&self) -> TwinSummary {
+        // Listed to every caller: the status of a model over protected data stays here.
+        let status = if self.core.policy.is_protected_model(&self.lineage()) {
+            twinmesh_twins::privacy::HEALTH_WITHHELD.to_owned()
+        } else {
+            self.core.health.status.clone()
+        };
         TwinSummary {
             twin_id: self.core.id.to_string(),
             kind: self.core.kind.to_string(),
             node: self.placement.node.clone(),
             tier: self.placement.tier.clone(),
-            status: self.core.health.status.clone(),
+            status,
             revision: self.core.revision,
         }
     }
@@ -478,6 +500,9 @@ impl TwinActorState {
             }
             TwinMsg::Policy(reply) => {
                 let _ = reply.send(state.core.policy.clone());
+            }
+            TwinMsg::Gate(reply) => {
+                let _ = reply.send((state.core.policy.clone(), state.lineage()));
             }
             TwinMsg::Features {
                 signal,

@@ -76,7 +76,7 @@ impl TwinActorState {
     pub(super) fn offsite_snapshot(&self) -> TwinSnapshot {
         let mut snap = self.snapshot();
         if let Some(t) = snap.twin.as_mut() {
-            self.core.policy.gate_snapshot_twin(t);
+            self.core.policy.gate_snapshot_twin(t, &self.lineage());
         }
         snap
     }
@@ -85,7 +85,7 @@ impl TwinActorState {
     pub(super) fn twin_for(&self, caller: Option<&proto::Caller>) -> proto::Twin {
         let mut t = self.get_twin();
         if !privacy::sees_raw(caller, self.core.id.site()) {
-            self.core.policy.gate_twin(&mut t);
+            self.core.policy.gate_twin(&mut t, &self.lineage());
         }
         t
     }

@@ -171,10 +171,8 @@ async fn release_one(
     let policy = policy_of(ctx, actor, id, kind).await?;
     let sp = signal_policy(&policy, kind, &req.signal)?;
     if sp.mechanism == Mechanism::MicroAggregate {
-        return Err(domain(DomainError::InvalidArgument(format!(
-            "signal {} is released by micro-aggregation: ask for a set of at least {} twins",
-            req.signal, sp.k
-        ))));
+        // Released only as the whole fixed group the twin belongs to.
+        return coordinate_set(ctx, actor, id, kind, req, caller).await;
     }
     let spec = ReleaseSpec {
         statistic,
@@ -352,6 +350,99 @@ async fn ask(
     }
 }
 
+/// Each twin's policy for `signal` (asked on its node), refusing suppressed signals.
+async fn policies_of(
+    ctx: &Arc<NodeContext>,
+    ids: &[TwinId],
+    kind: AssetKind,
+    signal: &str,
+) -> Result<Vec<(TwinId, privacy::SignalPolicy)>, proto::Error> {
+    let asked: Vec<(TwinId, Result<twin_reply::Reply, proto::Error>)> = stream::iter(ids.to_vec())
+        .map(|id| {
+            let ctx = ctx.clone();
+            async move {
+                let r = twin_request::Request::GetPolicy(proto::GetPolicyRequest {
+                    twin_id: id.to_string(),
+                });
+                let out = ask(&ctx, &id, r).await;
+                (id, out)
+            }
+        })
+        .buffer_unordered(CONTRIBUTE_CONCURRENCY)
+        .collect()
+        .await;
+    let mut out = Vec::with_capacity(asked.len());
+    for (id, r) in asked {
+        let p = match r {
+            Ok(twin_reply::Reply::Policy(p)) => p,
+            Ok(_) => {
+                return Err(err(
+                    proto::ErrorCode::Internal,
+                    format!("unexpected reply from {id}"),
+                ))
+            }
+            Err(mut e) => {
+                e.message = format!("policy of {id}: {}", e.message);
+                return Err(e);
+            }
+        };
+        let policy = Policy::from_stored(&p, kind).map_err(|e| {
+            err(
+                proto::ErrorCode::InvalidArgument,
+                format!("a set release covers twins of one kind ({kind}): {id}: {e}"),
+            )
+        })?;
+        let sp = signal_policy(&policy, kind, signal)?.clone();
+        out.push((id, sp));
+    }
+    out.sort_by_key(|(id, _)| id.to_string());
+    Ok(out)
+}
+
+/// The site's twins of `kind`, from the placement authority (the roster micro-aggregation
+/// groups are cut from).
+async fn roster_of(
+    ctx: &NodeContext,
+    site: &str,
+    kind: AssetKind,
+) -> Result<Vec<TwinId>, proto::Error> {
+    let replies = ctx
+        .fabric
+        .query(
+            &keys::placements_of_site(site),
+            None,
+            Duration::from_secs(5),
+        )
+        .await
+        .map_err(|e| {
+            err(
+                proto::ErrorCode::Unavailable,
+                format!(
+                    "the roster of site {site} is out of reach ({e}): micro-aggregates need it"
+                ),
+            )
+        })?;
+    let kind_name = kind.to_string();
+    let mut ids: Vec<TwinId> = replies
+        .into_iter()
+        .filter_map(|r| r.decode::<proto::Placement>().ok())
+        .filter(|p| p.kind == kind_name)
+        .filter_map(|p| p.twin_id.parse().ok())
+        .collect();
+    ids.sort_by_key(TwinId::to_string);
+    ids.dedup();
+    if ids.len() > MAX_RELEASE_TWINS {
+        return Err(err(
+            proto::ErrorCode::InvalidArgument,
+            format!(
+                "site {site} has {} twins of {kind}, at most {MAX_RELEASE_TWINS} in one release",
+                ids.len()
+            ),
+        ));
+    }
+    Ok(ids)
+}
+
 /// A step of the site's ledger of set releases, at the placement authority.
 async fn site_ledger(
     ctx: &NodeContext,
@@ -414,24 +505,59 @@ async fn coordinate_set(
         }
     }
     let key = site_key(ctx, "it cannot coordinate a set release")?;
-    // The first twin's policy decides the mechanism, bounds and noise of the release.
+    // Every twin's own policy counts, and the strictest decides: a suppressed twin
+    // stops the release; a micro-aggregated one makes it cover the site's fixed groups
+    // (never the caller's set); one that asks for DP adds noise and is charged.
+    let mut members = policies_of(ctx, &ids, kind, &req.signal).await?;
+    let mut k = 0;
+    if members
+        .iter()
+        .any(|(_, sp)| sp.mechanism == Mechanism::MicroAggregate)
+    {
+        let roster = roster_of(ctx, first.site(), kind).await?;
+        let all = policies_of(ctx, &roster, kind, &req.signal).await?;
+        k = all
+            .iter()
+            .map(|(_, sp)| sp.k)
+            .max()
+            .unwrap_or(privacy::DEFAULT_K);
+        let names = |v: &[TwinId]| v.iter().map(TwinId::to_string).collect::<Vec<_>>();
+        let groups = privacy::micro_groups(&names(&roster), k).map_err(domain)?;
+        let chosen = privacy::micro_members(&groups, &names(&ids)).map_err(domain)?;
+        members = all
+            .into_iter()
+            .filter(|(id, _)| chosen.contains(&id.to_string()))
+            .collect();
+    }
+    let ids: Vec<TwinId> = members.iter().map(|(id, _)| id.clone()).collect();
+    let micro = members
+        .iter()
+        .all(|(_, sp)| matches!(sp.mechanism, Mechanism::MicroAggregate | Mechanism::None));
+    // One bound for all: the widest, so each twin's clamped contribution is covered.
+    let lower = members
+        .iter()
+        .map(|(_, sp)| sp.lower)
+        .fold(f64::INFINITY, f64::min);
+    let upper = members
+        .iter()
+        .map(|(_, sp)| sp.upper)
+        .fold(f64::NEG_INFINITY, f64::max);
     let policy = policy_of(ctx, actor, first, kind).await?;
-    let sp = signal_policy(&policy, kind, &req.signal)?.clone();
     let spec = ReleaseSpec {
         statistic,
         noise: policy.noise,
-        lower: sp.lower,
-        upper: sp.upper,
+        lower,
+        upper,
         epsilon: req.epsilon,
         delta: policy.delta,
         // One record per twin.
         d_in: 1,
     };
-    let micro = sp.mechanism == Mechanism::MicroAggregate;
     let plan = if micro {
         None
     } else {
         let spec2 = spec;
+        // The twins released over: public (the caller's set, or its whole groups).
         let n = ids.len();
         Some(
             tokio::task::spawn_blocking(move || privacy::plan(&spec2, n))
@@ -441,6 +567,17 @@ async fn coordinate_set(
         )
     };
     let (epsilon, delta) = plan.map_or((0.0, 0.0), |p| (p.epsilon, p.delta));
+    // Charged: the twins whose own policy asks for noise.
+    let charged_eps = |id: &TwinId| {
+        let dp = members.iter().any(|(m, sp)| {
+            m == id && !matches!(sp.mechanism, Mechanism::MicroAggregate | Mechanism::None)
+        });
+        if dp {
+            (epsilon, delta)
+        } else {
+            (0.0, 0.0)
+        }
+    };
     let release_id = format!("{first}@{}", ctx.now_ns());
     let site_request = |refund: bool| proto::SiteBudgetRequest {
         site: first.site().to_owned(),
@@ -456,6 +593,7 @@ async fn coordinate_set(
         None
     };
     let contribution = |id: &TwinId, refund: bool| {
+        let (epsilon, delta) = charged_eps(id);
         twin_request::Request::Contribute(ContributeRequest {
             twin_id: id.to_string(),
             signal: req.signal.clone(),
@@ -529,7 +667,7 @@ async fn coordinate_set(
     }
     let outcome = match (&failure, plan) {
         (Some(e), _) => Err(e.clone()),
-        (None, None) => privacy::micro_aggregate(statistic, &values, sp.k)
+        (None, None) => privacy::micro_aggregate(statistic, &values, k.max(2))
             .map(|v| (v, "micro_aggregate".to_owned(), 0.0))
             .map_err(domain),
         (None, Some(p)) => {
@@ -558,6 +696,9 @@ async fn coordinate_set(
             return Err(e);
         }
     };
+    // A DP release reports the size it was planned on (public), never how many twins
+    // had data in the range; a micro-aggregate the size of its whole groups' data.
+    let records = if micro { values.len() } else { ids.len() } as u64;
     let event = proto::TwinEvent {
         twin_id: first.to_string(),
         kind: "privacy_release".to_owned(),
@@ -576,7 +717,7 @@ async fn coordinate_set(
             ("delta", delta.to_string()),
             ("noise_scale", scale.to_string()),
             ("twins", ids.len().to_string()),
-            ("records", values.len().to_string()),
+            ("records", records.to_string()),
             ("release_id", release_id.clone()),
             ("value", value.to_string()),
             ("by", caller.map(|c| c.subject).unwrap_or_default()),
@@ -607,7 +748,7 @@ async fn coordinate_set(
         },
         mechanism,
         noise_scale: scale,
-        records: values.len() as u64,
+        records,
         delta_spent: delta,
         site_epsilon_remaining: site_budget.map(|b| (b.epsilon_total - b.epsilon_spent).max(0.0)),
     }))

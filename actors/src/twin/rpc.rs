@@ -321,17 +321,25 @@ pub(super) fn serve_query(
             let fut = async move {
                 // Off the site (or below data_operator), raw history of protected
                 // signals and their features is never served.
+                // Coarsened signals: whole aligned buckets only (the range shrinks to them).
+                let mut h = h;
                 if !privacy::sees_raw(caller.as_ref(), id2.site()) {
-                    match super::release::policy_of(&ctx2, &actor2, &id2, kind).await {
-                        Ok(p) => {
-                            let site = id2.site();
-                            if let Err(why) =
-                                p.offsite_history(site, &h.signal, h.bucket_ns, h.aggregation())
-                            {
-                                return error_reply(&DomainError::PermissionDenied(why));
+                    let gate = actor2
+                        .call(TwinMsg::Gate, Some(ctx2.twin_config.call_timeout))
+                        .await;
+                    match gate {
+                        Ok(ractor::rpc::CallResult::Success((p, lineage))) => {
+                            match p.offsite_history(id2.site(), &lineage, &h) {
+                                Ok(q) => h = q,
+                                Err(e) => return error_reply(&e),
                             }
                         }
-                        Err(e) => return reply(twin_reply::Reply::Error(e)),
+                        _ => {
+                            return coded_error(
+                                proto::ErrorCode::Unavailable,
+                                format!("twin {id2} is restarting"),
+                            )
+                        }
                     }
                 }
                 match tokio::task::spawn_blocking(move || query_history(&ctx2, &id2, h)).await {

@@ -133,6 +133,9 @@ impl Api {
             site: self.site.clone(),
             role: who.role.as_str().to_owned(),
             subject: who.subject.clone(),
+            // A site-scoped token: the twins and the authority hold its role only on
+            // these sites.
+            sites: who.sites.clone(),
             ..Default::default()
         }
     }

@@ -716,7 +716,8 @@ impl Actor for GatewayActor {
         // merged in one loop with a fixed priority (a twin's placement before its chain,
         // as the gateway applies a chain only for the epoch it knows): not through
         // `wire::forward`, whose loops, one per subscription, would race each other.
-        // Acks, set-points, placements and chains are obeyed only with a proof under the
+        // Acks, set-points, placements, replay requests (their epoch fences) and chains
+        // are obeyed only with a proof under the
         // site's control key (held by the site's nodes and the cloud): anyone else on
         // the fabric could otherwise truncate the spool, actuate the device or make a
         // protected signal travel raw.
@@ -744,15 +745,6 @@ impl Actor for GatewayActor {
                 }
             }
         }
-        fn hand_replay(me: &ActorRef<GatewayMsg>, s: crate::ports::Sample) -> bool {
-            match s.decode::<ReplayRequest>() {
-                Ok(m) => me.cast(GatewayMsg::Replay(m)).is_ok(),
-                Err(e) => {
-                    tracing::warn!(key = s.key, "dropped: {e}");
-                    true
-                }
-            }
-        }
         let me = myself.clone();
         let hctx = ctx.clone();
         tasks.spawn_until_cancelled(async move {
@@ -765,7 +757,7 @@ impl Actor for GatewayActor {
                     s = acks.rx.recv_async() => s.is_ok_and(|s| hand(&me, &hctx, s, GatewayMsg::Ack)),
                     s = control.rx.recv_async() => s.is_ok_and(|s| hand(&me, &hctx, s, GatewayMsg::Control)),
                     s = placements.rx.recv_async() => s.is_ok_and(|s| hand(&me, &hctx, s, GatewayMsg::Placed)),
-                    s = replays.rx.recv_async() => s.is_ok_and(|s| hand_replay(&me, s)),
+                    s = replays.rx.recv_async() => s.is_ok_and(|s| hand(&me, &hctx, s, GatewayMsg::Replay)),
                     s = chains.rx.recv_async() => s.is_ok_and(|s| hand(&me, &hctx, s, GatewayMsg::Chain)),
                 };
                 if !alive {

@@ -96,7 +96,8 @@ proven!(
     ChainUpdate,
     DesiredUpdate,
     Placement,
-    TwinSnapshot
+    TwinSnapshot,
+    ReplayRequest
 );
 
 const CALLER_LABEL: &[u8] = b"twinmesh/caller/twin";

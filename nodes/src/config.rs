@@ -294,20 +294,21 @@ pub fn load_key_ring(path: &Path, what: &str) -> crate::Result<twinmesh_actors::
 }
 
 /// What the node can prove and check on the fabric, from its key files (see
-/// `twinmesh_actors::trust`).
+/// `twinmesh_actors::trust`), and what it should warn about once it runs (keys it lacks).
 pub fn load_trust(
     config: &NodeConfig,
     site_key: Option<&twinmesh_actors::seal::KeyRing>,
-) -> crate::Result<twinmesh_actors::trust::Trust> {
+) -> crate::Result<(twinmesh_actors::trust::Trust, Vec<String>)> {
+    let mut warnings = Vec::new();
     let mut trust = twinmesh_actors::trust::Trust::new(config.id.as_str(), &config.site);
     if let Some(path) = &config.mesh_key_file {
         trust = trust.with_mesh_key(&load_key_ring(path, "mesh key")?);
     } else if config.tier != Tier::Iot {
-        tracing::warn!(
+        warnings.push(format!(
             "node {} has no mesh key (--mesh-key): twins see every caller it serves as an \
              anonymous off-site viewer, and it believes no caller",
             config.id
-        );
+        ));
     }
     if let Some(ring) = site_key {
         trust = trust.with_site_key(ring);
@@ -334,15 +335,13 @@ pub fn load_trust(
         }
     }
     if config.tier != Tier::Cloud && !trust.controls(&config.site) {
-        tracing::warn!(
+        warnings.push(format!(
             "node {} has no control key for {} (--control-keys DIR with {}.control.key): \
              it can neither prove nor check the site's telemetry and control messages",
-            config.id,
-            config.site,
-            config.site
-        );
+            config.id, config.site, config.site
+        ));
     }
-    Ok(trust)
+    Ok((trust, warnings))
 }
 
 impl NodeConfig {

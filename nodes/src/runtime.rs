@@ -107,7 +107,8 @@ impl RunningNode {
             Some(path) => Some(Arc::new(crate::config::load_key_ring(path, "site key")?)),
             None => None,
         };
-        let trust = Arc::new(crate::config::load_trust(&config, site_key.as_deref())?);
+        let (trust, trust_warnings) = crate::config::load_trust(&config, site_key.as_deref())?;
+        let trust = Arc::new(trust);
         let at_rest = match &config.at_rest_key_file {
             Some(path) => Some(crate::store::AtRest {
                 keys: Arc::new(crate::config::load_key_ring(path, "at-rest key")?),
@@ -121,6 +122,9 @@ impl RunningNode {
             at_rest,
         )?);
         let fabric = Arc::new(ZenohFabric::open(&config).await?);
+        for w in trust_warnings {
+            tracing::warn!("{w}");
+        }
         let locators = fabric.locators().await;
         let shared_fabric: SharedFabric = fabric.clone();
         let grpc_addr = grpc_listener.as_ref().and_then(|l| l.local_addr().ok());

@@ -64,6 +64,16 @@ pub fn gateway_trust(dir: &Path, site: &str) -> anyhow::Result<twinmesh_actors::
         .with_control_key(site, &control))
 }
 
+/// `f` encoded with the proof its site's gateway would add (keys under `dir`, as
+/// [`gateway_trust`]): the frames a test sends as the gateway.
+pub fn proven_frame(dir: &Path, mut f: twinmesh_proto::v1::TelemetryFrame) -> Vec<u8> {
+    use prost::Message;
+    let site = f.twin_id.split('/').next().unwrap_or_default().to_owned();
+    let trust = gateway_trust(dir, &site).expect("the test mesh's keys");
+    assert!(trust.prove(&site, &mut f), "no control key for {site}");
+    f.encode_to_vec()
+}
+
 /// Sites whose control keys every test mesh has from the start (the cloud loads the
 /// ones it finds when it starts).
 pub const TEST_SITES: [&str; 2] = ["site-a", "site-b"];

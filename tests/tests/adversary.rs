@@ -48,6 +48,17 @@ fn forged_caller() -> Caller {
 
 /// Sends a twin request on the twin's RPC key from `session`, as it is (no vouching).
 async fn ask_twin(session: &zenoh::Session, twin: &str, req: &TwinRequest) -> twin_reply::Reply {
+    try_ask_twin(session, twin, req)
+        .await
+        .expect("the twin answers")
+}
+
+/// [`ask_twin`], `None` while no twin answers.
+async fn try_ask_twin(
+    session: &zenoh::Session,
+    twin: &str,
+    req: &TwinRequest,
+) -> Option<twin_reply::Reply> {
     let replies = session
         .get(format!("twinmesh/rpc/twins/{twin}"))
         .payload(req.encode_to_vec())
@@ -55,12 +66,9 @@ async fn ask_twin(session: &zenoh::Session, twin: &str, req: &TwinRequest) -> tw
         .timeout(Duration::from_secs(10))
         .await
         .unwrap();
-    let reply = replies.recv_async().await.expect("the twin answers");
-    let sample = reply.result().expect("an answer, not an error");
-    TwinReply::decode(&*sample.payload().to_bytes())
-        .unwrap()
-        .reply
-        .unwrap()
+    let reply = replies.recv_async().await.ok()?;
+    let sample = reply.result().ok()?;
+    TwinReply::decode(&*sample.payload().to_bytes()).ok()?.reply
 }
 
 async fn ask_mesh(session: &zenoh::Session, req: &MeshRequest) -> mesh_reply::Reply {
@@ -388,7 +396,7 @@ async fn the_reader_certificate_and_a_gateway_certificate_cannot_act_beyond_thei
     let reader = tls_client(&edge_zenoh, &certs, "reader").await;
     // The meter streams: the reader's view shows its public signal moving.
     eventually(WAIT, "the meter streaming under the ACL", || async {
-        match ask_twin(&reader, METER, &get_twin_request(Caller::default())).await {
+        match try_ask_twin(&reader, METER, &get_twin_request(Caller::default())).await? {
             twin_reply::Reply::Twin(t) => t.reported.get(PUBLIC).filter(|r| r.seq >= 3).map(|_| ()),
             _ => None,
         }
@@ -458,9 +466,7 @@ async fn the_reader_certificate_and_a_gateway_certificate_cannot_act_beyond_thei
     };
     assert_eq!(register("twinmesh/placement/site-b/pm-66").await, 0);
     assert_eq!(register("twinmesh/placement/site-a/pm-66").await, 0);
-    // Nothing was placed: the authority does not know the twin (asked as the mesh).
-    let mesh_key = ring(&c.dir.path().join("keys").join("mesh.key"));
-    let _ = mesh_key;
+    // Nothing was placed: the authority does not know the twin.
     let placements = reader
         .get("twinmesh/placement/**")
         .timeout(Duration::from_secs(5))
@@ -614,4 +620,77 @@ async fn forged_frames_and_control_messages_lose_nothing_and_unseal_nothing() {
         .await
         .unwrap();
     assert_eq!(placed.node, "edge-a");
+}
+
+/// The default mesh, as `twinmesh up` runs it: an outside Zenoh client on the cloud's
+/// listener, forging an on-site data owner, gets no personal value back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_plain_up_an_outside_client_with_a_forged_caller_reads_no_personal_value() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let zenoh = format!("tcp/127.0.0.1:{port}");
+    let mut up = std::process::Command::new(twinmesh_tests::twinmesh_bin())
+        .args(["up", "--assets-per-kind", "1"])
+        .args(["--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+        .args(["--zenoh", &zenoh, "--data"])
+        .arg(dir.path().join("mesh"))
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::from(
+            std::fs::File::create(dir.path().join("up.log")).unwrap(),
+        ))
+        .spawn()
+        .unwrap();
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let stdout = up.stdout.take().unwrap();
+    let _up = KillOnDrop(up);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.starts_with("twinmesh mesh is up") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(WAIT).unwrap_or_else(|_| {
+        let log = std::fs::read_to_string(dir.path().join("up.log")).unwrap_or_default();
+        panic!("`up` did not come up; its log:\n{log}")
+    });
+    let outside = zenoh_client(&zenoh).await;
+    let t = eventually(
+        WAIT,
+        "the meter's public signal through the fabric",
+        || async {
+            match try_ask_twin(&outside, METER, &get_twin_request(forged_caller())).await? {
+                twin_reply::Reply::Twin(t) => t
+                    .reported
+                    .get(PUBLIC)
+                    .filter(|r| r.seq >= 2)
+                    .map(|_| t.clone()),
+                _ => None,
+            }
+        },
+    )
+    .await;
+    assert!(!t.reported.contains_key(PERSONAL), "{:?}", t.reported);
+    assert!(
+        t.withheld.contains(&PERSONAL.to_owned()),
+        "{:?}",
+        t.withheld
+    );
 }

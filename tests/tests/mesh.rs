@@ -13,9 +13,9 @@ use twinmesh_proto::v1::{
     ListTwinsRequest, NodeLoad, QueryHistoryRequest, TelemetryFrame, TwinState, Watermark,
 };
 use twinmesh_tests::{
-    eventually, get_placement, get_twin, list_twins, mesh_client, node_args, publish, register,
-    run_cli, set_desired, twin_client, zenoh_client, zenoh_peer, Mesh, NodeProc, ANY_PORT, CLOUD,
-    EDGE_A,
+    eventually, get_placement, get_twin, list_twins, mesh_client, node_args, proven_frame, publish,
+    register, run_cli, set_desired, twin_client, zenoh_client, zenoh_peer, Mesh, NodeProc,
+    ANY_PORT, CLOUD, EDGE_A,
 };
 use twinmesh_twins::stats::{Accumulator, Aggregation};
 
@@ -224,7 +224,7 @@ async fn query_history_returns_exact_aggregates_of_sent_samples() {
         publish(
             &gw,
             &format!("twinmesh/telemetry/{twin}/voltage"),
-            f.encode_to_vec(),
+            proven_frame(mesh.dir.path(), f),
         )
         .await;
     }
@@ -393,7 +393,10 @@ async fn bad_telemetry_is_dropped_counted_and_logged_once() {
     publish(
         &gw,
         &key("power"),
-        frame("site-a/wt-97", "power", 1, t0, 1, vec![1.0]).encode_to_vec(),
+        proven_frame(
+            mesh.dir.path(),
+            frame("site-a/wt-97", "power", 1, t0, 1, vec![1.0]),
+        ),
     )
     .await;
     publish(
@@ -405,25 +408,45 @@ async fn bad_telemetry_is_dropped_counted_and_logged_once() {
     publish(
         &gw,
         &key("power"),
-        frame(twin, "power", 1, t0, 1_000, vec![1.0, f64::NAN]).encode_to_vec(),
+        proven_frame(
+            mesh.dir.path(),
+            frame(twin, "power", 1, t0, 1_000, vec![1.0, f64::NAN]),
+        ),
     )
     .await;
     publish(
         &gw,
         &key("power"),
-        frame(twin, "power", 1, t0, 1_000, vec![f64::INFINITY]).encode_to_vec(),
+        proven_frame(
+            mesh.dir.path(),
+            frame(twin, "power", 1, t0, 1_000, vec![f64::INFINITY]),
+        ),
     )
     .await;
     publish(
         &gw,
         &key("flux"),
-        frame(twin, "flux", 1, t0, 1_000, vec![1.0]).encode_to_vec(),
+        proven_frame(
+            mesh.dir.path(),
+            frame(twin, "flux", 1, t0, 1_000, vec![1.0]),
+        ),
     )
     .await;
     publish(
         &gw,
         &key("power"),
-        frame(twin, "power", 1, t0, 1_000_000_000, vec![1234.5]).encode_to_vec(),
+        proven_frame(
+            mesh.dir.path(),
+            frame(twin, "power", 1, t0, 1_000_000_000, vec![1234.5]),
+        ),
+    )
+    .await;
+
+    // A well-formed frame without its gateway's proof: dropped as invalid.
+    publish(
+        &gw,
+        &key("power"),
+        frame(twin, "power", 1, t0, 1_000, vec![7.0]).encode_to_vec(),
     )
     .await;
 
@@ -436,7 +459,8 @@ async fn bad_telemetry_is_dropped_counted_and_logged_once() {
             && n("key_mismatch") >= 1
             && n("oversized") >= 1
             && n("non_finite") >= 2
-            && n("unknown_signal") >= 1)
+            && n("unknown_signal") >= 1
+            && n("invalid") >= 1)
             .then_some(r)
     })
     .await;
@@ -462,15 +486,17 @@ async fn bad_telemetry_is_dropped_counted_and_logged_once() {
     publish(
         &gw,
         &key("power"),
-        frame(
-            twin,
-            "power",
-            2,
-            t0 + 1_000_000_000,
-            1_000_000_000,
-            vec![99.0],
-        )
-        .encode_to_vec(),
+        proven_frame(
+            mesh.dir.path(),
+            frame(
+                twin,
+                "power",
+                2,
+                t0 + 1_000_000_000,
+                1_000_000_000,
+                vec![99.0],
+            ),
+        ),
     )
     .await;
     eventually(WAIT, "a later good frame applied", || async {
@@ -723,15 +749,21 @@ async fn crashed_twin_is_restarted_from_its_persisted_state() {
     use twinmesh_twins::Tier;
 
     let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    twinmesh_tests::key_args(&keys, "edge", Some("site-a")).unwrap();
     let mut cloud_cfg = NodeConfig::new("cloud".parse().unwrap(), Tier::Cloud, "cloud");
     cloud_cfg.listen = vec!["tcp/127.0.0.1:0".into()];
     cloud_cfg.data = dir.path().join("cloud");
+    cloud_cfg.mesh_key_file = Some(keys.join("mesh.key"));
+    cloud_cfg.control_keys_dir = Some(keys.clone());
     let cloud = RunningNode::start(cloud_cfg).await.unwrap();
     let mut edge_cfg = NodeConfig::new("edge-a".parse().unwrap(), Tier::Edge, "site-a");
     edge_cfg.listen = vec!["tcp/127.0.0.1:0".into()];
     edge_cfg.connect = cloud.locators.clone();
     edge_cfg.grpc = Some("127.0.0.1:0".parse().unwrap());
     edge_cfg.data = dir.path().join("edge");
+    edge_cfg.mesh_key_file = Some(keys.join("mesh.key"));
+    edge_cfg.control_keys_dir = Some(keys.clone());
     let edge = RunningNode::start(edge_cfg).await.unwrap();
     let endpoint = format!("http://{}", edge.grpc_addr.unwrap());
 
@@ -749,7 +781,7 @@ async fn crashed_twin_is_restarted_from_its_persisted_state() {
     let t0 = 1_700_000_000_000_000_000;
     // Publishes the spindle-speed frames `seqs` and waits until the last is applied.
     let send = |seqs: std::ops::RangeInclusive<u64>, what: &'static str| {
-        let (gw, key, endpoint, last) = (&gw, &key, &endpoint, *seqs.end());
+        let (gw, key, endpoint, last, dir) = (&gw, &key, &endpoint, *seqs.end(), dir.path());
         async move {
             for seq in seqs {
                 let f = frame(
@@ -760,7 +792,7 @@ async fn crashed_twin_is_restarted_from_its_persisted_state() {
                     100_000_000,
                     vec![1000.0 * seq as f64],
                 );
-                publish(gw, key, f.encode_to_vec()).await;
+                publish(gw, key, proven_frame(dir, f)).await;
             }
             eventually(WAIT, what, || async {
                 let t = get_twin(endpoint, id).await.ok()?;

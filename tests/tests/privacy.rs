@@ -106,7 +106,13 @@ fn has_sentinel(bytes: &[u8]) -> bool {
 
 /// Publishes `frames` frames of 10 sentinel samples at 1 Hz for `id`, sealed with the
 /// site key as a gateway of the site does.
-async fn feed_sentinels(session: &zenoh::Session, ring: &KeyRing, id: &str, frames: u64) -> i64 {
+async fn feed_sentinels(
+    session: &zenoh::Session,
+    ring: &KeyRing,
+    dir: &std::path::Path,
+    id: &str,
+    frames: u64,
+) -> i64 {
     let start = now_ns() - 120_000_000_000;
     let key = format!("twinmesh/telemetry/{id}/{SIGNAL}");
     for seq in 1..=frames {
@@ -127,7 +133,7 @@ async fn feed_sentinels(session: &zenoh::Session, ring: &KeyRing, id: &str, fram
             &twinmesh_twins::frame::seal_context(&f),
             &inner.encode_to_vec(),
         );
-        publish(session, &key, f.encode_to_vec()).await;
+        publish(session, &key, twinmesh_tests::proven_frame(dir, f)).await;
     }
     start
 }
@@ -218,7 +224,7 @@ async fn site_only_values_stay_on_site_and_releases_spend_exactly_their_budget()
         get_twin(&edge, id).await.ok()
     })
     .await;
-    let first_sample = feed_sentinels(&site, &ring, id, 5).await;
+    let first_sample = feed_sentinels(&site, &ring, c.dir.path(), id, 5).await;
 
     // On the site, a data operator sees the raw values.
     let on_site = eventually(WAIT, "the sentinels applied", || async {
@@ -463,7 +469,7 @@ async fn set_releases_charge_every_twin_and_the_site_and_micro_aggregates_need_k
             get_twin(&edge, id).await.ok()
         })
         .await;
-        feed_sentinels(&site, &ring, id, 2).await;
+        feed_sentinels(&site, &ring, c.dir.path(), id, 2).await;
     }
     for id in ids {
         eventually(WAIT, "frames applied", || async {

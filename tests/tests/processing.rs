@@ -365,6 +365,7 @@ site = "site-a"
 listen = ["tcp/127.0.0.1:0"]
 connect = [{edge:?}, {cloud:?}]
 data = {data:?}
+control_keys_dir = {keys:?}
 simulate = ["wind_turbine:1"]
 
 [[chains.wind_turbine.stage]]
@@ -381,6 +382,7 @@ tier = "edge"
             edge = mesh.edge.ready.zenoh[0],
             cloud = mesh.cloud.ready.zenoh[0],
             data = mesh.data("iot-a").display().to_string(),
+            keys = mesh.dir.path().join("keys").display().to_string(),
         ),
     )
     .unwrap();

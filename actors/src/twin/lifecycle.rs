@@ -180,11 +180,14 @@ impl TwinActorState {
                 (s.name.to_owned(), have)
             })
             .collect();
-        let req = ReplayRequest {
+        let mut req = ReplayRequest {
             twin_id: self.core.id.to_string(),
             epoch: self.placement.epoch,
             have_upto,
+            proof: None,
         };
+        // The gateway takes the epoch (it fences older owners) only from a proven one.
+        self.ctx.trust.prove(self.core.id.site(), &mut req);
         self.publish(keys::replay(&self.core.id), &req, Qos::Reliable)
             .await;
         holes

@@ -65,6 +65,7 @@ async fn feed(rig: &Rig, ids: &[String], n: usize, start_ns: i64) -> anyhow::Res
             &twinmesh_twins::frame::seal_context(&f),
             &inner.encode_to_vec(),
         );
+        rig.gateway_trust.prove("bench", &mut f);
         publisher
             .put(f.encode_to_vec())
             .await
@@ -93,13 +94,14 @@ pub async fn bench_privacy(twins: usize, machine: String) -> anyhow::Result<Priv
     feed(&rig, &ids[..1], 10_000, start_ns).await?;
     feed(&rig, &ids[1..], 10, start_ns).await?;
     let mut client = PrivacyServiceClient::new(rig.cloud_channel().await?);
-    // Wait until every twin holds its frame (a release over it counts its records).
+    // Wait until every twin holds its frame (a mean reports its noisy size: with this ε
+    // within a few hundred of the 10 000 records once they are there).
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let r = client
-            .release_aggregate(request(&ids[..1], 0.001, start_ns))
+            .release_aggregate(request(&ids[..1], 0.05, start_ns))
             .await;
-        if r.as_ref().is_ok_and(|r| r.get_ref().records == 10_000) {
+        if r.as_ref().is_ok_and(|r| r.get_ref().records > 9_000) {
             break;
         }
         anyhow::ensure!(

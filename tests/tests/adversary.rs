@@ -694,3 +694,65 @@ async fn under_plain_up_an_outside_client_with_a_forged_caller_reads_no_personal
         t.withheld
     );
 }
+
+/// A replica forged with the highest revision (and a policy that makes the personal
+/// signal public) does not survive the next failover: the cloud keeps only replicas its
+/// owner proves at its epoch, so the new owner starts from the real one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_replica_does_not_survive_the_next_failover() {
+    let mut c = Cluster::two_edges_of_site_a("power_meter:1").unwrap();
+    let cloud = c.node("cloud").grpc_endpoint();
+    let owner = eventually(WAIT, "the meter placed and streaming", || async {
+        let p = get_placement(&cloud, METER).await.ok()?;
+        let edge = c.node(&p.node).grpc_endpoint();
+        (seq_of(&edge, PUBLIC).await >= 3).then_some(p.node)
+    })
+    .await;
+    let edge = c.node(&owner).grpc_endpoint();
+    let real = get_twin(&edge, METER).await.unwrap();
+    let mut forged = real.clone();
+    forged.revision = u64::MAX;
+    let p = forged.policy.as_mut().unwrap();
+    let sp = p.signals.get_mut(PERSONAL).unwrap();
+    sp.sensitivity = proto::Sensitivity::Public as i32;
+    sp.mechanism.clear();
+    let placed = get_placement(&cloud, METER).await.unwrap();
+    let attacker = zenoh_peer(&c.endpoints()).await;
+    for (epoch, node) in [(placed.epoch, owner.as_str()), (u64::MAX, "edge-evil")] {
+        put(
+            &attacker,
+            &format!("twinmesh/snapshots/{METER}"),
+            &proto::TwinSnapshot {
+                twin: Some(forged.clone()),
+                epoch,
+                saved_ns: twinmesh_tests::now_ns(),
+                node: node.into(),
+                proof: Some(proto::Proof {
+                    node: node.into(),
+                    tag: vec![0x42; 32],
+                }),
+            },
+        )
+        .await;
+    }
+    // The owner goes on replicating (frames change it); then it dies.
+    applies_more(&edge, PUBLIC, 3, "the owner applying frames").await;
+    c.kill9(&owner);
+    let survivor = if owner == "edge-a1" {
+        "edge-a2"
+    } else {
+        "edge-a1"
+    };
+    let new_edge = c.node(survivor).grpc_endpoint();
+    let t = eventually(WAIT, "the meter failed over", || async {
+        let t = get_twin(&new_edge, METER).await.ok()?;
+        (t.placement.as_ref()?.node == survivor).then_some(t)
+    })
+    .await;
+    assert!(t.revision < u64::MAX / 2, "revision {}", t.revision);
+    let p = t.policy.unwrap();
+    assert_eq!(
+        p.signals[PERSONAL].sensitivity,
+        proto::Sensitivity::Personal as i32
+    );
+}

@@ -144,6 +144,10 @@ pub async fn serve_release(
     req: ReleaseAggregateRequest,
     caller: Option<proto::Caller>,
 ) -> TwinReply {
+    // A bad ε is the caller's mistake whatever mechanism ends up deciding.
+    if let Err(e) = privacy::check_epsilon(req.epsilon) {
+        return into_twin_reply(Err(domain(e)));
+    }
     let out = if req.twin_ids.len() > 1 {
         coordinate_set(&ctx, &actor, &id, kind, req, caller).await
     } else {
@@ -516,9 +520,11 @@ async fn coordinate_set(
     {
         let roster = roster_of(ctx, first.site(), kind).await?;
         let all = policies_of(ctx, &roster, kind, &req.signal).await?;
+        // The largest k a micro-aggregated twin asks for (others' k is unused).
         k = all
             .iter()
-            .map(|(_, sp)| sp.k)
+            .filter(|(_, sp)| sp.mechanism == Mechanism::MicroAggregate)
+            .map(|(_, sp)| if sp.k == 0 { privacy::DEFAULT_K } else { sp.k })
             .max()
             .unwrap_or(privacy::DEFAULT_K);
         let names = |v: &[TwinId]| v.iter().map(TwinId::to_string).collect::<Vec<_>>();

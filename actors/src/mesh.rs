@@ -96,6 +96,7 @@ pub struct MeshSnapshot {
     pub fenced_replicas: u64,
 }
 
+#[derive(Clone, Copy)]
 pub struct MeshSupervisor;
 
 pub struct MeshState {
@@ -114,6 +115,17 @@ pub struct MeshState {
     fenced_replicas: u64,
     flush_timer: Option<ractor::concurrency::JoinHandle<()>>,
     cancel: CancellationToken,
+}
+
+/// A failed authority is not stopped (no `post_stop`): its state going away ends its
+/// tasks and declarations, so the one its keeper starts next is the only one.
+impl Drop for MeshState {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        if let Some(t) = self.flush_timer.take() {
+            t.abort();
+        }
+    }
 }
 
 impl MeshState {

@@ -95,7 +95,7 @@ async fn rig(edges: &[(&str, &str)], passivate_after: Option<Duration>) -> Rig {
 
 impl Rig {
     fn mesh_ref(&self) -> ActorRef<MeshMsg> {
-        self.c.nodes["cloud"].mesh.clone().expect("cloud is up")
+        self.c.nodes["cloud"].mesh().expect("cloud is up")
     }
 
     async fn mesh(&self) -> MeshSnapshot {
@@ -103,7 +103,7 @@ impl Rig {
     }
 
     async fn node(&self, node: &str) -> NodeSnapshot {
-        let sup = self.c.nodes[node].supervisor.clone().expect("node is up");
+        let sup = self.c.nodes[node].supervisor().expect("node is up");
         ractor::call_t!(sup, NodeMsg::Inspect, 5000).unwrap()
     }
 
@@ -121,7 +121,7 @@ impl Rig {
 
     /// The actor of `id` on `node`, once it runs there.
     async fn twin(&self, node: &str, id: &TwinId) -> ActorRef<TwinMsg> {
-        let sup = self.c.nodes[node].supervisor.clone().expect("node is up");
+        let sup = self.c.nodes[node].supervisor().expect("node is up");
         eventually("the twin to run", || {
             let sup = sup.clone();
             async move {
@@ -520,7 +520,7 @@ async fn node_supervisor_gives_up_on_a_twin_that_keeps_failing() {
     tokio::time::sleep(Duration::from_secs(12)).await;
     let node = r.node("edge-a").await;
     assert!(node.twins.is_empty(), "{:?}", node.twins);
-    let sup = r.c.nodes["edge-a"].supervisor.clone().unwrap();
+    let sup = r.c.nodes["edge-a"].supervisor().unwrap();
     assert!(ractor::call_t!(sup, NodeMsg::Lookup, 5000, id.clone())
         .unwrap()
         .is_none());
@@ -545,7 +545,7 @@ async fn gateway_truncates_its_spool_on_a_valid_watermark() {
     })
     .await
     .unwrap();
-    let gw = c.nodes["iot"].gateway.clone().unwrap();
+    let gw = c.nodes["iot"].gateway().unwrap();
     let store = c.nodes["iot"].store.clone();
     let signal = AssetKind::CrankshaftLine.schema().signals[0].name;
     let (gw, id, obs) = (&gw, &id, &obs);
@@ -559,7 +559,7 @@ async fn gateway_truncates_its_spool_on_a_valid_watermark() {
         status().await.filter(|s| s.last_seq >= 6).map(|_| ())
     })
     .await;
-    let mesh = c.nodes["cloud"].mesh.clone().unwrap();
+    let mesh = c.nodes["cloud"].mesh().unwrap();
     let placed = eventually("the stale placement", || {
         let mesh = mesh.clone();
         async move {
@@ -810,4 +810,82 @@ async fn an_idle_twin_on_an_edge_holds_no_task() {
         .await
         .expect("frame 2 acknowledged");
     assert_eq!(wm.seq, 2);
+}
+
+/// The placement of `id` as the authority holds it.
+async fn placement_of(r: &Rig, id: &TwinId) -> Placement {
+    r.mesh()
+        .await
+        .placements
+        .into_iter()
+        .find(|p| p.twin_id == id.to_string())
+        .expect("placed")
+}
+
+#[tokio::test(start_paused = true)]
+async fn placement_authority_is_restarted_after_a_store_failure_and_places_on() {
+    let mut r = rig(&[], None).await;
+    // Site-only data and no edge on its site yet: stale until one joins.
+    let id: TwinId = "a/cs-01".parse().unwrap();
+    assert_eq!(
+        r.register(&id, AssetKind::CrankshaftLine).await.status,
+        "stale"
+    );
+    let cloud = r.c.nodes["cloud"].assembly().unwrap();
+    let (health, kept) = (cloud.health.clone(), cloud.mesh.clone().unwrap());
+    let first = r.mesh_ref();
+    assert!(health.is_serving());
+    let mut changes = health.subscribe();
+    // The join places the twin: that write fails, and the authority with it.
+    let store = r.c.nodes["cloud"].store.clone();
+    store.fail_placement_saves(1);
+    r.c.add(spec("edge-a", Tier::Edge, "a")).await.unwrap();
+    tokio::time::timeout(
+        WAIT,
+        changes.wait_for(|d| d.contains("placement authority")),
+    )
+    .await
+    .expect("health goes down while the authority is down")
+    .unwrap();
+    assert!(!health.is_serving());
+    assert_eq!(
+        store.placement_saves_to_fail(),
+        0,
+        "the injected failure was hit"
+    );
+    let next = kept
+        .restarted(&first, WAIT)
+        .await
+        .expect("the authority is restarted");
+    tokio::time::timeout(WAIT, changes.wait_for(|d| d.is_empty()))
+        .await
+        .expect("health comes back")
+        .unwrap();
+    assert!(health.is_serving());
+    assert_ne!(next.get_id(), first.get_id());
+    // The restarted authority took its placements from the store and places on.
+    let rr = &r;
+    let i = &id;
+    let placed = eventually("the twin placed on the edge that joined", || async move {
+        let p = placement_of(rr, i).await;
+        (p.status == "active").then_some(p)
+    })
+    .await;
+    assert_eq!(placed.node, "edge-a");
+    assert_eq!(placed.epoch, 1, "{placed:?}");
+    r.twin("edge-a", &id).await;
+    let k = ractor::call_t!(
+        kept.keeper(),
+        twinmesh_actors::keeper::KeeperMsg::Inspect,
+        5000
+    )
+    .unwrap();
+    assert_eq!((k.up, k.restarts, k.given_up), (true, 1, false));
+    // The durable record agrees.
+    let stored = twinmesh_actors::ports::PlacementStore::placements(&*store).unwrap();
+    let stored = stored.iter().find(|p| p.twin_id == id.to_string()).unwrap();
+    assert_eq!(
+        (stored.node.as_str(), stored.epoch),
+        ("edge-a", placed.epoch)
+    );
 }

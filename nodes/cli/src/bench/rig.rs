@@ -244,6 +244,8 @@ pub(crate) fn scale_placement(prefix: &str, i: usize, node: &str) -> Placement {
         status: twinmesh_actors::mesh::STATUS_ACTIVE.into(),
         reason: String::new(),
         initial_chain: None,
+        pinned: false,
+        site_only: false,
     }
 }
 

@@ -1,6 +1,8 @@
 //! One node, assembled: the [`NodeContext`] on the node's ports, the actors its tier
 //! runs, the node's queryables and load, the cloud's feature archive and model registry,
-//! and the liveliness token — started in that order and stopped in the reverse one.
+//! and the liveliness token — started in that order and stopped in the reverse one. The
+//! three long-lived actors run under a [`Keeper`](crate::keeper::Keeper) each: restarted
+//! on failure, and the node's [`Health`] says when one is down.
 //! `nodes` (over Zenoh and sled) and `sim`'s cluster (in memory, on virtual time) both
 //! build their nodes here, so the simulation runs the production assembly.
 
@@ -8,7 +10,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ractor::{Actor, ActorRef};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -18,8 +19,9 @@ use twinmesh_twins::proto::{FeatureSet, NodeInfo, NodeLoad};
 use twinmesh_twins::{keys, AssetKind, NodeId, Tier, TwinId};
 
 use crate::context::{NodeContext, TwinConfig};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::gateway::{GatewayActor, GatewayArgs, GatewayConfig, GatewayMsg};
+use crate::keeper::{keep, Health, KeeperArgs, Kept, RestartPolicy};
 use crate::mesh::{MeshMsg, MeshSupervisor};
 use crate::metrics::NodeMetrics;
 use crate::node::{NodeMsg, NodeSupervisor};
@@ -63,11 +65,13 @@ pub struct NodeParts {
 pub struct Assembly {
     pub ctx: Arc<NodeContext>,
     /// Cloud tier: the placement authority.
-    pub mesh: Option<ActorRef<MeshMsg>>,
+    pub mesh: Option<Kept<MeshMsg>>,
     /// Edge and cloud tiers: hosts the twins placed here.
-    pub supervisor: Option<ActorRef<NodeMsg>>,
+    pub supervisor: Option<Kept<NodeMsg>>,
     /// IoT tier.
-    pub gateway: Option<ActorRef<GatewayMsg>>,
+    pub gateway: Option<Kept<GatewayMsg>>,
+    /// Which of the actors above is down (restarting or given up on).
+    pub health: Health,
     /// Cloud tier: the model registry (its fabric service runs with the node).
     pub registry: Option<Arc<Registry>>,
     token: Option<Guard>,
@@ -124,6 +128,7 @@ impl Assembly {
             supervisor: None,
             gateway: None,
             registry: None,
+            health: Health::default(),
             token: None,
         };
         // A failed start leaves nothing running.
@@ -152,28 +157,53 @@ impl Assembly {
             let registry = Arc::new(Registry::new(ctx.store.clone()));
             serve_registry(ctx.clone(), registry.clone()).await?;
             self.registry = Some(registry);
-            let (a, _) = Actor::spawn(None, MeshSupervisor, ctx.clone())
-                .await
-                .map_err(Error::actor)?;
-            self.mesh = Some(a);
+            let c = ctx.clone();
+            self.mesh = Some(
+                keep(KeeperArgs {
+                    role: "placement authority",
+                    actor: MeshSupervisor,
+                    args: Box::new(move || c.clone()),
+                    policy: RestartPolicy::default(),
+                    health: self.health.clone(),
+                })
+                .await?,
+            );
         }
         if ctx.tier != Tier::Iot {
-            let (a, _) = Actor::spawn(None, NodeSupervisor, ctx.clone())
-                .await
-                .map_err(Error::actor)?;
-            self.supervisor = Some(a);
+            let c = ctx.clone();
+            self.supervisor = Some(
+                keep(KeeperArgs {
+                    role: "node supervisor",
+                    actor: NodeSupervisor,
+                    args: Box::new(move || c.clone()),
+                    policy: RestartPolicy::default(),
+                    health: self.health.clone(),
+                })
+                .await?,
+            );
         }
         if ctx.tier == Tier::Iot {
-            let args = GatewayArgs {
-                ctx: ctx.clone(),
-                devices,
-                config: gateway,
-                chains,
-            };
-            let (a, _) = Actor::spawn(None, GatewayActor, args)
-                .await
-                .map_err(Error::actor)?;
-            self.gateway = Some(a);
+            // The devices outlive a gateway that fails: each start gets handles to them.
+            let devices: Vec<SharedDevice> = devices.into_iter().map(SharedDevice::new).collect();
+            let c = ctx.clone();
+            self.gateway = Some(
+                keep(KeeperArgs {
+                    role: "gateway",
+                    actor: GatewayActor,
+                    args: Box::new(move || GatewayArgs {
+                        ctx: c.clone(),
+                        devices: devices
+                            .iter()
+                            .map(|d| Box::new(d.clone()) as Box<dyn Device>)
+                            .collect(),
+                        config: gateway.clone(),
+                        chains: chains.clone(),
+                    }),
+                    policy: RestartPolicy::default(),
+                    health: self.health.clone(),
+                })
+                .await?,
+            );
         }
         self.token = Some(
             ctx.fabric
@@ -185,15 +215,16 @@ impl Assembly {
 
     fn actors(&self) -> Vec<ractor::ActorCell> {
         // Stop order: the gateway (no new frames), the twins' supervisor, the mesh.
+        // (Their keepers: stopping one stops its actor cleanly; killing it kills both.)
         let mut cells = Vec::new();
         if let Some(a) = &self.gateway {
-            cells.push(a.get_cell());
+            cells.push(a.keeper().get_cell());
         }
         if let Some(a) = &self.supervisor {
-            cells.push(a.get_cell());
+            cells.push(a.keeper().get_cell());
         }
         if let Some(a) = &self.mesh {
-            cells.push(a.get_cell());
+            cells.push(a.keeper().get_cell());
         }
         cells
     }
@@ -233,6 +264,50 @@ impl Assembly {
         self.ctx.tasks.close();
         let _ = tokio::time::timeout(ACTOR_STOP_BOUND, self.ctx.tasks.wait()).await;
         drop(self.token.take());
+    }
+}
+
+/// A device shared by every start of a gateway (its own kept actor may fail and start
+/// again; the device does not).
+#[derive(Clone)]
+struct SharedDevice {
+    twin: TwinId,
+    kind: AssetKind,
+    device: Arc<std::sync::Mutex<Box<dyn Device>>>,
+}
+
+impl SharedDevice {
+    fn new(device: Box<dyn Device>) -> Self {
+        SharedDevice {
+            twin: device.twin_id().clone(),
+            kind: device.kind(),
+            device: Arc::new(std::sync::Mutex::new(device)),
+        }
+    }
+}
+
+impl Device for SharedDevice {
+    fn twin_id(&self) -> &TwinId {
+        &self.twin
+    }
+
+    fn kind(&self) -> AssetKind {
+        self.kind
+    }
+
+    fn poll(&mut self, now_ns: i64) -> Vec<crate::ports::Block> {
+        self.device.lock().expect("device lock").poll(now_ns)
+    }
+
+    fn sightings(&mut self) -> Vec<crate::ports::Sighting> {
+        self.device.lock().expect("device lock").sightings()
+    }
+
+    fn apply_setpoint(&mut self, property: &str, value: f64) -> std::result::Result<(), String> {
+        self.device
+            .lock()
+            .expect("device lock")
+            .apply_setpoint(property, value)
     }
 }
 

@@ -45,6 +45,9 @@ pub struct TwinConfig {
     /// The ε each site may spend on set releases per period (kept by the placement
     /// authority, so it only matters on cloud nodes).
     pub site_budget: SiteBudget,
+    /// How long a freeze lasts when its request names no timeout (a migration not
+    /// committed by then is abandoned).
+    pub freeze_timeout: Duration,
 }
 
 /// A site's allowance for set releases (DESIGN §10: a per-site ledger beside the
@@ -79,6 +82,7 @@ impl Default for TwinConfig {
             analysis: true,
             passivate_after: None,
             site_budget: SiteBudget::default(),
+            freeze_timeout: Duration::from_secs(10),
         }
     }
 }

@@ -121,6 +121,7 @@ pub struct GatewayArgs {
     pub chains: BTreeMap<twinmesh_twins::AssetKind, Chain>,
 }
 
+#[derive(Clone, Copy)]
 pub struct GatewayActor;
 
 /// A device with the IoT stages of its twin's chain.
@@ -160,6 +161,17 @@ pub struct GatewayState {
     pub fenced_acks: u64,
     ticker: Option<JoinHandle<()>>,
     cancel: CancellationToken,
+}
+
+/// A failed gateway is not stopped (no `post_stop`): its state going away ends its
+/// subscriptions and ticker, so the gateway its keeper starts next is the only one.
+impl Drop for GatewayState {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        if let Some(t) = self.ticker.take() {
+            t.abort();
+        }
+    }
 }
 
 impl GatewayState {

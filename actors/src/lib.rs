@@ -20,6 +20,9 @@
 //!   sealed contributions). Its own `//!` layout lists its modules.
 //! - [`node`]: [`node::NodeSupervisor`], hosts and restarts the twins placed on a node.
 //! - [`mesh`]: [`mesh::MeshSupervisor`], the placement authority on the cloud node.
+//! - [`keeper`]: [`keeper::Keeper`], restarts the placement authority, the node
+//!   supervisor and the gateway (bounded, with backoff); [`keeper::Health`] says which
+//!   of them is down.
 //! - [`gateway`]: [`gateway::GatewayActor`], the IoT tier: devices → numbered frames →
 //!   durable spool → fabric; re-sends until acknowledged; forwards set-points.
 //! - [`router`]: [`router::Router`], node-level dispatch on edges: one set of
@@ -44,6 +47,7 @@ pub mod assembly;
 pub mod context;
 pub mod error;
 pub mod gateway;
+pub mod keeper;
 pub mod mesh;
 pub mod metrics;
 pub mod node;

@@ -49,12 +49,19 @@ pub enum MeshMsg {
         target_tier: String,
         reply: RpcReplyPort<Result<(Placement, NodeInfo), crate::Error>>,
     },
-    /// Place a (frozen) twin on `node` with the next epoch.
+    /// Place a (frozen) twin on `node` with the next epoch: refused when its placement
+    /// is no longer at `epoch`, or when `deadline` (its freeze's expiry) passed before the
+    /// record was durable. `pin`: an operator's move (rebalancing leaves it alone).
     CommitMove {
         twin: TwinId,
         node: NodeInfo,
+        epoch: u64,
+        deadline: tokio::time::Instant,
+        pin: bool,
         reply: RpcReplyPort<Result<Placement, crate::Error>>,
     },
+    /// An operator unpins a twin: rebalancing may move it again.
+    Unpin(TwinId, RpcReplyPort<Result<Placement, crate::Error>>),
     /// Mark a node as draining and list the twins on it.
     StartDrain(String, RpcReplyPort<Result<Vec<Placement>, crate::Error>>),
     /// A move the rebalancer suggests (most to least loaded edge of a site), if any.
@@ -100,6 +107,7 @@ pub struct MeshSnapshot {
 /// How long a set release's charge of its site ledger can be refunded.
 const OPEN_CHARGE_NS: i64 = 10 * 60 * 1_000_000_000;
 
+#[derive(Clone, Copy)]
 pub struct MeshSupervisor;
 
 pub struct MeshState {
@@ -122,6 +130,17 @@ pub struct MeshState {
     fenced_replicas: u64,
     flush_timer: Option<ractor::concurrency::JoinHandle<()>>,
     cancel: CancellationToken,
+}
+
+/// A failed authority is not stopped (no `post_stop`): its state going away ends its
+/// tasks and declarations, so the one its keeper starts next is the only one.
+impl Drop for MeshState {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        if let Some(t) = self.flush_timer.take() {
+            t.abort();
+        }
+    }
 }
 
 impl MeshState {
@@ -166,18 +185,17 @@ impl MeshState {
                     "no live node may host it: its raw data must stay on site {} and no edge node of that site is up",
                     placement.site
                 );
-                if let Ok(kind) = placement.kind.parse::<AssetKind>() {
-                    if kind
-                        .schema()
-                        .signals
-                        .iter()
-                        .all(|s| s.sensitivity == twinmesh_twins::kind::Sensitivity::Public)
-                    {
-                        placement.reason = format!(
-                            "no live node may host it: no edge node of site {} and no cloud node is up",
-                            placement.site
-                        );
-                    }
+                if cloud_eligible(&placement) {
+                    placement.reason = format!(
+                        "no live node may host it: no edge node of site {} and no cloud node is up",
+                        placement.site
+                    );
+                } else if kind_public(&placement) {
+                    // Only its current policy keeps it on its site.
+                    placement.reason = format!(
+                        "no live node may host it: its policy keeps raw data on site {} and no edge node of that site is up",
+                        placement.site
+                    );
                 }
             }
         }
@@ -272,16 +290,7 @@ impl MeshState {
 
     /// Every node the policy allows for `p`, except `exclude`.
     fn feasible(&self, p: &Placement, exclude: Option<&str>) -> Vec<&NodeInfo> {
-        let public = p
-            .kind
-            .parse::<AssetKind>()
-            .map(|k| {
-                k.schema()
-                    .signals
-                    .iter()
-                    .all(|s| s.sensitivity == twinmesh_twins::kind::Sensitivity::Public)
-            })
-            .unwrap_or(false);
+        let public = cloud_eligible(p);
         self.members
             .values()
             .filter(|n| Some(n.node.as_str()) != exclude && !self.draining.contains(&n.node))
@@ -305,6 +314,7 @@ impl MeshState {
         }
         let home = self.placements.iter().find(|(_, p)| {
             p.status == STATUS_ACTIVE
+                && !p.pinned
                 && p.tier == Tier::Cloud.as_str()
                 && self
                     .feasible(p, Some(&p.node))
@@ -335,7 +345,7 @@ impl MeshState {
                 return self
                     .placements
                     .iter()
-                    .find(|(_, p)| p.node == most.node && p.status == STATUS_ACTIVE)
+                    .find(|(_, p)| p.node == most.node && p.status == STATUS_ACTIVE && !p.pinned)
                     .map(|(id, _)| id.clone());
             }
         }
@@ -426,6 +436,83 @@ impl MeshState {
             );
         }
         Ok(budget)
+    }
+
+    /// Records what a twin's replicated snapshot says of its current policy (durable
+    /// with the next flush of replicas): placement follows it, not the kind's defaults.
+    fn note_policy(&mut self, snapshot: &TwinSnapshot) -> crate::Result<()> {
+        let Some(id) = snapshot
+            .twin
+            .as_ref()
+            .and_then(|t| t.twin_id.parse::<TwinId>().ok())
+        else {
+            return Ok(());
+        };
+        let Some(p) = self.placements.get_mut(&id) else {
+            return Ok(());
+        };
+        if p.site_only != snapshot.site_only {
+            p.site_only = snapshot.site_only;
+            tracing::info!(twin = %id, site_only = p.site_only, "placement follows the twin's policy");
+            self.ctx.store.save_placement(p)?;
+            self.replicas_dirty = true;
+        }
+        Ok(())
+    }
+
+    /// A move of a frozen twin to `node` at the next epoch, unless its placement moved on
+    /// meanwhile or its freeze expired (the twin then runs on where it was: a late
+    /// commit would start the target from a snapshot older than what the source acked).
+    async fn commit_move(
+        &mut self,
+        twin: &TwinId,
+        node: &NodeInfo,
+        epoch: u64,
+        deadline: tokio::time::Instant,
+        pin: bool,
+    ) -> Result<Placement, crate::Error> {
+        let before = self.placements.get(twin).cloned().ok_or_else(|| {
+            crate::Error::refused(ErrorCode::NotFound, format!("unknown twin {twin}"))
+        })?;
+        if before.epoch != epoch || before.status != STATUS_ACTIVE {
+            return Err(crate::Error::refused(
+                ErrorCode::FailedPrecondition,
+                format!(
+                    "twin {twin} moved on during the migration (epoch {} now, {epoch} frozen)",
+                    before.epoch
+                ),
+            ));
+        }
+        let expired = || {
+            crate::Error::refused(
+                ErrorCode::FailedPrecondition,
+                format!(
+                    "the freeze of {twin} at epoch {epoch} expired before the move was committed"
+                ),
+            )
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(expired());
+        }
+        let mut p = before.clone();
+        p.epoch += 1;
+        p.node = node.node.clone();
+        p.tier = node.tier.clone();
+        p.status = STATUS_ACTIVE.to_owned();
+        p.reason.clear();
+        p.pinned = pin;
+        let unstored =
+            |e: crate::Error| crate::Error::unavailable(format!("placement not stored: {e}"));
+        self.ctx.store.save_placement(&p).map_err(unstored)?;
+        self.ctx.store.flush().await.map_err(unstored)?;
+        if tokio::time::Instant::now() >= deadline {
+            // Durable too late: the twin unfroze where it was. Nobody saw the new record.
+            self.ctx.store.save_placement(&before).map_err(unstored)?;
+            self.ctx.store.flush().await.map_err(unstored)?;
+            return Err(expired());
+        }
+        self.commit(p.clone()).await.map_err(unstored)?;
+        Ok(p)
     }
 
     async fn commit(&mut self, mut placement: Placement) -> crate::Result<()> {
@@ -567,7 +654,9 @@ impl Actor for MeshSupervisor {
                     .cloned()
                     .collect();
                 for p in orphans {
-                    let placed = state.place_excluding(p, Some(&node));
+                    // Its node failed: an operator's pin ends with it.
+                    let placed =
+                        state.place_excluding(Placement { pinned: false, ..p }, Some(&node));
                     tracing::warn!(
                         twin = placed.twin_id,
                         from = node,
@@ -587,14 +676,21 @@ impl Actor for MeshSupervisor {
             } => {
                 let _ = reply.send(state.plan_move(&twin, &target_node, &target_tier));
             }
-            MeshMsg::CommitMove { twin, node, reply } => {
+            MeshMsg::CommitMove {
+                twin,
+                node,
+                epoch,
+                deadline,
+                pin,
+                reply,
+            } => {
+                let result = state.commit_move(&twin, &node, epoch, deadline, pin).await;
+                let _ = reply.send(result);
+            }
+            MeshMsg::Unpin(twin, reply) => {
                 let result = match state.placements.get(&twin).cloned() {
-                    Some(mut p) => {
-                        p.epoch += 1;
-                        p.node = node.node.clone();
-                        p.tier = node.tier.clone();
-                        p.status = STATUS_ACTIVE.to_owned();
-                        p.reason.clear();
+                    Some(p) => {
+                        let p = Placement { pinned: false, ..p };
                         state.commit(p.clone()).await.map(|()| p).map_err(|e| {
                             crate::Error::unavailable(format!("placement not stored: {e}"))
                         })
@@ -631,6 +727,9 @@ impl Actor for MeshSupervisor {
                 if let Err(e) = state.ctx.store.save_replica(&snapshot) {
                     tracing::warn!("snapshot not kept: {e}");
                 }
+                if let Err(e) = state.note_policy(&snapshot) {
+                    tracing::warn!("placement not updated to the twin's policy: {e}");
+                }
                 let _ = reply.send(());
             }
             MeshMsg::FlushReplicas => {
@@ -664,6 +763,7 @@ impl Actor for MeshSupervisor {
                 }
                 if state.ctx.store.save_replica(&snapshot)? {
                     state.replicas_dirty = true;
+                    state.note_policy(&snapshot)?;
                 }
             }
             MeshMsg::Register(req, reply) => {
@@ -684,6 +784,8 @@ impl Actor for MeshSupervisor {
                         reason: String::new(),
                         initial_chain: req.chain.clone(),
                         proof: None,
+                        pinned: false,
+                        site_only: false,
                     });
                     state.commit(placement.clone()).await.map_err(|e| {
                         DomainError::InvalidArgument(format!("placement not stored: {e}"))
@@ -890,6 +992,25 @@ async fn replica_keeper(
 
 /// Deadline of each step of a migration.
 const MIGRATION_STEP: Duration = Duration::from_secs(5);
+/// How long a migration keeps its twin frozen: the twin unfreezes itself after this
+/// long, and the authority refuses a commit that comes later.
+pub const MIGRATION_FREEZE: Duration = Duration::from_secs(10);
+
+/// Whether the twin's raw data may leave its site: every signal of its kind is public
+/// and its current policy (as its replicas report it) protects none.
+fn cloud_eligible(p: &Placement) -> bool {
+    !p.site_only && kind_public(p)
+}
+
+/// Every signal of the twin's kind is public by default.
+fn kind_public(p: &Placement) -> bool {
+    p.kind.parse::<AssetKind>().is_ok_and(|k| {
+        k.schema()
+            .signals
+            .iter()
+            .all(|s| s.sensitivity == twinmesh_twins::kind::Sensitivity::Public)
+    })
+}
 
 async fn twin_rpc(
     ctx: &NodeContext,
@@ -937,13 +1058,16 @@ async fn call<T: Send + 'static>(
 }
 
 /// Live migration (DESIGN §7): freeze → snapshot → new placement (epoch + 1) → the
-/// target resumes from the snapshot and the gateway's spool → the source stops.
+/// target resumes from the snapshot and the gateway's spool → the source stops. The
+/// freeze lasts at most [`MIGRATION_FREEZE`]: a commit that would come later is refused
+/// and the twin unfreezes itself. `pin`: an operator's move, which rebalancing keeps.
 pub async fn migrate(
     mesh: &ActorRef<MeshMsg>,
     ctx: &NodeContext,
     twin: TwinId,
     target_node: String,
     target_tier: String,
+    pin: bool,
 ) -> Result<MigrateTwinResponse, crate::Error> {
     let (placement, target) = call(mesh, |reply| MeshMsg::PlanMove {
         twin: twin.clone(),
@@ -953,6 +1077,8 @@ pub async fn migrate(
     })
     .await??;
     let start = tokio::time::Instant::now();
+    // Before the freeze goes out, so the twin's own expiry comes no earlier.
+    let deadline = start + MIGRATION_FREEZE;
     let snapshot = match twin_rpc(
         ctx,
         &twin,
@@ -960,6 +1086,7 @@ pub async fn migrate(
             twin_id: twin.to_string(),
             epoch: placement.epoch,
             release: false,
+            timeout_ms: MIGRATION_FREEZE.as_millis() as u64,
         }),
         MIGRATION_STEP,
     )
@@ -981,13 +1108,31 @@ pub async fn migrate(
         .subscribe(&keys::twin_state(&twin), 64)
         .await
         .map_err(|e| crate::Error::unavailable(e.to_string()))?;
-    let placed = match call(mesh, |reply| MeshMsg::CommitMove {
-        twin: twin.clone(),
-        node: target,
-        reply,
-    })
-    .await?
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let committed = match mesh
+        .call(
+            |reply| MeshMsg::CommitMove {
+                twin: twin.clone(),
+                node: target,
+                epoch: placement.epoch,
+                deadline,
+                pin,
+                reply,
+            },
+            Some(left),
+        )
+        .await
     {
+        Ok(ractor::rpc::CallResult::Success(r)) => r,
+        // No answer before the freeze expires: the authority refuses the commit when it
+        // comes to it, and the twin unfreezes by itself.
+        _ => {
+            return Err(crate::Error::unavailable(format!(
+                "the move of {twin} was not committed within {MIGRATION_FREEZE:?}"
+            )))
+        }
+    };
+    let placed = match committed {
         Ok(p) => p,
         Err(e) => {
             // Nothing moved: let the source go on.
@@ -998,6 +1143,7 @@ pub async fn migrate(
                     twin_id: twin.to_string(),
                     epoch: placement.epoch,
                     release: true,
+                    timeout_ms: 0,
                 }),
                 MIGRATION_STEP,
             )
@@ -1008,9 +1154,9 @@ pub async fn migrate(
     let committed_at = start.elapsed();
     // Done when the twin publishes its state from its new node, at the new epoch (it
     // serves requests by then: its queryable is declared before it starts).
-    let deadline = start + MIGRATION_STEP * 2;
+    let up_by = start + MIGRATION_STEP * 2;
     loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let left = up_by.saturating_duration_since(tokio::time::Instant::now());
         let sample = match tokio::time::timeout(left, states.rx.recv_async()).await {
             Ok(Ok(s)) => s,
             _ => {
@@ -1039,6 +1185,27 @@ pub async fn migrate(
     })
 }
 
+/// `MigrateTwin` with `unpin`: the twin stays where it is, and rebalancing may move it
+/// again.
+async fn unpin(
+    mesh: &ActorRef<MeshMsg>,
+    twin: TwinId,
+    target_node: &str,
+    target_tier: &str,
+) -> Result<MigrateTwinResponse, crate::Error> {
+    if !(target_node.is_empty() && target_tier.is_empty()) {
+        return Err(crate::Error::refused(
+            ErrorCode::InvalidArgument,
+            "unpin moves nothing: leave target_node and target_tier empty".to_owned(),
+        ));
+    }
+    let placed = call(mesh, |reply| MeshMsg::Unpin(twin, reply)).await??;
+    Ok(MigrateTwinResponse {
+        placement: Some(placed),
+        duration_ns: 0,
+    })
+}
+
 async fn drain(
     mesh: &ActorRef<MeshMsg>,
     ctx: &NodeContext,
@@ -1050,7 +1217,7 @@ async fn drain(
         let Ok(id) = p.twin_id.parse::<TwinId>() else {
             continue;
         };
-        match migrate(mesh, ctx, id, String::new(), String::new()).await {
+        match migrate(mesh, ctx, id, String::new(), String::new(), false).await {
             Ok(r) => out.moved.extend(r.placement),
             Err(e) => out.stuck.push(Placement {
                 reason: e.to_string(),
@@ -1198,7 +1365,11 @@ async fn serve_mesh_request(
 ) -> Result<mesh_reply::Reply, crate::Error> {
     match request {
         Some(mesh_request::Request::Migrate(m)) => match m.twin_id.parse::<TwinId>() {
-            Ok(id) => migrate(mesh, ctx, id, m.target_node, m.target_tier)
+            Ok(id) if m.unpin => unpin(mesh, id, &m.target_node, &m.target_tier)
+                .await
+                .map(mesh_reply::Reply::Migrate),
+            // An operator's move pins the twin.
+            Ok(id) => migrate(mesh, ctx, id, m.target_node, m.target_tier, true)
                 .await
                 .map(mesh_reply::Reply::Migrate),
             Err(e) => Err(crate::Error::refused(
@@ -1234,6 +1405,7 @@ async fn rebalancer(mesh: ActorRef<MeshMsg>, ctx: Arc<NodeContext>) {
             twin.clone(),
             String::new(),
             Tier::Edge.to_string(),
+            false,
         )
         .await
         {

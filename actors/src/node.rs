@@ -78,6 +78,7 @@ struct Hosted {
 /// Status of a dormant twin in listings and in the node's hosted records.
 pub const STATUS_DORMANT: &str = "dormant";
 
+#[derive(Clone, Copy)]
 pub struct NodeSupervisor;
 
 pub struct NodeSupervisorState {
@@ -89,6 +90,14 @@ pub struct NodeSupervisorState {
     /// Twins that failed too often (observability: they are not hosted any more).
     given_up: std::collections::BTreeSet<TwinId>,
     cancel: CancellationToken,
+}
+
+/// A failed supervisor is not stopped (no `post_stop`): its state going away ends its
+/// tasks (its twins die with it, and the next supervisor starts them from the store).
+impl Drop for NodeSupervisorState {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
 }
 
 impl NodeSupervisorState {
@@ -176,10 +185,13 @@ impl Actor for NodeSupervisor {
         myself: ActorRef<Self::Msg>,
         ctx: Arc<NodeContext>,
     ) -> Result<Self::State, ActorProcessingErr> {
-        if ctx.tier == Tier::Edge {
+        // Started once per node: a restarted supervisor only points the waker at itself.
+        if ctx.tier == Tier::Edge && !ctx.router.is_active() {
             // Frames, calls and delivery reports for the site's twins come through one
             // set of declarations, which also wakes dormant twins.
             ctx.router.start(&ctx).await?;
+        }
+        if ctx.tier == Tier::Edge {
             let node = myself.clone();
             ctx.router.set_waker(Box::new(move |id| {
                 let _ = node.cast(NodeMsg::Wake(id));

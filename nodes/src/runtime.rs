@@ -40,9 +40,6 @@ pub struct RunningNode {
     pub ctx: Arc<NodeContext>,
     pub fabric: Arc<ZenohFabric>,
     pub store: Arc<SledStore>,
-    pub supervisor: Option<ActorRef<NodeMsg>>,
-    pub mesh: Option<ActorRef<MeshMsg>>,
-    pub gateway: Option<ActorRef<GatewayMsg>>,
     assembly: Assembly,
     servers: CancellationToken,
 }
@@ -176,6 +173,7 @@ impl RunningNode {
                 auth: auth.clone(),
                 cancel: servers.clone(),
                 tasks: ctx.tasks.clone(),
+                health: assembly.health.clone(),
                 models: models::Models {
                     api: api.clone(),
                     ctx: ctx.clone(),
@@ -217,12 +215,25 @@ impl RunningNode {
             ctx,
             fabric,
             store,
-            supervisor: assembly.supervisor.clone(),
-            mesh: assembly.mesh.clone(),
-            gateway: assembly.gateway.clone(),
             assembly,
             servers,
         })
+    }
+
+    /// Edge and cloud nodes: the node supervisor, while it runs (it is restarted when
+    /// it fails).
+    pub fn supervisor(&self) -> Option<ActorRef<NodeMsg>> {
+        self.assembly.supervisor.as_ref()?.get()
+    }
+
+    /// Cloud nodes: the placement authority, while it runs.
+    pub fn mesh(&self) -> Option<ActorRef<MeshMsg>> {
+        self.assembly.mesh.as_ref()?.get()
+    }
+
+    /// IoT nodes: the gateway, while it runs.
+    pub fn gateway(&self) -> Option<ActorRef<GatewayMsg>> {
+        self.assembly.gateway.as_ref()?.get()
     }
 
     /// One line a script (or a test) can parse: `ready node=... grpc=... zenoh=...`.

@@ -102,7 +102,7 @@ async fn rig(edges: &[(&str, &str)], passivate_after: Option<Duration>) -> Rig {
 
 impl Rig {
     fn mesh_ref(&self) -> ActorRef<MeshMsg> {
-        self.c.nodes["cloud"].mesh.clone().expect("cloud is up")
+        self.c.nodes["cloud"].mesh().expect("cloud is up")
     }
 
     async fn mesh(&self) -> MeshSnapshot {
@@ -110,7 +110,7 @@ impl Rig {
     }
 
     async fn node(&self, node: &str) -> NodeSnapshot {
-        let sup = self.c.nodes[node].supervisor.clone().expect("node is up");
+        let sup = self.c.nodes[node].supervisor().expect("node is up");
         ractor::call_t!(sup, NodeMsg::Inspect, 5000).unwrap()
     }
 
@@ -128,7 +128,7 @@ impl Rig {
 
     /// The actor of `id` on `node`, once it runs there.
     async fn twin(&self, node: &str, id: &TwinId) -> ActorRef<TwinMsg> {
-        let sup = self.c.nodes[node].supervisor.clone().expect("node is up");
+        let sup = self.c.nodes[node].supervisor().expect("node is up");
         eventually("the twin to run", || {
             let sup = sup.clone();
             async move {
@@ -290,6 +290,7 @@ async fn frozen_twin_applies_nothing_until_released() {
             twin_id: id.to_string(),
             epoch,
             release,
+            timeout_ms: 0,
         })
     };
     // Only at the twin's own epoch.
@@ -483,6 +484,7 @@ async fn mesh_refuses_replicas_of_an_older_epoch() {
                 node: from.into(),
                 tag: vec![1],
             }),
+            site_only: false,
         }
     };
     // An owner of an older epoch may not overwrite the state, whatever its revision.
@@ -556,7 +558,7 @@ async fn node_supervisor_gives_up_on_a_twin_that_keeps_failing() {
     tokio::time::sleep(Duration::from_secs(12)).await;
     let node = r.node("edge-a").await;
     assert!(node.twins.is_empty(), "{:?}", node.twins);
-    let sup = r.c.nodes["edge-a"].supervisor.clone().unwrap();
+    let sup = r.c.nodes["edge-a"].supervisor().unwrap();
     assert!(ractor::call_t!(sup, NodeMsg::Lookup, 5000, id.clone())
         .unwrap()
         .is_none());
@@ -581,7 +583,7 @@ async fn gateway_truncates_its_spool_on_a_valid_watermark() {
     })
     .await
     .unwrap();
-    let gw = c.nodes["iot"].gateway.clone().unwrap();
+    let gw = c.nodes["iot"].gateway().unwrap();
     let store = c.nodes["iot"].store.clone();
     let signal = AssetKind::CrankshaftLine.schema().signals[0].name;
     let (gw, id, obs) = (&gw, &id, &obs);
@@ -595,7 +597,7 @@ async fn gateway_truncates_its_spool_on_a_valid_watermark() {
         status().await.filter(|s| s.last_seq >= 6).map(|_| ())
     })
     .await;
-    let mesh = c.nodes["cloud"].mesh.clone().unwrap();
+    let mesh = c.nodes["cloud"].mesh().unwrap();
     let placed = eventually("the stale placement", || {
         let mesh = mesh.clone();
         async move {
@@ -873,4 +875,304 @@ async fn an_idle_twin_on_an_edge_holds_no_task() {
         .await
         .expect("frame 2 acknowledged");
     assert_eq!(wm.seq, 2);
+}
+
+/// The placement of `id` as the authority holds it.
+async fn placement_of(r: &Rig, id: &TwinId) -> Placement {
+    r.mesh()
+        .await
+        .placements
+        .into_iter()
+        .find(|p| p.twin_id == id.to_string())
+        .expect("placed")
+}
+
+#[tokio::test(start_paused = true)]
+async fn placement_authority_is_restarted_after_a_store_failure_and_places_on() {
+    let mut r = rig(&[], None).await;
+    // Site-only data and no edge on its site yet: stale until one joins.
+    let id: TwinId = "a/cs-01".parse().unwrap();
+    assert_eq!(
+        r.register(&id, AssetKind::CrankshaftLine).await.status,
+        "stale"
+    );
+    let cloud = r.c.nodes["cloud"].assembly().unwrap();
+    let (health, kept) = (cloud.health.clone(), cloud.mesh.clone().unwrap());
+    let first = r.mesh_ref();
+    assert!(health.is_serving());
+    let mut changes = health.subscribe();
+    // The join places the twin: that write fails, and the authority with it.
+    let store = r.c.nodes["cloud"].store.clone();
+    store.fail_placement_saves(1);
+    r.c.add(spec("edge-a", Tier::Edge, "a")).await.unwrap();
+    tokio::time::timeout(
+        WAIT,
+        changes.wait_for(|d| d.contains("placement authority")),
+    )
+    .await
+    .expect("health goes down while the authority is down")
+    .unwrap();
+    assert!(!health.is_serving());
+    assert_eq!(
+        store.placement_saves_to_fail(),
+        0,
+        "the injected failure was hit"
+    );
+    let next = kept
+        .restarted(&first, WAIT)
+        .await
+        .expect("the authority is restarted");
+    tokio::time::timeout(WAIT, changes.wait_for(|d| d.is_empty()))
+        .await
+        .expect("health comes back")
+        .unwrap();
+    assert!(health.is_serving());
+    assert_ne!(next.get_id(), first.get_id());
+    // The restarted authority took its placements from the store and places on.
+    let rr = &r;
+    let i = &id;
+    let placed = eventually("the twin placed on the edge that joined", || async move {
+        let p = placement_of(rr, i).await;
+        (p.status == "active").then_some(p)
+    })
+    .await;
+    assert_eq!(placed.node, "edge-a");
+    assert_eq!(placed.epoch, 1, "{placed:?}");
+    r.twin("edge-a", &id).await;
+    let k = ractor::call_t!(
+        kept.keeper(),
+        twinmesh_actors::keeper::KeeperMsg::Inspect,
+        5000
+    )
+    .unwrap();
+    assert_eq!((k.up, k.restarts, k.given_up), (true, 1, false));
+    // The durable record agrees.
+    let stored = twinmesh_actors::ports::PlacementStore::placements(&*store).unwrap();
+    let stored = stored.iter().find(|p| p.twin_id == id.to_string()).unwrap();
+    assert_eq!(
+        (stored.node.as_str(), stored.epoch),
+        ("edge-a", placed.epoch)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_freeze_expires_and_a_late_commit_is_refused() {
+    let r = rig(&[("edge-a", "a"), ("edge-b", "a")], None).await;
+    let (id, acks) = r.spindle().await;
+    let placed = placement_of(&r, &id).await;
+    assert_eq!(placed.node, "edge-a");
+    r.send_frame(&id, 1).await;
+    ack_at_least(&acks, 1, WAIT)
+        .await
+        .expect("frame 1 acknowledged");
+
+    // A migration freezes the twin for 3 s, and its commit does not come in time.
+    let timeout = Duration::from_secs(3);
+    let frozen_at = tokio::time::Instant::now();
+    let freeze = twin_request::Request::Freeze(FreezeRequest {
+        twin_id: id.to_string(),
+        epoch: placed.epoch,
+        release: false,
+        timeout_ms: timeout.as_millis() as u64,
+    });
+    assert!(matches!(
+        r.call(&id, freeze).await,
+        twin_reply::Reply::Snapshot(_)
+    ));
+    r.send_frame(&id, 2).await;
+    assert_eq!(ack_at_least(&acks, 2, Duration::from_secs(1)).await, None);
+    // The twin unfreezes itself: the re-sent frame is applied and acknowledged, by the
+    // same owner at the same epoch.
+    let (rr, i, a) = (&r, &id, &acks);
+    let wm = eventually("the twin to unfreeze and acknowledge", || async move {
+        rr.send_frame(i, 2).await;
+        ack_at_least(a, 2, Duration::from_millis(500)).await
+    })
+    .await;
+    assert!(frozen_at.elapsed() >= timeout, "{:?}", frozen_at.elapsed());
+    assert_eq!((wm.seq, wm.epoch), (2, placed.epoch));
+
+    // The late commit is refused: the twin stays where it is, at its epoch.
+    let target = r
+        .mesh()
+        .await
+        .members
+        .into_iter()
+        .find(|n| n.node == "edge-b")
+        .unwrap();
+    let late = ractor::call_t!(
+        r.mesh_ref(),
+        |reply| MeshMsg::CommitMove {
+            twin: id.clone(),
+            node: target,
+            epoch: placed.epoch,
+            deadline: frozen_at + timeout,
+            pin: true,
+            reply,
+        },
+        5000
+    )
+    .unwrap();
+    let err = late.expect_err("a commit after the freeze expired");
+    assert!(err.to_string().contains("expired"), "{err}");
+    let now = placement_of(&r, &id).await;
+    assert_eq!(
+        (now.node.as_str(), now.epoch, now.pinned),
+        ("edge-a", placed.epoch, false)
+    );
+    assert!(r.node("edge-b").await.twins.is_empty());
+    r.send_frame(&id, 3).await;
+    let wm = ack_at_least(&acks, 3, WAIT)
+        .await
+        .expect("frame 3 acknowledged");
+    assert_eq!(wm.epoch, placed.epoch);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_operators_move_pins_the_twin_against_rebalancing() {
+    let mut r = rig(&[("edge-a1", "a"), ("edge-a2", "a")], None).await;
+    let (one, two): (TwinId, TwinId) = ("a/sp-01".parse().unwrap(), "a/sp-02".parse().unwrap());
+    // sp-02 first: it goes to edge-a1, sp-01 to edge-a2.
+    assert_eq!(r.register(&two, AssetKind::Spindle).await.node, "edge-a1");
+    assert_eq!(r.register(&one, AssetKind::Spindle).await.node, "edge-a2");
+    r.twin("edge-a1", &two).await;
+    r.twin("edge-a2", &one).await;
+    // The operator moves sp-01 next to sp-02: pinned there.
+    let ctx = r.c.nodes["cloud"].ctx().unwrap().clone();
+    let moved = twinmesh_actors::mesh::migrate(
+        &r.mesh_ref(),
+        &ctx,
+        one.clone(),
+        "edge-a1".into(),
+        String::new(),
+        true,
+    )
+    .await
+    .unwrap()
+    .placement
+    .unwrap();
+    assert_eq!((moved.node.as_str(), moved.pinned), ("edge-a1", true));
+    // A new edge joins: rebalancing moves one twin off edge-a1 (two there, none on the
+    // others), and never the pinned one (which comes first in twin order).
+    r.c.add(spec("edge-a3", Tier::Edge, "a")).await.unwrap();
+    let (rr, t) = (&r, &two);
+    let away = eventually("rebalancing to move the unpinned twin", || async move {
+        let p = placement_of(rr, t).await;
+        (p.node != "edge-a1").then_some(p)
+    })
+    .await;
+    assert!(!away.pinned);
+    tokio::time::sleep(QUIET).await;
+    let pinned = placement_of(&r, &one).await;
+    assert_eq!(
+        (pinned.node.as_str(), pinned.epoch, pinned.pinned),
+        ("edge-a1", moved.epoch, true)
+    );
+    // The operator unpins it: it stays, unpinned (durably).
+    let reply = twinmesh_actors::mesh::ask_authority(
+        &r.obs,
+        &r.trust,
+        proto::Caller {
+            role: "data_manager".into(),
+            ..Default::default()
+        },
+        proto::mesh_request::Request::Migrate(proto::MigrateTwinRequest {
+            twin_id: one.to_string(),
+            unpin: true,
+            ..Default::default()
+        }),
+        Duration::from_secs(10),
+        twinmesh_actors::ports::Clock::now_ns(&*r.c.clock) / 1_000_000,
+    )
+    .await
+    .unwrap();
+    let proto::mesh_reply::Reply::Migrate(m) = reply else {
+        panic!("unpin answered {reply:?}")
+    };
+    let p = m.placement.unwrap();
+    assert_eq!(
+        (p.node.as_str(), p.epoch, p.pinned),
+        ("edge-a1", moved.epoch, false)
+    );
+    assert!(!placement_of(&r, &one).await.pinned);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_twin_made_personal_never_fails_over_to_the_cloud() {
+    let mut r = rig(&[("edge-a", "a")], None).await;
+    let (id, _acks) = r.spindle().await;
+    let twin = r.twin("edge-a", &id).await;
+    // A public kind: the cloud may host it by default. Its owner makes the signal personal.
+    let owner = proto::Caller {
+        site: "a".into(),
+        role: "data_owner".into(),
+        subject: "owner".into(),
+        ..Default::default()
+    };
+    let ask = |request| {
+        let twin = twin.clone();
+        let caller = owner.clone();
+        async move {
+            ractor::call_t!(
+                twin,
+                TwinMsg::Request,
+                5000,
+                TwinRequest {
+                    caller: Some(caller),
+                    request: Some(request),
+                }
+            )
+            .unwrap()
+            .reply
+            .unwrap()
+        }
+    };
+    let twin_reply::Reply::Policy(mut policy) =
+        ask(twin_request::Request::GetPolicy(proto::GetPolicyRequest {
+            twin_id: id.to_string(),
+        }))
+        .await
+    else {
+        panic!("no policy")
+    };
+    let signal = policy.signals.get_mut(SIGNAL).unwrap();
+    signal.sensitivity = proto::Sensitivity::Personal as i32;
+    signal.mechanism = "dp".into();
+    let set = ask(twin_request::Request::SetPolicy(proto::SetPolicyRequest {
+        policy: Some(policy),
+        expected_version: None,
+    }))
+    .await;
+    assert!(matches!(set, twin_reply::Reply::Policy(_)), "{set:?}");
+    // The authority learns it from the twin's replica, and keeps it with the placement.
+    let (rr, i) = (&r, &id);
+    eventually("the placement to follow the policy", || async move {
+        placement_of(rr, i).await.site_only.then_some(())
+    })
+    .await;
+    let before = placement_of(&r, &id).await;
+    // Its edge dies: no failover to the cloud, stale with the reason.
+    r.c.kill("edge-a").await;
+    let (rr, i) = (&r, &id);
+    let stale = eventually("the failover", || async move {
+        let p = placement_of(rr, i).await;
+        (p.epoch > before.epoch).then_some(p)
+    })
+    .await;
+    assert_eq!(
+        (stale.status.as_str(), stale.node.as_str()),
+        ("stale", ""),
+        "{stale:?}"
+    );
+    assert!(
+        stale.reason.contains("policy keeps raw data on site a"),
+        "{}",
+        stale.reason
+    );
+    assert!(r.node("cloud").await.twins.is_empty());
+    let stored =
+        twinmesh_actors::ports::PlacementStore::placements(&*r.c.nodes["cloud"].store).unwrap();
+    assert!(stored
+        .iter()
+        .any(|p| p.twin_id == id.to_string() && p.site_only));
 }

@@ -192,7 +192,7 @@ async fn scenario(seed: u64, passivate_after: Option<Duration>) -> Result<Outcom
         let store = &c.nodes[&p.node].store;
         // Diagnostics for a failure: the owner's view and the gateway's.
         let mut diag = String::new();
-        if let Some(sup) = c.nodes[&p.node].supervisor.clone() {
+        if let Some(sup) = c.nodes[&p.node].supervisor() {
             if let Ok(Some(actor)) = ractor::call_t!(
                 sup,
                 twinmesh_actors::node::NodeMsg::Lookup,
@@ -213,7 +213,7 @@ async fn scenario(seed: u64, passivate_after: Option<Duration>) -> Result<Outcom
                 diag += "owner does not host it\n";
             }
         }
-        if let Some(gw) = c.nodes["iot"].gateway.clone() {
+        if let Some(gw) = c.nodes["iot"].gateway() {
             if let Ok(st) = ractor::call_t!(gw, twinmesh_actors::gateway::GatewayMsg::Inspect, 5000)
             {
                 for s in st.iter().filter(|s| s.twin_id == id.to_string()) {

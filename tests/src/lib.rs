@@ -426,6 +426,7 @@ pub async fn migrate_twin(
             twin_id: id.into(),
             target_node: target.into(),
             target_tier: String::new(),
+            unpin: false,
         })
         .await
         .map(|r| r.into_inner())

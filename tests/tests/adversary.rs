@@ -198,6 +198,7 @@ async fn forged_callers_change_nothing(c: &Cluster, session: &zenoh::Session) {
                 twin_id: METER.into(),
                 epoch: get_placement(&cloud, METER).await.unwrap().epoch,
                 release: false,
+                timeout_ms: 60_000,
             }),
         ),
         (
@@ -257,6 +258,7 @@ async fn forged_callers_change_nothing(c: &Cluster, session: &zenoh::Session) {
                 twin_id: METER.into(),
                 target_node: "cloud".into(),
                 target_tier: String::new(),
+                unpin: false,
             }),
         ),
         (
@@ -727,6 +729,7 @@ async fn a_forged_replica_does_not_survive_the_next_failover() {
                 epoch,
                 saved_ns: twinmesh_tests::now_ns(),
                 node: node.into(),
+                site_only: false,
                 proof: Some(proto::Proof {
                     node: node.into(),
                     tag: vec![0x42; 32],

@@ -803,7 +803,7 @@ async fn crashed_twin_is_restarted_from_its_persisted_state() {
     };
     let before = send(1..=3, "three frames applied").await;
 
-    let supervisor = edge.supervisor.clone().unwrap();
+    let supervisor = edge.supervisor().unwrap();
     let actor = ractor::call_t!(supervisor, NodeMsg::Lookup, 5000, id.parse().unwrap())
         .unwrap()
         .expect("twin hosted on the edge");

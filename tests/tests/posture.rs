@@ -291,6 +291,7 @@ async fn the_http_api_takes_the_grpc_tokens_and_is_https_on_a_tls_node() {
                 twin_id: "site-a/wt-01".into(),
                 target_node: "edge-a".into(),
                 target_tier: String::new(),
+                unpin: false,
             });
             req.metadata_mut()
                 .insert("authorization", format!("Bearer {t}").parse().unwrap());

@@ -27,9 +27,11 @@ pub(super) const BACKFILL_CHECKS: u32 = 30;
 impl TwinActorState {
     /// Freezes the twin for a migration (no more frames applied nor acknowledged, no
     /// mutating requests) and returns its snapshot; `release` unfreezes it when the move
-    /// did not happen. Only at the twin's current epoch.
+    /// did not happen. Only at the twin's current epoch. The freeze expires after the
+    /// request's timeout (or the configured one): the twin then goes on here.
     pub(super) async fn freeze(
         &mut self,
+        myself: &ActorRef<TwinMsg>,
         r: proto::FreezeRequest,
     ) -> crate::Result<twin_reply::Reply> {
         self.check_twin_id(&r.twin_id)?;
@@ -41,9 +43,16 @@ impl TwinActorState {
         }
         if r.release {
             self.frozen = false;
+            self.thaw_at = None;
             return Ok(twin_reply::Reply::Snapshot(self.offsite_snapshot()));
         }
+        let timeout = match r.timeout_ms {
+            0 => self.ctx.twin_config.freeze_timeout,
+            ms => Duration::from_millis(ms),
+        };
         self.frozen = true;
+        self.thaw_at = Some(Instant::now() + timeout);
+        self.arm_tick(myself, timeout);
         // No flush here: the snapshot travels to the cloud, and anything after an
         // older durable one is still in the gateway's retained spool.
         self.persist()
@@ -56,6 +65,21 @@ impl TwinActorState {
     /// history holes and re-sends pending set-points, each when due.
     pub(super) async fn on_tick(&mut self, myself: &ActorRef<TwinMsg>) -> Result<()> {
         self.tick_at = None;
+        match self.thaw_at {
+            Some(t) if Instant::now() >= t => {
+                tracing::warn!(twin = %self.core.id, epoch = self.placement.epoch, "freeze expired before the move was committed: going on here");
+                self.frozen = false;
+                self.thaw_at = None;
+                self.publish_event(
+                    "freeze_expired",
+                    "a migration did not commit in time; the twin goes on here".to_owned(),
+                    vec![("epoch", self.placement.epoch.to_string())],
+                )
+                .await;
+            }
+            Some(t) => self.arm_tick(myself, t - Instant::now()),
+            None => {}
+        }
         if self.dirty {
             self.publish_state().await;
         }

@@ -177,6 +177,9 @@ pub struct TwinActorState {
     /// Frozen for a migration: frames are no longer applied nor acknowledged, and
     /// mutating requests are refused (the new owner takes over).
     frozen: bool,
+    /// When the freeze expires: a move not committed by then is abandoned, and the twin
+    /// goes on here (the authority refuses a later commit).
+    thaw_at: Option<Instant>,
     /// Last frame, request or delivery report (passivation).
     last_activity: Instant,
     /// History checks left after start, and when the next is due.
@@ -204,6 +207,7 @@ impl TwinActorState {
             epoch: self.placement.epoch,
             saved_ns: self.ctx.now_ns(),
             node: self.ctx.node.to_string(),
+            site_only: self.core.policy.signals.values().any(|s| s.protected()),
             proof: None,
         }
     }
@@ -339,6 +343,7 @@ impl Actor for TwinActor {
             analyzer: None,
             recent: Default::default(),
             frozen: false,
+            thaw_at: None,
             last_activity: Instant::now(),
             backfill_checks: lifecycle::BACKFILL_CHECKS,
             backfill_due: None,

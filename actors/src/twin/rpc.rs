@@ -80,7 +80,7 @@ impl TwinActorState {
         }
         let caller = req.caller;
         match req.request {
-            Some(twin_request::Request::Freeze(r)) => self.freeze(r).await,
+            Some(twin_request::Request::Freeze(r)) => self.freeze(myself, r).await,
             Some(twin_request::Request::GetTwin(r)) => {
                 self.check_twin_id(&r.twin_id)?;
                 Ok(twin_reply::Reply::Twin(self.twin_for(caller.as_ref())))

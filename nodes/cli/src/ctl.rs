@@ -102,13 +102,17 @@ pub enum CtlCommand {
     Nodes,
     /// Placement of one twin.
     Placement { id: String },
-    /// Live-migrate a twin to a node (or to the least loaded node of a tier).
+    /// Live-migrate a twin to a node (or to the least loaded node of a tier); it stays
+    /// pinned there (rebalancing leaves it alone) until `--unpin` or its node fails.
     Migrate {
         id: String,
         #[arg(long, conflicts_with = "tier")]
         to: Option<String>,
         #[arg(long)]
         tier: Option<String>,
+        /// Only unpin the twin (it does not move).
+        #[arg(long, conflicts_with_all = ["to", "tier"])]
+        unpin: bool,
     },
     /// Move every twin off a node; the node takes no new twins.
     Drain { node: String },
@@ -329,8 +333,11 @@ fn print_twin(t: &proto::Twin) {
     let h = t.health.clone().unwrap_or_default();
     println!("{}  ({})  revision {}", t.twin_id, t.kind, t.revision);
     println!(
-        "  placement  node {} tier {} epoch {}",
-        p.node, p.tier, p.epoch
+        "  placement  node {} tier {} epoch {}{}",
+        p.node,
+        p.tier,
+        p.epoch,
+        if p.pinned { " pinned" } else { "" }
     );
     println!(
         "  health     {} (anomaly score {:.3}){}",
@@ -466,11 +473,17 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
             ctl.desired(req).await
         }
         CtlCommand::Nodes => ctl.nodes().await,
-        CtlCommand::Migrate { id, to, tier } => {
+        CtlCommand::Migrate {
+            id,
+            to,
+            tier,
+            unpin,
+        } => {
             let req = MigrateTwinRequest {
                 twin_id: id,
                 target_node: to.unwrap_or_default(),
                 target_tier: tier.unwrap_or_default(),
+                unpin,
             };
             ctl.migrate(req).await
         }
@@ -761,9 +774,14 @@ impl Ctl {
 
     async fn migrate(&mut self, req: MigrateTwinRequest) -> anyhow::Result<()> {
         let id = req.twin_id.clone();
+        let unpin = req.unpin;
         let r = reply(self.mesh.migrate_twin(req)).await?;
         self.show(&r, |r| {
             let p = r.placement.clone().unwrap_or_default();
+            if unpin {
+                println!("{id} unpinned on {} (epoch {})", p.node, p.epoch);
+                return;
+            }
             println!(
                 "{id} moved to {} (epoch {}) in {:.1} ms",
                 p.node,
@@ -936,12 +954,14 @@ impl Ctl {
         let p = reply(self.mesh.get_placement(GetPlacementRequest { twin_id: id })).await?;
         self.show(&p, |p| {
             println!(
-                "{}  node {}  tier {}  epoch {}  status {}{}",
+                "{}  node {}  tier {}  epoch {}  status {}{}{}{}",
                 p.twin_id,
                 p.node,
                 p.tier,
                 p.epoch,
                 p.status,
+                if p.pinned { "  pinned" } else { "" },
+                if p.site_only { "  site-only" } else { "" },
                 if p.reason.is_empty() {
                     String::new()
                 } else {

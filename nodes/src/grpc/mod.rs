@@ -54,6 +54,8 @@ pub struct Services {
     pub auth: Option<std::sync::Arc<crate::auth::Authenticator>>,
     pub cancel: CancellationToken,
     pub tasks: tokio_util::task::TaskTracker,
+    /// Which of the node's required actors are down: health says `NOT_SERVING` then.
+    pub health: twinmesh_actors::keeper::Health,
     /// The model registry and the feature archive (on cloud nodes).
     pub models: crate::models::Models,
 }
@@ -122,18 +124,19 @@ pub async fn serve(
     cancel: CancellationToken,
 ) -> crate::Result<()> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<TwinServiceServer<Services>>()
-        .await;
-    health_reporter
-        .set_serving::<MeshServiceServer<Services>>()
-        .await;
-    health_reporter
-        .set_serving::<ModelServiceServer<Services>>()
-        .await;
-    health_reporter
-        .set_serving::<PrivacyServiceServer<Services>>()
-        .await;
+    let changes = services.health.subscribe();
+    report_health(&health_reporter, &services.health).await;
+    let (reporter, health, stop) = (
+        health_reporter.clone(),
+        services.health.clone(),
+        cancel.clone(),
+    );
+    services.tasks.spawn(async move {
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = follow_health(reporter, health, changes) => {}
+        }
+    });
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(twinmesh_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -179,6 +182,44 @@ pub async fn serve(
     Ok(())
 }
 
+/// The services this node serves, by their health-check names ("" is the whole server).
+const SERVICES: [&str; 5] = [
+    "",
+    <TwinServiceServer<Services> as tonic::server::NamedService>::NAME,
+    <MeshServiceServer<Services> as tonic::server::NamedService>::NAME,
+    <ModelServiceServer<Services> as tonic::server::NamedService>::NAME,
+    <PrivacyServiceServer<Services> as tonic::server::NamedService>::NAME,
+];
+
+/// `SERVING` while every required actor of the node runs, `NOT_SERVING` while one is
+/// down (restarting, or given up on).
+async fn report_health(
+    reporter: &tonic_health::server::HealthReporter,
+    health: &twinmesh_actors::keeper::Health,
+) {
+    let down = health.down();
+    let status = if down.is_empty() {
+        tonic_health::ServingStatus::Serving
+    } else {
+        tracing::warn!(?down, "not serving: a required actor is down");
+        tonic_health::ServingStatus::NotServing
+    };
+    for name in SERVICES {
+        reporter.set_service_status(name, status).await;
+    }
+}
+
+/// Keeps gRPC health in step with the node's actors.
+async fn follow_health(
+    reporter: tonic_health::server::HealthReporter,
+    health: twinmesh_actors::keeper::Health,
+    mut changes: tokio::sync::watch::Receiver<std::collections::BTreeSet<&'static str>>,
+) {
+    while changes.changed().await.is_ok() {
+        report_health(&reporter, &health).await;
+    }
+}
+
 /// Binds a gRPC listener, failing with a clear message.
 pub async fn bind(addr: SocketAddr) -> crate::Result<TcpListener> {
     TcpListener::bind(addr)
@@ -188,4 +229,95 @@ pub async fn bind(addr: SocketAddr) -> crate::Result<TcpListener> {
             addr,
             source,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ractor::{Actor, ActorProcessingErr, ActorRef};
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_server::Health as _;
+    use tonic_health::pb::HealthCheckRequest;
+    use twinmesh_actors::keeper::{keep, Health, KeeperArgs, RestartPolicy};
+
+    /// A required actor that fails on any message.
+    #[derive(Clone, Copy)]
+    struct Brittle;
+
+    impl Actor for Brittle {
+        type Msg = ();
+        type State = ();
+        type Arguments = ();
+
+        async fn pre_start(&self, _: ActorRef<()>, _: ()) -> Result<(), ActorProcessingErr> {
+            Ok(())
+        }
+
+        async fn handle(
+            &self,
+            _: ActorRef<()>,
+            _: (),
+            _: &mut (),
+        ) -> Result<(), ActorProcessingErr> {
+            Err("injected failure".into())
+        }
+    }
+
+    async fn statuses(service: &tonic_health::server::HealthService) -> Vec<i32> {
+        let mut out = Vec::new();
+        for name in SERVICES {
+            let r = service
+                .check(Request::new(HealthCheckRequest {
+                    service: name.to_owned(),
+                }))
+                .await
+                .unwrap();
+            out.push(r.into_inner().status);
+        }
+        out
+    }
+
+    async fn until(service: &tonic_health::server::HealthService, status: ServingStatus) {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while statuses(service).await != vec![status as i32; SERVICES.len()] {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("health never became {status:?}"));
+    }
+
+    #[tokio::test]
+    async fn health_is_not_serving_while_a_required_actor_is_down() {
+        let health = Health::default();
+        let kept = keep(KeeperArgs {
+            role: "brittle",
+            actor: Brittle,
+            args: Box::new(|| ()),
+            policy: RestartPolicy {
+                backoff: Duration::from_millis(500),
+                ..RestartPolicy::default()
+            },
+            health: health.clone(),
+        })
+        .await
+        .unwrap();
+        let reporter = tonic_health::server::HealthReporter::new();
+        let service = tonic_health::server::HealthService::from_health_reporter(reporter.clone());
+        let changes = health.subscribe();
+        report_health(&reporter, &health).await;
+        let follow = tokio::spawn(follow_health(reporter, health.clone(), changes));
+        assert_eq!(
+            statuses(&service).await,
+            vec![ServingStatus::Serving as i32; SERVICES.len()]
+        );
+        let first = kept.get().unwrap();
+        first.cast(()).unwrap();
+        until(&service, ServingStatus::NotServing).await;
+        kept.restarted(&first, Duration::from_secs(10))
+            .await
+            .expect("restarted");
+        until(&service, ServingStatus::Serving).await;
+        follow.abort();
+    }
 }

@@ -92,15 +92,32 @@ pub struct SimNode {
     pub spec: NodeSpec,
     pub store: Arc<MemStore>,
     running: Option<Assembly>,
-    pub mesh: Option<ActorRef<MeshMsg>>,
-    pub supervisor: Option<ActorRef<NodeMsg>>,
-    pub gateway: Option<ActorRef<GatewayMsg>>,
 }
 
 impl SimNode {
     /// The running node's context.
     pub fn ctx(&self) -> Option<&Arc<NodeContext>> {
         self.running.as_ref().map(|a| &a.ctx)
+    }
+
+    /// Cloud nodes: the placement authority, while it runs.
+    pub fn mesh(&self) -> Option<ActorRef<MeshMsg>> {
+        self.running.as_ref()?.mesh.as_ref()?.get()
+    }
+
+    /// Edge and cloud nodes: the node supervisor, while it runs.
+    pub fn supervisor(&self) -> Option<ActorRef<NodeMsg>> {
+        self.running.as_ref()?.supervisor.as_ref()?.get()
+    }
+
+    /// IoT nodes: the gateway, while it runs.
+    pub fn gateway(&self) -> Option<ActorRef<GatewayMsg>> {
+        self.running.as_ref()?.gateway.as_ref()?.get()
+    }
+
+    /// The running node's assembly (its kept actors and their health).
+    pub fn assembly(&self) -> Option<&Assembly> {
+        self.running.as_ref()
     }
 
     /// Cloud nodes: the model registry.
@@ -149,9 +166,6 @@ impl SimCluster {
                 spec,
                 store: Arc::new(MemStore::default()),
                 running: None,
-                mesh: None,
-                supervisor: None,
-                gateway: None,
             },
         );
         self.start(&id).await
@@ -203,9 +217,6 @@ impl SimCluster {
             chains: BTreeMap::new(),
         })
         .await?;
-        node.mesh = assembly.mesh.clone();
-        node.supervisor = assembly.supervisor.clone();
-        node.gateway = assembly.gateway.clone();
         node.running = Some(assembly);
         Ok(())
     }
@@ -220,9 +231,6 @@ impl SimCluster {
         };
         self.net.kill(id);
         running.kill().await;
-        node.mesh = None;
-        node.supervisor = None;
-        node.gateway = None;
         node.store.crash();
     }
 
@@ -237,9 +245,6 @@ impl SimCluster {
                 continue;
             };
             running.stop(SHUTDOWN_BOUND).await;
-            node.mesh = None;
-            node.supervisor = None;
-            node.gateway = None;
         }
         self.net.shutdown().await;
     }

@@ -52,6 +52,8 @@ pub struct MemStore {
     durable: Mutex<Data>,
     /// Flushes wait while a test holds it for writing (a slow disk).
     flush_gate: Arc<tokio::sync::RwLock<()>>,
+    /// Placement writes still to fail (a failing disk, injected by a test).
+    failing_placement_saves: std::sync::atomic::AtomicU32,
 }
 
 impl MemStore {
@@ -65,6 +67,19 @@ impl MemStore {
     /// would make durable stays volatile meanwhile.
     pub async fn hold_flushes(&self) -> tokio::sync::OwnedRwLockWriteGuard<()> {
         self.flush_gate.clone().write_owned().await
+    }
+
+    /// Makes the next `n` placement writes fail (a store error, as a full or failing disk
+    /// would give).
+    pub fn fail_placement_saves(&self, n: u32) {
+        self.failing_placement_saves
+            .store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Placement writes still to fail.
+    pub fn placement_saves_to_fail(&self) -> u32 {
+        self.failing_placement_saves
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Whether a frame of `signal` with `seq` would survive a crash now.
@@ -239,6 +254,17 @@ impl SnapshotStore for MemStore {
 
 impl PlacementStore for MemStore {
     fn save_placement(&self, placement: &Placement) -> Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let failing = &self.failing_placement_saves;
+        if failing
+            .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(twinmesh_actors::Error::store(format!(
+                "injected failure writing the placement of {}",
+                placement.twin_id
+            )));
+        }
         let id: TwinId = placement.twin_id.parse()?;
         self.with(|d| d.placements.insert(id.to_string(), placement.clone()));
         Ok(())

@@ -212,7 +212,7 @@ pub async fn bench_scored(
     cfg.normalize()?;
     let node = twinmesh_nodes::RunningNode::start(cfg).await?;
     let ctx = node.ctx.clone();
-    let supervisor = node.supervisor.clone().expect("edge supervisor");
+    let supervisor = node.supervisor().expect("edge supervisor");
     let ids: Vec<TwinId> = (0..twins)
         .map(|i| format!("bench/hpc-{i:07}").parse())
         .collect::<Result<_, _>>()?;

@@ -126,6 +126,7 @@ pub(super) async fn bench_migrate(args: &BenchArgs) -> anyhow::Result<MoveReport
                 twin_id: id.clone(),
                 target_node: target.into(),
                 target_tier: String::new(),
+                unpin: false,
             })
             .await?
             .into_inner();

@@ -265,6 +265,8 @@ pub(crate) fn scale_placement(prefix: &str, i: usize, node: &str) -> Placement {
         reason: String::new(),
         initial_chain: None,
         proof: None,
+        pinned: false,
+        site_only: false,
     }
 }
 

@@ -31,7 +31,7 @@ async fn scale_live(args: &BenchArgs) -> anyhow::Result<LivePhase> {
     let node = RunningNode::start(cfg).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let node_rss = rss_bytes();
-    let supervisor = node.supervisor.clone().expect("edge supervisor");
+    let supervisor = node.supervisor().expect("edge supervisor");
     let start = Instant::now();
     for i in 0..args.twins {
         supervisor.cast(NodeMsg::Place(scale_placement("", i, SCALE_NODE)))?;

@@ -409,8 +409,13 @@ impl GatewayState {
             return;
         }
         slot.chain_revision = update.revision;
-        let sealed: std::collections::BTreeSet<String> =
+        let mut sealed: std::collections::BTreeSet<String> =
             update.sealed_signals.iter().cloned().collect();
+        // An unproven update (what a twin answered the gateway's start-up query with:
+        // anyone may answer it) only ever seals more.
+        if update.proof.is_none() {
+            sealed.extend(slot.sealed.iter().cloned());
+        }
         if sealed != slot.sealed {
             tracing::info!(twin = %twin, sealed = ?sealed, "privacy policy: sealed signals updated");
             slot.sealed = sealed;
@@ -514,6 +519,20 @@ impl GatewayState {
         Ok(())
     }
 
+    /// Whether a message of `epoch` for `twin` may come from the node its proof names:
+    /// when a proven placement names the owner at that epoch, only that node.
+    fn sent_by_owner(&self, twin: &TwinId, epoch: u64, proof: Option<&proto::Proof>) -> bool {
+        let sender = proof.map(|p| p.node.as_str()).unwrap_or_default();
+        match self.owners.get(twin) {
+            Some((at, owner)) if *at == epoch && sender != owner => {
+                NodeMetrics::add(&self.ctx.metrics.messages_malformed, 1);
+                tracing::warn!(twin = %twin, epoch, from = sender, owner = owner, "ignoring a message from a node that does not own the twin at its epoch");
+                false
+            }
+            _ => true,
+        }
+    }
+
     /// Records `epoch` for `twin`: false when it comes from an older owner (fenced);
     /// `Some(true)` when it is a new owner.
     /// Checks `epoch` against the highest one known for `twin` (from placements, acks and
@@ -532,17 +551,8 @@ impl GatewayState {
         let Ok(twin) = wm.twin_id.parse::<TwinId>() else {
             return Ok(());
         };
-        let sender = wm
-            .proof
-            .as_ref()
-            .map(|p| p.node.as_str())
-            .unwrap_or_default();
-        if let Some((epoch, owner)) = self.owners.get(&twin) {
-            if wm.epoch == *epoch && sender != owner {
-                NodeMetrics::add(&self.ctx.metrics.messages_malformed, 1);
-                tracing::warn!(twin = %twin, epoch = wm.epoch, from = sender, owner = owner, "ignoring an acknowledgement from a node that does not own the twin");
-                return Ok(());
-            }
+        if !self.sent_by_owner(&twin, wm.epoch, wm.proof.as_ref()) {
+            return Ok(());
         }
         if !self.observe_epoch(&twin, wm.epoch) {
             tracing::debug!(twin = %twin, epoch = wm.epoch, "ignoring an acknowledgement of an older owner");
@@ -601,7 +611,7 @@ impl GatewayState {
                 continue;
             }
             let have = req.have_upto.get(signal).copied().unwrap_or(0);
-            let from = (have + 1).max(stream.base);
+            let from = have.saturating_add(1).max(stream.base);
             if from < stream.next_seq {
                 tracing::debug!(twin = %twin, signal, from, to = stream.next_seq - 1, "replaying for the twin's history");
                 stream.replay_from = Some(from);
@@ -642,7 +652,10 @@ impl GatewayState {
         let Ok(twin) = update.twin_id.parse::<TwinId>() else {
             return;
         };
-        if !self.devices.contains_key(&twin) || !self.observe_epoch(&twin, update.epoch) {
+        if !self.devices.contains_key(&twin)
+            || !self.sent_by_owner(&twin, update.epoch, update.proof.as_ref())
+            || !self.observe_epoch(&twin, update.epoch)
+        {
             return;
         }
         let Some(slot) = self.devices.get_mut(&twin) else {
@@ -669,6 +682,9 @@ impl GatewayState {
             proof: None,
             ..update
         };
+        // The twin takes delivery reports only from its site's nodes.
+        let mut report = report;
+        self.ctx.trust.prove(twin.site(), &mut report);
         if let Err(e) = self
             .ctx
             .fabric

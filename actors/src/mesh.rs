@@ -454,6 +454,8 @@ impl MeshState {
         if p.site_only != snapshot.site_only {
             p.site_only = snapshot.site_only;
             tracing::info!(twin = %id, site_only = p.site_only, "placement follows the twin's policy");
+            // Changed: proven anew, or nodes would drop it.
+            self.ctx.trust.prove(id.site(), p);
             self.ctx.store.save_placement(p)?;
             self.replicas_dirty = true;
         }
@@ -723,7 +725,24 @@ impl Actor for MeshSupervisor {
             MeshMsg::SuggestMove(reply) => {
                 let _ = reply.send(state.suggest_move());
             }
-            MeshMsg::KeepReplica(snapshot, reply) => {
+            MeshMsg::KeepReplica(mut snapshot, reply) => {
+                // The Freeze reply may come from anyone who answers the twin's key: kept
+                // only when its owner at its epoch proved it.
+                let id = snapshot
+                    .twin
+                    .as_ref()
+                    .and_then(|t| t.twin_id.parse::<TwinId>().ok());
+                let sender = state.ctx.trust.proven_mesh(&mut snapshot);
+                let owner = id
+                    .as_ref()
+                    .and_then(|id| state.placements.get(id))
+                    .map(|p| (p.node.clone(), p.epoch));
+                if sender.is_none() || owner != sender.map(|n| (n, snapshot.epoch)) {
+                    NodeMetrics::add(&state.ctx.metrics.messages_malformed, 1);
+                    tracing::warn!(twin = ?id, "refusing a hand-over snapshot not proven by the twin's owner at its epoch");
+                    let _ = reply.send(());
+                    return Ok(());
+                }
                 if let Err(e) = state.ctx.store.save_replica(&snapshot) {
                     tracing::warn!("snapshot not kept: {e}");
                 }
@@ -859,7 +878,15 @@ async fn membership_watcher(
                         .and_then(|r| r.into_iter().next())
                         .and_then(|r| r.decode::<NodeInfo>().ok())
                     {
-                        let _ = mesh.cast(MeshMsg::NodeUp(info));
+                        match member(&ctx, node, info) {
+                            Some(info) => {
+                                let _ = mesh.cast(MeshMsg::NodeUp(info));
+                            }
+                            None => {
+                                NodeMetrics::add(&ctx.metrics.messages_malformed, 1);
+                                tracing::warn!(node, "ignoring a node whose info names another node, or that claims a tier it cannot prove");
+                            }
+                        }
                         break;
                     }
                     tokio::time::sleep(Duration::from_millis(100 << attempt.min(4))).await;
@@ -1281,7 +1308,19 @@ async fn mesh_request_server(
             let result = match query.decode::<MeshRequest>() {
                 Ok(mut req) => {
                     let caller = ctx2.trust.admit_mesh(&mut req, ctx2.now_ms());
-                    match authorize_mesh(caller.as_ref(), req.request.as_ref()) {
+                    let drain_site = match &req.request {
+                        Some(mesh_request::Request::Drain(d)) => call(&mesh, MeshMsg::Members)
+                            .await
+                            .ok()
+                            .and_then(|m| m.into_iter().find(|n| n.node == d.node))
+                            .map(|n| n.site),
+                        _ => None,
+                    };
+                    match authorize_mesh(
+                        caller.as_ref(),
+                        req.request.as_ref(),
+                        drain_site.as_deref(),
+                    ) {
                         Ok(()) => serve_mesh_request(&mesh, &ctx2, req.request).await,
                         Err(e) => Err(e),
                     }
@@ -1302,11 +1341,24 @@ async fn mesh_request_server(
     }
 }
 
+/// The member `info` describes, if it may be one: it names the node of its liveliness
+/// token, and an edge or cloud node proves it with the mesh key (anything else is at
+/// most a gateway, which hosts no twins).
+fn member(ctx: &NodeContext, token_node: &str, mut info: NodeInfo) -> Option<NodeInfo> {
+    if info.node != token_node {
+        return None;
+    }
+    let hosts = info.tier == Tier::Edge.as_str() || info.tier == Tier::Cloud.as_str();
+    let proven = ctx.trust.proven_mesh(&mut info);
+    (!hosts || proven.as_deref() == Some(token_node)).then_some(info)
+}
+
 /// Whether `caller` (as a mesh node vouched for it, `None` otherwise) may make `request`:
 /// the request's least role, on the site it acts on when the role is site-scoped.
 fn authorize_mesh(
     caller: Option<&proto::Caller>,
     request: Option<&mesh_request::Request>,
+    drain_site: Option<&str>,
 ) -> Result<(), crate::Error> {
     let Some(request) = request else {
         return Err(crate::Error::refused(
@@ -1337,8 +1389,8 @@ fn authorize_mesh(
     let site = match request {
         mesh_request::Request::Migrate(m) => m.twin_id.split('/').next().map(str::to_owned),
         mesh_request::Request::SiteBudget(b) => Some(b.site.clone()),
-        // A drain moves twins of every site the node hosts.
-        mesh_request::Request::Drain(_) => None,
+        // A drain moves the twins of the node's site (from its membership entry).
+        mesh_request::Request::Drain(_) => drain_site.map(str::to_owned),
     };
     let scoped_out = !caller.sites.is_empty()
         && match &site {

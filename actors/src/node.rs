@@ -445,11 +445,13 @@ async fn placement_watcher(
             biased;
             s = placements.rx.recv_async() => {
                 let Ok(s) = s else { break };
-                match s.decode::<Placement>() {
-                    Ok(p) if p.node == ctx.node.as_str() && p.status != STATUS_STALE => {
+                match s.decode::<Placement>().map(|p| proven_placement(&ctx, p)) {
+                    // Only the placement authority's word moves twins.
+                    Ok(None) => {}
+                    Ok(Some(p)) if p.node == ctx.node.as_str() && p.status != STATUS_STALE => {
                         let _ = node.cast(NodeMsg::Place(p));
                     }
-                    Ok(p) => {
+                    Ok(Some(p)) => {
                         let _ = node.cast(NodeMsg::PlacedElsewhere(p));
                     }
                     Err(e) => tracing::warn!(key = s.key, "malformed placement: {e}"),
@@ -496,7 +498,24 @@ async fn query_placements(
     Ok(replies
         .into_iter()
         .filter_map(|r| r.decode::<Placement>().ok())
+        .filter_map(|p| proven_placement(ctx, p))
         .collect())
+}
+
+/// `p` if the placement authority proved it (under the control key of the twin's site);
+/// a forged placement would stop or start twins here.
+fn proven_placement(ctx: &NodeContext, mut p: Placement) -> Option<Placement> {
+    let site = p.twin_id.split('/').next()?.to_owned();
+    if ctx.trust.proven(&site, &mut p).is_some() {
+        Some(p)
+    } else {
+        NodeMetrics::add(&ctx.metrics.messages_malformed, 1);
+        tracing::warn!(
+            twin = p.twin_id,
+            "dropped a placement without the authority's proof"
+        );
+        None
+    }
 }
 
 /// Asks the authority, in one query, where the twins hosted here are placed: copies it

@@ -28,7 +28,9 @@ pub async fn serve_node_queryables(ctx: &Arc<NodeContext>, info: NodeInfo) -> cr
                 biased;
                 q = info_q.rx.recv_async() => {
                     let Ok(q) = q else { break };
-                    let info = NodeInfo { twins: c.directory.len() as u32, ..info.clone() };
+                    let mut info = NodeInfo { twins: c.directory.len() as u32, ..info.clone() };
+                    // Edge and cloud nodes: the authority hosts twins only on proven ones.
+                    c.trust.prove_mesh(&mut info);
                     q.reply_with(&info_key, &info);
                 }
                 q = twins_q.rx.recv_async() => {

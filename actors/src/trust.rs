@@ -97,7 +97,8 @@ proven!(
     DesiredUpdate,
     Placement,
     TwinSnapshot,
-    ReplayRequest
+    ReplayRequest,
+    NodeInfo
 );
 
 const CALLER_LABEL: &[u8] = b"twinmesh/caller/twin";

@@ -96,9 +96,26 @@ impl TwinActorState {
 
 /// A delivery report from the gateway, handed to the actor. False when the actor is
 /// gone.
-pub(super) fn delivery_report(actor: &ActorRef<TwinMsg>, sample: Sample) -> bool {
+pub(super) fn delivery_report(
+    ctx: &crate::context::NodeContext,
+    actor: &ActorRef<TwinMsg>,
+    sample: Sample,
+) -> bool {
     match sample.decode::<DesiredUpdate>() {
-        Ok(update) => actor.cast(TwinMsg::DesiredOutcome(update)).is_ok(),
+        // Only a report the site's gateway proved settles a set-point.
+        Ok(mut update) => match update.twin_id.split('/').next().map(str::to_owned) {
+            Some(site) if ctx.trust.proven(&site, &mut update).is_some() => {
+                actor.cast(TwinMsg::DesiredOutcome(update)).is_ok()
+            }
+            _ => {
+                crate::metrics::NodeMetrics::add(&ctx.metrics.messages_malformed, 1);
+                tracing::warn!(
+                    key = sample.key,
+                    "dropped a delivery report without its gateway's proof"
+                );
+                true
+            }
+        },
         Err(e) => {
             tracing::warn!(key = sample.key, "malformed delivery report: {e}");
             true

@@ -16,6 +16,9 @@ use crate::context::NodeContext;
 use crate::error::Result;
 use crate::ports::Qos;
 
+/// The longest freeze a request may ask for.
+const MAX_FREEZE: Duration = Duration::from_secs(300);
+
 /// Frames below the applied seq a new owner makes sure its history holds (the gateway's
 /// default retention).
 const REPLAY_WINDOW: u64 = 4096;
@@ -46,9 +49,10 @@ impl TwinActorState {
             self.thaw_at = None;
             return Ok(twin_reply::Reply::Snapshot(self.offsite_snapshot()));
         }
+        // Bounded: a freeze that never expires would stop the twin for good.
         let timeout = match r.timeout_ms {
             0 => self.ctx.twin_config.freeze_timeout,
-            ms => Duration::from_millis(ms),
+            ms => Duration::from_millis(ms).min(MAX_FREEZE),
         };
         self.frozen = true;
         self.thaw_at = Some(Instant::now() + timeout);
@@ -58,7 +62,10 @@ impl TwinActorState {
         self.persist()
             .map_err(|e| crate::Error::unavailable(format!("snapshot not stored: {e}")))?;
         self.replicate().await;
-        Ok(twin_reply::Reply::Snapshot(self.offsite_snapshot()))
+        // The authority keeps this hand-over snapshot only with a mesh node's proof.
+        let mut snap = self.offsite_snapshot();
+        self.ctx.trust.prove_mesh(&mut snap);
+        Ok(twin_reply::Reply::Snapshot(snap))
     }
 
     /// Publishes state that changed, replicates, passivates an idle twin, checks for
@@ -282,9 +289,12 @@ pub(super) async fn fetch_replica(ctx: &NodeContext, id: &TwinId) -> Option<Twin
         .query(&keys::snapshot(id), None, Duration::from_secs(1))
         .await
         .ok()?;
+    // Only a replica a mesh node proved (the cloud keeps only its owner's) counts:
+    // anyone may answer this query.
     replies
         .into_iter()
         .filter_map(|r| r.decode::<TwinSnapshot>().ok())
+        .filter_map(|mut s| ctx.trust.proven_mesh(&mut s).map(|_| s))
         .max_by_key(|s| (s.epoch, s.twin.as_ref().map_or(0, |t| t.revision)))
 }
 

@@ -148,7 +148,7 @@ impl Pump {
                     }
                 }
                 s = recv(delivered), if delivered.is_some() => {
-                    let open = s.is_ok_and(|sample| desired::delivery_report(&actor, sample));
+                    let open = s.is_ok_and(|sample| desired::delivery_report(&ctx, &actor, sample));
                     if !open {
                         delivered = None;
                     }

@@ -795,11 +795,17 @@ impl Actor for GatewayActor {
         });
         let registrations: Vec<PlacementRequest> = devices
             .iter()
-            .map(|d| PlacementRequest {
-                twin_id: d.twin_id().to_string(),
-                kind: d.kind().to_string(),
-                gateway: ctx.node.to_string(),
-                chain: configured.get(&d.kind()).map(|c| (&c.spec).into()),
+            .map(|d| {
+                let mut req = PlacementRequest {
+                    twin_id: d.twin_id().to_string(),
+                    kind: d.kind().to_string(),
+                    gateway: ctx.node.to_string(),
+                    chain: configured.get(&d.kind()).map(|c| (&c.spec).into()),
+                    proof: None,
+                };
+                // The authority registers a twin only for its site's gateway.
+                ctx.trust.prove(d.twin_id().site(), &mut req);
+                req
             })
             .collect();
         tasks.spawn_until_cancelled(register_assets(

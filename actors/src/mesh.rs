@@ -571,7 +571,7 @@ impl Actor for MeshSupervisor {
             replica_queries,
         ));
         tasks.spawn_until_cancelled(membership_watcher(myself.clone(), ctx.clone(), members));
-        tasks.spawn_until_cancelled(placement_server(myself.clone(), queryable));
+        tasks.spawn_until_cancelled(placement_server(myself.clone(), ctx.clone(), queryable));
         tracing::info!(placements = placements.len(), "placement authority started");
         Ok(MeshState {
             ctx,
@@ -896,18 +896,26 @@ async fn membership_watcher(
     }
 }
 
-async fn placement_server(mesh: ActorRef<MeshMsg>, queryable: crate::ports::Queryable) {
+async fn placement_server(
+    mesh: ActorRef<MeshMsg>,
+    ctx: Arc<NodeContext>,
+    queryable: crate::ports::Queryable,
+) {
     loop {
         let Ok(query) = queryable.rx.recv_async().await else {
             break;
         };
-        if serve_placement_query(&mesh, query).await.is_err() {
+        if serve_placement_query(&mesh, &ctx, query).await.is_err() {
             break;
         }
     }
 }
 
-async fn serve_placement_query(mesh: &ActorRef<MeshMsg>, query: Query) -> Result<(), ()> {
+async fn serve_placement_query(
+    mesh: &ActorRef<MeshMsg>,
+    ctx: &NodeContext,
+    query: Query,
+) -> Result<(), ()> {
     let timeout = Some(Duration::from_secs(5));
     let one = |p: &Placement| {
         (
@@ -938,7 +946,16 @@ async fn serve_placement_query(mesh: &ActorRef<MeshMsg>, query: Query) -> Result
                     );
                     return Ok(());
                 }
-                req.twin_id = id.to_string();
+                // Only the site's gateways hold its control key: a reader, or anyone in
+                // plain mode, registers nothing.
+                if ctx.trust.proven(id.site(), &mut req).is_none() {
+                    NodeMetrics::add(&ctx.metrics.messages_malformed, 1);
+                    tracing::warn!(
+                        key = query.key,
+                        "registration refused: no proof under the site's control key"
+                    );
+                    return Ok(());
+                }
                 match mesh.call(|tx| MeshMsg::Register(req, tx), timeout).await {
                     Ok(ractor::rpc::CallResult::Success(Ok(p))) => Some(p),
                     Ok(ractor::rpc::CallResult::Success(Err(e))) => {

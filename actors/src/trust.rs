@@ -98,7 +98,8 @@ proven!(
     Placement,
     TwinSnapshot,
     ReplayRequest,
-    NodeInfo
+    NodeInfo,
+    PlacementRequest
 );
 
 const CALLER_LABEL: &[u8] = b"twinmesh/caller/twin";

@@ -120,6 +120,8 @@ impl Rig {
             kind: kind.to_string(),
             gateway: "test".into(),
             chain: None,
+            // (Sent to the authority's actor: the proof is checked on the fabric.)
+            proof: None,
         };
         ractor::call_t!(self.mesh_ref(), MeshMsg::Register, 5000, req)
             .unwrap()

@@ -649,14 +649,18 @@ impl Cluster {
 /// How long the helpers below wait.
 const HELPER_WAIT: Duration = Duration::from_secs(60);
 
-/// Registers an asset with the placement authority, as a gateway does.
-pub async fn register(session: &zenoh::Session, twin: &str, kind: &str) -> Placement {
-    let req = PlacementRequest {
+/// Registers an asset with the placement authority, as its site's gateway does (with
+/// the proof of the test mesh's keys under `dir`).
+pub async fn register(session: &zenoh::Session, dir: &Path, twin: &str, kind: &str) -> Placement {
+    let site = twin.split('/').next().unwrap_or_default();
+    let mut req = PlacementRequest {
         twin_id: twin.into(),
         kind: kind.into(),
         gateway: "test".into(),
         chain: None,
+        proof: None,
     };
+    assert!(gateway_trust(dir, site).unwrap().prove(site, &mut req));
     eventually(HELPER_WAIT, "placement reply", || async {
         request_placement(session, &req).await.ok().flatten()
     })

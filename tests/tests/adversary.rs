@@ -449,6 +449,7 @@ async fn the_reader_certificate_and_a_gateway_certificate_cannot_act_beyond_thei
             kind: "power_meter".into(),
             gateway: "iot-a".into(),
             chain: None,
+            proof: None,
         };
         let (gateway, key) = (&gateway, key.to_owned());
         async move {
@@ -468,6 +469,26 @@ async fn the_reader_certificate_and_a_gateway_certificate_cannot_act_beyond_thei
     };
     assert_eq!(register("twinmesh/placement/site-b/pm-66").await, 0);
     assert_eq!(register("twinmesh/placement/site-a/pm-66").await, 0);
+    // The reader may query placement keys (dashboards do): its registration of a
+    // site-a twin carries no proof under the site's control key.
+    let req = proto::PlacementRequest {
+        twin_id: "site-a/pm-77".into(),
+        kind: "power_meter".into(),
+        gateway: "reader".into(),
+        ..Default::default()
+    };
+    let replies = reader
+        .get("twinmesh/placement/site-a/pm-77")
+        .payload(req.encode_to_vec())
+        .encoding(Encoding::from(proto::PlacementRequest::ENCODING))
+        .timeout(Duration::from_secs(5))
+        .await
+        .unwrap();
+    let mut answered = 0;
+    while let Ok(r) = replies.recv_async().await {
+        answered += usize::from(r.result().is_ok());
+    }
+    assert_eq!(answered, 0, "the reader registered a twin");
     // Nothing was placed: the authority does not know the twin.
     let placements = reader
         .get("twinmesh/placement/**")
@@ -483,7 +504,11 @@ async fn the_reader_certificate_and_a_gateway_certificate_cannot_act_beyond_thei
         }
     }
     assert!(ids.contains(&METER.to_owned()), "{ids:?}");
-    assert!(!ids.iter().any(|i| i.contains("pm-66")), "{ids:?}");
+    assert!(
+        !ids.iter()
+            .any(|i| i.contains("pm-66") || i.contains("pm-77")),
+        "{ids:?}"
+    );
 }
 
 /// Resident memory of a process, from /proc.

@@ -192,7 +192,7 @@ async fn query_history_returns_exact_aggregates_of_sent_samples() {
     let cloud = mesh.cloud.grpc_endpoint();
     let gw = mesh.gateway_peer().await;
     let twin = "site-a/pm-99";
-    register(&gw, twin, "power_meter").await;
+    register(&gw, mesh.dir.path(), twin, "power_meter").await;
     // The first answer may be `stale` if the authority has not yet seen the edge join;
     // it places the twin on its site's edge as soon as it does.
     let running = eventually(WAIT, "twin running on the edge", || async {
@@ -374,8 +374,8 @@ async fn bad_telemetry_is_dropped_counted_and_logged_once() {
     let cloud = mesh.cloud.grpc_endpoint();
     let gw = mesh.gateway_peer().await;
     let twin = "site-a/wt-98";
-    register(&gw, twin, "wind_turbine").await;
-    register(&gw, "site-a/wt-97", "wind_turbine").await;
+    register(&gw, mesh.dir.path(), twin, "wind_turbine").await;
+    register(&gw, mesh.dir.path(), "site-a/wt-97", "wind_turbine").await;
     eventually(WAIT, "twins running", || async {
         get_twin(&cloud, twin).await.ok()?;
         get_twin(&cloud, "site-a/wt-97").await.ok()
@@ -514,7 +514,7 @@ async fn grpc_errors_are_precise_and_health_and_reflection_answer() {
     let mesh = Mesh::start(None, &[]).expect("mesh starts");
     let cloud = mesh.cloud.grpc_endpoint();
     let gw = zenoh_peer(&[mesh.edge.ready.zenoh[0].clone()]).await;
-    register(&gw, "site-a/hpc-01", "hpc_node").await;
+    register(&gw, mesh.dir.path(), "site-a/hpc-01", "hpc_node").await;
     eventually(WAIT, "twin running", || async {
         get_twin(&cloud, "site-a/hpc-01").await.ok()
     })
@@ -769,7 +769,7 @@ async fn crashed_twin_is_restarted_from_its_persisted_state() {
 
     let gw = zenoh_peer(&[edge.locators[0].clone(), cloud.locators[0].clone()]).await;
     let id = "site-a/sp-01";
-    register(&gw, id, "spindle").await;
+    register(&gw, dir.path(), id, "spindle").await;
     // A spindle may start on the cloud (its data is public) if the edge's liveliness
     // reaches the authority later, and move to the edge after: wait until it is there.
     eventually(WAIT, "twin running on the edge", || async {

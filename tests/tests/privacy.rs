@@ -218,7 +218,7 @@ async fn site_only_values_stay_on_site_and_releases_spend_exactly_their_budget()
     )
     .unwrap();
     let site = zenoh_peer(&c.endpoints()).await;
-    let placement = register(&site, id, "crankshaft_line").await;
+    let placement = register(&site, c.dir.path(), id, "crankshaft_line").await;
     let edge = c.node(&placement.node).grpc_endpoint();
     eventually(WAIT, "the twin on its edge", || async {
         get_twin(&edge, id).await.ok()
@@ -464,7 +464,7 @@ async fn set_releases_charge_every_twin_and_the_site_and_micro_aggregates_need_k
     let site = zenoh_peer(&c.endpoints()).await;
     let ids = ["site-a/line-01", "site-a/line-02", "site-a/line-03"];
     for id in ids {
-        register(&site, id, "crankshaft_line").await;
+        register(&site, c.dir.path(), id, "crankshaft_line").await;
         eventually(WAIT, "the twin", || async {
             get_twin(&edge, id).await.ok()
         })

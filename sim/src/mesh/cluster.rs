@@ -58,7 +58,7 @@ pub struct NodeSpec {
 }
 
 /// Sites every simulated cloud holds the control keys of.
-pub const SIM_SITES: [&str; 5] = ["a", "b", "c", "site-a", "site-b"];
+pub const SIM_SITES: [&str; 6] = ["a", "b", "c", "s", "site-a", "site-b"];
 
 /// The keys `twinmesh up` would give the node (fixed, from the node's tier and site): the
 /// mesh key to edges and the cloud, the site key to the site's edge and gateway, the

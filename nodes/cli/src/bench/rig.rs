@@ -181,12 +181,14 @@ impl Rig {
     pub(crate) async fn twins(&self, n: usize, kind: &str) -> anyhow::Result<Vec<String>> {
         let ids: Vec<String> = (1..=n).map(|i| format!("bench/twin-{i:03}")).collect();
         for id in &ids {
-            let req = PlacementRequest {
+            let mut req = PlacementRequest {
                 twin_id: id.clone(),
                 kind: kind.into(),
                 gateway: "bench".into(),
                 chain: None,
+                proof: None,
             };
+            self.gateway_trust.prove("bench", &mut req);
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {
                 let placed = request_placement(&self.gateway, &req)

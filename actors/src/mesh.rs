@@ -905,7 +905,14 @@ async fn placement_server(
         let Ok(query) = queryable.rx.recv_async().await else {
             break;
         };
-        if serve_placement_query(&mesh, &ctx, query).await.is_err() {
+        // A call that timed out (the authority busy, e.g. on a slow disk) loses one
+        // answer; only an authority that is gone ends the queryable.
+        if serve_placement_query(&mesh, &ctx, query).await.is_err()
+            && matches!(
+                mesh.get_status(),
+                ractor::ActorStatus::Stopping | ractor::ActorStatus::Stopped
+            )
+        {
             break;
         }
     }

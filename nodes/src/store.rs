@@ -33,6 +33,25 @@ use twinmesh_twins::snapshot;
 use twinmesh_twins::stats::{sample_time, Aggregation, HistoryBuckets};
 use twinmesh_twins::TwinId;
 
+/// Test failpoint, read when the store opens: `SKIP:FAIL` lets `SKIP` placement writes
+/// through, then fails the next `FAIL` (the authority's supervision is tested with it).
+pub const FAILPOINT_PLACEMENT_SAVES: &str = "TWINMESH_FAILPOINT_PLACEMENT_SAVES";
+
+/// Test failpoint, read when the store opens: `SKIP:MS` lets `SKIP` placement writes
+/// through, then delays the flush that follows the next one by `MS` (a migration whose
+/// commit becomes durable after its deadline).
+pub const FAILPOINT_PLACEMENT_FLUSH_DELAY: &str = "TWINMESH_FAILPOINT_PLACEMENT_FLUSH_DELAY";
+
+fn failpoint(name: &str) -> (u64, u64) {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| {
+            let (skip, fail) = v.split_once(':')?;
+            Some((skip.parse().ok()?, fail.parse().ok()?))
+        })
+        .unwrap_or((0, 0))
+}
+
 pub struct SledStore {
     db: sled::Db,
     ts: sled::Tree,
@@ -44,6 +63,11 @@ pub struct SledStore {
     seq: sled::Tree,
     replica: sled::Tree,
     twin_model: sled::Tree,
+    /// Placement writes to let through, then to fail ([`FAILPOINT_PLACEMENT_SAVES`]).
+    placement_failpoint: std::sync::Mutex<(u64, u64)>,
+    /// Placement writes to let through, then the delay of the next flush
+    /// ([`FAILPOINT_PLACEMENT_FLUSH_DELAY`]); the delay armed for the next flush.
+    flush_failpoint: std::sync::Mutex<(u64, u64, Option<std::time::Duration>)>,
     models: sled::Tree,
     spool_len: AtomicU64,
     /// Group commit: writes counted once done; `durable` is the count the last flush covered.
@@ -235,6 +259,11 @@ impl SledStore {
             replica: tree("replica")?,
             twin_model: tree("twin_model")?,
             models: tree("models")?,
+            placement_failpoint: std::sync::Mutex::new(failpoint(FAILPOINT_PLACEMENT_SAVES)),
+            flush_failpoint: {
+                let (skip, ms) = failpoint(FAILPOINT_PLACEMENT_FLUSH_DELAY);
+                std::sync::Mutex::new((skip, ms, None))
+            },
             spool,
             spool_len: AtomicU64::new(spool_len),
             db,
@@ -372,6 +401,15 @@ impl SledStore {
 #[async_trait]
 impl Durable for SledStore {
     async fn flush(&self) -> Result<()> {
+        let delay = self
+            .flush_failpoint
+            .lock()
+            .expect("failpoint lock")
+            .2
+            .take();
+        if let Some(d) = delay {
+            tokio::time::sleep(d).await;
+        }
         let target = self.writes.load(SeqCst);
         if self.durable.load(SeqCst) >= target {
             return Ok(());
@@ -610,6 +648,33 @@ impl SnapshotStore for SledStore {
 
 impl PlacementStore for SledStore {
     fn save_placement(&self, placement: &Placement) -> Result<()> {
+        let failing = {
+            let mut fp = self.placement_failpoint.lock().expect("failpoint lock");
+            match *fp {
+                (0, 0) => false,
+                (0, fail) => {
+                    fp.1 = fail - 1;
+                    true
+                }
+                (skip, _) => {
+                    fp.0 = skip - 1;
+                    false
+                }
+            }
+        };
+        {
+            let mut fp = self.flush_failpoint.lock().expect("failpoint lock");
+            match *fp {
+                (_, 0, _) => {}
+                (0, ms, _) => *fp = (0, 0, Some(std::time::Duration::from_millis(ms))),
+                (skip, ms, armed) => *fp = (skip - 1, ms, armed),
+            }
+        }
+        if failing {
+            return Err(Error::store(format!(
+                "placement write failed ({FAILPOINT_PLACEMENT_SAVES})"
+            )));
+        }
         let id: TwinId = placement.twin_id.parse()?;
         let key = id.to_string();
         self.put(&self.placement, key.as_bytes(), placement.encode_to_vec())

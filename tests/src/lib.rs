@@ -168,6 +168,17 @@ impl NodeProc {
     /// Starts `twinmesh node ARGS...` and waits for its ready line. Stderr goes to
     /// `log_dir/<name>.log`, printed if the node fails to start.
     pub fn start(args: &[String], log_dir: &Path, name: &str) -> anyhow::Result<NodeProc> {
+        Self::start_with_env(args, log_dir, name, &[])
+    }
+
+    /// [`NodeProc::start`] with extra environment variables for this process only (e.g.
+    /// a store failpoint).
+    pub fn start_with_env(
+        args: &[String],
+        log_dir: &Path,
+        name: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<NodeProc> {
         std::fs::create_dir_all(log_dir)?;
         let stderr_path = log_dir.join(format!("{name}.log"));
         let stderr = std::fs::OpenOptions::new()
@@ -181,6 +192,7 @@ impl NodeProc {
                 "RUST_LOG",
                 "warn,twinmesh=debug,twinmesh_actors=debug,twinmesh_nodes=debug",
             )
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr))

@@ -784,3 +784,180 @@ async fn a_forged_replica_does_not_survive_the_next_failover() {
         proto::Sensitivity::Personal as i32
     );
 }
+
+/// The placement authority's store fails one write (the placement a join makes): the
+/// authority is restarted, placements go on, and gRPC health says NOT_SERVING while it is
+/// down (real processes; the failpoint is `TWINMESH_FAILPOINT_PLACEMENT_SAVES`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_placement_authority_is_restarted_after_a_store_failure_and_health_says_so() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let mut c = Cluster::new(1000).unwrap();
+    let data = c.data("cloud").display().to_string();
+    let mut args = twinmesh_tests::node_args(twinmesh_tests::CLOUD, "tcp/127.0.0.1:0", &[], &data);
+    args.extend(["--lease-ms".to_owned(), "1000".to_owned()]);
+    // The gateway's registration (a stale placement: no edge yet) goes through; the
+    // placement of the edge's join fails.
+    let cloud = twinmesh_tests::NodeProc::start_with_env(
+        &args,
+        &c.logs(),
+        "cloud",
+        &[(twinmesh_nodes::store::FAILPOINT_PLACEMENT_SAVES, "1:1")],
+    )
+    .unwrap();
+    c.nodes.insert("cloud".into(), cloud);
+    c.start(
+        "iot",
+        "iot-a",
+        Some("site-a"),
+        None,
+        &["--simulate", "crankshaft_line:1"],
+    )
+    .unwrap();
+    let grpc = c.node("cloud").grpc_endpoint();
+    let id = "site-a/cs-01";
+    eventually(
+        WAIT,
+        "the twin registered, stale without an edge",
+        || async {
+            let p = get_placement(&grpc, id).await.ok()?;
+            (p.status == "stale").then_some(())
+        },
+    )
+    .await;
+    // Watch the cloud's health from now on.
+    let channel = tonic::transport::Channel::from_shared(grpc.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let watching = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let w = watching.clone();
+    let poller = tokio::spawn(async move {
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+        let mut seen = Vec::new();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while w.load(std::sync::atomic::Ordering::Relaxed) && tokio::time::Instant::now() < deadline
+        {
+            if let Ok(r) = health
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+            {
+                let s = r.into_inner().status;
+                if seen.last() != Some(&s) {
+                    seen.push(s);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        seen
+    });
+    c.start("edge", "edge-a", Some("site-a"), None, &[])
+        .unwrap();
+    let edge = c.node("edge-a").grpc_endpoint();
+    // Placements go on: the restarted authority places the twin on the edge.
+    eventually(
+        WAIT,
+        "the twin placed on the edge and streaming",
+        || async {
+            let p = get_placement(&grpc, id).await.ok()?;
+            let t = get_twin(&edge, id).await.ok()?;
+            (p.node == "edge-a" && p.status == "active" && !t.reported.is_empty()).then_some(())
+        },
+    )
+    .await;
+    watching.store(false, std::sync::atomic::Ordering::Relaxed);
+    let seen = poller.await.unwrap();
+    let (serving, not_serving) = (
+        ServingStatus::Serving as i32,
+        ServingStatus::NotServing as i32,
+    );
+    let down = seen.iter().position(|s| *s == not_serving);
+    assert!(down.is_some(), "health never said NOT_SERVING: {seen:?}");
+    assert_eq!(seen.last(), Some(&serving), "{seen:?}");
+    assert!(
+        c.node("cloud").log().contains("placement write failed"),
+        "the failpoint was not hit"
+    );
+}
+
+/// A migration whose commit becomes durable only after its deadline (the cloud's flush
+/// after the move's placement write is held back past it): the move is refused, the
+/// twin stays where it was, unfrozen, and goes on applying frames.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_committed_after_its_deadline_leaves_the_twin_unfrozen_and_acking() {
+    let mut c = Cluster::new(1000).unwrap();
+    let data = c.data("cloud").display().to_string();
+    let mut args = twinmesh_tests::node_args(twinmesh_tests::CLOUD, "tcp/127.0.0.1:0", &[], &data);
+    args.extend(["--lease-ms".to_owned(), "1000".to_owned()]);
+    // Two placement writes go through (the registration, and the record of the twin's
+    // site-only policy); the flush after the third (the move's) waits 12 s, past the
+    // migration's 10 s deadline.
+    let cloud = twinmesh_tests::NodeProc::start_with_env(
+        &args,
+        &c.logs(),
+        "cloud",
+        &[(
+            twinmesh_nodes::store::FAILPOINT_PLACEMENT_FLUSH_DELAY,
+            "2:12000",
+        )],
+    )
+    .unwrap();
+    c.nodes.insert("cloud".into(), cloud);
+    for e in ["edge-a1", "edge-a2"] {
+        c.start("edge", e, Some("site-a"), None, &[]).unwrap();
+    }
+    c.start(
+        "iot",
+        "iot-a",
+        Some("site-a"),
+        None,
+        &["--simulate", "crankshaft_line:1"],
+    )
+    .unwrap();
+    let grpc = c.node("cloud").grpc_endpoint();
+    let id = "site-a/cs-01";
+    let placed = eventually(WAIT, "the twin placed, its policy recorded", || async {
+        let p = get_placement(&grpc, id).await.ok()?;
+        (p.status == "active" && p.site_only).then_some(p)
+    })
+    .await;
+    let edge = c.node(&placed.node).grpc_endpoint();
+    let signal = eventually(WAIT, "the twin applying frames", || async {
+        let t = get_twin(&edge, id).await.ok()?;
+        t.reported.keys().next().cloned()
+    })
+    .await;
+    let other = if placed.node == "edge-a1" {
+        "edge-a2"
+    } else {
+        "edge-a1"
+    };
+    let moved = twinmesh_tests::migrate_twin(&grpc, id, other).await;
+    assert!(moved.is_err(), "a late commit was accepted: {moved:?}");
+    // The twin runs on where it was, at its epoch, and applies (and so acknowledges:
+    // its gateway goes on sending new frames only within its spool) new frames.
+    let seq = |t: &proto::Twin| t.reported.get(&signal).map_or(0, |r| r.seq);
+    let before = seq(&get_twin(&edge, id).await.unwrap());
+    eventually(WAIT, "frames applied after the refused move", || async {
+        let t = get_twin(&edge, id).await.ok()?;
+        (seq(&t) >= before + 5).then_some(())
+    })
+    .await;
+    let now = eventually(WAIT, "the authority answering again", || async {
+        get_placement(&grpc, id).await.ok()
+    })
+    .await;
+    assert_eq!(
+        (now.node.as_str(), now.epoch),
+        (placed.node.as_str(), placed.epoch)
+    );
+    // The twin unfroze by its own deadline (the commit was late, not refused early).
+    assert!(
+        c.node(&placed.node)
+            .log()
+            .contains("freeze expired before the move was committed"),
+        "the twin did not thaw by its deadline"
+    );
+}

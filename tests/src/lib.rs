@@ -707,3 +707,101 @@ pub async fn publish(session: &zenoh::Session, key: &str, payload: Vec<u8>) {
     .await;
     publisher.put(payload).await.expect("publish");
 }
+
+/// The `--tls-*` arguments of node `name` with the certificates under `certs` (as
+/// `twinmesh certs` writes them).
+pub fn tls_args(certs: &Path, name: &str) -> Vec<String> {
+    let p = |f: String| certs.join(f).display().to_string();
+    vec![
+        "--tls-ca".into(),
+        p("ca.pem".into()),
+        "--tls-cert".into(),
+        p(format!("{name}.pem")),
+        "--tls-key".into(),
+        p(format!("{name}.key")),
+    ]
+}
+
+/// A Zenoh client session on `endpoint` over TLS with the CA `ca`, with a client
+/// certificate (mutual TLS) if given.
+pub async fn zenoh_tls_client(
+    endpoint: &str,
+    ca: &Path,
+    cert: Option<(&Path, &Path)>,
+) -> zenoh::Result<zenoh::Session> {
+    let mut c = zenoh::Config::default();
+    let q = |p: &Path| format!("{:?}", p.display().to_string());
+    let mut set = vec![
+        ("mode", "\"client\"".to_owned()),
+        ("connect/endpoints", format!("[{endpoint:?}]")),
+        ("scouting/multicast/enabled", "false".to_owned()),
+        ("transport/link/tls/root_ca_certificate", q(ca)),
+    ];
+    if let Some((cert, key)) = cert {
+        set.extend([
+            ("transport/link/tls/connect_certificate", q(cert)),
+            ("transport/link/tls/connect_private_key", q(key)),
+            ("transport/link/tls/enable_mtls", "true".to_owned()),
+        ]);
+    }
+    for (k, v) in set {
+        c.insert_json5(k, &v).expect("a valid Zenoh setting");
+    }
+    zenoh::open(c).await
+}
+
+/// `twinmesh up` as a process (killed on drop), started with `args` and
+/// `--data dir/mesh`, logging to `dir/up.log`.
+pub struct UpProc {
+    child: Child,
+    /// The cloud node's gRPC address, from the line `up` prints once the mesh is up.
+    pub cloud_grpc: String,
+}
+
+impl UpProc {
+    /// Starts `up` and waits (bounded) until it has printed the cloud's line.
+    pub fn start(args: &[&str], dir: &Path) -> UpProc {
+        let log = dir.join("up.log");
+        let mut child = Command::new(twinmesh_bin())
+            .arg("up")
+            .args(args)
+            .arg("--data")
+            .arg(dir.join("mesh"))
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(std::fs::File::create(&log).expect("up.log")))
+            .spawn()
+            .expect("twinmesh up starts");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let up = |cloud_grpc| UpProc { child, cloud_grpc };
+        // "  cloud    cloud cloud   grpc 127.0.0.1:PORT ..." is printed once the mesh is up.
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let mut words = line.split_whitespace();
+                if words.next() == Some("cloud") {
+                    let grpc = words.skip_while(|w| *w != "grpc").nth(1).map(str::to_owned);
+                    let _ = tx.send(grpc);
+                }
+            }
+        });
+        match rx.recv_timeout(READY_TIMEOUT) {
+            Ok(Some(grpc)) => up(grpc),
+            _ => {
+                let log = std::fs::read_to_string(&log).unwrap_or_default();
+                panic!(
+                    "`twinmesh up {}` printed no cloud line; its log:\n{log}",
+                    args.join(" ")
+                )
+            }
+        }
+    }
+}
+
+impl Drop for UpProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -323,44 +323,22 @@ async fn an_outside_client_with_a_forged_caller_reads_no_personal_value_and_chan
     only_the_sites_edge_proves_the_site(&c, &outside).await;
 }
 
-fn tls_args(certs: &Path, name: &str, roster: &Path) -> Vec<String> {
-    let p = |f: String| certs.join(f).display().to_string();
-    vec![
-        "--tls-ca".into(),
-        p("ca.pem".into()),
-        "--tls-cert".into(),
-        p(format!("{name}.pem")),
-        "--tls-key".into(),
-        p(format!("{name}.key")),
-        "--acl".into(),
-        roster.display().to_string(),
-    ]
+/// A node's `--tls-*` arguments with the ACL roster.
+fn tls_acl_args(certs: &Path, name: &str, roster: &Path) -> Vec<String> {
+    let mut a = twinmesh_tests::tls_args(certs, name);
+    a.extend(["--acl".to_owned(), roster.display().to_string()]);
+    a
 }
 
+/// A mutual-TLS Zenoh client with the certificate `name`.
 async fn tls_client(endpoint: &str, certs: &Path, name: &str) -> zenoh::Session {
-    let mut c = zenoh::Config::default();
-    let q = |p: std::path::PathBuf| format!("{:?}", p.display().to_string());
-    for (k, v) in [
-        ("mode", "\"client\"".to_owned()),
-        ("connect/endpoints", format!("[{endpoint:?}]")),
-        ("scouting/multicast/enabled", "false".to_owned()),
-        (
-            "transport/link/tls/root_ca_certificate",
-            q(certs.join("ca.pem")),
-        ),
-        (
-            "transport/link/tls/connect_certificate",
-            q(certs.join(format!("{name}.pem"))),
-        ),
-        (
-            "transport/link/tls/connect_private_key",
-            q(certs.join(format!("{name}.key"))),
-        ),
-        ("transport/link/tls/enable_mtls", "true".to_owned()),
-    ] {
-        c.insert_json5(k, &v).unwrap();
-    }
-    zenoh::open(c).await.unwrap()
+    let (cert, key) = (
+        certs.join(format!("{name}.pem")),
+        certs.join(format!("{name}.key")),
+    );
+    twinmesh_tests::zenoh_tls_client(endpoint, &certs.join("ca.pem"), Some((&cert, &key)))
+        .await
+        .unwrap()
 }
 
 /// The secure shape of `up --secure`: mutual TLS, the generated access-control list, a
@@ -382,13 +360,13 @@ async fn the_reader_certificate_and_a_gateway_certificate_cannot_act_beyond_thei
     )
     .unwrap();
     let quic = Some("quic/127.0.0.1:0");
-    let a = tls_args(&certs, "cloud", &roster);
+    let a = tls_acl_args(&certs, "cloud", &roster);
     let a: Vec<&str> = a.iter().map(String::as_str).collect();
     c.start("cloud", "cloud", None, quic, &a).unwrap();
-    let a = tls_args(&certs, "edge-a", &roster);
+    let a = tls_acl_args(&certs, "edge-a", &roster);
     let a: Vec<&str> = a.iter().map(String::as_str).collect();
     c.start("edge", "edge-a", Some("site-a"), quic, &a).unwrap();
-    let mut a = tls_args(&certs, "iot-a", &roster);
+    let mut a = tls_acl_args(&certs, "iot-a", &roster);
     a.extend(["--simulate".to_owned(), "power_meter:1".to_owned()]);
     let a: Vec<&str> = a.iter().map(String::as_str).collect();
     c.start("iot", "iot-a", Some("site-a"), quic, &a).unwrap();
@@ -653,7 +631,6 @@ async fn forged_frames_and_control_messages_lose_nothing_and_unseal_nothing() {
 /// listener, forging an on-site data owner, gets no personal value back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_plain_up_an_outside_client_with_a_forged_caller_reads_no_personal_value() {
-    use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -661,43 +638,19 @@ async fn under_plain_up_an_outside_client_with_a_forged_caller_reads_no_personal
         .unwrap()
         .port();
     let zenoh = format!("tcp/127.0.0.1:{port}");
-    let mut up = std::process::Command::new(twinmesh_tests::twinmesh_bin())
-        .args(["up", "--assets-per-kind", "1"])
-        .args(["--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0"])
-        .args(["--zenoh", &zenoh, "--data"])
-        .arg(dir.path().join("mesh"))
-        .env("RUST_LOG", "warn")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::from(
-            std::fs::File::create(dir.path().join("up.log")).unwrap(),
-        ))
-        .spawn()
-        .unwrap();
-    struct KillOnDrop(std::process::Child);
-    impl Drop for KillOnDrop {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let stdout = up.stdout.take().unwrap();
-    let _up = KillOnDrop(up);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if line.starts_with("twinmesh mesh is up") {
-                let _ = tx.send(());
-            }
-        }
-    });
-    rx.recv_timeout(WAIT).unwrap_or_else(|_| {
-        let log = std::fs::read_to_string(dir.path().join("up.log")).unwrap_or_default();
-        panic!("`up` did not come up; its log:\n{log}")
-    });
+    let _up = twinmesh_tests::UpProc::start(
+        &[
+            "--assets-per-kind",
+            "1",
+            "--grpc",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--zenoh",
+            &zenoh,
+        ],
+        dir.path(),
+    );
     let outside = zenoh_client(&zenoh).await;
     let t = eventually(
         WAIT,
@@ -785,6 +738,18 @@ async fn a_forged_replica_does_not_survive_the_next_failover() {
     );
 }
 
+/// Starts the cloud of `c` with the store failpoint `name` set to `value` (in its
+/// process only).
+fn start_cloud_with(c: &mut Cluster, name: &str, value: &str) {
+    let data = c.data("cloud").display().to_string();
+    let mut args = twinmesh_tests::node_args(twinmesh_tests::CLOUD, "tcp/127.0.0.1:0", &[], &data);
+    args.extend(["--lease-ms".to_owned(), "1000".to_owned()]);
+    let cloud =
+        twinmesh_tests::NodeProc::start_with_env(&args, &c.logs(), "cloud", &[(name, value)])
+            .unwrap();
+    c.nodes.insert("cloud".into(), cloud);
+}
+
 /// The placement authority's store fails one write (the placement a join makes): the
 /// authority is restarted, placements go on, and gRPC health says NOT_SERVING while it is
 /// down (real processes; the failpoint is `TWINMESH_FAILPOINT_PLACEMENT_SAVES`).
@@ -792,19 +757,13 @@ async fn a_forged_replica_does_not_survive_the_next_failover() {
 async fn the_placement_authority_is_restarted_after_a_store_failure_and_health_says_so() {
     use tonic_health::pb::health_check_response::ServingStatus;
     let mut c = Cluster::new(1000).unwrap();
-    let data = c.data("cloud").display().to_string();
-    let mut args = twinmesh_tests::node_args(twinmesh_tests::CLOUD, "tcp/127.0.0.1:0", &[], &data);
-    args.extend(["--lease-ms".to_owned(), "1000".to_owned()]);
     // The gateway's registration (a stale placement: no edge yet) goes through; the
     // placement of the edge's join fails.
-    let cloud = twinmesh_tests::NodeProc::start_with_env(
-        &args,
-        &c.logs(),
-        "cloud",
-        &[(twinmesh_nodes::store::FAILPOINT_PLACEMENT_SAVES, "1:1")],
-    )
-    .unwrap();
-    c.nodes.insert("cloud".into(), cloud);
+    start_cloud_with(
+        &mut c,
+        twinmesh_nodes::store::FAILPOINT_PLACEMENT_SAVES,
+        "1:1",
+    );
     c.start(
         "iot",
         "iot-a",
@@ -888,23 +847,14 @@ async fn the_placement_authority_is_restarted_after_a_store_failure_and_health_s
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_migration_committed_after_its_deadline_leaves_the_twin_unfrozen_and_acking() {
     let mut c = Cluster::new(1000).unwrap();
-    let data = c.data("cloud").display().to_string();
-    let mut args = twinmesh_tests::node_args(twinmesh_tests::CLOUD, "tcp/127.0.0.1:0", &[], &data);
-    args.extend(["--lease-ms".to_owned(), "1000".to_owned()]);
     // Two placement writes go through (the registration, and the record of the twin's
     // site-only policy); the flush after the third (the move's) waits 12 s, past the
     // migration's 10 s deadline.
-    let cloud = twinmesh_tests::NodeProc::start_with_env(
-        &args,
-        &c.logs(),
-        "cloud",
-        &[(
-            twinmesh_nodes::store::FAILPOINT_PLACEMENT_FLUSH_DELAY,
-            "2:12000",
-        )],
-    )
-    .unwrap();
-    c.nodes.insert("cloud".into(), cloud);
+    start_cloud_with(
+        &mut c,
+        twinmesh_nodes::store::FAILPOINT_PLACEMENT_FLUSH_DELAY,
+        "2:12000",
+    );
     for e in ["edge-a1", "edge-a2"] {
         c.start("edge", e, Some("site-a"), None, &[]).unwrap();
     }

@@ -3,7 +3,6 @@
 //! same bearer tokens as gRPC and over TLS on a node with certificates, roles scoped to
 //! sites, and `ctl nodes` under `up --secure` listing the gateways too.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -315,46 +314,21 @@ async fn the_http_api_takes_the_grpc_tokens_and_is_https_on_a_tls_node() {
 fn ctl_nodes_lists_the_gateways_under_up_secure() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("mesh");
-    let mut up = Command::new(twinmesh_bin())
-        .args(["up", "--secure", "--assets-per-kind", "1"])
-        .args(["--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0"])
-        .args(["--zenoh", "quic/127.0.0.1:0", "--data"])
-        .arg(&data)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(
-            std::fs::File::create(dir.path().join("up.log")).unwrap(),
-        ))
-        .spawn()
-        .unwrap();
-    struct KillOnDrop(std::process::Child);
-    impl Drop for KillOnDrop {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let stdout = up.stdout.take().unwrap();
-    let _up = KillOnDrop(up);
-    // "  cloud    cloud cloud   grpc 127.0.0.1:PORT ..." is printed once the mesh is up.
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let mut words = line.split_whitespace();
-            if words.next() == Some("cloud") {
-                let grpc = words.skip_while(|w| *w != "grpc").nth(1).map(str::to_owned);
-                let _ = tx.send(grpc);
-            }
-        }
-    });
-    let grpc = rx
-        .recv_timeout(WAIT)
-        .unwrap_or_else(|_| {
-            let log = std::fs::read_to_string(dir.path().join("up.log")).unwrap_or_default();
-            panic!("`up --secure` printed no cloud line; its log:\n{log}")
-        })
-        .expect("the cloud's gRPC address");
+    let up = twinmesh_tests::UpProc::start(
+        &[
+            "--secure",
+            "--assets-per-kind",
+            "1",
+            "--grpc",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--zenoh",
+            "quic/127.0.0.1:0",
+        ],
+        dir.path(),
+    );
+    let grpc = &up.cloud_grpc;
     let endpoint = format!("https://{grpc}");
     let ca = data.join("certs").join("ca.pem").display().to_string();
     let deadline = Instant::now() + WAIT;

@@ -3,7 +3,6 @@
 //! expired, forged or for another audience are refused, and a viewer cannot command a
 //! set-point.
 
-use std::path::Path;
 use std::time::Duration;
 
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
@@ -12,47 +11,9 @@ use tonic::Code;
 use twinmesh_proto::v1::mesh_service_client::MeshServiceClient;
 use twinmesh_proto::v1::twin_service_client::TwinServiceClient;
 use twinmesh_proto::v1::{GetTwinRequest, ListNodesRequest, SetDesiredRequest};
-use twinmesh_tests::{eventually, twin_client, Cluster};
+use twinmesh_tests::{eventually, tls_args, twin_client, zenoh_tls_client, Cluster};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn tls_args(certs: &Path, name: &str) -> Vec<String> {
-    let p = |f: String| certs.join(f).display().to_string();
-    vec![
-        "--tls-ca".into(),
-        p("ca.pem".into()),
-        "--tls-cert".into(),
-        p(format!("{name}.pem")),
-        "--tls-key".into(),
-        p(format!("{name}.key")),
-    ]
-}
-
-/// A Zenoh client session on `endpoint`, with a certificate if given.
-async fn zenoh_tls_client(
-    endpoint: &str,
-    ca: &Path,
-    cert: Option<(&Path, &Path)>,
-) -> zenoh::Result<zenoh::Session> {
-    let mut c = zenoh::Config::default();
-    c.insert_json5("mode", "\"client\"").unwrap();
-    c.insert_json5("connect/endpoints", &format!("[{endpoint:?}]"))
-        .unwrap();
-    c.insert_json5("scouting/multicast/enabled", "false")
-        .unwrap();
-    let q = |p: &Path| format!("{:?}", p.display().to_string());
-    c.insert_json5("transport/link/tls/root_ca_certificate", &q(ca))
-        .unwrap();
-    if let Some((cert, key)) = cert {
-        c.insert_json5("transport/link/tls/connect_certificate", &q(cert))
-            .unwrap();
-        c.insert_json5("transport/link/tls/connect_private_key", &q(key))
-            .unwrap();
-        c.insert_json5("transport/link/tls/enable_mtls", "true")
-            .unwrap();
-    }
-    zenoh::open(c).await
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secure_nodes_refuse_plaintext_and_certificates_of_another_ca() {

@@ -17,7 +17,7 @@ use twinmesh_proto::v1::{
 };
 use twinmesh_tests::{
     eventually, get_placement, get_twin, migrate_twin, now_ns, publish, register, site_key,
-    twin_client, zenoh_client, zenoh_peer, Cluster,
+    twin_client, zenoh_client, zenoh_peer, Cluster, Mesh,
 };
 use twinmesh_twins::privacy::{mean_parts, plan, privacy_loss, Noise, ReleaseSpec, Statistic};
 
@@ -113,12 +113,27 @@ async fn feed_sentinels(
     id: &str,
     frames: u64,
 ) -> i64 {
+    feed(session, ring, dir, id, SIGNAL, SENTINEL, frames).await
+}
+
+/// Publishes `frames` frames of 10 samples of `value` at 1 Hz on `signal` of `id`,
+/// sealed with the site key and proven with the site's control key as a gateway of the
+/// site does. Returns the first sample's time.
+async fn feed(
+    session: &zenoh::Session,
+    ring: &KeyRing,
+    dir: &std::path::Path,
+    id: &str,
+    signal: &str,
+    value: f64,
+    frames: u64,
+) -> i64 {
     let start = now_ns() - 120_000_000_000;
-    let key = format!("twinmesh/telemetry/{id}/{SIGNAL}");
+    let key = format!("twinmesh/telemetry/{id}/{signal}");
     for seq in 1..=frames {
         let mut f = TelemetryFrame {
             twin_id: id.into(),
-            signal: SIGNAL.into(),
+            signal: signal.into(),
             seq,
             start_ns: start + (seq as i64 - 1) * 10_000_000_000,
             sample_period_ns: 1_000_000_000,
@@ -126,7 +141,7 @@ async fn feed_sentinels(
             ..Default::default()
         };
         let inner = proto::SealedSamples {
-            samples: vec![SENTINEL; 10],
+            samples: vec![value; 10],
             packed: Vec::new(),
         };
         f.sealed = ring.seal(
@@ -604,6 +619,193 @@ async fn set_releases_charge_every_twin_and_the_site_and_micro_aggregates_need_k
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+}
+
+/// The attack of issue 20 against real processes: an analyst who picks the sets asks for
+/// six micro-aggregated means of the personal `people_in` of six turnstiles (k = 5),
+/// each leaving one gate out. Over the caller's sets, 6 × mean(all) − 5 × mean(all but
+/// i) would be gate i's own count. The site forms the groups, so every answer is the
+/// mean of the same whole group and the differences give nothing back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leave_one_out_micro_aggregates_over_six_turnstiles_give_no_gate_back() {
+    const PEOPLE_IN: &str = "people_in";
+    let mut c = Cluster::new(1000).unwrap();
+    c.start("cloud", "cloud", None, None, &[]).unwrap();
+    c.start("edge", "edge-a", Some("site-a"), None, &[])
+        .unwrap();
+    let cloud_grpc = c.node("cloud").grpc_endpoint();
+    let edge = c.node("edge-a").grpc_endpoint();
+    let ring = KeyRing::parse(
+        &std::fs::read_to_string(site_key(c.dir.path(), "site-a").unwrap()).unwrap(),
+    )
+    .unwrap();
+    let site = zenoh_peer(&c.endpoints()).await;
+    let ids: Vec<String> = (1..=6).map(|i| format!("site-a/gate-0{i}")).collect();
+    // Gate i counts 10 i + 3 people per second: every gate's value is distinct.
+    let value = |i: usize| (10 * (i + 1) + 3) as f64;
+    for (i, id) in ids.iter().enumerate() {
+        register(&site, c.dir.path(), id, "turnstile_gate").await;
+        eventually(WAIT, "the gate", || async {
+            get_twin(&edge, id).await.ok()
+        })
+        .await;
+        feed(&site, &ring, c.dir.path(), id, PEOPLE_IN, value(i), 2).await;
+    }
+    for id in &ids {
+        eventually(WAIT, "frames applied", || async {
+            (get_twin(&edge, id).await.ok()?.reported.get(PEOPLE_IN)?.seq == 2).then_some(())
+        })
+        .await;
+        let mut p = get_policy(&cloud_grpc, id).await;
+        let sp = p.signals.get_mut(PEOPLE_IN).unwrap();
+        sp.mechanism = "micro_aggregate".into();
+        sp.k = 5;
+        set_policy(&cloud_grpc, p, None).await.unwrap();
+    }
+    let mean_of_all = (0..6).map(value).sum::<f64>() / 6.0;
+    for leave in 0..6 {
+        let set: Vec<&str> = ids
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != leave)
+            .map(|(_, id)| id.as_str())
+            .collect();
+        let r = release_aggregate(
+            &cloud_grpc,
+            ReleaseAggregateRequest {
+                signal: PEOPLE_IN.into(),
+                ..release(&set, Statistic::Mean, 0.5)
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.mechanism, "micro_aggregate", "{r:?}");
+        assert_eq!(
+            r.records, 6,
+            "the site's whole group, not the five asked for"
+        );
+        assert!((r.value - mean_of_all).abs() < 1e-9, "{r:?}");
+        // The differencing attack gets the group's mean back, never gate `leave`'s count.
+        let guess = 6.0 * mean_of_all - 5.0 * r.value;
+        assert!(
+            (guess - value(leave)).abs() > 1.0,
+            "gate {leave} recovered: {guess}"
+        );
+        // Had the five been averaged as asked, the attack would have worked.
+        let asked = (0..6).filter(|i| *i != leave).map(value).sum::<f64>() / 5.0;
+        assert!((6.0 * mean_of_all - 5.0 * asked - value(leave)).abs() < 1e-9);
+    }
+}
+
+/// The lineage attack of issue 20 against real processes: a `bearing` stage on the public
+/// `voltage` waveform of a power meter reads the personal `household_energy` as its shaft
+/// signal, so `voltage.shaft_hz` is the household's energy × ratio / 60. By name it was a
+/// voltage feature and left the site. By lineage it is personal: the twin computes it on
+/// the site (the edge shows it), and nothing of it reaches the cloud's gRPC, its history
+/// or any publication on the fabric.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_public_feature_computed_from_a_personal_signal_stays_on_the_site() {
+    let mesh = Mesh::start(Some("power_meter:1"), &[]).expect("mesh starts");
+    let cloud = mesh.cloud.grpc_endpoint();
+    let edge = mesh.edge.grpc_endpoint();
+    let id = "site-a/pm-01";
+    let outside = zenoh_client(&mesh.cloud.ready.zenoh[0]).await;
+    let (seen, _sub) = record_everything(&outside).await;
+    let twin = eventually(WAIT, "the meter's twin with its chain", || async {
+        get_twin(&edge, id).await.ok().filter(|t| t.chain.is_some())
+    })
+    .await;
+    let mut stages = twin.chain.unwrap().stages;
+    let at = stages
+        .iter()
+        .position(|s| s.tier == "cloud")
+        .unwrap_or(stages.len());
+    stages.insert(
+        at,
+        proto::ChainStage {
+            op: "bearing".into(),
+            tier: "edge".into(),
+            signal: "voltage".into(),
+            params: [
+                ("shaft_signal".to_owned(), "household_energy".to_owned()),
+                ("band".to_owned(), "500,2000".to_owned()),
+            ]
+            .into_iter()
+            .collect(),
+        },
+    );
+    twin_client(&cloud)
+        .await
+        .set_chain(proto::SetChainRequest {
+            twin_id: id.into(),
+            chain: Some(proto::Chain { stages }),
+            expected_revision: None,
+        })
+        .await
+        .expect("SetChain");
+    // On the site the feature is computed, from the household's energy counter once it
+    // has counted anything: the attack is real.
+    eventually(WAIT, "voltage.shaft_hz > 0 on the site", || async {
+        let t = get_twin(&edge, id).await.ok()?;
+        t.derived
+            .get("voltage.shaft_hz")
+            .filter(|v| **v > 0.0)
+            .copied()
+    })
+    .await;
+    let mark = seen.lock().unwrap().len();
+    // Off the site, over several more windows: the meter's current features keep coming
+    // (so the cloud does see this twin's windows), none computed from household_energy
+    // (by lineage, every feature of `voltage` now is).
+    let windows = Mutex::new(std::collections::BTreeSet::new());
+    let (windows, cloud_ep) = (&windows, cloud.as_str());
+    eventually(
+        WAIT,
+        "three more windows seen through the cloud",
+        || async move {
+            let t = get_twin(cloud_ep, id).await.ok()?;
+            assert!(
+                !t.derived.keys().any(|k| k.starts_with("voltage.")),
+                "a feature derived from household_energy left the site: {:?}",
+                t.derived
+            );
+            let mut w = windows.lock().unwrap();
+            w.insert(t.derived.get("current.thd").map(|v| v.to_bits())?);
+            (w.len() >= 3).then_some(())
+        },
+    )
+    .await;
+    let e = twin_client(&cloud)
+        .await
+        .query_history(QueryHistoryRequest {
+            twin_id: id.into(),
+            signal: "voltage.shaft_hz".into(),
+            start_ns: now_ns() - HOUR_NS,
+            end_ns: now_ns(),
+            bucket_ns: HOUR_NS,
+            aggregation: proto::Aggregation::Mean as i32,
+        })
+        .await;
+    match e {
+        Err(e) => assert_eq!(e.code(), Code::PermissionDenied, "{e:?}"),
+        Ok(r) => assert!(
+            r.into_inner().buckets.is_empty(),
+            "history of voltage.shaft_hz"
+        ),
+    }
+    let seen = seen.lock().unwrap();
+    let after = &seen[mark..];
+    let contains = |b: &[u8], what: &str| b.windows(what.len()).any(|w| w == what.as_bytes());
+    assert!(
+        after.iter().any(|(_, b)| contains(b, "current.thd")),
+        "the outside client saw no feature at all"
+    );
+    for (key, bytes) in after {
+        assert!(
+            !contains(bytes, "shaft_hz") && !contains(bytes, "bpfo_amp"),
+            "{key} carries a feature derived from household_energy"
+        );
+    }
 }
 
 /// Whether `bytes` holds a (synthetic, locally administered) MAC address as text:

@@ -1080,9 +1080,13 @@ async fn twin_rpc(
         .ask(&keys::twin_rpc(twin), &request, timeout)
         .await
         .map_err(|e| crate::Error::unavailable(e.to_string()))?;
+    // Only the twin's own node can prove a reply for this request.
     let reply = replies
         .into_iter()
-        .find_map(|r| r.decode::<TwinReply>().ok())
+        .find_map(|r| {
+            ctx.trust
+                .answer::<TwinReply>(request.caller.as_ref(), &r.payload)
+        })
         .ok_or_else(|| crate::Error::unavailable(format!("twin {twin} did not answer")))?;
     match reply.reply {
         Some(twin_reply::Reply::Error(e)) => Err(crate::Error::unavailable(format!(
@@ -1302,9 +1306,10 @@ pub async fn ask_authority(
         .ask(keys::MESH_REQUESTS, &request, timeout)
         .await
         .map_err(|e| unavailable(format!("fabric: {e}")))?;
+    // Only the placement authority (a mesh node) can prove a reply for this request.
     let reply = replies
         .into_iter()
-        .find_map(|r| r.decode::<MeshReply>().ok())
+        .find_map(|r| trust.answer::<MeshReply>(request.caller.as_ref(), &r.payload))
         .ok_or_else(|| {
             unavailable("the placement authority (cloud node) did not answer".to_owned())
         })?;
@@ -1324,14 +1329,17 @@ async fn mesh_request_server(
     requests: crate::ports::Queryable,
 ) {
     loop {
-        let Ok(query) = requests.rx.recv_async().await else {
+        let Ok(mut query) = requests.rx.recv_async().await else {
             break;
         };
         let (mesh, ctx2) = (mesh.clone(), ctx.clone());
         ctx.tasks.spawn(async move {
             let result = match query.decode::<MeshRequest>() {
                 Ok(mut req) => {
-                    let caller = ctx2.trust.admit_mesh(&mut req, ctx2.now_ms());
+                    let admitted = ctx2.trust.admit_mesh(&mut req, ctx2.now_ms());
+                    let (caller, tag) = admitted.unzip();
+                    // Every reply to a vouched request is proven for it.
+                    query = crate::trust::proving::<MeshReply>(&ctx2.trust, query, tag);
                     let drain_site = match &req.request {
                         Some(mesh_request::Request::Drain(d)) => call(&mesh, MeshMsg::Members)
                             .await
@@ -1359,6 +1367,7 @@ async fn mesh_request_server(
                     Ok(r) => r,
                     Err(e) => mesh_reply::Reply::Error((&e).into()),
                 }),
+                proof: None,
             };
             query.reply_with(keys::MESH_REQUESTS, &reply);
         });

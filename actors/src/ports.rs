@@ -146,20 +146,23 @@ pub trait Fabric: Send + Sync + 'static {
         timeout: Duration,
     ) -> Result<Vec<Reply>>;
 
-    /// Sends a query and returns its first reply as soon as it arrives (`None` when all
-    /// repliers finished without one, or at `timeout`): a call to one twin need not wait
-    /// for the other repliers to say they are done.
+    /// Sends a query and returns its first reply that `accept`s, as soon as it arrives
+    /// (`None` when all repliers finished without one, or at `timeout`): a call to one
+    /// twin need not wait for the other repliers to say they are done, and a reply from
+    /// anyone else (a queryable anyone may declare) does not end it.
     async fn query_first(
         &self,
         keyexpr: &str,
         payload: Option<(Bytes, &'static str)>,
         timeout: Duration,
+        accept: &(dyn for<'r> Fn(&'r Reply) -> bool + Send + Sync),
     ) -> Result<Option<Reply>> {
-        Ok(self
-            .query(keyexpr, payload, timeout)
-            .await?
-            .into_iter()
-            .next())
+        for reply in self.query(keyexpr, payload, timeout).await? {
+            if accept(&reply) {
+                return Ok(Some(reply));
+            }
+        }
+        Ok(None)
     }
 
     /// Declares a liveliness token, withdrawn when the guard is dropped or the node dies.

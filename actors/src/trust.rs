@@ -16,21 +16,31 @@
 //!   placements of the site's twins carry a [`Proof`] under it.
 //!
 //! A request without a valid caller context is an anonymous viewer off the site: public
-//! values only, no writes. A message without a valid proof is dropped and counted as
+//! values only, no writes. A context is good for one request at each receiver (it carries
+//! a fresh nonce, and receivers remember the contexts they admitted until they expire),
+//! so a captured request replayed is an anonymous viewer's too. The node that answers a
+//! vouched request proves its reply under the mesh key, bound to the request, and the
+//! asking node keeps only proven replies: nobody without the mesh key can answer in a
+//! twin's or the placement authority's name. A message without a valid proof is dropped and counted as
 //! malformed. Every tag covers the whole message (prost encodes a message to the same
 //! bytes every time: maps are ordered) with the tags themselves empty, and a domain label,
 //! so a tag made for one kind of message proves nothing about another.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 
+use aes_gcm::aead::rand_core::RngCore;
+use aes_gcm::aead::OsRng;
+use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use prost::Message;
 
 use twinmesh_twins::privacy::Role;
 use twinmesh_twins::proto::{
-    self, mesh_request, twin_request, Caller, MeshRequest, Proof, TwinRequest,
+    self, mesh_request, twin_request, Caller, MeshReply, MeshRequest, Proof, TwinReply, TwinRequest,
 };
 
+use crate::ports::{Query, Responder};
 use crate::seal::KeyRing;
 
 type HmacSha256 = Hmac<sha2::Sha256>;
@@ -39,6 +49,11 @@ type HmacSha256 = Hmac<sha2::Sha256>;
 pub const CALLER_TTL_MS: i64 = 30_000;
 /// Clock difference between two nodes that a caller context tolerates.
 pub const MAX_SKEW_MS: i64 = 30_000;
+
+/// Caller contexts a node remembers at most (each for at most its lifetime): beyond it,
+/// new contexts are not believed until old ones expire. Only mesh nodes make contexts,
+/// so only a flood from a mesh node could fill it.
+pub const REPLAY_MEMORY: usize = 1 << 20;
 
 fn mac(key: &[u8; 32], label: &[u8], body: &[u8]) -> HmacSha256 {
     let mut m = <HmacSha256 as Mac>::new_from_slice(key).expect("any key length");
@@ -69,6 +84,139 @@ impl MacKeys {
                 .iter()
                 .any(|k| mac(k, label, body).verify_slice(tag).is_ok())
     }
+
+    /// A tag over `first` (of fixed length: a request's tag) followed by `rest`.
+    fn tag2(&self, label: &[u8], first: &[u8], rest: &[u8]) -> Option<Vec<u8>> {
+        let key = self.0.last()?;
+        let mut m = mac(key, label, first);
+        m.update(rest);
+        Some(m.finalize().into_bytes().to_vec())
+    }
+
+    fn verify2(&self, label: &[u8], first: &[u8], rest: &[u8], tag: &[u8]) -> bool {
+        !tag.is_empty()
+            && self.0.iter().any(|k| {
+                let mut m = mac(k, label, first);
+                m.update(rest);
+                m.verify_slice(tag).is_ok()
+            })
+    }
+}
+
+/// The caller contexts a node admitted and that have not expired yet, by mesh tag.
+#[derive(Default)]
+struct Admitted {
+    expiry: HashMap<[u8; 32], i64>,
+    /// In the order admitted (nearly the order of expiry: every context lives about
+    /// [`CALLER_TTL_MS`]), for forgetting the expired ones.
+    order: VecDeque<(i64, [u8; 32])>,
+}
+
+impl Admitted {
+    fn forget_expired(&mut self, now_ms: i64) {
+        while let Some(&(expires, tag)) = self.order.front() {
+            if expires >= now_ms {
+                break;
+            }
+            if self.expiry.get(&tag) == Some(&expires) {
+                self.expiry.remove(&tag);
+            }
+            self.order.pop_front();
+        }
+    }
+
+    /// Whether the context with `tag` may be admitted now: not seen before, and room to
+    /// remember it. Remembers it when `record`.
+    fn first_time(&mut self, tag: &[u8], expires_ms: i64, now_ms: i64, record: bool) -> bool {
+        self.forget_expired(now_ms);
+        let Ok(tag) = <[u8; 32]>::try_from(tag) else {
+            return false;
+        };
+        if self.expiry.contains_key(&tag) || self.expiry.len() >= REPLAY_MEMORY {
+            return false;
+        }
+        if record {
+            self.expiry.insert(tag, expires_ms);
+            self.order.push_back((expires_ms, tag));
+        }
+        true
+    }
+}
+
+/// A reply that carries a [`Proof`] bound to the request it answers (field 15, encoded
+/// last).
+pub trait ProvenReply: Message + Default + Sized {
+    const LABEL: &'static [u8];
+    fn proof(&self) -> Option<&Proof>;
+}
+
+impl ProvenReply for TwinReply {
+    const LABEL: &'static [u8] = b"twinmesh/reply/twin";
+    fn proof(&self) -> Option<&Proof> {
+        self.proof.as_ref()
+    }
+}
+
+impl ProvenReply for MeshReply {
+    const LABEL: &'static [u8] = b"twinmesh/reply/mesh";
+    fn proof(&self) -> Option<&Proof> {
+        self.proof.as_ref()
+    }
+}
+
+/// Proves every reply of type `M` it sends for the request whose mesh tag it holds.
+pub struct ProvingResponder<M> {
+    inner: Box<dyn Responder>,
+    trust: Arc<Trust>,
+    request_tag: Vec<u8>,
+    reply: std::marker::PhantomData<fn() -> M>,
+}
+
+impl<M: ProvenReply + 'static> Responder for ProvingResponder<M> {
+    fn reply(self: Box<Self>, key: &str, payload: Bytes, encoding: &'static str) {
+        let payload = self.trust.prove_reply::<M>(&self.request_tag, payload);
+        self.inner.reply(key, payload, encoding)
+    }
+
+    fn reply_many(self: Box<Self>, replies: Vec<(String, Bytes)>, encoding: &'static str) {
+        let replies = replies
+            .into_iter()
+            .map(|(k, p)| (k, self.trust.prove_reply::<M>(&self.request_tag, p)))
+            .collect();
+        self.inner.reply_many(replies, encoding)
+    }
+}
+
+/// `query`, whose replies (of type `M`) are proven for the request with the verified
+/// mesh tag `request_tag`; unchanged without one (an anonymous asker cannot check a
+/// proof).
+pub fn proving<M: ProvenReply + 'static>(
+    trust: &Arc<Trust>,
+    query: Query,
+    request_tag: Option<Vec<u8>>,
+) -> Query {
+    let Some(request_tag) = request_tag else {
+        return query;
+    };
+    Query {
+        key: query.key,
+        payload: query.payload,
+        responder: Box::new(ProvingResponder::<M> {
+            inner: query.responder,
+            trust: trust.clone(),
+            request_tag,
+            reply: std::marker::PhantomData,
+        }),
+    }
+}
+
+/// The field number of `proof` in [`TwinReply`] and [`MeshReply`].
+const REPLY_PROOF_FIELD: u32 = 15;
+
+fn proof_suffix(proof: &Proof) -> Vec<u8> {
+    let mut out = Vec::new();
+    prost::encoding::message::encode(REPLY_PROOF_FIELD, proof, &mut out);
+    out
 }
 
 /// A message that carries a [`Proof`] of who sent it.
@@ -118,6 +266,8 @@ pub struct Trust {
     /// The claim key of this node's site (mesh key and site key both held).
     site_claim: Option<[u8; 32]>,
     control: BTreeMap<String, MacKeys>,
+    /// Caller contexts admitted here (shared by the clones of this node's trust).
+    admitted: Arc<Mutex<Admitted>>,
 }
 
 impl std::fmt::Debug for Trust {
@@ -232,6 +382,7 @@ impl Trust {
         c.site = self.site.clone();
         c.node = self.node.clone();
         c.expires_ms = now_ms.saturating_add(CALLER_TTL_MS);
+        c.nonce = OsRng.next_u64();
         c.mesh_tag.clear();
         c.site_tag.clear();
         Some(c)
@@ -242,20 +393,56 @@ impl Trust {
     /// the context has not expired; its site kept only when the site's claim key proves
     /// it (this node is on that site); its role only on the sites the role holds on
     /// (a viewer elsewhere). Tags are removed.
-    pub fn admit(&self, req: &mut TwinRequest, twin_site: &str, now_ms: i64) {
-        let Some(c) = req.caller.as_mut() else {
-            return;
-        };
+    pub fn admit(&self, req: &mut TwinRequest, twin_site: &str, now_ms: i64) -> Option<Vec<u8>> {
+        self.admit_as(req, twin_site, now_ms, true)
+    }
+
+    /// [`Trust::admit`] without remembering the context: for a cache that may not answer
+    /// (the twin then admits the request itself). If it answers, it must first
+    /// [`Trust::remember`] the context, and treat the caller as anonymous if that fails.
+    pub fn admit_unrecorded(
+        &self,
+        req: &mut TwinRequest,
+        twin_site: &str,
+        now_ms: i64,
+    ) -> Option<Vec<u8>> {
+        self.admit_as(req, twin_site, now_ms, false)
+    }
+
+    /// Remembers the admitted context with `tag`; `false` if it was admitted before (a
+    /// replay).
+    pub fn remember(&self, tag: &[u8], expires_ms: i64, now_ms: i64) -> bool {
+        self.admitted
+            .lock()
+            .expect("admitted lock")
+            .first_time(tag, expires_ms, now_ms, true)
+    }
+
+    fn admit_as(
+        &self,
+        req: &mut TwinRequest,
+        twin_site: &str,
+        now_ms: i64,
+        record: bool,
+    ) -> Option<Vec<u8>> {
+        let c = req.caller.as_mut()?;
         let mesh_tag = std::mem::take(&mut c.mesh_tag);
         let site_tag = std::mem::take(&mut c.site_tag);
-        if !fresh(c.expires_ms, now_ms) {
+        let expires_ms = c.expires_ms;
+        if !fresh(expires_ms, now_ms) {
             req.caller = None;
-            return;
+            return None;
         }
         let body = req.encode_to_vec();
-        if !self.mesh.verify(CALLER_LABEL, &body, &mesh_tag) {
+        if !self.mesh.verify(CALLER_LABEL, &body, &mesh_tag)
+            || !self
+                .admitted
+                .lock()
+                .expect("admitted lock")
+                .first_time(&mesh_tag, expires_ms, now_ms, record)
+        {
             req.caller = None;
-            return;
+            return None;
         }
         let on_site = self.site == twin_site
             && self.site_claim.is_some_and(|k| {
@@ -269,6 +456,7 @@ impl Trust {
             c.site = String::new();
         }
         scope(c, twin_site);
+        Some(mesh_tag)
     }
 
     /// Vouches for the caller of a mesh request.
@@ -282,21 +470,71 @@ impl Trust {
         }
     }
 
-    /// The caller of a mesh request a mesh node vouched for (tags removed), or `None`.
-    pub fn admit_mesh(&self, req: &mut MeshRequest, now_ms: i64) -> Option<Caller> {
+    /// The caller of a mesh request a mesh node vouched for (tags removed) and its mesh
+    /// tag (to prove the reply with), or `None`; once per context.
+    pub fn admit_mesh(&self, req: &mut MeshRequest, now_ms: i64) -> Option<(Caller, Vec<u8>)> {
         let c = req.caller.as_mut()?;
         let mesh_tag = std::mem::take(&mut c.mesh_tag);
         c.site_tag.clear();
-        if !fresh(c.expires_ms, now_ms) {
+        let expires_ms = c.expires_ms;
+        if !fresh(expires_ms, now_ms) {
             req.caller = None;
             return None;
         }
         let body = req.encode_to_vec();
-        if !self.mesh.verify(MESH_CALLER_LABEL, &body, &mesh_tag) {
+        if !self.mesh.verify(MESH_CALLER_LABEL, &body, &mesh_tag)
+            || !self.remember(&mesh_tag, expires_ms, now_ms)
+        {
             req.caller = None;
             return None;
         }
-        req.caller.clone()
+        Some((req.caller.clone()?, mesh_tag))
+    }
+
+    /// A reply `payload` to the request whose caller (as this node vouched for it) is
+    /// `caller`: kept only if proven for that request; without a mesh tag (this node
+    /// vouches for nobody), any well-formed reply.
+    pub fn answer<M: ProvenReply>(&self, caller: Option<&Caller>, payload: &[u8]) -> Option<M> {
+        match Self::request_tag(caller) {
+            Some(tag) => self.proven_reply(tag, payload),
+            None => M::decode(payload).ok(),
+        }
+    }
+
+    /// The mesh tag of a request this node vouched for (to check the replies with).
+    pub fn request_tag(caller: Option<&Caller>) -> Option<&[u8]> {
+        caller
+            .map(|c| c.mesh_tag.as_slice())
+            .filter(|t| !t.is_empty())
+    }
+
+    /// `reply` (an encoded `M`) with this node's proof appended, bound to the request
+    /// whose verified mesh tag is `request_tag`; `reply` unchanged without the mesh key.
+    pub fn prove_reply<M: ProvenReply>(&self, request_tag: &[u8], reply: Bytes) -> Bytes {
+        let Some(tag) = self.mesh.tag2(M::LABEL, request_tag, &reply) else {
+            return reply;
+        };
+        let suffix = proof_suffix(&Proof {
+            node: self.node.clone(),
+            tag,
+        });
+        let mut out = Vec::with_capacity(reply.len() + suffix.len());
+        out.extend_from_slice(&reply);
+        out.extend_from_slice(&suffix);
+        Bytes::from(out)
+    }
+
+    /// The reply `payload` decoded, if a mesh node proved it for the request whose mesh
+    /// tag is `request_tag`; `None` for anything else (malformed, unproven, proven for
+    /// another request).
+    pub fn proven_reply<M: ProvenReply>(&self, request_tag: &[u8], payload: &[u8]) -> Option<M> {
+        let reply = M::decode(payload).ok()?;
+        let proof = reply.proof()?;
+        let suffix = proof_suffix(proof);
+        let body = payload.strip_suffix(suffix.as_slice())?;
+        self.mesh
+            .verify2(M::LABEL, request_tag, body, &proof.tag)
+            .then_some(reply)
     }
 
     /// Adds this node's proof under the control key of `site`; `false` (and no proof)
@@ -529,5 +767,136 @@ mod tests {
         assert_eq!(cloud().proven_mesh(&mut snap).as_deref(), Some("edge-a"));
         assert_eq!(cloud().proven("site-a", &mut snap), None);
         assert!(!gateway_a().prove_mesh(&mut snap));
+    }
+
+    /// Plain mode lets anyone declare a queryable on a twin's key and so receive vouched
+    /// requests: replayed, one is an anonymous viewer's.
+    #[test]
+    fn a_context_is_admitted_once() {
+        let edge = edge_a();
+        let mut sent = get("", "data_owner");
+        edge.vouch(&mut sent, NOW);
+        let mut first = sent.clone();
+        assert!(edge.admit(&mut first, "site-a", NOW + 1).is_some());
+        assert_eq!(first.caller.unwrap().role, "data_owner");
+        let mut replayed = sent.clone();
+        assert_eq!(edge.admit(&mut replayed, "site-a", NOW + 2), None);
+        assert_eq!(replayed.caller, None);
+        // Another receiver admits it once too (each remembers its own).
+        let mut elsewhere = sent.clone();
+        assert!(cloud().admit(&mut elsewhere, "site-a", NOW + 2).is_some());
+        // Vouched for anew (a retry), the same call is a new context.
+        let mut retry = sent.clone();
+        edge.vouch(&mut retry, NOW);
+        assert_ne!(
+            retry.caller.as_ref().unwrap().nonce,
+            sent.caller.as_ref().unwrap().nonce
+        );
+        assert!(edge.admit(&mut retry, "site-a", NOW + 3).is_some());
+        // Checking without remembering (the reply cache) neither admits twice...
+        let mut peek = get("", "data_owner");
+        edge.vouch(&mut peek, NOW);
+        for _ in 0..2 {
+            let mut p = peek.clone();
+            assert!(edge.admit_unrecorded(&mut p, "site-a", NOW + 4).is_some());
+        }
+        // ...nor lets a remembered one through.
+        let mut p = peek.clone();
+        let tag = edge.admit_unrecorded(&mut p, "site-a", NOW + 4).unwrap();
+        assert!(edge.remember(&tag, NOW + CALLER_TTL_MS, NOW + 4));
+        assert!(!edge.remember(&tag, NOW + CALLER_TTL_MS, NOW + 4));
+        let mut p = peek.clone();
+        assert_eq!(edge.admit_unrecorded(&mut p, "site-a", NOW + 5), None);
+        // Mesh requests alike.
+        let mut drain = MeshRequest {
+            request: Some(mesh_request::Request::Drain(proto::DrainNodeRequest {
+                node: "edge-a".into(),
+            })),
+            caller: Some(Caller {
+                role: "data_owner".into(),
+                ..Default::default()
+            }),
+        };
+        edge.vouch_mesh(&mut drain, NOW);
+        let authority = cloud();
+        assert!(authority.admit_mesh(&mut drain.clone(), NOW + 1).is_some());
+        assert!(authority.admit_mesh(&mut drain.clone(), NOW + 2).is_none());
+    }
+
+    #[test]
+    fn the_contexts_remembered_are_bounded_and_forgotten_when_expired() {
+        let mut a = Admitted::default();
+        let tag = |i: usize| {
+            let mut t = [0u8; 32];
+            t[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            t
+        };
+        for i in 0..REPLAY_MEMORY {
+            assert!(a.first_time(&tag(i), NOW + 10, NOW, true));
+        }
+        // Full: nothing new is believed until the old ones expire...
+        assert!(!a.first_time(&tag(REPLAY_MEMORY), NOW + 10, NOW, true));
+        assert!(!a.first_time(&tag(0), NOW + 10, NOW, true));
+        // ...and then they are forgotten (an expired context is refused as stale).
+        assert!(a.first_time(&tag(REPLAY_MEMORY), NOW + 30, NOW + 11, true));
+        assert_eq!(a.expiry.len(), 1);
+        assert!(
+            !a.first_time(&[1u8; 16], NOW + 30, NOW + 11, true),
+            "not a tag"
+        );
+    }
+
+    /// Plain mode lets anyone declare a queryable on a twin's key and answer first: the
+    /// asking node keeps only a reply a mesh node proved for its request.
+    #[test]
+    fn only_a_mesh_node_answers_in_a_twins_name() {
+        let (cloud, edge) = (cloud(), edge_a());
+        let mut req = get("", "data_owner");
+        cloud.vouch(&mut req, NOW);
+        let sent = req.caller.clone();
+        let mut received = req.clone();
+        let tag = edge.admit(&mut received, "site-a", NOW).unwrap();
+        let reply = |id: &str| TwinReply {
+            reply: Some(proto::twin_reply::Reply::Twin(proto::Twin {
+                twin_id: id.into(),
+                ..Default::default()
+            })),
+            proof: None,
+        };
+        let body = Bytes::from(reply("site-a/pm-01").encode_to_vec());
+        let proven = edge.prove_reply::<TwinReply>(&tag, body.clone());
+        let got: TwinReply = cloud.answer(sent.as_ref(), &proven).unwrap();
+        assert_eq!(got.reply, reply("site-a/pm-01").reply);
+        assert_eq!(got.proof.unwrap().node, "edge-a");
+        // Unproven, or proven by a gateway (no mesh key), or for another request.
+        assert!(cloud.answer::<TwinReply>(sent.as_ref(), &body).is_none());
+        let by_gateway = gateway_a().prove_reply::<TwinReply>(&tag, body.clone());
+        assert!(cloud
+            .answer::<TwinReply>(sent.as_ref(), &by_gateway)
+            .is_none());
+        let mut other = get("", "viewer");
+        cloud.vouch(&mut other, NOW);
+        assert!(cloud
+            .answer::<TwinReply>(other.caller.as_ref(), &proven)
+            .is_none());
+        // A proof copied onto another body, or a body changed after the proof.
+        let proof = got_proof(&proven);
+        let mut forged = reply("site-a/evil").encode_to_vec();
+        forged.extend_from_slice(&proof_suffix(&proof));
+        assert!(cloud.answer::<TwinReply>(sent.as_ref(), &forged).is_none());
+        let mut appended = proven.to_vec();
+        appended.extend_from_slice(&reply("site-a/evil").encode_to_vec());
+        assert!(cloud
+            .answer::<TwinReply>(sent.as_ref(), &appended)
+            .is_none());
+        // A twin reply's proof is no mesh reply's proof.
+        assert!(cloud.answer::<MeshReply>(sent.as_ref(), &proven).is_none());
+        // A node that vouches for nobody cannot check and takes any well-formed reply.
+        let outsider = gateway_a();
+        assert!(outsider.answer::<TwinReply>(None, &body).is_some());
+    }
+
+    fn got_proof(payload: &[u8]) -> Proof {
+        TwinReply::decode(payload).unwrap().proof.unwrap()
     }
 }

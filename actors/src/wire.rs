@@ -88,15 +88,17 @@ pub trait TypedFabric: Fabric {
             .await
     }
 
-    /// Queries `keyexpr` with `request`; the first reply (the others are not waited for).
+    /// Queries `keyexpr` with `request`; the first reply that `accept`s (the others are
+    /// not waited for).
     async fn ask_first<Q: Wire>(
         &self,
         keyexpr: &str,
         request: &Q,
         timeout: Duration,
+        accept: &(dyn for<'r> Fn(&'r Reply) -> bool + Send + Sync),
     ) -> Result<Option<Reply>> {
         let payload = Bytes::from(request.encode_to_vec());
-        self.query_first(keyexpr, Some((payload, Q::ENCODING)), timeout)
+        self.query_first(keyexpr, Some((payload, Q::ENCODING)), timeout, accept)
             .await
     }
 

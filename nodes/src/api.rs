@@ -170,24 +170,25 @@ impl Api {
             request: Some(request),
         };
         let key = keys::twin_rpc(id);
-        let vouch = |request: &mut TwinRequest| self.trust.vouch(request, now_ms());
-        vouch(&mut request);
         let mut known: Option<bool> = None;
         let mut backoff = Duration::from_millis(20);
         let mut last_unavailable: Option<String> = None;
         loop {
             let left = deadline.saturating_sub(start.elapsed());
-            // The first reply decides (as before), without waiting for every other
-            // replier of the key to finish.
-            // A retry outlives no context: vouched for anew each time.
-            if start.elapsed()
-                > Duration::from_millis(twinmesh_actors::trust::CALLER_TTL_MS as u64 / 2)
-            {
-                vouch(&mut request);
-            }
+            // Every attempt is vouched for anew: a receiver admits a context once.
+            self.trust.vouch(&mut request, now_ms());
+            // The first reply proven for this request decides, without waiting for every
+            // other replier of the key to finish (anyone may declare a queryable there).
+            let trust = &self.trust;
+            let caller = request.caller.clone();
+            let accept = move |r: &twinmesh_actors::ports::Reply| {
+                trust
+                    .answer::<TwinReply>(caller.as_ref(), &r.payload)
+                    .is_some()
+            };
             let first = self
                 .fabric
-                .ask_first(&key, &request, left.max(Duration::from_millis(10)))
+                .ask_first(&key, &request, left.max(Duration::from_millis(10)), &accept)
                 .await?;
             if let Some(reply) = first {
                 let reply = reply

@@ -451,10 +451,11 @@ impl Fabric for ZenohFabric {
         keyexpr: &str,
         payload: Option<(Bytes, &'static str)>,
         timeout: Duration,
+        accept: &(dyn for<'r> Fn(&'r Reply) -> bool + Send + Sync),
     ) -> Result<Option<Reply>> {
         let replies = self.get(keyexpr, payload, timeout).await?;
         while let Ok(reply) = replies.recv_async().await {
-            if let Some(r) = ok_reply(keyexpr, reply) {
+            if let Some(r) = ok_reply(keyexpr, reply).filter(|r| accept(r)) {
                 return Ok(Some(r));
             }
         }

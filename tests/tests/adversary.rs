@@ -911,3 +911,115 @@ async fn a_migration_committed_after_its_deadline_leaves_the_twin_unfrozen_and_a
         "the twin did not thaw by its deadline"
     );
 }
+
+/// Plain mode lets anyone declare a queryable on a twin's RPC key, so a rogue receives
+/// the requests that nodes vouch for (a query goes to every queryable of its key) and
+/// may answer before the twin. Replayed, a captured request is an anonymous viewer's (no
+/// personal value, no write); a forged answer is never what a gRPC caller gets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rogue_queryable_can_neither_replay_vouched_requests_nor_answer_for_the_twin() {
+    use std::sync::{Arc, Mutex};
+    use zenoh::Wait;
+    let mut c = Cluster::new(1000).unwrap();
+    c.start_site("site-a", &["edge-a"], &[], "iot-a", "power_meter:1")
+        .unwrap();
+    let edge = c.node("edge-a").grpc_endpoint();
+    let cloud = c.node("cloud").grpc_endpoint();
+    applies_more(&edge, PERSONAL, 2, "the meter's personal signal applied").await;
+
+    // The rogue: captures every request on the meter's key and answers each with a twin
+    // of its own making.
+    let rogue = zenoh_client(&c.node("cloud").ready.zenoh[0]).await;
+    let captured: Arc<Mutex<Vec<TwinRequest>>> = Arc::default();
+    let forged = TwinReply {
+        reply: Some(twin_reply::Reply::Twin(proto::Twin {
+            twin_id: METER.into(),
+            derived: [("forged".to_owned(), 4242.0)].into_iter().collect(),
+            ..Default::default()
+        })),
+        proof: None,
+    }
+    .encode_to_vec();
+    let sink = captured.clone();
+    let queryable = rogue
+        .declare_queryable(format!("twinmesh/rpc/twins/{METER}"))
+        .callback(move |q: zenoh::query::Query| {
+            if let Some(p) = q.payload() {
+                if let Ok(r) = TwinRequest::decode(&*p.to_bytes()) {
+                    sink.lock().unwrap().push(r);
+                }
+            }
+            let _ = q.reply(q.key_expr().clone(), forged.clone()).wait();
+        })
+        .await
+        .unwrap();
+
+    // gRPC callers on the site and through the cloud get the twin, never the rogue's.
+    for round in 0..5 {
+        for endpoint in [&edge, &cloud] {
+            let t = get_twin(endpoint, METER).await.unwrap();
+            assert!(
+                !t.derived.contains_key("forged"),
+                "round {round}: the rogue answered for the twin through {endpoint}"
+            );
+            assert!(t.reported.contains_key(PUBLIC), "{:?}", t.reported);
+        }
+    }
+    assert!(get_twin(&edge, METER)
+        .await
+        .unwrap()
+        .reported
+        .contains_key(PERSONAL));
+    // A data operator's set-point through the site's edge, captured on its way.
+    let set = |value: f64| {
+        let edge = edge.clone();
+        async move {
+            twinmesh_tests::twin_client(&edge)
+                .await
+                .set_desired(proto::SetDesiredRequest {
+                    twin_id: METER.into(),
+                    property: "demand_limit".into(),
+                    value,
+                    expected_revision: None,
+                })
+                .await
+                .unwrap()
+        }
+    };
+    set(7.0).await;
+    set(9.0).await;
+    drop(queryable);
+
+    let captured = captured.lock().unwrap().clone();
+    let on_site_get = captured
+        .iter()
+        .find(|r| {
+            matches!(r.request, Some(twin_request::Request::GetTwin(_)))
+                && r.caller
+                    .as_ref()
+                    .is_some_and(|c| c.node == "edge-a" && !c.mesh_tag.is_empty())
+        })
+        .expect("a GetTwin the site's edge vouched for was captured")
+        .clone();
+    let set_7 = captured
+        .iter()
+        .find(
+            |r| matches!(&r.request, Some(twin_request::Request::SetDesired(s)) if s.value == 7.0),
+        )
+        .expect("the set-point was captured")
+        .clone();
+    // Replayed within its lifetime: a viewer's view, and the write is refused.
+    let t = twin_of(ask_twin(&rogue, METER, &on_site_get).await);
+    assert!(!t.reported.contains_key(PERSONAL), "{:?}", t.reported);
+    assert!(
+        t.withheld.contains(&PERSONAL.to_owned()),
+        "{:?}",
+        t.withheld
+    );
+    denied(
+        &ask_twin(&rogue, METER, &set_7).await,
+        "a replayed set-point",
+    );
+    let t = get_twin(&edge, METER).await.unwrap();
+    assert_eq!(t.desired["demand_limit"].value, 9.0, "{:?}", t.desired);
+}

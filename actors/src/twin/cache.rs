@@ -13,7 +13,7 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use twinmesh_twins::privacy;
-use twinmesh_twins::proto::{twin_request, Caller, TwinRequest};
+use twinmesh_twins::proto::{twin_request, Caller, TwinReply, TwinRequest};
 use twinmesh_twins::TwinId;
 
 use crate::wire;
@@ -55,13 +55,28 @@ impl ReplyCache {
             Some(twin_request::Request::GetTwin(get)) if get.twin_id == twin => {}
             _ => return None,
         }
-        // The view is the one the caller can be believed to have.
-        trust.admit(&mut request, site_of(twin), now_ms);
-        let view = view(request.caller.as_ref(), site_of(twin));
+        // The view is the one the caller can be believed to have. The context is only
+        // remembered if answered from here (else the twin admits the request itself).
+        let tag = trust.admit_unrecorded(&mut request, site_of(twin), now_ms);
+        let mut view = view(request.caller.as_ref(), site_of(twin));
         let mut views = self.views();
+        views.answers[view].as_ref()?;
+        let mut proven_for = None;
+        if let (Some(tag), Some(c)) = (tag, request.caller.as_ref()) {
+            if trust.remember(&tag, c.expires_ms, now_ms) {
+                proven_for = Some(tag);
+            } else {
+                // Admitted meanwhile by another answer: a replay, anonymous.
+                view = 1;
+            }
+        }
         let answer = views.answers[view].clone()?;
         views.last_hit = Some(Instant::now());
-        Some(answer)
+        drop(views);
+        Some(match proven_for {
+            Some(tag) => trust.prove_reply::<TwinReply>(&tag, answer),
+            None => answer,
+        })
     }
 
     /// Keeps the actor's answer to a `GetTwin` of `caller` for the twin `id`.
@@ -97,7 +112,7 @@ mod tests {
     use crate::seal::KeyRing;
     use crate::trust::Trust;
     use prost::Message;
-    use twinmesh_twins::proto::GetTwinRequest;
+    use twinmesh_twins::proto::{twin_reply, GetTwinRequest};
 
     const NOW: i64 = 1_700_000_000_000;
 
@@ -116,8 +131,8 @@ mod tests {
     }
 
     /// A GetTwin of a data operator, vouched for by `by` (or sent as is, claiming the
-    /// twin's site).
-    fn get(twin: &str, by: Option<&Trust>) -> Bytes {
+    /// twin's site), and its caller as the asking node keeps it.
+    fn get(twin: &str, by: Option<&Trust>) -> (Bytes, Option<Caller>) {
         let mut req = TwinRequest {
             caller: Some(Caller {
                 site: "plant".into(),
@@ -131,39 +146,83 @@ mod tests {
         if let Some(t) = by {
             t.vouch(&mut req, NOW);
         }
-        req.encode_to_vec().into()
+        (req.encode_to_vec().into(), req.caller)
+    }
+
+    /// An encoded reply naming `what`.
+    fn answer(what: &str) -> Bytes {
+        TwinReply {
+            reply: Some(twin_reply::Reply::Twin(twinmesh_twins::proto::Twin {
+                twin_id: what.into(),
+                ..Default::default()
+            })),
+            proof: None,
+        }
+        .encode_to_vec()
+        .into()
     }
 
     #[test]
-    fn answers_only_a_get_of_this_twin_in_the_callers_view() {
+    fn answers_only_a_get_of_this_twin_in_the_callers_view_once_and_proven() {
         let cache = ReplyCache::default();
         let id: TwinId = "plant/wt-1".parse().unwrap();
         let (edge, cloud) = (edge(), cloud());
         let ask = |payload: &Bytes| cache.answer("plant/wt-1", payload, &edge, NOW);
-        let on_site = get("plant/wt-1", Some(&edge));
-        let off_site = get("plant/wt-1", Some(&cloud));
-        let forged = get("plant/wt-1", None);
+        // What the asking node (`by`) makes of an answer: the twin it names, if proven
+        // for its request.
+        let named = |by: &Trust, caller: &Option<Caller>, bytes: Option<Bytes>| {
+            let r: TwinReply = by.answer(caller.as_ref(), &bytes?)?;
+            match r.reply {
+                Some(twin_reply::Reply::Twin(t)) => Some(t.twin_id),
+                _ => None,
+            }
+        };
+        let (on_site, on_caller) = get("plant/wt-1", Some(&edge));
+        let (off_site, off_caller) = get("plant/wt-1", Some(&cloud));
+        let (forged, _) = get("plant/wt-1", None);
+        // Not answered from here: not remembered either (the twin admits it).
         assert_eq!(ask(&on_site), None);
         let raw_caller = Caller {
             site: "plant".into(),
             role: "data_operator".into(),
             ..Default::default()
         };
-        cache.store(&id, Some(&raw_caller), Bytes::from_static(b"raw"));
-        assert_eq!(ask(&on_site), Some(Bytes::from_static(b"raw")));
+        cache.store(&id, Some(&raw_caller), answer("raw"));
+        assert_eq!(
+            named(&edge, &on_caller, ask(&on_site)).as_deref(),
+            Some("raw")
+        );
         assert!(cache.last_hit().is_some());
+        // The same request again (a replay): an anonymous caller's, nothing raw.
+        assert_eq!(ask(&on_site), None);
         // Another twin, a caller off the site, a forged on-site claim, garbage: not
         // from the raw view.
-        assert_eq!(ask(&get("plant/wt-2", Some(&edge))), None);
+        assert_eq!(ask(&get("plant/wt-2", Some(&edge)).0), None);
         assert_eq!(ask(&off_site), None);
         assert_eq!(ask(&forged), None);
         assert_eq!(ask(&Bytes::from_static(b"\xff\xff")), None);
-        cache.store(&id, None, Bytes::from_static(b"gated"));
-        assert_eq!(ask(&forged), Some(Bytes::from_static(b"gated")));
-        assert_eq!(ask(&off_site), Some(Bytes::from_static(b"gated")));
-        assert_eq!(ask(&on_site), Some(Bytes::from_static(b"raw")));
+        cache.store(&id, None, answer("gated"));
+        assert_eq!(
+            ask(&forged),
+            Some(answer("gated")),
+            "unproven: nothing to bind"
+        );
+        assert_eq!(
+            named(&cloud, &off_caller, ask(&off_site)).as_deref(),
+            Some("gated")
+        );
+        // Replayed, the on-site request gets the gated view, and no proof.
+        assert_eq!(ask(&on_site), Some(answer("gated")));
+        let (again, again_caller) = get("plant/wt-1", Some(&edge));
+        let reply = ask(&again);
+        assert_eq!(
+            named(&edge, &again_caller, reply.clone()).as_deref(),
+            Some("raw")
+        );
+        // The proof binds the reply to its request: not good for another one.
+        assert_eq!(named(&edge, &on_caller, reply), None);
         cache.clear();
-        assert_eq!(ask(&on_site), None);
-        assert_eq!(ask(&off_site), None);
+        let (fresh, _) = get("plant/wt-1", Some(&edge));
+        assert_eq!(ask(&fresh), None);
     }
 }

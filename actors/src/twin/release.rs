@@ -159,6 +159,7 @@ pub async fn serve_release(
 fn into_twin_reply(out: Reply) -> TwinReply {
     TwinReply {
         reply: Some(out.unwrap_or_else(twin_reply::Reply::Error)),
+        proof: None,
     }
 }
 
@@ -338,18 +339,26 @@ async fn ask(
         .ask(&keys::twin_rpc(twin), &request, Duration::from_secs(5))
         .await
         .map_err(|e| err(proto::ErrorCode::Unavailable, format!("fabric: {e}")))?;
-    let reply = replies
-        .into_iter()
-        .next()
-        .ok_or_else(|| err(proto::ErrorCode::NotFound, format!("unknown twin {twin}")))?;
-    match reply.decode::<TwinReply>() {
-        Ok(TwinReply {
+    if replies.is_empty() {
+        return Err(err(
+            proto::ErrorCode::NotFound,
+            format!("unknown twin {twin}"),
+        ));
+    }
+    // Only the twin's own node can prove a reply for this request.
+    let reply = replies.iter().find_map(|r| {
+        ctx.trust
+            .answer::<TwinReply>(request.caller.as_ref(), &r.payload)
+    });
+    match reply {
+        Some(TwinReply {
             reply: Some(twin_reply::Reply::Error(e)),
+            ..
         }) => Err(e),
-        Ok(TwinReply { reply: Some(r) }) => Ok(r),
+        Some(TwinReply { reply: Some(r), .. }) => Ok(r),
         _ => Err(err(
             proto::ErrorCode::Internal,
-            format!("malformed reply from {twin}"),
+            format!("no reply from {twin} proven by a mesh node"),
         )),
     }
 }

@@ -241,7 +241,9 @@ pub(super) fn serve_query(
     };
     // From here on the caller is what can be believed of it (anonymous, off the site,
     // or as a mesh node vouched for it), and the request needs its least role.
-    ctx.trust.admit(&mut request, id.site(), ctx.now_ms());
+    let tag = ctx.trust.admit(&mut request, id.site(), ctx.now_ms());
+    // Every reply to a vouched request is proven for it.
+    let query = crate::trust::proving::<TwinReply>(&ctx.trust, query, tag);
     if let Some(r) = &request.request {
         let least = crate::trust::least_role(r);
         let role = privacy::role_of(request.caller.as_ref());
@@ -404,7 +406,10 @@ pub(super) fn error_reply(e: &DomainError) -> TwinReply {
 }
 
 pub(super) fn reply(r: twin_reply::Reply) -> TwinReply {
-    TwinReply { reply: Some(r) }
+    TwinReply {
+        reply: Some(r),
+        proof: None,
+    }
 }
 
 /// An error reply for failures that are not the caller's (storage, restarts).

@@ -159,9 +159,18 @@ pub(super) async fn bench_rpc(args: &BenchArgs) -> anyhow::Result<RpcReport> {
         let (fabric, key, mut request) = (fabric.clone(), twin_key.clone(), request.clone());
         // As the cloud's API does for every call.
         trust.vouch(&mut request, twinmesh_nodes::api::now_ms());
+        let trust = trust.clone();
         async move {
-            let reply = fabric.ask_first(&key, &request, Duration::from_secs(2)).await;
-            matches!(reply, Ok(Some(r)) if r.decode::<TwinReply>().is_ok_and(|r| matches!(r.reply, Some(twin_reply::Reply::Twin(_)))))
+            // As the API does: only a reply proven for this request counts.
+            let accept = |r: &twinmesh_actors::ports::Reply| {
+                trust
+                    .answer::<TwinReply>(request.caller.as_ref(), &r.payload)
+                    .is_some_and(|r| matches!(r.reply, Some(twin_reply::Reply::Twin(_))))
+            };
+            let reply = fabric
+                .ask_first(&key, &request, Duration::from_secs(2), &accept)
+                .await;
+            matches!(reply, Ok(Some(_)))
         }
     })
     .await?;

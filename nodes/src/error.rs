@@ -165,6 +165,31 @@ impl From<Error> for tonic::Status {
     }
 }
 
+/// A gRPC refusal, back to the error it came from (the dashboard calls the gRPC
+/// services in process).
+impl From<tonic::Status> for Error {
+    fn from(s: tonic::Status) -> Self {
+        let code = match s.code() {
+            tonic::Code::NotFound => ErrorCode::NotFound,
+            tonic::Code::InvalidArgument | tonic::Code::OutOfRange => ErrorCode::InvalidArgument,
+            tonic::Code::FailedPrecondition | tonic::Code::AlreadyExists | tonic::Code::Aborted => {
+                ErrorCode::FailedPrecondition
+            }
+            tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::ResourceExhausted => ErrorCode::Unavailable,
+            tonic::Code::PermissionDenied => ErrorCode::PermissionDenied,
+            tonic::Code::Unauthenticated => ErrorCode::Unauthenticated,
+            tonic::Code::Cancelled => ErrorCode::Cancelled,
+            _ => ErrorCode::Internal,
+        };
+        Error::Refused {
+            code,
+            message: s.message().to_owned(),
+        }
+    }
+}
+
 /// A refused caller, through the same conversion.
 impl From<crate::auth::AuthError> for tonic::Status {
     fn from(e: crate::auth::AuthError) -> Self {

@@ -167,19 +167,21 @@ impl RunningNode {
 
         let servers = CancellationToken::new();
         let api = Api::new(shared_fabric, &config.site, trust.clone());
-        if let Some(listener) = grpc_listener {
-            let services = grpc::Services {
+        // The gRPC services; the dashboard's actions go through them too.
+        let services = grpc::Services {
+            api: api.clone(),
+            auth: auth.clone(),
+            cancel: servers.clone(),
+            tasks: ctx.tasks.clone(),
+            health: assembly.health.clone(),
+            models: models::Models {
                 api: api.clone(),
-                auth: auth.clone(),
-                cancel: servers.clone(),
-                tasks: ctx.tasks.clone(),
-                health: assembly.health.clone(),
-                models: models::Models {
-                    api: api.clone(),
-                    ctx: ctx.clone(),
-                    cloud: registry.map(|r| (store.clone() as Arc<dyn SeriesStore>, r)),
-                },
-            };
+                ctx: ctx.clone(),
+                cloud: registry.map(|r| (store.clone() as Arc<dyn SeriesStore>, r)),
+            },
+        };
+        if let Some(listener) = grpc_listener {
+            let services = services.clone();
             let cancel = servers.clone();
             let tls = config.tls.clone();
             ctx.tasks.spawn(async move {
@@ -194,6 +196,8 @@ impl RunningNode {
                 ctx: ctx.clone(),
                 store: store.clone(),
                 auth,
+                services,
+                live_streams: Arc::new(tokio::sync::Semaphore::new(http::MAX_LIVE_STREAMS)),
             };
             let (cancel, tls, tasks) = (servers.clone(), config.tls.clone(), ctx.tasks.clone());
             ctx.tasks.spawn(async move {

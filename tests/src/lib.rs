@@ -317,12 +317,24 @@ impl Mesh {
         edge_extra: &[&str],
         iot_extra: &[&str],
     ) -> anyhow::Result<Mesh> {
+        Self::start_all(simulate, &[], edge_extra, iot_extra)
+    }
+
+    /// Like [`Mesh::start_with`], with extra arguments for the cloud node too (e.g.
+    /// `--http`, `--auth-*`).
+    pub fn start_all(
+        simulate: Option<&str>,
+        cloud_extra: &[&str],
+        edge_extra: &[&str],
+        iot_extra: &[&str],
+    ) -> anyhow::Result<Mesh> {
         let dir = tempfile::tempdir()?;
         let logs = dir.path().join("logs");
         let d = |n: &str| dir.path().join(n).display().to_string();
         let site_key = site_key(dir.path(), "site-a")?;
         let mut cloud_args = node_args(CLOUD, ANY_PORT, &[], &d("cloud"));
         cloud_args.extend(args(["--lease-ms", "1000"]));
+        cloud_args.extend(cloud_extra.iter().map(|s| s.to_string()));
         let cloud = NodeProc::start(&cloud_args, &logs, "cloud")?;
         let cloud_ep = cloud.ready.zenoh[0].clone();
         let mut edge_args = node_args(EDGE_A, ANY_PORT, &[&cloud_ep], &d("edge-a"));

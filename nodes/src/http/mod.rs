@@ -1,12 +1,16 @@
-//! The node's HTTP side: a small live dashboard, JSON views of the mesh (proto3 JSON) and
-//! Prometheus metrics on `/metrics`.
+//! The node's HTTP side: the live dashboard ([`dashboard`]: embedded assets, JSON views of
+//! the mesh in proto3 JSON, server-sent event streams bridged from Zenoh, actions through
+//! the gRPC services) and Prometheus metrics on `/metrics`.
 //!
 //! With authentication on (`--auth-*`), `/api/*` (the dashboard's data) takes the same
 //! bearer tokens and roles as gRPC (`viewer` to read; a data owner on the twin's site
 //! sees raw values, as through `GetTwin`), refused through the one HTTP conversion of
 //! [`crate::Error`] (401 without or with a bad token, 403 for too low a role). Without
-//! it `/api/*` answers as a viewer. The static page and `/metrics` (counters, no twin
-//! data) stay open. A node with `[tls]` serves all of it over HTTPS only.
+//! it `/api/*` answers as a viewer and the dashboard's actions are refused (read-only). The
+//! static assets and `/metrics` (counters, no twin data) stay open. A node with `[tls]`
+//! serves all of it over HTTPS only.
+
+mod dashboard;
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -16,9 +20,8 @@ use std::time::Duration;
 use axum::extract::{FromRequestParts, Path, State};
 use axum::http::header;
 use axum::http::request::Parts;
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::Router;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
@@ -46,7 +49,15 @@ pub struct HttpState {
     pub store: Arc<SledStore>,
     /// Bearer-token checks of `/api/*`; `None`: callers read as viewers.
     pub auth: Option<Arc<Authenticator>>,
+    /// The gRPC services, which the dashboard's actions call in process (the same checks
+    /// as over gRPC).
+    pub services: crate::grpc::Services,
+    /// Live (server-sent event) streams open at once, at most [`MAX_LIVE_STREAMS`].
+    pub live_streams: Arc<tokio::sync::Semaphore>,
 }
+
+/// Live streams a node serves at once (each holds a few Zenoh subscriptions).
+pub const MAX_LIVE_STREAMS: usize = 64;
 
 /// The caller of an `/api/*` request: at least a viewer, by the same rules as gRPC.
 struct Reader(Identity);
@@ -91,12 +102,11 @@ pub async fn serve(
     tasks: TaskTracker,
     cancel: CancellationToken,
 ) -> crate::Result<()> {
-    let app = Router::new()
-        .route("/", get(dashboard))
+    let app = dashboard::routes()
         .route("/metrics", get(metrics))
         .route("/api/nodes", get(nodes))
         .route("/api/twins", get(twins))
-        .route("/api/twins/{*id}", get(twin))
+        .route("/api/twins/{site}/{asset}", get(twin))
         .with_state(state);
     match tls {
         None => {
@@ -223,9 +233,9 @@ async fn twins(State(s): State<HttpState>, _: Reader) -> crate::Result<Response>
 async fn twin(
     State(s): State<HttpState>,
     Reader(who): Reader,
-    Path(id): Path<String>,
+    Path((site, asset)): Path<(String, String)>,
 ) -> crate::Result<Response> {
-    let id = parse_twin_id(&id)?;
+    let id = parse_twin_id(&format!("{site}/{asset}"))?;
     let req = GetTwinRequest {
         twin_id: id.to_string(),
     };
@@ -368,55 +378,3 @@ async fn metrics(State(s): State<HttpState>) -> Response {
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
-
-async fn dashboard() -> Html<&'static str> {
-    Html(DASHBOARD)
-}
-
-const DASHBOARD: &str = r##"<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>twinmesh</title>
-<style>
- body{font-family:system-ui,sans-serif;margin:1.5rem;color:#222}
- h1{font-size:1.3rem} table{border-collapse:collapse;margin-bottom:1.5rem}
- td,th{border-bottom:1px solid #ddd;padding:.25rem .7rem;text-align:left;font-size:.9rem}
- .ok{color:#176d2c}.warn{color:#9a6700}.alarm,.stale{color:#b42318}
- pre{background:#f6f6f6;padding:.6rem;max-width:60rem;overflow:auto;font-size:.8rem}
-</style></head><body>
-<h1>twinmesh</h1>
-<h2>Nodes</h2><table id="nodes"><tr><th>node</th><th>tier</th><th>site</th><th>twins</th><th>grpc</th></tr></table>
-<h2>Twins</h2><table id="twins"><tr><th>twin</th><th>kind</th><th>node</th><th>status</th><th>revision</th></tr></table>
-<h2 id="sel"></h2><pre id="detail">click a twin</pre>
-<script>
-const esc=s=>String(s??'').replace(/[&<>"]/g,c=>({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]));
-let selected=null,token=sessionStorage.getItem('twinmesh-token'),asked=false;
-// With --auth-* the node wants the same bearer token as gRPC: asked once, kept for the tab.
-async function api(path){
- const r=await fetch(path,{headers:token?{'Authorization':'Bearer '+token}:{}});
- if(r.status===401&&!asked){
-  asked=true;const t=prompt('This node needs a bearer token (JWT) to show its data:');
-  if(t){token=t.trim();sessionStorage.setItem('twinmesh-token',token);asked=false;}
- }
- if(!r.ok)throw new Error(r.status+' '+await r.text());
- return r.json();
-}
-async function refresh(){
- try{
-  const nodes=await api('/api/nodes');
-  document.getElementById('nodes').innerHTML='<tr><th>node</th><th>tier</th><th>site</th><th>twins</th><th>grpc</th></tr>'+
-   nodes.map(n=>`<tr><td>${esc(n.node)}</td><td>${esc(n.tier)}</td><td>${esc(n.site)}</td><td>${esc(n.twins)}</td><td>${esc(n.grpcAddr)}</td></tr>`).join('');
-  const twins=(await api('/api/twins')).twins;
-  document.getElementById('twins').innerHTML='<tr><th>twin</th><th>kind</th><th>node</th><th>status</th><th>revision</th></tr>'+
-   twins.map(t=>`<tr><td><a href="#" data-id="${esc(t.twinId)}">${esc(t.twinId)}</a></td><td>${esc(t.kind)}</td><td>${esc(t.node)}</td><td class="${esc(t.status)}">${esc(t.status)}</td><td>${esc(t.revision)}</td></tr>`).join('');
-  if(selected){
-   const t=await api('/api/twins/'+selected);
-   const rows=Object.entries(t.reported||{}).map(([k,v])=>`${k.padEnd(24)} ${Number(v.value).toFixed(3)}  (seq ${v.seq})`);
-   const des=Object.entries(t.desired||{}).map(([k,v])=>`${k.padEnd(24)} ${v.value}  ${v.status}`);
-   document.getElementById('sel').textContent=selected;
-   document.getElementById('detail').textContent='reported\n'+rows.join('\n')+'\n\ndesired\n'+des.join('\n')+'\n\nderived\n'+JSON.stringify(t.derived,null,1);
-  }
- }catch(e){document.getElementById('detail').textContent='refresh failed: '+e}
-}
-document.addEventListener('click',e=>{const id=e.target.dataset&&e.target.dataset.id;if(id){e.preventDefault();selected=id;refresh();}});
-refresh();setInterval(refresh,1000);
-</script></body></html>
-"##;

@@ -1124,6 +1124,25 @@ pub async fn migrate(
     target_tier: String,
     pin: bool,
 ) -> Result<MigrateTwinResponse, crate::Error> {
+    let started = std::time::Instant::now();
+    let moved = migrate_steps(mesh, ctx, twin, target_node, target_tier, pin).await;
+    if moved.is_ok() {
+        ctx.metrics
+            .latency
+            .migration
+            .observe(started.elapsed().as_secs_f64());
+    }
+    moved
+}
+
+async fn migrate_steps(
+    mesh: &ActorRef<MeshMsg>,
+    ctx: &NodeContext,
+    twin: TwinId,
+    target_node: String,
+    target_tier: String,
+    pin: bool,
+) -> Result<MigrateTwinResponse, crate::Error> {
     let (placement, target) = call(mesh, |reply| MeshMsg::PlanMove {
         twin: twin.clone(),
         target_node,

@@ -1,4 +1,5 @@
-//! Counters of one node, published in `NodeLoad` and served on `/metrics`.
+//! Counters and latency histograms of one node, published in `NodeLoad` and served on
+//! `/metrics` (Prometheus text format).
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -40,6 +41,8 @@ pub struct NodeMetrics {
     pub alarms_raised: AtomicU64,
     /// Fabric messages (control, acks, placements, ...) that did not decode: dropped.
     pub messages_malformed: AtomicU64,
+    /// How long things take (histograms, in seconds).
+    pub latency: Latencies,
     rejected: Mutex<BTreeMap<&'static str, u64>>,
     logged: Mutex<HashSet<(String, &'static str)>>,
 }
@@ -69,5 +72,86 @@ impl NodeMetrics {
 
     pub fn rejected(&self) -> BTreeMap<&'static str, u64> {
         self.rejected.lock().expect("metrics lock").clone()
+    }
+}
+
+/// Upper bounds (s) of the latency buckets: 1 ms to 10 s.
+const FAST_BUCKETS: [f64; 13] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Upper bounds (s) of the migration buckets: 10 ms to 2 min.
+const SLOW_BUCKETS: [f64; 12] = [
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0,
+];
+
+/// The node's latency histograms (names without the `twinmesh_` prefix).
+#[derive(Clone)]
+pub struct Latencies {
+    /// A twin takes a batch of frames until its acknowledgement is published (after the
+    /// flush that makes it durable).
+    pub ingest_ack: prometheus::Histogram,
+    /// A twin call made by this node (gRPC and dashboard calls, the authority's and a
+    /// release's calls), from the request to the reply, retries included.
+    pub rpc: prometheus::Histogram,
+    /// One window's analysis (the chain's edge stages) on a twin of this node.
+    pub window_analysis: prometheus::Histogram,
+    /// A migration the placement authority ran, from its start to the commit.
+    pub migration: prometheus::Histogram,
+}
+
+impl Latencies {
+    fn histogram(name: &str, help: &str, buckets: &[f64]) -> prometheus::Histogram {
+        prometheus::Histogram::with_opts(
+            prometheus::HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        )
+        .expect("valid histogram options")
+    }
+
+    /// Every histogram, to register in a scrape's registry.
+    pub fn all(&self) -> [&prometheus::Histogram; 4] {
+        [
+            &self.ingest_ack,
+            &self.rpc,
+            &self.window_analysis,
+            &self.migration,
+        ]
+    }
+}
+
+impl Default for Latencies {
+    fn default() -> Self {
+        Latencies {
+            ingest_ack: Self::histogram(
+                "ingest_ack_seconds",
+                "From a twin taking a batch of frames to its durable acknowledgement.",
+                &FAST_BUCKETS,
+            ),
+            rpc: Self::histogram(
+                "rpc_seconds",
+                "Twin calls made by this node, from request to reply (retries included).",
+                &FAST_BUCKETS,
+            ),
+            window_analysis: Self::histogram(
+                "window_analysis_seconds",
+                "Analysis of one window (the chain's edge stages).",
+                &FAST_BUCKETS,
+            ),
+            migration: Self::histogram(
+                "migration_seconds",
+                "Migrations run by the placement authority, from start to commit.",
+                &SLOW_BUCKETS,
+            ),
+        }
+    }
+}
+
+impl std::fmt::Debug for Latencies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Latencies")
+            .field("ingest_ack", &self.ingest_ack.get_sample_count())
+            .field("rpc", &self.rpc.get_sample_count())
+            .field("window_analysis", &self.window_analysis.get_sample_count())
+            .field("migration", &self.migration.get_sample_count())
+            .finish()
     }
 }

@@ -71,6 +71,8 @@ pub struct Api {
     pub site: String,
     /// Deadline of one call when the client gives none.
     pub default_deadline: Duration,
+    /// Where the latency of each twin call is observed (`twinmesh_rpc_seconds`).
+    rpc_latency: Option<prometheus::Histogram>,
 }
 
 /// Wall-clock time in ms (caller contexts expire on it).
@@ -95,7 +97,14 @@ impl Api {
             trust,
             site: site.to_owned(),
             default_deadline: Duration::from_secs(5),
+            rpc_latency: None,
         }
+    }
+
+    /// Observes every twin call's latency in `histogram`.
+    pub fn with_rpc_latency(mut self, histogram: prometheus::Histogram) -> Self {
+        self.rpc_latency = Some(histogram);
+        self
     }
 
     pub fn fabric(&self) -> &SharedFabric {
@@ -157,6 +166,21 @@ impl Api {
 
     /// [`Api::twin_call`] on behalf of `caller`.
     pub async fn twin_call_as(
+        &self,
+        id: &TwinId,
+        request: twin_request::Request,
+        deadline: Option<Duration>,
+        caller: proto::Caller,
+    ) -> Result<twin_reply::Reply> {
+        let started = Instant::now();
+        let reply = self.twin_call_once(id, request, deadline, caller).await;
+        if let Some(h) = &self.rpc_latency {
+            h.observe(started.elapsed().as_secs_f64());
+        }
+        reply
+    }
+
+    async fn twin_call_once(
         &self,
         id: &TwinId,
         request: twin_request::Request,

@@ -166,7 +166,8 @@ impl RunningNode {
         let registry = assembly.registry.clone();
 
         let servers = CancellationToken::new();
-        let api = Api::new(shared_fabric, &config.site, trust.clone());
+        let api = Api::new(shared_fabric, &config.site, trust.clone())
+            .with_rpc_latency(ctx.metrics.latency.rpc.clone());
         // The gRPC services; the dashboard's actions go through them too.
         let services = grpc::Services {
             api: api.clone(),

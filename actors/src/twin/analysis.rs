@@ -30,6 +30,7 @@ impl TwinActorState {
             let me = myself.clone();
             let permits = self.ctx.analysis_permits.clone();
             let cancel = self.cancel.clone();
+            let analysis = self.ctx.metrics.latency.window_analysis.clone();
             self.ctx.tasks.spawn(async move {
                 let Ok(_permit) = permits.acquire_owned().await else {
                     return;
@@ -38,9 +39,11 @@ impl TwinActorState {
                     return;
                 }
                 let (signal, start_ns, end_ns) = (job.signal.clone(), job.start_ns, job.end_ns);
+                let started = std::time::Instant::now();
                 if let Ok(features) =
                     tokio::task::spawn_blocking(move || chain::run_window(&job)).await
                 {
+                    analysis.observe(started.elapsed().as_secs_f64());
                     let _ = me.cast(TwinMsg::Features {
                         signal,
                         start_ns,

@@ -322,6 +322,7 @@ pub(super) async fn deliver_batch(
     id: TwinId,
     batch: Vec<TelemetryFrame>,
 ) -> bool {
+    let taken = std::time::Instant::now();
     let acks = match actor
         .call(
             |tx| TwinMsg::Ingest(batch, tx),
@@ -350,5 +351,9 @@ pub(super) async fn deliver_batch(
             tracing::warn!(twin = %id, "ack not published: {e}");
         }
     }
+    ctx.metrics
+        .latency
+        .ingest_ack
+        .observe(taken.elapsed().as_secs_f64());
     true
 }

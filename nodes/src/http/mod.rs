@@ -11,8 +11,8 @@
 //! serves all of it over HTTPS only.
 
 mod dashboard;
+mod metrics;
 
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,8 +29,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use twinmesh_actors::context::NodeContext;
-use twinmesh_actors::metrics::NodeMetrics;
-use twinmesh_actors::ports::SpoolStore;
 use twinmesh_twins::privacy::Role;
 use twinmesh_twins::proto::{GetTwinRequest, ListTwinsRequest};
 
@@ -244,137 +242,9 @@ async fn twin(
     json_response(&s.api.call(&id, req, None, caller).await?)
 }
 
-/// Prometheus text exposition of the node's counters.
-async fn metrics(State(s): State<HttpState>) -> Response {
-    let m = &s.ctx.metrics;
-    let node = s.ctx.node.as_str();
-    let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{node=\"{node}\"}} {value}"
-        );
-    };
-    metric(
-        "twinmesh_frames_in_total",
-        "counter",
-        "Telemetry frames received by twins.",
-        NodeMetrics::get(&m.frames_in),
-    );
-    metric(
-        "twinmesh_samples_in_total",
-        "counter",
-        "Samples applied by twins.",
-        NodeMetrics::get(&m.samples_in),
-    );
-    metric(
-        "twinmesh_frames_duplicate_total",
-        "counter",
-        "Frames dropped as already applied.",
-        NodeMetrics::get(&m.frames_duplicate),
-    );
-    metric(
-        "twinmesh_frames_gap_total",
-        "counter",
-        "Frames held back until missing ones arrive.",
-        NodeMetrics::get(&m.frames_gap),
-    );
-    metric(
-        "twinmesh_frames_withheld_total",
-        "counter",
-        "Frames of protected signals a gateway did not publish (it has no site key).",
-        NodeMetrics::get(&m.frames_withheld),
-    );
-    metric(
-        "twinmesh_identifiers_withheld_total",
-        "counter",
-        "Identifier records a gateway did not publish (suppressed, or no site key to pseudonymise them).",
-        NodeMetrics::get(&m.identifiers_withheld),
-    );
-    metric(
-        "twinmesh_identifiers_rejected_total",
-        "counter",
-        "Identifier records a twin refused (not pseudonymised as its policy demands).",
-        NodeMetrics::get(&m.identifiers_rejected),
-    );
-    metric(
-        "twinmesh_published_total",
-        "counter",
-        "Messages published.",
-        NodeMetrics::get(&m.frames_published),
-    );
-    metric(
-        "twinmesh_published_bytes_total",
-        "counter",
-        "Payload bytes published.",
-        NodeMetrics::get(&m.bytes_published),
-    );
-    metric(
-        "twinmesh_rpc_served_total",
-        "counter",
-        "Twin RPCs served.",
-        NodeMetrics::get(&m.rpc_served),
-    );
-    metric(
-        "twinmesh_rpc_cached_total",
-        "counter",
-        "Twin RPCs (GetTwin) answered from a twin's read cache by the node's router.",
-        NodeMetrics::get(&m.rpc_cached),
-    );
-    metric(
-        "twinmesh_twin_restarts_total",
-        "counter",
-        "Twin actors restarted after a failure.",
-        NodeMetrics::get(&m.twin_restarts),
-    );
-    metric(
-        "twinmesh_twins_passivated_total",
-        "counter",
-        "Idle twins stopped until their next frame or call.",
-        NodeMetrics::get(&m.twins_passivated),
-    );
-    metric(
-        "twinmesh_twins_woken_total",
-        "counter",
-        "Dormant twins started again by a frame or a call.",
-        NodeMetrics::get(&m.twins_woken),
-    );
-    metric(
-        "twinmesh_windows_scored_total",
-        "counter",
-        "Feature windows scored by twins' anomaly models.",
-        NodeMetrics::get(&m.windows_scored),
-    );
-    metric(
-        "twinmesh_alarms_total",
-        "counter",
-        "Alarms raised by twins' anomaly models.",
-        NodeMetrics::get(&m.alarms_raised),
-    );
-    metric(
-        "twinmesh_twins",
-        "gauge",
-        "Twins hosted on this node (running or dormant).",
-        s.ctx.directory.len() as u64,
-    );
-    metric(
-        "twinmesh_spool_frames",
-        "gauge",
-        "Frames in the gateway spool.",
-        s.store.spool_len(),
-    );
-    metric(
-        "twinmesh_store_bytes",
-        "gauge",
-        "Bytes the node's database occupies on disk.",
-        s.store.size_on_disk(),
-    );
-    let _ = writeln!(out, "# HELP twinmesh_frames_rejected_total Frames dropped as bad input, by reason.\n# TYPE twinmesh_frames_rejected_total counter");
-    for (reason, n) in m.rejected() {
-        let _ = writeln!(
-            out,
-            "twinmesh_frames_rejected_total{{node=\"{node}\",reason=\"{reason}\"}} {n}"
-        );
-    }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+/// `/metrics`: the node's counters, gauges and latency histograms in the Prometheus
+/// text format ([`metrics::exposition`]).
+async fn metrics(State(s): State<HttpState>) -> crate::Result<Response> {
+    let text = metrics::exposition(&s.ctx, &s.store)?;
+    Ok(([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], text).into_response())
 }

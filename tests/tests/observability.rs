@@ -1,0 +1,172 @@
+//! End-to-end tests of what operators watch (issue 22): every node's `/metrics` passes
+//! `promtool check metrics` (Debian's `prometheus` package, which `.ci/run` installs),
+//! carries the node's labels, and its latency histograms have observations after traffic:
+//! acknowledgements and window analyses on the edges, twin calls and a migration on the
+//! cloud.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use twinmesh_tests::{eventually, get_placement, get_twin, migrate_twin, Cluster};
+
+const WAIT: Duration = Duration::from_secs(60);
+const ID: &str = "site-a/pm-01";
+/// Bytes of a `/metrics` answer read at most.
+const MAX_BODY: u64 = 4 << 20;
+
+/// The body of `GET http://{addr}{path}` (HTTP/1.1, no TLS).
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut raw = Vec::new();
+    s.take(MAX_BODY).read_to_end(&mut raw).await.unwrap();
+    let text = String::from_utf8(raw).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    body.to_owned()
+}
+
+/// `promtool check metrics` on `text`: its complaints, empty when it passes.
+fn promtool(text: &str) -> String {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus) is installed");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() {
+        String::new()
+    } else {
+        format!("promtool failed ({}): {said}", out.status)
+    }
+}
+
+/// The value of the sample `name` (any labels) in `text`, summed over its series.
+fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_nodes_metrics_pass_promtool_and_the_histograms_fill_with_traffic() {
+    let mut c = Cluster::new(1000).unwrap();
+    let http = ["--http", "127.0.0.1:0"];
+    c.start("cloud", "cloud", None, None, &http).unwrap();
+    for edge in ["edge-a1", "edge-a2"] {
+        c.start("edge", edge, Some("site-a"), None, &http).unwrap();
+    }
+    c.start(
+        "iot",
+        "iot-a",
+        Some("site-a"),
+        None,
+        &["--simulate", "power_meter:1", "--http", "127.0.0.1:0"],
+    )
+    .unwrap();
+    let cloud = c.node("cloud").grpc_endpoint();
+    // Twin calls through the cloud, until the twin has windows behind it.
+    eventually(WAIT, "the meter's features", || async {
+        let t = get_twin(&cloud, ID).await.ok()?;
+        t.derived.contains_key("voltage.thd").then_some(())
+    })
+    .await;
+    // A migration run by the authority on the cloud.
+    let from = get_placement(&cloud, ID).await.unwrap().node;
+    let to = if from == "edge-a1" {
+        "edge-a2"
+    } else {
+        "edge-a1"
+    };
+    migrate_twin(&cloud, ID, to).await.unwrap();
+    eventually(WAIT, "the twin on its new edge, analysing", || async {
+        let t = get_twin(&cloud, ID).await.ok()?;
+        (t.placement?.node == to).then_some(())
+    })
+    .await;
+
+    let scrape = |node: &str| {
+        let addr = c.node(node).ready.http.expect("the node serves HTTP");
+        async move { http_get(addr, "/metrics").await }
+    };
+    // The new host acknowledges and analyses.
+    let edge_text = eventually(
+        WAIT,
+        "acknowledgements and analyses on the new host",
+        || async {
+            let t = scrape(to).await;
+            (sample(&t, "twinmesh_ingest_ack_seconds_count") > 0.0
+                && sample(&t, "twinmesh_window_analysis_seconds_count") > 0.0)
+                .then_some(t)
+        },
+    )
+    .await;
+    assert!(sample(&edge_text, "twinmesh_frames_in_total") > 0.0);
+    assert!(
+        edge_text.contains(&format!("node=\"{to}\""))
+            && edge_text.contains("site=\"site-a\"")
+            && edge_text.contains("tier=\"edge\""),
+        "{edge_text}"
+    );
+    let cloud_text = scrape("cloud").await;
+    assert!(
+        sample(&cloud_text, "twinmesh_rpc_seconds_count") >= 2.0,
+        "{cloud_text}"
+    );
+    assert!(
+        sample(&cloud_text, "twinmesh_migration_seconds_count") >= 1.0,
+        "{cloud_text}"
+    );
+    assert!(
+        sample(&cloud_text, "twinmesh_migration_seconds_sum") > 0.0,
+        "{cloud_text}"
+    );
+    // Every node's exposition passes promtool.
+    for node in ["cloud", "edge-a1", "edge-a2", "iot-a"] {
+        let text = scrape(node).await;
+        assert!(
+            text.contains("# TYPE twinmesh_frames_in_total counter"),
+            "{node}: {text}"
+        );
+        assert!(
+            text.contains("# TYPE twinmesh_rpc_seconds histogram"),
+            "{node}: {text}"
+        );
+        let complaints = promtool(&text);
+        assert!(complaints.is_empty(), "{node}: {complaints}\n{text}");
+    }
+    let gateway = scrape("iot-a").await;
+    assert!(
+        sample(&gateway, "twinmesh_published_total") > 0.0,
+        "{gateway}"
+    );
+}

@@ -210,23 +210,24 @@ impl ThingModel {
             }
         }
 
-        let kind =
-            match top.get("twinmesh:kind") {
-                Some(Value::String(k)) if is_valid_segment(k) => k.clone(),
-                Some(Value::String(k)) => return Err(err(
+        let kind = match top.get("twinmesh:kind") {
+            Some(Value::String(k)) if is_valid_segment(k) => k.clone(),
+            Some(Value::String(k)) => {
+                return Err(err(
                     None,
                     format!(
                         "\"twinmesh:kind\" {k:?} is not a valid name: [a-z0-9][a-z0-9_-]{{0,62}}"
                     ),
-                )),
-                Some(_) => return Err(err(None, "\"twinmesh:kind\" must be a string".into())),
-                None => {
-                    return Err(err(
-                        None,
-                        "missing \"twinmesh:kind\" (the kind's name)".into(),
-                    ))
-                }
-            };
+                ))
+            }
+            Some(_) => return Err(err(None, "\"twinmesh:kind\" must be a string".into())),
+            None => {
+                return Err(err(
+                    None,
+                    "missing \"twinmesh:kind\" (the kind's name)".into(),
+                ))
+            }
+        };
         let title = text_field(&top, "title", origin, None)?.unwrap_or_else(|| kind.clone());
         let description = text_field(&top, "description", origin, None)?.unwrap_or_default();
         let training_span_s = match top.get("twinmesh:trainingSpanSeconds") {

@@ -1267,3 +1267,50 @@ async fn a_registration_brings_its_kind_and_cannot_redefine_one() {
     );
     assert_eq!(r.c.nodes["cloud"].store.kinds().unwrap().len(), 1);
 }
+
+/// A gateway's asset of a kind from its models folder: its registration carries the
+/// Thing Model, the authority learns and keeps the kind, and the site's edge hosts the
+/// twin with the model's schema and default chain.
+#[tokio::test(start_paused = true)]
+async fn a_gateway_asset_of_a_custom_kind_is_registered_with_its_model() {
+    let text = include_str!("../../examples/models/compressor.tm.json")
+        .replace("\"compressor\"", "\"gw_compressor\"");
+    // What the gateway's `--models` folder did in its process.
+    let kind = twinmesh_twins::kind::register_text(
+        &text,
+        "models/gw.tm.json",
+        twinmesh_twins::kind::KindSource::File("models/gw.tm.json".into()),
+    )
+    .unwrap();
+    let mut r = rig(&[("edge-a", "a")], None).await;
+    let id: TwinId = "a/comp-01".parse().unwrap();
+    r.c.add(NodeSpec {
+        devices: vec![(id.clone(), kind)],
+        ..spec("iot", Tier::Iot, "a")
+    })
+    .await
+    .unwrap();
+    let twin = r.twin("edge-a", &id).await;
+    let snap = r.mesh().await;
+    let p = snap
+        .placements
+        .iter()
+        .find(|p| p.twin_id == id.to_string())
+        .expect("placed");
+    assert_eq!(
+        (p.kind.as_str(), p.node.as_str()),
+        ("gw_compressor", "edge-a")
+    );
+    let kept = r.c.nodes["cloud"].store.kinds().unwrap();
+    assert_eq!(kept.len(), 1);
+    assert_eq!(
+        (kept[0].kind.as_str(), kept[0].site.as_str()),
+        ("gw_compressor", "a")
+    );
+    assert_eq!(kept[0].thing_model, text);
+    let state = ractor::call_t!(twin, TwinMsg::Inspect, 5000).unwrap();
+    assert_eq!(state.kind, "gw_compressor");
+    let chain = state.chain.expect("the twin's chain");
+    let ops: Vec<_> = chain.stages.iter().map(|s| s.op.as_str()).collect();
+    assert_eq!(ops, ["stats", "stats", "archive"]);
+}

@@ -56,3 +56,93 @@ pub fn load_dir(dir: &Path) -> crate::Result<Vec<AssetKind>> {
     }
     Ok(kinds)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const COMPRESSOR: &str = include_str!("../../examples/models/compressor.tm.json");
+
+    fn folder(files: &[(&str, String)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn a_models_folder_defines_kinds_and_a_config_may_name_them() {
+        let text = COMPRESSOR.replace("\"compressor\"", "\"nodes_compressor\"");
+        let dir = folder(&[
+            ("compressor.tm.json", text),
+            ("README.txt", "not a model".into()),
+        ]);
+        let kinds = load_dir(dir.path()).unwrap();
+        assert_eq!(kinds.len(), 1);
+        assert_eq!(kinds[0].as_str(), "nodes_compressor");
+        let path = dir.path().join("compressor.tm.json").display().to_string();
+        assert_eq!(kinds[0].schema().source, KindSource::File(path));
+        // Again (a node restarted in the same process, a config made in code): the same.
+        assert_eq!(load_dir(dir.path()).unwrap(), kinds);
+
+        // A gateway's configuration reads its folder first: its chains may name the kind.
+        let config = dir.path().join("node.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+                id = "iot-a"
+                tier = "iot"
+                site = "site-a"
+                models_dir = "{}"
+                [[chains.nodes_compressor.stage]]
+                op = "stats"
+                tier = "edge"
+                signal = "motor_current"
+                "#,
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        let cfg = crate::config::NodeConfig::from_file(&config).unwrap();
+        assert_eq!(
+            cfg.chains[&kinds[0]].stage[0].signal.as_deref(),
+            Some("motor_current")
+        );
+        assert_eq!(cfg.models_dir.as_deref(), Some(dir.path()));
+    }
+
+    #[test]
+    fn a_bad_folder_is_refused_with_the_file() {
+        let text = COMPRESSOR.replace("\"compressor\"", "\"nodes_twice\"");
+        let dir = folder(&[("a.tm.json", text.clone()), ("b.tm.json", text)]);
+        let e = load_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!(
+                "{}: kind nodes_twice is defined by two files",
+                dir.path().join("b.tm.json").display()
+            )),
+            "{e}"
+        );
+
+        let dir = folder(&[(
+            "c.tm.json",
+            COMPRESSOR
+                .replace("\"compressor\"", "\"nodes_bad\"")
+                .replace("\"minimum\": 4", "\"minimum\": 40"),
+        )]);
+        let e = load_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!(
+                "{}: property \"pressure_limit\": minimum 40 must be below maximum 14",
+                dir.path().join("c.tm.json").display()
+            )),
+            "{e}"
+        );
+        let e = load_dir(&dir.path().join("missing"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cannot read models folder"), "{e}");
+    }
+}

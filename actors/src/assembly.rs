@@ -149,7 +149,19 @@ impl Assembly {
         chains: BTreeMap<AssetKind, Chain>,
     ) -> Result<()> {
         let ctx = self.ctx.clone();
+        // Kinds this node learned over the fabric before it stopped, before any twin.
+        let reloaded = crate::kinds::reload(ctx.store.as_ref())?;
+        if !reloaded.is_empty() {
+            tracing::info!(
+                kinds = reloaded.len(),
+                "reloaded asset kinds learned over the fabric"
+            );
+        }
         crate::services::serve_node_queryables(&ctx, info).await?;
+        if ctx.tier != Tier::Iot {
+            let q = ctx.fabric.queryable(keys::KINDS_ALL, 64).await?;
+            ctx.spawn_until_cancelled(crate::kinds::serve(ctx.clone(), q));
+        }
         ctx.spawn_until_cancelled(publish_load(ctx.clone()));
         if ctx.tier == Tier::Cloud {
             let features = ctx.fabric.subscribe(keys::FEATURES_ALL, 4096).await?;

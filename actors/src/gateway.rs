@@ -801,6 +801,13 @@ impl Actor for GatewayActor {
                     kind: d.kind().to_string(),
                     gateway: ctx.node.to_string(),
                     chain: configured.get(&d.kind()).map(|c| (&c.spec).into()),
+                    // A kind of this gateway's models folder travels with the
+                    // registration: the nodes of the mesh need not have the folder.
+                    thing_model: if d.kind().is_builtin() {
+                        String::new()
+                    } else {
+                        d.kind().schema().thing_model.to_owned()
+                    },
                     proof: None,
                 };
                 // The authority registers a twin only for its site's gateway.

@@ -32,6 +32,8 @@
 //!   that cross the fabric) and the at-rest key (sensitive trees).
 //! - [`metrics`]: per-node counters behind `NodeLoad` and `/metrics`.
 //! - [`services`]: the info/twins queryables every node serves.
+//! - [`kinds`]: asset kinds defined by Thing Models travelling with registrations to
+//!   the authority, served to (and kept by) the edge and cloud nodes that need them.
 //! - [`tasks`]: [`tasks::TaskController`], the one owner of background tasks (tracker +
 //!   cancellation, bounded termination).
 //! - [`wire`]: the typed wire: each proto message tied to its encoding, typed publish,
@@ -48,6 +50,7 @@ pub mod context;
 pub mod error;
 pub mod gateway;
 pub mod keeper;
+pub mod kinds;
 pub mod mesh;
 pub mod metrics;
 pub mod node;

@@ -788,6 +788,21 @@ impl Actor for MeshSupervisor {
             MeshMsg::Register(req, reply) => {
                 let result = async {
                     let id: TwinId = req.twin_id.parse()?;
+                    // A Thing Model is checked on every registration that carries one,
+                    // placed twin or not: a conflicting definition is refused, never
+                    // ignored.
+                    if !req.thing_model.is_empty() {
+                        crate::kinds::learn(
+                            state.ctx.store.as_ref(),
+                            id.site(),
+                            &req.kind,
+                            &req.thing_model,
+                        )
+                        .map_err(|e| match e {
+                            crate::Error::Domain(d) => d,
+                            other => DomainError::InvalidArgument(other.to_string()),
+                        })?;
+                    }
                     if let Some(p) = state.placements.get(&id) {
                         return Ok(p.clone());
                     }

@@ -7,7 +7,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use twinmesh_twins::proto::{Bucket, Budget, ModelRecord, Placement, TelemetryFrame, TwinSnapshot};
+use twinmesh_twins::proto::{
+    Bucket, Budget, KindModel, ModelRecord, Placement, TelemetryFrame, TwinSnapshot,
+};
 use twinmesh_twins::stats::Aggregation;
 use twinmesh_twins::TwinId;
 
@@ -293,6 +295,10 @@ pub trait PlacementStore: Durable {
     fn save_hosted(&self, placement: &Placement) -> Result<()>;
     fn remove_hosted(&self, twin: &TwinId) -> Result<()>;
     fn hosted(&self) -> Result<Vec<Placement>>;
+    /// Keeps a kind learned over the fabric (a registration's Thing Model on the
+    /// authority, a fetched one on other nodes), so a restarted node knows it.
+    fn save_kind(&self, model: &KindModel) -> Result<()>;
+    fn kinds(&self) -> Result<Vec<KindModel>>;
 }
 
 /// The gateway spool (DESIGN §7): durable seq numbering and frames not yet acknowledged.

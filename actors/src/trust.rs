@@ -247,7 +247,8 @@ proven!(
     TwinSnapshot,
     ReplayRequest,
     NodeInfo,
-    PlacementRequest
+    PlacementRequest,
+    KindModel
 );
 
 const CALLER_LABEL: &[u8] = b"twinmesh/caller/twin";

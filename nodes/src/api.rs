@@ -320,10 +320,14 @@ impl Api {
                 .parse::<twinmesh_twins::Tier>()
                 .map_err(|e| Error::invalid_argument(e.to_string()))?;
         }
-        if !req.kind.is_empty() {
-            req.kind
-                .parse::<twinmesh_twins::AssetKind>()
-                .map_err(|e| Error::invalid_argument(e.to_string()))?;
+        // A kind this node does not know may still be a kind of twins other nodes host
+        // (defined by a gateway's Thing Model): unknown only when no twin has it.
+        let unknown_kind =
+            !req.kind.is_empty() && twinmesh_twins::kind::lookup(&req.kind).is_none();
+        if unknown_kind && !twinmesh_twins::id::is_valid_segment(&req.kind) {
+            return Err(Error::invalid_argument(
+                twinmesh_twins::Error::UnknownKind(req.kind.clone()).to_string(),
+            ));
         }
         let replies = self
             .fabric
@@ -355,6 +359,11 @@ impl Api {
                     });
                 }
             }
+        }
+        if unknown_kind && !twins.iter().any(|t| t.kind == req.kind) {
+            return Err(Error::invalid_argument(
+                twinmesh_twins::Error::UnknownKind(req.kind.clone()).to_string(),
+            ));
         }
         let mut twins: Vec<TwinSummary> = twins
             .into_iter()

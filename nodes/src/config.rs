@@ -60,7 +60,19 @@ impl FromStr for SimSpec {
             ),
             None => (s, 1),
         };
-        let kind = kind.parse::<AssetKind>().map_err(|e| e.to_string())?;
+        let kind = kind.parse::<AssetKind>().map_err(|e| {
+            format!(
+                "{e}: simulators exist for the built-in kinds only ({})",
+                twinmesh_sim::model::SIMULATED_KINDS
+                    .map(|k| k.as_str())
+                    .join(", ")
+            )
+        })?;
+        if !twinmesh_sim::model::has_simulator(kind) {
+            return Err(format!(
+                "kind {kind} has no simulator: only the built-in kinds are simulated (feed it from a device)"
+            ));
+        }
         if count == 0 || count > 99_999 {
             return Err(format!("invalid asset count in {s:?}: expected 1..=99999"));
         }
@@ -188,6 +200,10 @@ pub struct NodeConfig {
     /// `[[chains.wind_turbine.stage]]` tables (DESIGN §5). Twins that exist keep theirs.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub chains: BTreeMap<AssetKind, ChainSpec>,
+    /// Folder of W3C WoT Thing Models (`*.json`) defining more asset kinds. Read before
+    /// the rest of the file, so `chains` may name its kinds.
+    #[serde(default)]
+    pub models_dir: Option<PathBuf>,
     /// Zenoh lease: how fast a frozen or cut-off node is declared gone.
     #[serde(default = "default_lease_ms")]
     pub lease_ms: u64,
@@ -359,6 +375,7 @@ impl NodeConfig {
             simulate: Vec::new(),
             faults: Vec::new(),
             chains: BTreeMap::new(),
+            models_dir: None,
             lease_ms: default_lease_ms(),
             multicast: false,
             max_frame_bytes: default_max_frame_bytes(),
@@ -385,6 +402,17 @@ impl NodeConfig {
         let text = std::fs::read_to_string(path).map_err(|e| {
             crate::Error::config(format!("cannot read config {}: {e}", path.display()))
         })?;
+        // The models first: the rest of the file may name their kinds.
+        #[derive(Deserialize)]
+        struct Models {
+            models_dir: Option<PathBuf>,
+        }
+        if let Ok(Models {
+            models_dir: Some(dir),
+        }) = toml::from_str::<Models>(&text)
+        {
+            crate::kinds::load_dir(&dir)?;
+        }
         let mut cfg: NodeConfig = toml::from_str(&text).map_err(|e| {
             crate::Error::config(format!(
                 "invalid config {}: {}",

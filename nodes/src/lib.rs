@@ -18,6 +18,7 @@
 //! - [`http`]: dashboard, JSON views and `/metrics` (axum).
 //! - [`certs`]: a site CA and node certificates (files for TLS).
 //! - [`keys`]: AES-256 key files (site keys, at-rest keys).
+//! - [`kinds`]: asset kinds from Thing Model files (`--models DIR`).
 //! - [`client`]: gRPC channels for clients (`ctl`, benchmarks, tests).
 //! - [`error`]: [`Error`], with the only conversions to a gRPC status and to HTTP.
 
@@ -32,6 +33,7 @@ pub mod fabric;
 pub mod grpc;
 pub mod http;
 pub mod keys;
+pub mod kinds;
 pub mod models;
 pub mod runtime;
 pub mod store;

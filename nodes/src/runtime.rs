@@ -89,6 +89,11 @@ impl RunningNode {
         twin_config: TwinConfig,
         gateway_config: GatewayConfig,
     ) -> crate::Result<Self> {
+        // This node's own kinds (a config made in code has not loaded them yet; loading
+        // the same models again changes nothing).
+        if let Some(dir) = &config.models_dir {
+            crate::kinds::load_dir(dir)?;
+        }
         let devices = simulated_devices(&config, SystemClock.now_ns())?;
         // Bind the servers first: a taken port fails the start with one clear line.
         let grpc_listener = match config.grpc {

@@ -8,7 +8,8 @@
 //!   the same key, so history is idempotent.
 //! - `snap`: `{twin}` → `TwinSnapshot`; `hosted`: `{twin}` → `Placement`;
 //!   `placement`: `{twin}` → `Placement` (authority's table); `site_budget`: `{site}` →
-//!   `Budget` (the authority's ε ledger of each site's set releases).
+//!   `Budget` (the authority's ε ledger of each site's set releases); `kinds`: `{kind}` →
+//!   `KindModel` (Thing Models of kinds learned over the fabric).
 //! - `spool`: `{twin}\0{signal}\0{seq BE}` → `TelemetryFrame`; `seq`: `{twin}\0{signal}` →
 //!   next unreserved seq (BE).
 //! - `replica`: `{twin}` → `TwinSnapshot` (the authority's newest replicated snapshot).
@@ -28,7 +29,9 @@ use twinmesh_actors::ports::{
 use twinmesh_actors::seal::KeyRing;
 use twinmesh_actors::{Error, Result};
 use twinmesh_twins::dsp::codec;
-use twinmesh_twins::proto::{Bucket, Budget, ModelRecord, Placement, TelemetryFrame, TwinSnapshot};
+use twinmesh_twins::proto::{
+    Bucket, Budget, KindModel, ModelRecord, Placement, TelemetryFrame, TwinSnapshot,
+};
 use twinmesh_twins::snapshot;
 use twinmesh_twins::stats::{sample_time, Aggregation, HistoryBuckets};
 use twinmesh_twins::TwinId;
@@ -59,6 +62,7 @@ pub struct SledStore {
     hosted: sled::Tree,
     placement: sled::Tree,
     site_budget: sled::Tree,
+    kinds: sled::Tree,
     spool: sled::Tree,
     seq: sled::Tree,
     replica: sled::Tree,
@@ -255,6 +259,7 @@ impl SledStore {
             hosted: tree("hosted")?,
             placement: tree("placement")?,
             site_budget: tree("site_budget")?,
+            kinds: tree("kinds")?,
             seq: tree("seq")?,
             replica: tree("replica")?,
             twin_model: tree("twin_model")?,
@@ -712,6 +717,14 @@ impl PlacementStore for SledStore {
 
     fn hosted(&self) -> Result<Vec<Placement>> {
         decode_all(&self.hosted, "placement")
+    }
+
+    fn save_kind(&self, model: &KindModel) -> Result<()> {
+        self.put(&self.kinds, model.kind.as_bytes(), model.encode_to_vec())
+    }
+
+    fn kinds(&self) -> Result<Vec<KindModel>> {
+        decode_all(&self.kinds, "kind")
     }
 }
 

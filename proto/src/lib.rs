@@ -58,6 +58,7 @@ wire!(
     Placement,
     PlacementRequest,
     PlacementQuery,
+    KindModel,
     ChainUpdate,
     TwinSnapshot,
     ReplayRequest,

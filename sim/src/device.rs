@@ -147,6 +147,41 @@ pub fn generate(
         .collect()
 }
 
+/// A device of a kind twinmesh cannot simulate (one from a Thing Model) with no data
+/// source attached: its twin is registered and served, it reports nothing, and it
+/// refuses set-points. What a simulated mesh gives a custom kind's asset.
+pub struct QuietDevice {
+    twin: TwinId,
+    kind: AssetKind,
+}
+
+impl QuietDevice {
+    pub fn new(twin: TwinId, kind: AssetKind) -> Self {
+        QuietDevice { twin, kind }
+    }
+}
+
+impl Device for QuietDevice {
+    fn twin_id(&self) -> &TwinId {
+        &self.twin
+    }
+
+    fn kind(&self) -> AssetKind {
+        self.kind
+    }
+
+    fn poll(&mut self, _now_ns: i64) -> Vec<Block> {
+        Vec::new()
+    }
+
+    fn apply_setpoint(&mut self, property: &str, _value: f64) -> Result<(), String> {
+        Err(format!(
+            "{} has no data source: set-point {property} cannot be delivered",
+            self.twin
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

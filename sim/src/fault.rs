@@ -21,6 +21,8 @@ pub fn kind_faults(kind: AssetKind) -> &'static [&'static str] {
         AssetKind::WifiAp => &["outage"],
         AssetKind::PowerMeter => &["harmonic_distortion", "sag", "swell"],
         AssetKind::HpcNode => &["overheating"],
+        // Kinds without a simulator have no simulated faults.
+        _ => &[],
     }
 }
 

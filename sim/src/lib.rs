@@ -25,6 +25,6 @@ pub mod mesh;
 pub mod model;
 pub mod models;
 
-pub use device::{generate, SimDevice};
+pub use device::{generate, QuietDevice, SimDevice};
 pub use fault::{Fault, FaultMode};
 pub use model::{new_model, AssetModel, SimError};

@@ -55,7 +55,9 @@ pub fn rng_for(seed: u64, twin: &TwinId) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(seed ^ h)
 }
 
-/// The simulator of `kind` for asset `twin`.
+/// The simulator of `kind` for asset `twin`. Only the built-in kinds have one
+/// ([`has_simulator`]); callers check before (a node refuses `--simulate` of another
+/// kind at start), so asking for another is a programming error.
 pub fn new_model(kind: AssetKind, twin: &TwinId, seed: u64) -> Box<dyn AssetModel> {
     let rng = rng_for(seed, twin);
     match kind {
@@ -67,8 +69,15 @@ pub fn new_model(kind: AssetKind, twin: &TwinId, seed: u64) -> Box<dyn AssetMode
         AssetKind::WifiAp => Box::new(models::wifi::WifiAp::new(rng)),
         AssetKind::PowerMeter => Box::new(models::power_meter::PowerMeter::new(rng)),
         AssetKind::HpcNode => Box::new(models::hpc::HpcNode::new(rng)),
+        other => panic!("kind {other} has no simulator: only the built-in kinds are simulated"),
     }
 }
 
-/// Kinds that can be simulated (all of them).
+/// Whether twinmesh can simulate assets of `kind` (the built-in kinds; a kind from a
+/// Thing Model has no simulator, its data comes from devices).
+pub fn has_simulator(kind: AssetKind) -> bool {
+    kind.is_builtin()
+}
+
+/// Kinds that can be simulated (the built-in ones).
 pub const SIMULATED_KINDS: [AssetKind; 8] = AssetKind::ALL;

@@ -17,7 +17,9 @@ use ractor::ActorRef;
 use twinmesh_actors::gateway::{GatewayConfig, GatewayMsg};
 use twinmesh_actors::mesh::{MeshMsg, MeshSnapshot};
 use twinmesh_actors::node::{NodeMsg, NodeSnapshot};
-use twinmesh_actors::ports::{Fabric, Qos, SeriesStore, SnapshotStore, SpoolStore, Subscription};
+use twinmesh_actors::ports::{
+    Fabric, PlacementStore, Qos, SeriesStore, SnapshotStore, SpoolStore, Subscription,
+};
 use twinmesh_actors::twin::TwinMsg;
 use twinmesh_sim::mesh::cluster::{NodeSpec, SimCluster};
 use twinmesh_sim::mesh::fabric::{NetConfig, Network, SimFabric};
@@ -120,6 +122,7 @@ impl Rig {
             kind: kind.to_string(),
             gateway: "test".into(),
             chain: None,
+            thing_model: String::new(),
             // (Sent to the authority's actor: the proof is checked on the fabric.)
             proof: None,
         };
@@ -1177,4 +1180,137 @@ async fn a_twin_made_personal_never_fails_over_to_the_cloud() {
     assert!(stored
         .iter()
         .any(|p| p.twin_id == id.to_string() && p.site_only));
+}
+
+/// A Thing Model in a registration defines a kind on the authority, which keeps it with
+/// its placements and places the twin by the model's sensitivities (a personal signal:
+/// the site's edge, never the cloud); a conflicting definition, or one of a built-in
+/// name, is refused and changes nothing.
+#[tokio::test(start_paused = true)]
+async fn a_registration_brings_its_kind_and_cannot_redefine_one() {
+    let r = rig(&[("edge-a", "a")], None).await;
+    let text = include_str!("../../examples/models/compressor.tm.json")
+        .replace("\"compressor\"", "\"sim_compressor\"");
+    assert!(text.contains("\"twinmesh:kind\": \"sim_compressor\""));
+    let ask = |twin: &str, kind: &str, thing_model: String| {
+        let req = PlacementRequest {
+            twin_id: twin.into(),
+            kind: kind.into(),
+            gateway: "test".into(),
+            chain: None,
+            thing_model,
+            proof: None,
+        };
+        let mesh = r.mesh_ref();
+        async move { ractor::call_t!(mesh, MeshMsg::Register, 5000, req).unwrap() }
+    };
+    let placed = ask("a/comp-01", "sim_compressor", text.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        (placed.kind.as_str(), placed.node.as_str()),
+        ("sim_compressor", "edge-a")
+    );
+    r.twin("edge-a", &"a/comp-01".parse().unwrap()).await;
+    let kept = r.c.nodes["cloud"].store.kinds().unwrap();
+    assert_eq!(kept.len(), 1);
+    assert_eq!(
+        (kept[0].kind.as_str(), kept[0].site.as_str()),
+        ("sim_compressor", "a")
+    );
+    assert_eq!(kept[0].thing_model, text);
+
+    // Another site's gateway makes the personal signal public: refused.
+    let public = text.replace(
+        "\"twinmesh:sensitivity\": \"personal\"",
+        "\"twinmesh:sensitivity\": \"public\"",
+    );
+    assert_ne!(public, text);
+    let e = ask("b/comp-01", "sim_compressor", public.clone())
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("kind sim_compressor is already defined differently (by fabric (site a))"),
+        "{e}"
+    );
+    // Even for a twin already placed.
+    assert!(ask("a/comp-01", "sim_compressor", public).await.is_err());
+    // A built-in name.
+    let pm = text.replace("\"sim_compressor\"", "\"power_meter\"");
+    let e = ask("a/pm-77", "power_meter", pm).await.unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("kind power_meter is built in and cannot be redefined"),
+        "{e}"
+    );
+    // A model that names another kind than the registration.
+    let e = ask("a/comp-02", "other_kind", text.clone())
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("the registration names other_kind"),
+        "{e}"
+    );
+    let snap = r.mesh().await;
+    let ids: Vec<_> = snap.placements.iter().map(|p| p.twin_id.as_str()).collect();
+    assert_eq!(ids, ["a/comp-01"]);
+    assert_eq!(
+        "sim_compressor"
+            .parse::<AssetKind>()
+            .unwrap()
+            .schema()
+            .signal("operator_badges")
+            .unwrap()
+            .sensitivity,
+        twinmesh_twins::kind::Sensitivity::Personal
+    );
+    assert_eq!(r.c.nodes["cloud"].store.kinds().unwrap().len(), 1);
+}
+
+/// A gateway's asset of a kind from its models folder: its registration carries the
+/// Thing Model, the authority learns and keeps the kind, and the site's edge hosts the
+/// twin with the model's schema and default chain.
+#[tokio::test(start_paused = true)]
+async fn a_gateway_asset_of_a_custom_kind_is_registered_with_its_model() {
+    let text = include_str!("../../examples/models/compressor.tm.json")
+        .replace("\"compressor\"", "\"gw_compressor\"");
+    // What the gateway's `--models` folder did in its process.
+    let kind = twinmesh_twins::kind::register_text(
+        &text,
+        "models/gw.tm.json",
+        twinmesh_twins::kind::KindSource::File("models/gw.tm.json".into()),
+    )
+    .unwrap();
+    let mut r = rig(&[("edge-a", "a")], None).await;
+    let id: TwinId = "a/comp-01".parse().unwrap();
+    r.c.add(NodeSpec {
+        devices: vec![(id.clone(), kind)],
+        ..spec("iot", Tier::Iot, "a")
+    })
+    .await
+    .unwrap();
+    let twin = r.twin("edge-a", &id).await;
+    let snap = r.mesh().await;
+    let p = snap
+        .placements
+        .iter()
+        .find(|p| p.twin_id == id.to_string())
+        .expect("placed");
+    assert_eq!(
+        (p.kind.as_str(), p.node.as_str()),
+        ("gw_compressor", "edge-a")
+    );
+    let kept = r.c.nodes["cloud"].store.kinds().unwrap();
+    assert_eq!(kept.len(), 1);
+    assert_eq!(
+        (kept[0].kind.as_str(), kept[0].site.as_str()),
+        ("gw_compressor", "a")
+    );
+    assert_eq!(kept[0].thing_model, text);
+    let state = ractor::call_t!(twin, TwinMsg::Inspect, 5000).unwrap();
+    assert_eq!(state.kind, "gw_compressor");
+    let chain = state.chain.expect("the twin's chain");
+    let ops: Vec<_> = chain.stages.iter().map(|s| s.op.as_str()).collect();
+    assert_eq!(ops, ["stats", "stats", "archive"]);
 }

@@ -682,6 +682,7 @@ pub async fn register(session: &zenoh::Session, dir: &Path, twin: &str, kind: &s
         kind: kind.into(),
         gateway: "test".into(),
         chain: None,
+        thing_model: String::new(),
         proof: None,
     };
     assert!(gateway_trust(dir, site).unwrap().prove(site, &mut req));

@@ -427,6 +427,7 @@ async fn the_reader_certificate_and_a_gateway_certificate_cannot_act_beyond_thei
             kind: "power_meter".into(),
             gateway: "iot-a".into(),
             chain: None,
+            thing_model: String::new(),
             proof: None,
         };
         let (gateway, key) = (&gateway, key.to_owned());

@@ -17,7 +17,7 @@ use thiserror::Error;
 use crate::bearing::{BearingGeometry, WIND_TURBINE_GEAR_RATIO, WIND_TURBINE_HSS_BEARING};
 use crate::dsp::{self, BandType, Decimator, SosFilter, Spectral};
 use crate::id::Tier;
-use crate::kind::AssetKind;
+use crate::kind::{AssetKind, KindCache, KindSchema, ThingModel};
 use crate::proto;
 
 /// Operators a chain may use, with the tiers that can run them.
@@ -182,7 +182,7 @@ pub enum ChainError {
         stage: usize,
         op: String,
         signal: String,
-        kind: AssetKind,
+        kind: String,
     },
     #[error("stage {stage} ({op}): {op} needs a waveform signal, {signal} is a {rate_hz} Hz process value")]
     NotWaveform {
@@ -386,10 +386,27 @@ fn rate_error(stage: usize, op: &str, what: String) -> ChainError {
 impl Chain {
     /// Checks `spec` for a twin of `kind`.
     pub fn validate(spec: &ChainSpec, kind: AssetKind) -> Result<Chain, ChainError> {
+        let stages = Chain::validate_stages(spec, kind.schema())?;
+        Ok(Chain {
+            kind,
+            stages,
+            spec: spec.clone(),
+        })
+    }
+
+    /// Checks a Thing Model's default chain against the model's signals, before the
+    /// model is a kind.
+    pub(crate) fn check_for_model(spec: &ChainSpec, model: &ThingModel) -> Result<(), ChainError> {
+        Chain::validate_stages(spec, model).map(|_| ())
+    }
+
+    fn validate_stages(
+        spec: &ChainSpec,
+        schema: &dyn SignalTable,
+    ) -> Result<Vec<Stage>, ChainError> {
         if spec.stage.len() > MAX_STAGES {
             return Err(ChainError::TooLong(spec.stage.len()));
         }
-        let schema = kind.schema();
         let mut rates: BTreeMap<String, (f64, bool)> = BTreeMap::new(); // (rate, decimated)
         let mut last_tier = Tier::Iot;
         let mut stages = Vec::new();
@@ -434,13 +451,13 @@ impl Chain {
             }
             last_tier = tier;
             let signal = match &s.signal {
-                Some(sig) => schema.signal(sig).map_err(|_| ChainError::UnknownSignal {
+                Some(sig) => schema.find(sig).ok_or_else(|| ChainError::UnknownSignal {
                     stage: n,
                     op: s.op.clone(),
                     signal: sig.clone(),
-                    kind,
+                    kind: schema.kind_name().to_owned(),
                 })?,
-                None => schema.primary_signal(),
+                None => schema.primary(),
             };
             let needs_waveform = !matches!(op_name, "stats" | "archive" | "rate");
             if needs_waveform && !signal.waveform {
@@ -525,8 +542,8 @@ impl Chain {
                     let band = p.band("band")?.ok_or_else(|| p.bad("band", "is required: [low_hz, high_hz]".into()))?;
                     check_below_nyquist("band edge", band.1)?;
                     let shaft_signal = p.text("shaft_signal")?.unwrap_or_else(|| "rotor_speed".to_owned());
-                    if schema.signal(&shaft_signal).is_err() {
-                        return Err(p.bad("shaft_signal", format!("unknown signal {shaft_signal:?} of {kind}")));
+                    if schema.find(&shaft_signal).is_none() {
+                        return Err(p.bad("shaft_signal", format!("unknown signal {shaft_signal:?} of {}", schema.kind_name())));
                     }
                     let ratio = p.positive("ratio")?.unwrap_or(WIND_TURBINE_GEAR_RATIO);
                     let g = WIND_TURBINE_HSS_BEARING;
@@ -593,11 +610,7 @@ impl Chain {
                 window,
             });
         }
-        Ok(Chain {
-            kind,
-            stages,
-            spec: spec.clone(),
-        })
+        Ok(stages)
     }
 
     /// The default chain of `kind` (always valid).
@@ -608,8 +621,7 @@ impl Chain {
     /// The default chain of `kind`, one copy shared by every twin of the kind that has
     /// not changed its chain (a live twin must stay small).
     pub fn shared_default(kind: AssetKind) -> std::sync::Arc<Chain> {
-        static DEFAULTS: std::sync::OnceLock<Vec<std::sync::Arc<Chain>>> =
-            std::sync::OnceLock::new();
+        static DEFAULTS: KindCache<Chain> = KindCache::new();
         kind.shared(&DEFAULTS, Chain::default_for)
     }
 
@@ -640,149 +652,69 @@ impl Chain {
     }
 }
 
-fn stage(op: &str, tier: &str, signal: Option<&str>, params: &[(&str, ParamValue)]) -> StageSpec {
-    StageSpec {
-        op: op.to_owned(),
-        tier: tier.to_owned(),
-        signal: signal.map(str::to_owned),
-        params: params
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), v.clone()))
-            .collect(),
+/// The default chain of each kind, as a spec (from its Thing Model).
+pub fn default_spec(kind: AssetKind) -> ChainSpec {
+    kind.schema().default_chain.clone()
+}
+
+/// A signal as chain validation sees it.
+struct SignalRef<'a> {
+    name: &'a str,
+    rate_hz: f64,
+    waveform: bool,
+}
+
+/// What chain validation needs of a kind: a registered kind's schema, or a Thing Model
+/// being checked before it becomes one.
+trait SignalTable {
+    fn kind_name(&self) -> &str;
+    fn find(&self, name: &str) -> Option<SignalRef<'_>>;
+    fn primary(&self) -> SignalRef<'_>;
+}
+
+impl SignalTable for KindSchema {
+    fn kind_name(&self) -> &str {
+        self.name
+    }
+    fn find(&self, name: &str) -> Option<SignalRef<'_>> {
+        self.signal(name).ok().map(|s| SignalRef {
+            name: s.name,
+            rate_hz: s.rate_hz,
+            waveform: s.waveform,
+        })
+    }
+    fn primary(&self) -> SignalRef<'_> {
+        let s = self.primary_signal();
+        SignalRef {
+            name: s.name,
+            rate_hz: s.rate_hz,
+            waveform: s.waveform,
+        }
     }
 }
 
-fn num(v: f64) -> ParamValue {
-    ParamValue::Number(v)
-}
-
-fn band(lo: f64, hi: f64) -> ParamValue {
-    ParamValue::List(vec![lo, hi])
-}
-
-/// The default chain of each kind, as a spec.
-pub fn default_spec(kind: AssetKind) -> ChainSpec {
-    let archive = stage(
-        "archive",
-        "cloud",
-        None,
-        &[("keep", ParamValue::Text("features".into()))],
-    );
-    let stage = match kind {
-        AssetKind::WindTurbine => vec![
-            stage("compress", "iot", Some("bearing_vibration"), &[]),
-            stage("stats", "edge", Some("bearing_vibration"), &[]),
-            stage(
-                "psd",
-                "edge",
-                Some("bearing_vibration"),
-                &[("nperseg", num(1024.0))],
-            ),
-            stage(
-                "bearing",
-                "edge",
-                Some("bearing_vibration"),
-                &[("band", band(2000.0, 4900.0))],
-            ),
-            stage("stats", "edge", Some("power"), &[]),
-            archive,
-        ],
-        AssetKind::Spindle => vec![
-            stage("compress", "iot", Some("vibration"), &[]),
-            stage("stats", "edge", Some("vibration"), &[]),
-            stage("psd", "edge", Some("vibration"), &[("nperseg", num(512.0))]),
-            stage("fft", "edge", Some("vibration"), &[("peaks", num(3.0))]),
-            stage(
-                "stats",
-                "edge",
-                Some("spindle_load"),
-                &[("window_s", num(10.0))],
-            ),
-            archive,
-        ],
-        AssetKind::PowerMeter => vec![
-            stage("compress", "iot", Some("voltage"), &[]),
-            stage("compress", "iot", Some("current"), &[]),
-            stage(
-                "thd",
-                "edge",
-                Some("voltage"),
-                &[("fundamental_hz", num(50.0))],
-            ),
-            stage(
-                "thd",
-                "edge",
-                Some("current"),
-                &[("fundamental_hz", num(50.0))],
-            ),
-            stage("stats", "edge", Some("voltage"), &[]),
-            stage("stats", "edge", Some("current"), &[]),
-            archive,
-        ],
-        AssetKind::CrankshaftLine => vec![
-            stage(
-                "stats",
-                "edge",
-                Some("cycle_time"),
-                &[("window_s", num(120.0))],
-            ),
-            stage("stats", "edge", Some("torque"), &[("window_s", num(60.0))]),
-            stage(
-                "stats",
-                "edge",
-                Some("pressure"),
-                &[("window_s", num(60.0))],
-            ),
-            archive,
-        ],
-        AssetKind::ClosureLine => vec![
-            // The energy counter's level grows for ever: analyse its rate (kW.h/s).
-            stage("rate", "edge", Some("energy"), &[]),
-            stage("stats", "edge", Some("energy"), &[("window_s", num(60.0))]),
-            stage(
-                "stats",
-                "edge",
-                Some("machine_state"),
-                &[("window_s", num(60.0))],
-            ),
-            archive,
-        ],
-        AssetKind::TurnstileGate => vec![
-            stage(
-                "stats",
-                "edge",
-                Some("people_in"),
-                &[("window_s", num(60.0))],
-            ),
-            stage(
-                "stats",
-                "edge",
-                Some("people_out"),
-                &[("window_s", num(60.0))],
-            ),
-            archive,
-        ],
-        AssetKind::WifiAp => vec![
-            stage(
-                "stats",
-                "edge",
-                Some("throughput"),
-                &[("window_s", num(60.0))],
-            ),
-            archive,
-        ],
-        AssetKind::HpcNode => vec![
-            stage(
-                "stats",
-                "edge",
-                Some("cpu_temperature"),
-                &[("window_s", num(60.0))],
-            ),
-            stage("stats", "edge", Some("power"), &[("window_s", num(60.0))]),
-            archive,
-        ],
-    };
-    ChainSpec { stage }
+impl SignalTable for ThingModel {
+    fn kind_name(&self) -> &str {
+        &self.kind
+    }
+    fn find(&self, name: &str) -> Option<SignalRef<'_>> {
+        self.signals
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| SignalRef {
+                name: &s.name,
+                rate_hz: s.rate_hz,
+                waveform: s.waveform,
+            })
+    }
+    fn primary(&self) -> SignalRef<'_> {
+        let s = self.primary_signal();
+        SignalRef {
+            name: &s.name,
+            rate_hz: s.rate_hz,
+            waveform: s.waveform,
+        }
+    }
 }
 
 /// The stream stages (filters, decimation) of one tier for one signal.
@@ -1227,6 +1159,7 @@ pub fn run_window(job: &WindowJob) -> BTreeMap<String, f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kind::legacy::{band, num, stage};
 
     fn spec(toml_like: Vec<StageSpec>) -> ChainSpec {
         ChainSpec { stage: toml_like }

@@ -117,6 +117,20 @@ pub fn placement(twin: &TwinId) -> String {
 
 pub const PLACEMENT_ALL: &str = "twinmesh/placement/**";
 
+/// Queryable of a kind defined by a Thing Model: its `KindModel`, from the edge and
+/// cloud nodes that know it.
+pub fn kind_model(kind: &str) -> String {
+    format!("twinmesh/kinds/{kind}")
+}
+
+pub const KINDS_ALL: &str = "twinmesh/kinds/*";
+
+/// The kind a [`kind_model`] key names.
+pub fn parse_kind_model(key: &str) -> Option<&str> {
+    key.strip_prefix("twinmesh/kinds/")
+        .filter(|k| crate::id::is_valid_segment(k))
+}
+
 pub fn placements_of_site(site: &str) -> String {
     format!("twinmesh/placement/{site}/*")
 }

@@ -357,8 +357,7 @@ impl Policy {
     /// The default policy of `kind`, one copy shared by every twin of the kind that has
     /// not changed its policy.
     pub fn shared_default(kind: AssetKind) -> std::sync::Arc<Policy> {
-        static DEFAULTS: std::sync::OnceLock<Vec<std::sync::Arc<Policy>>> =
-            std::sync::OnceLock::new();
+        static DEFAULTS: crate::kind::KindCache<Policy> = crate::kind::KindCache::new();
         kind.shared(&DEFAULTS, Policy::default_for)
     }
 

@@ -335,7 +335,7 @@ impl Actor for TwinActor {
     ) -> std::result::Result<Self::State, ActorProcessingErr> {
         let TwinArgs { ctx, placement } = args;
         let id: TwinId = placement.twin_id.parse()?;
-        let kind: AssetKind = placement.kind.parse()?;
+        let kind: AssetKind = crate::kinds::resolve(&ctx, &placement.kind).await?;
         let (core, restored) = lifecycle::restore_core(&ctx, &placement, &id, kind).await?;
         let cancel = ctx.cancel.child_token();
         let state = TwinActorState {

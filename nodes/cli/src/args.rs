@@ -105,6 +105,10 @@ pub struct NodeArgs {
     /// Simulated assets, KIND[:COUNT],... (iot tier).
     #[arg(long, value_delimiter = ',')]
     pub simulate: Vec<SimSpec>,
+    /// Folder of W3C WoT Thing Models (`*.json`) defining more asset kinds; a bad model
+    /// stops the node with the file, the property and the reason.
+    #[arg(long = "models", value_name = "DIR")]
+    pub models_dir: Option<PathBuf>,
     /// Fault of a simulated asset, ASSET=MODE@SECONDS after start or @UNIX_SECONDS
     /// (repeatable), e.g. wt-01=outer_race@30, pm-01=harmonic_distortion@10,
     /// hpc-01=stuck:power@5.
@@ -204,6 +208,10 @@ impl NodeArgs {
         cfg.http = self.http;
         cfg.simulate = self.simulate;
         cfg.faults = self.fault;
+        if let Some(dir) = self.models_dir {
+            twinmesh_nodes::kinds::load_dir(&dir)?;
+            cfg.models_dir = Some(dir);
+        }
         cfg.lease_ms = self.lease_ms;
         cfg.max_frame_bytes = self.max_frame_bytes;
         cfg.multicast = self.multicast;

@@ -12,8 +12,8 @@ use twinmesh_proto::v1::privacy_service_client::PrivacyServiceClient;
 use twinmesh_proto::v1::twin_service_client::TwinServiceClient;
 use twinmesh_twins::proto::{
     self, watch_twin_response, DrainNodeRequest, GetPlacementRequest, GetThingDescriptionRequest,
-    GetTwinRequest, ListNodesRequest, ListTwinsRequest, MigrateTwinRequest, QueryHistoryRequest,
-    SetChainRequest, SetDesiredRequest, WatchTwinRequest,
+    GetTwinRequest, ListKindsRequest, ListNodesRequest, ListTwinsRequest, MigrateTwinRequest,
+    QueryHistoryRequest, SetChainRequest, SetDesiredRequest, WatchTwinRequest,
 };
 use twinmesh_twins::stats::Aggregation;
 
@@ -100,6 +100,13 @@ pub enum CtlCommand {
     },
     /// Live nodes of the mesh.
     Nodes,
+    /// Asset kinds the answering node knows, with their source: built-in, file (its
+    /// `--models` folder) or fabric (learned from a gateway's registration).
+    Kinds {
+        /// Print one kind's Thing Model (JSON) instead.
+        #[arg(long)]
+        model: Option<String>,
+    },
     /// Placement of one twin.
     Placement { id: String },
     /// Live-migrate a twin to a node (or to the least loaded node of a tier); it stays
@@ -473,6 +480,7 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
             ctl.desired(req).await
         }
         CtlCommand::Nodes => ctl.nodes().await,
+        CtlCommand::Kinds { model } => ctl.kinds(model).await,
         CtlCommand::Migrate {
             id,
             to,
@@ -748,6 +756,36 @@ impl Ctl {
                 "{id}: {property} = {value} commanded at revision {} (pending delivery)",
                 resp.revision
             );
+        })
+    }
+
+    async fn kinds(&mut self, model: Option<String>) -> anyhow::Result<()> {
+        let resp = reply(self.mesh.list_kinds(ListKindsRequest {})).await?;
+        if let Some(name) = model {
+            let k = resp
+                .kinds
+                .iter()
+                .find(|k| k.kind == name)
+                .ok_or_else(|| anyhow::anyhow!("unknown asset kind {name:?}"))?;
+            print!("{}", k.thing_model);
+            return Ok(());
+        }
+        self.show(&resp, |resp| {
+            println!(
+                "{:<16} {:<9} {:<28} {:>7} {:>10}  DEFINED BY",
+                "KIND", "SOURCE", "TITLE", "SIGNALS", "SET-POINTS"
+            );
+            for k in &resp.kinds {
+                println!(
+                    "{:<16} {:<9} {:<28} {:>7} {:>10}  {}",
+                    k.kind,
+                    k.source,
+                    k.title,
+                    k.signals.len(),
+                    k.setpoints.len(),
+                    k.defined_by
+                );
+            }
         })
     }
 

@@ -419,7 +419,7 @@ fn fault_file(mode: &str) -> String {
 fn simulate(kind: AssetKind, args: &EvalArgs) -> anyhow::Result<Recorded> {
     // One asset: its first windows train, the ones after them count false alarms, and
     // each fault run is the same asset (same seed: the same samples up to the onset).
-    let seed = args.seed.wrapping_mul(1000) + kind as u64;
+    let seed = args.seed.wrapping_mul(1000) + kind.index() as u64;
     let train_until_ns = START_NS + (training_hours(kind, args) * 3.6e12) as i64;
     let (train, healthy) = collect(kind, seed, args.train, train_until_ns, args.healthy)?;
     let window_ns = (longest_window_s(kind) * 1e9) as i64;

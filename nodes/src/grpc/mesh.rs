@@ -6,11 +6,14 @@ use std::time::Duration;
 use tonic::{Request, Response, Status};
 
 use twinmesh_proto::v1::mesh_service_server::MeshService;
+use twinmesh_twins::kind::KindSource;
 use twinmesh_twins::privacy::Role;
 use twinmesh_twins::proto::{
-    mesh_reply, mesh_request, DrainNodeRequest, DrainNodeResponse, GetPlacementRequest,
-    ListNodesRequest, ListNodesResponse, MigrateTwinRequest, MigrateTwinResponse, Placement,
+    mesh_reply, mesh_request, DrainNodeRequest, DrainNodeResponse, GetPlacementRequest, KindInfo,
+    ListKindsRequest, ListKindsResponse, ListNodesRequest, ListNodesResponse, MigrateTwinRequest,
+    MigrateTwinResponse, Placement,
 };
+use twinmesh_twins::AssetKind;
 
 use super::Services;
 use crate::api::parse_twin_id;
@@ -33,6 +36,16 @@ impl MeshService for Services {
         crate::auth::require(&request, Role::Viewer)?;
         Ok(Response::new(ListNodesResponse {
             nodes: self.api.list_nodes().await?,
+        }))
+    }
+
+    async fn list_kinds(
+        &self,
+        request: Request<ListKindsRequest>,
+    ) -> Result<Response<ListKindsResponse>, Status> {
+        crate::auth::require(&request, Role::Viewer)?;
+        Ok(Response::new(ListKindsResponse {
+            kinds: AssetKind::registered().into_iter().map(kind_info).collect(),
         }))
     }
 
@@ -100,5 +113,23 @@ impl MeshService for Services {
             .await?
             .map(Response::new)
             .ok_or_else(|| crate::Error::not_found(format!("unknown twin {id}")).into())
+    }
+}
+
+/// What `ListKinds` says of one kind this node knows.
+pub fn kind_info(kind: AssetKind) -> KindInfo {
+    let s = kind.schema();
+    KindInfo {
+        kind: s.name.to_owned(),
+        title: s.title.to_owned(),
+        source: s.source.label().to_owned(),
+        defined_by: match &s.source {
+            KindSource::BuiltIn => String::new(),
+            KindSource::File(path) => path.clone(),
+            KindSource::Fabric { site } => site.clone(),
+        },
+        signals: s.signals.iter().map(|x| x.name.to_owned()).collect(),
+        setpoints: s.properties.iter().map(|x| x.name.to_owned()).collect(),
+        thing_model: s.thing_model.to_owned(),
     }
 }

@@ -53,7 +53,8 @@ pub struct NodeSpec {
     pub id: String,
     pub tier: Tier,
     pub site: String,
-    /// Simulated assets (iot tier).
+    /// Assets of the gateway (iot tier): simulated, or, for a kind without a simulator,
+    /// a [`crate::QuietDevice`].
     pub devices: Vec<(TwinId, AssetKind)>,
 }
 
@@ -193,7 +194,11 @@ impl SimCluster {
             .devices
             .iter()
             .map(|(id, kind)| {
-                Box::new(SimDevice::new(id.clone(), *kind, self.seed)) as Box<dyn Device>
+                if crate::model::has_simulator(*kind) {
+                    Box::new(SimDevice::new(id.clone(), *kind, self.seed)) as Box<dyn Device>
+                } else {
+                    Box::new(crate::device::QuietDevice::new(id.clone(), *kind))
+                }
             })
             .collect();
         let trust = Arc::new(sim_trust(&spec, &sites));

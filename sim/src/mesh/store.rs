@@ -11,7 +11,9 @@ use twinmesh_actors::ports::{
     Durable, ModelStore, PlacementStore, SeriesStore, SnapshotStore, SpoolStore, StoredFrame,
 };
 use twinmesh_actors::Result;
-use twinmesh_twins::proto::{Bucket, Budget, ModelRecord, Placement, TelemetryFrame, TwinSnapshot};
+use twinmesh_twins::proto::{
+    Bucket, Budget, KindModel, ModelRecord, Placement, TelemetryFrame, TwinSnapshot,
+};
 use twinmesh_twins::snapshot;
 use twinmesh_twins::stats::{sample_time, Aggregation, HistoryBuckets};
 use twinmesh_twins::TwinId;
@@ -24,6 +26,7 @@ struct Data {
     hosted: BTreeMap<TwinId, Placement>,
     placements: BTreeMap<String, Placement>,
     site_budgets: BTreeMap<String, Budget>,
+    kinds: BTreeMap<String, KindModel>,
     replicas: BTreeMap<TwinId, TwinSnapshot>,
     seqs: BTreeMap<(TwinId, String), u64>,
     spool: BTreeMap<(TwinId, String, u64), TelemetryFrame>,
@@ -296,6 +299,15 @@ impl PlacementStore for MemStore {
 
     fn hosted(&self) -> Result<Vec<Placement>> {
         Ok(self.with(|d| d.hosted.values().cloned().collect()))
+    }
+
+    fn save_kind(&self, model: &KindModel) -> Result<()> {
+        self.with(|d| d.kinds.insert(model.kind.clone(), model.clone()));
+        Ok(())
+    }
+
+    fn kinds(&self) -> Result<Vec<KindModel>> {
+        Ok(self.with(|d| d.kinds.values().cloned().collect()))
     }
 }
 

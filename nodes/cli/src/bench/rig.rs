@@ -186,6 +186,7 @@ impl Rig {
                 kind: kind.into(),
                 gateway: "bench".into(),
                 chain: None,
+                thing_model: String::new(),
                 proof: None,
             };
             self.gateway_trust.prove("bench", &mut req);

@@ -13,7 +13,11 @@
 //!   and twins; announce and serve their own `twinmesh/nodes/{name}` keys. Nothing else
 //!   reaches them or comes from them: not another site's telemetry, not state, features,
 //!   snapshots or events;
-//! - `readers` (dashboards, tools): subscribe to and query `twinmesh/**`, publish nothing.
+//! - `readers` (dashboards, tools): subscribe to and query `twinmesh/**`, publish nothing;
+//! - `routers` (`twinmesh router` processes between nodes that cannot reach each other):
+//!   everything, as the mesh, since they forward whatever the mesh sends. A router holds
+//!   no mesh or control key, so it can forge nothing the mesh checks; it enforces this
+//!   same roster on the links of the gateways and readers connected to it.
 //!
 //! A name signed by the CA but absent from the roster gets nothing at all.
 
@@ -38,6 +42,9 @@ pub struct Roster {
     /// Read-only clients.
     #[serde(default)]
     pub readers: Vec<NodeId>,
+    /// Zenoh routers between the nodes: they forward everything.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routers: Vec<NodeId>,
 }
 
 /// Egress declarations every subject receives, so that what it publishes or asks is
@@ -93,6 +100,7 @@ impl Roster {
             .iter()
             .chain(self.gateways.values().flatten())
             .chain(&self.readers)
+            .chain(&self.routers)
     }
 
     /// Whether `name` appears anywhere in the roster.
@@ -152,6 +160,10 @@ impl Roster {
         if !self.mesh.is_empty() {
             subjects.push(subject("mesh", &self.mesh));
             policies.push(json!({ "rules": ["mesh: everything"], "subjects": ["mesh"] }));
+        }
+        if !self.routers.is_empty() {
+            subjects.push(subject("routers", &self.routers));
+            policies.push(json!({ "rules": ["mesh: everything"], "subjects": ["routers"] }));
         }
         if !self.readers.is_empty() {
             subjects.push(subject("readers", &self.readers));

@@ -1,0 +1,312 @@
+//! End-to-end tests of a mesh whose nodes reach each other only through Zenoh routers
+//! (issue 21, point 3): every node listens nowhere and connects only to a router process
+//! (`twinmesh router`, a real Zenoh session in router mode), so nothing but the routers
+//! can carry liveliness, placements, telemetry, RPCs, acks and failover between them.
+//!
+//! Nodes run with `--mode router`: Zenoh routers do not forward between the peers
+//! connected to them (the failure the issue reports), which the last test pins down as
+//! the warning a peer-mode node and its router print.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+use prost::Message;
+
+use twinmesh_proto::v1::{DeliveryStatus, ListNodesRequest, Twin, TwinSnapshot, Watermark};
+use twinmesh_tests::{
+    args, eventually, get_twin, mesh_client, recv_until, routed_node_args, set_desired, site_key,
+    zenoh_client, NodeProc, ANY_PORT,
+};
+
+const WAIT: Duration = Duration::from_secs(60);
+const TWIN: &str = "site-a/wt-01";
+
+fn vib_seq(t: &Twin) -> u64 {
+    t.reported.get("bearing_vibration").map_or(0, |v| v.seq)
+}
+
+/// A router process named `name` listening on any loopback port, connected to
+/// `connect` (other routers).
+fn start_router(dir: &Path, name: &str, connect: &[&str]) -> NodeProc {
+    let mut a = args(["--id", name, "--listen", ANY_PORT, "--lease-ms", "1000"]);
+    for c in connect {
+        a.extend(args(["--connect", c]));
+    }
+    let router = NodeProc::start_router(&a, &dir.join("logs"), name).unwrap();
+    assert_eq!(router.ready.zenoh.len(), 1, "{:?}", router.ready);
+    router
+}
+
+/// A node in Zenoh mode `mode` that listens nowhere and connects only to `router`.
+fn start_node(
+    dir: &Path,
+    node: (&str, &str, Option<&str>),
+    mode: &str,
+    router: &NodeProc,
+    extra: &[&str],
+) -> NodeProc {
+    let (tier, id, site) = node;
+    let data = dir.join(id).display().to_string();
+    let mut a = routed_node_args(node, mode, &[&router.ready.zenoh[0]], &data);
+    a.extend(args(["--lease-ms", "1000"]));
+    if let (Some(site), true) = (site, tier != "cloud") {
+        a.extend(["--site-key".to_owned(), site_key(dir, site).unwrap()]);
+    }
+    a.extend(extra.iter().map(|s| s.to_string()));
+    let n = NodeProc::start(&a, &dir.join("logs"), id).unwrap();
+    assert!(
+        n.ready.zenoh.is_empty(),
+        "{id} must listen nowhere (no direct path to it): {:?}",
+        n.ready.zenoh
+    );
+    n
+}
+
+/// Every node the cloud lists, by name.
+async fn listed_nodes(cloud: &str) -> Option<BTreeSet<String>> {
+    let nodes = mesh_client(cloud)
+        .await
+        .list_nodes(ListNodesRequest {})
+        .await
+        .ok()?
+        .into_inner()
+        .nodes;
+    Some(nodes.into_iter().map(|n| n.node).collect())
+}
+
+/// What a mesh through routers must do, asked through the cloud's gRPC and a Zenoh
+/// client of `router`: every node listed (liveliness and node infos), the twin streaming
+/// on one of `edges`, the gateway's spool drained by acks, a set-point from the cloud
+/// delivered to the twin and its device, then `kill -9` of the twin's edge and the twin
+/// serving from the other edge at a newer epoch with its state and every frame.
+async fn assert_mesh_and_failover(
+    cloud: &str,
+    router: &NodeProc,
+    all_nodes: &[&str],
+    edges: [&str; 2],
+    mut kill9: impl FnMut(&str),
+) {
+    let expected: BTreeSet<String> = all_nodes.iter().map(|s| s.to_string()).collect();
+    eventually(WAIT, "every node listed by the cloud", || async {
+        let listed = listed_nodes(cloud).await?;
+        expected.is_subset(&listed).then_some(())
+    })
+    .await;
+
+    // Telemetry reaches a twin on an edge, and GetTwin through the cloud (an RPC to the
+    // twin's queryable on that edge) returns it.
+    let before = eventually(
+        WAIT,
+        "the twin streaming, read through the cloud",
+        || async {
+            let t = get_twin(cloud, TWIN).await.ok()?;
+            (vib_seq(&t) >= 10).then_some(t)
+        },
+    )
+    .await;
+    let p0 = before.placement.clone().unwrap();
+    assert!(edges.contains(&p0.node.as_str()), "placed on {p0:?}");
+    let survivor = edges.into_iter().find(|e| *e != p0.node).unwrap();
+
+    // Acks flow back through the routers: the twin's watermarks pass, and the gateway
+    // (which resends every frame not acknowledged within a second) resends nothing any
+    // more, so the twin counts no new duplicate. (Its spool keeps the last 4096 acknowledged frames
+    // of each stream for a twin that moves, so its size is no measure here.)
+    let outside = zenoh_client(&router.ready.zenoh[0]).await;
+    let acks = outside
+        .declare_subscriber(format!("twinmesh/acks/{TWIN}"))
+        .await
+        .unwrap();
+    recv_until(WAIT, "a watermark of the twin's owner", &acks, |s| {
+        Watermark::decode(&*s.payload().to_bytes()).is_ok_and(|wm| {
+            wm.signal == "bearing_vibration" && wm.epoch == p0.epoch && wm.seq >= vib_seq(&before)
+        })
+    })
+    .await;
+    let start = get_twin(cloud, TWIN).await.unwrap();
+    let acked = eventually(WAIT, "30 more frames ingested", || async {
+        let t = get_twin(cloud, TWIN).await.ok()?;
+        (vib_seq(&t) >= vib_seq(&start) + 30).then_some(t)
+    })
+    .await;
+    assert_eq!(
+        acked.duplicate_frames, start.duplicate_frames,
+        "the gateway resent acknowledged frames over 30 frames"
+    );
+
+    // An RPC from the cloud reaches the twin on its edge; the set-point goes on to the
+    // gateway's device and its delivery report comes back.
+    let replicas = outside
+        .declare_subscriber(format!("twinmesh/snapshots/{TWIN}"))
+        .await
+        .unwrap();
+    let reply = set_desired(cloud, TWIN, "yaw_offset", 2.5, None)
+        .await
+        .unwrap();
+    assert!(reply.revision > before.revision, "{reply:?}");
+    recv_until(
+        WAIT,
+        "a replicated snapshot holding the delivered set-point",
+        &replicas,
+        |s| {
+            TwinSnapshot::decode(&*s.payload().to_bytes()).is_ok_and(|snap| {
+                snap.twin.is_some_and(|t| {
+                    t.desired.get("yaw_offset").is_some_and(|d| {
+                        d.value == 2.5 && d.status == DeliveryStatus::Delivered as i32
+                    })
+                })
+            })
+        },
+    )
+    .await;
+
+    // kill -9 of the twin's edge: the twin fails over to the other edge, through the
+    // routers, with its state.
+    kill9(&p0.node);
+    let served = eventually(WAIT, "the twin serving from the other edge", || async {
+        let t = get_twin(cloud, TWIN).await.ok()?;
+        (t.placement.as_ref()?.node == survivor).then_some(t)
+    })
+    .await;
+    assert!(served.placement.as_ref().unwrap().epoch > p0.epoch);
+    let yaw = &served.desired["yaw_offset"];
+    assert_eq!(
+        (yaw.value, yaw.status),
+        (2.5, DeliveryStatus::Delivered as i32),
+        "state resumed from the replicated snapshot"
+    );
+    let after = eventually(WAIT, "ingestion on the survivor", || async {
+        let t = get_twin(cloud, TWIN).await.ok()?;
+        (t.placement.as_ref()?.node == survivor && vib_seq(&t) >= vib_seq(&before) + 30)
+            .then_some(t)
+    })
+    .await;
+    assert!(
+        after.lost_frames.is_empty(),
+        "nothing lost: {:?}",
+        after.lost_frames
+    );
+    let gone = eventually(WAIT, "the killed edge leaving the node list", || async {
+        let listed = listed_nodes(cloud).await?;
+        (!listed.contains(&p0.node)).then_some(listed)
+    })
+    .await;
+    assert!(
+        gone.contains(survivor) && gone.contains("iot-a"),
+        "{gone:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mesh_forms_through_one_router_and_fails_over_through_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let router = start_router(d, "router", &[]);
+    let cloud = start_node(d, ("cloud", "cloud", None), "router", &router, &[]);
+    let mut edges = vec![
+        start_node(
+            d,
+            ("edge", "edge-a1", Some("site-a")),
+            "router",
+            &router,
+            &[],
+        ),
+        start_node(
+            d,
+            ("edge", "edge-a2", Some("site-a")),
+            "router",
+            &router,
+            &[],
+        ),
+    ];
+    let _iot = start_node(
+        d,
+        ("iot", "iot-a", Some("site-a")),
+        "router",
+        &router,
+        &["--simulate", "wind_turbine:1"],
+    );
+    assert_mesh_and_failover(
+        &cloud.grpc_endpoint(),
+        &router,
+        &["cloud", "edge-a1", "edge-a2", "iot-a"],
+        ["edge-a1", "edge-a2"],
+        |node| {
+            let i = usize::from(node == "edge-a2");
+            edges[i].kill9();
+        },
+    )
+    .await;
+}
+
+/// Two routers chained (router-b connects to router-a); the cloud and one edge behind
+/// router-a, the other edge and the gateway — a Zenoh client, as a constrained device
+/// would be — behind router-b.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mesh_forms_through_two_chained_routers_and_fails_over_across_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let router_a = start_router(d, "router-a", &[]);
+    let router_b = start_router(d, "router-b", &[&router_a.ready.zenoh[0]]);
+    let cloud = start_node(d, ("cloud", "cloud", None), "router", &router_a, &[]);
+    let mut edges = vec![
+        start_node(
+            d,
+            ("edge", "edge-a1", Some("site-a")),
+            "router",
+            &router_a,
+            &[],
+        ),
+        start_node(
+            d,
+            ("edge", "edge-a2", Some("site-a")),
+            "router",
+            &router_b,
+            &[],
+        ),
+    ];
+    let _iot = start_node(
+        d,
+        ("iot", "iot-a", Some("site-a")),
+        "client",
+        &router_b,
+        &["--simulate", "wind_turbine:1"],
+    );
+    assert_mesh_and_failover(
+        &cloud.grpc_endpoint(),
+        &router_a,
+        &["cloud", "edge-a1", "edge-a2", "iot-a"],
+        ["edge-a1", "edge-a2"],
+        |node| {
+            let i = usize::from(node == "edge-a2");
+            edges[i].kill9();
+        },
+    )
+    .await;
+}
+
+/// The failure of issue 21: a node left in peer mode behind a router sees nothing
+/// through it. Both ends say so, and what to do, instead of failing silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_mode_node_behind_a_router_is_told_to_run_in_router_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let router = start_router(d, "router", &[]);
+    let cloud = start_node(d, ("cloud", "cloud", None), "peer", &router, &[]);
+    eventually(WAIT, "the node's warning", || async {
+        cloud
+            .log()
+            .contains("connected only to Zenoh routers")
+            .then_some(())
+    })
+    .await;
+    assert!(cloud.log().contains("--mode router"), "{}", cloud.log());
+    eventually(WAIT, "the router's warning", || async {
+        router
+            .log()
+            .contains("a peer-mode session connected to this router")
+            .then_some(())
+    })
+    .await;
+}

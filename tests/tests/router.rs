@@ -13,10 +13,14 @@ use std::time::Duration;
 
 use prost::Message;
 
-use twinmesh_proto::v1::{DeliveryStatus, ListNodesRequest, Twin, TwinSnapshot, Watermark};
+use twinmesh_proto::v1::twin_service_client::TwinServiceClient;
+use twinmesh_proto::v1::{
+    DeliveryStatus, GetTwinRequest, ListNodesRequest, SetDesiredRequest, Twin, TwinSnapshot,
+    TwinState, Watermark,
+};
 use twinmesh_tests::{
     args, eventually, get_twin, mesh_client, recv_until, routed_node_args, set_desired, site_key,
-    zenoh_client, NodeProc, ANY_PORT,
+    tls_args, zenoh_client, zenoh_tls_client, NodeProc, ANY_PORT,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -309,4 +313,128 @@ async fn a_peer_mode_node_behind_a_router_is_told_to_run_in_router_mode() {
             .then_some(())
     })
     .await;
+}
+
+/// The secure shape through a router (docker-compose's): mutual TLS over QUIC on every
+/// link and the ACL roster on every process, the router listed under `routers`. The
+/// twin streams, a set-point from the cloud reaches the gateway's device, and a reader
+/// connected to the router reads the twin's state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_secure_mesh_forms_through_a_router_under_the_acl() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let certs = d.join("certs");
+    twinmesh_nodes::certs::init_ca(&certs, "test CA", 30).unwrap();
+    for n in ["router", "cloud", "edge-a", "iot-a", "reader"] {
+        twinmesh_nodes::certs::issue(&certs, n, &[], 30).unwrap();
+    }
+    let roster = d.join("acl.toml");
+    std::fs::write(
+        &roster,
+        "mesh = [\"cloud\", \"edge-a\"]\nrouters = [\"router\"]\nreaders = [\"reader\"]\n\
+         [gateways]\nsite-a = [\"iot-a\"]\n",
+    )
+    .unwrap();
+    let secure = |name: &str| {
+        let mut a = tls_args(&certs, name);
+        a.extend(["--acl".to_owned(), roster.display().to_string()]);
+        a
+    };
+    let mut a = args(["--id", "router", "--listen", "quic/127.0.0.1:0"]);
+    a.extend(secure("router"));
+    let router = NodeProc::start_router(&a, &d.join("logs"), "router").unwrap();
+    let cloud = start_node(
+        d,
+        ("cloud", "cloud", None),
+        "router",
+        &router,
+        &strs(&secure("cloud")),
+    );
+    let _edge = start_node(
+        d,
+        ("edge", "edge-a", Some("site-a")),
+        "router",
+        &router,
+        &strs(&secure("edge-a")),
+    );
+    let mut iot = secure("iot-a");
+    iot.extend(args(["--simulate", "wind_turbine:1"]));
+    let _iot = start_node(
+        d,
+        ("iot", "iot-a", Some("site-a")),
+        "router",
+        &router,
+        &strs(&iot),
+    );
+
+    let ca = certs.join("ca.pem");
+    let https = cloud.grpc_endpoint().replace("http://", "https://");
+    let channel = twinmesh_nodes::client::connect_tls(&https, Duration::from_secs(10), Some(&ca))
+        .await
+        .unwrap();
+    let twin = |channel: tonic::transport::Channel| async move {
+        TwinServiceClient::new(channel)
+            .get_twin(GetTwinRequest {
+                twin_id: TWIN.into(),
+            })
+            .await
+            .ok()
+            .map(|r| r.into_inner())
+    };
+    let before = eventually(WAIT, "the twin streaming under the ACL", || {
+        let channel = channel.clone();
+        async move {
+            let t = twin(channel).await?;
+            (vib_seq(&t) >= 10).then_some(t)
+        }
+    })
+    .await;
+    assert_eq!(before.placement.unwrap().node, "edge-a");
+
+    let mut req = tonic::Request::new(SetDesiredRequest {
+        twin_id: TWIN.into(),
+        property: "yaw_offset".into(),
+        value: 1.5,
+        expected_revision: None,
+    });
+    req.set_timeout(Duration::from_secs(10));
+    TwinServiceClient::new(channel.clone())
+        .set_desired(req)
+        .await
+        .unwrap();
+    eventually(WAIT, "the set-point delivered through the router", || {
+        let channel = channel.clone();
+        async move {
+            let t = twin(channel).await?;
+            let d = t.desired.get("yaw_offset")?;
+            (d.value == 1.5 && d.status == DeliveryStatus::Delivered as i32).then_some(())
+        }
+    })
+    .await;
+
+    let reader = zenoh_tls_client(
+        &router.ready.zenoh[0],
+        &ca,
+        Some((&certs.join("reader.pem"), &certs.join("reader.key"))),
+    )
+    .await
+    .unwrap();
+    let states = reader
+        .declare_subscriber(format!("twinmesh/twins/{TWIN}/state"))
+        .await
+        .unwrap();
+    recv_until(
+        WAIT,
+        "the twin's state at a reader of the router",
+        &states,
+        |s| {
+            TwinState::decode(&*s.payload().to_bytes())
+                .is_ok_and(|st| st.twin.is_some_and(|t| t.twin_id == TWIN))
+        },
+    )
+    .await;
+}
+
+fn strs(a: &[String]) -> Vec<&str> {
+    a.iter().map(String::as_str).collect()
 }

@@ -438,3 +438,59 @@ async fn the_secure_mesh_forms_through_a_router_under_the_acl() {
 fn strs(a: &[String]) -> Vec<&str> {
     a.iter().map(String::as_str).collect()
 }
+
+/// `twinmesh up` runs its nodes as routers: a node on another machine that reaches only
+/// up's Zenoh endpoint (here: listens nowhere, connects only to it, in router mode)
+/// joins the whole mesh through the cloud node, and serves its twins through its own
+/// gRPC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_node_joins_twinmesh_up_through_its_zenoh_endpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let zenoh = format!("tcp/127.0.0.1:{port}");
+    let up = twinmesh_tests::UpProc::start(
+        &[
+            "--assets-per-kind",
+            "1",
+            "--grpc",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--zenoh",
+            &zenoh,
+        ],
+        dir.path(),
+    );
+    let cloud = format!("http://{}", up.cloud_grpc);
+    // Its keys are up's (under --data, as `twinmesh up` created them).
+    let data = dir.path().join("mesh").join("edge-x");
+    let mut a = routed_node_args(
+        ("edge", "edge-x", Some("site-a")),
+        "router",
+        &[&zenoh],
+        &data.display().to_string(),
+    );
+    let site_key = dir.path().join("mesh").join("keys").join("site-a.key");
+    a.extend(["--site-key".to_owned(), site_key.display().to_string()]);
+    let remote = NodeProc::start(&a, &dir.path().join("logs"), "edge-x").unwrap();
+    assert!(remote.ready.zenoh.is_empty(), "{:?}", remote.ready);
+    eventually(WAIT, "up's cloud listing the remote edge", || async {
+        listed_nodes(&cloud).await?.contains("edge-x").then_some(())
+    })
+    .await;
+    let remote_grpc = remote.grpc_endpoint();
+    let t = eventually(
+        WAIT,
+        "a twin of up read through the remote edge",
+        || async {
+            let t = get_twin(&remote_grpc, TWIN).await.ok()?;
+            (vib_seq(&t) >= 3).then_some(t)
+        },
+    )
+    .await;
+    assert_eq!(t.twin_id, TWIN);
+}

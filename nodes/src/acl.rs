@@ -291,6 +291,37 @@ mod tests {
     }
 
     #[test]
+    fn routers_forward_everything_and_share_the_roster() {
+        let mut r = roster();
+        r.routers = vec!["router-a".parse().unwrap()];
+        r.validate().unwrap();
+        assert!(r.lists(&"router-a".parse().unwrap()));
+        let acl = r.zenoh_acl();
+        let policies = acl["policies"].as_array().unwrap();
+        assert!(
+            policies.iter().any(|p| p["subjects"] == json!(["routers"])
+                && p["rules"] == json!(["mesh: everything"])),
+            "{acl:#}"
+        );
+        let routers = acl["subjects"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["id"] == "routers")
+            .unwrap();
+        assert_eq!(routers["cert_common_names"], json!(["router-a"]));
+        // A router cannot also be a mesh node or a gateway.
+        r.mesh.push("router-a".parse().unwrap());
+        assert!(r
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("listed twice"));
+        // A roster without routers reads and writes as before.
+        assert!(!toml::to_string(&roster()).unwrap().contains("routers"));
+    }
+
+    #[test]
     fn a_gateway_gets_its_own_site_only() {
         let acl = roster().zenoh_acl();
         let keys: Vec<String> = acl["rules"]

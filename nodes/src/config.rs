@@ -775,6 +775,35 @@ colour = "blue""#)
     }
 
     #[test]
+    fn a_router_is_checked_as_a_node_is() {
+        let router = |listen: &[&str]| {
+            RouterConfig::new(
+                "router".parse().unwrap(),
+                listen.iter().map(|s| s.to_string()).collect(),
+            )
+        };
+        let mut ok = router(&["tcp/127.0.0.1:0"]);
+        ok.connect = vec!["tcp/127.0.0.1:7447".into()];
+        ok.normalize().unwrap();
+        assert_eq!(ok.lease_ms, default_lease_ms());
+        let refused = |mut c: RouterConfig| c.normalize().unwrap_err().to_string();
+        assert!(refused(router(&[])).contains("needs at least one --listen endpoint"));
+        assert!(refused(router(&["udp/127.0.0.1:0"])).contains("protocol \"udp\" is not supported"));
+        assert!(refused(router(&["quic/127.0.0.1:0"])).contains("needs TLS certificates"));
+        assert!(refused(router(&["tcp/0.0.0.0:7447"]))
+            .contains("refusing to serve zenoh on non-loopback address tcp/0.0.0.0:7447"));
+        let mut insecure = router(&["tcp/0.0.0.0:7447"]);
+        insecure.insecure = true;
+        insecure.normalize().unwrap();
+        let mut acl = router(&["tcp/127.0.0.1:0"]);
+        acl.acl_file = Some("acl.toml".into());
+        assert!(refused(acl).contains("an ACL roster (--acl) needs TLS"));
+        let mut lease = router(&["tcp/127.0.0.1:0"]);
+        lease.lease_ms = 10;
+        assert!(refused(lease).contains("invalid lease_ms 10"));
+    }
+
+    #[test]
     fn chains_in_the_configuration_are_validated() {
         let ok = r#"
             id = "iot-a"

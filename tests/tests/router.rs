@@ -208,7 +208,7 @@ async fn the_mesh_forms_through_one_router_and_fails_over_through_it() {
     let d = dir.path();
     let router = start_router(d, "router", &[]);
     let cloud = start_node(d, ("cloud", "cloud", None), "router", &router, &[]);
-    let mut edges = vec![
+    let mut edges = [
         start_node(
             d,
             ("edge", "edge-a1", Some("site-a")),
@@ -254,7 +254,7 @@ async fn the_mesh_forms_through_two_chained_routers_and_fails_over_across_them()
     let router_a = start_router(d, "router-a", &[]);
     let router_b = start_router(d, "router-b", &[&router_a.ready.zenoh[0]]);
     let cloud = start_node(d, ("cloud", "cloud", None), "router", &router_a, &[]);
-    let mut edges = vec![
+    let mut edges = [
         start_node(
             d,
             ("edge", "edge-a1", Some("site-a")),

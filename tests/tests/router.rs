@@ -113,10 +113,12 @@ async fn assert_mesh_and_failover(
     assert!(edges.contains(&p0.node.as_str()), "placed on {p0:?}");
     let survivor = edges.into_iter().find(|e| *e != p0.node).unwrap();
 
-    // Acks flow back through the routers: the twin's watermarks pass, and the gateway
-    // (which resends every frame not acknowledged within a second) resends nothing any
-    // more, so the twin counts no new duplicate. (Its spool keeps the last 4096 acknowledged frames
-    // of each stream for a twin that moves, so its size is no measure here.)
+    // Acks flow back through the routers: the twin's watermarks pass, and the gateway,
+    // which re-sends every unacknowledged frame of a stream each second, re-sends next
+    // to nothing: without acks every frame would come back as a duplicate, again each
+    // second. (An ack later than a second on a loaded machine costs one re-send; the
+    // gateway's spool keeps the last 4096 acknowledged frames of each stream for a
+    // twin that moves, so its size is no measure here.)
     let outside = zenoh_client(&router.ready.zenoh[0]).await;
     let acks = outside
         .declare_subscriber(format!("twinmesh/acks/{TWIN}"))
@@ -134,10 +136,13 @@ async fn assert_mesh_and_failover(
         (vib_seq(&t) >= vib_seq(&start) + 30).then_some(t)
     })
     .await;
-    assert_eq!(
-        acked.duplicate_frames, start.duplicate_frames,
-        "the gateway resent acknowledged frames over 30 frames"
-    );
+    for (signal, n) in &acked.duplicate_frames {
+        let before = start.duplicate_frames.get(signal).copied().unwrap_or(0);
+        assert!(
+            n.saturating_sub(before) <= 3,
+            "{signal}: {before} → {n} duplicates over 30 frames: acks are not reaching the gateway"
+        );
+    }
 
     // An RPC from the cloud reaches the twin on its edge; the set-point goes on to the
     // gateway's device and its delivery report comes back.

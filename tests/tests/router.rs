@@ -4,8 +4,10 @@
 //! can carry liveliness, placements, telemetry, RPCs, acks and failover between them.
 //!
 //! Nodes run with `--mode router`: Zenoh routers do not forward between the peers
-//! connected to them (the failure the issue reports), which the last test pins down as
-//! the warning a peer-mode node and its router print.
+//! connected to them (the failure the issue reports), which
+//! `a_peer_mode_node_behind_a_router_is_told_to_run_in_router_mode` pins down as the
+//! warning a peer-mode node and its router print. The last test joins a node to
+//! `twinmesh up` through up's own Zenoh endpoint (up's nodes are routers).
 
 use std::collections::BTreeSet;
 use std::path::Path;

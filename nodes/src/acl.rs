@@ -13,7 +13,11 @@
 //!   and twins; announce and serve their own `twinmesh/nodes/{name}` keys. Nothing else
 //!   reaches them or comes from them: not another site's telemetry, not state, features,
 //!   snapshots or events;
-//! - `readers` (dashboards, tools): subscribe to and query `twinmesh/**`, publish nothing.
+//! - `readers` (dashboards, tools): subscribe to and query `twinmesh/**`, publish nothing;
+//! - `routers` (`twinmesh router` processes between nodes that cannot reach each other):
+//!   everything, as the mesh, since they forward whatever the mesh sends. A router holds
+//!   no mesh or control key, so it can forge nothing the mesh checks; it enforces this
+//!   same roster on the links of the gateways and readers connected to it.
 //!
 //! A name signed by the CA but absent from the roster gets nothing at all.
 
@@ -38,6 +42,9 @@ pub struct Roster {
     /// Read-only clients.
     #[serde(default)]
     pub readers: Vec<NodeId>,
+    /// Zenoh routers between the nodes: they forward everything.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routers: Vec<NodeId>,
 }
 
 /// Egress declarations every subject receives, so that what it publishes or asks is
@@ -93,6 +100,7 @@ impl Roster {
             .iter()
             .chain(self.gateways.values().flatten())
             .chain(&self.readers)
+            .chain(&self.routers)
     }
 
     /// Whether `name` appears anywhere in the roster.
@@ -152,6 +160,10 @@ impl Roster {
         if !self.mesh.is_empty() {
             subjects.push(subject("mesh", &self.mesh));
             policies.push(json!({ "rules": ["mesh: everything"], "subjects": ["mesh"] }));
+        }
+        if !self.routers.is_empty() {
+            subjects.push(subject("routers", &self.routers));
+            policies.push(json!({ "rules": ["mesh: everything"], "subjects": ["routers"] }));
         }
         if !self.readers.is_empty() {
             subjects.push(subject("readers", &self.readers));
@@ -276,6 +288,37 @@ mod tests {
         assert_eq!(acl["default_permission"], "deny");
         let policies = acl["policies"].as_array().unwrap();
         assert_eq!(policies.len(), 3, "{acl:#}");
+    }
+
+    #[test]
+    fn routers_forward_everything_and_share_the_roster() {
+        let mut r = roster();
+        r.routers = vec!["router-a".parse().unwrap()];
+        r.validate().unwrap();
+        assert!(r.lists(&"router-a".parse().unwrap()));
+        let acl = r.zenoh_acl();
+        let policies = acl["policies"].as_array().unwrap();
+        assert!(
+            policies.iter().any(|p| p["subjects"] == json!(["routers"])
+                && p["rules"] == json!(["mesh: everything"])),
+            "{acl:#}"
+        );
+        let routers = acl["subjects"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["id"] == "routers")
+            .unwrap();
+        assert_eq!(routers["cert_common_names"], json!(["router-a"]));
+        // A router cannot also be a mesh node or a gateway.
+        r.mesh.push("router-a".parse().unwrap());
+        assert!(r
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("listed twice"));
+        // A roster without routers reads and writes as before.
+        assert!(!toml::to_string(&roster()).unwrap().contains("routers"));
     }
 
     #[test]

@@ -475,30 +475,7 @@ impl NodeConfig {
                 self.id, self.tier
             )));
         }
-        for ep in self.listen.iter().chain(&self.connect) {
-            let parsed = zenoh::config::EndPoint::from_str(ep)
-                .map_err(|e| crate::Error::config(format!("invalid zenoh endpoint {ep:?}: {e}")))?;
-            let protocol = parsed.protocol();
-            if !SUPPORTED_PROTOCOLS.contains(&protocol.as_str()) {
-                return Err(crate::Error::config(format!(
-                    "invalid zenoh endpoint {ep:?}: protocol {:?} is not supported (use {})",
-                    protocol.as_str(),
-                    SUPPORTED_PROTOCOLS.join(" or ")
-                )));
-            }
-        }
-        for ep in self.listen.iter().chain(&self.connect) {
-            let tls = ep.starts_with("tls/") || ep.starts_with("quic/");
-            match (&self.tls, tls) {
-                (Some(_), false) => return Err(crate::Error::config(format!(
-                    "zenoh endpoint {ep:?} is neither tls/ nor quic/: with TLS configured every link is encrypted"
-                ))),
-                (None, true) => return Err(crate::Error::config(format!(
-                    "zenoh endpoint {ep:?} needs TLS certificates (--tls-ca, --tls-cert, --tls-key)"
-                ))),
-                _ => {}
-            }
-        }
+        check_endpoints(&self.listen, &self.connect, self.tls.is_some())?;
         if self.acl_file.is_some() && self.tls.is_none() {
             return Err(crate::Error::config(format!(
                 "node {}: an ACL roster (--acl) needs TLS (--tls-ca, --tls-cert, --tls-key): \
@@ -571,21 +548,10 @@ impl NodeConfig {
         if self.tls.is_some() || self.insecure {
             return Ok(());
         }
-        let refuse = |what: &str, addr: &str| {
-            crate::Error::config(format!(
-                "refusing to serve {what} on non-loopback address {addr} without TLS: \
-                 give --tls-ca/--tls-cert/--tls-key (or `twinmesh up --secure`), or --insecure \
-                 (config `insecure = true`) to allow plaintext"
-            ))
-        };
-        for ep in &self.listen {
-            if !endpoint_is_loopback(ep) {
-                return Err(refuse("zenoh", ep));
-            }
-        }
+        check_listen_posture(&self.listen)?;
         for (what, addr) in [("gRPC", self.grpc), ("HTTP", self.http)] {
             if let Some(a) = addr.filter(|a| !a.ip().is_loopback()) {
-                return Err(refuse(what, &a.to_string()));
+                return Err(refuse_plaintext(what, &a.to_string()));
             }
         }
         Ok(())
@@ -619,6 +585,131 @@ impl NodeConfig {
                 (s.min(i64::MAX as u64 / 1_000_000_000) as i64) * 1_000_000_000
             }),
         }
+    }
+}
+
+/// Every endpoint parses, uses a supported protocol, and is encrypted exactly when TLS
+/// is configured.
+fn check_endpoints(listen: &[String], connect: &[String], tls: bool) -> crate::Result<()> {
+    for ep in listen.iter().chain(connect) {
+        let parsed = zenoh::config::EndPoint::from_str(ep)
+            .map_err(|e| crate::Error::config(format!("invalid zenoh endpoint {ep:?}: {e}")))?;
+        let protocol = parsed.protocol();
+        if !SUPPORTED_PROTOCOLS.contains(&protocol.as_str()) {
+            return Err(crate::Error::config(format!(
+                "invalid zenoh endpoint {ep:?}: protocol {:?} is not supported (use {})",
+                protocol.as_str(),
+                SUPPORTED_PROTOCOLS.join(" or ")
+            )));
+        }
+    }
+    for ep in listen.iter().chain(connect) {
+        let encrypted = ep.starts_with("tls/") || ep.starts_with("quic/");
+        match (tls, encrypted) {
+            (true, false) => return Err(crate::Error::config(format!(
+                "zenoh endpoint {ep:?} is neither tls/ nor quic/: with TLS configured every link is encrypted"
+            ))),
+            (false, true) => return Err(crate::Error::config(format!(
+                "zenoh endpoint {ep:?} needs TLS certificates (--tls-ca, --tls-cert, --tls-key)"
+            ))),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Protected mode for Zenoh listeners: plaintext ones only on loopback.
+fn check_listen_posture(listen: &[String]) -> crate::Result<()> {
+    for ep in listen {
+        if !endpoint_is_loopback(ep) {
+            return Err(refuse_plaintext("zenoh", ep));
+        }
+    }
+    Ok(())
+}
+
+fn refuse_plaintext(what: &str, addr: &str) -> crate::Error {
+    crate::Error::config(format!(
+        "refusing to serve {what} on non-loopback address {addr} without TLS: \
+         give --tls-ca/--tls-cert/--tls-key (or `twinmesh up --secure`), or --insecure \
+         (config `insecure = true`) to allow plaintext"
+    ))
+}
+
+/// A Zenoh router and nothing else (`twinmesh router`): no twins, no store, no API. It
+/// forwards between the nodes, gateways and routers connected to it, so nodes that
+/// cannot open connections to each other (edges behind a site's firewall) reach each
+/// other through it. Nodes behind routers run in router (or client) mode: a Zenoh router
+/// does not forward between two peers connected to it (ARCHITECTURE.md, "Through
+/// routers").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouterConfig {
+    /// Its name: in logs, and its certificate name under an ACL roster.
+    pub id: NodeId,
+    /// Where nodes and other routers connect to it.
+    pub listen: Vec<String>,
+    /// Other routers it connects to (retried while unreachable).
+    #[serde(default)]
+    pub connect: Vec<String>,
+    /// Zenoh lease: how fast the router declares a frozen or cut-off link gone.
+    #[serde(default = "default_lease_ms")]
+    pub lease_ms: u64,
+    #[serde(default)]
+    pub multicast: bool,
+    /// Mutual TLS on every link (endpoints tls/ or quic/).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
+    /// The mesh's ACL roster (needs `tls`); the router's own name must be in it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acl_file: Option<PathBuf>,
+    /// Allows plaintext listeners on non-loopback addresses.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure: bool,
+}
+
+impl RouterConfig {
+    pub fn new(id: NodeId, listen: Vec<String>) -> Self {
+        RouterConfig {
+            id,
+            listen,
+            connect: Vec::new(),
+            lease_ms: default_lease_ms(),
+            multicast: false,
+            tls: None,
+            acl_file: None,
+            insecure: false,
+        }
+    }
+
+    /// Rejects a router nothing could reach, bad endpoints, an ACL without TLS and
+    /// plaintext on other than loopback (unless `insecure`).
+    pub fn normalize(&mut self) -> crate::Result<()> {
+        if self.listen.is_empty() {
+            return Err(crate::Error::config(format!(
+                "router {} needs at least one --listen endpoint: nodes reach each other \
+                 through a router by connecting to it",
+                self.id
+            )));
+        }
+        check_endpoints(&self.listen, &self.connect, self.tls.is_some())?;
+        if self.acl_file.is_some() && self.tls.is_none() {
+            return Err(crate::Error::config(format!(
+                "router {}: an ACL roster (--acl) needs TLS (--tls-ca, --tls-cert, --tls-key): \
+                 links are told apart by their certificate names",
+                self.id
+            )));
+        }
+        if self.lease_ms < 100 {
+            return Err(crate::Error::config(format!(
+                "invalid lease_ms {}: at least 100",
+                self.lease_ms
+            )));
+        }
+        if self.tls.is_none() && !self.insecure {
+            check_listen_posture(&self.listen)?;
+        }
+        Ok(())
     }
 }
 
@@ -709,6 +800,35 @@ tier = "edge"
 site = "s"
 colour = "blue""#)
         .contains("unknown field `colour`"));
+    }
+
+    #[test]
+    fn a_router_is_checked_as_a_node_is() {
+        let router = |listen: &[&str]| {
+            RouterConfig::new(
+                "router".parse().unwrap(),
+                listen.iter().map(|s| s.to_string()).collect(),
+            )
+        };
+        let mut ok = router(&["tcp/127.0.0.1:0"]);
+        ok.connect = vec!["tcp/127.0.0.1:7447".into()];
+        ok.normalize().unwrap();
+        assert_eq!(ok.lease_ms, default_lease_ms());
+        let refused = |mut c: RouterConfig| c.normalize().unwrap_err().to_string();
+        assert!(refused(router(&[])).contains("needs at least one --listen endpoint"));
+        assert!(refused(router(&["udp/127.0.0.1:0"])).contains("protocol \"udp\" is not supported"));
+        assert!(refused(router(&["quic/127.0.0.1:0"])).contains("needs TLS certificates"));
+        assert!(refused(router(&["tcp/0.0.0.0:7447"]))
+            .contains("refusing to serve zenoh on non-loopback address tcp/0.0.0.0:7447"));
+        let mut insecure = router(&["tcp/0.0.0.0:7447"]);
+        insecure.insecure = true;
+        insecure.normalize().unwrap();
+        let mut acl = router(&["tcp/127.0.0.1:0"]);
+        acl.acl_file = Some("acl.toml".into());
+        assert!(refused(acl).contains("an ACL roster (--acl) needs TLS"));
+        let mut lease = router(&["tcp/127.0.0.1:0"]);
+        lease.lease_ms = 10;
+        assert!(refused(lease).contains("invalid lease_ms 10"));
     }
 
     #[test]

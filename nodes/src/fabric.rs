@@ -1,6 +1,7 @@
 //! The real [`Fabric`]: one Zenoh 1.x session per node.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,7 +21,9 @@ use twinmesh_actors::ports::{
 };
 use twinmesh_actors::{Error, Result};
 
-use crate::config::{NodeConfig, ZenohMode};
+use twinmesh_twins::NodeId;
+
+use crate::config::{NodeConfig, RouterConfig, TlsConfig, ZenohMode};
 
 /// Publishers kept declared (the first keys a node publishes on: its hot telemetry and
 /// ack streams); others use `session.put`. Zenoh looks a new declaration's prefix up
@@ -45,8 +48,6 @@ fn to_bytes(z: &ZBytes) -> Bytes {
     Bytes::copy_from_slice(&z.to_bytes())
 }
 
-/// The Zenoh configuration of a node: explicit endpoints, multicast scouting off unless
-/// asked, and the liveliness lease of DESIGN §7.
 /// Zenoh's thread pools as twinmesh runs them unless the operator sets
 /// `ZENOH_RUNTIME` (its RON syntax): receive, transmit, accept and network work handed
 /// over to one application pool of two workers. Zenoh's default is five pools (six
@@ -64,13 +65,55 @@ pub fn default_zenoh_runtime() {
     }
 }
 
+/// What a Zenoh session of twinmesh is made of, for a node or a router alike.
+struct SessionSpec<'a> {
+    id: &'a NodeId,
+    mode: ZenohMode,
+    listen: &'a [String],
+    connect: &'a [String],
+    multicast: bool,
+    tls: Option<&'a TlsConfig>,
+    acl_file: Option<&'a Path>,
+    lease_ms: u64,
+}
+
+/// The Zenoh configuration of a node: explicit endpoints, multicast scouting off unless
+/// asked, and the liveliness lease of DESIGN §7.
 pub fn zenoh_config(cfg: &NodeConfig) -> crate::Result<zenoh::Config> {
+    session_config(SessionSpec {
+        id: &cfg.id,
+        mode: cfg.mode,
+        listen: &cfg.listen,
+        connect: &cfg.connect,
+        multicast: cfg.multicast,
+        tls: cfg.tls.as_ref(),
+        acl_file: cfg.acl_file.as_deref(),
+        lease_ms: cfg.lease_ms,
+    })
+}
+
+/// The Zenoh configuration of a router process (`twinmesh router`): the same endpoints,
+/// TLS, ACL and lease settings as a node's, in router mode.
+pub fn router_zenoh_config(cfg: &RouterConfig) -> crate::Result<zenoh::Config> {
+    session_config(SessionSpec {
+        id: &cfg.id,
+        mode: ZenohMode::Router,
+        listen: &cfg.listen,
+        connect: &cfg.connect,
+        multicast: cfg.multicast,
+        tls: cfg.tls.as_ref(),
+        acl_file: cfg.acl_file.as_deref(),
+        lease_ms: cfg.lease_ms,
+    })
+}
+
+fn session_config(spec: SessionSpec<'_>) -> crate::Result<zenoh::Config> {
     let mut c = zenoh::Config::default();
     let set = |c: &mut zenoh::Config, key: &str, value: String| {
         c.insert_json5(key, &value)
             .map_err(|e| crate::Error::config(format!("zenoh config {key}={value}: {e}")))
     };
-    let mode = match cfg.mode {
+    let mode = match spec.mode {
         ZenohMode::Peer => "peer",
         ZenohMode::Client => "client",
         ZenohMode::Router => "router",
@@ -79,21 +122,21 @@ pub fn zenoh_config(cfg: &NodeConfig) -> crate::Result<zenoh::Config> {
     set(
         &mut c,
         "listen/endpoints",
-        serde_json::to_string(&cfg.listen)?,
+        serde_json::to_string(spec.listen)?,
     )?;
     set(
         &mut c,
         "connect/endpoints",
-        serde_json::to_string(&cfg.connect)?,
+        serde_json::to_string(spec.connect)?,
     )?;
     set(
         &mut c,
         "scouting/multicast/enabled",
-        cfg.multicast.to_string(),
+        spec.multicast.to_string(),
     )?;
     // A node must start while its peers are down, and keep retrying them in the
     // background (peer default: infinite timeout, no exit on failure).
-    if cfg.mode != ZenohMode::Client {
+    if spec.mode != ZenohMode::Client {
         set(&mut c, "connect/exit_on_failure", "false".into())?;
         set(
             &mut c,
@@ -101,7 +144,7 @@ pub fn zenoh_config(cfg: &NodeConfig) -> crate::Result<zenoh::Config> {
             r#"{ period_init_ms: 250, period_max_ms: 2000, period_increase_factor: 2 }"#.into(),
         )?;
     }
-    if let Some(tls) = &cfg.tls {
+    if let Some(tls) = spec.tls {
         let path = |p: &std::path::Path| -> crate::Result<String> {
             if !p.is_file() {
                 return Err(crate::Error::config(format!(
@@ -133,10 +176,10 @@ pub fn zenoh_config(cfg: &NodeConfig) -> crate::Result<zenoh::Config> {
             "true".into(),
         )?;
     }
-    if cfg
+    if spec
         .listen
         .iter()
-        .chain(&cfg.connect)
+        .chain(spec.connect)
         .any(|e| e.starts_with("tls/"))
     {
         tracing::warn!(
@@ -145,25 +188,25 @@ pub fn zenoh_config(cfg: &NodeConfig) -> crate::Result<zenoh::Config> {
              quic/ endpoints use the same certificates without that problem"
         );
     }
-    if let Some(path) = &cfg.acl_file {
+    if let Some(path) = spec.acl_file {
         let roster = crate::acl::Roster::from_file(path)?;
-        if !roster.lists(&cfg.id) {
+        if !roster.lists(spec.id) {
             return Err(crate::Error::config(format!(
-                "node {} is not in the ACL roster {}: the other nodes would refuse it",
-                cfg.id,
+                "{} is not in the ACL roster {}: the other nodes would refuse it",
+                spec.id,
                 path.display()
             )));
         }
         set(&mut c, "access_control", roster.zenoh_acl().to_string())?;
     }
-    set(&mut c, "transport/link/tx/lease", cfg.lease_ms.to_string())?;
+    set(&mut c, "transport/link/tx/lease", spec.lease_ms.to_string())?;
     set(&mut c, "transport/link/tx/keep_alive", "4".into())?;
     Ok(c)
 }
 
 /// Fails early, with one clear line, when a TCP/TLS (or, for QUIC, UDP) listen address
 /// cannot be bound.
-fn check_listen_endpoints(endpoints: &[String]) -> crate::Result<()> {
+pub(crate) fn check_listen_endpoints(endpoints: &[String]) -> crate::Result<()> {
     for ep in endpoints {
         let parsed: zenoh::config::EndPoint = ep
             .parse()

@@ -8,6 +8,8 @@
 //! - [`runtime`]: [`runtime::RunningNode`] starts/stops one node; [`run`] is what the
 //!   binary calls.
 //! - [`fabric`]: [`fabric::ZenohFabric`], the `Fabric` port on a Zenoh 1.x session.
+//! - [`router`]: `twinmesh router`, a Zenoh router process for meshes whose nodes
+//!   reach each other only through routers.
 //! - [`store`]: [`store::SledStore`], the `Store` port on one sled database per node.
 //! - [`api`]: location-transparent operations (twin RPC over the fabric, listings).
 //! - [`grpc`]: the gRPC services (tonic), one file each, health, reflection.
@@ -35,8 +37,10 @@ pub mod http;
 pub mod keys;
 pub mod kinds;
 pub mod models;
+pub mod router;
 pub mod runtime;
 pub mod store;
 
 pub use error::{Error, Result};
+pub use router::run_router;
 pub use runtime::{run, RunningNode};

@@ -212,6 +212,12 @@ impl RunningNode {
                 }
             });
         }
+        ctx.tasks.spawn(crate::router::warn_peer_behind_routers(
+            fabric.session().clone(),
+            config.id.to_string(),
+            config.mode,
+            servers.clone(),
+        ));
         let exposed = config.exposed_plaintext();
         if !exposed.is_empty() {
             tracing::warn!(node = %config.id, ?exposed, "--insecure: plaintext listeners on non-loopback addresses");

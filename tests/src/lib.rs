@@ -51,6 +51,31 @@ pub fn node_args(
     a
 }
 
+/// `twinmesh node` arguments of node `id` of `tier` (of `site`, if given) in Zenoh mode
+/// `mode` that listens nowhere and connects only to `connect` (the routers it reaches
+/// the mesh through), with gRPC on any port and its database in `data`.
+pub fn routed_node_args(
+    (tier, id, site): (&str, &str, Option<&str>),
+    mode: &str,
+    connect: &[&str],
+    data: &str,
+) -> Vec<String> {
+    let mut a = args(["--tier", tier, "--id", id, "--mode", mode]);
+    if let Some(site) = site {
+        a.extend(args(["--site", site]));
+    }
+    for c in connect {
+        a.extend(args(["--connect", c]));
+    }
+    a.extend(args(["--grpc", "127.0.0.1:0", "--data", data]));
+    let keys = Path::new(data)
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("keys");
+    a.extend(key_args(&keys, tier, site).expect("key files for the test mesh"));
+    a
+}
+
 /// What a gateway of `site` can prove with the test mesh's keys under `dir` (its site's
 /// control and site keys; no mesh key): to send frames and batches as a gateway would.
 pub fn gateway_trust(dir: &Path, site: &str) -> anyhow::Result<twinmesh_actors::trust::Trust> {
@@ -179,6 +204,22 @@ impl NodeProc {
         name: &str,
         env: &[(&str, &str)],
     ) -> anyhow::Result<NodeProc> {
+        Self::spawn("node", args, log_dir, name, env)
+    }
+
+    /// Starts `twinmesh router ARGS...` (a Zenoh router process) and waits for its
+    /// ready line, as [`NodeProc::start`] does for a node.
+    pub fn start_router(args: &[String], log_dir: &Path, name: &str) -> anyhow::Result<NodeProc> {
+        Self::spawn("router", args, log_dir, name, &[])
+    }
+
+    fn spawn(
+        command: &str,
+        args: &[String],
+        log_dir: &Path,
+        name: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<NodeProc> {
         std::fs::create_dir_all(log_dir)?;
         let stderr_path = log_dir.join(format!("{name}.log"));
         let stderr = std::fs::OpenOptions::new()
@@ -186,7 +227,7 @@ impl NodeProc {
             .append(true)
             .open(&stderr_path)?;
         let mut child = Command::new(twinmesh_bin())
-            .arg("node")
+            .arg(command)
             .args(args)
             .env(
                 "RUST_LOG",

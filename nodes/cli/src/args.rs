@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use twinmesh_nodes::config::{FaultSpec, NodeConfig, SimSpec, ZenohMode};
+use twinmesh_nodes::config::{FaultSpec, NodeConfig, RouterConfig, SimSpec, TlsConfig, ZenohMode};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -24,6 +24,9 @@ pub enum Command {
     Up(UpArgs),
     /// Run one node (cloud, edge or iot).
     Node(Box<NodeArgs>),
+    /// Run a Zenoh router (no twins, no API) that nodes connect to when they cannot
+    /// reach each other directly; run those nodes with `--mode router`.
+    Router(RouterArgs),
     /// Operate a running mesh through gRPC.
     Ctl(crate::ctl::CtlArgs),
     /// Measure the mesh (results go to BENCHMARKS.md).
@@ -93,7 +96,9 @@ pub struct NodeArgs {
     /// Zenoh endpoint to connect to (repeatable); retried while unreachable.
     #[arg(long)]
     pub connect: Vec<String>,
-    /// peer, client or router.
+    /// peer, client or router. Nodes that reach each other only through Zenoh routers
+    /// (`twinmesh router`, zenohd) need router (or client): routers do not forward
+    /// between the peers connected to them.
     #[arg(long, default_value = "peer")]
     pub mode: ZenohMode,
     #[arg(long)]
@@ -225,7 +230,7 @@ impl NodeArgs {
         cfg.at_rest_key_file = self.at_rest_key;
         cfg.acl_file = self.acl;
         if let (Some(ca), Some(cert), Some(key)) = (self.tls_ca, self.tls_cert, self.tls_key) {
-            cfg.tls = Some(twinmesh_nodes::config::TlsConfig {
+            cfg.tls = Some(TlsConfig {
                 ca_file: ca,
                 cert_file: cert,
                 key_file: key,
@@ -240,6 +245,62 @@ impl NodeArgs {
             roles_claim: self.auth_roles_claim,
             sites_claim: self.auth_sites_claim,
         };
+        cfg.insecure = self.insecure;
+        cfg.normalize()?;
+        Ok(cfg)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct RouterArgs {
+    /// Its name: in logs, and its certificate name under --acl.
+    #[arg(long, default_value = "router")]
+    pub id: String,
+    /// Zenoh endpoint nodes and other routers connect to (repeatable), e.g.
+    /// tcp/127.0.0.1:7447 or quic/0.0.0.0:7447.
+    #[arg(long, required = true)]
+    pub listen: Vec<String>,
+    /// Another router to connect to (repeatable); retried while unreachable.
+    #[arg(long)]
+    pub connect: Vec<String>,
+    /// Lease of its links in ms.
+    #[arg(long, default_value_t = 2000)]
+    pub lease_ms: u64,
+    /// Enable Zenoh multicast scouting (off by default).
+    #[arg(long)]
+    pub multicast: bool,
+    /// Site CA certificate (PEM): with --tls-cert and --tls-key every link is mutual
+    /// TLS (endpoints tls/ or quic/).
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
+    /// The router's certificate (PEM, from `twinmesh certs issue`).
+    #[arg(long, value_name = "FILE", requires = "tls_ca")]
+    pub tls_cert: Option<PathBuf>,
+    /// The router's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_ca")]
+    pub tls_key: Option<PathBuf>,
+    /// The mesh's ACL roster (the router's name under `routers`); needs the --tls-* flags.
+    #[arg(long, value_name = "FILE", requires = "tls_ca")]
+    pub acl: Option<PathBuf>,
+    /// Allow plaintext listeners on non-loopback addresses.
+    #[arg(long)]
+    pub insecure: bool,
+}
+
+impl RouterArgs {
+    pub fn into_config(self) -> anyhow::Result<RouterConfig> {
+        let mut cfg = RouterConfig::new(self.id.parse()?, self.listen);
+        cfg.connect = self.connect;
+        cfg.lease_ms = self.lease_ms;
+        cfg.multicast = self.multicast;
+        if let (Some(ca), Some(cert), Some(key)) = (self.tls_ca, self.tls_cert, self.tls_key) {
+            cfg.tls = Some(TlsConfig {
+                ca_file: ca,
+                cert_file: cert,
+                key_file: key,
+            });
+        }
+        cfg.acl_file = self.acl;
         cfg.insecure = self.insecure;
         cfg.normalize()?;
         Ok(cfg)

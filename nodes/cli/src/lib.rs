@@ -43,6 +43,9 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
             crate::up::up(opts, shutdown).await
         }
         Command::Node(args) => Ok(twinmesh_nodes::run(args.into_config()?, shutdown).await?),
+        Command::Router(args) => {
+            Ok(twinmesh_nodes::run_router(args.into_config()?, shutdown).await?)
+        }
         Command::Ctl(args) => crate::ctl::run(args).await,
         Command::Bench(args) => crate::bench::run(args).await,
         Command::Eval(args) => crate::eval::run(args, &mut std::io::stdout().lock()),

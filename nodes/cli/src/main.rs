@@ -13,7 +13,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Benchmarks and the client stay quiet unless asked; nodes report what they do.
     let default_filter = match cli.command {
-        Command::Up(_) | Command::Node(_) => "warn,twinmesh=info",
+        Command::Up(_) | Command::Node(_) | Command::Router(_) => "warn,twinmesh=info",
         Command::Ctl(_)
         | Command::Bench(_)
         | Command::Eval(_)
@@ -24,7 +24,10 @@ fn main() -> ExitCode {
         | Command::Certs(_)
         | Command::Acl(_) => "warn",
     };
-    if !matches!(cli.command, Command::Up(_) | Command::Node(_)) {
+    if !matches!(
+        cli.command,
+        Command::Up(_) | Command::Node(_) | Command::Router(_)
+    ) {
         twinmesh_cli::quiet_on_closed_stdout();
     }
     tracing_subscriber::fmt()

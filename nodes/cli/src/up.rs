@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use twinmesh_sim::model::SIMULATED_KINDS;
 use twinmesh_twins::Tier;
 
-use twinmesh_nodes::config::{NodeConfig, SimSpec, CLOUD_SITE};
+use twinmesh_nodes::config::{NodeConfig, SimSpec, ZenohMode, CLOUD_SITE};
 use twinmesh_nodes::RunningNode;
 
 pub const SITES: [&str; 2] = ["site-a", "site-b"];
@@ -142,7 +142,12 @@ pub fn plan(opts: &UpOptions) -> anyhow::Result<Vec<NodeConfig>> {
         }
         n.control_keys_dir = Some(keys.clone());
     }
+    // Every node is a Zenoh router: a node (or a `twinmesh router`) on another machine
+    // that connects to one of them in router mode reaches the whole mesh through it,
+    // where peers would forward nothing between their neighbours (ARCHITECTURE.md,
+    // "Through routers"). Outside clients connect to one node, as a client.
     for n in &mut nodes {
+        n.mode = ZenohMode::Router;
         n.normalize()?;
     }
     Ok(nodes)

@@ -250,15 +250,22 @@ impl GatewayState {
         // Twins take frames only with a proof under the site's control key.
         self.ctx.trust.prove(twin.site(), &mut message);
         let len = message.encoded_len() as u64;
-        match self
-            .ctx
-            .fabric
-            .put(
+        // The twin's ingest links to this span (traces on; a small ratio is sampled).
+        let span = tracing::debug_span!(
+            "gateway.publish",
+            twin = %twin,
+            signal = %frame.signal,
+            seq = frame.seq
+        );
+        match tracing::Instrument::instrument(
+            self.ctx.fabric.put(
                 &keys::telemetry(twin, &frame.signal),
                 &message,
                 Qos::Reliable,
-            )
-            .await
+            ),
+            span,
+        )
+        .await
         {
             Ok(()) => {
                 NodeMetrics::add(&self.ctx.metrics.frames_published, 1);

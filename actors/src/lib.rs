@@ -60,6 +60,7 @@ pub mod router;
 pub mod seal;
 pub mod services;
 pub mod tasks;
+pub mod trace;
 pub mod trust;
 pub mod twin;
 pub mod wire;

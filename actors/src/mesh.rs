@@ -667,7 +667,13 @@ impl Actor for MeshSupervisor {
                         status = placed.status,
                         "failover"
                     );
-                    state.commit(placed).await?;
+                    let span = tracing::debug_span!(
+                        "mesh.failover",
+                        twin = %placed.twin_id,
+                        from = %node,
+                        to = %placed.node
+                    );
+                    tracing::Instrument::instrument(state.commit(placed), span).await?;
                 }
             }
             MeshMsg::PlanMove {
@@ -1140,7 +1146,12 @@ pub async fn migrate(
     pin: bool,
 ) -> Result<MigrateTwinResponse, crate::Error> {
     let started = std::time::Instant::now();
-    let moved = migrate_steps(mesh, ctx, twin, target_node, target_tier, pin).await;
+    let span = tracing::debug_span!("mesh.migrate", twin = %twin, pin);
+    let moved = tracing::Instrument::instrument(
+        migrate_steps(mesh, ctx, twin, target_node, target_tier, pin),
+        span,
+    )
+    .await;
     if moved.is_ok() {
         ctx.metrics
             .latency

@@ -21,6 +21,9 @@ pub struct Sample {
     pub key: String,
     pub payload: Bytes,
     pub kind: SampleKind,
+    /// The publisher's trace context (`traceparent`), when traces are on
+    /// ([`crate::trace`]).
+    pub attachment: Option<Bytes>,
 }
 
 /// `Delete` only occurs on liveliness subscriptions (a token went away).
@@ -72,6 +75,8 @@ pub struct Query {
     pub key: String,
     pub payload: Bytes,
     pub responder: Box<dyn Responder>,
+    /// The caller's trace context (`traceparent`), when traces are on ([`crate::trace`]).
+    pub attachment: Option<Bytes>,
 }
 
 impl Query {

@@ -423,9 +423,13 @@ impl Router {
         let routes = self.routes.read().expect("routes lock");
         if let Some(r) = routes.get(twin) {
             // Asked again, unchanged since: answered here, on the fabric's thread.
-            let answer = self.trust.get().and_then(|(trust, clock)| {
-                let now_ms = clock.now_ns().div_euclid(1_000_000);
-                r.cache.answer(twin, &query.payload, trust, now_ms)
+            let span = tracing::debug_span!("twin.rpc.cached", twin);
+            crate::trace::follow(&span, query.attachment.as_ref());
+            let answer = span.in_scope(|| {
+                self.trust.get().and_then(|(trust, clock)| {
+                    let now_ms = clock.now_ns().div_euclid(1_000_000);
+                    r.cache.answer(twin, &query.payload, trust, now_ms)
+                })
             });
             if let Some(answer) = answer {
                 drop(routes);
@@ -500,6 +504,7 @@ mod tests {
             key: format!("twinmesh/telemetry/{twin}/power"),
             payload: bytes::Bytes::from(vec![n]),
             kind: SampleKind::Put,
+            attachment: None,
         }
     }
 

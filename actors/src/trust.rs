@@ -201,6 +201,7 @@ pub fn proving<M: ProvenReply + 'static>(
     Query {
         key: query.key,
         payload: query.payload,
+        attachment: query.attachment,
         responder: Box::new(ProvingResponder::<M> {
             inner: query.responder,
             trust: trust.clone(),

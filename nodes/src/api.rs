@@ -173,7 +173,13 @@ impl Api {
         caller: proto::Caller,
     ) -> Result<twin_reply::Reply> {
         let started = Instant::now();
-        let reply = self.twin_call_once(id, request, deadline, caller).await;
+        let span =
+            tracing::debug_span!("grpc.twin_call", twin = %id, request = request_name(&request));
+        let reply = tracing::Instrument::instrument(
+            self.twin_call_once(id, request, deadline, caller),
+            span,
+        )
+        .await;
         if let Some(h) = &self.rpc_latency {
             h.observe(started.elapsed().as_secs_f64());
         }
@@ -210,10 +216,12 @@ impl Api {
                     .answer::<TwinReply>(caller.as_ref(), &r.payload)
                     .is_some()
             };
-            let first = self
-                .fabric
-                .ask_first(&key, &request, left.max(Duration::from_millis(10)), &accept)
-                .await?;
+            let first = tracing::Instrument::instrument(
+                self.fabric
+                    .ask_first(&key, &request, left.max(Duration::from_millis(10)), &accept),
+                tracing::debug_span!("zenoh.query", key = %key),
+            )
+            .await?;
             if let Some(reply) = first {
                 let reply = reply
                     .decode::<TwinReply>()
@@ -389,5 +397,25 @@ impl Api {
             twins,
             next_page_token,
         })
+    }
+}
+
+/// The name of a twin request, for spans.
+fn request_name(r: &twin_request::Request) -> &'static str {
+    use twin_request::Request as R;
+    match r {
+        R::GetTwin(_) => "GetTwin",
+        R::SetDesired(_) => "SetDesired",
+        R::QueryHistory(_) => "QueryHistory",
+        R::ThingDescription(_) => "GetThingDescription",
+        R::SetChain(_) => "SetChain",
+        R::ImportHistory(_) => "ImportHistory",
+        R::Freeze(_) => "Freeze",
+        R::InstallModel(_) => "InstallModel",
+        R::SetPolicy(_) => "SetPolicy",
+        R::GetPolicy(_) => "GetPolicy",
+        R::GetBudget(_) => "GetBudget",
+        R::Release(_) => "Release",
+        R::Contribute(_) => "Contribute",
     }
 }

@@ -277,6 +277,7 @@ impl ZenohFabric {
                 callback(Query {
                     key: q.key_expr().to_string(),
                     payload: q.payload().map(to_bytes).unwrap_or_default(),
+                    attachment: q.attachment().map(to_bytes),
                     responder: Box::new(ZenohResponder(q)),
                 })
             })
@@ -295,6 +296,7 @@ impl ZenohFabric {
                     key: s.key_expr().to_string(),
                     payload: to_bytes(s.payload()),
                     kind: SampleKind::Put,
+                    attachment: s.attachment().map(to_bytes),
                 })
             })
             .await
@@ -348,6 +350,10 @@ impl ZenohFabric {
             get = get
                 .payload(ZBytes::from(bytes))
                 .encoding(Encoding::from(encoding));
+        }
+        // The caller's trace context, when traces are exported.
+        if let Some(tp) = twinmesh_actors::trace::attachment() {
+            get = get.attachment(ZBytes::from(tp));
         }
         get.await.map_err(Error::fabric)
     }
@@ -406,15 +412,29 @@ impl Fabric for ZenohFabric {
         encoding: &'static str,
         qos: Qos,
     ) -> Result<()> {
+        // The publisher's trace context, when traces are exported.
+        let trace = twinmesh_actors::trace::attachment();
         match self.publisher(key, encoding, qos).await? {
-            Some(p) => p.put(ZBytes::from(payload)).await.map_err(Error::fabric),
-            None => self
-                .session
-                .put(key.to_owned(), ZBytes::from(payload))
-                .encoding(Encoding::from(encoding))
-                .congestion_control(congestion(qos))
-                .await
-                .map_err(Error::fabric),
+            Some(p) => match trace {
+                None => p.put(ZBytes::from(payload)).await,
+                Some(tp) => {
+                    p.put(ZBytes::from(payload))
+                        .attachment(ZBytes::from(tp))
+                        .await
+                }
+            }
+            .map_err(Error::fabric),
+            None => {
+                let mut put = self
+                    .session
+                    .put(key.to_owned(), ZBytes::from(payload))
+                    .encoding(Encoding::from(encoding))
+                    .congestion_control(congestion(qos));
+                if let Some(tp) = trace {
+                    put = put.attachment(ZBytes::from(tp));
+                }
+                put.await.map_err(Error::fabric)
+            }
         }
     }
 
@@ -531,6 +551,7 @@ impl Fabric for ZenohFabric {
                     key: s.key_expr().to_string(),
                     payload: Bytes::new(),
                     kind,
+                    attachment: None,
                 });
             })
             .await

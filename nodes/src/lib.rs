@@ -40,6 +40,7 @@ pub mod models;
 pub mod router;
 pub mod runtime;
 pub mod store;
+pub mod telemetry;
 
 pub use error::{Error, Result};
 pub use router::run_router;

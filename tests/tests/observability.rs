@@ -170,3 +170,147 @@ async fn every_nodes_metrics_pass_promtool_and_the_histograms_fill_with_traffic(
         "{gateway}"
     );
 }
+
+mod otlp {
+    //! An OTLP/gRPC trace receiver in the test process, built from the OpenTelemetry
+    //! protos: it keeps every span with the `service.name` of its resource.
+
+    use std::sync::{Arc, Mutex};
+
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+        TraceService, TraceServiceServer,
+    };
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    };
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    use opentelemetry_proto::tonic::trace::v1::Span;
+
+    pub type Spans = Arc<Mutex<Vec<(String, Span)>>>;
+
+    #[derive(Clone, Default)]
+    struct Receiver(Spans);
+
+    #[tonic::async_trait]
+    impl TraceService for Receiver {
+        async fn export(
+            &self,
+            request: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            let mut spans = self.0.lock().unwrap();
+            for rs in request.into_inner().resource_spans {
+                let service = rs
+                    .resource
+                    .iter()
+                    .flat_map(|r| r.attributes.iter())
+                    .find(|a| a.key == "service.name")
+                    .and_then(|a| match a.value.as_ref()?.value.as_ref()? {
+                        Value::StringValue(s) => Some(s.clone()),
+                        _ => None,
+                    })
+                    .unwrap_or_default();
+                for ss in rs.scope_spans {
+                    spans.extend(ss.spans.into_iter().map(|s| (service.clone(), s)));
+                }
+            }
+            Ok(tonic::Response::new(ExportTraceServiceResponse {
+                partial_success: None,
+            }))
+        }
+    }
+
+    /// Starts the receiver on a loopback port: its endpoint and what it received.
+    pub async fn start() -> (String, Spans) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let spans = Spans::default();
+        let service = TraceServiceServer::new(Receiver(spans.clone()));
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        (format!("http://{addr}"), spans)
+    }
+}
+
+/// One `GetTwin` through the cloud is one trace across the cloud and the edge, the
+/// edge's span a child of the cloud's; a frame's publish on the gateway is linked from
+/// the edge's ingest of it. The spans reach a real OTLP/gRPC receiver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_is_one_trace_across_tiers_and_ingests_link_to_their_publishes() {
+    let (endpoint, spans) = otlp::start().await;
+    let trace = [
+        "--otlp-endpoint",
+        endpoint.as_str(),
+        "--trace-ingest-ratio",
+        "1",
+    ];
+    let mesh = twinmesh_tests::Mesh::start_all(Some("power_meter:1"), &trace, &trace, &trace)
+        .expect("mesh starts");
+    let cloud = mesh.cloud.grpc_endpoint();
+    eventually(WAIT, "the meter through the cloud", || async {
+        let t = get_twin(&cloud, ID).await.ok()?;
+        t.reported.contains_key("voltage").then_some(())
+    })
+    .await;
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    // A call of the cloud whose span on the edge is its child, in the same trace.
+    let (call, child) = eventually(WAIT, "a twin call traced across cloud and edge", || async {
+        get_twin(&cloud, ID).await.ok()?;
+        let spans = spans.lock().unwrap();
+        let cloud_spans: Vec<_> = spans
+            .iter()
+            .filter(|(svc, _)| svc == "twinmesh-cloud")
+            .map(|(_, s)| s)
+            .collect();
+        let edge_child = spans.iter().find_map(|(svc, s)| {
+            if svc != "twinmesh-edge-a" || !s.name.starts_with("twin.rpc") {
+                return None;
+            }
+            let parent = cloud_spans
+                .iter()
+                .find(|c| c.span_id == s.parent_span_id && c.trace_id == s.trace_id)?;
+            Some(((*parent).clone(), s.clone()))
+        });
+        edge_child
+    })
+    .await;
+    assert_eq!(call.trace_id, child.trace_id);
+    assert_eq!(
+        call.name, "zenoh.query",
+        "the edge's span is a child of the query"
+    );
+    {
+        let spans = spans.lock().unwrap();
+        // The query's own parent is the cloud's call, in the same trace.
+        let root = spans
+            .iter()
+            .find(|(svc, s)| svc == "twinmesh-cloud" && s.span_id == call.parent_span_id)
+            .map(|(_, s)| s.clone())
+            .expect("the cloud's call span");
+        assert_eq!(root.name, "grpc.twin_call");
+        assert_eq!(
+            root.trace_id,
+            call.trace_id,
+            "trace {}",
+            hex(&call.trace_id)
+        );
+    }
+    // A frame: the edge's ingest links to the gateway's publish of it.
+    eventually(WAIT, "an ingest linked to a gateway's publish", || async {
+        let spans = spans.lock().unwrap();
+        let publishes: Vec<_> = spans
+            .iter()
+            .filter(|(svc, s)| svc == "twinmesh-iot-a" && s.name == "gateway.publish")
+            .map(|(_, s)| (s.trace_id.clone(), s.span_id.clone()))
+            .collect();
+        spans
+            .iter()
+            .filter(|(svc, s)| svc == "twinmesh-edge-a" && s.name == "twin.ingest")
+            .flat_map(|(_, s)| s.links.iter())
+            .any(|l| publishes.contains(&(l.trace_id.clone(), l.span_id.clone())))
+            .then_some(())
+    })
+    .await;
+}

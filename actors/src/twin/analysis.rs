@@ -40,9 +40,9 @@ impl TwinActorState {
                 }
                 let (signal, start_ns, end_ns) = (job.signal.clone(), job.start_ns, job.end_ns);
                 let started = std::time::Instant::now();
-                if let Ok(features) =
-                    tokio::task::spawn_blocking(move || chain::run_window(&job)).await
-                {
+                let span = tracing::debug_span!("twin.analysis", signal = %job.signal);
+                let run = move || span.in_scope(|| chain::run_window(&job));
+                if let Ok(features) = tokio::task::spawn_blocking(run).await {
                     analysis.observe(started.elapsed().as_secs_f64());
                     let _ = me.cast(TwinMsg::Features {
                         signal,
@@ -67,7 +67,11 @@ impl TwinActorState {
             return Ok(());
         }
         self.core.apply_features(&features);
-        self.score(&features, end_ns).await;
+        tracing::Instrument::instrument(
+            self.score(&features, end_ns),
+            tracing::debug_span!("twin.score", signal = %signal),
+        )
+        .await;
         // Feature history at the edge: one point per feature per window.
         let points: Vec<StoredFrame> = features
             .iter()

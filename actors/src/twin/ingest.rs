@@ -287,8 +287,16 @@ pub(super) fn collect_batch(
     first: Sample,
     rx: &flume::Receiver<Sample>,
     dropped: &std::sync::atomic::AtomicU64,
-) -> Vec<TelemetryFrame> {
+) -> (Vec<TelemetryFrame>, Vec<bytes::Bytes>) {
     let batch_max = ctx.twin_config.ingest_batch;
+    // The publishers' trace contexts (when traces are on), to link the ingest to.
+    let mut links: Vec<bytes::Bytes> = Vec::new();
+    let mut keep_link = |s: &Sample| {
+        if links.len() < MAX_TRACE_LINKS {
+            links.extend(s.attachment.clone());
+        }
+    };
+    keep_link(&first);
     // A batch holds at most this many samples in memory (frames beyond wait in the
     // channel for the next batch).
     let samples_max = ctx.twin_config.max_batch_samples;
@@ -301,6 +309,7 @@ pub(super) fn collect_batch(
                 if let Some(f) = decode_frame(ctx, actor, id, kind, &s) {
                     samples += f.samples.len();
                     batch.push(f);
+                    keep_link(&s);
                 }
             }
             Err(_) => break,
@@ -310,8 +319,11 @@ pub(super) fn collect_batch(
     if overflow > 0 {
         NodeMetrics::add(&ctx.metrics.frames_overflow, overflow);
     }
-    batch
+    (batch, links)
 }
+
+/// Publishes of frames an ingest span links to at most.
+const MAX_TRACE_LINKS: usize = 16;
 
 /// Hands a batch to the actor, waits for the flush that covers it, then publishes the
 /// watermarks. False when the actor is gone (its supervisor restarts it with new
@@ -321,7 +333,23 @@ pub(super) async fn deliver_batch(
     ctx: Arc<NodeContext>,
     id: TwinId,
     batch: Vec<TelemetryFrame>,
+    links: Vec<bytes::Bytes>,
 ) -> bool {
+    use tracing::Instrument;
+    let span = tracing::debug_span!("twin.ingest", twin = %id, frames = batch.len());
+    for l in &links {
+        crate::trace::link(&span, Some(l));
+    }
+    deliver(actor, ctx, id, batch).instrument(span).await
+}
+
+async fn deliver(
+    actor: ActorRef<TwinMsg>,
+    ctx: Arc<NodeContext>,
+    id: TwinId,
+    batch: Vec<TelemetryFrame>,
+) -> bool {
+    use tracing::Instrument;
     let taken = std::time::Instant::now();
     let acks = match actor
         .call(
@@ -333,24 +361,34 @@ pub(super) async fn deliver_batch(
         Ok(ractor::rpc::CallResult::Success(acks)) => acks,
         _ => return false,
     };
-    if let Err(e) = ctx.store.flush().await {
+    if let Err(e) = ctx
+        .store
+        .flush()
+        .instrument(tracing::debug_span!("twin.flush"))
+        .await
+    {
         tracing::error!(twin = %id, "flush failed, frames stay unacknowledged: {e}");
         return true;
     }
-    for (signal, seq) in acks.watermarks {
-        let mut wm = Watermark {
-            twin_id: id.to_string(),
-            signal,
-            seq,
-            epoch: acks.epoch,
-            proof: None,
-        };
-        // The gateway truncates its spool only on a proven watermark.
-        ctx.trust.prove(id.site(), &mut wm);
-        if let Err(e) = ctx.fabric.put(&keys::acks(&id), &wm, Qos::Reliable).await {
-            tracing::warn!(twin = %id, "ack not published: {e}");
+    let ack = tracing::debug_span!("twin.ack", watermarks = acks.watermarks.len());
+    async {
+        for (signal, seq) in acks.watermarks {
+            let mut wm = Watermark {
+                twin_id: id.to_string(),
+                signal,
+                seq,
+                epoch: acks.epoch,
+                proof: None,
+            };
+            // The gateway truncates its spool only on a proven watermark.
+            ctx.trust.prove(id.site(), &mut wm);
+            if let Err(e) = ctx.fabric.put(&keys::acks(&id), &wm, Qos::Reliable).await {
+                tracing::warn!(twin = %id, "ack not published: {e}");
+            }
         }
     }
+    .instrument(ack)
+    .await;
     ctx.metrics
         .latency
         .ingest_ack

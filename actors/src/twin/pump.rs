@@ -120,7 +120,7 @@ impl Pump {
                 s = recv(telemetry), if ingesting.is_none() && telemetry.is_some() => {
                     match s {
                         Ok(first) => {
-                            let batch = ingest::collect_batch(
+                            let (batch, links) = ingest::collect_batch(
                                 &ctx,
                                 &actor,
                                 &id,
@@ -135,6 +135,7 @@ impl Pump {
                                     ctx.clone(),
                                     id.clone(),
                                     batch,
+                                    links,
                                 )));
                             }
                         }

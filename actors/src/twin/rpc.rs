@@ -227,6 +227,21 @@ pub(super) fn serve_query(
     kind: AssetKind,
     query: crate::ports::Query,
 ) -> Option<BoxFuture<'static, ()>> {
+    use tracing::Instrument;
+    // A child of the caller's span on the node that took the call (traces on).
+    let span = tracing::debug_span!("twin.rpc", twin = %id);
+    crate::trace::follow(&span, query.attachment.as_ref());
+    let answer = span.in_scope(|| serve(actor, ctx, id, kind, query))?;
+    Some(Box::pin(answer.instrument(span)))
+}
+
+fn serve(
+    actor: &ActorRef<TwinMsg>,
+    ctx: &Arc<NodeContext>,
+    id: &TwinId,
+    kind: AssetKind,
+    query: crate::ports::Query,
+) -> Option<BoxFuture<'static, ()>> {
     NodeMetrics::add(&ctx.metrics.rpc_served, 1);
     let key = keys::twin_rpc(id);
     let mut request = match query.decode::<TwinRequest>() {

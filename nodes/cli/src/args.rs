@@ -75,6 +75,21 @@ pub struct UpArgs {
     /// created under DATA/certs.
     #[arg(long)]
     pub secure: bool,
+    #[command(flatten)]
+    pub trace: TraceArgs,
+}
+
+/// Traces across tiers (OpenTelemetry over OTLP/gRPC); off unless an endpoint is given.
+#[derive(Debug, Clone, Args)]
+pub struct TraceArgs {
+    /// Export traces over OTLP/gRPC to this collector, e.g. http://127.0.0.1:4317
+    /// (an OpenTelemetry collector, Jaeger). Absent: no traces, at no cost.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+    /// Share of ingest traces sampled (a frame's publish and ingest, window analyses);
+    /// twin calls, migrations and failovers are always sampled.
+    #[arg(long, default_value_t = 0.01, value_name = "RATIO")]
+    pub trace_ingest_ratio: f64,
 }
 
 #[derive(Debug, Args)]
@@ -193,6 +208,8 @@ pub struct NodeArgs {
     /// off); without it such a node needs the --tls-* flags.
     #[arg(long)]
     pub insecure: bool,
+    #[command(flatten)]
+    pub trace: TraceArgs,
 }
 
 impl NodeArgs {

@@ -6,6 +6,7 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 use twinmesh_cli::args::{Cli, Command};
+use twinmesh_nodes::telemetry::{self, TraceConfig};
 
 fn main() -> ExitCode {
     // Before any thread exists: Zenoh reads its pool layout once.
@@ -30,13 +31,20 @@ fn main() -> ExitCode {
     ) {
         twinmesh_cli::quiet_on_closed_stdout();
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| default_filter.into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // Traces of the node (or of `up`'s nodes), when an OTLP endpoint is given.
+    let trace = match &cli.command {
+        Command::Node(a) => a.trace.otlp_endpoint.clone().map(|endpoint| TraceConfig {
+            endpoint,
+            ingest_ratio: a.trace.trace_ingest_ratio,
+            service: format!("twinmesh-{}", a.id.as_deref().unwrap_or("node")),
+        }),
+        Command::Up(a) => a.trace.otlp_endpoint.clone().map(|endpoint| TraceConfig {
+            endpoint,
+            ingest_ratio: a.trace.trace_ingest_ratio,
+            service: "twinmesh-up".to_owned(),
+        }),
+        _ => None,
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -44,7 +52,20 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(async { twinmesh_cli::run(cli, shutdown_signal()).await }) {
+    let tracing = match runtime.block_on(async { telemetry::init(default_filter, trace) }) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(async {
+        let outcome = twinmesh_cli::run(cli, shutdown_signal()).await;
+        // What is still buffered goes out before the process ends.
+        let _ = tokio::task::spawn_blocking(move || tracing.shutdown()).await;
+        outcome
+    });
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         // The reader went away (`| head`): not an error of ours.
         Err(e) if twinmesh_cli::is_broken_pipe(&e) => ExitCode::SUCCESS,

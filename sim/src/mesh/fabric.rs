@@ -122,6 +122,7 @@ impl NetState {
                     key,
                     payload: Bytes::new(),
                     kind: SampleKind::Delete,
+                    attachment: None,
                 });
             }
             for new in now.difference(&l.seen) {
@@ -129,6 +130,7 @@ impl NetState {
                     key: keys[new].clone(),
                     payload: Bytes::new(),
                     kind: SampleKind::Put,
+                    attachment: None,
                 });
             }
             l.seen = now;
@@ -252,6 +254,7 @@ impl Network {
                         key: keys[id].clone(),
                         payload: Bytes::new(),
                         kind: SampleKind::Delete,
+                        attachment: None,
                     });
                 }
             }
@@ -392,6 +395,7 @@ impl Fabric for SimFabric {
                 key: key.to_owned(),
                 payload: payload.clone(),
                 kind: SampleKind::Put,
+                attachment: None,
             };
             self.net.send(self.node.clone(), node, at, move || {
                 if tx.try_send(sample).is_err() {
@@ -477,6 +481,7 @@ impl Fabric for SimFabric {
                 let query = Query {
                     key: keyexpr.to_owned(),
                     payload: payload.as_ref().map(|p| p.0.clone()).unwrap_or_default(),
+                    attachment: None,
                     responder: Box::new(SimResponder {
                         net: self.net.clone(),
                         from: node.clone(),

@@ -1314,3 +1314,59 @@ async fn a_gateway_asset_of_a_custom_kind_is_registered_with_its_model() {
     let ops: Vec<_> = chain.stages.iter().map(|s| s.op.as_str()).collect();
     assert_eq!(ops, ["stats", "stats", "archive"]);
 }
+
+/// A node learns a kind only from a definition proven under the mesh key: a gateway
+/// (which holds its site's control key, not the mesh key) answering
+/// `twinmesh/kinds/{kind}` with a model of its own teaches nothing; a mesh node's answer
+/// is registered and kept.
+#[tokio::test(start_paused = true)]
+async fn a_kind_is_learned_only_from_a_mesh_nodes_proof() {
+    use twinmesh_twins::proto::KindModel;
+    let r = rig(&[("edge-a", "a")], None).await;
+    let sites = ["a".to_owned()];
+    let gateway = twinmesh_sim::mesh::cluster::sim_trust(&spec("iot-a", Tier::Iot, "a"), &sites);
+    let mesh_node =
+        twinmesh_sim::mesh::cluster::sim_trust(&spec("edge-z", Tier::Edge, "a"), &sites);
+    let model = |name: &str| {
+        include_str!("../../examples/models/compressor.tm.json")
+            .replace("\"compressor\"", &format!("\"{name}\""))
+    };
+    let queries = r.obs.queryable("twinmesh/kinds/*", 16).await.unwrap();
+    let answering = tokio::spawn(async move {
+        while let Ok(q) = queries.rx.recv_async().await {
+            let name = keys::parse_kind_model(&q.key).unwrap().to_owned();
+            let mut m = KindModel {
+                kind: name.clone(),
+                thing_model: model(&name),
+                site: "a".into(),
+                proof: None,
+            };
+            if name == "forged_kind" {
+                assert!(gateway.prove("a", &mut m));
+            } else {
+                assert!(mesh_node.prove_mesh(&mut m));
+            }
+            q.reply_with(&keys::kind_model(&name), &m);
+        }
+    });
+    let ctx = r.c.nodes["edge-a"].ctx().expect("edge is up").clone();
+    let e = twinmesh_actors::kinds::resolve(&ctx, "forged_kind")
+        .await
+        .unwrap_err();
+    assert_eq!(e.to_string(), "unknown asset kind \"forged_kind\"");
+    assert!(twinmesh_twins::kind::lookup("forged_kind").is_none());
+    assert!(r.c.nodes["edge-a"].store.kinds().unwrap().is_empty());
+
+    let k = twinmesh_actors::kinds::resolve(&ctx, "relayed_kind")
+        .await
+        .unwrap();
+    assert_eq!(k.as_str(), "relayed_kind");
+    assert_eq!(
+        k.schema().source,
+        twinmesh_twins::kind::KindSource::Fabric { site: "a".into() }
+    );
+    let kept = r.c.nodes["edge-a"].store.kinds().unwrap();
+    assert_eq!(kept.len(), 1);
+    assert_eq!(kept[0].thing_model, model("relayed_kind"));
+    answering.abort();
+}

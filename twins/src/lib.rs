@@ -3,7 +3,9 @@
 //! # Layout
 //!
 //! - [`id`]: [`TwinId`] (`{site}/{asset}`), [`NodeId`], [`Tier`] and their validation.
-//! - [`kind`]: the asset kinds of DESIGN §4 with their signal and set-point schemas.
+//! - [`kind`]: asset kinds and their signal and set-point schemas, read from W3C WoT
+//!   Thing Models ([`kind::thing_model`]) into a process-wide registry; the eight kinds of
+//!   DESIGN §4 are embedded models (`twins/models/*.tm.json`).
 //! - [`td`]: W3C WoT Thing Descriptions generated from a kind's schema.
 //! - [`state`]: [`TwinCore`], the twin's state and its transitions — frame admission
 //!   by sequence number, reported values, desired values with delivery status, revision.

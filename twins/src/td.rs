@@ -166,4 +166,49 @@ mod tests {
             assert_eq!(td["events"].as_object().unwrap().len(), schema.events.len());
         }
     }
+
+    /// A kind from a Thing Model gets its TD from the model like a built-in one.
+    #[test]
+    fn td_of_a_custom_kind_comes_from_its_model() {
+        let text = include_str!("../../examples/models/compressor.tm.json")
+            .replace("\"compressor\"", "\"td_compressor\"")
+            .replace(
+                "\"twinmesh:rateHz\": 1,\n      \"twinmesh:sensitivity\": \"public\"",
+                "\"twinmesh:rateHz\": 1,\n      \"twinmesh:sensitivity\": \"public\",\n      \"twinmesh:resolution\": 0.01",
+            );
+        let kind = crate::kind::register_text(
+            &text,
+            "td.tm.json",
+            crate::kind::KindSource::File("td.tm.json".into()),
+        )
+        .unwrap();
+        assert_eq!(
+            kind.schema()
+                .signal("discharge_pressure")
+                .unwrap()
+                .resolution,
+            0.01
+        );
+        let id = TwinId::new("site-a", "comp-01").unwrap();
+        let td = thing_description(&id, kind);
+        assert_eq!(td["twinmesh:kind"], "td_compressor");
+        assert_eq!(td["@type"], "twinmesh:td_compressor");
+        assert_eq!(td["description"], kind.schema().description);
+        let p = &td["properties"];
+        assert_eq!(p["operator_badges"]["twinmesh:sensitivity"], "personal");
+        assert_eq!(p["motor_current"]["twinmesh:sensitivity"], "site_only");
+        assert_eq!(p["discharge_pressure"]["maximum"], 16.0);
+        assert_eq!(p["discharge_pressure"]["readOnly"], true);
+        assert_eq!(
+            p["discharge_pressure"]["forms"][0]["href"],
+            "zenoh:twinmesh/telemetry/site-a/comp-01/discharge_pressure"
+        );
+        assert_eq!(p["pressure_limit"]["default"], 10.0);
+        assert_eq!(
+            td["actions"]["setDesired"]["input"]["properties"]["property"]["enum"],
+            serde_json::json!(["pressure_limit"])
+        );
+        let events: Vec<&String> = td["events"].as_object().unwrap().keys().collect();
+        assert_eq!(events, ["alarm", "overpressure"]);
+    }
 }

@@ -45,6 +45,17 @@ pub enum FrameRejection {
 }
 
 impl FrameRejection {
+    /// Every reason [`FrameRejection::as_str`] names (metrics start each at zero).
+    pub const REASONS: [&'static str; 7] = [
+        "oversized",
+        "malformed",
+        "too_many_samples",
+        "key_mismatch",
+        "unknown_signal",
+        "non_finite",
+        "invalid",
+    ];
+
     pub fn as_str(&self) -> &'static str {
         match self {
             FrameRejection::Oversized { .. } => "oversized",

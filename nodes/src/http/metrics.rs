@@ -7,11 +7,13 @@
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, GaugeVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
 
 use twinmesh_actors::context::NodeContext;
 use twinmesh_actors::metrics::NodeMetrics;
-use twinmesh_actors::ports::SpoolStore;
+use twinmesh_actors::ports::{PlacementStore, SpoolStore};
 
 use crate::store::SledStore;
 
@@ -86,10 +88,43 @@ pub fn exposition(ctx: &NodeContext, store: &SledStore) -> crate::Result<String>
         &["reason"],
     )
     .map_err(bad)?;
+    // Every reason from zero, so a dashboard's series exist before the first drop.
+    for reason in twinmesh_twins::frame::FrameRejection::REASONS {
+        rejected.with_label_values(&[reason]);
+    }
     for (reason, n) in m.rejected() {
         rejected.with_label_values(&[reason]).inc_by(n);
     }
     r.register(Box::new(rejected)).map_err(bad)?;
+    // The site ledgers the placement authority keeps (cloud nodes; empty elsewhere).
+    let (spent, total) = (
+        GaugeVec::new(
+            Opts::new(
+                "site_epsilon_spent",
+                "Privacy budget (epsilon) a site's set releases spent this period.",
+            ),
+            &["ledger_site"],
+        )
+        .map_err(bad)?,
+        GaugeVec::new(
+            Opts::new(
+                "site_epsilon_total",
+                "Privacy budget (epsilon) a site may spend on set releases per period.",
+            ),
+            &["ledger_site"],
+        )
+        .map_err(bad)?,
+    );
+    for b in store.site_budgets().unwrap_or_default() {
+        spent
+            .with_label_values(&[b.site.as_str()])
+            .set(b.epsilon_spent);
+        total
+            .with_label_values(&[b.site.as_str()])
+            .set(b.epsilon_total);
+    }
+    r.register(Box::new(spent)).map_err(bad)?;
+    r.register(Box::new(total)).map_err(bad)?;
     for h in m.latency.all() {
         r.register(Box::new(h.clone())).map_err(bad)?;
     }

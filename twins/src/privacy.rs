@@ -1786,6 +1786,7 @@ mod tests {
                 model_id: "m".into(),
                 model_version: 1,
                 last_alarm: "1: score 4242.5".into(),
+                reason: String::new(),
             }),
             ..Default::default()
         };

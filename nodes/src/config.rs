@@ -180,6 +180,10 @@ pub struct NodeConfig {
     /// Simulated assets (IoT tier only).
     #[serde(default)]
     pub simulate: Vec<SimSpec>,
+    /// Real devices (IoT tier only): `[[devices]]` tables with one of `[devices.mqtt]`,
+    /// `[devices.modbus]`, `[devices.opcua]` (see `crate::devices`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<crate::devices::DeviceConfig>,
     /// Faults of simulated assets: `ASSET=MODE@SECONDS` (seconds after the node starts),
     /// e.g. `wt-01=outer_race@30` or `pm-01=drift:voltage@10`.
     #[serde(default)]
@@ -357,6 +361,7 @@ impl NodeConfig {
             grpc: None,
             http: None,
             simulate: Vec::new(),
+            devices: Vec::new(),
             faults: Vec::new(),
             chains: BTreeMap::new(),
             lease_ms: default_lease_ms(),
@@ -440,6 +445,29 @@ impl NodeConfig {
                 "node {} is a {} node: passivation (passivate_after_s) applies to edge nodes",
                 self.id, self.tier
             )));
+        }
+        if !self.devices.is_empty() {
+            if self.tier != Tier::Iot {
+                return Err(crate::Error::config(format!(
+                    "node {} is a {} node: only iot gateways read devices ([[devices]])",
+                    self.id, self.tier
+                )));
+            }
+            let checked = crate::devices::check_all(&self.devices, &self.site)
+                .map_err(crate::Error::config)?;
+            for d in &checked {
+                let simulated = self.simulate.iter().any(|s| {
+                    s.kind == d.kind
+                        && (1..=s.count)
+                            .any(|n| d.twin.asset() == format!("{}-{n:02}", s.kind.prefix()))
+                });
+                if simulated {
+                    return Err(crate::Error::config(format!(
+                        "device {}: the gateway also simulates this twin (--simulate)",
+                        d.twin
+                    )));
+                }
+            }
         }
         if !self.simulate.is_empty() && self.tier != Tier::Iot {
             return Err(crate::Error::config(format!(

@@ -46,6 +46,8 @@ pub struct HttpState {
     pub store: Arc<SledStore>,
     /// Bearer-token checks of `/api/*`; `None`: callers read as viewers.
     pub auth: Option<Arc<Authenticator>>,
+    /// Values the node's device adapters refused, by reason.
+    pub devices: Arc<crate::devices::DeviceCounters>,
 }
 
 /// The caller of an `/api/*` request: at least a viewer, by the same rules as gRPC.
@@ -364,6 +366,13 @@ async fn metrics(State(s): State<HttpState>) -> Response {
         let _ = writeln!(
             out,
             "twinmesh_frames_rejected_total{{node=\"{node}\",reason=\"{reason}\"}} {n}"
+        );
+    }
+    let _ = writeln!(out, "# HELP twinmesh_device_values_rejected_total Values from devices (MQTT, Modbus, OPC UA) refused, by reason.\n# TYPE twinmesh_device_values_rejected_total counter");
+    for (reason, n) in s.devices.refused() {
+        let _ = writeln!(
+            out,
+            "twinmesh_device_values_rejected_total{{node=\"{node}\",reason=\"{reason}\"}} {n}"
         );
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()

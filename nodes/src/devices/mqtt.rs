@@ -431,6 +431,7 @@ async fn run_events(
                 feed.set_status(DeviceStatus::Reachable);
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                tracing::debug!(twin = %feed.twin, codes = ?ack.return_codes, "mqtt subscribed");
                 if ack
                     .return_codes
                     .iter()

@@ -6,14 +6,14 @@
 
 use std::collections::HashMap;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
 use opcua::client::{ClientBuilder, DataChangeCallback, IdentityToken, Session, SessionPollResult};
 use opcua::types::{
     AttributeId, DataValue, MessageSecurityMode, MonitoredItemCreateRequest, NodeId, NumericRange,
-    TimestampsToReturn, UserTokenPolicy, Variant, WriteValue,
+    ReadValueId, TimestampsToReturn, UserTokenPolicy, Variant, WriteValue,
 };
 use serde::{Deserialize, Serialize};
 
@@ -285,26 +285,12 @@ async fn subscribe(
 ) -> Result<(), String> {
     let by_node: HashMap<NodeId, &'static SignalSpec> =
         plan.signals.iter().map(|(s, n)| (n.clone(), *s)).collect();
-    let cb_feed = feed.clone();
-    let cb_source = source.to_owned();
+    let last = Arc::new(Mutex::new(HashMap::new()));
+    let (cb_feed, cb_last, cb_source) = (feed.clone(), last.clone(), source.to_owned());
     let callback = DataChangeCallback::new(move |dv, item| {
         let node = &item.item_to_monitor().node_id;
-        let Some(spec) = by_node.get(node) else {
-            return;
-        };
-        let at = format!("{cb_source} {node}");
-        match value_of(&dv) {
-            Ok((v, t)) => {
-                if !cb_feed.push(spec, t.unwrap_or_else(now_ns), v, &at) {
-                    cb_feed.counters.refuse(
-                        &cb_feed.twin,
-                        &at,
-                        Refusal::BufferFull,
-                        "the gateway is not keeping up; a change was dropped",
-                    );
-                }
-            }
-            Err((why, detail)) => cb_feed.counters.refuse(&cb_feed.twin, &at, why, &detail),
+        if let Some(spec) = by_node.get(node) {
+            take(&cb_feed, &cb_last, spec, node, &dv, &cb_source);
         }
     });
     let id = session
@@ -327,7 +313,61 @@ async fn subscribe(
             tracing::warn!(twin = %feed.twin, signal = spec.name, %node, status = %c.result.status_code, "opc ua server refused a monitored item");
         }
     }
+    // The first notification of an item (its current value) can arrive before the
+    // client knows the item and be dropped — for a value that never changes, for good:
+    // read the current values once; `last` drops the one that came both ways.
+    let reads: Vec<ReadValueId> = plan.signals.iter().map(|(_, n)| n.clone().into()).collect();
+    match session.read(&reads, TimestampsToReturn::Both, 0.0).await {
+        Ok(values) => {
+            for (dv, (spec, node)) in values.iter().zip(&plan.signals) {
+                take(feed, &last, spec, node, dv, source);
+            }
+        }
+        Err(s) => tracing::debug!(twin = %feed.twin, "opc ua initial read failed: {s}"),
+    }
     Ok(())
+}
+
+/// Source timestamp of the last value taken per node.
+type Last = Arc<Mutex<HashMap<NodeId, i64>>>;
+
+/// Whether `dv` of `node` is new (not the value with the same source timestamp again).
+fn first_time(last: &Last, node: &NodeId, dv: &DataValue) -> bool {
+    let Some(t) = dv
+        .source_timestamp
+        .and_then(|t| t.as_chrono().timestamp_nanos_opt())
+    else {
+        return true;
+    };
+    last.lock().expect("last lock").insert(node.clone(), t) != Some(t)
+}
+
+/// Buffers one data value of `node` for the gateway, or counts why not.
+fn take(
+    feed: &Feed,
+    last: &Last,
+    spec: &'static SignalSpec,
+    node: &NodeId,
+    dv: &DataValue,
+    source: &str,
+) {
+    if !first_time(last, node, dv) {
+        return;
+    }
+    let at = format!("{source} {node}");
+    match value_of(dv) {
+        Ok((v, t)) => {
+            if !feed.push(spec, t.unwrap_or_else(now_ns), v, &at) {
+                feed.counters.refuse(
+                    &feed.twin,
+                    &at,
+                    Refusal::BufferFull,
+                    "the gateway is not keeping up; a change was dropped",
+                );
+            }
+        }
+        Err((why, detail)) => feed.counters.refuse(&feed.twin, &at, why, &detail),
+    }
 }
 
 async fn write(

@@ -801,4 +801,76 @@ colour = "blue""#)
         assert!("power_meter:0".parse::<SimSpec>().is_err());
         assert!("power_meter:x".parse::<SimSpec>().is_err());
     }
+
+    /// The gateway configuration README's "Connect your devices" shows.
+    fn readme_gateway() -> String {
+        let readme = include_str!("../../README.md");
+        let (_, rest) = readme
+            .split_once("<!-- gateway.toml")
+            .expect("README has the gateway example");
+        let (_, rest) = rest.split_once("```toml\n").expect("a toml block");
+        rest.split_once("```").expect("closed block").0.to_owned()
+    }
+
+    #[test]
+    fn the_readme_gateway_config_parses_and_passes_validation() {
+        let mut cfg: NodeConfig = toml::from_str(&readme_gateway()).unwrap();
+        cfg.normalize().unwrap();
+        assert_eq!(cfg.devices.len(), 3);
+        let checked = crate::devices::check_all(&cfg.devices, &cfg.site).unwrap();
+        let protocols: Vec<&str> = checked
+            .iter()
+            .map(|d| match d.protocol {
+                crate::devices::Protocol::Mqtt(_) => "mqtt",
+                crate::devices::Protocol::Modbus(_) => "modbus",
+                crate::devices::Protocol::Opcua(_) => "opcua",
+            })
+            .collect();
+        assert_eq!(protocols, ["mqtt", "modbus", "opcua"]);
+    }
+
+    #[test]
+    fn device_errors_name_the_device_and_the_field() {
+        let base = readme_gateway();
+        let err = |text: &str| {
+            let mut cfg: NodeConfig = toml::from_str(text).unwrap();
+            cfg.normalize().unwrap_err().to_string()
+        };
+        let e = err(&base.replace("signal = \"cpu_temperature\"", "signal = \"rpm\""));
+        assert!(
+            e.contains("device site-a/hpc-01: mqtt signal \"rpm\": unknown signal"),
+            "{e}"
+        );
+        let e = err(&base.replace("property = \"power_cap\"", "property = \"warp\""));
+        assert!(
+            e.contains("device site-a/hpc-01: mqtt setpoint \"warp\""),
+            "{e}"
+        );
+        let e = err(&base.replace("mqtt://127.0.0.1:1883", "http://127.0.0.1:1883"));
+        assert!(
+            e.contains("device site-a/hpc-01: mqtt url: invalid url"),
+            "{e}"
+        );
+        let e = err(&base.replace("type = \"i32\"", "type = \"u64\""));
+        assert!(
+            e.contains(
+                "device site-a/wt-01: modbus signal \"power\": invalid register type \"u64\""
+            ),
+            "{e}"
+        );
+        let e = err(&base.replace("kind = \"spindle\"", "kind = \"press\""));
+        assert!(
+            e.contains("device site-a/sp-01: kind: unknown asset kind \"press\""),
+            "{e}"
+        );
+        let e = err(&base.replace("twin = \"site-a/sp-01\"", "twin = \"site-b/sp-01\""));
+        assert!(
+            e.contains("device site-b/sp-01: twin is on site \"site-b\""),
+            "{e}"
+        );
+        let e = err(&base.replace("tier = \"iot\"", "tier = \"edge\""));
+        assert!(e.contains("only iot gateways read devices"), "{e}");
+        let e = err(&base.replace("twin = \"site-a/sp-01\"", "twin = \"site-a/hpc-01\""));
+        assert!(e.contains("device site-a/hpc-01: configured twice"), "{e}");
+    }
 }

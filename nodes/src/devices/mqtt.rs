@@ -277,6 +277,9 @@ pub fn parse_timestamp(v: &serde_json::Value) -> Option<i64> {
     }
 }
 
+/// A value of a signal at a time, or why a message gave none.
+pub type Decoded = Result<(&'static SignalSpec, i64, f64), (Refusal, String)>;
+
 /// Turns one message into values of the signals whose filter its topic matches, or
 /// says why not. Pure: the adapter's task and the tests call it.
 pub fn decode(
@@ -284,7 +287,7 @@ pub fn decode(
     topic: &str,
     payload: &[u8],
     arrival_ns: i64,
-) -> Vec<Result<(&'static SignalSpec, i64, f64), (Refusal, String)>> {
+) -> Vec<Decoded> {
     let matching: Vec<&SignalPlan> = signals
         .iter()
         .filter(|s| topic_matches(&s.filter, topic))
@@ -559,7 +562,7 @@ mod tests {
         .unwrap()
     }
 
-    fn refusal(r: &[Result<(&'static SignalSpec, i64, f64), (Refusal, String)>]) -> Refusal {
+    fn refusal(r: &[Decoded]) -> Refusal {
         r[0].as_ref().unwrap_err().0
     }
 

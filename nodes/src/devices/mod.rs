@@ -42,6 +42,9 @@ const MAX_OUTCOMES: usize = 4096;
 /// Most distinct (source, reason) pairs remembered so each is logged once.
 const MAX_LOGGED_SOURCES: usize = 10_000;
 
+/// Longest source name remembered (and logged).
+const MAX_SOURCE_CHARS: usize = 256;
+
 // --- the seam to the kinds' schemas ---
 //
 // Adapters know kinds only through these three functions, so kinds loaded from Thing
@@ -241,6 +244,10 @@ impl DeviceCounters {
             .expect("counters lock")
             .entry(why.as_str())
             .or_default() += 1;
+        // Sources come from the device (an MQTT topic may be 64 KiB): what is remembered
+        // is bounded in count and length.
+        let source: String = source.chars().take(MAX_SOURCE_CHARS).collect();
+        let source = source.as_str();
         let mut logged = self.logged.lock().expect("counters lock");
         if logged.len() < MAX_LOGGED_SOURCES && logged.insert((source.to_owned(), why.as_str())) {
             tracing::warn!(twin = %twin, source, reason = why.as_str(), "value from device refused: {detail} (further values like this from this source are counted, not logged)");

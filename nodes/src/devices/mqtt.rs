@@ -451,7 +451,9 @@ async fn run_events(
                     tracing::debug!(twin = %feed.twin, "mqtt ack not queued: {e}");
                 }
             }
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+            // A packet id already in flight is a publish sent again after a reconnect,
+            // not the next set-point.
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) if !inflight.contains_key(&pkid) => {
                 if let Some(ticket) = queued.lock().expect("queue lock").pop_front() {
                     inflight.insert(pkid, ticket);
                 }

@@ -315,11 +315,24 @@ impl Device for SharedDevice {
         self.device.lock().expect("device lock").sightings()
     }
 
-    fn apply_setpoint(&mut self, property: &str, value: f64) -> std::result::Result<(), String> {
+    fn submit_setpoint(
+        &mut self,
+        ticket: u64,
+        property: &str,
+        value: f64,
+    ) -> Option<crate::ports::SetpointOutcome> {
         self.device
             .lock()
             .expect("device lock")
-            .apply_setpoint(property, value)
+            .submit_setpoint(ticket, property, value)
+    }
+
+    fn setpoint_outcomes(&mut self) -> Vec<(u64, crate::ports::SetpointOutcome)> {
+        self.device.lock().expect("device lock").setpoint_outcomes()
+    }
+
+    fn status(&self) -> Option<crate::ports::DeviceStatus> {
+        self.device.lock().expect("device lock").status()
     }
 }
 

@@ -28,7 +28,7 @@ use twinmesh_twins::{keys, Tier, TwinId};
 
 use crate::context::NodeContext;
 use crate::metrics::NodeMetrics;
-use crate::ports::{Device, Qos, SpoolStore};
+use crate::ports::{Device, DeviceStatus, Qos, SetpointOutcome, SpoolStore};
 use crate::tasks::TaskController;
 
 #[derive(Debug, Clone)]
@@ -124,10 +124,21 @@ pub struct GatewayArgs {
 #[derive(Clone, Copy)]
 pub struct GatewayActor;
 
-/// A device with the IoT stages of its twin's chain.
 /// Most records in one identifier batch.
 pub const MAX_IDENTIFIER_BATCH: usize = 1000;
 
+/// Most set-points waiting for a device's answer at once; beyond it a set-point is
+/// answered unreachable (the twin sends it again).
+pub const MAX_PENDING_SETPOINTS: usize = 1024;
+
+/// A set-point a device has not answered within this long is reported unreachable.
+pub const SETPOINT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A device's status is told to its twin on every change and at least this often (a
+/// twin that starts or moves learns it without a change).
+pub const DEVICE_STATUS_EVERY: Duration = Duration::from_secs(5);
+
+/// A device with the IoT stages of its twin's chain.
 struct Slot {
     device: Box<dyn Device>,
     chain: Chain,
@@ -142,6 +153,8 @@ struct Slot {
     chain_revision: u64,
     /// Revision of the last set-point applied per property (older ones are ignored).
     setpoint_revisions: BTreeMap<String, u64>,
+    /// The device's status as last told to the twin, and when.
+    told_status: Option<(DeviceStatus, Instant)>,
 }
 
 pub struct GatewayState {
@@ -159,6 +172,9 @@ pub struct GatewayState {
     owners: BTreeMap<TwinId, (u64, String)>,
     /// Acknowledgements ignored because they came from an older owner.
     pub fenced_acks: u64,
+    /// Set-points handed to devices that answer later, by ticket.
+    pending_setpoints: BTreeMap<u64, (DesiredUpdate, Instant)>,
+    next_ticket: u64,
     ticker: Option<JoinHandle<()>>,
     cancel: CancellationToken,
 }
@@ -677,11 +693,50 @@ impl GatewayState {
             return;
         }
         *applied = update.revision;
-        let (status, reason) = match slot.device.apply_setpoint(&update.property, update.value) {
-            Ok(()) => (proto::DeliveryStatus::Delivered, String::new()),
-            Err(reason) => (proto::DeliveryStatus::Rejected, reason),
+        // The twin re-sends what is not delivered yet: one hand-over per command at a time.
+        if self.pending_setpoints.values().any(|(p, _)| {
+            p.twin_id == update.twin_id
+                && p.property == update.property
+                && p.revision == update.revision
+        }) {
+            return;
+        }
+        let outcome = if self.pending_setpoints.len() >= MAX_PENDING_SETPOINTS {
+            Some(SetpointOutcome::Unreachable(
+                "too many set-points waiting for their devices".to_owned(),
+            ))
+        } else {
+            let ticket = self.next_ticket;
+            self.next_ticket += 1;
+            let outcome = slot
+                .device
+                .submit_setpoint(ticket, &update.property, update.value);
+            if outcome.is_none() {
+                self.pending_setpoints
+                    .insert(ticket, (update.clone(), Instant::now()));
+            }
+            outcome
         };
-        tracing::info!(twin = %twin, property = update.property, value = update.value, ?status, "set-point");
+        if let Some(outcome) = outcome {
+            self.report_setpoint(update, outcome).await;
+        }
+    }
+
+    /// Tells the twin what became of a set-point.
+    async fn report_setpoint(&self, update: DesiredUpdate, outcome: SetpointOutcome) {
+        let (status, reason) = match outcome {
+            SetpointOutcome::Delivered => (proto::DeliveryStatus::Delivered, String::new()),
+            SetpointOutcome::Refused(reason) => (proto::DeliveryStatus::Rejected, reason),
+            SetpointOutcome::Unreachable(reason) => (proto::DeliveryStatus::Unreachable, reason),
+        };
+        tracing::info!(
+            twin = update.twin_id,
+            property = update.property,
+            value = update.value,
+            ?status,
+            reason,
+            "set-point"
+        );
         let report = DesiredUpdate {
             status: status as i32,
             reason,
@@ -689,8 +744,15 @@ impl GatewayState {
             proof: None,
             ..update
         };
-        // The twin takes delivery reports only from its site's nodes.
-        let mut report = report;
+        self.report(report).await;
+    }
+
+    /// Publishes a report to its twin, proven: the twin takes delivery reports only
+    /// from its site's nodes.
+    async fn report(&self, mut report: DesiredUpdate) {
+        let Ok(twin) = report.twin_id.parse::<TwinId>() else {
+            return;
+        };
         self.ctx.trust.prove(twin.site(), &mut report);
         if let Err(e) = self
             .ctx
@@ -698,7 +760,78 @@ impl GatewayState {
             .put(&keys::control_delivered(&twin), &report, Qos::Reliable)
             .await
         {
-            tracing::warn!(twin = %twin, "delivery report not published: {e}");
+            tracing::warn!(twin = %twin, "report not published: {e}");
+        }
+    }
+
+    /// Answers set-points the devices completed (or that timed out) and tells each twin
+    /// whether its device is reachable, on change and every `DEVICE_STATUS_EVERY`.
+    async fn check_devices(&mut self) {
+        let mut done = Vec::new();
+        let mut statuses = Vec::new();
+        for (id, slot) in self.devices.iter_mut() {
+            for (ticket, outcome) in slot.device.setpoint_outcomes() {
+                if let Some((update, _)) = self.pending_setpoints.remove(&ticket) {
+                    done.push((update, outcome));
+                }
+            }
+            let Some(status) = slot.device.status() else {
+                continue;
+            };
+            let due = match &slot.told_status {
+                Some((told, at)) => *told != status || at.elapsed() >= DEVICE_STATUS_EVERY,
+                None => true,
+            };
+            if due {
+                if slot
+                    .told_status
+                    .as_ref()
+                    .is_none_or(|(told, _)| *told != status)
+                {
+                    match &status {
+                        DeviceStatus::Reachable => tracing::info!(twin = %id, "device reachable"),
+                        DeviceStatus::Unreachable(reason) => {
+                            tracing::warn!(twin = %id, reason, "device unreachable")
+                        }
+                    }
+                }
+                slot.told_status = Some((status.clone(), Instant::now()));
+                statuses.push((id.clone(), status));
+            }
+        }
+        let expired: Vec<u64> = self
+            .pending_setpoints
+            .iter()
+            .filter(|(_, (_, at))| at.elapsed() >= SETPOINT_TIMEOUT)
+            .map(|(t, _)| *t)
+            .collect();
+        for ticket in expired {
+            if let Some((update, _)) = self.pending_setpoints.remove(&ticket) {
+                done.push((
+                    update,
+                    SetpointOutcome::Unreachable(format!(
+                        "no answer from the device within {}s",
+                        SETPOINT_TIMEOUT.as_secs()
+                    )),
+                ));
+            }
+        }
+        for (update, outcome) in done {
+            self.report_setpoint(update, outcome).await;
+        }
+        for (twin, status) in statuses {
+            let (reachable, reason) = match status {
+                DeviceStatus::Reachable => (true, String::new()),
+                DeviceStatus::Unreachable(reason) => (false, reason),
+            };
+            let report = DesiredUpdate {
+                twin_id: twin.to_string(),
+                epoch: self.epochs.get(&twin).copied().unwrap_or_default(),
+                timestamp_ns: self.ctx.now_ns(),
+                device: Some(proto::DeviceStatus { reachable, reason }),
+                ..Default::default()
+            };
+            self.report(report).await;
         }
     }
 }
@@ -841,6 +974,7 @@ impl Actor for GatewayActor {
                     identifiers: Policy::default_for(d.kind()).identifiers,
                     chain_revision: 0,
                     setpoint_revisions: BTreeMap::new(),
+                    told_status: None,
                     device: d,
                 };
                 (slot.device.twin_id().clone(), slot)
@@ -855,6 +989,8 @@ impl Actor for GatewayActor {
             epochs: BTreeMap::new(),
             owners: BTreeMap::new(),
             fenced_acks: 0,
+            pending_setpoints: BTreeMap::new(),
+            next_ticket: 1,
             ticker: None,
             cancel,
         })
@@ -895,6 +1031,7 @@ impl Actor for GatewayActor {
         match msg {
             GatewayMsg::Tick => {
                 state.poll_devices().await?;
+                state.check_devices().await;
                 state.step_replays().await?;
                 let due: Vec<(TwinId, String)> = state
                     .streams

@@ -386,7 +386,30 @@ pub struct Sighting {
     pub present: bool,
 }
 
+/// Whether a gateway reaches a device behind a connection (broker, server).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceStatus {
+    Reachable,
+    /// Down, with the reason (e.g. `connection refused by 127.0.0.1:1883`).
+    Unreachable(String),
+}
+
+/// What became of a set-point handed to a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SetpointOutcome {
+    Delivered,
+    /// The device (or the gateway, checking the kind's range) refused it, saying why.
+    Refused(String),
+    /// The device could not be reached; the twin sends it again later.
+    Unreachable(String),
+}
+
 /// A device behind an IoT gateway: real hardware, an MQTT bridge or a simulator.
+///
+/// Devices on a network run their I/O in their own tasks; the gateway calls these
+/// methods from its actor, so none of them may block: `poll` drains what the I/O task
+/// buffered, and a set-point that completes later is answered through
+/// [`Device::setpoint_outcomes`].
 pub trait Device: Send + Sync + 'static {
     fn twin_id(&self) -> &TwinId;
     fn kind(&self) -> twinmesh_twins::AssetKind;
@@ -396,8 +419,24 @@ pub trait Device: Send + Sync + 'static {
     fn sightings(&mut self) -> Vec<Sighting> {
         Vec::new()
     }
-    /// Applies a set-point; `Err` says why the device refused it.
-    fn apply_setpoint(&mut self, property: &str, value: f64) -> std::result::Result<(), String>;
+    /// Hands a set-point to the device: `Some` when its outcome is known at once (a
+    /// simulator), `None` when it completes later and comes back from
+    /// [`Device::setpoint_outcomes`] with the same `ticket`.
+    fn submit_setpoint(
+        &mut self,
+        ticket: u64,
+        property: &str,
+        value: f64,
+    ) -> Option<SetpointOutcome>;
+    /// Outcomes of set-points submitted earlier, by ticket, since the last call.
+    fn setpoint_outcomes(&mut self) -> Vec<(u64, SetpointOutcome)> {
+        Vec::new()
+    }
+    /// Whether the gateway reaches the device; `None` for devices that are always
+    /// there (simulators).
+    fn status(&self) -> Option<DeviceStatus> {
+        None
+    }
 }
 
 pub type SharedFabric = Arc<dyn Fabric>;

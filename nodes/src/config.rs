@@ -192,6 +192,10 @@ pub struct NodeConfig {
     /// Simulated assets (IoT tier only).
     #[serde(default)]
     pub simulate: Vec<SimSpec>,
+    /// Real devices (IoT tier only): `[[devices]]` tables with one of `[devices.mqtt]`,
+    /// `[devices.modbus]`, `[devices.opcua]` (see `crate::devices`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<crate::devices::DeviceConfig>,
     /// Faults of simulated assets: `ASSET=MODE@SECONDS` (seconds after the node starts),
     /// e.g. `wt-01=outer_race@30` or `pm-01=drift:voltage@10`.
     #[serde(default)]
@@ -373,6 +377,7 @@ impl NodeConfig {
             grpc: None,
             http: None,
             simulate: Vec::new(),
+            devices: Vec::new(),
             faults: Vec::new(),
             chains: BTreeMap::new(),
             models_dir: None,
@@ -468,6 +473,29 @@ impl NodeConfig {
                 "node {} is a {} node: passivation (passivate_after_s) applies to edge nodes",
                 self.id, self.tier
             )));
+        }
+        if !self.devices.is_empty() {
+            if self.tier != Tier::Iot {
+                return Err(crate::Error::config(format!(
+                    "node {} is a {} node: only iot gateways read devices ([[devices]])",
+                    self.id, self.tier
+                )));
+            }
+            let checked = crate::devices::check_all(&self.devices, &self.site)
+                .map_err(crate::Error::config)?;
+            for d in &checked {
+                let simulated = self.simulate.iter().any(|s| {
+                    s.kind == d.kind
+                        && (1..=s.count)
+                            .any(|n| d.twin.asset() == format!("{}-{n:02}", s.kind.prefix()))
+                });
+                if simulated {
+                    return Err(crate::Error::config(format!(
+                        "device {}: the gateway also simulates this twin (--simulate)",
+                        d.twin
+                    )));
+                }
+            }
         }
         if !self.simulate.is_empty() && self.tier != Tier::Iot {
             return Err(crate::Error::config(format!(
@@ -920,5 +948,77 @@ colour = "blue""#)
         assert_eq!("power_meter".parse::<SimSpec>().unwrap().count, 1);
         assert!("power_meter:0".parse::<SimSpec>().is_err());
         assert!("power_meter:x".parse::<SimSpec>().is_err());
+    }
+
+    /// The gateway configuration README's "Connect your devices" shows.
+    fn readme_gateway() -> String {
+        let readme = include_str!("../../README.md");
+        let (_, rest) = readme
+            .split_once("<!-- gateway.toml")
+            .expect("README has the gateway example");
+        let (_, rest) = rest.split_once("```toml\n").expect("a toml block");
+        rest.split_once("```").expect("closed block").0.to_owned()
+    }
+
+    #[test]
+    fn the_readme_gateway_config_parses_and_passes_validation() {
+        let mut cfg: NodeConfig = toml::from_str(&readme_gateway()).unwrap();
+        cfg.normalize().unwrap();
+        assert_eq!(cfg.devices.len(), 3);
+        let checked = crate::devices::check_all(&cfg.devices, &cfg.site).unwrap();
+        let protocols: Vec<&str> = checked
+            .iter()
+            .map(|d| match d.protocol {
+                crate::devices::Protocol::Mqtt(_) => "mqtt",
+                crate::devices::Protocol::Modbus(_) => "modbus",
+                crate::devices::Protocol::Opcua(_) => "opcua",
+            })
+            .collect();
+        assert_eq!(protocols, ["mqtt", "modbus", "opcua"]);
+    }
+
+    #[test]
+    fn device_errors_name_the_device_and_the_field() {
+        let base = readme_gateway();
+        let err = |text: &str| {
+            let mut cfg: NodeConfig = toml::from_str(text).unwrap();
+            cfg.normalize().unwrap_err().to_string()
+        };
+        let e = err(&base.replace("signal = \"cpu_temperature\"", "signal = \"rpm\""));
+        assert!(
+            e.contains("device site-a/hpc-01: mqtt signal \"rpm\": unknown signal"),
+            "{e}"
+        );
+        let e = err(&base.replace("property = \"power_cap\"", "property = \"warp\""));
+        assert!(
+            e.contains("device site-a/hpc-01: mqtt setpoint \"warp\""),
+            "{e}"
+        );
+        let e = err(&base.replace("mqtt://127.0.0.1:1883", "http://127.0.0.1:1883"));
+        assert!(
+            e.contains("device site-a/hpc-01: mqtt url: invalid url"),
+            "{e}"
+        );
+        let e = err(&base.replace("type = \"i32\"", "type = \"u64\""));
+        assert!(
+            e.contains(
+                "device site-a/wt-01: modbus signal \"power\": invalid register type \"u64\""
+            ),
+            "{e}"
+        );
+        let e = err(&base.replace("kind = \"spindle\"", "kind = \"press\""));
+        assert!(
+            e.contains("device site-a/sp-01: kind: unknown asset kind \"press\""),
+            "{e}"
+        );
+        let e = err(&base.replace("twin = \"site-a/sp-01\"", "twin = \"site-b/sp-01\""));
+        assert!(
+            e.contains("device site-b/sp-01: twin is on site \"site-b\""),
+            "{e}"
+        );
+        let e = err(&base.replace("tier = \"iot\"", "tier = \"edge\""));
+        assert!(e.contains("only iot gateways read devices"), "{e}");
+        let e = err(&base.replace("twin = \"site-a/sp-01\"", "twin = \"site-a/hpc-01\""));
+        assert!(e.contains("device site-a/hpc-01: configured twice"), "{e}");
     }
 }

@@ -13,6 +13,7 @@
 //! - [`store`]: [`store::SledStore`], the `Store` port on one sled database per node.
 //! - [`api`]: location-transparent operations (twin RPC over the fabric, listings).
 //! - [`grpc`]: the gRPC services (tonic), one file each, health, reflection.
+//! - [`devices`]: device adapters of IoT gateways (MQTT, Modbus TCP, OPC UA).
 //! - [`models`]: the cloud's model registry, training on archived features,
 //!   deployment to twins, `ModelService`.
 //! - [`auth`]: bearer JWTs and the least role of each RPC.
@@ -30,6 +31,7 @@ pub mod auth;
 pub mod certs;
 pub mod client;
 pub mod config;
+pub mod devices;
 pub mod error;
 pub mod fabric;
 pub mod grpc;

@@ -16,6 +16,7 @@ use twinmesh_actors::node::NodeMsg;
 use twinmesh_actors::ports::{
     Clock, Device, Durable, SeriesStore, SharedFabric, SharedStore, SystemClock,
 };
+use twinmesh_actors::tasks::TaskController;
 use twinmesh_sim::{Fault, SimDevice};
 use twinmesh_twins::proto::NodeInfo;
 use twinmesh_twins::TwinId;
@@ -40,8 +41,12 @@ pub struct RunningNode {
     pub ctx: Arc<NodeContext>,
     pub fabric: Arc<ZenohFabric>,
     pub store: Arc<SledStore>,
+    /// Values the device adapters refused, by reason.
+    pub device_counters: Arc<crate::devices::DeviceCounters>,
     assembly: Assembly,
     servers: CancellationToken,
+    /// The device adapters' I/O tasks.
+    device_tasks: TaskController,
 }
 
 /// Simulated devices of an IoT node, named `{site}/{prefix}-{nn}`, with their faults
@@ -94,7 +99,9 @@ impl RunningNode {
         if let Some(dir) = &config.models_dir {
             crate::kinds::load_dir(dir)?;
         }
-        let devices = simulated_devices(&config, SystemClock.now_ns())?;
+        let mut devices = simulated_devices(&config, SystemClock.now_ns())?;
+        let checked = crate::devices::check_all(&config.devices, &config.site)
+            .map_err(crate::Error::config)?;
         // Bind the servers first: a taken port fails the start with one clear line.
         let grpc_listener = match config.grpc {
             Some(addr) => Some(grpc::bind(addr).await?),
@@ -136,6 +143,19 @@ impl RunningNode {
             .iter()
             .map(|(kind, spec)| Ok((*kind, twinmesh_twins::chain::Chain::validate(spec, *kind)?)))
             .collect::<Result<_, twinmesh_twins::chain::ChainError>>()?;
+        // Real devices: their I/O runs in tasks of their own, ended on stop.
+        let device_counters = Arc::new(crate::devices::DeviceCounters::default());
+        let device_tasks = TaskController::new(
+            tokio_util::task::TaskTracker::new(),
+            CancellationToken::new(),
+        );
+        devices.extend(crate::devices::start(
+            checked,
+            config.id.as_str(),
+            &config.data,
+            &device_counters,
+            &device_tasks,
+        ));
         let assembly = Assembly::start(NodeParts {
             node: config.id.clone(),
             tier: config.tier,
@@ -166,7 +186,14 @@ impl RunningNode {
             gateway: gateway_config,
             chains,
         })
-        .await?;
+        .await;
+        let assembly = match assembly {
+            Ok(a) => a,
+            Err(e) => {
+                device_tasks.terminate(SHUTDOWN_BOUND).await;
+                return Err(e.into());
+            }
+        };
         let ctx = assembly.ctx.clone();
         let registry = assembly.registry.clone();
 
@@ -204,6 +231,7 @@ impl RunningNode {
                 auth,
                 services,
                 live_streams: Arc::new(tokio::sync::Semaphore::new(http::MAX_LIVE_STREAMS)),
+                devices: device_counters.clone(),
             };
             let (cancel, tls, tasks) = (servers.clone(), config.tls.clone(), ctx.tasks.clone());
             ctx.tasks.spawn(async move {
@@ -231,8 +259,10 @@ impl RunningNode {
             ctx,
             fabric,
             store,
+            device_counters,
             assembly,
             servers,
+            device_tasks,
         })
     }
 
@@ -268,6 +298,9 @@ impl RunningNode {
     /// Stops servers and actors, flushes storage and closes the session, within a bound.
     pub async fn stop(self) -> crate::Result<()> {
         self.servers.cancel();
+        if !self.device_tasks.terminate(SHUTDOWN_BOUND).await {
+            tracing::warn!(node = %self.config.id, "device tasks took longer than {SHUTDOWN_BOUND:?} to end");
+        }
         if !self.assembly.stop(SHUTDOWN_BOUND).await {
             tracing::warn!(node = %self.config.id, "shutdown took longer than {SHUTDOWN_BOUND:?}; abandoning remaining tasks");
         }

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use twinmesh_actors::ports::{Block, Device, Sighting};
+use twinmesh_actors::ports::{Block, Device, SetpointOutcome, Sighting};
 use twinmesh_twins::dsp::codec::quantize;
 use twinmesh_twins::{AssetKind, TwinId};
 
@@ -120,7 +120,22 @@ impl Device for SimDevice {
             .collect()
     }
 
-    fn apply_setpoint(&mut self, property: &str, value: f64) -> Result<(), String> {
+    fn submit_setpoint(
+        &mut self,
+        _ticket: u64,
+        property: &str,
+        value: f64,
+    ) -> Option<SetpointOutcome> {
+        Some(match self.apply_setpoint(property, value) {
+            Ok(()) => SetpointOutcome::Delivered,
+            Err(reason) => SetpointOutcome::Refused(reason),
+        })
+    }
+}
+
+impl SimDevice {
+    /// Applies a set-point at once; `Err` says why the device refused it.
+    pub fn apply_setpoint(&mut self, property: &str, value: f64) -> Result<(), String> {
         self.kind
             .schema()
             .validate_desired(property, value)
@@ -174,11 +189,16 @@ impl Device for QuietDevice {
         Vec::new()
     }
 
-    fn apply_setpoint(&mut self, property: &str, _value: f64) -> Result<(), String> {
-        Err(format!(
+    fn submit_setpoint(
+        &mut self,
+        _ticket: u64,
+        property: &str,
+        _value: f64,
+    ) -> Option<SetpointOutcome> {
+        Some(SetpointOutcome::Refused(format!(
             "{} has no data source: set-point {property} cannot be delivered",
             self.twin
-        ))
+        )))
     }
 }
 

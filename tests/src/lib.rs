@@ -20,6 +20,8 @@ use twinmesh_proto::v1::{
 };
 use zenoh::bytes::Encoding;
 
+pub mod devices;
+
 /// The cloud node and the edge of site-a of a [`Mesh`], for [`node_args`].
 pub const CLOUD: (&str, &str, Option<&str>) = ("cloud", "cloud", None);
 pub const EDGE_A: (&str, &str, Option<&str>) = ("edge", "edge-a", Some("site-a"));

@@ -1785,6 +1785,7 @@ mod tests {
                 model_id: "m".into(),
                 model_version: 1,
                 last_alarm: "1: score 4242.5".into(),
+                reason: String::new(),
             }),
             ..Default::default()
         };

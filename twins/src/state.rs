@@ -27,6 +27,16 @@ pub enum DeliveryStatus {
     Pending,
     Delivered,
     Rejected,
+    /// The gateway could not reach the device; still re-sent, so it is delivered once
+    /// the device is back.
+    Unreachable,
+}
+
+impl DeliveryStatus {
+    /// Still to be delivered: the twin keeps sending it to the gateway.
+    pub fn is_open(self) -> bool {
+        matches!(self, DeliveryStatus::Pending | DeliveryStatus::Unreachable)
+    }
 }
 
 /// A commanded set-point.
@@ -47,6 +57,8 @@ pub struct Health {
     pub model_id: String,
     pub model_version: u64,
     pub last_alarm: String,
+    /// Why the status is what it is, when the gateway says (`stale`: the device is down).
+    pub reason: String,
 }
 
 impl Default for Health {
@@ -57,6 +69,7 @@ impl Default for Health {
             model_id: String::new(),
             model_version: 0,
             last_alarm: String::new(),
+            reason: String::new(),
         }
     }
 }
@@ -102,6 +115,9 @@ pub fn admit(last: u64, seq: u64, spool_base_seq: u64) -> Admission {
         Admission::Gap { expected }
     }
 }
+
+/// Health status of a twin whose device its gateway cannot reach.
+pub const STATUS_STALE: &str = "stale";
 
 /// The state a twin keeps about its asset.
 #[derive(Debug, Clone, PartialEq)]
@@ -264,7 +280,11 @@ impl TwinCore {
         now_ns: i64,
     ) -> bool {
         match self.desired.get_mut(property) {
-            Some(d) if d.revision == revision && d.status == DeliveryStatus::Pending => {
+            Some(d)
+                if d.revision == revision
+                    && d.status.is_open()
+                    && (d.status != status || d.reason != reason) =>
+            {
                 d.status = status;
                 d.reason = reason.to_owned();
                 d.updated_ns = now_ns;
@@ -275,11 +295,37 @@ impl TwinCore {
         }
     }
 
-    /// Set-points still waiting for the gateway.
+    /// The gateway's word on the device: unreachable makes the twin `stale` with the
+    /// reason, reachable again ends that (the next scored window sets the status).
+    /// Returns whether the state changed.
+    pub fn device_status(&mut self, reachable: bool, reason: &str) -> bool {
+        let h = &mut self.health;
+        let changed = if reachable {
+            if h.status == STATUS_STALE {
+                h.status = "ok".to_owned();
+                h.reason.clear();
+                true
+            } else {
+                false
+            }
+        } else if h.status != STATUS_STALE || h.reason != reason {
+            h.status = STATUS_STALE.to_owned();
+            h.reason = reason.to_owned();
+            true
+        } else {
+            false
+        };
+        if changed {
+            self.revision += 1;
+        }
+        changed
+    }
+
+    /// Set-points still waiting for the gateway (pending, or the device was unreachable).
     pub fn pending_desired(&self) -> impl Iterator<Item = (&str, &Desired)> {
         self.desired
             .iter()
-            .filter(|(_, d)| d.status == DeliveryStatus::Pending)
+            .filter(|(_, d)| d.status.is_open())
             .map(|(k, d)| (k.as_str(), d))
     }
 
@@ -316,6 +362,7 @@ impl TwinCore {
                 model_id: self.health.model_id.clone(),
                 model_version: self.health.model_version,
                 last_alarm: self.health.last_alarm.clone(),
+                reason: self.health.reason.clone(),
             }),
             placement,
             duplicate_frames: self
@@ -342,6 +389,7 @@ impl From<DeliveryStatus> for proto::DeliveryStatus {
             DeliveryStatus::Pending => proto::DeliveryStatus::Pending,
             DeliveryStatus::Delivered => proto::DeliveryStatus::Delivered,
             DeliveryStatus::Rejected => proto::DeliveryStatus::Rejected,
+            DeliveryStatus::Unreachable => proto::DeliveryStatus::Unreachable,
         }
     }
 }
@@ -353,6 +401,7 @@ impl TryFrom<proto::DeliveryStatus> for DeliveryStatus {
             proto::DeliveryStatus::Pending => Ok(DeliveryStatus::Pending),
             proto::DeliveryStatus::Delivered => Ok(DeliveryStatus::Delivered),
             proto::DeliveryStatus::Rejected => Ok(DeliveryStatus::Rejected),
+            proto::DeliveryStatus::Unreachable => Ok(DeliveryStatus::Unreachable),
             proto::DeliveryStatus::Unspecified => Err(Error::InvalidArgument(
                 "delivery status must be set".to_owned(),
             )),
@@ -445,6 +494,7 @@ impl TryFrom<proto::Twin> for TwinCore {
                 model_id: health.model_id,
                 model_version: health.model_version,
                 last_alarm: health.last_alarm,
+                reason: health.reason,
             },
             duplicate_frames: t.duplicate_frames.into_iter().collect(),
             lost_frames: t.lost_frames.into_iter().collect(),

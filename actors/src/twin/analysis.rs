@@ -230,7 +230,8 @@ impl TwinActorState {
         NodeMetrics::add(&self.ctx.metrics.windows_scored, 1);
         let h = &mut self.core.health;
         h.anomaly_score = a.score;
-        if h.status != a.status.as_str() {
+        // A twin whose device is down stays stale until the gateway reaches it again.
+        if h.status != a.status.as_str() && h.status != twinmesh_twins::state::STATUS_STALE {
             h.status = a.status.as_str().to_owned();
         }
         if a.raised.is_none() && a.drifted.is_none() {

@@ -20,6 +20,9 @@ impl TwinActorState {
         myself: &ActorRef<TwinMsg>,
         update: DesiredUpdate,
     ) -> Result<()> {
+        if let Some(device) = update.device.as_ref() {
+            return self.on_device_status(myself, device).await;
+        }
         let status = proto::DeliveryStatus::try_from(update.status)
             .ok()
             .and_then(|s| DeliveryStatus::try_from(s).ok());
@@ -38,6 +41,7 @@ impl TwinActorState {
             self.persist()?;
             let kind = match status {
                 DeliveryStatus::Rejected => "desired_rejected",
+                DeliveryStatus::Unreachable => "desired_unreachable",
                 _ => "desired_delivered",
             };
             self.publish_event(
@@ -46,10 +50,11 @@ impl TwinActorState {
                     "set-point {}={} {}",
                     update.property,
                     update.value,
-                    if status == DeliveryStatus::Rejected {
-                        format!("rejected: {}", update.reason)
-                    } else {
-                        "delivered".to_owned()
+                    match status {
+                        DeliveryStatus::Rejected => format!("rejected: {}", update.reason),
+                        DeliveryStatus::Unreachable =>
+                            format!("not delivered, device unreachable: {}", update.reason),
+                        _ => "delivered".to_owned(),
                     }
                 ),
                 vec![
@@ -58,6 +63,30 @@ impl TwinActorState {
                 ],
             )
             .await;
+            self.state_changed(myself).await;
+        }
+        Ok(())
+    }
+
+    /// The gateway's report on the device: down makes the twin `stale` with the reason.
+    async fn on_device_status(
+        &mut self,
+        myself: &ActorRef<TwinMsg>,
+        device: &proto::DeviceStatus,
+    ) -> Result<()> {
+        if self.core.device_status(device.reachable, &device.reason) {
+            self.persist()?;
+            let (kind, message) = if device.reachable {
+                ("device_up", "device reachable again".to_owned())
+            } else {
+                (
+                    "device_down",
+                    format!("device unreachable: {}", device.reason),
+                )
+            };
+            tracing::info!(twin = %self.core.id, reachable = device.reachable, reason = device.reason, "device status");
+            self.publish_event(kind, message, vec![("reason", device.reason.clone())])
+                .await;
             self.state_changed(myself).await;
         }
         Ok(())
@@ -76,6 +105,7 @@ impl TwinActorState {
                 status: proto::DeliveryStatus::Pending as i32,
                 timestamp_ns: d.updated_ns,
                 reason: String::new(),
+                device: None,
                 proof: None,
             })
             .map(|mut update| {

@@ -22,7 +22,11 @@ fn bad(e: prometheus::Error) -> crate::Error {
 }
 
 /// The exposition of one scrape.
-pub fn exposition(ctx: &NodeContext, store: &SledStore) -> crate::Result<String> {
+pub fn exposition(
+    ctx: &NodeContext,
+    store: &SledStore,
+    devices: &crate::devices::DeviceCounters,
+) -> crate::Result<String> {
     let labels: HashMap<String, String> = [
         ("node".to_owned(), ctx.node.to_string()),
         ("site".to_owned(), ctx.site.clone()),
@@ -96,6 +100,18 @@ pub fn exposition(ctx: &NodeContext, store: &SledStore) -> crate::Result<String>
         rejected.with_label_values(&[reason]).inc_by(n);
     }
     r.register(Box::new(rejected)).map_err(bad)?;
+    let refused = IntCounterVec::new(
+        Opts::new(
+            "device_values_rejected_total",
+            "Values from devices (MQTT, Modbus, OPC UA) refused, by reason.",
+        ),
+        &["reason"],
+    )
+    .map_err(bad)?;
+    for (reason, n) in devices.refused() {
+        refused.with_label_values(&[reason]).inc_by(n);
+    }
+    r.register(Box::new(refused)).map_err(bad)?;
     // The site ledgers the placement authority keeps (cloud nodes; empty elsewhere).
     let (spent, total) = (
         GaugeVec::new(

@@ -52,6 +52,8 @@ pub struct HttpState {
     pub services: crate::grpc::Services,
     /// Live (server-sent event) streams open at once, at most [`MAX_LIVE_STREAMS`].
     pub live_streams: Arc<tokio::sync::Semaphore>,
+    /// Values the node's device adapters refused, by reason.
+    pub devices: Arc<crate::devices::DeviceCounters>,
 }
 
 /// Live streams a node serves at once (each holds a few Zenoh subscriptions).
@@ -245,6 +247,6 @@ async fn twin(
 /// `/metrics`: the node's counters, gauges and latency histograms in the Prometheus
 /// text format ([`metrics::exposition`]).
 async fn metrics(State(s): State<HttpState>) -> crate::Result<Response> {
-    let text = metrics::exposition(&s.ctx, &s.store)?;
+    let text = metrics::exposition(&s.ctx, &s.store, &s.devices)?;
     Ok(([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], text).into_response())
 }

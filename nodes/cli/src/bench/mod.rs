@@ -8,11 +8,13 @@
 //! - [`rig`]: the shared rig and helpers.
 //! - [`ingest`], [`rpc`], [`dsp`], [`movement`], [`scale`]: one measurement each.
 //! - [`models`], [`privacy`]: anomaly models and DP releases.
+//! - [`mqtt`]: a real device's samples from mosquitto through a gateway into a twin.
 
 mod dsp;
 mod ingest;
 mod models;
 mod movement;
+mod mqtt;
 mod privacy;
 mod rig;
 mod rpc;
@@ -58,6 +60,10 @@ pub enum BenchKind {
     /// Anomaly models on one core: training time on `--rows` feature vectors and the
     /// cost of scoring one window, per algorithm.
     Models,
+    /// `--samples` values published to mosquitto (QoS 1): samples/s through a gateway's
+    /// MQTT device into a twin's history, against mosquitto's own delivery rate of the
+    /// same messages to a plain subscriber, in the same run.
+    Mqtt,
     /// `--twins` twins on one edge node, each fed one frame a second that completes a
     /// feature window scored by its model: windows scored per second and CPU used.
     Scored,
@@ -99,6 +105,9 @@ pub struct BenchArgs {
     /// scale: dormant twins woken by a call, one after the other.
     #[arg(long, default_value_t = 1000)]
     pub wake: usize,
+    /// mqtt: values published.
+    #[arg(long, default_value_t = 20_000)]
+    pub samples: u64,
     /// models: feature vectors to train on.
     #[arg(long, default_value_t = 1_000_000)]
     pub rows: usize,
@@ -137,6 +146,33 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "--window must be in 1..={queue} (a twin's ingest queue): this publisher does not re-send frames a full queue drops, as the gateway does"
     );
     match args.kind {
+        BenchKind::Mqtt => {
+            anyhow::ensure!(
+                (1..=1_000_000).contains(&args.samples),
+                "--samples must be in 1..=1000000"
+            );
+            let r = mqtt::bench_mqtt(args.samples, machine()).await?;
+            if args.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "mqtt: {} values, QoS 1, one mosquitto, {}",
+                    r.samples, r.machine
+                );
+                println!(
+                    "  mosquitto → plain subscriber        : {:>10.0} msgs/s",
+                    r.broker_msgs_per_s
+                );
+                println!(
+                    "  mosquitto → gateway → twin (durable): {:>10.0} samples/s ({} stored)",
+                    r.gateway_samples_per_s, r.gateway_samples_stored
+                );
+                println!(
+                    "  ratio                               : {:.1} %",
+                    r.ratio * 100.0
+                );
+            }
+        }
         BenchKind::Scored => {
             anyhow::ensure!(
                 (1..=200_000).contains(&args.twins),

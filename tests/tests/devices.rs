@@ -595,3 +595,165 @@ node = "ns=2;s=Spindle.Override"
     assert_eq!(line, "override=80.0");
     drop(gateway);
 }
+
+const TWIN_COMP: &str = "site-a/comp-01";
+
+/// Issue 21's acceptance for a kind that is not built in: the compressor of
+/// `examples/models/compressor.tm.json` (a public, a site-only and a personal signal and
+/// a set-point), known only to the gateway's models folder, fed over MQTT by a real
+/// mosquitto. Values reach GetTwin and history on the site; off the site (through the
+/// cloud) the protected signals are withheld as for built-in kinds; a set-point goes out
+/// on its command topic and shows delivered; a broker restart makes the twin stale with
+/// the reason and loses nothing the broker took.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_kind_over_mqtt_is_served_gated_actuated_and_survives_a_broker_restart() {
+    let mesh = Mesh::start(None, &[]).unwrap();
+    let edge = mesh.edge.grpc_endpoint();
+    let cloud = mesh.cloud.grpc_endpoint();
+    let models = mesh.dir.path().join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    std::fs::copy(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../examples/models/compressor.tm.json"),
+        models.join("compressor.tm.json"),
+    )
+    .unwrap();
+    let mut broker = Mosquitto::start(&mesh.dir.path().join("mosquitto")).unwrap();
+    let port = broker.port;
+    let config = format!(
+        r#"
+models_dir = {models:?}
+
+[[devices]]
+twin = "{TWIN_COMP}"
+kind = "compressor"
+[devices.mqtt]
+url = "{url}"
+client_id = "twinmesh-test-comp-01"
+[[devices.mqtt.signals]]
+signal = "discharge_pressure"
+topic = "plant/comp-01/telemetry"
+path = "p_out"
+[[devices.mqtt.signals]]
+signal = "motor_current"
+topic = "plant/comp-01/telemetry"
+path = "i_motor"
+[[devices.mqtt.signals]]
+signal = "operator_badges"
+topic = "plant/comp-01/badges"
+[[devices.mqtt.setpoints]]
+property = "pressure_limit"
+topic = "plant/comp-01/set/pressure_limit"
+"#,
+        models = models.display().to_string(),
+        url = broker.url()
+    );
+    let gateway = start_gateway(&mesh, &config).unwrap();
+    eventually(
+        WAIT,
+        "the compressor's twin, its device connected",
+        || async {
+            let t = get_twin(&edge, TWIN_COMP).await.ok()?;
+            (t.kind == "compressor" && status(&t).0 != "stale").then_some(())
+        },
+    )
+    .await;
+
+    let telemetry: Vec<(&str, Vec<u8>)> = (1..=10)
+        .map(|i| {
+            (
+                "plant/comp-01/telemetry",
+                format!(
+                    r#"{{"p_out": {}, "i_motor": {}}}"#,
+                    7.0 + i as f64 * 0.1,
+                    100 + i
+                )
+                .into_bytes(),
+            )
+        })
+        .collect();
+    publish_all(port, "comp-pub-1", &telemetry).await;
+    publish_all(
+        port,
+        "comp-pub-2",
+        &[("plant/comp-01/badges", b"3".to_vec())],
+    )
+    .await;
+    let on_site = eventually(WAIT, "the compressor's values on its site", || async {
+        let t = get_twin(&edge, TWIN_COMP).await.ok()?;
+        (reported(&t, "motor_current") == Some(110.0)
+            && reported(&t, "operator_badges") == Some(3.0))
+        .then_some(t)
+    })
+    .await;
+    assert_eq!(reported(&on_site, "discharge_pressure"), Some(8.0));
+    eventually(WAIT, "10 pressure samples in history", || async {
+        (history_count(&edge, TWIN_COMP, "discharge_pressure").await == 10).then_some(())
+    })
+    .await;
+    // Off the site: the public signal only, the others withheld and named.
+    let off_site = eventually(WAIT, "the compressor through the cloud", || async {
+        let t = get_twin(&cloud, TWIN_COMP).await.ok()?;
+        reported(&t, "discharge_pressure").map(|_| t)
+    })
+    .await;
+    for protected in ["motor_current", "operator_badges"] {
+        assert!(
+            !off_site.reported.contains_key(protected),
+            "{protected} left the site: {:?}",
+            off_site.reported
+        );
+        assert!(
+            off_site.withheld.iter().any(|w| w == protected),
+            "{:?}",
+            off_site.withheld
+        );
+    }
+
+    // The set-point: on its command topic, delivered.
+    let mut commands = subscribe(port, "comp-sub", "plant/comp-01/set/#").await;
+    assert_eq!(next_message(&mut commands, "suback").await.0, "$suback");
+    set_desired(&edge, TWIN_COMP, "pressure_limit", 9.5, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        next_message(&mut commands, "the pressure_limit command").await,
+        ("plant/comp-01/set/pressure_limit".into(), "9.5".into())
+    );
+    eventually(WAIT, "pressure_limit delivered", || async {
+        let t = get_twin(&edge, TWIN_COMP).await.ok()?;
+        (desired_status(&t, "pressure_limit")?.0 == DeliveryStatus::Delivered).then_some(())
+    })
+    .await;
+
+    // The broker restarts: stale with the reason meanwhile; what it took while the
+    // gateway was away all arrives (QoS 1, persistent session).
+    broker.stop().unwrap();
+    let t = eventually(WAIT, "the compressor stale", || async {
+        let t = get_twin(&edge, TWIN_COMP).await.ok()?;
+        (status(&t).0 == "stale").then_some(t)
+    })
+    .await;
+    assert!(status(&t).1.contains("mqtt broker"), "{:?}", status(&t));
+    broker.restart().unwrap();
+    let more: Vec<(&str, Vec<u8>)> = (1..=20)
+        .map(|i| {
+            (
+                "plant/comp-01/telemetry",
+                format!(r#"{{"p_out": {}, "i_motor": 50}}"#, 10.0 + i as f64 * 0.1).into_bytes(),
+            )
+        })
+        .collect();
+    publish_all(port, "comp-pub-3", &more).await;
+    eventually(WAIT, "every pressure sample the broker took", || async {
+        (history_count(&edge, TWIN_COMP, "discharge_pressure").await >= 30).then_some(())
+    })
+    .await;
+    let t = eventually(WAIT, "the compressor no longer stale", || async {
+        let t = get_twin(&edge, TWIN_COMP).await.ok()?;
+        (status(&t).0 != "stale").then_some(t)
+    })
+    .await;
+    assert_eq!(reported(&t, "discharge_pressure"), Some(12.0));
+    drop(gateway);
+}

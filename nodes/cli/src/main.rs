@@ -43,6 +43,18 @@ fn main() -> ExitCode {
             ingest_ratio: a.trace.trace_ingest_ratio,
             service: "twinmesh-up".to_owned(),
         }),
+        // A benchmark's nodes trace as a node would, when asked through the environment
+        // (to measure what tracing costs: BENCHMARKS.md).
+        Command::Bench(_) => std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .ok()
+            .map(|endpoint| TraceConfig {
+                endpoint,
+                ingest_ratio: std::env::var("TWINMESH_TRACE_INGEST_RATIO")
+                    .ok()
+                    .and_then(|r| r.parse().ok())
+                    .unwrap_or(0.01),
+                service: "twinmesh-bench".to_owned(),
+            }),
         _ => None,
     };
     let runtime = match tokio::runtime::Runtime::new() {

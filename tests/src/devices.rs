@@ -260,13 +260,16 @@ pub fn metrics(http: SocketAddr) -> anyhow::Result<String> {
 
 /// Values the node's device adapters refused for `reason`, from its `/metrics`.
 pub fn refused(metrics: &str, reason: &str) -> u64 {
-    let needle = format!("reason=\"{reason}\"}} ");
+    // Labels in any order (the node's own labels come along).
+    let label = format!("reason=\"{reason}\"");
     metrics
         .lines()
         .filter(|l| l.starts_with("twinmesh_device_values_rejected_total{"))
-        .find_map(|l| {
-            l.split_once(&needle)
-                .map(|(_, n)| n.trim().parse().unwrap_or(0))
+        .filter(|l| {
+            l.split_once('{')
+                .and_then(|(_, rest)| rest.split_once('}'))
+                .is_some_and(|(labels, _)| labels.split(',').any(|x| x == label))
         })
+        .find_map(|l| l.rsplit(' ').next()?.trim().parse().ok())
         .unwrap_or(0)
 }

@@ -922,7 +922,9 @@ async fn twinmesh_up_runs_the_whole_mesh_and_stops_cleanly() {
     };
     let metrics = get("/metrics");
     assert!(
-        metrics.contains("twinmesh_frames_in_total{node=\"cloud\"}"),
+        metrics
+            .lines()
+            .any(|l| l.starts_with("twinmesh_frames_in_total{") && l.contains("node=\"cloud\"")),
         "{metrics}"
     );
     assert!(get("/").contains("<title>twinmesh</title>"));

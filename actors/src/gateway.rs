@@ -41,6 +41,12 @@ pub struct GatewayConfig {
     pub resend_after: Duration,
     /// Most frames re-sent per stream at once.
     pub resend_batch: usize,
+    /// Most frames of a stream published and not yet acknowledged. Frames beyond it
+    /// wait in the spool and go out as acknowledgements come back, so a burst (a
+    /// device's backlog, a broker that delivers thousands of messages at once) never
+    /// overflows the twin's ingest queue (`TwinConfig::ingest_queue`, 256 frames), where
+    /// frames would be dropped and sent again a second later.
+    pub window: u64,
     /// Most frames spooled per stream; beyond it the oldest are dropped (and counted).
     pub max_spool_frames: u64,
     /// Acknowledged frames kept per stream, so a twin that moves (migration, failover)
@@ -59,6 +65,7 @@ impl Default for GatewayConfig {
             frame_samples: 1024,
             resend_after: Duration::from_secs(1),
             resend_batch: 1024,
+            window: 128,
             max_spool_frames: 100_000,
             retain_frames: 4096,
             replay_per_tick: 48,
@@ -102,6 +109,9 @@ struct Stream {
     reserved_end: u64,
     /// Highest seq the current owner of the twin acknowledged.
     acked: u64,
+    /// Highest seq published (frames above it are spooled and not yet sent); a resend
+    /// sets it back to the last frame it sent.
+    published: u64,
     /// Epoch of the owner whose acknowledgements `acked` follows.
     owner_epoch: u64,
     /// Next seq to replay, while a replay is under way.
@@ -204,6 +214,7 @@ impl GatewayState {
                     next_seq,
                     reserved_end: next_seq + self.config.seq_block,
                     acked: base - 1,
+                    published: base - 1,
                     owner_epoch: 0,
                     replay_from: None,
                     base,
@@ -500,6 +511,8 @@ impl GatewayState {
             self.spool.spool_truncate(twin, signal, upto)?;
         }
         let stream = &self.streams[&(twin.clone(), signal.to_owned())];
+        let in_order = stream.published + 1 == seq;
+        let room = seq <= stream.acked.saturating_add(self.config.window);
         let (samples, packed) = if compress {
             let mut packed = Vec::new();
             codec::encode(samples, scale, &mut packed);
@@ -521,7 +534,45 @@ impl GatewayState {
             proof: None,
         };
         self.spool.spool_put(&frame)?;
-        self.publish_frame(&frame, twin).await;
+        if in_order && room {
+            self.publish_frame(&frame, twin).await;
+            if let Some(stream) = self.streams.get_mut(&(twin.clone(), signal.to_owned())) {
+                stream.published = seq;
+            }
+        } else if room {
+            // Frames before it wait in the spool (a resend set the stream back).
+            self.fill_window(twin, signal).await?;
+        }
+        Ok(())
+    }
+
+    /// Publishes spooled frames after the last published one, as far as the window
+    /// allows.
+    async fn fill_window(&mut self, twin: &TwinId, signal: &str) -> crate::Result<()> {
+        let window = self.config.window;
+        let Some(stream) = self.streams.get_mut(&(twin.clone(), signal.to_owned())) else {
+            return Ok(());
+        };
+        let from = stream.published.max(stream.acked).max(stream.base - 1) + 1;
+        let limit = stream.acked.saturating_add(window).min(stream.next_seq - 1);
+        if from > limit {
+            return Ok(());
+        }
+        let base = stream.base;
+        let count = usize::try_from(limit - from + 1).unwrap_or(usize::MAX);
+        let frames = self.spool.spool_read(twin, signal, from, count)?;
+        let mut last = None;
+        for mut frame in frames.into_iter().take_while(|f| f.seq <= limit) {
+            frame.spool_base_seq = base;
+            last = Some(frame.seq);
+            self.publish_frame(&frame, twin).await;
+        }
+        if let (Some(last), Some(stream)) = (
+            last,
+            self.streams.get_mut(&(twin.clone(), signal.to_owned())),
+        ) {
+            stream.published = stream.published.max(last);
+        }
         Ok(())
     }
 
@@ -531,13 +582,25 @@ impl GatewayState {
         };
         stream.last_resend = Some(Instant::now());
         let (from, base) = (stream.acked + 1, stream.base);
-        let frames =
-            self.spool
-                .spool_read(twin, signal, from.max(base), self.config.resend_batch)?;
+        let batch = self
+            .config
+            .resend_batch
+            .min(usize::try_from(self.config.window).unwrap_or(usize::MAX))
+            .max(1);
+        let frames = self.spool.spool_read(twin, signal, from.max(base), batch)?;
         tracing::debug!(twin = %twin, signal, from, frames = frames.len(), "re-sending unacknowledged frames");
+        let last = frames.last().map(|f| f.seq);
         for mut frame in frames {
             frame.spool_base_seq = base;
             self.publish_frame(&frame, twin).await;
+        }
+        // Frames after the re-sent ones may be lost too: they go out again as the
+        // acknowledgements come back.
+        if let (Some(last), Some(stream)) = (
+            last,
+            self.streams.get_mut(&(twin.clone(), signal.to_owned())),
+        ) {
+            stream.published = last;
         }
         Ok(())
     }
@@ -610,6 +673,8 @@ impl GatewayState {
             }
             if new_owner && stream.acked + 1 < stream.next_seq {
                 self.resend(&twin, &wm.signal).await?;
+            } else {
+                self.fill_window(&twin, &wm.signal).await?;
             }
         } else if stream.acked + 1 < stream.next_seq
             && stream

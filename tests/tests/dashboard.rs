@@ -6,6 +6,7 @@
 //! simulated fault starts, and a screenshot is written for the README.
 
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -47,7 +48,9 @@ fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
     r
 }
 
-/// `chromedriver` on a free loopback port, killed when dropped.
+/// `chromedriver` on a free loopback port, in a process group of its own that is killed
+/// when dropped: the Chromium processes it starts go with it even when a test fails
+/// before closing its session.
 struct Driver {
     child: Child,
     port: u16,
@@ -62,6 +65,7 @@ impl Driver {
             .port();
         let log = std::fs::File::create(logs.join("chromedriver.log")).unwrap();
         let child = Command::new("chromedriver")
+            .process_group(0)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(log)
@@ -73,6 +77,10 @@ impl Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
+        // The group's id is chromedriver's pid; a negative pid names the whole group.
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.child.id())])
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

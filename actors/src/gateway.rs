@@ -118,9 +118,26 @@ struct Stream {
     replay_from: Option<u64>,
     /// Lowest seq still resendable.
     base: u64,
+    /// Seqs `[start, end)` the spool never holds: after a crash, the rest of the block
+    /// reserved before it (and frames spooled but not flushed). Once the twin has
+    /// everything below `start`, frames say they are gone (`claimed_base`).
+    hole: Option<(u64, u64)>,
     dropped: u64,
     last_progress: Instant,
     last_resend: Option<Instant>,
+}
+
+impl Stream {
+    /// The `spool_base_seq` frames carry: the lowest seq the gateway can still re-send.
+    /// Past a hole that the twin has reached (it acknowledged everything below it), the
+    /// numbers in the hole are gone, and frames say so; before, the twin would wait for
+    /// them forever.
+    fn claimed_base(&self) -> u64 {
+        match self.hole {
+            Some((start, end)) if self.acked.saturating_add(1) >= start => self.base.max(end),
+            _ => self.base,
+        }
+    }
 }
 
 pub struct GatewayArgs {
@@ -208,6 +225,15 @@ impl GatewayState {
             let next_seq = store.reserve_seqs(twin, signal, self.config.seq_block)?;
             store.flush().await?;
             let base = store.spool_first(twin, signal)?.unwrap_or(next_seq);
+            // A clean stop gives back the unused numbers, so the next block starts right
+            // after the last spooled frame; after a crash there is a hole.
+            let hole = store
+                .spool_last(twin, signal)?
+                .filter(|last| last + 1 < next_seq)
+                .map(|last| (last + 1, next_seq));
+            if let Some((start, end)) = hole {
+                tracing::info!(twin = %twin, signal, start, end, "numbers lost in a crash are skipped once the twin has what came before");
+            }
             self.streams.insert(
                 key.clone(),
                 Stream {
@@ -218,6 +244,7 @@ impl GatewayState {
                     owner_epoch: 0,
                     replay_from: None,
                     base,
+                    hole,
                     dropped: 0,
                     // Spooled frames from before a restart are re-sent on the first tick.
                     last_progress: Instant::now()
@@ -511,8 +538,9 @@ impl GatewayState {
             self.spool.spool_truncate(twin, signal, upto)?;
         }
         let stream = &self.streams[&(twin.clone(), signal.to_owned())];
+        let claimed_base = stream.claimed_base();
         let in_order = stream.published + 1 == seq;
-        let room = seq <= stream.acked.saturating_add(self.config.window);
+        let room = seq <= stream.acked.saturating_add(self.config.window.max(1));
         let (samples, packed) = if compress {
             let mut packed = Vec::new();
             codec::encode(samples, scale, &mut packed);
@@ -527,7 +555,7 @@ impl GatewayState {
             start_ns,
             sample_period_ns,
             samples,
-            spool_base_seq: stream.base,
+            spool_base_seq: claimed_base,
             scale,
             packed,
             sealed: Vec::new(),
@@ -549,7 +577,7 @@ impl GatewayState {
     /// Publishes spooled frames after the last published one, as far as the window
     /// allows.
     async fn fill_window(&mut self, twin: &TwinId, signal: &str) -> crate::Result<()> {
-        let window = self.config.window;
+        let window = self.config.window.max(1);
         let Some(stream) = self.streams.get_mut(&(twin.clone(), signal.to_owned())) else {
             return Ok(());
         };
@@ -558,7 +586,7 @@ impl GatewayState {
         if from > limit {
             return Ok(());
         }
-        let base = stream.base;
+        let base = stream.claimed_base();
         let count = usize::try_from(limit - from + 1).unwrap_or(usize::MAX);
         let frames = self.spool.spool_read(twin, signal, from, count)?;
         let mut last = None;
@@ -581,7 +609,7 @@ impl GatewayState {
             return Ok(());
         };
         stream.last_resend = Some(Instant::now());
-        let (from, base) = (stream.acked + 1, stream.base);
+        let (from, base) = (stream.acked + 1, stream.claimed_base());
         let batch = self
             .config
             .resend_batch
@@ -720,7 +748,7 @@ impl GatewayState {
             let key = (twin.clone(), signal.clone());
             let (base, next_seq) = {
                 let st = &self.streams[&key];
-                (st.base, st.next_seq)
+                (st.claimed_base(), st.next_seq)
             };
             let last = frames.last().map(|f| f.seq);
             for mut frame in frames {

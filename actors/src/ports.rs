@@ -327,6 +327,8 @@ pub trait SpoolStore: Durable {
     ) -> Result<Vec<TelemetryFrame>>;
     /// Lowest spooled seq of (twin, signal), if any.
     fn spool_first(&self, twin: &TwinId, signal: &str) -> Result<Option<u64>>;
+    /// Highest spooled seq of (twin, signal), if any.
+    fn spool_last(&self, twin: &TwinId, signal: &str) -> Result<Option<u64>>;
     fn spool_len(&self) -> u64;
 }
 

@@ -815,6 +815,19 @@ impl SpoolStore for SledStore {
         }
     }
 
+    fn spool_last(&self, twin: &TwinId, signal: &str) -> Result<Option<u64>> {
+        let prefix = spool_prefix(twin, signal);
+        match self.spool.scan_prefix(&prefix).next_back() {
+            Some(e) => {
+                let (k, _) = e.map_err(Error::store)?;
+                Ok(Some(u64::from_be_bytes(
+                    k[prefix.len()..].try_into().map_err(Error::store)?,
+                )))
+            }
+            None => Ok(None),
+        }
+    }
+
     fn spool_len(&self) -> u64 {
         self.spool_len.load(SeqCst)
     }
@@ -1101,6 +1114,7 @@ mod tests {
         }
         assert_eq!(s.spool_len(), 5);
         assert_eq!(s.spool_first(&id, "v").unwrap(), Some(1));
+        assert_eq!(s.spool_last(&id, "v").unwrap(), Some(5));
         assert_eq!(s.spool_truncate(&id, "v", 3).unwrap(), 3);
         assert_eq!(s.spool_len(), 2);
         let rest: Vec<u64> = s
@@ -1112,6 +1126,7 @@ mod tests {
         assert_eq!(rest, vec![4, 5]);
         assert_eq!(s.spool_read(&id, "v", 5, 10).unwrap().len(), 1);
         assert_eq!(s.spool_first(&"s/b".parse().unwrap(), "v").unwrap(), None);
+        assert_eq!(s.spool_last(&"s/b".parse().unwrap(), "v").unwrap(), None);
     }
 
     #[test]

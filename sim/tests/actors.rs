@@ -779,6 +779,52 @@ async fn gateway_keeps_at_most_its_window_of_frames_unacknowledged() {
     );
 }
 
+/// A gateway killed mid-block restarts with a hole in its numbering (the rest of the
+/// block it had reserved, and frames spooled but not flushed). Its frames say the hole
+/// is gone once the twin has everything before it, so the stream goes on; before, the
+/// twin waited for the missing numbers forever.
+#[tokio::test(start_paused = true)]
+async fn a_gateway_killed_mid_block_goes_on_past_the_numbers_it_lost() {
+    let mut r = rig(&[("edge-a", "a")], None).await;
+    let id: TwinId = "a/sp-01".parse().unwrap();
+    r.c.add(NodeSpec {
+        devices: vec![(id.clone(), AssetKind::Spindle)],
+        ..spec("iot", Tier::Iot, "a")
+    })
+    .await
+    .unwrap();
+    let status = |r: &Rig| {
+        let gw = r.c.nodes["iot"].gateway().unwrap();
+        let id = id.clone();
+        async move {
+            ractor::call_t!(gw, GatewayMsg::Inspect, 5000)
+                .unwrap()
+                .into_iter()
+                .find(|s| s.twin_id == id.to_string() && s.signal == SIGNAL)
+        }
+    };
+    let rr = &r;
+    let before = eventually("frames acknowledged", || async move {
+        status(rr).await.filter(|s| s.acked >= 10)
+    })
+    .await;
+    let block = GatewayConfig::default().seq_block;
+    assert!(before.last_seq < block, "{before:?}");
+
+    r.c.kill("iot").await;
+    r.c.start("iot").await.unwrap();
+    let rr = &r;
+    let after = eventually("frames past the lost numbers acknowledged", || async move {
+        status(rr).await.filter(|s| s.acked > block + 5)
+    })
+    .await;
+    assert!(after.last_seq > block, "{after:?}");
+    // The twin counts the skipped numbers as lost and applies what comes after them.
+    let owner = placement_of(&r, &id).await.node;
+    let twin = r.twin(&owner, &id).await;
+    assert!(applied(&twin).await > block + 5);
+}
+
 /// The simulation's nodes are the production assembly: a cloud node archives the feature
 /// sets that ask for it, serves its model registry on the fabric, and every node
 /// publishes its load.

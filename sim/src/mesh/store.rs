@@ -375,6 +375,18 @@ impl SpoolStore for MemStore {
         }))
     }
 
+    fn spool_last(&self, twin: &TwinId, signal: &str) -> Result<Option<u64>> {
+        Ok(self.with(|d| {
+            d.spool
+                .range(
+                    (twin.clone(), signal.to_owned(), 0)
+                        ..=(twin.clone(), signal.to_owned(), u64::MAX),
+                )
+                .next_back()
+                .map(|((_, _, seq), _)| *seq)
+        }))
+    }
+
     fn spool_len(&self) -> u64 {
         self.with(|d| d.spool.len() as u64)
     }

@@ -1,5 +1,6 @@
 //! End-to-end tests of twins that move (issue 4): live migration while streaming,
-//! failover after `kill -9`, and the privacy-constrained twin that must wait for its site.
+//! failover after `kill -9`, the privacy-constrained twin that must wait for its site,
+//! and a gateway killed with `kill -9` whose twin goes on after its restart.
 
 use std::time::{Duration, Instant};
 
@@ -525,4 +526,34 @@ async fn an_idle_twin_is_passivated_and_woken_by_its_next_frame_or_call() {
         let stored = stored_seqs(&c, "edge-a1", id, signal);
         assert_exactly_once(&stored, v.seq, &format!("{signal} on edge-a1"));
     }
+}
+
+/// A gateway killed with `kill -9` comes back and its twin goes on. The crash leaves a
+/// hole in the gateway's numbering (the rest of the block it had reserved, and frames
+/// spooled but not flushed); the restarted gateway's frames say the hole is gone once
+/// the twin has everything before it. Before, the twin waited for the missing numbers
+/// until the gateway's spool overflowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_killed_with_sigkill_comes_back_and_its_twin_goes_on() {
+    let mut c = Cluster::new(1000).unwrap();
+    c.start_site("site-a", &["edge-a1"], &[], "iot-a", "wind_turbine:1")
+        .unwrap();
+    let cloud = c.node("cloud").grpc_endpoint();
+    let id = "site-a/wt-01";
+    let before = eventually(WAIT, "streaming", || async {
+        let t = get_twin(&cloud, id).await.ok()?;
+        (vib_seq(&t) >= 20).then_some(t)
+    })
+    .await;
+    let block = twinmesh_actors::gateway::GatewayConfig::default().seq_block;
+    assert!(vib_seq(&before) < block, "still in the first block");
+
+    c.kill9("iot-a");
+    c.restart("iot-a").unwrap();
+    // The restarted gateway numbers from its next block; the twin applies those frames.
+    eventually(WAIT, "frames of the restarted gateway applied", || async {
+        let t = get_twin(&cloud, id).await.ok()?;
+        (vib_seq(&t) > block + 10).then_some(())
+    })
+    .await;
 }
